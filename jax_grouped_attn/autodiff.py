@@ -1,0 +1,151 @@
+"""The one custom_vjp wiring shared by every kernel backend.
+
+A backend module provides
+  forward(q, k, v, q_seg, kv_seg, *, problem, plan, config, interpret)
+      -> (out [B, Tq_pad, Hq, Dp], lse [B, Hq, Tq_pad] f32)
+  backward(q, k, v, q_seg, kv_seg, out, lse, dout, dlse, *, problem, plan,
+           config, interpret) -> (dq, dk, dv)      (padded layouts)
+on the padded layouts fixed by plan.py; the layout change happens here once.
+Residuals are q, k, v, out, lse (and segment ids): nothing O(T^2).
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib
+
+import jax
+import jax.numpy as jnp
+
+from jax_grouped_attn import plan as plan_lib
+from jax_grouped_attn.config import (AttentionConfig, default_backward_config,
+                                     default_forward_config, padded_head_dim)
+from jax_grouped_attn.plan import Problem
+from jax_grouped_attn.reference import reference_attention
+
+_BACKEND_MODULES = {
+    "pallas": "jax_grouped_attn.pallas.launch",
+    "triton": "jax_grouped_attn.triton.launch",
+}
+BACKWARD_MODES = ("kernel", "reference")
+
+
+def backend_module(name: str):
+  return importlib.import_module(_BACKEND_MODULES[name])
+
+
+# ----------------------------------------------------------------- layout ---
+
+def _pad_axis(x, axis: int, size: int):
+  if x.shape[axis] == size:
+    return x
+  pad = [(0, 0)] * x.ndim
+  pad[axis] = (0, size - x.shape[axis])
+  return jnp.pad(x, pad)
+
+
+def to_q_layout(x, plan: plan_lib.Plan, axis: int = 1):
+  """[.., Tq, ..] -> [.., Tq_pad, ..] (each group padded to whole q blocks)."""
+  return x if plan.identity_layout else jnp.take(x, jnp.asarray(plan.src_rows), axis=axis)
+
+
+def to_q_layout_zero_padded(x, plan: plan_lib.Plan, axis: int = 1):
+  """Like to_q_layout, with padding rows zeroed (cotangents: padding rows
+  must contribute nothing to dK/dV)."""
+  if plan.identity_layout:
+    return x
+  shape = [1] * x.ndim
+  shape[axis] = plan.tq_pad
+  valid = jnp.asarray(plan.valid_rows).reshape(shape)
+  return jnp.where(valid, to_q_layout(x, plan, axis), jnp.zeros((), x.dtype))
+
+
+def from_q_layout(x, plan: plan_lib.Plan, axis: int = 1):
+  return x if plan.identity_layout else jnp.take(x, jnp.asarray(plan.dst_rows), axis=axis)
+
+
+def _prepare(problem: Problem, plan, q, k, v, q_seg, kv_seg):
+  dp = padded_head_dim(problem.head_dim)
+  q = to_q_layout(_pad_axis(q, 3, dp), plan)
+  k = _pad_axis(_pad_axis(k, 3, dp), 1, plan.tk_pad)
+  v = _pad_axis(_pad_axis(v, 3, dp), 1, plan.tk_pad)
+  if q_seg is not None:
+    q_seg = to_q_layout(q_seg.astype(jnp.int32), plan)
+    kv_seg = _pad_axis(kv_seg.astype(jnp.int32), 1, plan.tk_pad)
+  return q, k, v, q_seg, kv_seg
+
+
+def _plans(problem: Problem, backend: str, config: AttentionConfig):
+  fwd = config.forward or default_forward_config(problem.head_dim, backend)
+  bwd = config.backward or default_backward_config(problem.head_dim, backend)
+  return fwd, bwd
+
+
+# --------------------------------------------------------------- custom_vjp --
+
+def _forward(problem, backend, config, interpret, q, k, v, q_seg, kv_seg):
+  fwd_cfg, _ = _plans(problem, backend, config)
+  plan = plan_lib.make_plan(problem, fwd_cfg.block_q, fwd_cfg.block_k)
+  qp, kp, vp, qs, ks = _prepare(problem, plan, q, k, v, q_seg, kv_seg)
+  out_p, lse_p = backend_module(backend).forward(
+      qp, kp, vp, qs, ks, problem=problem, plan=plan, config=fwd_cfg,
+      interpret=interpret)
+  out = from_q_layout(out_p, plan)[..., :problem.head_dim]
+  lse = from_q_layout(lse_p, plan, axis=2)
+  return out, lse
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2, 3, 4))
+def kernel_attention(problem: Problem, backend: str, config: AttentionConfig,
+                     interpret: bool, backward: str, q, k, v, q_seg, kv_seg):
+  """(out [B, Tq, Hq, D], lse [B, Hq, Tq]) through ``backend``'s kernels."""
+  return _forward(problem, backend, config, interpret, q, k, v, q_seg, kv_seg)
+
+
+def _fwd_rule(problem, backend, config, interpret, backward, q, k, v, q_seg, kv_seg):
+  out, lse = _forward(problem, backend, config, interpret, q, k, v, q_seg, kv_seg)
+  return (out, lse), (q, k, v, q_seg, kv_seg, out, lse)
+
+
+def _bwd_rule(problem, backend, config, interpret, backward, res, cts):
+  q, k, v, q_seg, kv_seg, out, lse = res
+  dout, dlse = cts
+  dout = dout.astype(q.dtype)
+  dlse = dlse.astype(jnp.float32)
+  if backward == "reference":
+    _, vjp = jax.vjp(
+        lambda q_, k_, v_: reference_attention(problem, q_, k_, v_, q_seg, kv_seg),
+        q, k, v)
+    dq, dk, dv = vjp((dout, dlse))
+  else:
+    dq, dk, dv = _kernel_backward(problem, backend, config, interpret,
+                                  q, k, v, q_seg, kv_seg, out, lse, dout, dlse)
+  return dq, dk, dv, None, None
+
+
+def _kernel_backward(problem, backend, config, interpret, q, k, v, q_seg, kv_seg,
+                     out, lse, dout, dlse):
+  module = backend_module(backend)
+  if not hasattr(module, "backward"):
+    raise NotImplementedError(
+        f"backend={backend!r} has no backward kernel yet; pass "
+        "backward='reference' to differentiate with the reference backward.")
+  _, bwd_cfg = _plans(problem, backend, config)
+  plan = plan_lib.make_plan(problem, bwd_cfg.block_q, bwd_cfg.block_k)
+  qp, kp, vp, qs, ks = _prepare(problem, plan, q, k, v, q_seg, kv_seg)
+  dp = qp.shape[-1]
+  out_p = to_q_layout(_pad_axis(out, 3, dp), plan)
+  dout_p = to_q_layout_zero_padded(_pad_axis(dout, 3, dp), plan)
+  lse_p = to_q_layout(lse, plan, axis=2)
+  dlse_p = to_q_layout_zero_padded(dlse, plan, axis=2)
+  dq_p, dk_p, dv_p = module.backward(
+      qp, kp, vp, qs, ks, out_p, lse_p, dout_p, dlse_p, problem=problem,
+      plan=plan, config=bwd_cfg, interpret=interpret)
+  d = problem.head_dim
+  dq = from_q_layout(dq_p, plan)[..., :d]
+  dk = dk_p[:, :problem.tk, :, :d]
+  dv = dv_p[:, :problem.tk, :, :d]
+  return dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype)
+
+
+kernel_attention.defvjp(_fwd_rule, _bwd_rule)

@@ -1,0 +1,118 @@
+"""Kernel configurations: one frozen, hashable dataclass per pass.
+
+Heuristic defaults live in :func:`default_forward_config` /
+:func:`default_backward_config`; tuned tables (per GPU) are read by
+``jax_grouped_attn.tuning`` and kept apart from the kernels.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+
+def _is_pow2(x: int) -> bool:
+  return isinstance(x, int) and not isinstance(x, bool) and x > 0 and (x & (x - 1)) == 0
+
+
+@dataclasses.dataclass(frozen=True)
+class ForwardConfig:
+  """Tile sizes and launch parameters of the forward kernel.
+
+  block_q: query rows per program (power of two, >= 16).
+  block_k: keys per inner-loop step (power of two, >= 16).
+  num_warps / num_stages: Triton launch parameters (GPU only).
+  """
+
+  block_q: int = 128
+  block_k: int = 64
+  num_warps: int = 4
+  num_stages: int = 2
+
+  def __post_init__(self):
+    _check_blocks(type(self).__name__, self)
+
+
+@dataclasses.dataclass(frozen=True)
+class BackwardConfig:
+  """Tile sizes of the backward kernels (dK/dV and dQ share them).
+
+  block_q: query rows per inner step of dK/dV and per program of dQ.
+  block_k: keys per program of dK/dV and per inner step of dQ.
+  """
+
+  block_q: int = 64
+  block_k: int = 64
+  num_warps: int = 4
+  num_stages: int = 2
+
+  def __post_init__(self):
+    _check_blocks(type(self).__name__, self)
+
+
+def _check_blocks(name, cfg) -> None:
+  for field in ("block_q", "block_k"):
+    value = getattr(cfg, field)
+    if not _is_pow2(value) or value < 16 or value > 256:
+      raise ValueError(
+          f"{name}.{field}={value!r} is not usable: it must be a power of two "
+          "in [16, 256] (Triton tiles and tensor-core dots need that).")
+  if cfg.num_warps not in (1, 2, 4, 8, 16):
+    raise ValueError(f"{name}.num_warps={cfg.num_warps!r} must be one of 1, 2, 4, 8, 16.")
+  if isinstance(cfg.num_stages, bool) or not isinstance(cfg.num_stages, int) or not 1 <= cfg.num_stages <= 8:
+    raise ValueError(f"{name}.num_stages={cfg.num_stages!r} must be an int in [1, 8].")
+
+
+@dataclasses.dataclass(frozen=True)
+class AttentionConfig:
+  """Per-pass configs; ``None`` fields take the heuristic/tuned default."""
+
+  forward: ForwardConfig | None = None
+  backward: BackwardConfig | None = None
+
+  def __post_init__(self):
+    if self.forward is not None and not isinstance(self.forward, ForwardConfig):
+      raise TypeError(f"AttentionConfig.forward must be a ForwardConfig, got {self.forward!r}.")
+    if self.backward is not None and not isinstance(self.backward, BackwardConfig):
+      raise TypeError(f"AttentionConfig.backward must be a BackwardConfig, got {self.backward!r}.")
+
+
+def as_attention_config(config) -> AttentionConfig:
+  """Accepts None, a ForwardConfig, a BackwardConfig or an AttentionConfig."""
+  if config is None:
+    return AttentionConfig()
+  if isinstance(config, AttentionConfig):
+    return config
+  if isinstance(config, ForwardConfig):
+    return AttentionConfig(forward=config)
+  if isinstance(config, BackwardConfig):
+    return AttentionConfig(backward=config)
+  raise TypeError(
+      f"config must be None, ForwardConfig, BackwardConfig or AttentionConfig, "
+      f"got {type(config).__name__}.")
+
+
+def padded_head_dim(d: int) -> int:
+  """Kernels tile head_dim by a power of two; 80 -> 128, 96 -> 128, 192 -> 256."""
+  p = 16
+  while p < d:
+    p *= 2
+  return p
+
+
+def default_forward_config(head_dim: int, backend: str) -> ForwardConfig:
+  """Heuristic forward tiles for an H100-class GPU (tuned tables override)."""
+  dp = padded_head_dim(head_dim)
+  if dp <= 64:
+    return ForwardConfig(block_q=128, block_k=64, num_warps=4, num_stages=3)
+  if dp <= 128:
+    return ForwardConfig(block_q=128, block_k=64, num_warps=8, num_stages=3)
+  return ForwardConfig(block_q=64, block_k=32, num_warps=4, num_stages=2)
+
+
+def default_backward_config(head_dim: int, backend: str) -> BackwardConfig:
+  dp = padded_head_dim(head_dim)
+  if dp <= 64:
+    return BackwardConfig(block_q=64, block_k=128, num_warps=8, num_stages=2)
+  if dp <= 128:
+    return BackwardConfig(block_q=64, block_k=128, num_warps=8, num_stages=2)
+  return BackwardConfig(block_q=32, block_k=64, num_warps=4, num_stages=1)

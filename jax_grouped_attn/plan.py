@@ -1,0 +1,144 @@
+"""Static launch plans shared by every kernel backend.
+
+A plan is built at trace time from the (hashable) problem description. It
+fixes the padded row layout of q, the padded key length, and the forward work
+table: one row per (group, q block), sorted so the most expensive q blocks
+(longest visible kv range) come first. Kernels launch the grid
+``(n_work, B * Hq)``; program ``(w, bh)`` processes work row ``w`` for batch
+``bh // Hq`` and head ``bh % Hq``. Grid axis 0 varies fastest, so all q blocks of
+one (batch, head) -- and the heads sharing one kv head -- run next to each
+other and reuse K,V tiles from L2.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import numpy as np
+
+from jax_grouped_attn.groups import QueryGroup
+
+# Columns of the forward work table (int32 [n_work, TABLE_WIDTH]).
+ROW0 = 0       # first row of the q block in the padded q layout
+QPOS0 = 1      # sequence position of that row
+KV_LEN = 2     # the group's kv prefix length
+N_FULL = 3     # leading kv blocks that need no mask
+N_BLOCKS = 4   # kv blocks to visit (the rest are fully masked)
+GROUP = 5      # index of the group (into the sorted groups)
+N_ROWS = 6     # valid (non-padding) rows in this q block
+TABLE_WIDTH = 8
+
+
+@dataclasses.dataclass(frozen=True)
+class Problem:
+  """Everything static about one attention call (hashable)."""
+
+  groups: tuple[QueryGroup, ...]
+  batch: int
+  tq: int
+  tk: int
+  hq: int
+  hk: int
+  head_dim: int
+  causal: bool
+  scale: float
+  has_segments: bool
+
+  @property
+  def group_size(self) -> int:
+    return self.hq // self.hk
+
+
+def _next_pow2(x: int) -> int:
+  p = 1
+  while p < x:
+    p *= 2
+  return p
+
+
+def effective_blocks(problem: Problem, block_q: int, block_k: int) -> tuple[int, int]:
+  """Shrinks tiles for tiny problems (never below 16, the smallest dot tile)."""
+  max_len = max(g.q_len for g in problem.groups)
+  bq = min(block_q, max(16, _next_pow2(max_len)))
+  bk = min(block_k, max(16, _next_pow2(problem.tk)))
+  return bq, bk
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class Plan:
+  block_q: int
+  block_k: int
+  tq_pad: int            # rows of the padded q layout
+  tk_pad: int            # keys after padding to a block multiple
+  identity_layout: bool  # padded layout == original rows (no gather needed)
+  src_rows: np.ndarray   # [tq_pad] original row feeding each padded row
+  dst_rows: np.ndarray   # [tq] padded row holding each original row
+  valid_rows: np.ndarray # [tq_pad] bool: False on padding rows
+  table: np.ndarray      # [n_work, TABLE_WIDTH] int32 forward work table
+
+  @property
+  def n_work(self) -> int:
+    return int(self.table.shape[0])
+
+
+def _kv_blocks(g: QueryGroup, q_pos0: int, n_rows: int, causal: bool,
+               has_segments: bool, bk: int) -> tuple[int, int]:
+  """(n_full, n_blocks) of a q block whose rows sit at q_pos0 .. q_pos0+n_rows-1."""
+  end = g.kv_len
+  if causal:
+    end = min(end, q_pos0 + n_rows)   # last valid row sees keys <= q_pos0+n_rows-1
+  end = max(end, 0)
+  n_blocks = -(-end // bk)
+  if has_segments:
+    return 0, n_blocks
+  full = g.kv_len // bk
+  if causal:
+    full = min(full, max(q_pos0 + 1, 0) // bk)  # block j unmasked iff j*bk+bk-1 <= q_pos0
+  return min(full, n_blocks), n_blocks
+
+
+@functools.lru_cache(maxsize=256)
+def make_plan(problem: Problem, block_q: int, block_k: int) -> Plan:
+  bq, bk = effective_blocks(problem, block_q, block_k)
+  groups = [g for g in problem.groups if g.q_len > 0]
+  identity = problem.tq % bq == 0 and all(g.q_start % bq == 0 for g in groups)
+  rows = []      # (row0, q_pos0, kv_len, n_full, n_blocks, group, n_rows)
+  if identity:
+    tq_pad = problem.tq
+    src = np.arange(tq_pad)
+    dst = np.arange(problem.tq)
+    valid = np.ones((tq_pad,), bool)
+    bases = [g.q_start for g in groups]
+  else:
+    bases, cursor = [], 0
+    for g in groups:
+      bases.append(cursor)
+      cursor += -(-g.q_len // bq) * bq
+    tq_pad = cursor
+    src = np.zeros((tq_pad,), np.int64)
+    dst = np.zeros((problem.tq,), np.int64)
+    valid = np.zeros((tq_pad,), bool)
+    for g, base in zip(groups, bases):
+      src[base:base + g.q_len] = np.arange(g.q_start, g.q_end)
+      # Padding rows copy the group's last row: finite data, results dropped.
+      src[base + g.q_len:base + -(-g.q_len // bq) * bq] = g.q_end - 1
+      dst[g.q_start:g.q_end] = np.arange(base, base + g.q_len)
+      valid[base:base + g.q_len] = True
+  for gi, (g, base) in enumerate(zip(groups, bases)):
+    for off in range(0, g.q_len, bq):
+      n_rows = min(bq, g.q_len - off)
+      q_pos0 = g.q_pos + off
+      n_full, n_blocks = _kv_blocks(g, q_pos0, n_rows, problem.causal,
+                                    problem.has_segments, bk)
+      rows.append((base + off, q_pos0, g.kv_len, n_full, n_blocks,
+                   problem.groups.index(g), n_rows))
+  # Heaviest first; ties keep row order so neighbours stay neighbours.
+  rows.sort(key=lambda r: (-r[N_BLOCKS], r[ROW0]))
+  table = np.zeros((len(rows), TABLE_WIDTH), np.int32)
+  if rows:
+    table[:, :7] = np.asarray(rows, np.int64)
+  tk_pad = -(-problem.tk // bk) * bk
+  for arr in (src, dst, valid, table):
+    arr.setflags(write=False)
+  return Plan(bq, bk, tq_pad, tk_pad, identity, src, dst, valid, table)

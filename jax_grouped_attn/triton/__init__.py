@@ -1,0 +1,1 @@
+"""Triton kernels (jax_triton.triton_call on GPU, Triton interpreter on CPU)."""
