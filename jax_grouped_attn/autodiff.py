@@ -21,7 +21,7 @@ from jax_grouped_attn import plan as plan_lib
 from jax_grouped_attn.config import (AttentionConfig, default_backward_config,
                                      default_forward_config, padded_head_dim)
 from jax_grouped_attn.plan import Problem
-from jax_grouped_attn.reference import reference_attention
+from jax_grouped_attn.reference import reference_attention, reference_backward
 
 _BACKEND_MODULES = {
     "pallas": "jax_grouped_attn.pallas.launch",
@@ -83,7 +83,10 @@ def _plans(problem: Problem, backend: str, config: AttentionConfig):
 
 # --------------------------------------------------------------- custom_vjp --
 
-def _forward(problem, backend, config, interpret, q, k, v, q_seg, kv_seg):
+def attention_fwd(problem, backend, config, interpret, q, k, v, q_seg, kv_seg):
+  """Forward of any backend ("xla" too): (out [B,Tq,Hq,D], lse [B,Hq,Tq] f32)."""
+  if backend == "xla":
+    return reference_attention(problem, q, k, v, q_seg, kv_seg)
   fwd_cfg, _ = _plans(problem, backend, config)
   plan = plan_lib.make_plan(problem, fwd_cfg.block_q, fwd_cfg.block_k)
   qp, kp, vp, qs, ks = _prepare(problem, plan, q, k, v, q_seg, kv_seg)
@@ -99,27 +102,32 @@ def _forward(problem, backend, config, interpret, q, k, v, q_seg, kv_seg):
 def kernel_attention(problem: Problem, backend: str, config: AttentionConfig,
                      interpret: bool, backward: str, q, k, v, q_seg, kv_seg):
   """(out [B, Tq, Hq, D], lse [B, Hq, Tq]) through ``backend``'s kernels."""
-  return _forward(problem, backend, config, interpret, q, k, v, q_seg, kv_seg)
+  return attention_fwd(problem, backend, config, interpret, q, k, v, q_seg, kv_seg)
+
+
+def attention_bwd(problem, backend, config, interpret, backward, q, k, v, q_seg,
+                  kv_seg, out, lse, dout, dlse):
+  """(dq, dk, dv) given out/lse -- which may be the merged result of several
+  kv chunks (context-parallel ring): each chunk then gets its exact share.
+  ``backward="reference"`` or backend "xla" use the explicit jnp formula."""
+  dout = dout.astype(q.dtype)
+  dlse = dlse.astype(jnp.float32)
+  if backward == "reference" or backend == "xla":
+    return reference_backward(problem, q, k, v, q_seg, kv_seg, out, lse, dout, dlse)
+  return _kernel_backward(problem, backend, config, interpret,
+                          q, k, v, q_seg, kv_seg, out, lse, dout, dlse)
 
 
 def _fwd_rule(problem, backend, config, interpret, backward, q, k, v, q_seg, kv_seg):
-  out, lse = _forward(problem, backend, config, interpret, q, k, v, q_seg, kv_seg)
+  out, lse = attention_fwd(problem, backend, config, interpret, q, k, v, q_seg, kv_seg)
   return (out, lse), (q, k, v, q_seg, kv_seg, out, lse)
 
 
 def _bwd_rule(problem, backend, config, interpret, backward, res, cts):
   q, k, v, q_seg, kv_seg, out, lse = res
   dout, dlse = cts
-  dout = dout.astype(q.dtype)
-  dlse = dlse.astype(jnp.float32)
-  if backward == "reference":
-    _, vjp = jax.vjp(
-        lambda q_, k_, v_: reference_attention(problem, q_, k_, v_, q_seg, kv_seg),
-        q, k, v)
-    dq, dk, dv = vjp((dout, dlse))
-  else:
-    dq, dk, dv = _kernel_backward(problem, backend, config, interpret,
-                                  q, k, v, q_seg, kv_seg, out, lse, dout, dlse)
+  dq, dk, dv = attention_bwd(problem, backend, config, interpret, backward,
+                             q, k, v, q_seg, kv_seg, out, lse, dout, dlse)
   return dq, dk, dv, None, None
 
 

@@ -56,3 +56,40 @@ def reference_attention(problem: Problem, q, k, v, q_segment_ids=None,
   out = pv / jnp.moveaxis(l_safe[..., 0], 1, 2)[..., None]
   lse = jnp.where(seen, m + jnp.log(l_safe), -jnp.inf)[..., 0]
   return out.astype(q.dtype), lse
+
+
+def reference_backward(problem: Problem, q, k, v, q_segment_ids, kv_segment_ids,
+                       out, lse, dout, dlse):
+  """Explicit flash-attention backward given (possibly global) out and lse.
+
+  With P = exp(S - lse) on visible pairs:
+    dV = P^T dO,  dP = dO V^T,  delta = rowsum(dO * O) - dlse,
+    dS = P * (dP - delta),  dQ = scale dS K,  dK = scale dS^T Q.
+  Passing the *merged* out/lse of several kv chunks gives each chunk's exact
+  share of the gradient (what the context-parallel ring needs). fp32 math;
+  returns dq, dk, dv in the input dtypes. dK/dV sum over query heads of a kv head.
+  """
+  b, tq, hq, d = q.shape
+  hk = k.shape[2]
+  g = hq // hk
+  hi = jax.lax.Precision.HIGHEST
+  f32 = lambda x: x.astype(jnp.float32)
+  qf = f32(q).reshape(b, tq, hk, g, d)
+  kf, vf = f32(k), f32(v)
+  s = jnp.einsum("bqhgd,bkhd->bhgqk", qf, kf, precision=hi) * problem.scale
+  mask = visible_mask(problem, q_segment_ids, kv_segment_ids).reshape(
+      (-1, 1, 1, tq, problem.tk))
+  lse_g = lse.reshape(b, hk, g, tq)[..., None]
+  finite = jnp.isfinite(lse_g)
+  p = jnp.where(mask & finite, jnp.exp(s - jnp.where(finite, lse_g, 0.0)), 0.0)
+  do = f32(dout).reshape(b, tq, hk, g, d)
+  o = f32(out).reshape(b, tq, hk, g, d)
+  delta = jnp.einsum("bqhgd,bqhgd->bhgq", do, o, precision=hi)
+  delta = delta - f32(dlse).reshape(b, hk, g, tq)
+  dp = jnp.einsum("bqhgd,bkhd->bhgqk", do, vf, precision=hi)
+  ds = p * (dp - delta[..., None])
+  dv = jnp.einsum("bhgqk,bqhgd->bkhd", p, do, precision=hi)
+  dq = jnp.einsum("bhgqk,bkhd->bqhgd", ds, kf, precision=hi).reshape(b, tq, hq, d)
+  dk = jnp.einsum("bhgqk,bqhgd->bkhd", ds, qf, precision=hi)
+  return ((dq * problem.scale).astype(q.dtype), (dk * problem.scale).astype(k.dtype),
+          dv.astype(v.dtype))

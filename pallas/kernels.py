@@ -16,6 +16,7 @@ import math
 import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as plgpu
 
 from jax_grouped_attn import plan as plan_lib
 
@@ -23,8 +24,12 @@ LOG2E = math.log2(math.e)
 LN2 = math.log(2.0)
 
 
+# pl.dot moved to the triton namespace; older JAX only has pl.dot.
+_pl_dot = getattr(plgpu, "dot", None) or pl.dot
+
+
 def _dot(a, b, *, trans_b=False, precision=None):
-  return pl.dot(a, b, trans_b=trans_b, precision=precision)
+  return _pl_dot(a, b, trans_b=trans_b, precision=precision)
 
 
 def forward_kernel(table_ref, q_ref, k_ref, v_ref, *refs, scale: float,

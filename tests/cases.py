@@ -1,0 +1,184 @@
+"""The one case matrix and comparison helpers shared by every backend's tests."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+import jax_grouped_attn as ga
+from jax_grouped_attn import QueryGroup
+from jax_grouped_attn.groups import normalize_groups
+from jax_grouped_attn.plan import Problem
+from jax_grouped_attn.reference import reference_attention
+
+# Small tiles so the tiny test problems still span several q and kv blocks.
+SMALL = ga.AttentionConfig(forward=ga.ForwardConfig(block_q=16, block_k=16),
+                           backward=ga.BackwardConfig(block_q=16, block_k=16))
+
+# Per-dtype tolerances (abs, rel) against the fp32 reference on the same inputs.
+OUT_TOL = {jnp.float32: (2e-5, 2e-5), jnp.bfloat16: (2e-2, 2e-2), jnp.float16: (4e-3, 4e-3)}
+LSE_TOL = {jnp.float32: (2e-5, 2e-5), jnp.bfloat16: (1e-3, 1e-3), jnp.float16: (1e-3, 1e-3)}
+# Gradients: 16-bit kernels round P and dS to the input dtype before the dots.
+GRAD_TOL = {jnp.float32: (1e-4, 1e-4), jnp.bfloat16: (6e-2, 6e-2), jnp.float16: (1e-2, 1e-2)}
+
+
+@dataclasses.dataclass(frozen=True)
+class Case:
+  name: str
+  groups: tuple
+  tk: int
+  hq: int = 4
+  hk: int = 2
+  d: int = 64
+  batch: int = 2
+  causal: bool = True
+  segments: bool = False
+  dtype: object = jnp.float32
+
+  @property
+  def tq(self) -> int:
+    return sum(g.q_len for g in self.groups)
+
+  def __str__(self):
+    return self.name
+
+
+def _zz(rank, world, chunk, **kw):
+  return Case(f"zigzag_r{rank}w{world}c{chunk}", ga.zigzag_groups(rank, world, chunk),
+              2 * world * chunk, **kw)
+
+
+CASES = [
+    # zigzag layouts: several ranks and world sizes, aligned and odd chunks
+    _zz(0, 2, 16),
+    _zz(1, 2, 24, dtype=jnp.bfloat16),
+    _zz(3, 4, 16, hq=8, hk=1),
+    _zz(2, 4, 13),
+    _zz(5, 8, 8, hq=2, hk=2, batch=1),
+    # arbitrary groups (1-4), odd lengths, negative positions, empty kv prefix
+    Case("one_group_odd", (QueryGroup(0, 37, 10, 47),), 53, d=80),
+    Case("two_groups_gap_pos", (QueryGroup(0, 19, 40, 61), QueryGroup(19, 22, 3, 29)), 64),
+    Case("three_groups_neg_pos", (QueryGroup(0, 9, -5, 30), QueryGroup(9, 30, 12, 50),
+                                  QueryGroup(39, 7, 60, 70)), 70, hq=8, hk=2),
+    Case("four_groups_kv0", (QueryGroup(0, 5, 0, 0), QueryGroup(5, 17, 20, 33),
+                             QueryGroup(22, 11, 2, 64), QueryGroup(33, 16, 48, 64)), 64,
+         dtype=jnp.bfloat16),
+    # GQA ratios 1/2/4/8, head dims, non-causal
+    Case("gqa1_d128_noncausal", (QueryGroup(0, 40, 0, 40),), 40, hq=2, hk=2, d=128, causal=False),
+    Case("gqa2_d80", (QueryGroup(0, 48, 16, 64),), 64, hq=4, hk=2, d=80, dtype=jnp.bfloat16),
+    Case("gqa4_noncausal_groups", (QueryGroup(0, 20, 0, 33), QueryGroup(20, 12, 0, 17)), 33,
+         hq=8, hk=2, causal=False),
+    Case("gqa8_d32", (QueryGroup(0, 33, 0, 33),), 33, hq=8, hk=1, d=32),
+    Case("d256_f16", (QueryGroup(0, 24, 8, 32),), 32, hq=2, hk=1, d=256, dtype=jnp.float16),
+    Case("d128_bf16_causal_long", (QueryGroup(0, 64, 64, 128),), 128, d=128, dtype=jnp.bfloat16),
+    # segment ids: several documents, rows whose document has no visible key
+    Case("segments_causal", (QueryGroup(0, 48, 0, 48),), 48, segments=True),
+    Case("segments_zigzag_bf16", ga.zigzag_groups(1, 2, 16), 64, segments=True, dtype=jnp.bfloat16),
+    Case("segments_noncausal_groups", (QueryGroup(0, 21, 0, 40), QueryGroup(21, 14, 10, 29)), 40,
+         segments=True, causal=False, hq=4, hk=4),
+]
+
+
+def case_by_name(name: str) -> Case:
+  return next(c for c in CASES if c.name == name)
+
+
+def make_inputs(case: Case, seed: int = 0):
+  """Fresh random q, k, v (and segment ids) for ``case``; never zeros."""
+  rng = np.random.default_rng(seed)
+  shape_q = (case.batch, case.tq, case.hq, case.d)
+  shape_kv = (case.batch, case.tk, case.hk, case.d)
+  q = jnp.asarray(rng.standard_normal(shape_q), case.dtype)
+  k = jnp.asarray(rng.standard_normal(shape_kv), case.dtype)
+  v = jnp.asarray(rng.standard_normal(shape_kv), case.dtype)
+  if not case.segments:
+    return q, k, v, None, None
+  # Documents of random lengths along the full kv sequence; q rows take the
+  # document of their position (self-attention style), plus one id (99) that
+  # no key has, so some rows see nothing.
+  kv_ids = np.sort(rng.integers(0, 4, size=(case.batch, case.tk)), axis=1)
+  pos, _ = ga.groups.row_positions(case.groups, case.tq)
+  q_ids = kv_ids[:, np.clip(pos, 0, case.tk - 1)].copy()
+  q_ids[:, ::7] = 99
+  return q, k, v, jnp.asarray(q_ids, jnp.int32), jnp.asarray(kv_ids, jnp.int32)
+
+
+def problem_of(case: Case) -> Problem:
+  return Problem(normalize_groups(case.groups, case.tq, case.tk), case.batch, case.tq,
+                 case.tk, case.hq, case.hk, case.d, case.causal, 1.0 / np.sqrt(case.d),
+                 case.segments)
+
+
+def reference(case: Case, q, k, v, qs, ks):
+  """fp32 reference (out in fp32, lse) on the given inputs."""
+  out, lse = reference_attention(problem_of(case), q.astype(jnp.float32),
+                                 k.astype(jnp.float32), v.astype(jnp.float32), qs, ks)
+  return out, lse
+
+
+def assert_close(name: str, got, want, tol, *, what=""):
+  """Asserts finite and |got - want| <= atol + rtol |want| everywhere (inf must match)."""
+  got = np.asarray(jnp.asarray(got, jnp.float32))
+  want = np.asarray(jnp.asarray(want, jnp.float32))
+  assert got.shape == want.shape, f"{name}{what}: shape {got.shape} != {want.shape}"
+  assert not np.isnan(got).any(), f"{name}{what}: NaN at {np.argwhere(np.isnan(got))[:5].tolist()}"
+  inf_g, inf_w = np.isinf(got), np.isinf(want)
+  assert (inf_g == inf_w).all() and (got[inf_g] == want[inf_w]).all(), (
+      f"{name}{what}: infinities differ at {np.argwhere(inf_g != inf_w)[:5].tolist()}")
+  atol, rtol = tol
+  g, w = np.where(inf_g, 0, got), np.where(inf_w, 0, want)
+  err = np.abs(g - w)
+  bad = err > atol + rtol * np.abs(w)
+  assert not bad.any(), (
+      f"{name}{what}: {bad.sum()} of {bad.size} elements off; max err {err.max():.3g} "
+      f"at {np.unravel_index(err.argmax(), err.shape)} (atol={atol}, rtol={rtol})")
+
+
+def check_forward(case: Case, backend: str, *, seed: int = 0, config=SMALL, jit=True, **kw):
+  """Runs ``backend`` on ``case`` and asserts out/lse against the reference."""
+  q, k, v, qs, ks = make_inputs(case, seed)
+  ref_out, ref_lse = reference(case, q, k, v, qs, ks)
+  fn = lambda q, k, v, qs, ks: ga.grouped_attention(
+      q, k, v, case.groups, causal=case.causal, q_segment_ids=qs, kv_segment_ids=ks,
+      backend=backend, return_lse=True, config=config, **kw)
+  if jit:
+    fn = jax.jit(fn)
+  out, lse = fn(q, k, v, qs, ks)
+  assert out.dtype == case.dtype and out.shape == q.shape
+  assert lse.dtype == jnp.float32 and lse.shape == (case.batch, case.hq, case.tq)
+  assert_close(case.name, out, ref_out, OUT_TOL[case.dtype], what=" out")
+  assert_close(case.name, lse, ref_lse, LSE_TOL[case.dtype], what=" lse")
+  return out, lse
+
+
+def check_grads(case: Case, backend: str, *, seed: int = 0, config=SMALL, with_lse=True, **kw):
+  """Gradients wrt q, k, v under random cotangents for out (and lse) vs the reference's autodiff."""
+  q, k, v, qs, ks = make_inputs(case, seed)
+  rng = np.random.default_rng(seed + 1)
+  dout = jnp.asarray(rng.standard_normal(q.shape), case.dtype)
+  dlse = jnp.asarray(rng.standard_normal((case.batch, case.hq, case.tq)), jnp.float32)
+
+  def loss(fn, q, k, v):
+    out, lse = fn(q, k, v)
+    total = jnp.sum(out.astype(jnp.float32) * dout.astype(jnp.float32))
+    if with_lse:
+      total += jnp.sum(jnp.where(jnp.isinf(lse), 0.0, lse) * dlse)
+    return total
+
+  kernel = lambda q, k, v: ga.grouped_attention(
+      q, k, v, case.groups, causal=case.causal, q_segment_ids=qs, kv_segment_ids=ks,
+      backend=backend, return_lse=True, config=config, **kw)
+  ref = lambda q, k, v: reference(case, q, k, v, qs, ks)
+  got = jax.jit(jax.grad(lambda *a: loss(kernel, *a), argnums=(0, 1, 2)))(q, k, v)
+  want = jax.grad(lambda *a: loss(ref, *a), argnums=(0, 1, 2))(
+      q.astype(jnp.float32), k.astype(jnp.float32), v.astype(jnp.float32))
+  for name, g, w, x in zip("qkv", got, want, (q, k, v)):
+    assert g.dtype == x.dtype and g.shape == x.shape, f"d{name}: {g.dtype} {g.shape}"
+    # Scale tolerance to the gradient's magnitude (sums over many keys/rows).
+    scale = float(np.max(np.abs(np.asarray(w)))) or 1.0
+    atol, rtol = GRAD_TOL[case.dtype]
+    assert_close(case.name, g, w, (atol * scale, rtol), what=f" d{name}")
+  return got
