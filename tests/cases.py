@@ -14,6 +14,9 @@ from jax_grouped_attn.groups import normalize_groups
 from jax_grouped_attn.plan import Problem
 from jax_grouped_attn.reference import reference_attention
 
+# Kernel backends under test (the xla backend is the reference itself).
+KERNEL_BACKENDS = ["pallas"]
+
 # Small tiles so the tiny test problems still span several q and kv blocks.
 SMALL = ga.AttentionConfig(forward=ga.ForwardConfig(block_q=16, block_k=16),
                            backward=ga.BackwardConfig(block_q=16, block_k=16))

@@ -7,9 +7,8 @@ import pytest
 
 import jax_grouped_attn as ga
 from jax_grouped_attn import autodiff
-from cases import CASES, SMALL, case_by_name, check_forward, make_inputs, problem_of
-
-KERNEL_BACKENDS = ["pallas"]
+from cases import (CASES, KERNEL_BACKENDS, SMALL, case_by_name, check_forward, make_inputs,
+                   problem_of)
 
 
 @pytest.mark.parametrize("backend", KERNEL_BACKENDS)
