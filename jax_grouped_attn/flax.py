@@ -1,0 +1,193 @@
+"""Flax integration: an ``attention_fn`` for Flax's attention modules.
+
+``make_attention_fn(...)`` returns a callable with the signature that
+``flax.linen.MultiHeadDotProductAttention(attention_fn=...)`` and
+``flax.nnx.MultiHeadAttention(attention_fn=...)`` call. Masking rule:
+
+* ``mask=None``: the mask is ``causal`` (from ``make_attention_fn``, bottom-right
+  aligned when Tq != Tk) or, with nnx's ``is_causal=True``, Flax's causal mask
+  (needs Tq == Tk).
+* a concrete (not traced) ``mask``: accepted only if ``mask AND causal`` is
+  exactly the causal mask or all True; the function then runs causal or not.
+* a traced ``mask`` (e.g. ``nn.make_causal_mask`` inside ``jax.jit``) cannot be
+  checked and raises: pass ``mask=None`` and ``make_attention_fn(causal=True)``.
+
+Everything a flash kernel cannot express (``bias``, dropout that is active,
+``precision`` other than default, sown attention weights, custom einsums)
+raises a ValueError naming the argument.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any
+
+try:
+  import flax  # noqa: F401
+except ImportError as e:  # pragma: no cover - exercised without flax only
+  raise ImportError(
+      "jax_grouped_attn.flax needs Flax, which is not installed; install it "
+      "with `pip install 'jax_grouped_attn[flax]'` (or `pip install flax`).") from e
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jax_grouped_attn.api import attention
+
+__all__ = ["FlaxAttentionFn", "make_attention_fn"]
+
+_DEFAULT_PRECISIONS = (None, "default", "DEFAULT", jax.lax.Precision.DEFAULT)
+
+
+def _unsupported(name: str, why: str) -> ValueError:
+  return ValueError(f"jax_grouped_attn attention_fn: {name} {why}")
+
+
+def _causal_mask(tq: int, tk: int) -> np.ndarray:
+  """Bottom-right aligned causal mask [Tq, Tk] (row i sees j <= i + Tk - Tq)."""
+  return np.arange(tk)[None, :] <= np.arange(tq)[:, None] + (tk - tq)
+
+
+def _mask_is_causal(mask, q_shape, tk: int, causal: bool) -> bool:
+  """Reads a concrete mask: True if ``mask AND causal`` is causal, False if it
+  is all True; raises otherwise (see the module docstring)."""
+  if isinstance(mask, jax.core.Tracer):
+    raise _unsupported(
+        "mask", "is a traced array, so it cannot be checked to be causal or "
+        "all-True (a flash kernel takes no dense mask). Pass mask=None and "
+        "build the function with make_attention_fn(causal=True) (nnx: or call "
+        "the module with is_causal=True); express padding or packed documents "
+        "with segment_ids through jax_grouped_attn.attention.")
+  m = np.asarray(mask).astype(bool)
+  *batch, tq, hq, _ = q_shape
+  full = (*batch, hq, tq, tk)
+  if m.ndim != len(full) or any(a not in (1, b) for a, b in zip(m.shape, full)):
+    raise _unsupported(
+        "mask", f"has shape {m.shape}, which does not broadcast to "
+        f"[batch..., heads, Tq, Tk] = {full}.")
+  c = _causal_mask(tq, tk)
+  eff = m & c if causal else m
+  if np.array_equal(np.broadcast_to(eff, full), np.broadcast_to(c, full)):
+    return True
+  if not causal and m.all():
+    return False
+  raise _unsupported(
+      "mask", "is neither all-True nor exactly the (bottom-right aligned) "
+      "causal mask; a flash kernel takes no dense mask. Use mask=None with "
+      "make_attention_fn(causal=...), or segment_ids through "
+      "jax_grouped_attn.attention for padding and packed documents.")
+
+
+def _promote(q, k, v, dtype):
+  dtype = jnp.result_type(q, k, v) if dtype is None else jnp.dtype(dtype)
+  return q.astype(dtype), k.astype(dtype), v.astype(dtype)
+
+
+@dataclasses.dataclass(frozen=True)
+class FlaxAttentionFn:
+  """Flax ``attention_fn`` running :func:`jax_grouped_attn.attention`.
+
+  Build it with :func:`make_attention_fn`. Inputs are
+  ``[batch..., length, heads, head_dim]`` (any number of batch axes, also
+  none); key/value may have fewer heads (GQA).
+  """
+
+  causal: bool = False
+  backend: str = "auto"
+  context_parallel: Any = None
+  softmax_scale: float | None = None
+  config: Any = None
+  interpret: bool | None = None
+  backward: str = "kernel"
+
+  def __call__(self, query, key, value, bias=None, mask=None,
+               broadcast_dropout=True, dropout_rng=None, dropout_rate=0.0,
+               deterministic=False, dtype=None, precision=None, module=None,
+               is_causal=False, force_fp32_for_softmax=False,
+               qk_attn_weights_einsum=None, attn_weights_value_einsum=None,
+               **kwargs):
+    del broadcast_dropout, dropout_rng  # only meaningful with active dropout
+    del force_fp32_for_softmax          # the softmax is always fp32 here
+    for name, value_ in sorted(kwargs.items()):
+      if value_ is not None and value_ is not False:
+        raise _unsupported(name, f"={value_!r} is not supported (unknown "
+                           "argument; only None/False is accepted).")
+    if bias is not None:
+      raise _unsupported("bias", "is not supported: a flash kernel takes no "
+                         "additive logit bias. Pass bias=None.")
+    if dropout_rate and not deterministic:
+      raise _unsupported(
+          "dropout_rate", f"={dropout_rate} with deterministic=False is not "
+          "supported: the kernels have no attention dropout. Use "
+          "dropout_rate=0.0 or deterministic=True.")
+    if precision not in _DEFAULT_PRECISIONS:
+      raise _unsupported(
+          "precision", f"={precision!r} is not supported: the kernels fix "
+          "their own precision (fp32 accumulation). Pass precision=None.")
+    if module is not None:
+      raise _unsupported(
+          "module", "is not None (sow_weights=True): the attention weights "
+          "are never materialised, so they cannot be sown.")
+    for name, fn in (("qk_attn_weights_einsum", qk_attn_weights_einsum),
+                     ("attn_weights_value_einsum", attn_weights_value_einsum)):
+      if fn is not None:
+        raise _unsupported(name, "is not supported: the kernels do their own "
+                           "matmuls. Leave it None.")
+    for name, x in (("query", query), ("key", key), ("value", value)):
+      if getattr(x, "ndim", 0) < 3:
+        raise _unsupported(name, f"has shape {getattr(x, 'shape', None)}; "
+                           "expected [batch..., length, heads, head_dim].")
+    if not (query.shape[:-3] == key.shape[:-3] == value.shape[:-3]):
+      raise _unsupported(
+          "query", f"batch axes {query.shape[:-3]} differ from key's "
+          f"{key.shape[:-3]} or value's {value.shape[:-3]}.")
+    q_shape = query.shape
+    tq, tk = q_shape[-3], key.shape[-3]
+    causal = bool(self.causal)
+    if is_causal:
+      if tq != tk:
+        raise _unsupported(
+            "is_causal", f"=True with Tq={tq} != Tk={tk}: Flax aligns that mask "
+            "top-left, this package bottom-right. Use "
+            "make_attention_fn(causal=True) for bottom-right alignment.")
+      causal = True
+    if mask is not None:
+      causal = _mask_is_causal(mask, q_shape, tk, causal)
+    q, k, v = _promote(query, key, value, dtype)
+    batch = q_shape[:-3]
+    n = math.prod(batch)
+    q = q.reshape(n, *q.shape[-3:])
+    k = k.reshape(n, *k.shape[-3:])
+    v = v.reshape(n, *v.shape[-3:])
+    extra = {}
+    if self.context_parallel is not None:
+      extra["context_parallel"] = self.context_parallel
+    out = attention(q, k, v, causal=causal, softmax_scale=self.softmax_scale,
+                    backend=self.backend, config=self.config,
+                    interpret=self.interpret, backward=self.backward, **extra)
+    return out.reshape(*batch, *out.shape[1:])
+
+
+def make_attention_fn(causal: bool = False, backend: str = "auto", *,
+                      context_parallel=None, softmax_scale: float | None = None,
+                      config=None, interpret: bool | None = None,
+                      backward: str = "kernel") -> FlaxAttentionFn:
+  """An ``attention_fn`` for ``flax.linen.MultiHeadDotProductAttention`` and
+  ``flax.nnx.MultiHeadAttention``.
+
+  Args:
+    causal: causal masking (bottom-right aligned when Tq != Tk), used when the
+      module passes ``mask=None``; see the module docstring for masks.
+    backend, softmax_scale, config, interpret, backward: as in
+      :func:`jax_grouped_attn.attention`.
+    context_parallel: None, or a ``ContextParallel`` passed to
+      :func:`jax_grouped_attn.attention` (inputs are then the local shards).
+  """
+  if not isinstance(causal, (bool, np.bool_)):
+    raise TypeError(f"causal must be a bool, got {causal!r}.")
+  return FlaxAttentionFn(causal=bool(causal), backend=backend,
+                         context_parallel=context_parallel,
+                         softmax_scale=softmax_scale, config=config,
+                         interpret=interpret, backward=backward)
