@@ -1,0 +1,360 @@
+"""A small Llama-style decoder in Flax NNX, trained on synthetic tokens.
+
+RMSNorm, RoPE, GQA attention through ``jax_grouped_attn.flax``, SwiGLU MLP,
+layers stacked and run with ``jax.lax.scan``; AdamW (optax) under ``jax.jit``.
+``--context-parallel N`` shards the sequence over N devices in zigzag order
+with ``shard_map`` (RoPE then takes each local token's ``zigzag_positions``).
+
+  python benchmarks/llama.py --backend triton --preset small --seq 4096
+  python benchmarks/llama.py --backend pallas --context-parallel 2  # 2 GPUs
+
+Prints the training-step time and tokens/s.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import sys
+import time
+
+if __package__ in (None, ""):  # run as a script from a checkout
+  sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from jax_grouped_attn.flax import make_attention_fn
+from jax_grouped_attn.zigzag import zigzag_order, zigzag_positions
+
+
+@dataclasses.dataclass(frozen=True)
+class LlamaConfig:
+  vocab_size: int = 32000
+  dim: int = 768
+  n_layers: int = 12
+  n_heads: int = 12
+  n_kv_heads: int = 4
+  ffn_dim: int = 2048
+  rope_theta: float = 500000.0
+  norm_eps: float = 1e-5
+  dtype: str = "bfloat16"   # compute dtype; parameters are float32
+
+  @property
+  def head_dim(self) -> int:
+    return self.dim // self.n_heads
+
+  def __post_init__(self):
+    if self.dim % self.n_heads or self.n_heads % self.n_kv_heads:
+      raise ValueError(f"dim % n_heads and n_heads % n_kv_heads must be 0: {self}")
+
+
+PRESETS = {
+    "tiny": LlamaConfig(vocab_size=128, dim=64, n_layers=2, n_heads=2,
+                        n_kv_heads=1, ffn_dim=128, dtype="float32"),
+    "small": LlamaConfig(),                                   # ~110M, head_dim 64
+    "medium": LlamaConfig(dim=1024, n_layers=24, n_heads=8, n_kv_heads=2,
+                          ffn_dim=2816),                      # ~330M, head_dim 128
+    "1b": LlamaConfig(dim=2048, n_layers=16, n_heads=32, n_kv_heads=8,
+                      ffn_dim=8192),                          # Llama-3.2-1B shape
+}
+
+
+# ------------------------------------------------------------------ model ---
+
+class RMSNorm(nnx.Module):
+  def __init__(self, dim: int, eps: float):
+    self.scale = nnx.Param(jnp.ones((dim,), jnp.float32))
+    self.eps = eps
+
+  def __call__(self, x):
+    xf = x.astype(jnp.float32)
+    y = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + self.eps)
+    return (y * self.scale[...]).astype(x.dtype)
+
+
+def rope_tables(positions, head_dim: int, theta: float):
+  """cos, sin [..., T, head_dim/2] float32 for integer ``positions`` [..., T]."""
+  freq = theta ** (-np.arange(0, head_dim, 2, dtype=np.float32) / head_dim)
+  angle = positions.astype(jnp.float32)[..., None] * freq
+  return jnp.cos(angle), jnp.sin(angle)
+
+
+def apply_rope(x, cos, sin):
+  """Rotates halves of x [B, T, H, D] by the angles of cos/sin [T or B,T, D/2]."""
+  cos = cos[..., None, :] if cos.ndim == 3 else cos[None, :, None, :]
+  sin = sin[..., None, :] if sin.ndim == 3 else sin[None, :, None, :]
+  xf = x.astype(jnp.float32)
+  x1, x2 = jnp.split(xf, 2, axis=-1)
+  out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+  return out.astype(x.dtype)
+
+
+def _linear(din, dout, cfg, rngs):
+  return nnx.Linear(din, dout, use_bias=False, dtype=jnp.dtype(cfg.dtype),
+                    param_dtype=jnp.float32, rngs=rngs)
+
+
+class Attention(nnx.Module):
+  def __init__(self, cfg: LlamaConfig, *, rngs: nnx.Rngs):
+    hd = cfg.head_dim
+    self.n_heads, self.n_kv_heads, self.head_dim = cfg.n_heads, cfg.n_kv_heads, hd
+    self.wq = _linear(cfg.dim, cfg.n_heads * hd, cfg, rngs)
+    self.wk = _linear(cfg.dim, cfg.n_kv_heads * hd, cfg, rngs)
+    self.wv = _linear(cfg.dim, cfg.n_kv_heads * hd, cfg, rngs)
+    self.wo = _linear(cfg.n_heads * hd, cfg.dim, cfg, rngs)
+
+  def __call__(self, x, cos, sin, attention_fn):
+    b, t, _ = x.shape
+    q = self.wq(x).reshape(b, t, self.n_heads, self.head_dim)
+    k = self.wk(x).reshape(b, t, self.n_kv_heads, self.head_dim)
+    v = self.wv(x).reshape(b, t, self.n_kv_heads, self.head_dim)
+    q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+    o = attention_fn(q, k, v)
+    return self.wo(o.reshape(b, t, self.n_heads * self.head_dim))
+
+
+class MLP(nnx.Module):
+  def __init__(self, cfg: LlamaConfig, *, rngs: nnx.Rngs):
+    self.gate = _linear(cfg.dim, cfg.ffn_dim, cfg, rngs)
+    self.up = _linear(cfg.dim, cfg.ffn_dim, cfg, rngs)
+    self.down = _linear(cfg.ffn_dim, cfg.dim, cfg, rngs)
+
+  def __call__(self, x):
+    return self.down(jax.nn.silu(self.gate(x)) * self.up(x))
+
+
+class Block(nnx.Module):
+  def __init__(self, cfg: LlamaConfig, *, rngs: nnx.Rngs):
+    self.attn_norm = RMSNorm(cfg.dim, cfg.norm_eps)
+    self.attn = Attention(cfg, rngs=rngs)
+    self.mlp_norm = RMSNorm(cfg.dim, cfg.norm_eps)
+    self.mlp = MLP(cfg, rngs=rngs)
+
+  def __call__(self, x, cos, sin, attention_fn):
+    x = x + self.attn(self.attn_norm(x), cos, sin, attention_fn)
+    return x + self.mlp(self.mlp_norm(x))
+
+
+class Llama(nnx.Module):
+  """Decoder-only LM. ``layers`` is one Block whose parameters carry a
+  leading [n_layers] axis; ``__call__`` scans over it."""
+
+  def __init__(self, cfg: LlamaConfig, *, rngs: nnx.Rngs, remat: bool = False):
+    self.cfg, self.remat = cfg, remat
+    self.embed = nnx.Embed(cfg.vocab_size, cfg.dim, param_dtype=jnp.float32,
+                           rngs=rngs)
+
+    @nnx.split_rngs(splits=cfg.n_layers)
+    @nnx.vmap(in_axes=(0,), out_axes=0)
+    def make_layers(r):
+      return Block(cfg, rngs=r)
+
+    self.layers = make_layers(rngs)
+    self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
+    self.lm_head = _linear(cfg.dim, cfg.vocab_size, cfg, rngs)
+
+  def __call__(self, tokens, positions, attention_fn):
+    """tokens [B, T] int -> logits [B, T, vocab] float32.
+
+    positions [T] or [B, T]: each token's sequence position (for RoPE; under
+    zigzag context parallelism, this device's slice of zigzag_positions).
+    ``attention_fn(q, k, v)`` is causal attention, e.g. from make_attention_fn.
+    """
+    cfg = self.cfg
+    cos, sin = rope_tables(positions, cfg.head_dim, cfg.rope_theta)
+    x = self.embed(tokens).astype(jnp.dtype(cfg.dtype))
+    graphdef, state = nnx.split(self.layers)
+
+    def body(h, layer_state):
+      layer = nnx.merge(graphdef, layer_state)
+      return layer(h, cos, sin, attention_fn), None
+
+    if self.remat:
+      body = jax.checkpoint(body, policy=jax.checkpoint_policies.nothing_saveable)
+    x, _ = jax.lax.scan(body, x, state)
+    return self.lm_head(self.norm(x)).astype(jnp.float32)
+
+
+def count_params(params) -> int:
+  return sum(int(np.prod(x.shape)) for x in jax.tree.leaves(params))
+
+
+# --------------------------------------------------------------- training ---
+
+def synthetic_batch(key, batch: int, seq: int, vocab: int):
+  """(tokens, targets) [B, seq]: a fixed random permutation walk with 10%
+  random tokens, so the loss has something to learn."""
+  k1, k2, k3 = jax.random.split(key, 3)
+  perm = jax.random.permutation(jax.random.key(1234), vocab)
+  start = jax.random.randint(k1, (batch,), 0, vocab)
+
+  def walk(t, _):
+    return perm[t], perm[t]
+
+  _, seqs = jax.lax.scan(walk, start, None, length=seq)
+  seqs = jnp.concatenate([start[None], seqs], axis=0).T          # [B, seq+1]
+  noise = jax.random.randint(k2, seqs.shape, 0, vocab)
+  seqs = jnp.where(jax.random.bernoulli(k3, 0.1, seqs.shape), noise, seqs)
+  return seqs[:, :-1].astype(jnp.int32), seqs[:, 1:].astype(jnp.int32)
+
+
+def make_optimizer(lr: float = 3e-4, weight_decay: float = 0.1):
+  return optax.chain(optax.clip_by_global_norm(1.0),
+                     optax.adamw(lr, b1=0.9, b2=0.95, weight_decay=weight_decay))
+
+
+def make_loss_fn(graphdef, attention_fn):
+  """loss(params, tokens, targets, positions): mean next-token cross-entropy."""
+
+  def loss(params, tokens, targets, positions):
+    model = nnx.merge(graphdef, params)
+    logits = model(tokens, positions, attention_fn)
+    return optax.softmax_cross_entropy_with_integer_labels(logits, targets).mean()
+
+  return loss
+
+
+def make_cp_loss_fn(graphdef, attention_fn, mesh: Mesh, global_tokens: int):
+  """Like make_loss_fn, over ``mesh`` axes ("dp", "cp"): tokens/targets
+  [B, S] in zigzag order sharded P("dp", "cp"), positions [S] P("cp")."""
+
+  def local(params, tokens, targets, positions):
+    model = nnx.merge(graphdef, params)
+    logits = model(tokens, positions, attention_fn)
+    ce = optax.softmax_cross_entropy_with_integer_labels(logits, targets).sum()
+    return jax.lax.psum(ce, ("dp", "cp")) / global_tokens
+
+  return jax.shard_map(local, mesh=mesh,
+                       in_specs=(P(), P("dp", "cp"), P("dp", "cp"), P("cp")),
+                       out_specs=P())
+
+
+def make_train_step(loss_fn, tx):
+  @jax.jit
+  def step(params, opt_state, tokens, targets, positions):
+    loss, grads = jax.value_and_grad(loss_fn)(params, tokens, targets, positions)
+    updates, opt_state = tx.update(grads, opt_state, params)
+    return optax.apply_updates(params, updates), opt_state, loss
+
+  return step
+
+
+def context_parallel_spec(axis_name: str, strategy: str | None):
+  """The package's ContextParallel (jax_grouped_attn.parallel)."""
+  from jax_grouped_attn.parallel import ContextParallel
+  return ContextParallel(axis_name) if strategy is None else ContextParallel(axis_name, strategy)
+
+
+def make_cp_mesh(cp: int, devices=None) -> Mesh:
+  devices = list(jax.devices() if devices is None else devices)
+  if len(devices) % cp:
+    raise ValueError(f"--context-parallel {cp} does not divide the {len(devices)} devices.")
+  return Mesh(np.array(devices).reshape(len(devices) // cp, cp), ("dp", "cp"))
+
+
+def to_zigzag(tokens, targets, cp: int):
+  """Global [B, S] arrays -> zigzag order, plus positions [S]."""
+  seq = tokens.shape[1]
+  perm = zigzag_order(seq, cp)
+  return tokens[:, perm], targets[:, perm], jnp.asarray(zigzag_positions(seq, cp))
+
+
+def build(cfg: LlamaConfig, seed: int = 0, remat: bool = False):
+  """(graphdef, params) of a freshly initialised model."""
+  model = Llama(cfg, rngs=nnx.Rngs(seed), remat=remat)
+  graphdef, params = nnx.split(model)
+  return graphdef, params
+
+
+# -------------------------------------------------------------------- CLI ---
+
+def main(argv=None):
+  ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  ap.add_argument("--backend", default="auto",
+                  choices=["auto", "xla", "pallas", "triton"])
+  ap.add_argument("--backward", default="kernel", choices=["kernel", "reference"])
+  ap.add_argument("--context-parallel", type=int, default=0, metavar="N",
+                  help="shard the sequence over N devices (zigzag); 0 = off")
+  ap.add_argument("--cp-strategy", default=None,
+                  help="ContextParallel strategy (default: the package's)")
+  ap.add_argument("--preset", default="small", choices=sorted(PRESETS))
+  ap.add_argument("--batch", type=int, default=4, help="global batch")
+  ap.add_argument("--seq", type=int, default=4096)
+  ap.add_argument("--steps", type=int, default=20)
+  ap.add_argument("--warmup", type=int, default=3)
+  ap.add_argument("--lr", type=float, default=3e-4)
+  ap.add_argument("--remat", action="store_true", help="rematerialise each layer")
+  ap.add_argument("--seed", type=int, default=0)
+  args = ap.parse_args(argv)
+
+  cfg = PRESETS[args.preset]
+  graphdef, params = build(cfg, args.seed, args.remat)
+  tx = make_optimizer(args.lr)
+  opt_state = tx.init(params)
+  n_params = count_params(params)
+  cp = args.context_parallel
+  if cp:
+    mesh = make_cp_mesh(cp)
+    spec = context_parallel_spec("cp", args.cp_strategy)
+    attn = make_attention_fn(causal=True, backend=args.backend,
+                             context_parallel=spec, backward=args.backward)
+    loss_fn = make_cp_loss_fn(graphdef, attn, mesh, args.batch * args.seq)
+    replicated = NamedSharding(mesh, P())
+    params, opt_state = jax.device_put((params, opt_state), replicated)
+    data_sharding = NamedSharding(mesh, P("dp", "cp"))
+    pos_sharding = NamedSharding(mesh, P("cp"))
+    layout = f"mesh dp={mesh.shape['dp']} x cp={cp}, zigzag, strategy={args.cp_strategy or 'default'}"
+  else:
+    attn = make_attention_fn(causal=True, backend=args.backend, backward=args.backward)
+    loss_fn = make_loss_fn(graphdef, attn)
+    layout = "single device"
+  step = make_train_step(loss_fn, tx)
+
+  def batch(i):
+    tokens, targets = synthetic_batch(jax.random.key(args.seed * 100003 + i),
+                                      args.batch, args.seq, cfg.vocab_size)
+    if not cp:
+      return tokens, targets, jnp.arange(args.seq, dtype=jnp.int32)
+    tokens, targets, positions = to_zigzag(tokens, targets, cp)
+    return (jax.device_put(tokens, data_sharding), jax.device_put(targets, data_sharding),
+            jax.device_put(positions, pos_sharding))
+
+  print(f"llama preset={args.preset} params={n_params / 1e6:.1f}M layers={cfg.n_layers} "
+        f"dim={cfg.dim} heads={cfg.n_heads}/{cfg.n_kv_heads} head_dim={cfg.head_dim} "
+        f"dtype={cfg.dtype}")
+  print(f"backend={args.backend} backward={args.backward} batch={args.batch} "
+        f"seq={args.seq} {layout} devices={jax.devices()[0].device_kind} x{jax.device_count()}")
+  t0 = time.perf_counter()
+  params, opt_state, loss = step(params, opt_state, *batch(0))
+  loss = float(loss)
+  print(f"compile + first step: {time.perf_counter() - t0:.1f}s, loss {loss:.4f}")
+  for i in range(1, args.warmup):
+    params, opt_state, loss = step(params, opt_state, *batch(i))
+  jax.block_until_ready(params)
+  batches = [batch(args.warmup + i) for i in range(min(args.steps, 4))]
+  jax.block_until_ready(batches)
+  times = []
+  for i in range(args.steps):
+    t0 = time.perf_counter()
+    params, opt_state, loss = step(params, opt_state, *batches[i % len(batches)])
+    jax.block_until_ready(loss)
+    times.append(time.perf_counter() - t0)
+  t = float(np.median(times))
+  tokens = args.batch * args.seq
+  # 6N per token for the matmuls, plus causal attention (fwd 2 + bwd 5 dots).
+  attn_flops = 3.5 * 2 * cfg.n_layers * args.batch * args.seq ** 2 * cfg.n_heads * cfg.head_dim
+  flops = 6 * (n_params - cfg.vocab_size * cfg.dim) * tokens + attn_flops
+  n_dev = jax.device_count() if cp else 1
+  print(f"step time {t * 1e3:.1f} ms (median of {args.steps}, min {min(times) * 1e3:.1f}) | "
+        f"{tokens / t:,.0f} tokens/s | {tokens / t / n_dev:,.0f} tokens/s/device | "
+        f"~{flops / t / n_dev / 1e12:.1f} TFLOP/s/device | final loss {float(loss):.4f}")
+
+
+if __name__ == "__main__":
+  main()
