@@ -34,6 +34,40 @@ def backend_module(name: str):
   return importlib.import_module(_BACKEND_MODULES[name])
 
 
+# ------------------------------------------------------------------- vmap ---
+
+def _fold(x, batched: bool, axis_size: int):
+  """[V, B, ...] (or unbatched [B, ...]) -> [V*B, ...]."""
+  if x is None:
+    return None
+  if not batched:
+    x = jnp.broadcast_to(x, (axis_size,) + x.shape)
+  return x.reshape((axis_size * x.shape[1],) + x.shape[2:])
+
+
+def batch_folding(launch):
+  """Makes a kernel launcher vmappable by folding vmapped axes into batch.
+
+  Every array argument and result of ``launch`` has batch as its leading axis,
+  so ``vmap`` over any extra leading axis is one launch with batch V*B.
+  (triton_call and the interpreter callback have no batching rule of their
+  own; Pallas gets the same single-launch behaviour for free.)
+  """
+  @functools.wraps(launch)
+  def call(*arrays, **static):
+    fn = jax.custom_batching.custom_vmap(lambda *a: launch(*a, **static))
+
+    @fn.def_vmap
+    def _rule(axis_size, in_batched, *a):
+      folded = [_fold(x, b, axis_size) for x, b in zip(a, in_batched)]
+      outs = call(*folded, **static)
+      outs = jax.tree.map(lambda o: o.reshape((axis_size, -1) + o.shape[1:]), outs)
+      return outs, jax.tree.map(lambda _: True, outs)
+
+    return fn(*arrays)
+  return call
+
+
 # ----------------------------------------------------------------- layout ---
 
 def _pad_axis(x, axis: int, size: int):
@@ -90,7 +124,7 @@ def attention_fwd(problem, backend, config, interpret, q, k, v, q_seg, kv_seg):
   fwd_cfg, _ = _plans(problem, backend, config)
   plan = plan_lib.make_plan(problem, fwd_cfg.block_q, fwd_cfg.block_k)
   qp, kp, vp, qs, ks = _prepare(problem, plan, q, k, v, q_seg, kv_seg)
-  out_p, lse_p = backend_module(backend).forward(
+  out_p, lse_p = batch_folding(backend_module(backend).forward)(
       qp, kp, vp, qs, ks, problem=problem, plan=plan, config=fwd_cfg,
       interpret=interpret)
   out = from_q_layout(out_p, plan)[..., :problem.head_dim]
@@ -146,7 +180,7 @@ def _kernel_backward(problem, backend, config, interpret, q, k, v, q_seg, kv_seg
   dout_p = to_q_layout_zero_padded(_pad_axis(dout, 3, dp), plan)
   lse_p = to_q_layout(lse, plan, axis=2)
   dlse_p = to_q_layout_zero_padded(dlse, plan, axis=2)
-  dq_p, dk_p, dv_p = module.backward(
+  dq_p, dk_p, dv_p = batch_folding(module.backward)(
       qp, kp, vp, qs, ks, out_p, lse_p, dout_p, dlse_p, problem=problem,
       plan=plan, config=bwd_cfg, interpret=interpret)
   d = problem.head_dim
