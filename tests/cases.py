@@ -15,7 +15,7 @@ from jax_grouped_attn.plan import Problem
 from jax_grouped_attn.reference import reference_attention
 
 # Kernel backends under test (the xla backend is the reference itself).
-KERNEL_BACKENDS = ["pallas"]
+KERNEL_BACKENDS = ["pallas", "triton"]
 
 # Small tiles so the tiny test problems still span several q and kv blocks.
 SMALL = ga.AttentionConfig(forward=ga.ForwardConfig(block_q=16, block_k=16),

@@ -1,0 +1,145 @@
+"""Triton kernel bodies (no shapes, grids or launch logic here).
+
+The forward mirrors ``pallas/kernels.py``: one program per (work-table row w,
+batch * q head bh), grid ``(n_work, B * Hq)`` with axis 0 fastest.
+
+Pointer arguments of :func:`forward_kernel` (padded layouts of plan.py):
+  table_ptr: [n_work, TABLE_WIDTH] int32   forward work table
+  q_ptr:     [B, Tq_pad, Hq, Dp]            k_ptr, v_ptr: [B, Tk_pad, Hk, Dp]
+  qseg_ptr:  [B, Tq_pad] int32              kvseg_ptr: [B, Tk_pad] int32
+             (read only if HAS_SEGMENTS; any int32 buffer otherwise)
+  out_ptr:   [B, Tq_pad, Hq, Dp] q dtype    lse_ptr: [B, Hq, Tq_pad] float32
+Strides are in elements and are constexprs (shapes are static under jit); the
+last axis of every array is contiguous.
+"""
+
+from __future__ import annotations
+
+import math
+
+import triton
+import triton.language as tl
+
+from jax_grouped_attn import plan as plan_lib
+
+# Work-table columns as constexprs (a kernel may only read constexpr globals).
+ROW0 = tl.constexpr(plan_lib.ROW0)
+QPOS0 = tl.constexpr(plan_lib.QPOS0)
+KV_LEN = tl.constexpr(plan_lib.KV_LEN)
+N_FULL = tl.constexpr(plan_lib.N_FULL)
+N_BLOCKS = tl.constexpr(plan_lib.N_BLOCKS)
+TABLE_WIDTH = tl.constexpr(plan_lib.TABLE_WIDTH)
+
+LOG2E = math.log2(math.e)
+LN2 = tl.constexpr(math.log(2.0))
+
+
+@triton.jit
+def _attend_block(acc, m_i, l_i, q, k_ptrs, v_ptrs, kvseg_ptrs, q_pos, qseg, kv_len,
+                  key0, QK_SCALE: tl.constexpr, CAUSAL: tl.constexpr,
+                  HAS_SEGMENTS: tl.constexpr, MASKED: tl.constexpr,
+                  BLOCK_K: tl.constexpr, DOT_PRECISION: tl.constexpr):
+  """One online-softmax step over keys [key0, key0 + BLOCK_K).
+
+  acc: [BLOCK_Q, Dp] f32, m_i / l_i: [BLOCK_Q] f32 running max (base 2) and sum;
+  q: [BLOCK_Q, Dp]; k_ptrs / v_ptrs: [BLOCK_K, Dp] pointers of this kv block;
+  kvseg_ptrs: [BLOCK_K] pointers; q_pos, qseg: [BLOCK_Q] int32.
+  """
+  k = tl.load(k_ptrs)
+  # Logits in base 2: exp(x * scale) == exp2(x * scale * log2 e).
+  s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * QK_SCALE
+  if MASKED:
+    keys = key0 + tl.arange(0, BLOCK_K)
+    visible = keys[None, :] < kv_len
+    if CAUSAL:
+      visible = visible & (keys[None, :] <= q_pos[:, None])
+    if HAS_SEGMENTS:
+      kvseg = tl.load(kvseg_ptrs)
+      visible = visible & (qseg[:, None] == kvseg[None, :])
+    s = tl.where(visible, s, float("-inf"))
+  m_new = tl.maximum(m_i, tl.max(s, 1))
+  if MASKED:
+    # A row that has seen nothing yet keeps m = -inf; subtract 0 instead so
+    # exp2(-inf - -inf) never makes NaN.
+    m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
+  else:
+    m_use = m_new
+  alpha = tl.math.exp2(m_i - m_use)
+  p = tl.math.exp2(s - m_use[:, None])
+  l_new = l_i * alpha + tl.sum(p, 1)
+  v = tl.load(v_ptrs)
+  acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
+  return acc, m_new, l_new
+
+
+@triton.jit
+def forward_kernel(table_ptr, q_ptr, k_ptr, v_ptr, qseg_ptr, kvseg_ptr, out_ptr, lse_ptr,
+                   QK_SCALE: tl.constexpr, HQ: tl.constexpr, GROUP_SIZE: tl.constexpr,
+                   SQ_B: tl.constexpr, SQ_T: tl.constexpr, SQ_H: tl.constexpr,
+                   SK_B: tl.constexpr, SK_T: tl.constexpr, SK_H: tl.constexpr,
+                   SL_B: tl.constexpr, SL_H: tl.constexpr,
+                   SSQ_B: tl.constexpr, SSK_B: tl.constexpr,
+                   CAUSAL: tl.constexpr, HAS_SEGMENTS: tl.constexpr,
+                   BLOCK_Q: tl.constexpr, BLOCK_K: tl.constexpr, DP: tl.constexpr,
+                   DOT_PRECISION: tl.constexpr):
+  """Grouped flash-attention forward of one q block of one (batch, q head).
+
+  QK_SCALE = softmax scale * log2(e). Strides: SQ_* of q and out, SK_* of k
+  and v, SL_* of lse, SSQ_B / SSK_B of the segment ids (batch axis).
+  """
+  w = tl.program_id(0)
+  bh = tl.program_id(1)
+  # int64 bases: B * T * H * Dp may exceed 2^31 elements.
+  b = (bh // HQ).to(tl.int64)
+  h = (bh % HQ).to(tl.int64)
+  hk = h // GROUP_SIZE
+  row_ptr = table_ptr + w * TABLE_WIDTH
+  row0 = tl.load(row_ptr + ROW0)
+  q_pos0 = tl.load(row_ptr + QPOS0)
+  kv_len = tl.load(row_ptr + KV_LEN)
+  n_full = tl.load(row_ptr + N_FULL)
+  n_blocks = tl.load(row_ptr + N_BLOCKS)
+
+  offs_q = tl.arange(0, BLOCK_Q)
+  offs_k = tl.arange(0, BLOCK_K)
+  offs_d = tl.arange(0, DP)
+  q_off = b * SQ_B + h * SQ_H + row0.to(tl.int64) * SQ_T
+  q = tl.load(q_ptr + q_off + offs_q[:, None] * SQ_T + offs_d[None, :])
+  q_pos = q_pos0 + offs_q
+  if HAS_SEGMENTS:
+    qseg = tl.load(qseg_ptr + b * SSQ_B + row0 + offs_q)
+  else:
+    qseg = offs_q  # unused
+  kv_off = b * SK_B + hk * SK_H
+  tile = offs_k[:, None] * SK_T + offs_d[None, :]
+  k_ptrs = k_ptr + kv_off + tile
+  v_ptrs = v_ptr + kv_off + tile
+  kvseg_ptrs = kvseg_ptr + b * SSK_B + offs_k
+
+  acc = tl.zeros([BLOCK_Q, DP], dtype=tl.float32)
+  m_i = tl.full([BLOCK_Q], float("-inf"), dtype=tl.float32)
+  l_i = tl.zeros([BLOCK_Q], dtype=tl.float32)
+  # Blocks [0, n_full) need no mask; pointers advance one block per step.
+  for j in range(0, n_full):
+    acc, m_i, l_i = _attend_block(
+        acc, m_i, l_i, q, k_ptrs, v_ptrs, kvseg_ptrs, q_pos, qseg, kv_len,
+        j * BLOCK_K, QK_SCALE, CAUSAL, HAS_SEGMENTS, False, BLOCK_K, DOT_PRECISION)
+    k_ptrs += BLOCK_K * SK_T
+    v_ptrs += BLOCK_K * SK_T
+    kvseg_ptrs += BLOCK_K
+  for j in range(n_full, n_blocks):
+    acc, m_i, l_i = _attend_block(
+        acc, m_i, l_i, q, k_ptrs, v_ptrs, kvseg_ptrs, q_pos, qseg, kv_len,
+        j * BLOCK_K, QK_SCALE, CAUSAL, HAS_SEGMENTS, True, BLOCK_K, DOT_PRECISION)
+    k_ptrs += BLOCK_K * SK_T
+    v_ptrs += BLOCK_K * SK_T
+    kvseg_ptrs += BLOCK_K
+
+  # Rows that saw no key: l == 0, out = 0, lse = -inf.
+  seen = l_i > 0.0
+  l_safe = tl.where(seen, l_i, 1.0)
+  out = acc / l_safe[:, None]
+  lse = tl.where(seen, m_i * LN2 + tl.log(l_safe), float("-inf"))
+  tl.store(out_ptr + q_off + offs_q[:, None] * SQ_T + offs_d[None, :],
+           out.to(out_ptr.dtype.element_ty))
+  tl.store(lse_ptr + b * SL_B + h * SL_H + row0 + offs_q, lse)

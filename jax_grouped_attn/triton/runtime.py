@@ -1,0 +1,344 @@
+"""Launching @triton.jit kernels from JAX: compiled on GPU, interpreted on CPU.
+
+:func:`call` has jax_triton's calling convention (array and scalar ``args``,
+then one pointer per output, then ``constexprs`` by keyword). With
+``interpret=False`` it is one ``jax_triton.triton_call``; with
+``interpret=True`` the very same kernel runs under Triton's interpreter on
+host numpy arrays, reached through ``jax.pure_callback`` (works under jit).
+Nothing here knows about attention: backward kernels reuse it as is.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import importlib.util
+import inspect
+import os
+import sys
+import threading
+
+import jax
+import numpy as np
+
+import triton
+
+# One interpreter run at a time: the interpreter patches triton.language
+# module-wide while a kernel runs, and XLA may run callbacks concurrently.
+_INTERPRETER_LOCK = threading.RLock()
+
+
+# ------------------------------------------------------- host tensor adapter --
+
+class _HostStorage:
+  """The storage half of the tensor protocol the interpreter reads."""
+
+  def __init__(self, array: np.ndarray):
+    self.array = array
+
+  def data_ptr(self) -> int:
+    return self.array.ctypes.data
+
+  def cpu(self):
+    # Already host memory: the interpreter then reads and writes in place.
+    return self
+
+  def copy_(self, other):
+    if other.array is not self.array:
+      np.copyto(self.array, other.array)
+    return self
+
+
+class HostTensor:
+  """A contiguous numpy array exposing the torch-like protocol that Triton's
+  interpreter reads (data_ptr, untyped_storage, new_empty, set_, size, ...).
+
+  ``dtype`` is the numpy dtype; Triton maps its name ("float32", "bfloat16"
+  from ml_dtypes, "int32", ...) to the kernel's pointer type.
+  """
+
+  def __init__(self, array: np.ndarray | None = None, dtype=None):
+    if array is not None:
+      if not array.flags.c_contiguous:
+        raise ValueError("HostTensor needs a C-contiguous array.")
+      dtype = array.dtype
+    self.array = array
+    self.dtype = np.dtype(dtype) if dtype is not None else None
+    self._storage = _HostStorage(array) if array is not None else None
+    self._offset = 0
+
+  # -- what Triton reads --
+  def data_ptr(self) -> int:
+    return self.array.ctypes.data
+
+  def untyped_storage(self) -> _HostStorage:
+    return self._storage
+
+  def new_empty(self, *size, device=None, dtype=None, **_):
+    return HostTensor(dtype=self.dtype if dtype is None else dtype)
+
+  def set_(self, storage: _HostStorage, offset: int, size, stride):
+    """Views ``storage`` with this dtype, element ``offset``, ``size`` and ``stride``."""
+    itemsize = self.dtype.itemsize
+    flat = storage.array.reshape(-1).view(np.uint8).view(self.dtype)
+    self.array = np.lib.stride_tricks.as_strided(
+        flat[offset:], shape=tuple(size), strides=tuple(s * itemsize for s in stride))
+    self._storage = storage
+    self._offset = offset
+    return self
+
+  def storage_offset(self) -> int:
+    return self._offset
+
+  def size(self, dim=None):
+    return self.array.shape if dim is None else self.array.shape[dim]
+
+  def stride(self, dim=None):
+    strides = tuple(s // self.dtype.itemsize for s in self.array.strides)
+    return strides if dim is None else strides[dim]
+
+  def copy_(self, other):
+    np.copyto(self.array, other.array)
+    return self
+
+  def cpu(self):
+    return self
+
+  # -- conveniences some Triton versions touch --
+  @property
+  def shape(self):
+    return self.array.shape
+
+  @property
+  def ndim(self) -> int:
+    return self.array.ndim
+
+  @property
+  def device(self) -> str:
+    return "cpu"
+
+  is_cuda = False
+
+  def numel(self) -> int:
+    return self.array.size
+
+  def element_size(self) -> int:
+    return self.dtype.itemsize
+
+  def dim(self) -> int:
+    return self.array.ndim
+
+
+# ------------------------------------------------------ interpreted kernels --
+
+@contextlib.contextmanager
+def _interpret_mode():
+  """TRITON_INTERPRET=1 while decorating: @triton.jit then builds
+  InterpretedFunctions (read from the environment by Triton 3.x)."""
+  old = os.environ.get("TRITON_INTERPRET")
+  os.environ["TRITON_INTERPRET"] = "1"
+  try:
+    yield
+  finally:
+    if old is None:
+      os.environ.pop("TRITON_INTERPRET", None)
+    else:
+      os.environ["TRITON_INTERPRET"] = old
+
+
+_INTERPRETED_MODULES: dict[str, object] = {}
+
+
+def interpreted(kernel):
+  """The interpreted twin of a module-level @triton.jit ``kernel``.
+
+  The kernel's module source is executed once more, as a separate module, with
+  interpretation on, so the kernel and every @triton.jit helper it calls
+  become InterpretedFunctions; the original (compiled) module is untouched.
+  """
+  from triton.runtime.interpreter import InterpretedFunction
+  if isinstance(kernel, InterpretedFunction):
+    return kernel
+  fn = getattr(kernel, "fn", None)
+  if fn is None:
+    raise TypeError(f"expected a @triton.jit function, got {kernel!r}.")
+  modname = fn.__module__
+  with _INTERPRETER_LOCK:
+    twin = _INTERPRETED_MODULES.get(modname)
+    if twin is None:
+      source = sys.modules[modname]
+      spec = importlib.util.spec_from_file_location(modname + "__interpreted", source.__file__)
+      twin = importlib.util.module_from_spec(spec)
+      with _interpret_mode():
+        spec.loader.exec_module(twin)
+      _INTERPRETED_MODULES[modname] = twin
+  result = getattr(twin, fn.__name__, None)
+  if not isinstance(result, InterpretedFunction):
+    raise RuntimeError(
+        f"could not build an interpreted copy of {modname}.{fn.__name__} "
+        f"(got {type(result).__name__}); this Triton version ({triton.__version__}) "
+        "does not honour TRITON_INTERPRET at decoration time.")
+  return result
+
+
+_LANGUAGE_TWINS: dict[int, object] = {}
+
+
+@contextlib.contextmanager
+def _interpreted_language():
+  """Swaps triton.language's own @triton.jit functions (tl.zeros, tl.max,
+  tl.sum, their combine functions, tensor member functions) for interpreted
+  twins while a kernel is interpreted, and restores them afterwards.
+
+  Triton decorates those once, at import; with TRITON_INTERPRET unset they
+  are compiled-only JITFunctions that an interpreted kernel cannot call.
+  Callers hold _INTERPRETER_LOCK.
+  """
+  from triton.runtime.interpreter import InterpretedFunction
+  from triton.runtime.jit import JITFunction
+  import triton.language as tl
+
+  def twin(value):
+    key = id(value)
+    if key not in _LANGUAGE_TWINS:
+      _LANGUAGE_TWINS[key] = (value, InterpretedFunction(value.fn))
+    return _LANGUAGE_TWINS[key][1]
+
+  # Specialising a pointer argument imports more of Triton lazily (gluon in
+  # 3.9, which asserts its imports are JITFunctions): do that before the swap.
+  triton.runtime.jit.mangle_type(HostTensor(np.zeros((1,), np.float32)))
+  owners = [m for name, m in list(sys.modules.items())
+            if m is not None and (name == "triton.language" or name.startswith("triton.language."))]
+  owners.append(tl.core.tensor)
+  saved = []
+  for owner in owners:
+    for name, value in list(vars(owner).items()):
+      if isinstance(value, JITFunction):
+        saved.append((owner, name, value))
+        setattr(owner, name, twin(value))
+  try:
+    yield
+  finally:
+    for owner, name, value in reversed(saved):
+      setattr(owner, name, value)
+
+
+_BF16_DOT_PATCHED = False
+
+
+def _patch_interpreter_bf16_dot():
+  """Triton's interpreter keeps bf16 as uint16 bits and feeds those bits to
+  np.matmul, which multiplies the integers. Widen bf16 dot operands to the
+  float32 they encode (exact) before the interpreter's matmul."""
+  global _BF16_DOT_PATCHED
+  if _BF16_DOT_PATCHED:
+    return
+  import triton.language as tl
+  from triton.runtime import interpreter
+  builder = interpreter.interpreter_builder
+  original = builder.create_dot
+
+  def widen(handle):
+    if handle.dtype.scalar != tl.bfloat16:
+      return handle
+    bits = handle.data.astype(np.uint32) << np.uint32(16)
+    return interpreter.TensorHandle(bits.view(np.float32), tl.float32)
+
+  def create_dot(a, b, *rest, **kw):
+    return original(widen(a), widen(b), *rest, **kw)
+
+  builder.create_dot = create_dot
+  _BF16_DOT_PATCHED = True
+
+
+def _poison(shape, dtype) -> np.ndarray:
+  """Output buffer filled with NaN (floats) or the most negative int, so a
+  value the kernel never writes cannot pass for a result."""
+  dtype = np.dtype(dtype)
+  if np.issubdtype(dtype, np.integer):
+    return np.full(shape, np.iinfo(dtype).min, dtype)
+  return np.full(shape, np.nan, dtype)
+
+
+def run_interpreted(kernel, grid, args, out_shapes, **constexprs) -> list[np.ndarray]:
+  """Runs ``kernel[grid](*args, *outputs, **constexprs)`` under the interpreter.
+
+  args: host numpy arrays (passed as pointers) and Python scalars, in kernel
+  order; out_shapes: (shape, dtype) pairs of the outputs, whose pointers follow
+  ``args``. Returns the outputs as numpy arrays (NaN where never written).
+  """
+  grid = tuple(grid)
+  if not 1 <= len(grid) <= 3:
+    raise ValueError(f"grid must have 1 to 3 axes, got {grid}.")
+  tensors = [HostTensor(np.ascontiguousarray(a)) if isinstance(a, np.ndarray) else a
+             for a in args]
+  outs = [_poison(tuple(s), d) for s, d in out_shapes]
+  if any(n == 0 for n in grid):
+    return outs
+  fn = interpreted(kernel)
+  with _INTERPRETER_LOCK:
+    _patch_interpreter_bf16_dot()
+    with _interpreted_language():
+      fn[grid](*tensors, *[HostTensor(o) for o in outs], **constexprs)
+  return outs
+
+
+def _shape_dtype(s):
+  return jax.ShapeDtypeStruct(tuple(s.shape), s.dtype)
+
+
+def interpret_call(*args, kernel, out_shape, grid, **constexprs):
+  """Like ``jax_triton.triton_call`` but runs ``kernel`` under Triton's
+  interpreter on the host through ``jax.pure_callback``.
+
+  Arrays in ``args`` become pointers; Python bool/int/float stay scalars
+  (static). Under ``jax.vmap`` the kernel runs once per batch element.
+  """
+  single = not isinstance(out_shape, (list, tuple))
+  shapes = [_shape_dtype(s) for s in ([out_shape] if single else out_shape)]
+  is_array = [not isinstance(a, (bool, int, float)) for a in args]
+  arrays = [a for a, arr in zip(args, is_array) if arr]
+
+  def host(*host_arrays):
+    it = iter(host_arrays)
+    full = [np.asarray(next(it)) if arr else a for a, arr in zip(args, is_array)]
+    return tuple(run_interpreted(kernel, grid, full, [(s.shape, s.dtype) for s in shapes],
+                                 **constexprs))
+
+  outs = jax.pure_callback(host, tuple(shapes), *arrays, vmap_method="sequential")
+  return outs[0] if single else list(outs)
+
+
+# ----------------------------------------------------------------- dispatch --
+
+@functools.lru_cache(maxsize=None)
+def _triton_call_and_out_keyword():
+  try:
+    import jax_triton
+  except ImportError as e:
+    raise ImportError(
+        "backend='triton' on GPU needs jax-triton with GPU support (pip install "
+        f"jax-triton); importing it failed: {e}") from e
+  params = inspect.signature(jax_triton.triton_call).parameters
+  # jax-triton names the output argument out_shape; newer versions out_type.
+  for keyword in ("out_shape", "out_type"):
+    if keyword in params:
+      return jax_triton.triton_call, keyword
+  raise TypeError(
+      "jax_triton.triton_call takes neither out_shape nor out_type; this "
+      f"jax-triton version is not supported (parameters: {list(params)}).")
+
+
+def call(*args, kernel, out_shape, grid, name: str, num_warps: int, num_stages: int,
+         interpret: bool, **constexprs):
+  """Launches ``kernel`` once: jax_triton on GPU, the interpreter if ``interpret``.
+
+  args: jax arrays (pointers, in kernel order) and Python scalars; the outputs'
+  pointers follow them; ``constexprs`` are the kernel's constexpr arguments.
+  Returns one array per entry of ``out_shape`` (a list if it is a list).
+  """
+  if interpret:
+    return interpret_call(*args, kernel=kernel, out_shape=out_shape, grid=grid, **constexprs)
+  triton_call, out_keyword = _triton_call_and_out_keyword()
+  return triton_call(*args, kernel=kernel, grid=grid, name=name, num_warps=num_warps,
+                     num_stages=num_stages, **{out_keyword: out_shape}, **constexprs)
