@@ -146,7 +146,8 @@ def grouped_attention(q, k, v, groups, *, causal=True, softmax_scale=None,
 
 def attention(q, k, v, *, causal=False, softmax_scale=None, segment_ids=None,
               q_segment_ids=None, kv_segment_ids=None, backend="auto",
-              return_lse=False, config=None, interpret=None, backward="kernel"):
+              return_lse=False, config=None, interpret=None, backward="kernel",
+              context_parallel=None):
   """Standard attention, a drop-in for ``jax.nn.dot_product_attention``.
 
   One group ``QueryGroup(0, Tq, Tk - Tq, Tk)``: with ``causal`` and Tq != Tk
@@ -160,6 +161,11 @@ def attention(q, k, v, *, causal=False, softmax_scale=None, segment_ids=None,
   ``segment_ids`` [B, T] is the self-attention shortcut (Tq == Tk) for
   ``q_segment_ids = kv_segment_ids = segment_ids``. Other arguments as in
   :func:`grouped_attention`.
+
+  ``context_parallel=ContextParallel(axis_name, strategy)``: inside
+  ``jax.shard_map``, q, k, v (and segment ids) are this device's zigzag shards
+  of one sequence sharded over ``axis_name`` (see ``jax_grouped_attn.parallel``);
+  the result is this device's shard of the exact full-sequence attention.
   """
   for name, x in (("q", q), ("k", k)):
     _check_array(name, x)
@@ -171,6 +177,12 @@ def attention(q, k, v, *, causal=False, softmax_scale=None, segment_ids=None,
           f"segment_ids is for self-attention (Tq == Tk) but {q.shape=}, "
           f"{k.shape=}; pass q_segment_ids and kv_segment_ids instead.")
     q_segment_ids = kv_segment_ids = segment_ids
+  if context_parallel is not None:
+    return _context_parallel_attention(
+        q, k, v, context_parallel, causal=causal, softmax_scale=softmax_scale,
+        q_segment_ids=q_segment_ids, kv_segment_ids=kv_segment_ids,
+        backend=backend, return_lse=return_lse, config=config,
+        interpret=interpret, backward=backward)
   tq, tk = q.shape[1], k.shape[1]
   group = QueryGroup(0, tq, tk - tq, tk)
   return grouped_attention(
@@ -178,6 +190,35 @@ def attention(q, k, v, *, causal=False, softmax_scale=None, segment_ids=None,
       q_segment_ids=q_segment_ids, kv_segment_ids=kv_segment_ids,
       backend=backend, return_lse=return_lse, config=config,
       interpret=interpret, backward=backward)
+
+
+def _context_parallel_attention(q, k, v, cp, *, causal, softmax_scale, q_segment_ids,
+                                kv_segment_ids, backend, return_lse, config,
+                                interpret, backward):
+  """Validates like :func:`grouped_attention`, then runs ``parallel``."""
+  from jax_grouped_attn import parallel
+  if not isinstance(cp, parallel.ContextParallel):
+    raise TypeError(
+        f"context_parallel must be None or a ContextParallel, got {cp!r}.")
+  _check_qkv(q, k, v)
+  b, t, _, d = q.shape
+  causal = _check_bool("causal", causal)
+  return_lse = _check_bool("return_lse", return_lse)
+  if (q_segment_ids is None) != (kv_segment_ids is None):
+    raise ValueError("pass both q_segment_ids and kv_segment_ids or neither.")
+  if q_segment_ids is not None:
+    _check_segment_ids("q_segment_ids", q_segment_ids, b, t, "Tq")
+    _check_segment_ids("kv_segment_ids", kv_segment_ids, b, k.shape[1], "Tk")
+  scale = _check_scale(softmax_scale, d)
+  cfg = as_attention_config(config)
+  if backward not in autodiff.BACKWARD_MODES:
+    raise ValueError(f"backward={backward!r} is unknown; use one of {autodiff.BACKWARD_MODES}.")
+  name, interp = resolve_backend(backend, interpret)
+  out, lse = parallel.local_attention(
+      q, k, v, cp, causal=causal, scale=scale, q_segment_ids=q_segment_ids,
+      kv_segment_ids=kv_segment_ids, backend=name, interpret=interp, config=cfg,
+      backward=backward)
+  return (out, lse) if return_lse else out
 
 
 def segment_ids_from_cu_seqlens(cu_seqlens, total_len: int):

@@ -6,11 +6,16 @@ causal masking) and one late (expensive) chunk::
 
     W = 2, chunks 0 1 2 3:   device 0 holds [0, 3], device 1 holds [1, 2]
 
-Everything here is pure Python/numpy on static ints: no arrays are traced.
+Everything here is pure Python/numpy on static ints, except that
+:func:`zigzag_permute` / :func:`zigzag_unpermute` apply the static permutation
+to an array with ``jnp.take``.
 """
 
 from __future__ import annotations
 
+import dataclasses
+
+import jax.numpy as jnp
 import numpy as np
 
 from jax_grouped_attn.groups import QueryGroup
@@ -76,3 +81,76 @@ def zigzag_inverse_order(seq_len: int, world_size: int) -> np.ndarray:
   inv = np.empty_like(perm)
   inv[perm] = np.arange(seq_len)
   return inv
+
+
+def _check_seq_axis(x, world_size: int, axis: int) -> int:
+  if not hasattr(x, "shape") or not hasattr(x, "ndim"):
+    raise TypeError(f"x must be an array, got {type(x).__name__}.")
+  if isinstance(axis, bool) or not isinstance(axis, int) or not -x.ndim <= axis < x.ndim:
+    raise ValueError(f"{axis=} is out of range for {x.shape=}.")
+  if isinstance(world_size, bool) or not isinstance(world_size, int) or world_size < 1:
+    raise ValueError(f"world_size must be a positive int, got {world_size=}.")
+  length = x.shape[axis]
+  if length % (2 * world_size):
+    raise ValueError(
+        f"{x.shape=}: the sequence length {length} (axis {axis}) must be "
+        f"divisible by 2*world_size={2 * world_size} for the zigzag layout; "
+        "pad the sequence first.")
+  return length
+
+
+def zigzag_permute(x, world_size: int, axis: int = 1):
+  """Natural order -> zigzag order along ``axis`` (``jnp.take`` with
+  :func:`zigzag_order`). Shard the result evenly over ``world_size`` devices:
+  device r gets chunks r and 2W-1-r. Use it for q, k, v and segment ids."""
+  length = _check_seq_axis(x, world_size, axis)
+  return jnp.take(x, jnp.asarray(zigzag_order(length, world_size)), axis=axis)
+
+
+def zigzag_unpermute(x, world_size: int, axis: int = 1):
+  """Inverse of :func:`zigzag_permute`: zigzag order -> natural order along ``axis``."""
+  length = _check_seq_axis(x, world_size, axis)
+  return jnp.take(x, jnp.asarray(zigzag_inverse_order(length, world_size)), axis=axis)
+
+
+@dataclasses.dataclass(frozen=True)
+class RingStep:
+  """What the local q shard of one rank computes against one visiting K,V shard.
+
+  Local rows ``[q_start, q_stop)`` of q (local shard: 2*chunk_len rows) attend
+  to rows ``[kv_start, kv_stop)`` of the visiting K,V shard as ``group``
+  (indices relative to those slices) with ``causal``. Other local rows see
+  nothing of that shard.
+  """
+
+  q_start: int
+  q_stop: int
+  kv_start: int
+  kv_stop: int
+  group: QueryGroup
+  causal: bool
+
+
+def zigzag_ring_step(rank: int, source: int, world_size: int, chunk_len: int,
+                     causal: bool = True) -> RingStep:
+  """Ring attention step of ``rank``'s q against the K,V shard of ``source``.
+
+  Shards are ``[chunk r; chunk 2W-1-r]`` (2*chunk_len rows). Causal:
+    source == rank: causal within the shard (the second chunk sees the first);
+    source <  rank: all local q sees the visiting first chunk only;
+    source >  rank: only the local second chunk sees, both visiting chunks.
+  Non-causal: all local q sees the whole visiting shard. The result depends
+  only on the ordering of ``source`` vs ``rank``.
+  """
+  _check_rank(rank, world_size)
+  _check_rank(source, world_size)
+  if isinstance(chunk_len, bool) or not isinstance(chunk_len, int) or chunk_len < 1:
+    raise ValueError(f"chunk_len must be a positive int, got {chunk_len=}.")
+  c = chunk_len
+  if not causal:
+    return RingStep(0, 2 * c, 0, 2 * c, QueryGroup(0, 2 * c, 0, 2 * c), False)
+  if source == rank:
+    return RingStep(0, 2 * c, 0, 2 * c, QueryGroup(0, 2 * c, 0, 2 * c), True)
+  if source < rank:
+    return RingStep(0, 2 * c, 0, c, QueryGroup(0, 2 * c, 0, c), False)
+  return RingStep(c, 2 * c, 0, 2 * c, QueryGroup(0, c, 0, 2 * c), False)

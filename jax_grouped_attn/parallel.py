@@ -1,0 +1,449 @@
+"""Zigzag context parallelism: exact attention over a sequence sharded on a mesh axis.
+
+Inside ``jax.shard_map``, with the sequence axis (axis 1) of q, k, v sharded
+over ``axis_name`` in zigzag order (``zigzag_permute``), every device holds
+2c tokens -- chunks r and 2W-1-r of 2W -- and calls
+``attention(q, k, v, causal=..., context_parallel=ContextParallel(axis_name))``.
+
+Strategies:
+  "allgather": all-gather K, V (and kv segment ids), restore natural order,
+    run ONE grouped kernel with ``zigzag_groups(rank, W, c)``. Its backward is
+    the grouped kernel's custom_vjp; the all-gather's transpose is a
+    reduce-scatter of dK, dV back to the zigzag shards. Memory O(W * 2c) for
+    the gathered K, V.
+  "ring": K, V circulate with ``ppermute`` for W steps; each step's partial
+    (out, lse) is merged in fp32 by log-sum-exp. A custom_vjp over the whole
+    ring circulates K, V and the dK, dV accumulators again. Memory O(2c).
+
+The rank is a traced value (``lax.axis_index``) but groups are static, so the
+rank-dependent choice is a ``lax.switch``: "allgather" compiles W grouped
+kernels (one per rank, ``zigzag_groups(r, W, c)``) and runs one; "ring"
+compiles 3 step kinds (``zigzag_ring_step``: diagonal, lower, higher source)
+and picks one per step. Non-causal attention needs no switch.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import inspect
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import PartitionSpec as P
+
+from jax_grouped_attn import autodiff
+from jax_grouped_attn.groups import QueryGroup
+from jax_grouped_attn.plan import Problem
+from jax_grouped_attn.zigzag import (zigzag_groups, zigzag_permute,
+                                     zigzag_ring_step, zigzag_unpermute)
+
+STRATEGIES = ("allgather", "ring")
+
+
+@dataclasses.dataclass(frozen=True)
+class ContextParallel:
+  """Shard the sequence over mesh axis ``axis_name`` in zigzag order.
+
+  strategy: "allgather" (gather K, V once; one kernel) or "ring" (K, V
+  circulate with ppermute; memory independent of the world size).
+  """
+
+  axis_name: str | tuple[str, ...]
+  strategy: str = "allgather"
+
+  def __post_init__(self):
+    name = self.axis_name
+    names = name if isinstance(name, tuple) else (name,)
+    if not names or not all(isinstance(n, str) and n for n in names):
+      raise TypeError(
+          f"ContextParallel.axis_name must be a mesh axis name (str) or a "
+          f"non-empty tuple of them, got {name!r}.")
+    if self.strategy not in STRATEGIES:
+      raise ValueError(
+          f"ContextParallel.strategy={self.strategy!r} is unknown; use one of "
+          f"{STRATEGIES}.")
+
+
+# ----------------------------------------------------------------- helpers --
+
+def axis_size_and_rank(axis_name):
+  """(world size: int, rank: traced int32) of ``axis_name`` inside shard_map."""
+  try:
+    world = jax.lax.axis_size(axis_name) if hasattr(jax.lax, "axis_size") else (
+        jax.lax.psum(1, axis_name))
+    rank = jax.lax.axis_index(axis_name)
+  except NameError as e:
+    raise ValueError(
+        f"context_parallel axis {axis_name!r} is not bound here: call "
+        "attention(..., context_parallel=ContextParallel(axis_name)) inside "
+        "jax.shard_map over a mesh with that axis (or use "
+        "context_parallel_attention with global arrays).") from e
+  return int(world), rank
+
+
+def _pvary(x, axis_name):
+  """Marks ``x`` as varying over ``axis_name`` (shard_map's check_vma types);
+  a no-op where it already is or where this JAX has no such types."""
+  if x is None:
+    return None
+  names = axis_name if isinstance(axis_name, tuple) else (axis_name,)
+  try:
+    vma = jax.typeof(x).vma
+  except AttributeError:
+    return x
+  missing = tuple(n for n in names if n not in vma)
+  if not missing:
+    return x
+  if hasattr(jax.lax, "pcast"):
+    return jax.lax.pcast(x, missing, to="varying")
+  return jax.lax.pvary(x, missing)
+
+
+def _ppermute(tree, axis_name, world):
+  """Sends every leaf of ``tree`` from rank i to rank i+1 (mod world)."""
+  perm = [(i, (i + 1) % world) for i in range(world)]
+  return jax.tree.map(lambda x: jax.lax.ppermute(x, axis_name, perm), tree)
+
+
+def merge_partials(out1, lse1, out2, lse2):
+  """Exact fp32 merge of two partial attentions over disjoint key sets.
+
+  out: [B, T, H, D] float32, lse: [B, H, T] float32 (-inf: the row saw no key
+  there). lse = logaddexp(lse1, lse2); out = sum_i exp(lse_i - lse) out_i.
+  Rows that saw no key in either stay out = 0, lse = -inf (no NaN).
+  """
+  m = jnp.maximum(lse1, lse2)
+  m = jnp.where(jnp.isneginf(m), 0.0, m)
+  w1, w2 = jnp.exp(lse1 - m), jnp.exp(lse2 - m)
+  total = w1 + w2
+  seen = total > 0
+  safe = jnp.where(seen, total, 1.0)
+  lse = jnp.where(seen, m + jnp.log(safe), -jnp.inf)
+  c1 = jnp.swapaxes(w1 / safe, 1, 2)[..., None]
+  c2 = jnp.swapaxes(w2 / safe, 1, 2)[..., None]
+  return out1 * c1 + out2 * c2, lse
+
+
+# ------------------------------------------------------------ the dispatch --
+
+def local_attention(q, k, v, cp: ContextParallel, *, causal, scale, q_segment_ids,
+                    kv_segment_ids, backend, interpret, config, backward):
+  """Context-parallel attention of the local zigzag shards (inside shard_map).
+
+  q: [B, 2c, Hq, D], k, v: [B, 2c, Hk, D], segment ids [B, 2c] int (or None):
+  this device's shard, already validated by ``api.attention``. ``backend`` and
+  ``interpret`` are resolved. Returns (out [B, 2c, Hq, D], lse [B, Hq, 2c] f32).
+  """
+  if not isinstance(cp, ContextParallel):
+    raise TypeError(
+        f"context_parallel must be None or a ContextParallel, got {cp!r}.")
+  t = q.shape[1]
+  if k.shape[1] != t:
+    raise ValueError(
+        f"context parallel attention is self-attention over one sharded "
+        f"sequence: the local shards must have equal length, got {q.shape=}, "
+        f"{k.shape=}.")
+  if t % 2:
+    raise ValueError(
+        f"{q.shape=}: the local shard length {t} must be even (two zigzag "
+        "chunks of c tokens); the global length must be divisible by "
+        "2*world_size.")
+  world, rank = axis_size_and_rank(cp.axis_name)
+  if cp.strategy == "allgather":
+    return _allgather_attention(q, k, v, q_segment_ids, kv_segment_ids, cp.axis_name,
+                                world, rank, causal=causal, scale=scale,
+                                backend=backend, interpret=interpret, config=config,
+                                backward=backward)
+  spec = _RingSpec(cp.axis_name, world, causal, scale, backend, config, interpret,
+                   backward)
+  return _ring_attention(spec, q, k, v, q_segment_ids, kv_segment_ids)
+
+
+# --------------------------------------------------------------- allgather --
+
+def _allgather_attention(q, k, v, qs, ks, axis_name, world, rank, *, causal, scale,
+                         backend, interpret, config, backward):
+  from jax_grouped_attn.api import grouped_attention   # api imports this module
+  t = q.shape[1]
+  c, s = t // 2, world * t
+  gather = lambda x: None if x is None else jax.lax.all_gather(
+      x, axis_name, axis=1, tiled=True)
+  k_all, v_all, ks_all = gather(k), gather(v), gather(ks)
+  call = lambda groups, q, k, v, qs, ks: grouped_attention(
+      q, k, v, groups, causal=causal, softmax_scale=scale, q_segment_ids=qs,
+      kv_segment_ids=ks, backend=backend, return_lse=True, config=config,
+      interpret=interpret, backward=backward)
+  if not causal:
+    # Every row sees every key: the gathered (zigzag) key order is as good as
+    # the natural one, so skip the unpermute and the rank switch.
+    return call((QueryGroup(0, t, 0, s),), q, k_all, v_all, qs, ks_all)
+  unperm = lambda x: None if x is None else zigzag_unpermute(x, world, axis=1)
+  k_all, v_all, ks_all = unperm(k_all), unperm(v_all), unperm(ks_all)
+  if world == 1:
+    return call(zigzag_groups(0, 1, c), q, k_all, v_all, qs, ks_all)
+  branches = [functools.partial(call, zigzag_groups(r, world, c)) for r in range(world)]
+  return jax.lax.switch(rank, branches, q, k_all, v_all, qs, ks_all)
+
+
+# -------------------------------------------------------------------- ring --
+
+@dataclasses.dataclass(frozen=True)
+class _RingSpec:
+  axis_name: object
+  world: int
+  causal: bool
+  scale: float
+  backend: str
+  config: object
+  interpret: bool
+  backward: str
+
+
+def _step_kinds(spec: _RingSpec, c: int):
+  """The static RingSteps: [diagonal] + off-diagonal kinds (indexed by
+  ``source > rank`` when causal; one kind when not)."""
+  if not spec.causal:
+    step = zigzag_ring_step(0, 0, 1, c, causal=False)
+    return step, [step]
+  diag = zigzag_ring_step(0, 0, 2, c)
+  return diag, [zigzag_ring_step(1, 0, 2, c), zigzag_ring_step(0, 1, 2, c)]
+
+
+def _step_problem(spec: _RingSpec, step, q, k, has_segments: bool) -> Problem:
+  b, _, hq, d = q.shape
+  return Problem((step.group,), b, step.q_stop - step.q_start,
+                 step.kv_stop - step.kv_start, hq, k.shape[2], d, step.causal,
+                 spec.scale, has_segments)
+
+
+def _rows(x, start, stop, axis=1):
+  return None if x is None else jax.lax.slice_in_dim(x, start, stop, axis=axis)
+
+
+def _embed(x, start, stop, length, axis, fill):
+  """Pads rows [start, stop) of ``x`` along ``axis`` to ``length`` with ``fill``."""
+  if start == 0 and stop == length:
+    return x
+  pad = [(0, 0)] * x.ndim
+  pad[axis] = (start, length - stop)
+  return jnp.pad(x, pad, constant_values=fill)
+
+
+def _step_fwd(spec, step, q, k, v, qs, ks):
+  """Partial (out f32 [B, 2c, Hq, D], lse [B, Hq, 2c]) of one ring step."""
+  t = q.shape[1]
+  problem = _step_problem(spec, step, q, k, qs is not None)
+  out, lse = autodiff.attention_fwd(
+      problem, spec.backend, spec.config, spec.interpret,
+      _rows(q, step.q_start, step.q_stop), _rows(k, step.kv_start, step.kv_stop),
+      _rows(v, step.kv_start, step.kv_stop), _rows(qs, step.q_start, step.q_stop),
+      _rows(ks, step.kv_start, step.kv_stop))
+  out = _embed(out.astype(jnp.float32), step.q_start, step.q_stop, t, 1, 0.0)
+  lse = _embed(lse.astype(jnp.float32), step.q_start, step.q_stop, t, 2, -jnp.inf)
+  return out, lse
+
+
+def _step_bwd(spec, step, q, k, v, qs, ks, out, lse, dout, dlse):
+  """(dq, dk, dv) float32, full local shapes, of one ring step given the
+  final merged out/lse."""
+  t = q.shape[1]
+  problem = _step_problem(spec, step, q, k, qs is not None)
+  qr = lambda x, axis=1: _rows(x, step.q_start, step.q_stop, axis)
+  kr = lambda x: _rows(x, step.kv_start, step.kv_stop)
+  dq, dk, dv = autodiff.attention_bwd(
+      problem, spec.backend, spec.config, spec.interpret, spec.backward,
+      qr(q), kr(k), kr(v), qr(qs), kr(ks), qr(out), qr(lse, 2), qr(dout),
+      qr(dlse, 2))
+  f32 = lambda x: x.astype(jnp.float32)
+  return (_embed(f32(dq), step.q_start, step.q_stop, t, 1, 0.0),
+          _embed(f32(dk), step.kv_start, step.kv_stop, t, 1, 0.0),
+          _embed(f32(dv), step.kv_start, step.kv_stop, t, 1, 0.0))
+
+
+def _offdiag_index(spec, rank, s):
+  """Which off-diagonal kind step ``s`` (traced or static) is on ``rank``."""
+  if not spec.causal:
+    return 0
+  source = (rank - s) % spec.world
+  return (source > rank).astype(jnp.int32)
+
+
+def _choose(index, fns, *args):
+  if isinstance(index, int):
+    return fns[index](*args)
+  return jax.lax.switch(index, fns, *args)
+
+
+def _ring_forward(spec: _RingSpec, q, k, v, qs, ks):
+  axis, world = spec.axis_name, spec.world
+  c = q.shape[1] // 2
+  diag, kinds = _step_kinds(spec, c)
+  fwd = [lambda k, v, ks, kind=kind: _step_fwd(spec, kind, q, k, v, qs, ks)
+         for kind in kinds]
+  kv = (k, v, ks)
+  out, lse = _step_fwd(spec, diag, q, k, v, qs, ks)
+  if world == 1:
+    return out, lse
+  _, rank = axis_size_and_rank(axis)
+  out, lse = _pvary(out, axis), _pvary(lse, axis)
+  kv = _ppermute(kv, axis, world)
+
+  def step(s, carry):   # kv of rank - s visits; send it on while computing
+    kv, out, lse = carry
+    nxt = _ppermute(kv, axis, world)
+    o, l = _choose(_offdiag_index(spec, rank, s), fwd, *kv)
+    out, lse = merge_partials(out, lse, o, l)
+    return nxt, out, lse
+
+  kv, out, lse = jax.lax.fori_loop(1, world - 1, step, (kv, out, lse))
+  o, l = _choose(_offdiag_index(spec, rank, world - 1), fwd, *kv)
+  return merge_partials(out, lse, o, l)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _ring_attention(spec: _RingSpec, q, k, v, qs, ks):
+  """Ring attention of the local zigzag shards: (out [B, 2c, Hq, D] in q's
+  dtype, lse [B, Hq, 2c] f32)."""
+  out, lse = _ring_forward(spec, q, k, v, qs, ks)
+  return out.astype(q.dtype), lse
+
+
+def _ring_fwd_rule(spec, q, k, v, qs, ks):
+  out, lse = _ring_attention(spec, q, k, v, qs, ks)
+  return (out, lse), (q, k, v, qs, ks, out, lse)   # all O(local shard)
+
+
+def _ring_bwd_rule(spec, res, cts):
+  q, k, v, qs, ks, out, lse = res
+  dout, dlse = cts
+  axis, world = spec.axis_name, spec.world
+  c = q.shape[1] // 2
+  diag, kinds = _step_kinds(spec, c)
+  dout = dout.astype(q.dtype)
+  dlse = dlse.astype(jnp.float32)
+  local = (q, out, lse, dout, dlse)
+
+  def grads(kind, kv):
+    q, out, lse, dout, dlse = local
+    k, v, ks = kv
+    return _step_bwd(spec, kind, q, k, v, qs, ks, out, lse, dout, dlse)
+
+  bwd = [lambda kv, kind=kind: grads(kind, kv) for kind in kinds]
+  kv = (k, v, ks)
+  dq, dk, dv = grads(diag, kv)
+  if world > 1:
+    _, rank = axis_size_and_rank(axis)
+    dq, dk, dv = (_pvary(x, axis) for x in (dq, dk, dv))
+    kv = _ppermute(kv, axis, world)
+    dkv = _ppermute((dk, dv), axis, world)
+
+    def step(s, carry):   # kv of rank - s visits with its dK, dV accumulators
+      kv, (dk, dv), dq = carry
+      nxt = _ppermute(kv, axis, world)
+      gq, gk, gv = _choose(_offdiag_index(spec, rank, s), bwd, kv)
+      return nxt, _ppermute((dk + gk, dv + gv), axis, world), dq + gq
+
+    kv, (dk, dv), dq = jax.lax.fori_loop(1, world - 1, step, (kv, dkv, dq))
+    gq, gk, gv = _choose(_offdiag_index(spec, rank, world - 1), bwd, kv)
+    dq = dq + gq
+    dk, dv = _ppermute((dk + gk, dv + gv), axis, world)   # home to their owner
+  return (dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype), None, None)
+
+
+_ring_attention.defvjp(_ring_fwd_rule, _ring_bwd_rule)
+
+
+# ------------------------------------------------- global-array convenience --
+
+def _shard_map(f, mesh, in_specs, out_specs):
+  """``jax.shard_map`` across JAX versions (check_vma was once check_rep)."""
+  shard_map = getattr(jax, "shard_map", None)
+  if shard_map is None:   # older JAX
+    from jax.experimental.shard_map import shard_map
+  params = inspect.signature(shard_map).parameters
+  kw = {}
+  if "check_vma" in params:
+    kw["check_vma"] = True
+  elif "check_rep" in params:
+    kw["check_rep"] = False
+  return shard_map(f, mesh=mesh, in_specs=in_specs, out_specs=out_specs, **kw)
+
+
+def _has_explicit_axes(mesh) -> bool:
+  explicit = getattr(getattr(jax.sharding, "AxisType", None), "Explicit", None)
+  return explicit is not None and explicit in tuple(getattr(mesh, "axis_types", ()) or ())
+
+
+def context_parallel_attention(q, k, v, mesh, axis_name, *, strategy="allgather",
+                               causal=False, softmax_scale=None, segment_ids=None,
+                               q_segment_ids=None, kv_segment_ids=None,
+                               batch_axis_name=None, backend="auto",
+                               return_lse=False, config=None, interpret=None,
+                               backward="kernel"):
+  """Zigzag context-parallel self-attention of GLOBAL arrays in natural order.
+
+  Permutes the sequence (axis 1) to zigzag order, shards it over mesh axis
+  ``axis_name`` (and the batch over ``batch_axis_name`` if given), runs
+  ``attention(..., context_parallel=ContextParallel(axis_name, strategy))`` in
+  ``jax.shard_map`` and un-permutes the result.
+
+  Args:
+    q: [B, S, Hq, D]; k, v: [B, S, Hk, D]; S divisible by 2 * mesh.shape[axis_name].
+    segment_ids / q_segment_ids / kv_segment_ids: [B, S] int (as in ``attention``).
+    Other arguments as in :func:`jax_grouped_attn.attention`.
+
+  Returns:
+    out [B, S, Hq, D] (natural order), or (out, lse [B, Hq, S] f32).
+  """
+  from jax_grouped_attn.api import attention   # api imports this module
+  cp = ContextParallel(axis_name, strategy)
+  if not isinstance(mesh, jax.sharding.Mesh):
+    raise TypeError(f"mesh must be a jax.sharding.Mesh, got {type(mesh).__name__}.")
+  names = axis_name if isinstance(axis_name, tuple) else (axis_name,)
+  for name in names + ((batch_axis_name,) if batch_axis_name is not None else ()):
+    if name not in mesh.shape:
+      raise ValueError(f"axis {name!r} is not an axis of the mesh {dict(mesh.shape)}.")
+  world = int(np.prod([mesh.shape[n] for n in names]))
+  for name, x in (("q", q), ("k", k), ("v", v)):
+    if not hasattr(x, "shape") or len(x.shape) != 4:
+      raise ValueError(f"{name} must be a rank-4 array [batch, seq, heads, head_dim], "
+                       f"got {getattr(x, 'shape', type(x).__name__)}.")
+  if not q.shape[1] == k.shape[1] == v.shape[1]:
+    raise ValueError(
+        f"context parallel attention is self-attention: {q.shape=}, {k.shape=}, "
+        f"{v.shape=} must share the sequence length (axis 1).")
+  if q.shape[1] % (2 * world):
+    raise ValueError(
+        f"{q.shape=}: the sequence length {q.shape[1]} must be divisible by "
+        f"2 * world_size = {2 * world} ({axis_name!r} has {world} devices); "
+        "pad the sequence first.")
+  if segment_ids is not None:
+    if q_segment_ids is not None or kv_segment_ids is not None:
+      raise ValueError("pass segment_ids or q_segment_ids/kv_segment_ids, not both.")
+    q_segment_ids = kv_segment_ids = segment_ids
+  if (q_segment_ids is None) != (kv_segment_ids is None):
+    raise ValueError("pass both q_segment_ids and kv_segment_ids or neither.")
+  args = [q, k, v] + ([q_segment_ids, kv_segment_ids] if q_segment_ids is not None else [])
+  seq = P(batch_axis_name, axis_name)
+
+  def body(q, k, v, qs=None, ks=None):
+    return attention(q, k, v, causal=causal, softmax_scale=softmax_scale,
+                     q_segment_ids=qs, kv_segment_ids=ks, backend=backend,
+                     return_lse=True, config=config, interpret=interpret,
+                     backward=backward, context_parallel=cp)
+
+  fn = _shard_map(body, mesh, (seq,) * len(args), (seq, P(batch_axis_name, None, axis_name)))
+  args = [zigzag_permute(x, world, axis=1) for x in args]
+  if _has_explicit_axes(mesh):   # explicit-sharding meshes: put inputs in place
+    sharding = jax.sharding.NamedSharding(mesh, seq)
+    args = [jax.sharding.reshard(x, sharding) for x in args]
+  out, lse = fn(*args)
+  if _has_explicit_axes(mesh):   # the natural order is not a sharding of axis_name
+    out = jax.sharding.reshard(out, jax.sharding.NamedSharding(mesh, P(batch_axis_name)))
+    lse = jax.sharding.reshard(lse, jax.sharding.NamedSharding(mesh, P(batch_axis_name)))
+  out = zigzag_unpermute(out, world, axis=1)
+  if not return_lse:
+    return out
+  return out, zigzag_unpermute(lse, world, axis=2)
