@@ -142,3 +142,77 @@ def make_plan(problem: Problem, block_q: int, block_k: int) -> Plan:
   for arr in (src, dst, valid, table):
     arr.setflags(write=False)
   return Plan(bq, bk, tq_pad, tk_pad, identity, src, dst, valid, table)
+
+
+# ------------------------------------------------------------ backward plan --
+
+# Columns of the dK/dV kv-block table (int32 [n_kv_blocks, KV_TABLE_WIDTH]).
+KV_BLOCK = 0       # kv block index (keys [KV_BLOCK * block_k, + block_k))
+KV_START = 1       # first entry of this kv block in the entry table
+KV_N_FULL = 2      # leading entries that need no mask
+KV_N_ENTRIES = 3   # entries (q blocks of all groups) that see this kv block
+KV_TABLE_WIDTH = 4
+
+# Columns of the dK/dV entry table (int32 [n_entries, ENTRY_WIDTH]); one entry
+# per (kv block, q block that sees it). ROW0/QPOS0/KV_LEN as in the forward table.
+E_ROW0 = 0
+E_QPOS0 = 1
+E_KV_LEN = 2
+E_MASKED = 3       # 1 if some pair of (q block, kv block) is invisible
+E_GROUP = 4
+E_WORK = 5         # row of the forward work table this entry came from
+ENTRY_WIDTH = 8
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class BackwardPlan:
+  """The forward plan (q layout and dQ work table) plus the dK/dV table.
+
+  The dK/dV kernel launches ``(n_kv_blocks, B * Hk)``; program ``(t, bh)``
+  owns kv block ``kv_table[t, KV_BLOCK]`` and visits entries
+  ``kv_table[t, KV_START] + [0, KV_N_ENTRIES)`` (CSR), the first
+  ``KV_N_FULL`` of them unmasked. Kv blocks are ordered heavy-first.
+  """
+
+  plan: Plan
+  kv_table: np.ndarray   # [n_kv_blocks, KV_TABLE_WIDTH] int32
+  entries: np.ndarray    # [max(n_entries, 1), ENTRY_WIDTH] int32
+
+  @property
+  def n_kv_blocks(self) -> int:
+    return int(self.kv_table.shape[0])
+
+  @property
+  def n_entries(self) -> int:
+    return int(self.kv_table[:, KV_N_ENTRIES].sum())
+
+
+@functools.lru_cache(maxsize=256)
+def make_backward_plan(problem: Problem, block_q: int, block_k: int) -> BackwardPlan:
+  """Transposes the forward work table of ``make_plan(problem, block_q, block_k)``:
+  for every kv block, the q blocks of all groups that see it."""
+  plan = make_plan(problem, block_q, block_k)
+  n_kb = plan.tk_pad // plan.block_k
+  per_block = [[] for _ in range(n_kb)]   # kv block -> [(masked, row0, entry)]
+  for w, r in enumerate(plan.table):
+    for j in range(int(r[N_BLOCKS])):
+      masked = int(j >= r[N_FULL])
+      per_block[j].append((masked, int(r[ROW0]),
+                           (r[ROW0], r[QPOS0], r[KV_LEN], masked, r[GROUP], w)))
+  # Heaviest kv blocks first (they bound the tail of the launch); ties keep
+  # key order.
+  order = sorted(range(n_kb), key=lambda j: (-len(per_block[j]), j))
+  kv_table = np.zeros((n_kb, KV_TABLE_WIDTH), np.int32)
+  flat = []
+  for t, j in enumerate(order):
+    # Unmasked entries first so the kernel runs them in a mask-free loop;
+    # then by row so neighbouring q blocks stay neighbours.
+    ents = sorted(per_block[j], key=lambda e: (e[0], e[1]))
+    kv_table[t] = (j, len(flat), sum(1 - e[0] for e in ents), len(ents))
+    flat.extend(e[2] for e in ents)
+  entries = np.zeros((max(len(flat), 1), ENTRY_WIDTH), np.int32)
+  if flat:
+    entries[:len(flat), :6] = np.asarray(flat, np.int64)
+  for arr in (kv_table, entries):
+    arr.setflags(write=False)
+  return BackwardPlan(plan, kv_table, entries)

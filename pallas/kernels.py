@@ -7,6 +7,7 @@ Refs of one program (after the launcher's BlockSpecs squeeze batch and head):
   v_ref:     [Tk_pad, Dp]
   qseg_ref:  [Tq_pad] int32, kvseg_ref: [Tk_pad] int32   (only with segments)
   out_ref:   [Tq_pad, Dp]   lse_ref: [Tq_pad] float32
+The backward kernels (below the forward) state their own refs.
 """
 
 from __future__ import annotations
@@ -28,8 +29,8 @@ LN2 = math.log(2.0)
 _pl_dot = getattr(plgpu, "dot", None) or pl.dot
 
 
-def _dot(a, b, *, trans_b=False, precision=None):
-  return _pl_dot(a, b, trans_b=trans_b, precision=precision)
+def _dot(a, b, *, trans_a=False, trans_b=False, precision=None):
+  return _pl_dot(a, b, trans_a=trans_a, trans_b=trans_b, precision=precision)
 
 
 def forward_kernel(table_ref, q_ref, k_ref, v_ref, *refs, scale: float,
@@ -90,3 +91,160 @@ def forward_kernel(table_ref, q_ref, k_ref, v_ref, *refs, scale: float,
   l_safe = jnp.where(seen, l, 1.0)
   out_ref[rows, :] = (acc / l_safe[:, None]).astype(out_ref.dtype)
   lse_ref[rows] = jnp.where(seen, m * LN2 + jnp.log(l_safe), -jnp.inf)
+
+
+# ------------------------------------------------------------------ backward --
+#
+# All three take the cotangents on the padded q layout. ``lse2_ref`` holds
+# lse * log2(e) with +inf on rows that must not contribute (lse = -inf, q-layout
+# padding): exp2(s - inf) = 0, so such rows give P = 0 without a NaN.
+
+
+def backward_delta_kernel(valid_ref, out_ref, dout_ref, lse_ref, dlse_ref,
+                          delta_ref, lse2_ref):
+  """One program per (q block, batch, q head).
+
+  valid_ref: [bq] int32 (0 on padding rows); out_ref, dout_ref: [bq, Dp];
+  lse_ref, dlse_ref: [bq] f32 -> delta_ref = rowsum(dO * O) - dlse: [bq] f32,
+  lse2_ref: [bq] f32 (see above).
+  """
+  o = out_ref[...].astype(jnp.float32)
+  do = dout_ref[...].astype(jnp.float32)
+  delta_ref[...] = jnp.sum(o * do, axis=1) - dlse_ref[...]
+  lse = lse_ref[...]
+  keep = (valid_ref[...] != 0) & (lse != -jnp.inf)
+  lse2_ref[...] = jnp.where(keep, lse * LOG2E, jnp.inf)
+
+
+def _probs(q, k, lse2, *, qk_scale, precision, visible=None):
+  """P = exp(S - lse) [bq, bk] f32 from q [bq, Dp], k [bk, Dp], lse2 [bq]."""
+  s = _dot(q, k, trans_b=True, precision=precision) * qk_scale
+  p = jnp.exp2(s - lse2[:, None])
+  if visible is not None:
+    p = jnp.where(visible, p, 0.0)
+  return p
+
+
+def _visible(q_pos, kj, kv_len, *, causal, qseg=None, kvseg=None):
+  """[bq, bk] bool from q_pos [bq, 1], kj [1, bk] (and segment ids)."""
+  visible = kj < kv_len
+  if causal:
+    visible = visible & (kj <= q_pos)
+  if qseg is not None:
+    visible = visible & (qseg == kvseg)
+  return visible
+
+
+def backward_dkdv_kernel(kv_table_ref, entries_ref, q_ref, k_ref, v_ref,
+                         dout_ref, lse2_ref, delta_ref, *refs, scale: float,
+                         causal: bool, has_segments: bool, group_size: int,
+                         block_q: int, block_k: int, precision):
+  """One program per (kv block, batch, kv head): dK, dV of one kv block.
+
+  kv_table_ref: [n_kv_blocks, KV_TABLE_WIDTH], entries_ref: [n_entries,
+  ENTRY_WIDTH] int32 (plan.make_backward_plan); q_ref, dout_ref: [Tq_pad, G,
+  Dp] (the G q heads of this kv head); k_ref, v_ref: [Tk_pad, Dp]; lse2_ref,
+  delta_ref: [G, Tq_pad] f32; qseg_ref: [Tq_pad], kvseg_ref: [Tk_pad] int32
+  (only with segments); dk_ref, dv_ref: [Tk_pad, Dp]. Sums over the G q heads
+  and all entries in fp32 registers and writes the block once.
+  """
+  if has_segments:
+    qseg_ref, kvseg_ref, dk_ref, dv_ref = refs
+  else:
+    dk_ref, dv_ref = refs
+  t = pl.program_id(0)
+  kb = kv_table_ref[t, plan_lib.KV_BLOCK]
+  start = kv_table_ref[t, plan_lib.KV_START]
+  n_full = kv_table_ref[t, plan_lib.KV_N_FULL]
+  n_entries = kv_table_ref[t, plan_lib.KV_N_ENTRIES]
+
+  keys = pl.ds(kb * block_k, block_k)
+  k = k_ref[keys, :]
+  v = v_ref[keys, :]
+  dp_ = k.shape[-1]
+  kj = kb * block_k + jax.lax.broadcasted_iota(jnp.int32, (1, block_k), 1)
+  kvseg = kvseg_ref[keys][None, :] if has_segments else None
+  qk_scale = scale * LOG2E
+
+  def step(e, h, carry, masked):
+    dk, dv = carry
+    row0 = entries_ref[start + e, plan_lib.E_ROW0]
+    rows = pl.ds(row0, block_q)
+    q = q_ref[rows, h, :]
+    do = dout_ref[rows, h, :]
+    visible = None
+    if masked:
+      q_pos = (entries_ref[start + e, plan_lib.E_QPOS0]
+               + jax.lax.broadcasted_iota(jnp.int32, (block_q, 1), 0))
+      visible = _visible(q_pos, kj, entries_ref[start + e, plan_lib.E_KV_LEN],
+                         causal=causal,
+                         qseg=qseg_ref[rows][:, None] if has_segments else None,
+                         kvseg=kvseg)
+    p = _probs(q, k, lse2_ref[h, rows], qk_scale=qk_scale, precision=precision,
+               visible=visible)
+    # dV += P^T dO; dS = P (dO V^T - delta); dK += dS^T Q (scale applied once).
+    dv = dv + _dot(p.astype(do.dtype), do, trans_a=True, precision=precision)
+    dpv = _dot(do, v, trans_b=True, precision=precision)
+    ds = p * (dpv - delta_ref[h, rows][:, None])
+    dk = dk + _dot(ds.astype(q.dtype), q, trans_a=True, precision=precision)
+    return dk, dv
+
+  def head(h, carry):
+    carry = jax.lax.fori_loop(0, n_full, lambda e, c: step(e, h, c, False), carry)
+    return jax.lax.fori_loop(n_full, n_entries, lambda e, c: step(e, h, c, True), carry)
+
+  carry = (jnp.zeros((block_k, dp_), jnp.float32),
+           jnp.zeros((block_k, dp_), jnp.float32))
+  dk, dv = jax.lax.fori_loop(0, group_size, head, carry)
+  dk_ref[keys, :] = (dk * scale).astype(dk_ref.dtype)
+  dv_ref[keys, :] = dv.astype(dv_ref.dtype)
+
+
+def backward_dq_kernel(table_ref, q_ref, k_ref, v_ref, dout_ref, lse2_ref,
+                       delta_ref, *refs, scale: float, causal: bool,
+                       has_segments: bool, block_q: int, block_k: int,
+                       precision):
+  """One program per (forward work row, batch, q head): dQ of one q block.
+
+  table_ref: [n_work, TABLE_WIDTH] int32 (forward work table); q_ref,
+  dout_ref: [Tq_pad, Dp]; k_ref, v_ref: [Tk_pad, Dp]; lse2_ref, delta_ref:
+  [Tq_pad] f32; qseg_ref: [Tq_pad], kvseg_ref: [Tk_pad] int32 (only with
+  segments); dq_ref: [Tq_pad, Dp].
+  """
+  if has_segments:
+    qseg_ref, kvseg_ref, dq_ref = refs
+  else:
+    (dq_ref,) = refs
+  w = pl.program_id(0)
+  row0 = table_ref[w, plan_lib.ROW0]
+  q_pos0 = table_ref[w, plan_lib.QPOS0]
+  kv_len = table_ref[w, plan_lib.KV_LEN]
+  n_full = table_ref[w, plan_lib.N_FULL]
+  n_blocks = table_ref[w, plan_lib.N_BLOCKS]
+
+  rows = pl.ds(row0, block_q)
+  q = q_ref[rows, :]
+  do = dout_ref[rows, :]
+  lse2 = lse2_ref[rows]
+  delta = delta_ref[rows][:, None]
+  q_pos = q_pos0 + jax.lax.broadcasted_iota(jnp.int32, (block_q, 1), 0)
+  qseg = qseg_ref[rows][:, None] if has_segments else None
+  qk_scale = scale * LOG2E
+
+  def step(j, dq, masked):
+    keys = pl.ds(j * block_k, block_k)
+    k = k_ref[keys, :]
+    v = v_ref[keys, :]
+    visible = None
+    if masked:
+      kj = j * block_k + jax.lax.broadcasted_iota(jnp.int32, (1, block_k), 1)
+      visible = _visible(q_pos, kj, kv_len, causal=causal, qseg=qseg,
+                         kvseg=kvseg_ref[keys][None, :] if has_segments else None)
+    p = _probs(q, k, lse2, qk_scale=qk_scale, precision=precision, visible=visible)
+    ds = p * (_dot(do, v, trans_b=True, precision=precision) - delta)
+    return dq + _dot(ds.astype(k.dtype), k, precision=precision)
+
+  dq = jnp.zeros((block_q, q.shape[-1]), jnp.float32)
+  dq = jax.lax.fori_loop(0, n_full, lambda j, c: step(j, c, False), dq)
+  dq = jax.lax.fori_loop(n_full, n_blocks, lambda j, c: step(j, c, True), dq)
+  dq_ref[rows, :] = (dq * scale).astype(dq_ref.dtype)

@@ -1,0 +1,227 @@
+"""Backward kernels of every backend vs the fp32 reference's autodiff."""
+
+import dataclasses
+import re
+import zlib
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.test_util import check_grads as jax_check_grads
+
+import jax_grouped_attn as ga
+from jax_grouped_attn import autodiff
+from jax_grouped_attn import plan as plan_lib
+from jax_grouped_attn.reference import visible_mask
+from cases import (CASES, GRAD_TOL, SMALL, assert_close, case_by_name, check_grads,
+                   make_inputs, problem_of)
+
+# Backends whose backward kernels are under test.
+BACKWARD_BACKENDS = ["pallas"]
+
+BWD_KERNELS = ("grouped_attention_bwd_delta", "grouped_attention_bwd_dkdv",
+               "grouped_attention_bwd_dq")
+
+
+def _seed(name: str) -> int:
+  return zlib.crc32(name.encode()) % 1000   # stable across processes (unlike hash)
+
+
+def _f32(case):
+  return dataclasses.replace(case, dtype=jnp.float32)
+
+
+def _attn(case, backend, qs=None, ks=None, **kw):
+  kw.setdefault("config", SMALL)
+  return lambda q, k, v: ga.grouped_attention(
+      q, k, v, case.groups, causal=case.causal, q_segment_ids=qs, kv_segment_ids=ks,
+      backend=backend, return_lse=True, **kw)
+
+
+def _assert_grads_close(name, got, want, dtype=jnp.float32):
+  for n, g, w in zip("qkv", got, want):
+    scale = float(np.max(np.abs(np.asarray(w, np.float32)))) or 1.0
+    atol, rtol = GRAD_TOL[dtype]
+    assert_close(name, g, w, (atol * scale, rtol), what=f" d{n}")
+
+
+# ------------------------------------------------------------------- plan --
+
+@pytest.mark.parametrize("case", CASES, ids=str)
+def test_backward_plan_covers_every_visible_pair_once(case):
+  problem = dataclasses.replace(problem_of(case), has_segments=False)
+  bplan = plan_lib.make_backward_plan(problem, 16, 16)
+  plan = bplan.plan
+  bq, bk = plan.block_q, plan.block_k
+  # Visibility on the padded layout (padding rows: invisible everywhere).
+  mask = np.asarray(visible_mask(problem))[0, 0][plan.src_rows] & plan.valid_rows[:, None]
+  mask = np.pad(mask, ((0, 0), (0, plan.tk_pad - problem.tk)))
+  covered = np.zeros_like(mask, np.int32)
+  kt, ents = bplan.kv_table, bplan.entries
+  assert sorted(kt[:, plan_lib.KV_BLOCK].tolist()) == list(range(plan.tk_pad // bk))
+  n = kt[:, plan_lib.KV_N_ENTRIES]
+  assert (np.diff(n) <= 0).all(), "kv blocks not heavy-first"
+  for j, start, n_full, count in kt:
+    for e in range(start, start + count):
+      row0, qpos0, kv_len, masked = ents[e, :4]
+      assert masked == (e >= start + n_full)
+      w = plan.table[ents[e, plan_lib.E_WORK]]
+      assert (w[plan_lib.ROW0], w[plan_lib.QPOS0], w[plan_lib.KV_LEN]) == (row0, qpos0, kv_len)
+      tile = mask[row0:row0 + bq, j * bk:(j + 1) * bk]
+      if not masked:   # every valid row sees every key of the tile
+        assert tile[:w[plan_lib.N_ROWS]].all()
+      covered[row0:row0 + bq, j * bk:(j + 1) * bk] += 1
+  assert (covered[mask] == 1).all(), "a visible pair is missed or visited twice"
+  assert bplan.n_entries == int(n.sum())
+
+
+# -------------------------------------------------------------- gradients --
+
+@pytest.mark.parametrize("backend", BACKWARD_BACKENDS)
+@pytest.mark.parametrize("case", CASES, ids=str)
+def test_grads_match_reference(case, backend):
+  check_grads(case, backend, seed=_seed(case.name))
+
+
+@pytest.mark.parametrize("backend", BACKWARD_BACKENDS)
+def test_fully_masked_rows_get_zero_gradient(backend):
+  # Group 0 has kv_len = 0: its rows (lse = -inf) must give dq = 0 and
+  # nothing else may turn NaN; same for rows whose segment no key has.
+  case = _f32(case_by_name("four_groups_kv0"))
+  dq, _, _ = check_grads(case, backend, seed=3)
+  assert (np.asarray(dq[:, :5]) == 0).all()
+  case = case_by_name("segments_causal")
+  dq, _, _ = check_grads(case, backend, seed=4)
+  assert (np.asarray(dq[:, ::7]) == 0).all()   # make_inputs gives rows ::7 id 99
+
+
+@pytest.mark.parametrize("backend", BACKWARD_BACKENDS)
+def test_lse_cotangent_only(backend):
+  case = case_by_name("three_groups_neg_pos")
+  q, k, v, _, _ = make_inputs(case, 5)
+  w = jnp.asarray(np.random.default_rng(6).standard_normal((case.batch, case.hq, case.tq)),
+                  jnp.float32)
+
+  def loss(fn):
+    def f(q, k, v):
+      _, lse = fn(q, k, v)
+      return jnp.sum(jnp.where(jnp.isinf(lse), 0.0, lse) * w)
+    return f
+
+  got = jax.jit(jax.grad(loss(_attn(case, backend)), argnums=(0, 1, 2)))(q, k, v)
+  want = jax.grad(loss(_attn(case, "xla", config=None)), argnums=(0, 1, 2))(q, k, v)
+  _assert_grads_close(case.name, got, want)
+
+
+def test_reference_check_grads_numerically():
+  case = ga.QueryGroup
+  groups = (case(0, 6, 3, 9), case(6, 5, -2, 7))
+  problem_case = dataclasses.replace(case_by_name("one_group_odd"), groups=groups, tk=9,
+                                     hq=2, hk=1, d=32, batch=1)
+  q, k, v, _, _ = make_inputs(problem_case, 7)
+
+  def f(q, k, v):
+    out, lse = _attn(problem_case, "xla", config=None)(q, k, v)
+    return out, jnp.where(jnp.isinf(lse), 0.0, lse)
+
+  jax_check_grads(f, (q, k, v), order=1, modes=("rev",), atol=2e-2, rtol=2e-2)
+
+
+# ------------------------------------------------------------ transforms --
+
+def _loss_of(fn):
+  def loss(q, k, v):
+    out, lse = fn(q, k, v)
+    return jnp.sum(jnp.sin(out.astype(jnp.float32))) + 0.1 * jnp.sum(
+        jnp.where(jnp.isinf(lse), 0.0, lse))
+  return loss
+
+
+@pytest.mark.parametrize("backend", BACKWARD_BACKENDS)
+def test_transforms_jit_grad_value_and_grad_checkpoint(backend):
+  case = case_by_name("two_groups_gap_pos")
+  q, k, v, _, _ = make_inputs(case, 8)
+  kernel, ref = _loss_of(_attn(case, backend)), _loss_of(_attn(case, "xla", config=None))
+  want_val, want = jax.value_and_grad(ref, argnums=(0, 1, 2))(q, k, v)
+  val, got = jax.jit(jax.value_and_grad(kernel, argnums=(0, 1, 2)))(q, k, v)
+  np.testing.assert_allclose(float(val), float(want_val), rtol=1e-5)
+  _assert_grads_close(case.name, got, want)
+  got = jax.grad(kernel, argnums=(0, 1, 2))(q, k, v)             # eager
+  _assert_grads_close(case.name, got, want)
+  got = jax.jit(jax.grad(jax.checkpoint(kernel), argnums=(0, 1, 2)))(q, k, v)
+  _assert_grads_close(case.name, got, want)
+
+
+@pytest.mark.parametrize("backend", BACKWARD_BACKENDS)
+def test_two_layer_scan(backend):
+  case = case_by_name("zigzag_r0w2c16")   # Tq = Tk, Hq = 2 Hk
+  q, k, v, _, _ = make_inputs(case, 9)
+  ks = jnp.stack([k, k[:, ::-1] * 0.5])   # two layers' k, v: [2, B, Tk, Hk, D]
+  vs = jnp.stack([v, jnp.cos(v)])
+
+  def model(fn):
+    def loss(q, ks, vs):
+      def layer(x, kv):
+        out, _ = fn(x, *kv)
+        return jnp.tanh(out) + x, None
+      x, _ = jax.lax.scan(layer, q, (ks, vs))
+      return jnp.sum(x ** 2)
+    return loss
+
+  got = jax.jit(jax.grad(model(_attn(case, backend)), argnums=(0, 1, 2)))(q, ks, vs)
+  want = jax.grad(model(_attn(case, "xla", config=None)), argnums=(0, 1, 2))(q, ks, vs)
+  _assert_grads_close(case.name, got, want)
+
+
+@pytest.mark.parametrize("backend", BACKWARD_BACKENDS)
+def test_backward_reference_switch_gives_same_gradients(backend):
+  case = case_by_name("segments_noncausal_groups")
+  q, k, v, qs, ks = make_inputs(case, 10)
+  grad = lambda mode: jax.jit(jax.grad(_loss_of(_attn(case, backend, qs, ks, backward=mode)),
+                                       argnums=(0, 1, 2)))(q, k, v)
+  _assert_grads_close(case.name, grad("kernel"), grad("reference"))
+
+
+def test_no_quadratic_residuals():
+  # Tq != Tk so an O(Tq * Tk) residual is recognisable by its shape.
+  groups = (ga.QueryGroup(0, 48, 16, 80),)
+  case = dataclasses.replace(case_by_name("one_group_odd"), groups=groups, tk=80, d=32)
+  q, k, v, _, _ = make_inputs(case, 11)
+
+  def residuals(backend):
+    _, vjp_fn = jax.vjp(_attn(case, backend), q, k, v)
+    return [x.shape for x in jax.tree_util.tree_leaves(vjp_fn) if hasattr(x, "shape")]
+
+  quadratic = lambda s: case.tq in s and case.tk in s
+  ref = residuals("xla")
+  assert any(quadratic(s) for s in ref), f"test would not catch it: {ref}"
+  for backend in BACKWARD_BACKENDS:
+    shapes = residuals(backend)
+    assert shapes and not any(quadratic(s) for s in shapes), shapes
+    assert max(int(np.prod(s)) for s in shapes) <= q.size, shapes
+
+
+def test_pallas_backward_lowers_for_cuda_on_any_machine():
+  case = case_by_name("segments_zigzag_bf16")   # GQA, segments, padded q layout
+  q, k, v, qs, ks = make_inputs(case)
+  problem = problem_of(case)
+
+  def loss(q, k, v):
+    out, lse = autodiff.kernel_attention(problem, "pallas", ga.AttentionConfig(), False,
+                                         "kernel", q, k, v, qs, ks)
+    return jnp.sum(out.astype(jnp.float32)) + jnp.sum(jnp.where(jnp.isinf(lse), 0.0, lse))
+
+  text = jax.jit(jax.grad(loss, argnums=(0, 1, 2))).trace(q, k, v).lower(
+      lowering_platforms=("cuda",)).as_text()
+  names = re.findall(r'name = "(grouped_attention_\w+)"', text)
+  assert sorted(n for n in names if "_bwd" in n) == sorted(BWD_KERNELS), names
+
+
+# -------------------------------------------------------------------- GPU --
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", BACKWARD_BACKENDS)
+@pytest.mark.parametrize("case", CASES, ids=str)
+def test_grads_on_gpu_default_tiles(case, backend):
+  check_grads(case, backend, seed=_seed(case.name) + 1, config=None)
