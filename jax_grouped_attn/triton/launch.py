@@ -9,6 +9,7 @@ import numpy as np
 from jax_grouped_attn.config import ForwardConfig
 from jax_grouped_attn.plan import Plan, Problem
 from jax_grouped_attn.triton import kernels, runtime
+from jax_grouped_attn.triton.backward import backward  # noqa: F401,E402  (autodiff calls launch.backward)
 
 
 def dot_precision(dtype) -> str:

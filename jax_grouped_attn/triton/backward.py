@@ -1,0 +1,87 @@
+"""Triton backward launcher: three named launches (delta, dK/dV, dQ), each one
+launch for all groups; compiled through jax_triton on GPU, interpreted on CPU
+(``runtime.call``)."""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+
+from jax_grouped_attn import plan as plan_lib
+from jax_grouped_attn.config import BackwardConfig
+from jax_grouped_attn.plan import Plan, Problem
+from jax_grouped_attn.triton import backward_kernels as kernels
+from jax_grouped_attn.triton import launch, runtime
+
+
+def backward_constexprs(*, q_shape, kv_shape, problem: Problem, plan: Plan, dtype,
+                        has_segments: bool) -> dict:
+  """The constexpr arguments shared by dkdv_kernel and dq_kernel."""
+  b, tq_pad, hq, dp = q_shape
+  _, tk_pad, hk, _ = kv_shape
+  sq = launch.contiguous_strides(q_shape)
+  sk = launch.contiguous_strides(kv_shape)
+  sl = launch.contiguous_strides((b, hq, tq_pad))
+  return dict(
+      QK_SCALE=float(problem.scale * math.log2(math.e)), SCALE=float(problem.scale),
+      GROUP_SIZE=hq // hk,
+      SQ_B=sq[0], SQ_T=sq[1], SQ_H=sq[2], SK_B=sk[0], SK_T=sk[1], SK_H=sk[2],
+      SL_B=sl[0], SL_H=sl[1], SSQ_B=tq_pad, SSK_B=tk_pad,
+      CAUSAL=bool(problem.causal), HAS_SEGMENTS=bool(has_segments),
+      BLOCK_Q=plan.block_q, BLOCK_K=plan.block_k, DP=dp,
+      DOT_PRECISION=launch.dot_precision(dtype))
+
+
+def backward(q, k, v, q_seg, kv_seg, out, lse, dout, dlse, *, problem: Problem,
+             plan: Plan, config: BackwardConfig, interpret: bool):
+  """Grouped backward on the padded layouts.
+
+  q, out, dout: [B, Tq_pad, Hq, Dp]; k, v: [B, Tk_pad, Hk, Dp]; lse, dlse:
+  [B, Hq, Tq_pad] f32 (dout, dlse zero on padding rows); q_seg: [B, Tq_pad],
+  kv_seg: [B, Tk_pad] int32 or None. ``plan`` is make_plan(problem,
+  config.block_q, config.block_k). Returns dq [B, Tq_pad, Hq, Dp], dk, dv
+  [B, Tk_pad, Hk, Dp] in the input dtypes.
+  """
+  b, tq_pad, hq, dp = q.shape
+  tk_pad, hk = k.shape[1], k.shape[2]
+  bq, bk = plan.block_q, plan.block_k
+  bplan = plan_lib.make_backward_plan(problem, config.block_q, config.block_k)
+  if (bplan.plan.tq_pad, bplan.plan.block_q, bplan.plan.block_k) != (tq_pad, bq, bk):
+    raise ValueError("backward: plan was not built from this config's tiles.")
+  if tq_pad % bq or tk_pad % bk or dp & (dp - 1):
+    raise ValueError(f"backward: shapes {q.shape}, {k.shape} do not fit tiles ({bq}, {bk}).")
+  has_segments = q_seg is not None
+  table = jnp.asarray(plan.table)
+  if not has_segments:
+    # Never read (HAS_SEGMENTS=False); any int32 buffer fills the pointer slots.
+    q_seg = kv_seg = table
+  launch_args = dict(num_warps=config.num_warps, num_stages=config.num_stages,
+                     interpret=interpret)
+  sq = launch.contiguous_strides(q.shape)
+  sl = launch.contiguous_strides((b, hq, tq_pad))
+  f32_rows = jax.ShapeDtypeStruct((b, hq, tq_pad), jnp.float32)
+
+  delta, lse2 = runtime.call(
+      jnp.asarray(plan.valid_rows, jnp.int32), out, dout, lse, dlse,
+      kernel=kernels.delta_kernel, out_shape=[f32_rows, f32_rows],
+      grid=(tq_pad // bq, b * hq), name="grouped_attention_bwd_delta",
+      **dict(launch_args, num_warps=4, num_stages=1),
+      HQ=hq, SQ_B=sq[0], SQ_T=sq[1], SQ_H=sq[2], SL_B=sl[0], SL_H=sl[1], BLOCK_Q=bq, DP=dp)
+
+  constexprs = backward_constexprs(q_shape=q.shape, kv_shape=k.shape, problem=problem,
+                                   plan=plan, dtype=q.dtype, has_segments=has_segments)
+  dk, dv = runtime.call(
+      jnp.asarray(bplan.kv_table), jnp.asarray(bplan.entries), q, k, v, dout, lse2, delta,
+      q_seg, kv_seg, kernel=kernels.dkdv_kernel,
+      out_shape=[jax.ShapeDtypeStruct(k.shape, k.dtype),
+                 jax.ShapeDtypeStruct(v.shape, v.dtype)],
+      grid=(bplan.n_kv_blocks, b * hk), name="grouped_attention_bwd_dkdv", HK=hk,
+      **launch_args, **constexprs)
+  dq = runtime.call(
+      table, q, k, v, dout, lse2, delta, q_seg, kv_seg, kernel=kernels.dq_kernel,
+      out_shape=jax.ShapeDtypeStruct(q.shape, q.dtype),
+      grid=(plan.n_work, b * hq), name="grouped_attention_bwd_dq", HQ=hq,
+      **launch_args, **constexprs)
+  return dq, dk, dv
