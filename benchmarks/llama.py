@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import os
 import sys
 import time
@@ -220,27 +221,45 @@ def make_loss_fn(graphdef, attention_fn):
   return loss
 
 
-def make_cp_loss_fn(graphdef, attention_fn, mesh: Mesh, global_tokens: int):
-  """Like make_loss_fn, over ``mesh`` axes ("dp", "cp"): tokens/targets
-  [B, S] in zigzag order sharded P("dp", "cp"), positions [S] P("cp")."""
+def make_grad_fn(graphdef, attention_fn):
+  """(params, tokens, targets, positions) -> (loss, grads) on one device."""
+  return jax.value_and_grad(make_loss_fn(graphdef, attention_fn))
+
+
+def make_cp_grad_fn(graphdef, attention_fn, mesh: Mesh, global_tokens: int):
+  """Like make_grad_fn, in ``shard_map`` over ``mesh`` axes ("dp", "cp"):
+  tokens/targets [B, S] in zigzag order sharded P("dp", "cp"), positions [S]
+  sharded P("cp"), params replicated.
+
+  Each device differentiates its share of the loss (collectives inside the
+  attention carry the cross-device terms); loss and grads are then psum-ed
+  explicitly, so the shard_map runs with check_vma=False (the kernel
+  launchers declare no varying-axes types).
+  """
 
   def local(params, tokens, targets, positions):
-    model = nnx.merge(graphdef, params)
-    logits = model(tokens, positions, attention_fn)
-    ce = optax.softmax_cross_entropy_with_integer_labels(logits, targets).sum()
-    return jax.lax.psum(ce, ("dp", "cp")) / global_tokens
+    def loss(p):
+      logits = nnx.merge(graphdef, p)(tokens, positions, attention_fn)
+      ce = optax.softmax_cross_entropy_with_integer_labels(logits, targets)
+      return ce.sum() / global_tokens
+
+    return jax.lax.psum(jax.value_and_grad(loss)(params), ("dp", "cp"))
 
   return jax.shard_map(local, mesh=mesh,
                        in_specs=(P(), P("dp", "cp"), P("dp", "cp"), P("cp")),
-                       out_specs=P())
+                       out_specs=(P(), P()), check_vma=False)
 
 
-def make_train_step(loss_fn, tx):
-  @jax.jit
+def make_train_step(grad_fn, tx, return_grads: bool = False):
+  """jit-ed step(params, opt_state, tokens, targets, positions) ->
+  (params, opt_state, loss), plus the grads if ``return_grads``."""
+
+  @functools.partial(jax.jit, donate_argnums=(0, 1))
   def step(params, opt_state, tokens, targets, positions):
-    loss, grads = jax.value_and_grad(loss_fn)(params, tokens, targets, positions)
+    loss, grads = grad_fn(params, tokens, targets, positions)
     updates, opt_state = tx.update(grads, opt_state, params)
-    return optax.apply_updates(params, updates), opt_state, loss
+    out = (optax.apply_updates(params, updates), opt_state, loss)
+    return out + (grads,) if return_grads else out
 
   return step
 
@@ -251,11 +270,14 @@ def context_parallel_spec(axis_name: str, strategy: str | None):
   return ContextParallel(axis_name) if strategy is None else ContextParallel(axis_name, strategy)
 
 
-def make_cp_mesh(cp: int, devices=None) -> Mesh:
+def make_cp_mesh(cp: int, dp: int | None = None, devices=None) -> Mesh:
+  """Mesh ("dp", "cp") of dp * cp devices (dp: all that are left by default)."""
   devices = list(jax.devices() if devices is None else devices)
-  if len(devices) % cp:
-    raise ValueError(f"--context-parallel {cp} does not divide the {len(devices)} devices.")
-  return Mesh(np.array(devices).reshape(len(devices) // cp, cp), ("dp", "cp"))
+  dp = len(devices) // cp if dp is None else dp
+  if cp < 1 or dp < 1 or dp * cp > len(devices):
+    raise ValueError(f"a mesh of dp={dp} x cp={cp} needs more than the "
+                     f"{len(devices)} devices here.")
+  return Mesh(np.array(devices[:dp * cp]).reshape(dp, cp), ("dp", "cp"))
 
 
 def to_zigzag(tokens, targets, cp: int):
@@ -281,6 +303,9 @@ def main(argv=None):
   ap.add_argument("--backward", default="kernel", choices=["kernel", "reference"])
   ap.add_argument("--context-parallel", type=int, default=0, metavar="N",
                   help="shard the sequence over N devices (zigzag); 0 = off")
+  ap.add_argument("--data-parallel", type=int, default=None, metavar="M",
+                  help="with --context-parallel: batch shards (default: "
+                  "devices // N)")
   ap.add_argument("--cp-strategy", default=None,
                   help="ContextParallel strategy (default: the package's)")
   ap.add_argument("--preset", default="small", choices=sorted(PRESETS))
@@ -300,11 +325,14 @@ def main(argv=None):
   n_params = count_params(params)
   cp = args.context_parallel
   if cp:
-    mesh = make_cp_mesh(cp)
+    mesh = make_cp_mesh(cp, args.data_parallel)
+    if args.batch % mesh.shape["dp"] or args.seq % (2 * cp):
+      ap.error(f"--batch {args.batch} must be divisible by dp={mesh.shape['dp']} "
+               f"and --seq {args.seq} by 2 * {cp}.")
     spec = context_parallel_spec("cp", args.cp_strategy)
     attn = make_attention_fn(causal=True, backend=args.backend,
                              context_parallel=spec, backward=args.backward)
-    loss_fn = make_cp_loss_fn(graphdef, attn, mesh, args.batch * args.seq)
+    grad_fn = make_cp_grad_fn(graphdef, attn, mesh, args.batch * args.seq)
     replicated = NamedSharding(mesh, P())
     params, opt_state = jax.device_put((params, opt_state), replicated)
     data_sharding = NamedSharding(mesh, P("dp", "cp"))
@@ -312,9 +340,9 @@ def main(argv=None):
     layout = f"mesh dp={mesh.shape['dp']} x cp={cp}, zigzag, strategy={args.cp_strategy or 'default'}"
   else:
     attn = make_attention_fn(causal=True, backend=args.backend, backward=args.backward)
-    loss_fn = make_loss_fn(graphdef, attn)
+    grad_fn = make_grad_fn(graphdef, attn)
     layout = "single device"
-  step = make_train_step(loss_fn, tx)
+  step = make_train_step(grad_fn, tx)
 
   def batch(i):
     tokens, targets = synthetic_batch(jax.random.key(args.seed * 100003 + i),
@@ -350,7 +378,7 @@ def main(argv=None):
   # 6N per token for the matmuls, plus causal attention (fwd 2 + bwd 5 dots).
   attn_flops = 3.5 * 2 * cfg.n_layers * args.batch * args.seq ** 2 * cfg.n_heads * cfg.head_dim
   flops = 6 * (n_params - cfg.vocab_size * cfg.dim) * tokens + attn_flops
-  n_dev = jax.device_count() if cp else 1
+  n_dev = mesh.size if cp else 1
   print(f"step time {t * 1e3:.1f} ms (median of {args.steps}, min {min(times) * 1e3:.1f}) | "
         f"{tokens / t:,.0f} tokens/s | {tokens / t / n_dev:,.0f} tokens/s/device | "
         f"~{flops / t / n_dev / 1e12:.1f} TFLOP/s/device | final loss {float(loss):.4f}")
