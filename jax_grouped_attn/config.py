@@ -99,9 +99,28 @@ def padded_head_dim(d: int) -> int:
   return p
 
 
-def default_forward_config(head_dim: int, backend: str) -> ForwardConfig:
-  """Heuristic forward tiles for an H100-class GPU (tuned tables override)."""
+def default_forward_config(head_dim: int, backend: str, seq_len: int | None = None,
+                           dtype=None) -> ForwardConfig:
+  """This GPU's tuned forward tiles (``jax_grouped_attn.tuning``), else a
+  heuristic for an H100-class GPU. ``seq_len`` (the key length) and ``dtype``
+  pick the table's bucket; None takes its best-overall entry."""
+  from jax_grouped_attn import tuning  # noqa: PLC0415 (tuning imports this module)
+  tuned = tuning.tuned_config("forward", head_dim, backend, seq_len=seq_len, dtype=dtype)
+  if tuned is not None:
+    return tuned
   dp = padded_head_dim(head_dim)
+  if backend == "triton" and dtype is not None and str(dtype) == "float32":
+    # Triton fp32 dots are exact IEEE FMA dots (no tensor cores) holding whole
+    # operand rows in registers: small tiles, or they spill (and 128x128
+    # 3-stage K/V tiles exceed H100 shared memory). sm_90 ptxas registers /
+    # shared bytes, causal with segments (triton/compile_check.py, 2026-11-24):
+    if dp <= 32:
+      return ForwardConfig(block_q=128, block_k=32, num_warps=8, num_stages=2)  # 128 / 41088
+    if dp <= 64:
+      return ForwardConfig(block_q=64, block_k=32, num_warps=8, num_stages=2)   # 208 / 41344
+    if dp <= 128:
+      return ForwardConfig(block_q=64, block_k=16, num_warps=8, num_stages=2)   # 192 / 53568
+    return ForwardConfig(block_q=32, block_k=32, num_warps=8, num_stages=2)     # 197 / 102656
   if dp <= 64:
     return ForwardConfig(block_q=128, block_k=64, num_warps=4, num_stages=3)
   if dp <= 128:
@@ -111,7 +130,13 @@ def default_forward_config(head_dim: int, backend: str) -> ForwardConfig:
   return ForwardConfig(block_q=64, block_k=32, num_warps=4, num_stages=2)
 
 
-def default_backward_config(head_dim: int, backend: str) -> BackwardConfig:
+def default_backward_config(head_dim: int, backend: str, seq_len: int | None = None,
+                            dtype=None) -> BackwardConfig:
+  """This GPU's tuned backward tiles, else the heuristic (as the forward)."""
+  from jax_grouped_attn import tuning  # noqa: PLC0415
+  tuned = tuning.tuned_config("backward", head_dim, backend, seq_len=seq_len, dtype=dtype)
+  if tuned is not None:
+    return tuned
   dp = padded_head_dim(head_dim)
   if dp <= 64:
     return BackwardConfig(block_q=64, block_k=128, num_warps=8, num_stages=2)

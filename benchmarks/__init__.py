@@ -1,0 +1,1 @@
+"""Benchmarks and the tile tuner (``python -m benchmarks.bench``, ``python -m benchmarks.tune``)."""

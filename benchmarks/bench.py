@@ -1,0 +1,418 @@
+"""Which attention implementation is fastest for my shape, and by how much?
+
+  python -m benchmarks.bench                  # full GPU sweep (or CPU smoke)
+  python -m benchmarks.bench --quick          # headline shapes, ~3 min on an H100
+  python -m benchmarks.bench --shape 1x8192x32x8x128 --zigzag 8x65536
+  python benchmarks/bench.py --workloads causal --backends triton,cudnn
+
+All implementations run in one process on the same inputs. Every row is first
+checked against an exact fp32 oracle (every query row; the first/last batch row
+and kv head with all their query heads), then timed: median of warm,
+device-synchronised repeats over rotating input sets. Passes: fwd, fwdbwd
+(grads of q, k, v under a random cotangent, via jax.vjp) and bwd = fwdbwd - fwd.
+TFLOP/s count visible (query, key) pairs only: 4 * pairs * D per (batch, head)
+forward, 3.5x that for fwd+bwd.
+
+Without a GPU the same command runs tiny shapes in interpret mode: a
+correctness check of every code path. Its timings mean nothing.
+
+Writes bench.json, bench.md and PNG plots to --out (default benchmarks/results/).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import os
+import sys
+import traceback
+
+if __package__ in (None, ""):  # run as a script from a checkout
+  sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import jax  # noqa: E402
+import numpy as np  # noqa: E402
+
+from benchmarks import common, impls, report  # noqa: E402
+from benchmarks.common import Workload, log  # noqa: E402
+
+DEFAULT_OUT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
+WORKLOAD_KINDS = ("causal", "zigzag", "balance")
+BALANCE_PREFERENCE = ("triton", "pallas", "cudnn", "xla")
+
+
+# ------------------------------------------------------------- workloads ---
+
+def standard_set(mode: str) -> list[Workload]:
+  cw = common.causal_workload
+  if mode == "smoke":
+    return [cw(1, 64, 2, 2, 32), cw(2, 48, 4, 2, 64)]
+  if mode == "quick":
+    return [cw(1, 8192, 32, 32, 128), cw(1, 8192, 32, 8, 128)]
+  return [cw(1, 2048, 32, 8, 128), cw(1, 8192, 32, 32, 128), cw(1, 8192, 32, 8, 128),
+          cw(1, 32768, 32, 8, 128), cw(4, 4096, 16, 16, 64), cw(1, 8192, 16, 16, 256)]
+
+
+def zigzag_set(mode: str) -> list[tuple[int, int]]:
+  """(world size, total sequence) pairs."""
+  if mode == "smoke":
+    return [(2, 128), (4, 128)]
+  if mode == "quick":
+    return [(8, 65536)]
+  # Weak scaling (8K local tokens per rank) plus a sequence sweep at W=8.
+  return [(2, 16384), (4, 32768), (8, 65536), (16, 131072), (8, 16384), (8, 131072)]
+
+
+def zigzag_heads(mode: str) -> dict:
+  return dict(hq=4, hk=2, d=32) if mode == "smoke" else dict(hq=32, hk=8, d=128)
+
+
+def parse_shape(text: str) -> Workload:
+  try:
+    b, s, hq, hk, d = (int(x) for x in text.lower().split("x"))
+  except ValueError:
+    raise argparse.ArgumentTypeError(
+        f"--shape {text!r}: expected BxSxHqxHkxD, e.g. 1x8192x32x8x128") from None
+  return common.causal_workload(b, s, hq, hk, d, family="custom")
+
+
+def parse_world(text: str) -> tuple[int, int]:
+  try:
+    w, s = (int(x) for x in text.lower().split("x"))
+  except ValueError:
+    raise argparse.ArgumentTypeError(
+        f"--zigzag {text!r}: expected WxS, e.g. 8x65536") from None
+  if w < 1 or s % (2 * w):
+    raise argparse.ArgumentTypeError(f"--zigzag {text!r}: S must be divisible by 2*W")
+  return w, s
+
+
+# ---------------------------------------------------------------- running ---
+
+@dataclasses.dataclass
+class Settings:
+  passes: tuple
+  reps: int
+  warmup: int
+  sets: int
+  ctx: impls.Context
+
+
+class WorkloadState:
+  """Inputs and the oracle of the workload being measured (computed lazily)."""
+
+  def __init__(self, wl: Workload, sets: int):
+    self.wl = wl
+    self.inputs = [common.make_inputs(wl, seed) for seed in range(sets)]
+    self.sel = common.selection(wl)
+    self._oracle = None
+
+  @property
+  def oracle(self):
+    if self._oracle is None:
+      q, k, v, do = self.inputs[0]
+      self._oracle = jax.device_get(common.oracle(self.wl, q, k, v, do, self.sel))
+    return self._oracle
+
+
+def _row(wl: Workload, impl: impls.Impl, pass_: str, **kw) -> dict:
+  row = {
+      "workload": wl.name, "series": wl.series, "family": wl.family,
+      "world": wl.world, "rank": wl.rank, "seq": wl.seq, "batch": wl.batch,
+      "tq": wl.tq, "tk": wl.tk, "hq": wl.hq, "hk": wl.hk, "d": wl.d,
+      "dtype": wl.dtype, "groups": [list(dataclasses.astuple(g)) for g in wl.groups],
+      "impl": impl.name, "kind": impl.kind, "pass": pass_,
+      "flops": wl.flops(pass_), "status": "skipped", "median_ms": None, "tflops": None,
+  }
+  row.update(kw)
+  return row
+
+
+def _error_text(e: BaseException) -> str:
+  return f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"[:300]
+
+
+def _timed_row(row, timing):
+  row.update(timing)
+  row["tflops"] = row["flops"] / (timing["median_ms"] * 1e-3) / 1e12
+  return row
+
+
+def run_item(state: WorkloadState, impl: impls.Impl, st: Settings) -> list[dict]:
+  """All passes of one implementation on one workload: check, then time."""
+  wl = state.wl
+  reason = impl.unavailable(wl, st.ctx)
+  want_grad = "bwd" in st.passes or "fwdbwd" in st.passes
+  if reason:
+    return [_row(wl, impl, p, reason=reason) for p in st.passes]
+  try:
+    built = impl.build(wl, st.ctx)
+  except Exception as e:  # noqa: BLE001
+    return [_row(wl, impl, p, status="error", reason=_error_text(e),
+                 traceback=traceback.format_exc()[-2000:]) for p in st.passes]
+  rows = {}
+  q, k, v, do = state.inputs[0]
+  tol_f = common.FWD_TOL[wl.dtype]
+  tol_g = common.GRAD_TOL[wl.dtype]
+
+  # Forward (always timed when a gradient pass is asked: bwd = fwdbwd - fwd).
+  fwd_row = _row(wl, impl, "fwd", note=built.note)
+  try:
+    compiled = jax.jit(built.fn).lower(q, k, v).compile()
+    fwd_row["memory"] = common.memory_stats(compiled)
+    out = compiled(q, k, v)
+    check = common.compare(state.sel.q(out), state.oracle["out"], tol_f)
+    del out
+    fwd_row["check"] = {"out": check}
+    fwd_row["ok"] = check["ok"]
+    timing = common.time_calls(compiled, [s[:3] for s in state.inputs],
+                               reps=st.reps, warmup=st.warmup)
+    _timed_row(fwd_row, timing)
+    fwd_row["status"] = "ok" if check["ok"] else "wrong"
+    del compiled
+  except NotImplementedError as e:
+    fwd_row.update(status="skipped", reason=_error_text(e))
+  except Exception as e:  # noqa: BLE001
+    fwd_row.update(status="error", reason=_error_text(e),
+                   traceback=traceback.format_exc()[-2000:])
+  rows["fwd"] = fwd_row
+
+  if want_grad:
+    fb_row = _row(wl, impl, "fwdbwd", note=built.note)
+    try:
+      fn = built.fn
+      fb = jax.jit(lambda q, k, v, do: jax.vjp(fn, q, k, v)[1](do))
+      compiled = fb.lower(q, k, v, do).compile()
+      fb_row["memory"] = common.memory_stats(compiled)
+      grads = compiled(q, k, v, do)
+      want = state.oracle
+      checks = {
+          "dq": common.compare(state.sel.q(grads[0]), want["dq"], tol_g),
+          "dk": common.compare(state.sel.kv(grads[1]), want["dk"], tol_g),
+          "dv": common.compare(state.sel.kv(grads[2]), want["dv"], tol_g),
+      }
+      del grads
+      fb_row["check"] = checks
+      fb_row["ok"] = all(c["ok"] for c in checks.values())
+      if not built.grad_exact:
+        fb_row["note"] = built.note
+      timing = common.time_calls(compiled, state.inputs, reps=st.reps, warmup=st.warmup)
+      _timed_row(fb_row, timing)
+      fb_row["status"] = "ok" if fb_row["ok"] else "wrong"
+      del compiled
+    except NotImplementedError as e:
+      fb_row.update(status="skipped", reason=_error_text(e))
+    except Exception as e:  # noqa: BLE001
+      fb_row.update(status="error", reason=_error_text(e),
+                    traceback=traceback.format_exc()[-2000:])
+    rows["fwdbwd"] = fb_row
+    bwd_row = _row(wl, impl, "bwd", note=built.note)
+    ms = None
+    if fb_row.get("median_ms") is not None and fwd_row.get("median_ms") is not None:
+      ms = fb_row["median_ms"] - fwd_row["median_ms"]
+    if ms is not None and ms <= 0.02 * fb_row["median_ms"]:
+      bwd_row.update(status=fb_row["status"], check=fb_row.get("check"), ok=fb_row.get("ok"),
+                     reason="fwdbwd - fwd is below the timing noise")
+    elif ms is not None:
+      bwd_row.update(status=fb_row["status"], check=fb_row.get("check"), ok=fb_row.get("ok"),
+                     median_ms=ms, derived="fwdbwd - fwd",
+                     tflops=bwd_row["flops"] / (ms * 1e-3) / 1e12)
+    else:
+      bwd_row.update(status=fb_row["status"] if fb_row["status"] != "ok" else "skipped",
+                     reason=fb_row.get("reason", "needs both fwd and fwdbwd timings"))
+    rows["bwd"] = bwd_row
+  return [rows[p] for p in st.passes if p in rows]
+
+
+def _print_rows(rows: list[dict]) -> None:
+  """One line per pass; one line in all for an implementation skipped whole."""
+  reasons = {(r["status"], r.get("reason")) for r in rows}
+  if len(reasons) == 1 and rows[0]["status"] == "skipped":
+    r = rows[0]
+    log(f"{r['workload']:<46} {r['impl']:<16} {'*':<7} SKIPPED: {r.get('reason', '')}")
+    return
+  for r in rows:
+    log(_status_line(r))
+
+
+def _status_line(row: dict) -> str:
+  def fmt_err(check):
+    if not check:
+      return ""
+    parts = [f"{k} {c['max_abs_err']:.2e}" for k, c in check.items()
+             if c.get("max_abs_err") is not None]
+    return "err " + ", ".join(parts)
+  head = f"{row['workload']:<46} {row['impl']:<16} {row['pass']:<7}"
+  if row["status"] in ("skipped", "error"):
+    return f"{head} {row['status'].upper()}: {row.get('reason', '')}"
+  ms = row.get("median_ms")
+  tf = row.get("tflops")
+  timing = f"{ms:9.3f} ms {tf:8.2f} TF/s" if ms is not None else ""
+  flag = "ok" if row["status"] == "ok" else "WRONG"
+  return f"{head} {timing}  {flag:5} {fmt_err(row.get('check'))}"
+
+
+# ------------------------------------------------------------------- main ---
+
+@dataclasses.dataclass
+class PlanItem:
+  wl: Workload
+  names: list
+  first_working: bool = False   # balance rows: only the first impl that works
+
+
+def build_plan(args, mode: str) -> list[PlanItem]:
+  """Workloads and their implementations, in run order."""
+  names = args.impl_names
+  plan = []
+  kinds = args.workloads
+  if "causal" in kinds:
+    wls = list(args.shape) if args.shape else standard_set(mode)
+    plan += [PlanItem(wl, names) for wl in wls]
+  worlds = list(args.zigzag) if args.zigzag else zigzag_set(mode)
+  heads = zigzag_heads(mode)
+  zz = lambda w, s, r: common.zigzag_workload(w, s, r, dtype=args.dtype, **heads)
+  ct = lambda w, s, r: common.contiguous_workload(w, s, r, dtype=args.dtype, **heads)
+  if "zigzag" in kinds:
+    for w, s in worlds:
+      plan += [PlanItem(zz(w, s, r), names) for r in range(w)]
+  if "balance" in kinds:
+    best = [n for n in BALANCE_PREFERENCE if n in names]
+    for w, s in worlds:
+      if "zigzag" not in kinds:   # the zigzag side of the table
+        plan += [PlanItem(zz(w, s, r), best, True) for r in range(w)]
+      plan += [PlanItem(ct(w, s, r), best, True) for r in range(w)]
+  return plan
+
+
+def expand_impls(backends: list[str]) -> list[str]:
+  known = impls.IMPL_NAMES
+  out = []
+  for b in backends:
+    if b == "two-launch":
+      out += [f"{k}-2launch" for k in ("triton", "pallas") if k in backends]
+    elif b in known:
+      out.append(b)
+    else:
+      raise SystemExit(f"--backends: unknown {b!r}; known: {', '.join(known)}, two-launch")
+  return list(dict.fromkeys(out))
+
+
+def parse_args(argv=None):
+  ap = argparse.ArgumentParser(
+      description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+  ap.add_argument("--quick", action="store_true",
+                  help="headline shapes only: S8192 causal and zigzag W=8 S=64K (~3 min on H100)")
+  ap.add_argument("--smoke", action="store_true",
+                  help="tiny shapes (the default without a GPU): a correctness check")
+  ap.add_argument("--workloads", default="causal,zigzag,balance",
+                  help=f"comma list of {', '.join(WORKLOAD_KINDS)}")
+  ap.add_argument("--backends", default="triton,pallas,xla,cudnn,jax-pallas-mha,two-launch",
+                  help="comma list of implementations: triton, pallas, xla, cudnn, "
+                       "jax-pallas-mha, two-launch (per-group launches of each kernel backend "
+                       "listed), or explicit triton-2launch / pallas-2launch")
+  ap.add_argument("--passes", default="fwd,bwd,fwdbwd", help="comma list of fwd, bwd, fwdbwd")
+  ap.add_argument("--shape", action="append", type=parse_shape, metavar="BxSxHqxHkxD",
+                  help="your causal shape instead of the standard set (repeatable)")
+  ap.add_argument("--zigzag", action="append", type=parse_world, metavar="WxS",
+                  help="zigzag world size x total sequence instead of the default set")
+  ap.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16"],
+                  help="dtype of the zigzag/balance workloads (causal sets are bfloat16)")
+  ap.add_argument("--reps", type=int, default=None, help="timed repeats (median reported)")
+  ap.add_argument("--warmup", type=int, default=None)
+  ap.add_argument("--sets", type=int, default=None, help="input sets rotated while timing")
+  ap.add_argument("--budget-s", type=float, default=None,
+                  help="stop starting new measurements after this many seconds")
+  ap.add_argument("--nvlink-gbps", type=float, default=450.0,
+                  help="assumed NVLink bandwidth per GPU, one direction (GB/s) for the model")
+  ap.add_argument("--out", default=DEFAULT_OUT, help="output directory")
+  args = ap.parse_args(argv)
+  args.workloads = [w.strip() for w in args.workloads.split(",") if w.strip()]
+  for w in args.workloads:
+    if w not in WORKLOAD_KINDS:
+      ap.error(f"--workloads: unknown {w!r}; use {', '.join(WORKLOAD_KINDS)}")
+  args.passes = tuple(p for p in common.PASSES if p in args.passes.split(","))
+  if not args.passes:
+    ap.error("--passes: give at least one of fwd, bwd, fwdbwd")
+  args.impl_names = expand_impls([b.strip() for b in args.backends.split(",") if b.strip()])
+  if args.shape:
+    args.shape = [dataclasses.replace(s, dtype=args.dtype) for s in args.shape]
+  return args
+
+
+def main(argv=None) -> dict:
+  args = parse_args(argv)
+  gpu = common.on_gpu()
+  if not gpu:
+    mode = "smoke"
+    log("No GPU here: SMOKE mode -- tiny shapes, Pallas/Triton in interpret mode. "
+        "This checks correctness of every code path; its timings mean nothing.")
+    if args.shape or args.zigzag:
+      log("(--shape/--zigzag are kept: keep them tiny on CPU.)")
+  else:
+    mode = "smoke" if args.smoke else ("quick" if args.quick else "full")
+  reps = args.reps or {"smoke": 2, "quick": 10, "full": 25}[mode]
+  warmup = args.warmup or {"smoke": 1, "quick": 2, "full": 3}[mode]
+  sets = args.sets or (1 if mode == "smoke" else 2)
+  st = Settings(args.passes, reps, warmup, sets, impls.Context(gpu=gpu))
+  registry = impls.all_impls()
+  plan = build_plan(args, mode)
+  env = common.environment()
+  os.makedirs(args.out, exist_ok=True)
+  log(f"device: {env['device']} ({env['platform']}); jax {env['jax']}, jaxlib {env['jaxlib']}, "
+      f"triton {env['triton']}, jax-triton {env['jax_triton']}, cudnn {env['cudnn']}")
+  log(f"mode {mode}: {len(plan)} workloads, impls {', '.join(args.impl_names)}, passes "
+      f"{', '.join(args.passes)}, {reps} reps (+{warmup} warmup), {sets} input set(s)")
+  results = {
+      "environment": env, "mode": mode, "timings_meaningful": gpu and mode != "smoke",
+      "settings": {"passes": list(args.passes), "reps": reps, "warmup": warmup, "sets": sets,
+                   "impls": args.impl_names, "workloads": args.workloads,
+                   "budget_s": args.budget_s, "nvlink_gbps": args.nvlink_gbps},
+      "configs": report.kernel_configs(plan),
+      "rows": [],
+  }
+  budget = common.Budget(args.budget_s)
+  n_items = sum(len(item.names) for item in plan)
+  bar = common.progress(total=n_items, desc="bench", unit="impl")
+  chosen = {}   # series -> the impl the balance rows settled on
+  for item in plan:
+    wl, names, state = item.wl, item.names, None
+    if item.first_working and wl.series in chosen:
+      bar.update(len(names) - 1)
+      names = [chosen[wl.series]]
+    for name in names:
+      impl = registry[name]
+      if budget.exhausted:
+        rows = [_row(wl, impl, p, reason=f"time budget ({args.budget_s:.0f} s) spent")
+                for p in args.passes]
+      else:
+        if state is None:
+          state = WorkloadState(wl, sets)
+        bar.set_postfix_str(f"{wl.name} {name}")
+        rows = run_item(state, impl, st)
+        _print_rows(rows)
+      results["rows"] += rows
+      bar.update(1)
+      if item.first_working and wl.series not in chosen:
+        if any(r["status"] == "ok" for r in rows):
+          chosen[wl.series] = name
+          bar.update(len(names) - 1 - names.index(name))
+          break
+    del state
+    report.write_json(results, args.out)
+  bar.close()
+  results["elapsed_s"] = budget.elapsed
+  report.finish(results, args.out)
+  log(f"wrote {os.path.join(args.out, 'bench.json')}, bench.md and plots "
+      f"({budget.elapsed:.0f} s)")
+  if not results["timings_meaningful"]:
+    log("Reminder: no GPU -- the timings above mean nothing; the errors do.")
+  return results
+
+
+if __name__ == "__main__":
+  res = main()
+  bad = [r for r in res["rows"] if r["status"] == "wrong"]
+  sys.exit(1 if bad else 0)

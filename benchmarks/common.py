@@ -1,0 +1,383 @@
+"""Shared benchmark pieces: workloads, inputs, an exact chunked oracle, timing.
+
+The oracle is exact fp32 attention (forward and backward) for a few heads and
+batch rows, scanned over query-row chunks so it never holds more than one
+[chunk, Tk] block of logits per head: it checks every row of a 128K-token
+problem without materialising T^2.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.metadata
+import math
+import os
+import platform as _platform
+import statistics
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jax_grouped_attn.groups import QueryGroup, row_positions, visible_pairs
+from jax_grouped_attn.zigzag import zigzag_groups
+
+PASSES = ("fwd", "bwd", "fwdbwd")
+# fwd+bwd of flash attention counts 3.5x the forward's flops (bwd = 2.5x).
+PASS_FLOP_FACTOR = {"fwd": 1.0, "bwd": 2.5, "fwdbwd": 3.5}
+
+# Tolerances vs the fp32 oracle: |err| <= atol + rtol * max|ref| (per tensor).
+FWD_TOL = {"bfloat16": (1e-2, 1e-2), "float16": (2e-3, 2e-3), "float32": (1e-4, 1e-4)}
+GRAD_TOL = {"bfloat16": (0.0, 5e-2), "float16": (0.0, 1e-2), "float32": (0.0, 1e-3)}
+
+
+# ------------------------------------------------------------- workloads ---
+
+@dataclasses.dataclass(frozen=True)
+class Workload:
+  """One attention call: q [B, Tq, Hq, D] against k, v [B, Tk, Hk, D]."""
+
+  family: str            # "causal" | "zigzag" | "contiguous" | "custom"
+  batch: int
+  tq: int
+  tk: int
+  hq: int
+  hk: int
+  d: int
+  groups: tuple
+  dtype: str = "bfloat16"
+  causal: bool = True
+  world: int = 0         # zigzag / contiguous: world size, rank, total seq
+  rank: int = 0
+  seq: int = 0
+
+  @property
+  def name(self) -> str:
+    heads = f"Hq{self.hq} Hk{self.hk} D{self.d}"
+    if self.family in ("zigzag", "contiguous"):
+      return f"{self.family} W{self.world} S{self.seq} r{self.rank} B{self.batch} {heads}"
+    return f"{self.family} B{self.batch} S{self.tk} {heads}"
+
+  @property
+  def series(self) -> str:
+    """The name without the rank: what per-rank rows are summarised under."""
+    if self.family in ("zigzag", "contiguous"):
+      return (f"{self.family} W{self.world} S{self.seq} B{self.batch} "
+              f"Hq{self.hq} Hk{self.hk} D{self.d}")
+    return self.name
+
+  @property
+  def pairs(self) -> int:
+    """Visible (query, key) pairs per batch row and query head."""
+    return visible_pairs(self.groups, self.causal)
+
+  def flops(self, pass_: str = "fwd") -> float:
+    """4 * pairs * D per (batch, head) forward; bwd 2.5x, fwd+bwd 3.5x."""
+    return 4.0 * self.pairs * self.d * self.batch * self.hq * PASS_FLOP_FACTOR[pass_]
+
+  @property
+  def is_standard(self) -> bool:
+    """One causal self-attention group (what cuDNN/jax mha take directly)."""
+    return (len(self.groups) == 1 and self.tq == self.tk and self.causal
+            and self.groups[0] == QueryGroup(0, self.tq, 0, self.tk))
+
+  def logits_bytes(self) -> int:
+    """What the T^2 (xla) reference materialises per fp32 [B, Hq, Tq, Tk] tensor."""
+    return 4 * self.batch * self.hq * self.tq * self.tk
+
+
+def causal_workload(batch, seq, hq, hk, d, dtype="bfloat16", family="causal") -> Workload:
+  return Workload(family, batch, seq, seq, hq, hk, d, (QueryGroup(0, seq, 0, seq),), dtype)
+
+
+def zigzag_workload(world, seq, rank, hq=32, hk=8, d=128, batch=1, dtype="bfloat16") -> Workload:
+  """Rank ``rank`` of ``world``: local q = its 2 zigzag chunks, k, v = the full sequence."""
+  if seq % (2 * world):
+    raise ValueError(f"seq={seq} must be divisible by 2*world={2 * world}.")
+  c = seq // (2 * world)
+  return Workload("zigzag", batch, 2 * c, seq, hq, hk, d, zigzag_groups(rank, world, c),
+                  dtype, world=world, rank=rank, seq=seq)
+
+
+def contiguous_workload(world, seq, rank, hq=32, hk=8, d=128, batch=1, dtype="bfloat16") -> Workload:
+  """Rank ``rank`` of contiguous sharding: rows [r*c2, (r+1)*c2) with c2 = S/W."""
+  if seq % world:
+    raise ValueError(f"seq={seq} must be divisible by world={world}.")
+  c2 = seq // world
+  return Workload("contiguous", batch, c2, seq, hq, hk, d,
+                  (QueryGroup(0, c2, rank * c2, (rank + 1) * c2),), dtype,
+                  world=world, rank=rank, seq=seq)
+
+
+# ------------------------------------------------------------ environment ---
+
+def _version(dist: str) -> str | None:
+  try:
+    return importlib.metadata.version(dist)
+  except importlib.metadata.PackageNotFoundError:
+    return None
+
+
+def on_gpu() -> bool:
+  try:
+    return jax.default_backend() == "gpu"
+  except RuntimeError:
+    return False
+
+
+def device_name() -> str:
+  return jax.devices()[0].device_kind
+
+
+def environment() -> dict:
+  """GPU name and the versions that decide the numbers."""
+  info = {
+      "device": device_name(),
+      "platform": jax.default_backend(),
+      "device_count": jax.device_count(),
+      "python": sys.version.split()[0],
+      "host": _platform.node(),
+      "jax": jax.__version__,
+      "jaxlib": _version("jaxlib"),
+      "triton": _version("triton"),
+      "jax_triton": _version("jax-triton"),
+      "cudnn": None,
+      "time": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
+  }
+  try:
+    from jax._src.lib import cuda_versions  # noqa: PLC0415 (GPU jaxlib only)
+    if cuda_versions is not None:
+      info["cudnn"] = cuda_versions.cudnn_get_version()
+  except Exception:  # noqa: BLE001 -- best effort, absent on CPU
+    pass
+  return info
+
+
+def gpu_slug(name: str) -> str:
+  """'NVIDIA H100 80GB HBM3' -> 'nvidia_h100_80gb_hbm3'."""
+  from jax_grouped_attn.tuning import slug  # noqa: PLC0415
+  return slug(name)
+
+
+# ----------------------------------------------------------------- inputs ---
+
+def make_inputs(wl: Workload, seed: int):
+  """Random normal q, k, v and output cotangent in the workload's dtype."""
+  key = jax.random.PRNGKey(seed)
+  kq, kk, kv, kd = jax.random.split(key, 4)
+  dt = jnp.dtype(wl.dtype)
+  q = jax.random.normal(kq, (wl.batch, wl.tq, wl.hq, wl.d), jnp.float32).astype(dt)
+  k = jax.random.normal(kk, (wl.batch, wl.tk, wl.hk, wl.d), jnp.float32).astype(dt)
+  v = jax.random.normal(kv, (wl.batch, wl.tk, wl.hk, wl.d), jnp.float32).astype(dt)
+  do = jax.random.normal(kd, (wl.batch, wl.tq, wl.hq, wl.d), jnp.float32).astype(dt)
+  return q, k, v, do
+
+
+# ----------------------------------------------------------------- oracle ---
+
+@dataclasses.dataclass(frozen=True)
+class Selection:
+  """Which batch rows and kv heads (with all their q heads) are checked."""
+
+  batches: tuple
+  kv_heads: tuple
+  q_heads: tuple
+
+  def q(self, x):   # [B, Tq, Hq, D] -> selected
+    return x[np.asarray(self.batches)][:, :, np.asarray(self.q_heads)]
+
+  def kv(self, x):  # [B, Tk, Hk, D] -> selected
+    return x[np.asarray(self.batches)][:, :, np.asarray(self.kv_heads)]
+
+
+def selection(wl: Workload, max_kv_heads: int = 2) -> Selection:
+  """First and last batch row and kv head (fewer when they coincide)."""
+  batches = tuple(sorted({0, wl.batch - 1}))
+  kv = tuple(sorted({0, wl.hk - 1}))[:max_kv_heads]
+  g = wl.hq // wl.hk
+  q_heads = tuple(h for j in kv for h in range(j * g, (j + 1) * g))
+  return Selection(batches, kv, q_heads)
+
+
+def _oracle_impl(q, k, v, do, pos, kv_len, *, scale, causal, chunk):
+  """Exact fp32 forward and backward, scanned over row chunks of ``chunk`` rows.
+
+  q, do: [B, Tq, Hq, D] (Tq a multiple of chunk); k, v: [B, Tk, Hk, D];
+  pos, kv_len: [Tq] int32 (row position and kv prefix; kv_len 0 = padding).
+  Returns out, dq [B, Tq, Hq, D] and dk, dv [B, Tk, Hk, D], all fp32.
+  """
+  hi = jax.lax.Precision.HIGHEST
+  b, tq, hq, d = q.shape
+  tk, hk = k.shape[1], k.shape[2]
+  g = hq // hk
+  n = tq // chunk
+  split = lambda x: jnp.moveaxis(x.reshape(b, n, chunk, hk, g, d), 1, 0)
+  j = jnp.arange(tk)
+
+  def body(carry, xs):
+    dk, dv = carry
+    qi, doi, p_i, kv_i = xs
+    s = jnp.einsum("bqhgd,bkhd->bhgqk", qi, k, precision=hi) * scale
+    mask = j[None, :] < kv_i[:, None]
+    if causal:
+      mask &= j[None, :] <= p_i[:, None]
+    s = jnp.where(mask, s, -jnp.inf)
+    m = jnp.max(s, axis=-1, keepdims=True)
+    m = jnp.where(jnp.isfinite(m), m, 0.0)
+    p = jnp.exp(s - m)
+    l = jnp.sum(p, axis=-1, keepdims=True)
+    p = p / jnp.where(l > 0, l, 1.0)
+    o = jnp.einsum("bhgqk,bkhd->bqhgd", p, v, precision=hi)
+    delta = jnp.einsum("bqhgd,bqhgd->bhgq", doi, o, precision=hi)
+    dp = jnp.einsum("bqhgd,bkhd->bhgqk", doi, v, precision=hi)
+    ds = p * (dp - delta[..., None])
+    dq = jnp.einsum("bhgqk,bkhd->bqhgd", ds, k, precision=hi) * scale
+    dk = dk + jnp.einsum("bhgqk,bqhgd->bkhd", ds, qi, precision=hi) * scale
+    dv = dv + jnp.einsum("bhgqk,bqhgd->bkhd", p, doi, precision=hi)
+    return (dk, dv), (o, dq)
+
+  zeros = jnp.zeros((b, tk, hk, d), jnp.float32)
+  xs = (split(q), split(do), pos.reshape(n, chunk), kv_len.reshape(n, chunk))
+  (dk, dv), (o, dq) = jax.lax.scan(body, (zeros, zeros), xs)
+  merge = lambda x: jnp.moveaxis(x, 0, 1).reshape(b, tq, hq, d)
+  return merge(o), merge(dq), dk, dv
+
+
+_oracle_jit = jax.jit(_oracle_impl, static_argnames=("scale", "causal", "chunk"))
+
+
+def oracle(wl: Workload, q, k, v, do, sel: Selection, *, max_elems: int = 1 << 26):
+  """Exact fp32 out, dq (selected q heads) and dk, dv (selected kv heads).
+
+  Every row is checked; ``max_elems`` bounds one logits block (chunk rows x
+  Tk x selected heads x batch rows) so memory stays ~5 such fp32 blocks.
+  """
+  f32 = lambda x: jnp.asarray(x, jnp.float32)
+  qs, dos = f32(sel.q(q)), f32(sel.q(do))
+  ks, vs = f32(sel.kv(k)), f32(sel.kv(v))
+  per_row = max(1, len(sel.batches) * len(sel.q_heads) * wl.tk)
+  chunk = 1 << max(0, int(math.floor(math.log2(max(1, max_elems // per_row)))))
+  chunk = int(min(chunk, 1 << math.ceil(math.log2(wl.tq))))
+  tq_pad = -(-wl.tq // chunk) * chunk
+  pos, kv_len = row_positions(wl.groups, wl.tq)
+  pad = tq_pad - wl.tq
+  pos = np.pad(pos, (0, pad)).astype(np.int32)
+  kv_len = np.pad(kv_len, (0, pad)).astype(np.int32)   # padding rows see nothing
+  padrows = lambda x: jnp.pad(x, ((0, 0), (0, pad), (0, 0), (0, 0)))
+  out, dq, dk, dv = _oracle_jit(padrows(qs), ks, vs, padrows(dos), jnp.asarray(pos),
+                                jnp.asarray(kv_len), scale=1.0 / math.sqrt(wl.d),
+                                causal=wl.causal, chunk=chunk)
+  return {"out": out[:, :wl.tq], "dq": dq[:, :wl.tq], "dk": dk, "dv": dv}
+
+
+def compare(got, want, tol) -> dict:
+  """Max abs error and whether it is within atol + rtol * max|want|."""
+  got = np.asarray(jnp.asarray(got, jnp.float32))
+  want = np.asarray(jnp.asarray(want, jnp.float32))
+  if got.shape != want.shape:
+    return {"max_abs_err": None, "ok": False, "why": f"shape {got.shape} != {want.shape}"}
+  finite = bool(np.isfinite(got).all())
+  err = float(np.max(np.abs(got - want))) if got.size else 0.0
+  scale = float(np.max(np.abs(want))) if want.size else 0.0
+  atol, rtol = tol
+  ok = finite and err <= atol + rtol * scale
+  res = {"max_abs_err": err, "ref_max_abs": scale, "ok": ok}
+  if not finite:
+    res["why"] = "non-finite values"
+  return res
+
+
+# ----------------------------------------------------------------- timing ---
+
+def block(x):
+  return jax.block_until_ready(x)
+
+
+def time_calls(fn, arg_sets, *, reps: int, warmup: int) -> dict:
+  """Median wall time of ``fn(*args)`` in ms, each call device-synchronised.
+
+  Input sets rotate so consecutive calls do not reuse the same (L2-warm)
+  buffers.
+  """
+  n = len(arg_sets)
+  for i in range(warmup):
+    block(fn(*arg_sets[i % n]))
+  times = []
+  for i in range(reps):
+    args = arg_sets[i % n]
+    t0 = time.perf_counter()
+    block(fn(*args))
+    times.append((time.perf_counter() - t0) * 1e3)
+  return {"median_ms": statistics.median(times), "min_ms": min(times),
+          "max_ms": max(times), "reps": reps}
+
+
+def memory_stats(compiled) -> dict | None:
+  """Sizes from the compiled executable's memory analysis (bytes), if any."""
+  try:
+    m = compiled.memory_analysis()
+  except Exception:  # noqa: BLE001 -- not every backend implements it
+    return None
+  if m is None:
+    return None
+  fields = ("argument_size_in_bytes", "output_size_in_bytes", "temp_size_in_bytes",
+            "alias_size_in_bytes", "peak_memory_in_bytes")
+  out = {f.replace("_in_bytes", "_bytes"): int(getattr(m, f)) for f in fields if hasattr(m, f)}
+  if not out.get("peak_memory_bytes"):
+    out["peak_memory_bytes"] = (out.get("argument_size_bytes", 0) + out.get("output_size_bytes", 0)
+                                + out.get("temp_size_bytes", 0) - out.get("alias_size_bytes", 0))
+  return out
+
+
+class Budget:
+  """Wall-clock budget: ``exhausted`` once ``seconds`` have passed (None = no limit)."""
+
+  def __init__(self, seconds: float | None):
+    self.seconds = seconds
+    self.t0 = time.monotonic()
+
+  @property
+  def elapsed(self) -> float:
+    return time.monotonic() - self.t0
+
+  @property
+  def exhausted(self) -> bool:
+    return self.seconds is not None and self.elapsed > self.seconds
+
+
+def progress(iterable=None, **kw):
+  """tqdm when installed (to stderr), else the iterable itself."""
+  try:
+    from tqdm.auto import tqdm  # noqa: PLC0415
+  except ImportError:
+    class _Plain:
+      def __init__(self, it=None, **_):
+        self.it = it
+      def __iter__(self):
+        return iter(self.it)
+      def update(self, *_): pass
+      def set_postfix_str(self, *_a, **_k): pass
+      def close(self): pass
+      @staticmethod
+      def write(s): print(s, flush=True)
+    return _Plain(iterable)
+  kw.setdefault("file", sys.stderr)
+  kw.setdefault("dynamic_ncols", True)
+  kw.setdefault("mininterval", 2.0 if not sys.stderr.isatty() else 0.1)
+  return tqdm(iterable, **kw)
+
+
+def log(msg: str) -> None:
+  """Prints without breaking a running tqdm bar."""
+  try:
+    from tqdm.auto import tqdm  # noqa: PLC0415
+    tqdm.write(msg, file=sys.stdout)
+  except ImportError:
+    print(msg)
+  sys.stdout.flush()
+
+
+def env_flag(name: str) -> bool:
+  return os.environ.get(name, "").lower() in ("1", "true", "yes", "on")

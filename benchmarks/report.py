@@ -1,0 +1,417 @@
+"""Summaries, markdown and plots of a benchmark run (bench.json -> bench.md, *.png)."""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import json
+import math
+import os
+import statistics
+
+import numpy as np
+
+MIB = 1 << 20
+GROUPED = ("triton", "pallas")
+_PASS_ORDER = {"fwd": 0, "bwd": 1, "fwdbwd": 2}
+_IMPL_ORDER = ("triton", "pallas", "triton-2launch", "pallas-2launch", "cudnn", "jax-pallas-mha", "xla")
+
+
+def _impl_order(name: str) -> int:
+  return _IMPL_ORDER.index(name) if name in _IMPL_ORDER else len(_IMPL_ORDER)
+
+
+def _seq_label(n: int) -> str:
+  return f"{n // 1024}K" if n >= 1024 and n % 1024 == 0 else str(n)
+
+
+# ------------------------------------------------------------------ json ---
+
+def _jsonable(x):
+  if isinstance(x, dict):
+    return {str(k): _jsonable(v) for k, v in x.items()}
+  if isinstance(x, (list, tuple)):
+    return [_jsonable(v) for v in x]
+  if isinstance(x, (np.integer,)):
+    return int(x)
+  if isinstance(x, (np.floating,)):
+    return float(x)
+  if isinstance(x, float) and not math.isfinite(x):
+    return None
+  return x
+
+
+def write_json(results: dict, out_dir: str) -> str:
+  path = os.path.join(out_dir, "bench.json")
+  tmp = path + ".tmp"
+  with open(tmp, "w") as f:
+    json.dump(_jsonable(results), f, indent=1)
+  os.replace(tmp, path)
+  return path
+
+
+def kernel_configs(plan) -> dict:
+  """The default (tuned or heuristic) kernel configs the kernel rows ran with."""
+  from jax_grouped_attn import config, tuning  # noqa: PLC0415
+  out = {"tuned_table": tuning.table_path(), "gpu": tuning.gpu_name()}
+  for item in plan:
+    wl = item.wl
+    for backend in GROUPED:
+      key = f"{backend} D{wl.d} Tk{wl.tk} {wl.dtype}"
+      if key in out:
+        continue
+      try:
+        fwd = config.default_forward_config(wl.d, backend, seq_len=wl.tk, dtype=wl.dtype)
+        bwd = config.default_backward_config(wl.d, backend, seq_len=wl.tk, dtype=wl.dtype)
+      except TypeError:   # an older config.py without the keyword arguments
+        fwd = config.default_forward_config(wl.d, backend)
+        bwd = config.default_backward_config(wl.d, backend)
+      out[key] = {"forward": dataclasses.asdict(fwd), "backward": dataclasses.asdict(bwd)}
+  return out
+
+
+# ------------------------------------------------------------- summaries ---
+
+def _timed(rows):
+  return [r for r in rows if r.get("median_ms") is not None]
+
+
+def series_stats(rows) -> dict:
+  """(series, pass, impl) -> slowest/mean/fastest rank time and TF/s of the slowest."""
+  groups = collections.defaultdict(list)
+  for r in _timed(rows):
+    groups[(r["series"], r["pass"], r["impl"])].append(r)
+  stats = {}
+  for key, rs in groups.items():
+    ms = [r["median_ms"] for r in rs]
+    slow = max(rs, key=lambda r: r["median_ms"])
+    world = rs[0]["world"] or 1
+    mean = statistics.fmean(ms)
+    stats[key] = {
+        "series": key[0], "pass": key[1], "impl": key[2], "family": rs[0]["family"],
+        "world": rs[0]["world"], "seq": rs[0]["seq"] or rs[0]["tk"],
+        "ranks_timed": len(rs), "complete": len(rs) == world,
+        "slowest_ms": slow["median_ms"], "slowest_rank": slow["rank"],
+        "mean_ms": mean, "fastest_ms": min(ms),
+        "spread": (max(ms) - min(ms)) / mean if mean else 0.0,
+        "max_over_mean": max(ms) / mean if mean else 0.0,
+        "tflops": slow["flops"] / (slow["median_ms"] * 1e-3) / 1e12,
+        "all_ok": all(r["status"] == "ok" for r in rs),
+        "rank_ms": {int(r["rank"]): r["median_ms"] for r in rs},
+    }
+  return stats
+
+
+def fastest(stats) -> list[dict]:
+  """Per (series, pass): implementations ranked (correct and all ranks timed)."""
+  by = collections.defaultdict(list)
+  for s in stats.values():
+    if s["family"] == "contiguous":
+      continue
+    by[(s["series"], s["pass"])].append(s)
+  out = []
+  for (series, pass_), ss in by.items():
+    good = sorted((s for s in ss if s["all_ok"] and s["complete"]), key=lambda s: s["slowest_ms"])
+    if not good:
+      continue
+    best = good[0]
+    ms = {s["impl"]: s["slowest_ms"] for s in good}
+    cudnn = ms.get("cudnn")
+    two = min((v for k, v in ms.items() if k.endswith("-2launch")), default=None)
+    out.append({
+        "series": series, "pass": pass_, "fastest": best["impl"], "ms": best["slowest_ms"],
+        "tflops": best["tflops"],
+        "runner_up": good[1]["impl"] if len(good) > 1 else None,
+        "runner_up_ratio": good[1]["slowest_ms"] / best["slowest_ms"] if len(good) > 1 else None,
+        "ranking": [(s["impl"], s["slowest_ms"]) for s in good],
+        "cudnn_ratio": cudnn / best["slowest_ms"] if cudnn else None,
+        "two_launch_ratio": two / best["slowest_ms"] if two else None,
+    })
+  return out
+
+
+def balance(results, stats) -> list[dict]:
+  """Zigzag vs contiguous per-rank times with a stated all-gather model."""
+  bw = results["settings"].get("nvlink_gbps", 450.0) * 1e9
+  rows = results["rows"]
+  out = []
+  for key, ct in stats.items():
+    series, pass_, impl = key
+    if ct["family"] != "contiguous" or pass_ not in ("fwd", "fwdbwd"):
+      continue
+    zz = stats.get((series.replace("contiguous", "zigzag", 1), pass_, impl))
+    if zz is None:
+      continue
+    sample = next(r for r in rows if r["series"] == series)
+    w, s = sample["world"], sample["seq"]
+    itemsize = 2 if sample["dtype"] in ("bfloat16", "float16") else 4
+    kv_bytes = 2 * sample["batch"] * s * sample["hk"] * sample["d"] * itemsize * (w - 1) / w
+    # fwd: all-gather K,V; fwd+bwd: plus reduce-scatter of dK,dV (same bytes),
+    # gathered K,V kept from the forward for the backward.
+    comm_ms = kv_bytes / bw * 1e3 * (2 if pass_ == "fwdbwd" else 1)
+    # Both schemes do the same total work: the smaller mean rank time is the
+    # best per-device time perfect balance could give.
+    ideal = min(zz["mean_ms"], ct["mean_ms"])
+    entry = {"series": series.replace("contiguous ", ""), "world": w, "seq": s, "pass": pass_,
+             "impl": impl, "kv_bytes_gathered": kv_bytes, "comm_ms": comm_ms,
+             "zigzag_rank_ms": zz["rank_ms"], "contiguous_rank_ms": ct["rank_ms"],
+             "complete": zz["complete"] and ct["complete"]}
+    for name, st in (("zigzag", zz), ("contiguous", ct)):
+      entry[f"{name}_max_ms"] = st["slowest_ms"]
+      entry[f"{name}_max_over_mean"] = st["max_over_mean"]
+      entry[f"{name}_eff_no_overlap"] = ideal / (st["slowest_ms"] + comm_ms)
+      entry[f"{name}_eff_overlap"] = ideal / max(st["slowest_ms"], comm_ms)
+    entry["comm_over_compute"] = comm_ms / zz["slowest_ms"]
+    out.append(entry)
+  out.sort(key=lambda e: (e["world"], e["seq"], e["pass"]))
+  return out
+
+
+# -------------------------------------------------------------- markdown ---
+
+def _f(x, fmt="{:.3f}", none="–"):
+  return none if x is None else fmt.format(x)
+
+
+def _table(header, rows) -> list[str]:
+  lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+  lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
+  return lines + [""]
+
+
+def _err_text(check) -> str:
+  if not check:
+    return "–"
+  return ", ".join(f"{k} {c['max_abs_err']:.1e}" for k, c in check.items()
+                   if c.get("max_abs_err") is not None)
+
+
+def markdown(results, stats, best, bal) -> str:
+  env = results["environment"]
+  rows = results["rows"]
+  md = [f"# Attention benchmark: {env['device']}", ""]
+  md.append(f"jax {env['jax']}, jaxlib {env['jaxlib']}, triton {env['triton']}, "
+            f"jax-triton {env['jax_triton']}, cuDNN {env['cudnn']}; mode **{results['mode']}**, "
+            f"{results['settings']['reps']} timed reps (median), {env['time']}.")
+  md.append("")
+  if not results["timings_meaningful"]:
+    md += ["> **No GPU: timings here mean nothing** (tiny shapes, interpret mode). "
+           "The error columns are the point of this run.", ""]
+  md += ["TF/s count visible (query, key) pairs only (4·pairs·D per batch·head forward; "
+         "bwd 2.5x, fwd+bwd 3.5x). bwd = fwdbwd − fwd. Zigzag rows: the slowest rank. "
+         "Errors: max |x − exact fp32| over every query row of the first/last batch row "
+         "and kv head.", ""]
+
+  md += ["## Which implementation is fastest", ""]
+  md += _table(["workload", "pass", "fastest", "ms", "TF/s", "runner-up", "runner-up is",
+                "cuDNN is", "two-launch is"],
+               [[b["series"], b["pass"], f"**{b['fastest']}**", _f(b["ms"]), _f(b["tflops"], "{:.1f}"),
+                 b["runner_up"] or "–", _f(b["runner_up_ratio"], "{:.2f}x slower"),
+                 _f(b["cudnn_ratio"], "{:.2f}x"), _f(b["two_launch_ratio"], "{:.2f}x")]
+                for b in best])
+
+  standard = [r for r in rows if r["family"] in ("causal", "custom")]
+  if standard:
+    md += ["## Standard causal attention", ""]
+    cud = {(r["workload"], r["pass"]): r["median_ms"] for r in _timed(standard)
+           if r["impl"] == "cudnn" and r["status"] == "ok"}
+    md += _table(["workload", "impl", "pass", "ms", "TF/s", "speed-up vs cuDNN", "status",
+                  "errors", "peak MiB"],
+                 [[r["workload"], r["impl"], r["pass"], _f(r.get("median_ms")),
+                   _f(r.get("tflops"), "{:.1f}"),
+                   _f(cud[(r["workload"], r["pass"])] / r["median_ms"]
+                      if r.get("median_ms") and (r["workload"], r["pass"]) in cud else None,
+                      "{:.2f}x"),
+                   r["status"], _err_text(r.get("check")),
+                   _f((r.get("memory") or {}).get("peak_memory_bytes", None) and
+                      r["memory"]["peak_memory_bytes"] / MIB, "{:.0f}")]
+                  for r in standard if r["status"] != "skipped"])
+
+  zz = [s for s in stats.values() if s["family"] == "zigzag"]
+  if zz:
+    md += ["## Zigzag context parallelism (per rank: 2 groups, full K,V)", ""]
+    two = {(s["series"], s["pass"], s["impl"].split("-")[0]): s["slowest_ms"]
+           for s in zz if s["impl"].endswith("-2launch")}
+    cud = {(s["series"], s["pass"]): s["slowest_ms"] for s in zz if s["impl"] == "cudnn"}
+    md += _table(["series", "impl", "pass", "slowest rank ms", "mean ms", "spread", "TF/s",
+                  "vs own two-launch", "vs cuDNN composition", "ranks", "correct"],
+                 [[s["series"], s["impl"], s["pass"], _f(s["slowest_ms"]), _f(s["mean_ms"]),
+                   f"{100 * s['spread']:.1f}%", _f(s["tflops"], "{:.1f}"),
+                   _f(two[(s["series"], s["pass"], s["impl"])] / s["slowest_ms"]
+                      if (s["series"], s["pass"], s["impl"]) in two else None, "{:.2f}x"),
+                   _f(cud[(s["series"], s["pass"])] / s["slowest_ms"]
+                      if (s["series"], s["pass"]) in cud else None, "{:.2f}x"),
+                   f"{s['ranks_timed']}/{s['world']}", "yes" if s["all_ok"] else "**NO**"]
+                  for s in sorted(zz, key=lambda s: (s["world"], s["seq"], _PASS_ORDER.get(s["pass"], 9),
+                                                     _impl_order(s["impl"])))])
+    md += ["Speed-ups > 1 mean the row is faster. The cuDNN composition is, per group, a "
+           "non-causal call over the kv prefix plus a causal call over the diagonal chunk, "
+           "merged by log-sum-exp (fp32 lse from jax's cuDNN rule; exact merged backward).", ""]
+
+  if bal:
+    bw = results["settings"].get("nvlink_gbps", 450.0)
+    md += ["## Load balance: zigzag vs contiguous sharding", ""]
+    md += [f"Model (an assumption, not a measurement): each rank all-gathers K,V over NVLink "
+           f"at **{bw:.0f} GB/s** one direction per GPU; bytes = 2·B·S·Hk·D·itemsize·(W−1)/W. "
+           "fwd+bwd adds a reduce-scatter of dK,dV of the same size (gathered K,V kept for "
+           "the backward). Ideal per-device time = the smaller of the two schemes' mean rank times (same total work); efficiency = ideal / "
+           "step time, with the step = slowest rank + communication (no overlap) or "
+           "max(slowest rank, communication) (perfect overlap).", ""]
+    md += _table(["W", "S", "pass", "impl", "zigzag max/mean", "contiguous max/mean",
+                  "zigzag slowest ms", "contiguous slowest ms", "comm ms", "comm/compute",
+                  "eff zigzag (no overlap / overlap)", "eff contiguous (no overlap / overlap)"],
+                 [[e["world"], e["seq"], e["pass"], e["impl"], _f(e["zigzag_max_over_mean"], "{:.2f}"),
+                   _f(e["contiguous_max_over_mean"], "{:.2f}"), _f(e["zigzag_max_ms"]),
+                   _f(e["contiguous_max_ms"]), _f(e["comm_ms"]), _f(e["comm_over_compute"], "{:.2f}"),
+                   f"{100 * e['zigzag_eff_no_overlap']:.0f}% / {100 * e['zigzag_eff_overlap']:.0f}%",
+                   f"{100 * e['contiguous_eff_no_overlap']:.0f}% / "
+                   f"{100 * e['contiguous_eff_overlap']:.0f}%"] for e in bal])
+    for e in bal:
+      ranks = sorted(e["zigzag_rank_ms"])
+      md.append(f"- W{e['world']} S{e['seq']} {e['pass']} ({e['impl']}) per-rank ms, zigzag: "
+                + ", ".join(_f(e["zigzag_rank_ms"][r], "{:.2f}") for r in ranks)
+                + "; contiguous: "
+                + ", ".join(_f(e["contiguous_rank_ms"].get(r), "{:.2f}") for r in ranks))
+    md.append("")
+
+  md += ["## Correctness (worst over ranks)", ""]
+  worst = {}
+  for r in rows:
+    if r.get("check") is None or r["pass"] == "bwd":
+      continue
+    key = (r["series"], r["impl"], r["pass"])
+    prev = worst.get(key)
+    errs = {k: c.get("max_abs_err") or 0.0 for k, c in r["check"].items()}
+    if prev is None:
+      worst[key] = (errs, r["status"] == "ok")
+    else:
+      worst[key] = ({k: max(v, prev[0].get(k, 0.0)) for k, v in errs.items()},
+                    prev[1] and r["status"] == "ok")
+  md += _table(["series", "impl", "pass", "max abs error", "within tolerance"],
+               [[k[0], k[1], k[2], ", ".join(f"{n} {v:.1e}" for n, v in e.items()),
+                 "yes" if ok else "**NO**"] for k, (e, ok) in worst.items()])
+
+  skipped = collections.OrderedDict()
+  for r in rows:
+    if r["status"] in ("skipped", "error"):
+      skipped.setdefault((r["impl"], r["status"], r.get("reason", "")), []).append(r["series"])
+  if skipped:
+    md += ["## Skipped or failed", ""]
+    for (impl, status, reason), series in skipped.items():
+      n = len(set(series))
+      md.append(f"- **{impl}** {status}: {reason} ({n} workload{'s' if n > 1 else ''})")
+    md.append("")
+  return "\n".join(md)
+
+
+# ----------------------------------------------------------------- plots ---
+
+def plots(results, stats, out_dir) -> list[str]:
+  """PNG plots; returns the files written (none without matplotlib)."""
+  try:
+    import matplotlib  # noqa: PLC0415
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt  # noqa: PLC0415
+  except ImportError:
+    print("matplotlib not installed: no plots")
+    return []
+  written = []
+  suffix = "" if results["timings_meaningful"] else " (NO GPU: timings meaningless)"
+  passes = [p for p in ("fwd", "fwdbwd", "bwd") if p in results["settings"]["passes"]]
+
+  # 1) TF/s vs sequence length, standard causal shapes.
+  std = [r for r in _timed(results["rows"]) if r["family"] in ("causal", "custom")
+         and r["status"] == "ok"]
+  if std:
+    fig, axes = plt.subplots(1, len(passes), figsize=(6 * len(passes), 4.5), squeeze=False)
+    for ax, p in zip(axes[0], passes):
+      lines = collections.defaultdict(list)
+      for r in std:
+        if r["pass"] == p:
+          lines[(r["impl"], f"B{r['batch']} Hq{r['hq']} Hk{r['hk']} D{r['d']}")].append(
+              (r["tk"], r["tflops"]))
+      for (impl, heads), pts in sorted(lines.items()):
+        pts.sort()
+        ax.plot([x for x, _ in pts], [y for _, y in pts], marker="o", label=f"{impl} {heads}")
+      ax.set_xscale("log", base=2)
+      xs = sorted({r["tk"] for r in std})
+      ax.set_xticks(xs)
+      ax.set_xticklabels([_seq_label(x) for x in xs])
+      ax.minorticks_off()
+      ax.set_xlabel("sequence length")
+      ax.set_ylabel("TFLOP/s (visible pairs)")
+      ax.set_title(f"causal {p}")
+      ax.grid(True, alpha=0.3)
+      ax.legend(fontsize=7)
+    fig.suptitle(f"TF/s vs sequence length{suffix}", fontsize=10)
+    fig.tight_layout()
+    path = os.path.join(out_dir, "bench_tflops_vs_seq.png")
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    written.append(path)
+
+  # 2) Grouped vs two-launch vs cuDNN composition (zigzag, slowest rank).
+  zz = [s for s in stats.values() if s["family"] == "zigzag" and s["all_ok"]]
+  if zz:
+    series = sorted({s["series"] for s in zz}, key=lambda x: ([int(t[1:]) for t in x.split()[1:3]]))
+    impl_names = [n for n in ("triton", "pallas", "triton-2launch", "pallas-2launch", "cudnn", "xla")
+                  if any(s["impl"] == n for s in zz)]
+    fig, axes = plt.subplots(1, len(passes), figsize=(max(6, 1.6 * len(series) + 3) * len(passes) / 1.5, 4.5),
+                             squeeze=False)
+    width = 0.8 / max(1, len(impl_names))
+    for ax, p in zip(axes[0], passes):
+      for i, name in enumerate(impl_names):
+        vals = [next((s["tflops"] for s in zz if s["series"] == se and s["pass"] == p
+                      and s["impl"] == name), 0.0) for se in series]
+        ax.bar(np.arange(len(series)) + i * width, vals, width,
+               label=name + (" (composition)" if name == "cudnn" else ""))
+      ax.set_xticks(np.arange(len(series)) + width * (len(impl_names) - 1) / 2)
+      ax.set_xticklabels([se.split()[1] + " S" + _seq_label(int(se.split()[2][1:])) for se in series],
+                         rotation=30, fontsize=8)
+      ax.set_ylabel("TFLOP/s of the slowest rank")
+      ax.set_title(f"zigzag {p}", fontsize=9)
+      ax.grid(True, axis="y", alpha=0.3)
+      ax.legend(fontsize=7)
+    fig.suptitle(f"Grouped (one launch) vs two-launch vs cuDNN composition, slowest rank{suffix}",
+                 fontsize=10)
+    fig.tight_layout()
+    path = os.path.join(out_dir, "bench_grouped_vs_baselines.png")
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    written.append(path)
+
+  # 3) Per-rank time, zigzag vs contiguous.
+  bal = [e for e in results.get("balance", []) if e["pass"] == "fwd"] or results.get("balance", [])
+  if bal:
+    fig, axes = plt.subplots(1, len(bal), figsize=(5 * len(bal), 4), squeeze=False)
+    for ax, e in zip(axes[0], bal):
+      ranks = sorted(set(e["zigzag_rank_ms"]) | set(e["contiguous_rank_ms"]), key=int)
+      x = np.arange(len(ranks))
+      ax.bar(x - 0.2, [e["zigzag_rank_ms"].get(r, 0) for r in ranks], 0.4, label="zigzag")
+      ax.bar(x + 0.2, [e["contiguous_rank_ms"].get(r, 0) for r in ranks], 0.4, label="contiguous")
+      ax.set_xticks(x)
+      ax.set_xticklabels([str(r) for r in ranks])
+      ax.set_xlabel("rank")
+      ax.set_ylabel("ms")
+      ax.set_title(f"W{e['world']} S{_seq_label(e['seq'])} {e['pass']} ({e['impl']})", fontsize=9)
+      ax.legend(fontsize=8)
+    fig.suptitle(f"Per-rank time: zigzag vs contiguous sharding{suffix}", fontsize=10)
+    fig.tight_layout()
+    path = os.path.join(out_dir, "bench_load_balance.png")
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    written.append(path)
+  return written
+
+
+def finish(results, out_dir) -> None:
+  """Summaries into the JSON, then bench.md and the plots."""
+  stats = series_stats(results["rows"])
+  best = fastest(stats)
+  bal = balance(results, stats)
+  results["summary"] = {"series": list(stats.values()), "fastest": best}
+  results["balance"] = bal
+  with open(os.path.join(out_dir, "bench.md"), "w") as f:
+    f.write(markdown(results, stats, best, bal))
+  results["plots"] = [os.path.basename(p) for p in plots(results, stats, out_dir)]
+  write_json(results, out_dir)
