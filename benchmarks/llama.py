@@ -275,8 +275,8 @@ def make_cp_mesh(cp: int, dp: int | None = None, devices=None) -> Mesh:
   devices = list(jax.devices() if devices is None else devices)
   dp = len(devices) // cp if dp is None else dp
   if cp < 1 or dp < 1 or dp * cp > len(devices):
-    raise ValueError(f"a mesh of dp={dp} x cp={cp} needs more than the "
-                     f"{len(devices)} devices here.")
+    raise ValueError(f"a mesh of dp={max(dp, 1)} x cp={cp} needs {max(dp, 1) * cp} "
+                     f"devices; JAX sees {len(devices)} here.")
   return Mesh(np.array(devices[:dp * cp]).reshape(dp, cp), ("dp", "cp"))
 
 

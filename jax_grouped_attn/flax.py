@@ -53,17 +53,23 @@ def _causal_mask(tq: int, tk: int) -> np.ndarray:
 def _mask_is_causal(mask, q_shape, tk: int, causal: bool) -> bool:
   """Reads a concrete mask: True if ``mask AND causal`` is causal, False if it
   is all True; raises otherwise (see the module docstring)."""
-  if isinstance(mask, jax.core.Tracer):
+  try:
+    m = np.asarray(mask).astype(bool)
+  except (jax.errors.TracerArrayConversionError,
+          jax.errors.ConcretizationTypeError) as e:
     raise _unsupported(
         "mask", "is a traced array, so it cannot be checked to be causal or "
         "all-True (a flash kernel takes no dense mask). Pass mask=None and "
         "build the function with make_attention_fn(causal=True) (nnx: or call "
         "the module with is_causal=True); express padding or packed documents "
-        "with segment_ids through jax_grouped_attn.attention.")
-  m = np.asarray(mask).astype(bool)
+        "with segment_ids through jax_grouped_attn.attention.") from e
   *batch, tq, hq, _ = q_shape
   full = (*batch, hq, tq, tk)
-  if m.ndim != len(full) or any(a not in (1, b) for a, b in zip(m.shape, full)):
+  try:
+    fits = np.broadcast_shapes(m.shape, full) == full
+  except ValueError:
+    fits = False
+  if not fits:
     raise _unsupported(
         "mask", f"has shape {m.shape}, which does not broadcast to "
         f"[batch..., heads, Tq, Tk] = {full}.")
@@ -107,7 +113,17 @@ class FlaxAttentionFn:
                deterministic=False, dtype=None, precision=None, module=None,
                is_causal=False, force_fp32_for_softmax=False,
                qk_attn_weights_einsum=None, attn_weights_value_einsum=None,
-               **kwargs):
+               promote_dtype=None, **kwargs):
+    """Flax's attention_fn call; returns [batch..., Tq, heads, head_dim].
+
+    Mapped: ``dtype`` (inputs cast to it; else promoted to a common dtype, or
+    by ``promote_dtype`` when given), ``mask`` and ``is_causal`` (module
+    docstring), dropout when ``deterministic`` or ``dropout_rate == 0`` (a
+    no-op), ``precision`` None/DEFAULT, ``force_fp32_for_softmax`` (always
+    fp32). Raised as ValueError: ``bias``, active dropout, other
+    ``precision``, ``module`` (sow_weights), custom einsums, and unknown
+    keyword arguments that are not None/False.
+    """
     del broadcast_dropout, dropout_rng  # only meaningful with active dropout
     del force_fp32_for_softmax          # the softmax is always fp32 here
     for name, value_ in sorted(kwargs.items()):
@@ -155,7 +171,10 @@ class FlaxAttentionFn:
       causal = True
     if mask is not None:
       causal = _mask_is_causal(mask, q_shape, tk, causal)
-    q, k, v = _promote(query, key, value, dtype)
+    if promote_dtype is None:
+      q, k, v = _promote(query, key, value, dtype)
+    else:
+      q, k, v = promote_dtype((query, key, value), dtype=dtype)
     batch = q_shape[:-3]
     n = math.prod(batch)
     q = q.reshape(n, *q.shape[-3:])
