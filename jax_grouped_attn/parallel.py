@@ -36,6 +36,7 @@ from jax.sharding import PartitionSpec as P
 from jax_grouped_attn import autodiff
 from jax_grouped_attn.groups import QueryGroup
 from jax_grouped_attn.plan import Problem
+from jax_grouped_attn.platform import resolve_backend
 from jax_grouped_attn.zigzag import (zigzag_groups, zigzag_permute,
                                      zigzag_ring_step, zigzag_unpermute)
 
@@ -357,18 +358,19 @@ _ring_attention.defvjp(_ring_fwd_rule, _ring_bwd_rule)
 
 # ------------------------------------------------- global-array convenience --
 
-def _shard_map(f, mesh, in_specs, out_specs):
-  """``jax.shard_map`` across JAX versions (check_vma was once check_rep)."""
-  shard_map = getattr(jax, "shard_map", None)
-  if shard_map is None:   # older JAX
-    from jax.experimental.shard_map import shard_map
-  params = inspect.signature(shard_map).parameters
+def shard_map(f, mesh, in_specs, out_specs, check_vma: bool = True):
+  """``jax.shard_map`` across JAX versions (``check_vma`` was once ``check_rep``;
+  very old versions only have ``jax.experimental.shard_map``)."""
+  impl = getattr(jax, "shard_map", None)
+  if impl is None:
+    from jax.experimental.shard_map import shard_map as impl
+  params = inspect.signature(impl).parameters
   kw = {}
   if "check_vma" in params:
-    kw["check_vma"] = True
+    kw["check_vma"] = check_vma
   elif "check_rep" in params:
     kw["check_rep"] = False
-  return shard_map(f, mesh=mesh, in_specs=in_specs, out_specs=out_specs, **kw)
+  return impl(f, mesh=mesh, in_specs=in_specs, out_specs=out_specs, **kw)
 
 
 def _has_explicit_axes(mesh) -> bool:
@@ -434,7 +436,11 @@ def context_parallel_attention(q, k, v, mesh, axis_name, *, strategy="allgather"
                      return_lse=True, config=config, interpret=interpret,
                      backward=backward, context_parallel=cp)
 
-  fn = _shard_map(body, mesh, (seq,) * len(args), (seq, P(batch_axis_name, None, axis_name)))
+  # Kernel launchers declare outputs without shard_map's varying-axes (vma)
+  # types, so the vma check is on for the xla backend only.
+  check_vma = resolve_backend(backend, interpret)[0] == "xla"
+  fn = shard_map(body, mesh, (seq,) * len(args), (seq, P(batch_axis_name, None, axis_name)),
+                 check_vma=check_vma)
   args = [zigzag_permute(x, world, axis=1) for x in args]
   if _has_explicit_axes(mesh):   # explicit-sharding meshes: put inputs in place
     sharding = jax.sharding.NamedSharding(mesh, seq)

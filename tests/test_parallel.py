@@ -1,0 +1,367 @@
+"""Zigzag context parallelism (allgather and ring) vs the single-device reference.
+
+CPU: conftest.py forces 8 host devices, so meshes of 1, 2, 4 and 8 devices run
+here. Outputs, lse and gradients (random cotangents for out and lse) are
+compared with the fp32 reference on the un-permuted sequence.
+"""
+
+import os
+import re
+import socket
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.sharding import PartitionSpec as P
+
+import jax_grouped_attn as ga
+from jax_grouped_attn import autodiff, zigzag
+from jax_grouped_attn.groups import row_positions
+from jax_grouped_attn.parallel import ContextParallel, merge_partials
+from cases import GRAD_TOL, KERNEL_BACKENDS, LSE_TOL, OUT_TOL, SMALL, assert_close
+
+F32, BF16 = jnp.float32, jnp.bfloat16
+
+
+def _mesh(world, name="cp"):
+  if jax.device_count() < world:
+    pytest.skip(f"needs {world} devices, have {jax.device_count()}")
+  return jax.make_mesh((world,), (name,), devices=jax.devices()[:world])
+
+
+def _backward_mode(backend):
+  """The backend's backward kernels where it has them, else the reference
+  backward (still through the ring's / grouped custom_vjp)."""
+  if backend == "xla" or hasattr(autodiff.backend_module(backend), "backward"):
+    return "kernel"
+  return "reference"
+
+
+def _inputs(seed, *, b, s, hq, hk, d, dtype, segments):
+  """q, k, v, dout, dlse and segment ids (None | "shared" | "split").
+
+  "shared": one segment_ids array (packed documents). "split": separate q/kv
+  ids where some query rows carry an id no key has (rows that see nothing).
+  """
+  rng = np.random.default_rng(seed)
+  arr = lambda shape, dt=dtype: jnp.asarray(rng.standard_normal(shape), dt)
+  q, k, v = arr((b, s, hq, d)), arr((b, s, hk, d)), arr((b, s, hk, d))
+  dout, dlse = arr((b, s, hq, d)), arr((b, hq, s), F32)
+  seg = None
+  if segments:
+    kv_ids = np.sort(rng.integers(0, 4, (b, s)), axis=1)
+    if segments == "shared":
+      seg = {"segment_ids": jnp.asarray(kv_ids, jnp.int32)}
+    else:
+      q_ids = kv_ids.copy()
+      q_ids[:, ::5] = 99
+      seg = {"q_segment_ids": jnp.asarray(q_ids, jnp.int32),
+             "kv_segment_ids": jnp.asarray(kv_ids, jnp.int32)}
+  return q, k, v, dout, dlse, seg or {}
+
+
+def _out_lse_grads(fn, q, k, v, dout, dlse):
+  """(out, lse, dq, dk, dv) of fn(q, k, v) -> (out, lse) under cotangents."""
+  (out, lse), vjp = jax.vjp(fn, q, k, v)
+  return (out, lse) + vjp((dout, dlse))
+
+
+def check_context_parallel(world, strategy, backend, *, causal=True, dtype=F32,
+                           hq=4, hk=2, d=32, b=1, chunk=16, segments=None, seed=0,
+                           config=SMALL):
+  """context_parallel_attention over a ``world``-device mesh == reference."""
+  mesh = _mesh(world)
+  s = 2 * world * chunk
+  q, k, v, dout, dlse, seg = _inputs(seed, b=b, s=s, hq=hq, hk=hk, d=d, dtype=dtype,
+                                     segments=segments)
+  f32 = lambda x: x.astype(F32)
+  ref = lambda q, k, v: ga.attention(q, k, v, causal=causal, backend="xla",
+                                     return_lse=True, **seg)
+  want = jax.jit(lambda *a: _out_lse_grads(ref, *a))(f32(q), f32(k), f32(v), f32(dout), dlse)
+  cp = lambda q, k, v: ga.context_parallel_attention(
+      q, k, v, mesh, "cp", strategy=strategy, causal=causal, backend=backend,
+      return_lse=True, config=config, backward=_backward_mode(backend), **seg)
+  got = jax.jit(lambda *a: _out_lse_grads(cp, *a))(q, k, v, dout, dlse)
+  name = f"W{world}-{strategy}-{backend}"
+  assert got[0].dtype == dtype and got[0].shape == q.shape
+  assert got[1].dtype == F32 and got[1].shape == (b, hq, s)
+  assert_close(name, got[0], want[0], OUT_TOL[dtype], what=" out")
+  assert_close(name, got[1], want[1], LSE_TOL[dtype], what=" lse")
+  for gname, g, w, x in zip(("dq", "dk", "dv"), got[2:], want[2:], (q, k, v)):
+    assert g.dtype == x.dtype and g.shape == x.shape, f"{gname}: {g.dtype} {g.shape}"
+    scale = float(np.max(np.abs(np.asarray(w)))) or 1.0
+    atol, rtol = GRAD_TOL[dtype]
+    assert_close(name, g, w, (atol * scale, rtol), what=f" {gname}")
+
+
+# ------------------------------------------------------------- index math --
+
+@pytest.mark.parametrize("world", [1, 2, 3, 4])
+def test_zigzag_permute_roundtrip(world):
+  x = jnp.arange(2 * 3 * 8 * world).reshape(2, 8 * world, 3)
+  z = ga.zigzag_permute(x, world)
+  np.testing.assert_array_equal(ga.zigzag_unpermute(z, world), x)
+  np.testing.assert_array_equal(z[0, :, 0] // 3, ga.zigzag_positions(8 * world, world))
+  c = 4
+  for r in range(world):   # device r's shard is chunks r and 2W-1-r
+    shard = np.asarray(z[0, r * 2 * c:(r + 1) * 2 * c, 0]) // 3
+    lo, hi = zigzag.zigzag_chunks(r, world)
+    np.testing.assert_array_equal(shard, np.r_[lo * c:(lo + 1) * c, hi * c:(hi + 1) * c])
+  lse = jnp.arange(8 * world)[None, None]   # lse layout [B, H, S]: axis 2
+  np.testing.assert_array_equal(
+      ga.zigzag_unpermute(ga.zigzag_permute(lse, world, axis=2), world, axis=2), lse)
+
+
+def test_zigzag_permute_errors():
+  with pytest.raises(ValueError, match="divisible by 2\\*world_size=8"):
+    ga.zigzag_permute(jnp.zeros((1, 12, 2, 32)), 4)
+  with pytest.raises(ValueError, match="world_size"):
+    ga.zigzag_unpermute(jnp.zeros((1, 12)), 0)
+  with pytest.raises(ValueError, match="axis=3"):
+    ga.zigzag_permute(jnp.zeros((1, 12)), 1, axis=3)
+
+
+@pytest.mark.parametrize("causal", [True, False])
+def test_ring_steps_match_the_global_mask(causal):
+  # Every (rank, source) step's mask equals the global mask restricted to the
+  # local queries and the visiting keys.
+  for world in (1, 2, 3, 5):
+    c = 3
+    order = zigzag.zigzag_order(2 * world * c, world)
+    for r in range(world):
+      q_pos = order[r * 2 * c:(r + 1) * 2 * c]
+      for src in range(world):
+        k_pos = order[src * 2 * c:(src + 1) * 2 * c]
+        want = (k_pos[None] <= q_pos[:, None]) if causal else np.ones((2 * c, 2 * c), bool)
+        st = zigzag.zigzag_ring_step(r, src, world, c, causal=causal)
+        pos, kv_len = row_positions((st.group,), st.q_stop - st.q_start)
+        j = np.arange(st.kv_stop - st.kv_start)
+        m = j[None] < kv_len[:, None]
+        if st.causal:
+          m &= j[None] <= pos[:, None]
+        got = np.zeros_like(want)
+        got[st.q_start:st.q_stop, st.kv_start:st.kv_stop] = m
+        np.testing.assert_array_equal(got, want, err_msg=f"{world=} {r=} {src=}")
+
+
+def test_merge_partials_is_exact_and_nan_free():
+  rng = np.random.default_rng(0)
+  b, t, h, d = 1, 6, 2, 8
+  o1, o2 = (jnp.asarray(rng.standard_normal((b, t, h, d)), F32) for _ in range(2))
+  l1, l2 = (jnp.asarray(rng.standard_normal((b, h, t)), F32) for _ in range(2))
+  inf = jnp.full((b, h, t), -jnp.inf)
+  l1 = l1.at[:, :, :2].set(-jnp.inf)   # rows 0-1 saw nothing in part 1
+  l2 = l2.at[:, :, 1:3].set(-jnp.inf)  # rows 1-2 nothing in part 2: row 1 nothing at all
+  o1 = jnp.where(jnp.isinf(l1).transpose(0, 2, 1)[..., None], 0.0, o1)
+  o2 = jnp.where(jnp.isinf(l2).transpose(0, 2, 1)[..., None], 0.0, o2)
+  out, lse = merge_partials(o1, l1, o2, l2)
+  assert not np.isnan(np.asarray(out)).any() and not np.isnan(np.asarray(lse)).any()
+  np.testing.assert_allclose(np.asarray(lse), np.asarray(jnp.logaddexp(l1, l2)), rtol=1e-6,
+                             atol=1e-6)
+  w1 = jnp.exp(l1 - lse).transpose(0, 2, 1)[..., None]
+  w2 = jnp.exp(l2 - lse).transpose(0, 2, 1)[..., None]
+  ok = np.isfinite(np.asarray(lse)).transpose(0, 2, 1)[..., None]
+  np.testing.assert_allclose(np.asarray(out), np.where(ok, np.asarray(w1 * o1 + w2 * o2), 0),
+                             rtol=1e-5, atol=1e-6)
+  assert (np.asarray(out[:, 1]) == 0).all() and np.isneginf(np.asarray(lse[:, :, 1])).all()
+  out, lse = merge_partials(o1, inf, jnp.zeros_like(o1), inf)
+  assert (np.asarray(out) == 0).all() and np.isneginf(np.asarray(lse)).all()
+
+
+# ---------------------------------------------------- xla backend, W = 1..8 --
+
+XLA_MATRIX = [
+    # (world, causal, dtype, hq, hk, segments)
+    (1, True, F32, 4, 2, None),
+    (2, False, BF16, 8, 2, "shared"),
+    (4, True, F32, 4, 4, "split"),   # rows that see no key at all
+    (8, True, BF16, 4, 2, None),
+]
+
+
+@pytest.mark.parametrize("strategy", ["allgather", "ring"])
+@pytest.mark.parametrize("world,causal,dtype,hq,hk,segments", XLA_MATRIX,
+                         ids=lambda x: getattr(x, "__name__", str(x)))
+def test_xla_backend_matches_reference(world, causal, dtype, hq, hk, segments, strategy):
+  check_context_parallel(world, strategy, "xla", causal=causal, dtype=dtype, hq=hq,
+                         hk=hk, segments=segments, b=2, seed=world)
+
+
+# ------------------------------------------ kernel backends (interpreted) --
+
+KERNEL_MATRIX = [
+    # (world, strategy, causal, dtype, hq, hk, segments)
+    (2, "allgather", True, BF16, 4, 2, "split"),
+    (2, "ring", True, BF16, 4, 2, "split"),
+    (4, "ring", True, F32, 2, 1, "shared"),
+    (2, "ring", False, F32, 2, 2, "split"),
+]
+
+
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
+@pytest.mark.parametrize("world,strategy,causal,dtype,hq,hk,segments", KERNEL_MATRIX,
+                         ids=lambda x: getattr(x, "__name__", str(x)))
+def test_kernel_backends_match_reference(world, strategy, causal, dtype, hq, hk, segments,
+                                         backend):
+  check_context_parallel(world, strategy, backend, causal=causal, dtype=dtype, hq=hq,
+                         hk=hk, segments=segments, seed=10 + world)
+
+
+# ------------------------------------------------ user-written shard_map --
+
+@pytest.mark.parametrize("strategy", ["allgather", "ring"])
+def test_attention_inside_user_shard_map_under_jit(strategy):
+  # The documented pattern: permute once, shard_map over a real Mesh (Auto
+  # axes, check_vma on), per-device positions from zigzag_positions.
+  world, b, s, h, d = 4, 2, 64, 2, 32
+  mesh = jax.sharding.Mesh(np.array(jax.devices()[:world]), ("data_cp",))
+  q, k, v, dout, dlse, _ = _inputs(3, b=b, s=s, hq=h, hk=h, d=d, dtype=F32, segments=None)
+  pos = jnp.asarray(ga.zigzag_positions(s, world))
+  cp = ContextParallel("data_cp", strategy)
+
+  def local(q, k, v, pos):
+    # RoPE-style use of the local positions: rotate q, k by position parity.
+    sign = jnp.where(pos % 2 == 0, 1.0, -1.0)[None, :, None, None]
+    return ga.attention(q * sign, k * sign, v, causal=True, backend="xla",
+                        context_parallel=cp)
+
+  spec = P(None, "data_cp")
+  fn = jax.jit(jax.shard_map(local, mesh=mesh, in_specs=(spec, spec, spec, P("data_cp")),
+                             out_specs=spec))
+  perm = lambda x: ga.zigzag_permute(x, world)
+  out = ga.zigzag_unpermute(fn(perm(q), perm(k), perm(v), pos), world)
+  sign = jnp.where(jnp.arange(s) % 2 == 0, 1.0, -1.0)[None, :, None, None]
+  want = ga.attention(q * sign, k * sign, v, causal=True, backend="xla")
+  assert_close("user_shard_map", out, want, OUT_TOL[F32])
+
+
+def test_two_dimensional_mesh_batch_and_context_axes():
+  mesh = jax.make_mesh((2, 4), ("data", "cp"), devices=jax.devices()[:8])
+  q, k, v, dout, dlse, seg = _inputs(4, b=2, s=64, hq=4, hk=2, d=32, dtype=F32,
+                                     segments="shared")
+  fn = jax.jit(lambda q, k, v: ga.context_parallel_attention(
+      q, k, v, mesh, "cp", strategy="ring", causal=True, batch_axis_name="data",
+      backend="xla", **seg))
+  want = ga.attention(q, k, v, causal=True, backend="xla", **seg)
+  assert_close("2d_mesh", fn(q, k, v), want, OUT_TOL[F32])
+
+
+def test_errors_are_clear():
+  with pytest.raises(ValueError, match="strategy='tree' is unknown"):
+    ContextParallel("cp", "tree")
+  with pytest.raises(TypeError, match="axis_name"):
+    ContextParallel(3)
+  q = jnp.zeros((1, 32, 2, 32))
+  with pytest.raises(ValueError, match="'cp' is not bound"):
+    ga.attention(q, q, q, causal=True, backend="xla", context_parallel=ContextParallel("cp"))
+  with pytest.raises(TypeError, match="ContextParallel"):
+    ga.attention(q, q, q, backend="xla", context_parallel="cp")
+  mesh = _mesh(4)
+  with pytest.raises(ValueError, match="divisible by 2 \\* world_size = 8"):
+    ga.context_parallel_attention(jnp.zeros((1, 36, 2, 32)), *(jnp.zeros((1, 36, 2, 32)),) * 2,
+                                  mesh, "cp", backend="xla")
+  with pytest.raises(ValueError, match="not an axis of the mesh"):
+    ga.context_parallel_attention(q, q, q, mesh, "sp", backend="xla")
+  # Local shards of different lengths / odd length, inside shard_map.
+  mesh = jax.sharding.Mesh(np.array(jax.devices()[:4]), ("cp",))
+  sm = lambda f, n: jax.shard_map(f, mesh=mesh, in_specs=(P(None, "cp"),) * n,
+                                  out_specs=P(None, "cp"))
+  with pytest.raises(ValueError, match="must have equal length"):
+    sm(lambda q, k: ga.attention(q, k, k, backend="xla",
+                                 context_parallel=ContextParallel("cp")), 2)(
+                                     q, jnp.zeros((1, 64, 2, 32)))
+  with pytest.raises(ValueError, match="must be even"):
+    sm(lambda q: ga.attention(q, q, q, backend="xla", context_parallel=ContextParallel("cp")),
+       1)(jnp.zeros((1, 12, 2, 32)))
+
+
+# ------------------------------------------------ communication and memory --
+
+def _shard_mapped_vjp(strategy, world, local_len, hq=2, hk=1, d=32, backend="xla"):
+  mesh = jax.sharding.Mesh(np.array(jax.devices()[:world]), ("cp",))
+  cp = ContextParallel("cp", strategy)
+
+  def local(q, k, v, dout):
+    f = lambda q, k, v: ga.attention(q, k, v, causal=True, backend=backend,
+                                     context_parallel=cp)
+    out, vjp = jax.vjp(f, q, k, v)
+    return (out,) + vjp(dout)
+
+  spec = P(None, "cp")
+  fn = jax.jit(jax.shard_map(local, mesh=mesh, in_specs=(spec,) * 4, out_specs=(spec,) * 4))
+  sq = jax.ShapeDtypeStruct((1, local_len * world, hq, d), F32)
+  sk = jax.ShapeDtypeStruct((1, local_len * world, hk, d), F32)
+  return fn.lower(sq, sk, sk, sq)
+
+
+def test_allgather_backward_is_a_reduce_scatter():
+  world, local_len = 4, 32
+  lowered = _shard_mapped_vjp("allgather", world, local_len)
+  hlo = lowered.compile().as_text()
+  scatters = re.findall(r"= (\S+) reduce-scatter\(", hlo)
+  assert len(scatters) == 2, scatters   # dK and dV
+  for shape in scatters:   # each back to the local shard size
+    assert f"[1,{local_len},1,32]" in shape, shape
+  assert "all-reduce(" not in hlo
+  assert len(re.findall(r" all-gather\(", hlo)) >= 2
+
+
+def test_ring_memory_does_not_grow_with_world_size():
+  # Fixed local length: the ring's temporaries stay O(local shard) while the
+  # all-gather's gathered K, V grow with W (so the measure is meaningful).
+  local_len = 64
+  compiled = {(strategy, world): _shard_mapped_vjp(strategy, world, local_len).compile()
+              for strategy, world in (("ring", 2), ("ring", 8), ("allgather", 2),
+                                      ("allgather", 4))}
+  temp = {key: c.memory_analysis().temp_size_in_bytes for key, c in compiled.items()}
+  assert temp["ring", 8] <= 1.05 * temp["ring", 2], temp
+  assert temp["allgather", 4] > 1.5 * temp["allgather", 2], temp
+  # No ring buffer exceeds the local shard's sequence length.
+  hlo = compiled["ring", 8].as_text()
+  lengths = {int(m) for m in re.findall(r"f32\[1,(\d+),\d+,32\]", hlo)}
+  assert lengths and max(lengths) <= local_len, lengths
+
+
+# --------------------------------------------------------- multi-process --
+
+def _free_port():
+  with socket.socket() as sock:
+    sock.bind(("localhost", 0))
+    return sock.getsockname()[1]
+
+
+def test_two_processes_on_one_machine():
+  worker = os.path.join(os.path.dirname(__file__), "multiprocess_worker.py")
+  port = _free_port()
+  env = dict(os.environ, JAX_PLATFORMS="cpu")
+  procs = [subprocess.Popen([sys.executable, worker, str(i), "2", str(port)], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+           for i in range(2)]
+  logs = []
+  try:
+    for p in procs:
+      logs.append(p.communicate(timeout=240)[0])
+  finally:
+    for p in procs:
+      if p.poll() is None:
+        p.kill()
+        p.communicate()
+  for i, (p, log) in enumerate(zip(procs, logs)):
+    assert p.returncode == 0 and f"OK {i}" in log, f"process {i} rc={p.returncode}:\n{log[-3000:]}"
+
+
+# ------------------------------------------------------------------- GPU --
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("strategy", ["allgather", "ring"])
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
+def test_multi_gpu_matches_reference(strategy, backend):
+  if jax.device_count() < 2:
+    pytest.skip(f"needs >= 2 GPUs for context parallelism, have {jax.device_count()}")
+  world = 2 ** int(np.log2(min(jax.device_count(), 8)))
+  check_context_parallel(world, strategy, backend, causal=True, dtype=BF16, hq=8, hk=2,
+                         d=128, b=2, chunk=256, segments="shared", seed=5,
+                         config=None)
