@@ -6,7 +6,8 @@ layers stacked and run with ``jax.lax.scan``; AdamW (optax) under ``jax.jit``.
 with ``shard_map`` (RoPE then takes each local token's ``zigzag_positions``).
 
   python benchmarks/llama.py --backend triton --preset small --seq 4096
-  python benchmarks/llama.py --backend pallas --context-parallel 2  # 2 GPUs
+  python benchmarks/llama.py --backend jax-cudnn --preset small --seq 4096
+  python benchmarks/llama.py --backend triton --context-parallel 2  # 2 GPUs
 
 Prints the training-step time and tokens/s.
 """
@@ -58,11 +59,11 @@ class LlamaConfig:
 PRESETS = {
     "tiny": LlamaConfig(vocab_size=128, dim=64, n_layers=2, n_heads=2,
                         n_kv_heads=1, ffn_dim=128, dtype="float32"),
-    "small": LlamaConfig(),                                   # ~110M, head_dim 64
+    "small": LlamaConfig(),                                   # ~125M, head_dim 64
     "medium": LlamaConfig(dim=1024, n_layers=24, n_heads=8, n_kv_heads=2,
-                          ffn_dim=2816),                      # ~330M, head_dim 128
+                          ffn_dim=2816),                      # ~336M, head_dim 128
     "1b": LlamaConfig(dim=2048, n_layers=16, n_heads=32, n_kv_heads=8,
-                      ffn_dim=8192),                          # Llama-3.2-1B shape
+                      ffn_dim=8192),                          # ~1.1B, Llama-3.2-1B-like
 }
 
 
@@ -264,6 +265,16 @@ def make_train_step(grad_fn, tx, return_grads: bool = False):
   return step
 
 
+JAX_BASELINES = ("jax-xla", "jax-cudnn")
+
+
+def baseline_attention_fn(name: str):
+  """Causal jax.nn.dot_product_attention (implementation "xla" or "cudnn")."""
+  impl = name.removeprefix("jax-")
+  return lambda q, k, v: jax.nn.dot_product_attention(q, k, v, is_causal=True,
+                                                       implementation=impl)
+
+
 def context_parallel_spec(axis_name: str, strategy: str | None):
   """The package's ContextParallel (jax_grouped_attn.parallel)."""
   from jax_grouped_attn.parallel import ContextParallel
@@ -299,7 +310,9 @@ def build(cfg: LlamaConfig, seed: int = 0, remat: bool = False):
 def main(argv=None):
   ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   ap.add_argument("--backend", default="auto",
-                  choices=["auto", "xla", "pallas", "triton"])
+                  choices=["auto", "xla", "pallas", "triton", *JAX_BASELINES],
+                  help="jax_grouped_attn backend, or a jax.nn.dot_product_attention "
+                  "baseline (jax-xla, jax-cudnn; single device only)")
   ap.add_argument("--backward", default="kernel", choices=["kernel", "reference"])
   ap.add_argument("--context-parallel", type=int, default=0, metavar="N",
                   help="shard the sequence over N devices (zigzag); 0 = off")
@@ -324,6 +337,8 @@ def main(argv=None):
   opt_state = tx.init(params)
   n_params = count_params(params)
   cp = args.context_parallel
+  if cp and args.backend in JAX_BASELINES:
+    ap.error(f"--backend {args.backend} has no context parallelism.")
   if cp:
     mesh = make_cp_mesh(cp, args.data_parallel)
     if args.batch % mesh.shape["dp"] or args.seq % (2 * cp):
@@ -337,9 +352,10 @@ def main(argv=None):
     params, opt_state = jax.device_put((params, opt_state), replicated)
     data_sharding = NamedSharding(mesh, P("dp", "cp"))
     pos_sharding = NamedSharding(mesh, P("cp"))
-    layout = f"mesh dp={mesh.shape['dp']} x cp={cp}, zigzag, strategy={args.cp_strategy or 'default'}"
+    layout = f"mesh dp={mesh.shape['dp']} x cp={cp}, zigzag, strategy={spec.strategy}"
   else:
-    attn = make_attention_fn(causal=True, backend=args.backend, backward=args.backward)
+    attn = (baseline_attention_fn(args.backend) if args.backend in JAX_BASELINES else
+            make_attention_fn(causal=True, backend=args.backend, backward=args.backward))
     grad_fn = make_grad_fn(graphdef, attn)
     layout = "single device"
   step = make_train_step(grad_fn, tx)
