@@ -1,0 +1,83 @@
+"""The benchmark's CPU smoke mode and its checking machinery (oracle, lse composition)."""
+
+import json
+import math
+import os
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import jax_grouped_attn as ga  # noqa: E402
+from benchmarks import bench, common, impls  # noqa: E402
+
+
+def _reference(wl, q, k, v):
+  return ga.grouped_attention(q, k, v, wl.groups, causal=wl.causal, backend="xla")
+
+
+@pytest.mark.parametrize("wl", [
+    common.zigzag_workload(2, 96, 1, hq=4, hk=2, d=32, batch=2, dtype="float32"),
+    common.contiguous_workload(4, 64, 2, hq=2, hk=1, d=32, dtype="float32"),
+    common.causal_workload(1, 40, 2, 2, 32, dtype="float32"),
+], ids=lambda wl: wl.name)
+def test_oracle_matches_reference_autodiff(wl):
+  q, k, v, do = common.make_inputs(wl, 3)
+  sel = common.selection(wl)
+  # A tiny logits budget forces several row chunks plus padding rows.
+  got = common.oracle(wl, q, k, v, do, sel, max_elems=8 * wl.tk * len(sel.q_heads))
+  out, vjp = jax.vjp(lambda q, k, v: _reference(wl, q, k, v), q, k, v)
+  dq, dk, dv = vjp(do)
+  for name, g, w in [("out", got["out"], sel.q(out)), ("dq", got["dq"], sel.q(dq)),
+                     ("dk", got["dk"], sel.kv(dk)), ("dv", got["dv"], sel.kv(dv))]:
+    np.testing.assert_allclose(np.asarray(g), np.asarray(w), atol=2e-5, rtol=2e-5, err_msg=name)
+
+
+def test_lse_composition_has_exact_forward_and_gradients():
+  # The cuDNN composition's merge and custom VJP (merged out/lse handed to
+  # every part's backward), with the reference standing in for cuDNN.
+  wl = common.zigzag_workload(4, 128, 1, hq=4, hk=2, d=32, dtype="float32")
+  q, k, v, do = common.make_inputs(wl, 5)
+  fn = impls.composed_attention(wl.groups, True, 1 / math.sqrt(wl.d), impls.ReferenceParts())
+  assert [len(s) for _, s in impls.composition_parts(wl.groups, True)] == [2, 2]
+  out, vjp = jax.vjp(fn, q, k, v)
+  want_out, want_vjp = jax.vjp(lambda q, k, v: _reference(wl, q, k, v), q, k, v)
+  np.testing.assert_allclose(np.asarray(out), np.asarray(want_out), atol=2e-5)
+  for g, w in zip(jax.jit(vjp)(do), want_vjp(do)):
+    np.testing.assert_allclose(np.asarray(g), np.asarray(w), atol=2e-5)
+  with pytest.raises(ValueError, match="kv_len == q_pos"):
+    impls.composition_parts((ga.QueryGroup(0, 8, 0, 16),), True)
+
+
+def test_smoke_mode_writes_reports_with_small_errors(tmp_path):
+  if common.on_gpu():
+    pytest.skip("smoke mode is the CPU path")
+  out = tmp_path / "bench"
+  res = bench.main(["--smoke", "--out", str(out), "--shape", "1x32x2x2x32", "--zigzag", "2x64",
+                    "--backends", "pallas,xla,cudnn,jax-pallas-mha,two-launch",
+                    "--reps", "1", "--warmup", "0"])
+  data = json.loads((out / "bench.json").read_text())
+  md = (out / "bench.md").read_text()
+  assert data["mode"] == "smoke" and data["timings_meaningful"] is False
+  assert "timings here mean nothing" in md and "## Load balance" in md
+  assert data["environment"]["jax"] == jax.__version__
+  rows = data["rows"]
+  ran = [r for r in rows if r["status"] not in ("skipped",)]
+  assert ran and not [r for r in rows if r["status"] in ("error", "wrong")], \
+      [(r["workload"], r["impl"], r["pass"], r.get("reason")) for r in rows
+       if r["status"] in ("error", "wrong")]
+  impls_ran = {r["impl"] for r in ran}
+  assert {"pallas", "xla", "pallas-2launch", "jax-pallas-mha"} <= impls_ran
+  # cuDNN is skipped with a printed reason; every checked error is small.
+  assert all("GPU" in r["reason"] for r in rows if r["impl"] == "cudnn")
+  for r in ran:
+    for name, c in (r.get("check") or {}).items():
+      assert c["ok"] and c["max_abs_err"] < 5e-2, (r["workload"], r["impl"], name, c)
+  assert {r["pass"] for r in ran} == {"fwd", "bwd", "fwdbwd"}
+  assert data["balance"] and data["summary"]["fastest"]
+  for png in res.get("plots", []):
+    assert (out / png).stat().st_size > 1000

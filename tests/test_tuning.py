@@ -1,0 +1,112 @@
+"""The per-GPU tuned table: lookup, buckets, and the heuristic fallback."""
+
+import json
+
+import pytest
+
+from jax_grouped_attn import config, tuning
+from jax_grouped_attn.config import BackwardConfig, ForwardConfig
+
+FAKE = "Fake GPU 9000 (80GB)"
+
+
+def _entry(bq, bk, w, s, ms=1.0):
+  return {"block_q": bq, "block_k": bk, "num_warps": w, "num_stages": s, "ms": ms}
+
+
+@pytest.fixture
+def fake_table(tmp_path, monkeypatch):
+  table = {
+      "format": tuning.FORMAT, "gpu": FAKE,
+      "entries": {
+          "triton": {
+              "forward": {"bfloat16": {"128": {"8192": _entry(64, 32, 4, 5),
+                                               "32768": _entry(128, 64, 8, 4),
+                                               "any": _entry(64, 64, 4, 3)}}},
+              "backward": {"bfloat16": {"64": {"any": _entry(32, 128, 8, 1)}}},
+          },
+          "pallas": {"forward": {"bfloat16": {"128": {"8192": _entry(16, 16, 1, 1)}}}},
+      },
+  }
+  path = tmp_path / (tuning.slug(FAKE) + ".json")
+  path.write_text(json.dumps(table))
+  monkeypatch.setenv(tuning.ENV_DIR, str(tmp_path))
+  monkeypatch.setenv(tuning.ENV_GPU, FAKE)
+  monkeypatch.delenv(tuning.ENV_OFF, raising=False)
+  tuning.clear_cache()
+  yield path
+  tuning.clear_cache()
+
+
+def _heuristic(monkeypatch, fn, *args):
+  monkeypatch.setenv(tuning.ENV_OFF, "1")
+  try:
+    return fn(*args)
+  finally:
+    monkeypatch.delenv(tuning.ENV_OFF)
+
+
+def test_slug_and_buckets():
+  assert tuning.slug("NVIDIA H100 80GB HBM3") == "nvidia_h100_80gb_hbm3"
+  assert tuning.seq_bucket(1) == tuning.SEQ_BUCKETS[0]
+  assert tuning.seq_bucket(8192) == 8192 and tuning.seq_bucket(8193) == 32768
+  assert tuning.seq_bucket(10 ** 7) == tuning.SEQ_BUCKETS[-1]
+
+
+def test_table_entry_is_picked_for_the_fake_gpu(fake_table):
+  assert tuning.table_path() == str(fake_table)
+  got = config.default_forward_config(128, "triton", seq_len=8000, dtype="bfloat16")
+  assert got == ForwardConfig(block_q=64, block_k=32, num_warps=4, num_stages=5)
+  long = config.default_forward_config(128, "triton", seq_len=20000)
+  assert long == ForwardConfig(block_q=128, block_k=64, num_warps=8, num_stages=4)
+  # Unknown length -> the table's best-overall entry; the old 2-argument call works.
+  assert config.default_forward_config(128, "triton") == ForwardConfig(64, 64, 4, 3)
+  # Length beyond every bucket -> nearest bucket; 96 -> padded 128; fp16 -> bf16 table.
+  assert config.default_forward_config(96, "triton", seq_len=10 ** 6, dtype="float16") == \
+      ForwardConfig(128, 64, 8, 4)
+  assert config.default_backward_config(64, "triton", seq_len=4096) == \
+      BackwardConfig(block_q=32, block_k=128, num_warps=8, num_stages=1)
+  assert config.default_forward_config(128, "pallas", seq_len=2048) == ForwardConfig(16, 16, 1, 1)
+
+
+def test_missing_entries_fall_back_to_the_heuristic(fake_table, monkeypatch):
+  for fn, args in [(config.default_forward_config, (64, "triton")),        # no such head_dim
+                   (config.default_backward_config, (128, "triton")),      # no such pass entry
+                   (config.default_forward_config, (128, "xla")),          # no such backend
+                   (config.default_forward_config, (128, "triton", 8192, "float32"))]:
+    assert fn(*args) == _heuristic(monkeypatch, fn, *args), (fn.__name__, args)
+
+
+def test_unknown_gpu_falls_back_to_the_heuristic(fake_table, monkeypatch):
+  monkeypatch.setenv(tuning.ENV_GPU, "Some Unknown GPU")
+  tuning.clear_cache()
+  assert tuning.table_path() is None
+  for d in (64, 128, 256):
+    assert config.default_forward_config(d, "triton", seq_len=8192) == \
+        _heuristic(monkeypatch, config.default_forward_config, d, "triton")
+    assert config.default_backward_config(d, "pallas") == \
+        _heuristic(monkeypatch, config.default_backward_config, d, "pallas")
+
+
+def test_no_gpu_no_table(monkeypatch):
+  monkeypatch.delenv(tuning.ENV_GPU, raising=False)
+  monkeypatch.delenv(tuning.ENV_OFF, raising=False)
+  tuning.clear_cache()
+  import jax
+  if jax.default_backend() != "gpu":
+    assert tuning.gpu_name() is None and tuning.table_path() is None
+
+
+def test_broken_tables_never_break_attention(fake_table, monkeypatch):
+  fake_table.write_text("{not json")
+  tuning.clear_cache()
+  with pytest.warns(UserWarning, match="ignoring tuned table"):
+    got = config.default_forward_config(128, "triton", seq_len=8192)
+  assert got == _heuristic(monkeypatch, config.default_forward_config, 128, "triton")
+  # A well-formed file with an invalid config (block_q 24 is no power of two).
+  fake_table.write_text(json.dumps({"format": tuning.FORMAT, "gpu": FAKE, "entries": {
+      "triton": {"forward": {"bfloat16": {"128": {"any": _entry(24, 64, 4, 2)}}}}}}))
+  tuning.clear_cache()
+  with pytest.warns(UserWarning, match="unusable tuned forward entry"):
+    got = config.default_forward_config(128, "triton")
+  assert got == _heuristic(monkeypatch, config.default_forward_config, 128, "triton")
