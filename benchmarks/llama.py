@@ -31,6 +31,7 @@ import optax
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from jax_grouped_attn import ContextParallel
 from jax_grouped_attn.flax import make_attention_fn
 from jax_grouped_attn.zigzag import zigzag_order, zigzag_positions
 
@@ -276,8 +277,7 @@ def baseline_attention_fn(name: str):
 
 
 def context_parallel_spec(axis_name: str, strategy: str | None):
-  """The package's ContextParallel (jax_grouped_attn.parallel)."""
-  from jax_grouped_attn.parallel import ContextParallel
+  """ContextParallel over ``axis_name`` (the package's default strategy if None)."""
   return ContextParallel(axis_name) if strategy is None else ContextParallel(axis_name, strategy)
 
 

@@ -234,17 +234,6 @@ def test_llama_pallas_matches_reference(llama_reference):
     assert_trees_close(g, g_ref, **GRAD_TOL)
 
 
-def _cp_available():
-  try:
-    llama.context_parallel_spec("cp", None)
-    import inspect
-    from jax_grouped_attn.api import attention
-    return "context_parallel" in inspect.signature(attention).parameters
-  except ImportError:
-    return False
-
-
-@pytest.mark.skipif(not _cp_available(), reason="jax_grouped_attn.parallel not available")
 @pytest.mark.parametrize("dp, cp, strategy, backend", [
     (1, 4, "ring", "xla"),
     (2, 2, "allgather", "pallas"),
@@ -265,8 +254,10 @@ def test_llama_context_parallel_matches_single_device(llama_reference, dp, cp, s
     assert_trees_close(g, g_ref, **GRAD_TOL)
 
 
-def test_llama_cli_smoke(capsys):
+@pytest.mark.parametrize("extra", [[], ["--context-parallel", "2", "--data-parallel", "1"]],
+                         ids=["single", "cp2"])
+def test_llama_cli_smoke(capsys, extra):
   llama.main(["--preset", "tiny", "--backend", "xla", "--seq", "32", "--batch", "2",
-              "--steps", "2", "--warmup", "1"])
+              "--steps", "2", "--warmup", "1", *extra])
   out = capsys.readouterr().out
   assert "tokens/s" in out and "step time" in out
