@@ -4,9 +4,9 @@
 ``flax.linen.MultiHeadDotProductAttention(attention_fn=...)`` and
 ``flax.nnx.MultiHeadAttention(attention_fn=...)`` call. Masking rule:
 
-* ``mask=None``: the mask is ``causal`` (from ``make_attention_fn``, bottom-right
-  aligned when Tq != Tk) or, with nnx's ``is_causal=True``, Flax's causal mask
-  (needs Tq == Tk).
+* ``mask=None``: causal if ``make_attention_fn(causal=True)`` (bottom-right
+  aligned when Tq != Tk) or nnx's ``is_causal=True`` (Flax aligns it
+  top-left, so it needs Tq == Tk); otherwise every key is seen.
 * a concrete (not traced) ``mask``: accepted only if ``mask AND causal`` is
   exactly the causal mask or all True; the function then runs causal or not.
 * a traced ``mask`` (e.g. ``nn.make_causal_mask`` inside ``jax.jit``) cannot be
@@ -25,7 +25,7 @@ from typing import Any
 
 try:
   import flax  # noqa: F401
-except ImportError as e:  # pragma: no cover - exercised without flax only
+except ImportError as e:
   raise ImportError(
       "jax_grouped_attn.flax needs Flax, which is not installed; install it "
       "with `pip install 'jax_grouped_attn[flax]'` (or `pip install flax`).") from e
