@@ -238,12 +238,13 @@ def test_attention_inside_user_shard_map_under_jit(strategy):
   assert_close("user_shard_map", out, want, OUT_TOL[F32])
 
 
-def test_two_dimensional_mesh_batch_and_context_axes():
-  mesh = jax.make_mesh((2, 4), ("data", "cp"), devices=jax.devices()[:8])
+def test_batch_axis_and_tuple_context_axis():
+  # 3-D mesh: batch over "data", the sequence over the pair ("x", "y") (W = 4).
+  mesh = jax.make_mesh((2, 2, 2), ("data", "x", "y"), devices=jax.devices()[:8])
   q, k, v, dout, dlse, seg = _inputs(4, b=2, s=64, hq=4, hk=2, d=32, dtype=F32,
                                      segments="shared")
   fn = jax.jit(lambda q, k, v: ga.context_parallel_attention(
-      q, k, v, mesh, "cp", strategy="ring", causal=True, batch_axis_name="data",
+      q, k, v, mesh, ("x", "y"), strategy="ring", causal=True, batch_axis_name="data",
       backend="xla", **seg))
   want = ga.attention(q, k, v, causal=True, backend="xla", **seg)
   assert_close("2d_mesh", fn(q, k, v), want, OUT_TOL[F32])
