@@ -109,9 +109,10 @@ def _prepare(problem: Problem, plan, q, k, v, q_seg, kv_seg):
   return q, k, v, q_seg, kv_seg
 
 
-def _plans(problem: Problem, backend: str, config: AttentionConfig):
-  fwd = config.forward or default_forward_config(problem.head_dim, backend)
-  bwd = config.backward or default_backward_config(problem.head_dim, backend)
+def _plans(problem: Problem, backend: str, config: AttentionConfig, dtype=None):
+  # dtype: float32 Triton dots need smaller default tiles (config.py).
+  fwd = config.forward or default_forward_config(problem.head_dim, backend, dtype=dtype)
+  bwd = config.backward or default_backward_config(problem.head_dim, backend, dtype=dtype)
   return fwd, bwd
 
 
@@ -121,7 +122,7 @@ def attention_fwd(problem, backend, config, interpret, q, k, v, q_seg, kv_seg):
   """Forward of any backend ("xla" too): (out [B,Tq,Hq,D], lse [B,Hq,Tq] f32)."""
   if backend == "xla":
     return reference_attention(problem, q, k, v, q_seg, kv_seg)
-  fwd_cfg, _ = _plans(problem, backend, config)
+  fwd_cfg, _ = _plans(problem, backend, config, q.dtype)
   plan = plan_lib.make_plan(problem, fwd_cfg.block_q, fwd_cfg.block_k)
   qp, kp, vp, qs, ks = _prepare(problem, plan, q, k, v, q_seg, kv_seg)
   out_p, lse_p = batch_folding(backend_module(backend).forward)(
@@ -172,7 +173,7 @@ def _kernel_backward(problem, backend, config, interpret, q, k, v, q_seg, kv_seg
     raise NotImplementedError(
         f"backend={backend!r} has no backward kernel yet; pass "
         "backward='reference' to differentiate with the reference backward.")
-  _, bwd_cfg = _plans(problem, backend, config)
+  _, bwd_cfg = _plans(problem, backend, config, q.dtype)
   plan = plan_lib.make_plan(problem, bwd_cfg.block_q, bwd_cfg.block_k)
   qp, kp, vp, qs, ks = _prepare(problem, plan, q, k, v, q_seg, kv_seg)
   dp = qp.shape[-1]
