@@ -22,6 +22,7 @@ Writes bench.json, bench.md and PNG plots to --out (default benchmarks/results/)
 from __future__ import annotations
 
 import argparse
+import collections
 import dataclasses
 import json
 import math
@@ -100,21 +101,60 @@ class Settings:
   ctx: impls.Context
 
 
-class WorkloadState:
-  """Inputs and the oracle of the workload being measured (computed lazily)."""
+class Inputs:
+  """Global inputs per world (shared by its ranks), per-rank views and oracles.
 
-  def __init__(self, wl: Workload, sets: int):
+  Series run implementation-major, so a rank is revisited once per
+  implementation: its inputs and oracle are kept until its last item ran.
+  """
+
+  def __init__(self, sets: int):
+    self.sets = sets
+    self.globals = {}
+    self.local = {}
+    self.oracles = {}
+    self.pending = collections.Counter()
+
+  def reserve(self, wl: Workload) -> None:
+    self.pending[common.global_key(wl)] += 1
+
+  def release(self, wl: Workload) -> None:
+    key = common.global_key(wl)
+    self.pending[key] -= 1
+    if self.pending[key] <= 0:
+      self.globals.pop(key, None)
+      for d in (self.local, self.oracles):
+        for name in [n for n, w in d.items() if common.global_key(w[0]) == key]:
+          del d[name]
+
+  def inputs(self, wl: Workload):
+    key = common.global_key(wl)
+    if key not in self.globals:
+      self.globals[key] = [common.make_global_inputs(wl, seed) for seed in range(self.sets)]
+    if wl.name not in self.local:
+      self.local[wl.name] = (wl, [common.local_inputs(wl, g) for g in self.globals[key]])
+    return self.local[wl.name][1]
+
+  def oracle(self, wl: Workload):
+    if wl.name not in self.oracles:
+      sel = common.selection(wl)
+      q, k, v, do = self.inputs(wl)[0]
+      self.oracles[wl.name] = (wl, sel, jax.device_get(common.oracle(wl, q, k, v, do, sel)))
+    return self.oracles[wl.name][1:]
+
+
+class WorkloadState:
+  """What run_item needs for one workload: inputs, selection and (lazy) oracle."""
+
+  def __init__(self, wl: Workload, store: Inputs):
     self.wl = wl
-    self.inputs = [common.make_inputs(wl, seed) for seed in range(sets)]
+    self.store = store
+    self.inputs = store.inputs(wl)
     self.sel = common.selection(wl)
-    self._oracle = None
 
   @property
   def oracle(self):
-    if self._oracle is None:
-      q, k, v, do = self.inputs[0]
-      self._oracle = jax.device_get(common.oracle(self.wl, q, k, v, do, self.sel))
-    return self._oracle
+    return self.store.oracle(self.wl)[1]
 
 
 def _row(wl: Workload, impl: impls.Impl, pass_: str, **kw) -> dict:
@@ -249,42 +289,57 @@ def _status_line(row: dict) -> str:
     return f"{head} {row['status'].upper()}: {row.get('reason', '')}"
   ms = row.get("median_ms")
   tf = row.get("tflops")
-  timing = f"{ms:9.3f} ms {tf:8.2f} TF/s" if ms is not None else ""
+  timing = f"{ms:9.3f} ms {tf:8.2f} TF/s" if ms is not None else f"{'(' + row.get('reason', 'untimed') + ')':<26}"
   flag = "ok" if row["status"] == "ok" else "WRONG"
   return f"{head} {timing}  {flag:5} {fmt_err(row.get('check'))}"
 
 
 # ------------------------------------------------------------------- main ---
 
+# Run order: the headline comparisons first, so a time budget cuts the least
+# important rows (every implementation over every series before the next one).
+IMPL_PRIORITY = ("triton", "cudnn", "triton-2launch", "pallas", "jax-pallas-mha",
+                 "pallas-2launch", "xla")
+
+
 @dataclasses.dataclass
 class PlanItem:
-  wl: Workload
-  names: list
-  first_working: bool = False   # balance rows: only the first impl that works
+  """One implementation over every rank of one series (a causal shape: one rank)."""
+
+  series: str
+  wls: list
+  impl: str
+  balance: bool = False    # contiguous rows: only the first implementation that works
+
+  @property
+  def priority(self) -> int:
+    return IMPL_PRIORITY.index(self.impl) if self.impl in IMPL_PRIORITY else len(IMPL_PRIORITY)
 
 
 def build_plan(args, mode: str) -> list[PlanItem]:
-  """Workloads and their implementations, in run order."""
+  """(series, implementation) items in run order."""
   names = args.impl_names
-  plan = []
+  series = []      # (series name, workloads, implementation names, balance?)
   kinds = args.workloads
   if "causal" in kinds:
-    wls = list(args.shape) if args.shape else standard_set(mode)
-    plan += [PlanItem(wl, names) for wl in wls]
+    for wl in (list(args.shape) if args.shape else standard_set(mode)):
+      series.append((wl.series, [wl], names, False))
   worlds = list(args.zigzag) if args.zigzag else zigzag_set(mode)
   heads = zigzag_heads(mode)
-  zz = lambda w, s, r: common.zigzag_workload(w, s, r, dtype=args.dtype, **heads)
-  ct = lambda w, s, r: common.contiguous_workload(w, s, r, dtype=args.dtype, **heads)
-  if "zigzag" in kinds:
-    for w, s in worlds:
-      plan += [PlanItem(zz(w, s, r), names) for r in range(w)]
-  if "balance" in kinds:
-    best = [n for n in BALANCE_PREFERENCE if n in names]
-    for w, s in worlds:
-      if "zigzag" not in kinds:   # the zigzag side of the table
-        plan += [PlanItem(zz(w, s, r), best, True) for r in range(w)]
-      plan += [PlanItem(ct(w, s, r), best, True) for r in range(w)]
-  return plan
+  zz = lambda w, s: [common.zigzag_workload(w, s, r, dtype=args.dtype, **heads) for r in range(w)]
+  ct = lambda w, s: [common.contiguous_workload(w, s, r, dtype=args.dtype, **heads)
+                     for r in range(w)]
+  best = [n for n in BALANCE_PREFERENCE if n in names]
+  for w, s in worlds:
+    if "zigzag" in kinds:
+      series.append((zz(w, s)[0].series, zz(w, s), names, False))
+    elif "balance" in kinds:   # the zigzag side of the balance table
+      series.append((zz(w, s)[0].series, zz(w, s), best, True))
+    if "balance" in kinds:
+      series.append((ct(w, s)[0].series, ct(w, s), best, True))
+  plan = [PlanItem(name, wls, impl, bal) for name, wls, impls_, bal in series for impl in impls_]
+  order = {name: i for i, (name, *_) in enumerate(series)}
+  return sorted(plan, key=lambda it: (it.priority, order[it.series]))
 
 
 def expand_impls(backends: list[str]) -> list[str]:
@@ -363,7 +418,7 @@ def main(argv=None) -> dict:
   os.makedirs(args.out, exist_ok=True)
   log(f"device: {env['device']} ({env['platform']}); jax {env['jax']}, jaxlib {env['jaxlib']}, "
       f"triton {env['triton']}, jax-triton {env['jax_triton']}, cudnn {env['cudnn']}")
-  log(f"mode {mode}: {len(plan)} workloads, impls {', '.join(args.impl_names)}, passes "
+  log(f"mode {mode}: {len({it.series for it in plan})} series, impls {', '.join(args.impl_names)}, passes "
       f"{', '.join(args.passes)}, {reps} reps (+{warmup} warmup), {sets} input set(s)")
   results = {
       "environment": env, "mode": mode, "timings_meaningful": gpu and mode != "smoke",
@@ -374,33 +429,45 @@ def main(argv=None) -> dict:
       "rows": [],
   }
   budget = common.Budget(args.budget_s)
-  n_items = sum(len(item.names) for item in plan)
-  bar = common.progress(total=n_items, desc="bench", unit="impl")
-  chosen = {}   # series -> the impl the balance rows settled on
+  store = Inputs(sets)
   for item in plan:
-    wl, names, state = item.wl, item.names, None
-    if item.first_working and wl.series in chosen:
-      bar.update(len(names) - 1)
-      names = [chosen[wl.series]]
-    for name in names:
-      impl = registry[name]
-      if budget.exhausted:
-        rows = [_row(wl, impl, p, reason=f"time budget ({args.budget_s:.0f} s) spent")
-                for p in args.passes]
+    for wl in item.wls:
+      store.reserve(wl)
+  n_total = sum(len(item.wls) for item in plan)
+  bar = common.progress(total=n_total, desc="bench", unit="run")
+  chosen = {}   # balance series -> the implementation it settled on
+  for item in plan:
+    impl = registry[item.impl]
+    skip_reason = None
+    if item.balance and item.series in chosen:   # settled on an earlier implementation
+      for wl in item.wls:
+        store.release(wl)
+      bar.update(len(item.wls))
+      continue
+    for wl in item.wls:
+      if skip_reason is None and budget.exhausted:
+        skip_reason = f"time budget ({args.budget_s:.0f} s) spent"
+      if skip_reason is not None:
+        rows = [_row(wl, impl, p, reason=skip_reason) for p in args.passes]
       else:
-        if state is None:
-          state = WorkloadState(wl, sets)
-        bar.set_postfix_str(f"{wl.name} {name}")
-        rows = run_item(state, impl, st)
+        bar.set_postfix_str(f"{wl.name} {impl.name}")
+        rows = run_item(WorkloadState(wl, store), impl, st)
         _print_rows(rows)
+        if wl is item.wls[0] and len(item.wls) > 1:
+          # The first rank decides for the others when nothing ran at all.
+          if all(r["status"] == "skipped" for r in rows):
+            skip_reason = rows[0].get("reason")
+          elif all(r["status"] == "error" for r in rows):
+            skip_reason = f"rank {wl.rank} failed: {rows[0].get('reason')}"
+          elif item.balance and not any(r["status"] == "ok" for r in rows):
+            skip_reason = f"rank {wl.rank} gave no correct result"
+          if skip_reason:
+            log(f"{item.series:<46} {impl.name:<16} other ranks skipped: {skip_reason}")
+        if item.balance and any(r["status"] == "ok" for r in rows):
+          chosen.setdefault(item.series, impl.name)
       results["rows"] += rows
+      store.release(wl)
       bar.update(1)
-      if item.first_working and wl.series not in chosen:
-        if any(r["status"] == "ok" for r in rows):
-          chosen[wl.series] = name
-          bar.update(len(names) - 1 - names.index(name))
-          break
-    del state
     report.write_json(results, args.out)
   bar.close()
   results["elapsed_s"] = budget.elapsed

@@ -175,6 +175,29 @@ def make_inputs(wl: Workload, seed: int):
   return q, k, v, do
 
 
+def global_key(wl: Workload) -> tuple:
+  """Workloads with equal keys share one global q, k, v, do (ranks of one world)."""
+  return (wl.batch, wl.tk, wl.hq, wl.hk, wl.d, wl.dtype)
+
+
+def make_global_inputs(wl: Workload, seed: int):
+  """q, do over the full sequence ([B, Tk, Hq, D]) and k, v: what every rank shares."""
+  full = dataclasses.replace(wl, tq=wl.tk, groups=(QueryGroup(0, wl.tk, 0, wl.tk),))
+  return make_inputs(full, seed)
+
+
+def local_inputs(wl: Workload, global_set):
+  """The rank's q, do rows (row i = the global row at its sequence position)."""
+  q, k, v, do = global_set
+  pos, _ = row_positions(wl.groups, wl.tq)
+  if wl.tq == wl.tk and np.array_equal(pos, np.arange(wl.tk)):
+    return q, k, v, do
+  if pos.min() < 0 or pos.max() >= wl.tk:
+    raise ValueError(f"{wl.name}: row positions outside [0, Tk) cannot index the global q")
+  idx = jnp.asarray(pos, jnp.int32)
+  return jnp.take(q, idx, axis=1), k, v, jnp.take(do, idx, axis=1)
+
+
 # ----------------------------------------------------------------- oracle ---
 
 @dataclasses.dataclass(frozen=True)
@@ -365,7 +388,7 @@ def progress(iterable=None, **kw):
     return _Plain(iterable)
   kw.setdefault("file", sys.stderr)
   kw.setdefault("dynamic_ncols", True)
-  kw.setdefault("mininterval", 2.0 if not sys.stderr.isatty() else 0.1)
+  kw.setdefault("mininterval", 30.0 if not sys.stderr.isatty() else 0.1)
   return tqdm(iterable, **kw)
 
 

@@ -55,7 +55,7 @@ def kernel_configs(plan) -> dict:
   from jax_grouped_attn import config, tuning  # noqa: PLC0415
   out = {"tuned_table": tuning.table_path(), "gpu": tuning.gpu_name()}
   for item in plan:
-    wl = item.wl
+    wl = item.wls[0]
     for backend in GROUPED:
       key = f"{backend} D{wl.d} Tk{wl.tk} {wl.dtype}"
       if key in out:

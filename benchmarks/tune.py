@@ -1,0 +1,310 @@
+"""Tile tuner: sweeps block_q/block_k/num_warps/num_stages per backend and pass.
+
+  python -m benchmarks.tune --quick                # ~4 min on an H100, few candidates
+  python -m benchmarks.tune                        # full grid (split it with the flags)
+  python -m benchmarks.tune --backends triton --passes backward --head-dims 128 --seqs 32768
+
+For each backend (triton, pallas), pass (forward, backward), head_dim
+(64/128/256) and key-length bucket it times causal bf16 attention B1 Hq32 Hk8
+at the bucket's length, checks every candidate against the exact fp32 oracle,
+skips candidates that fail to compile or run, and writes the winners to
+``<out>/<gpu slug>.json`` (default: jax_grouped_attn/tuned/, where
+``jax_grouped_attn.tuning`` finds it), merged with what that file already has.
+The backward is ranked by fwd+bwd time with the forward config held fixed.
+Without a GPU, ``--smoke`` (the default there) runs tiny interpreted problems:
+a check of the code path, not a tuning.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import itertools
+import json
+import math
+import os
+import sys
+import time
+import traceback
+
+if __package__ in (None, ""):  # run as a script from a checkout
+  sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import jax  # noqa: E402
+
+import jax_grouped_attn as ga  # noqa: E402
+from jax_grouped_attn import config as config_lib  # noqa: E402
+from jax_grouped_attn import tuning  # noqa: E402
+from jax_grouped_attn.config import AttentionConfig, BackwardConfig, ForwardConfig  # noqa: E402
+
+from benchmarks import common  # noqa: E402
+from benchmarks.common import log  # noqa: E402
+
+PACKAGE_OUT = tuning.PACKAGE_DIR
+SMOKE_OUT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "tuned")
+
+# Few candidates per head-dim class for --quick (the heuristic default is always added first).
+QUICK = {
+    "forward": {64: [(128, 64, 4, 3), (128, 128, 8, 3), (64, 64, 4, 3), (128, 64, 8, 2)],
+                128: [(128, 128, 8, 3), (128, 64, 8, 3), (128, 64, 4, 3), (64, 64, 4, 3)],
+                256: [(64, 32, 4, 2), (64, 64, 8, 2), (32, 64, 4, 2), (128, 32, 8, 2)]},
+    "backward": {64: [(64, 128, 8, 2), (64, 64, 4, 2), (128, 128, 8, 2), (32, 64, 4, 2)],
+                 128: [(64, 128, 8, 2), (64, 64, 4, 2), (128, 64, 8, 2), (32, 128, 8, 2)],
+                 256: [(32, 64, 4, 1), (32, 32, 4, 1), (64, 64, 8, 1), (16, 64, 4, 1)]},
+}
+SMOKE = {"forward": [(16, 16, 4, 2), (32, 16, 4, 2)], "backward": [(16, 16, 4, 2), (16, 32, 4, 1)]}
+
+
+def full_grid(pass_: str, head_dim: int) -> list[tuple]:
+  big = head_dim > 128
+  if pass_ == "forward":
+    bq, bk = ((32, 64, 128), (16, 32, 64)) if big else ((64, 128), (32, 64, 128))
+    stages = (1, 2, 3) if big else (2, 3, 4)
+  else:
+    bq, bk = ((16, 32, 64), (32, 64)) if big else ((32, 64, 128), (32, 64, 128))
+    stages = (1, 2) if big else (1, 2, 3)
+  return list(itertools.product(bq, bk, (4, 8), stages))
+
+
+def candidates(pass_: str, head_dim: int, mode: str, default) -> list[tuple]:
+  d = tuple(dataclasses.astuple(default))
+  if mode == "smoke":
+    pool = SMOKE[pass_]
+  elif mode == "quick":
+    pool = QUICK[pass_][min(QUICK[pass_], key=lambda h: abs(h - head_dim))]
+  else:
+    pool = full_grid(pass_, head_dim)
+  return list(dict.fromkeys([d] + [tuple(c) for c in pool]))
+
+
+# ------------------------------------------------------------- measuring ---
+
+class Bucket:
+  """One (head_dim, seq) problem: inputs, the oracle, and the fixed forward."""
+
+  def __init__(self, wl: common.Workload, sets: int):
+    self.wl = wl
+    self.inputs = [common.make_inputs(wl, seed) for seed in range(sets)]
+    self.sel = common.selection(wl, max_kv_heads=1)
+    q, k, v, do = self.inputs[0]
+    self.want = jax.device_get(common.oracle(wl, q, k, v, do, self.sel))
+
+
+def _fn(wl, backend, cfg):
+  groups = wl.groups
+  return lambda q, k, v: ga.grouped_attention(q, k, v, groups, causal=True, backend=backend,
+                                              config=cfg)
+
+
+def measure(bucket: Bucket, backend: str, pass_: str, cand: tuple, fwd_fixed: ForwardConfig,
+            reps: int, warmup: int) -> dict:
+  """Times one candidate; {'ms': ...} or {'status': why it was skipped}."""
+  wl = bucket.wl
+  res = {"config": list(cand)}
+  try:
+    if pass_ == "forward":
+      cfg = AttentionConfig(forward=ForwardConfig(*cand))
+    else:
+      cfg = AttentionConfig(forward=fwd_fixed, backward=BackwardConfig(*cand))
+  except ValueError as e:
+    return {**res, "status": f"invalid: {e}"}
+  fn = _fn(wl, backend, cfg)
+  q, k, v, do = bucket.inputs[0]
+  try:
+    if pass_ == "forward":
+      compiled = jax.jit(fn).lower(q, k, v).compile()
+      args = [s[:3] for s in bucket.inputs]
+    else:
+      fb = jax.jit(lambda q, k, v, do: jax.vjp(fn, q, k, v)[1](do))
+      compiled = fb.lower(q, k, v, do).compile()
+      args = bucket.inputs
+  except NotImplementedError as e:
+    return {**res, "status": f"not implemented: {e}"[:200]}
+  except Exception as e:  # noqa: BLE001 -- e.g. shared memory overflow at compile
+    return {**res, "status": f"compile failed: {type(e).__name__}: {str(e)[:160]}"}
+  try:
+    got = compiled(*args[0])
+    if pass_ == "forward":
+      checks = [common.compare(bucket.sel.q(got), bucket.want["out"], common.FWD_TOL[wl.dtype])]
+    else:
+      tol = common.GRAD_TOL[wl.dtype]
+      checks = [common.compare(bucket.sel.q(got[0]), bucket.want["dq"], tol),
+                common.compare(bucket.sel.kv(got[1]), bucket.want["dk"], tol),
+                common.compare(bucket.sel.kv(got[2]), bucket.want["dv"], tol)]
+    del got
+    if not all(c["ok"] for c in checks):
+      errs = [c.get("max_abs_err") for c in checks]
+      return {**res, "status": f"wrong result (max abs errors {errs})"}
+    timing = common.time_calls(compiled, args, reps=reps, warmup=warmup)
+  except Exception as e:  # noqa: BLE001 -- launch failures at run time
+    return {**res, "status": f"run failed: {type(e).__name__}: {str(e)[:160]}"}
+  return {**res, "ms": timing["median_ms"]}
+
+
+# ----------------------------------------------------------------- table ---
+
+def _best_any(by_bucket: dict) -> dict | None:
+  """The candidate with the smallest summed log-slowdown over all measured buckets."""
+  buckets = {k: v for k, v in by_bucket.items() if k.isdigit() and v.get("candidates")}
+  if not buckets:
+    return None
+  times = {}
+  for b, entry in buckets.items():
+    best = entry["ms"]
+    for c in entry["candidates"]:
+      if c.get("ms"):
+        times.setdefault(tuple(c["config"]), {})[b] = math.log(c["ms"] / best)
+  common_cands = [c for c, t in times.items() if len(t) == len(buckets)]
+  if common_cands:
+    cand = min(common_cands, key=lambda c: sum(times[c].values()))
+    return dict(zip(tuning.FIELDS, cand), buckets=sorted(buckets, key=int))
+  near = min(buckets, key=lambda b: abs(math.log2(int(b)) - 13))   # closest to 8192
+  return {f: buckets[near][f] for f in tuning.FIELDS} | {"buckets": [near]}
+
+
+def load_existing(path: str, gpu: str) -> dict:
+  if os.path.isfile(path):
+    try:
+      with open(path) as f:
+        table = json.load(f)
+      if table.get("gpu") == gpu and table.get("format") == tuning.FORMAT:
+        return table
+      log(f"(not merging {path}: other GPU or format)")
+    except (OSError, ValueError) as e:
+      log(f"(not merging {path}: {e})")
+  return {"format": tuning.FORMAT, "gpu": gpu, "entries": {}}
+
+
+def write_table(table: dict, path: str) -> None:
+  for backend in table["entries"].values():
+    for by_dtype in backend.values():
+      for by_dim in by_dtype.values():
+        for by_bucket in by_dim.values():
+          best = _best_any(by_bucket)
+          if best:
+            by_bucket["any"] = best
+  tmp = path + ".tmp"
+  with open(tmp, "w") as f:
+    json.dump(table, f, indent=1, sort_keys=True)
+  os.replace(tmp, path)
+
+
+# ------------------------------------------------------------------ main ---
+
+def parse_args(argv=None):
+  ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+  ap.add_argument("--quick", action="store_true", help="few candidates, one bucket (S=8192)")
+  ap.add_argument("--smoke", action="store_true", help="tiny interpreted problems (CPU default)")
+  ap.add_argument("--backends", default="triton,pallas")
+  ap.add_argument("--passes", default="forward,backward")
+  ap.add_argument("--head-dims", default="128,64,256")
+  ap.add_argument("--seqs", default=None,
+                  help=f"key lengths (bucket edges); default quick 8192, full "
+                       f"{','.join(map(str, tuning.SEQ_BUCKETS[:3]))}")
+  ap.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16"])
+  ap.add_argument("--reps", type=int, default=None)
+  ap.add_argument("--budget-s", type=float, default=None,
+                  help="stop starting new candidates after this many seconds")
+  ap.add_argument("--out", default=None, help=f"table folder (default {PACKAGE_OUT})")
+  return ap.parse_args(argv)
+
+
+def main(argv=None) -> dict:
+  args = parse_args(argv)
+  gpu = common.on_gpu()
+  mode = "smoke" if (args.smoke or not gpu) else ("quick" if args.quick else "full")
+  if not gpu:
+    log("No GPU here: tuner SMOKE mode (tiny interpreted problems). Timings mean nothing; "
+        "the table written is only a check of the code path.")
+  out_dir = args.out or (SMOKE_OUT if mode == "smoke" else PACKAGE_OUT)
+  if mode == "smoke" and os.path.abspath(out_dir) == os.path.abspath(PACKAGE_OUT):
+    raise SystemExit("refusing to write a smoke-mode table into the package's tuned/ folder")
+  os.makedirs(out_dir, exist_ok=True)
+  gpu_name = common.device_name()
+  path = os.path.join(out_dir, tuning.slug(gpu_name) + ".json")
+  table = load_existing(path, gpu_name)
+  env = common.environment()
+  table.update(versions={k: env[k] for k in ("jax", "jaxlib", "triton", "jax_triton", "cudnn")},
+               updated=env["time"])
+  backends = [b for b in args.backends.split(",") if b]
+  passes = [p for p in args.passes.split(",") if p]
+  head_dims = [int(h) for h in args.head_dims.split(",") if h]
+  if mode == "smoke":
+    head_dims, seqs = [32], [64]
+  elif args.seqs:
+    seqs = [int(s) for s in args.seqs.split(",")]
+  else:
+    seqs = [8192] if mode == "quick" else list(tuning.SEQ_BUCKETS[:3])
+  reps = args.reps or {"smoke": 1, "quick": 8, "full": 15}[mode]
+  warmup = 0 if mode == "smoke" else 2
+  budget = common.Budget(args.budget_s)
+  heads = dict(hq=4, hk=2) if mode == "smoke" else dict(hq=32, hk=8)
+  log(f"tuner {mode}: {gpu_name}; backends {backends}, passes {passes}, head_dims {head_dims}, "
+      f"seqs {seqs}, {reps} reps -> {path}")
+
+  jobs = [(b, h, s) for b in backends for h in head_dims for s in seqs]
+  n_total = sum(len(candidates(p, h, mode, ForwardConfig())) for _, h, _ in jobs for p in passes)
+  bar = common.progress(total=n_total, desc="tune", unit="cfg")
+  summary = []
+  for backend, hd, seq in jobs:
+    if budget.exhausted:
+      break
+    if backend == "triton" and not ga.platform.triton_available():
+      log(f"{backend}: skipped (triton / jax-triton not importable)")
+      continue
+    wl = common.causal_workload(1, seq, heads["hq"], heads["hk"], hd, dtype=args.dtype)
+    try:
+      bucket = Bucket(wl, sets=1 if mode == "smoke" else 2)
+    except Exception as e:  # noqa: BLE001
+      log(f"{wl.name}: could not build inputs/oracle: {e}")
+      continue
+    fwd_fixed = config_lib.default_forward_config(hd, backend, seq_len=seq, dtype=args.dtype)
+    for pass_ in passes:
+      default = (fwd_fixed if pass_ == "forward" else
+                 config_lib.default_backward_config(hd, backend, seq_len=seq, dtype=args.dtype))
+      results = []
+      for cand in candidates(pass_, hd, mode, default):
+        if budget.exhausted:
+          break
+        bar.set_postfix_str(f"{backend} {pass_} D{hd} S{seq} {cand}")
+        r = measure(bucket, backend, pass_, cand, fwd_fixed, reps, warmup)
+        bar.update(1)
+        results.append(r)
+        log(f"{backend:7} {pass_:8} D{hd:<4} S{seq:<6} {str(tuple(cand)):18} "
+            + (f"{r['ms']:9.3f} ms" if "ms" in r else f"skipped: {r['status']}"))
+        if str(r.get("status", "")).startswith("not implemented"):
+          break
+      timed = [r for r in results if "ms" in r]
+      if not timed:
+        continue
+      best = min(timed, key=lambda r: r["ms"])
+      default_ms = next((r["ms"] for r in timed
+                         if tuple(r["config"]) == tuple(dataclasses.astuple(default))), None)
+      flops = wl.flops("fwd" if pass_ == "forward" else "fwdbwd")
+      entry = dict(zip(tuning.FIELDS, best["config"]), ms=best["ms"],
+                   tflops=flops / (best["ms"] * 1e-3) / 1e12,
+                   timed_as="fwd" if pass_ == "forward" else "fwd+bwd, forward fixed at "
+                   + str(tuple(dataclasses.astuple(fwd_fixed))),
+                   default=list(dataclasses.astuple(default)), default_ms=default_ms,
+                   speedup_vs_default=default_ms / best["ms"] if default_ms else None,
+                   candidates=results, workload=wl.name)
+      (table["entries"].setdefault(backend, {}).setdefault(pass_, {})
+       .setdefault(args.dtype, {}).setdefault(str(hd), {}))[str(tuning.seq_bucket(seq))] = entry
+      summary.append((backend, pass_, hd, seq, best["config"], best["ms"], default_ms))
+      write_table(table, path)
+  bar.close()
+  if summary:
+    log("\nbest configs (block_q, block_k, num_warps, num_stages):")
+    for backend, pass_, hd, seq, cfg, ms, dms in summary:
+      gain = f" ({dms / ms:.2f}x vs default {dms:.3f} ms)" if dms else ""
+      log(f"  {backend:7} {pass_:8} D{hd:<4} S{seq:<6} {tuple(cfg)}  {ms:.3f} ms{gain}")
+  else:
+    log("no candidate was timed: table unchanged")
+  if budget.exhausted:
+    log(f"time budget ({args.budget_s:.0f} s) spent: the rest was not measured")
+  log(f"table: {path}" + (" (smoke: meaningless timings)" if mode == "smoke" else ""))
+  return table
+
+
+if __name__ == "__main__":
+  main()
