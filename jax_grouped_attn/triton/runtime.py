@@ -206,7 +206,9 @@ def _interpreted_language():
 
   # Specialising a pointer argument imports more of Triton lazily (gluon in
   # 3.9, which asserts its imports are JITFunctions): do that before the swap.
-  triton.runtime.jit.mangle_type(HostTensor(np.zeros((1,), np.float32)))
+  mangle = getattr(importlib.import_module("triton.runtime.jit"), "mangle_type", None)
+  if mangle is not None:
+    mangle(HostTensor(np.zeros((1,), np.float32)))
   owners = [m for name, m in list(sys.modules.items())
             if m is not None and (name == "triton.language" or name.startswith("triton.language."))]
   owners.append(tl.core.tensor)
