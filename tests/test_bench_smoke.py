@@ -81,3 +81,36 @@ def test_smoke_mode_writes_reports_with_small_errors(tmp_path):
   assert data["balance"] and data["summary"]["fastest"]
   for png in res.get("plots", []):
     assert (out / png).stat().st_size > 1000
+
+
+@pytest.mark.gpu
+def test_cudnn_composition_matches_oracle_on_gpu():
+  # The composition calls jax's cuDNN custom_vjp rules directly: check that
+  # this jax still has them (note) and that forward and merged backward are exact.
+  wl = common.zigzag_workload(4, 2048, 1, hq=8, hk=2, d=64)
+  built = impls.Cudnn().build(wl, impls.Context(gpu=True))
+  assert "exact merged backward" in built.note, built.note
+  q, k, v, do = common.make_inputs(wl, 0)
+  sel = common.selection(wl)
+  want = common.oracle(wl, q, k, v, do, sel)
+  out, vjp = jax.vjp(jax.jit(built.fn), q, k, v)
+  dq, dk, dv = jax.jit(vjp)(do)
+  assert common.compare(sel.q(out), want["out"], common.FWD_TOL["bfloat16"])["ok"]
+  for name, got, ref in [("dq", sel.q(dq), want["dq"]), ("dk", sel.kv(dk), want["dk"]),
+                         ("dv", sel.kv(dv), want["dv"])]:
+    res = common.compare(got, ref, common.GRAD_TOL["bfloat16"])
+    assert res["ok"], (name, res)
+
+
+@pytest.mark.gpu
+def test_bench_baselines_run_on_gpu(tmp_path):
+  res = bench.main(["--out", str(tmp_path), "--shape", "1x1024x4x4x64", "--zigzag", "2x2048",
+                    "--backends", "cudnn,jax-pallas-mha", "--reps", "2", "--warmup", "1",
+                    "--sets", "1"])
+  rows = res["rows"]
+  bad = [(r["workload"], r["impl"], r["pass"], r.get("reason")) for r in rows
+         if r["status"] in ("error", "wrong")]
+  assert not bad, bad
+  ok = {(r["impl"], r["family"]) for r in rows if r["status"] == "ok"}
+  assert {("cudnn", "custom"), ("cudnn", "zigzag"), ("jax-pallas-mha", "custom")} <= ok
+  assert (tmp_path / "bench.md").exists()
