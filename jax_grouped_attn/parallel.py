@@ -84,15 +84,25 @@ def axis_size_and_rank(axis_name):
   return int(world), rank
 
 
+def varying_axes(x):
+  """The mesh axes ``x`` varies over inside shard_map (its vma type), or None
+  where this JAX does not track them (``aval.vma``; ``aval.mat.varying`` in
+  some versions)."""
+  aval = jax.typeof(x) if hasattr(jax, "typeof") else jax.core.get_aval(x)
+  vma = getattr(aval, "vma", None)
+  if vma is None:
+    vma = getattr(getattr(aval, "mat", None), "varying", None)
+  return None if vma is None else frozenset(vma)
+
+
 def _pvary(x, axis_name):
   """Marks ``x`` as varying over ``axis_name`` (shard_map's check_vma types);
   a no-op where it already is or where this JAX has no such types."""
   if x is None:
     return None
   names = axis_name if isinstance(axis_name, tuple) else (axis_name,)
-  try:
-    vma = jax.typeof(x).vma
-  except AttributeError:
+  vma = varying_axes(x)
+  if vma is None:
     return x
   missing = tuple(n for n in names if n not in vma)
   if not missing:

@@ -20,7 +20,7 @@ from jax.sharding import PartitionSpec as P
 import jax_grouped_attn as ga
 from jax_grouped_attn import autodiff, zigzag
 from jax_grouped_attn.groups import row_positions
-from jax_grouped_attn.parallel import ContextParallel, merge_partials
+from jax_grouped_attn.parallel import ContextParallel, _pvary, merge_partials, varying_axes
 from cases import GRAD_TOL, KERNEL_BACKENDS, LSE_TOL, OUT_TOL, SMALL, assert_close
 
 F32, BF16 = jnp.float32, jnp.bfloat16
@@ -169,6 +169,19 @@ def test_merge_partials_is_exact_and_nan_free():
   assert (np.asarray(out[:, 1]) == 0).all() and np.isneginf(np.asarray(lse[:, :, 1])).all()
   out, lse = merge_partials(o1, inf, jnp.zeros_like(o1), inf)
   assert (np.asarray(out) == 0).all() and np.isneginf(np.asarray(lse)).all()
+
+
+def test_pvary_marks_values_varying_inside_shard_map():
+  mesh = jax.sharding.Mesh(np.array(jax.devices()[:2]), ("cp",))
+
+  def f(x):
+    z = jnp.zeros(x.shape)   # invariant: the same on every device
+    assert varying_axes(x) == {"cp"} and varying_axes(z) == frozenset()
+    assert varying_axes(_pvary(z, "cp")) == {"cp"}
+    assert _pvary(x, "cp") is x
+    return x
+
+  jax.shard_map(f, mesh=mesh, in_specs=P("cp"), out_specs=P("cp"))(jnp.zeros(4))
 
 
 # ---------------------------------------------------- xla backend, W = 1..8 --
