@@ -92,7 +92,12 @@ tests() {
   case "$sel" in
     none) echo "tests skipped (SUITE_TESTS=none)";;
     all) python3 -m pytest -q -p no:cacheprovider -rs tests 2>&1 | tee "$OUT/gpu_tests.log";;
-    *) python3 -m pytest -q -p no:cacheprovider -rs -m gpu tests 2>&1 | tee "$OUT/gpu_tests.log";;
+    *) python3 -m pytest -q -p no:cacheprovider -rs -m gpu tests 2>&1 | tee "$OUT/gpu_tests.log"
+       local rc=$?
+       echo "--- the benchmark's and tuning table's own CPU-checkable tests" | tee -a "$OUT/gpu_tests.log"
+       python3 -m pytest -q -p no:cacheprovider -rs -m "not gpu" tests/test_tuning.py \
+           tests/test_bench_smoke.py 2>&1 | tee -a "$OUT/gpu_tests.log"
+       return $rc;;
   esac
 }
 

@@ -53,6 +53,36 @@ def test_lse_composition_has_exact_forward_and_gradients():
     impls.composition_parts((ga.QueryGroup(0, 8, 0, 16),), True)
 
 
+def test_cudnn_composition_traces_and_lowers_for_cuda(monkeypatch):
+  # CPU check of the plumbing into jax's cuDNN rules (GPU-only checks stubbed):
+  # 4 forward and 4 backward cuDNN calls, each backward fed the merged lse/out.
+  fa = pytest.importorskip("jax._src.cudnn.fused_attention_stablehlo")
+  for name, stub in [("check_cudnn_version", lambda: 91000),
+                     ("check_compute_capability", lambda c: True),
+                     ("is_cuda_compute_capability_equal", lambda c: False)]:
+    if not hasattr(fa, name):
+      pytest.skip(f"jax internals moved ({name}); the GPU test covers the fallback")
+    monkeypatch.setattr(fa, name, stub)
+  wl = common.zigzag_workload(4, 1024, 1, hq=8, hk=2, d=64)
+  built = impls.Cudnn().build(wl, impls.Context(gpu=True))
+  assert "exact merged backward" in built.note, built.note
+  q, k, v, do = common.make_inputs(wl, 0)
+  f = lambda q, k, v, do: jax.vjp(built.fn, q, k, v)[1](do)
+  jaxpr = jax.make_jaxpr(f)(q, k, v, do).jaxpr
+  producer = {id(o): e for e in jaxpr.eqns for o in e.outvars}
+  fwd = [e for e in jaxpr.eqns if "dot_product_attention_fwd" in e.primitive.name]
+  bwd = [e for e in jaxpr.eqns if "dot_product_attention_bwd" in e.primitive.name]
+  assert len(fwd) == 4 and len(bwd) == 4
+  fwd_outs = {id(o) for e in fwd for o in e.outvars}
+  for e in bwd:   # residual lse/out are the merged ones, not a part's own
+    lse_in = [x for x in e.invars if getattr(x, "aval", None) is not None
+              and x.aval.shape == (1, 8, 128) and x.aval.dtype == jnp.float32]
+    assert lse_in and all(id(x) not in fwd_outs for x in lse_in)
+    assert all(producer.get(id(x)) is not None for x in lse_in)
+  text = jax.jit(f).trace(q, k, v, do).lower(lowering_platforms=("cuda",)).as_text()
+  assert "fmhaSoftmaxBackward" in text or "cudnn" in text
+
+
 def test_smoke_mode_writes_reports_with_small_errors(tmp_path):
   if common.on_gpu():
     pytest.skip("smoke mode is the CPU path")
