@@ -408,9 +408,10 @@ def main(argv=None) -> dict:
       log("(--shape/--zigzag are kept: keep them tiny on CPU.)")
   else:
     mode = "smoke" if args.smoke else ("quick" if args.quick else "full")
-  reps = args.reps or {"smoke": 2, "quick": 10, "full": 25}[mode]
-  warmup = args.warmup or {"smoke": 1, "quick": 2, "full": 3}[mode]
-  sets = args.sets or (1 if mode == "smoke" else 2)
+  pick = lambda given, default: default if given is None else given
+  reps = max(1, pick(args.reps, {"smoke": 2, "quick": 10, "full": 25}[mode]))
+  warmup = max(0, pick(args.warmup, {"smoke": 1, "quick": 2, "full": 3}[mode]))
+  sets = max(1, pick(args.sets, 1 if mode == "smoke" else 2))
   st = Settings(args.passes, reps, warmup, sets, impls.Context(gpu=gpu))
   registry = impls.all_impls()
   plan = build_plan(args, mode)

@@ -235,7 +235,7 @@ def main(argv=None) -> dict:
     seqs = [int(s) for s in args.seqs.split(",")]
   else:
     seqs = [8192] if mode == "quick" else list(tuning.SEQ_BUCKETS[:3])
-  reps = args.reps or {"smoke": 1, "quick": 8, "full": 15}[mode]
+  reps = max(1, args.reps if args.reps is not None else {"smoke": 1, "quick": 8, "full": 15}[mode])
   warmup = 0 if mode == "smoke" else 2
   budget = common.Budget(args.budget_s)
   heads = dict(hq=4, hk=2) if mode == "smoke" else dict(hq=32, hk=8)
