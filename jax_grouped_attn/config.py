@@ -134,14 +134,19 @@ def default_forward_config(head_dim: int, backend: str, seq_len: int | None = No
   return ForwardConfig(block_q=64, block_k=32, num_warps=4, num_stages=2)
 
 
-def default_backward_config(head_dim: int, backend: str) -> BackwardConfig:
-  """Heuristic backward tiles for an H100-class GPU (tuned tables override).
+def default_backward_config(head_dim: int, backend: str, seq_len: int | None = None,
+                            dtype=None) -> BackwardConfig:
+  """This GPU's tuned backward tiles, else the heuristic (as the forward).
 
-  Chosen so the Triton dK/dV and dQ kernels compile for sm_90 without register
-  spills in bf16/fp16 (ptxas -v); block_k = 64 keeps enough dK/dV programs
-  when Hk is small (GQA). fp32 (IEEE dots) spills at any tile: a correctness
-  path, not a fast one.
+  The heuristic tiles compile the Triton dK/dV and dQ kernels for sm_90
+  without register spills in bf16/fp16 (ptxas -v); block_k = 64 keeps enough
+  dK/dV programs when Hk is small (GQA). fp32 (IEEE dots) spills at any tile:
+  a correctness path, not a fast one.
   """
+  from jax_grouped_attn import tuning  # noqa: PLC0415
+  tuned = tuning.tuned_config("backward", head_dim, backend, seq_len=seq_len, dtype=dtype)
+  if tuned is not None:
+    return tuned
   dp = padded_head_dim(head_dim)
   if dp <= 64:
     return BackwardConfig(block_q=64, block_k=64, num_warps=4, num_stages=3)
