@@ -203,10 +203,11 @@ def markdown(results, stats, best, bal) -> str:
          "and kv head.", ""]
 
   md += ["## Which implementation is fastest", ""]
-  md += _table(["workload", "pass", "fastest", "ms", "TF/s", "runner-up", "runner-up is",
-                "cuDNN is", "two-launch is"],
+  md += ["Ratios are times relative to the fastest (2.00x = takes twice as long).", ""]
+  md += _table(["workload", "pass", "fastest", "ms", "TF/s", "runner-up", "runner-up time",
+                "cuDNN time", "best two-launch time"],
                [[b["series"], b["pass"], f"**{b['fastest']}**", _f(b["ms"]), _f(b["tflops"], "{:.1f}"),
-                 b["runner_up"] or "–", _f(b["runner_up_ratio"], "{:.2f}x slower"),
+                 b["runner_up"] or "–", _f(b["runner_up_ratio"], "{:.2f}x"),
                  _f(b["cudnn_ratio"], "{:.2f}x"), _f(b["two_launch_ratio"], "{:.2f}x")]
                 for b in best])
 
