@@ -416,3 +416,30 @@ def finish(results, out_dir) -> None:
     f.write(markdown(results, stats, best, bal))
   results["plots"] = [os.path.basename(p) for p in plots(results, stats, out_dir)]
   write_json(results, out_dir)
+
+
+def main(argv=None) -> None:
+  """Re-renders bench.md and plots from bench.json files (merging split runs)."""
+  import argparse  # noqa: PLC0415
+  ap = argparse.ArgumentParser(description="bench.json -> bench.md + PNG (several merge)")
+  ap.add_argument("json", nargs="+", help="bench.json files of one GPU (rows are concatenated)")
+  ap.add_argument("--out", required=True, help="output directory")
+  args = ap.parse_args(argv)
+  runs = []
+  for path in args.json:
+    with open(path) as f:
+      runs.append(json.load(f))
+  merged = dict(runs[0])
+  merged["rows"] = [r for run in runs for r in run["rows"]]
+  merged["merged_from"] = args.json
+  merged["timings_meaningful"] = all(r.get("timings_meaningful") for r in runs)
+  devices = {r["environment"]["device"] for r in runs}
+  if len(devices) > 1:
+    raise SystemExit(f"refusing to merge runs from different devices: {sorted(devices)}")
+  os.makedirs(args.out, exist_ok=True)
+  finish(merged, args.out)
+  print(f"wrote {args.out}/bench.md, bench.json and plots from {len(runs)} run(s)")
+
+
+if __name__ == "__main__":
+  main()
