@@ -51,18 +51,19 @@ def write_json(results: dict, out_dir: str) -> str:
 
 
 def kernel_configs(plan) -> dict:
-  """The default (tuned or heuristic) kernel configs the kernel rows ran with."""
+  """The default (tuned or heuristic) kernel configs the kernel rows ran with
+  (looked up as jax_grouped_attn.autodiff does: head_dim, backend, dtype)."""
   from jax_grouped_attn import config, tuning  # noqa: PLC0415
   out = {"tuned_table": tuning.table_path(), "gpu": tuning.gpu_name()}
   for item in plan:
     wl = item.wls[0]
     for backend in GROUPED:
-      key = f"{backend} D{wl.d} Tk{wl.tk} {wl.dtype}"
+      key = f"{backend} D{wl.d} {wl.dtype}"
       if key in out:
         continue
       try:
-        fwd = config.default_forward_config(wl.d, backend, seq_len=wl.tk, dtype=wl.dtype)
-        bwd = config.default_backward_config(wl.d, backend, seq_len=wl.tk, dtype=wl.dtype)
+        fwd = config.default_forward_config(wl.d, backend, dtype=wl.dtype)
+        bwd = config.default_backward_config(wl.d, backend, dtype=wl.dtype)
       except TypeError:   # an older config.py without the keyword arguments
         fwd = config.default_forward_config(wl.d, backend)
         bwd = config.default_backward_config(wl.d, backend)
