@@ -312,8 +312,11 @@ class PlanItem:
   balance: bool = False    # contiguous rows: only the first implementation that works
 
   @property
-  def priority(self) -> int:
-    return IMPL_PRIORITY.index(self.impl) if self.impl in IMPL_PRIORITY else len(IMPL_PRIORITY)
+  def priority(self) -> float:
+    p = IMPL_PRIORITY.index(self.impl) if self.impl in IMPL_PRIORITY else len(IMPL_PRIORITY)
+    if self.balance:   # contiguous sharding after the zigzag headline comparisons
+      p = max(p, IMPL_PRIORITY.index("triton-2launch")) + 0.5
+    return p
 
 
 def build_plan(args, mode: str) -> list[PlanItem]:
