@@ -110,9 +110,12 @@ def _prepare(problem: Problem, plan, q, k, v, q_seg, kv_seg):
 
 
 def _plans(problem: Problem, backend: str, config: AttentionConfig, dtype=None):
-  # dtype: float32 Triton dots need smaller default tiles (config.py).
-  fwd = config.forward or default_forward_config(problem.head_dim, backend, dtype=dtype)
-  bwd = config.backward or default_backward_config(problem.head_dim, backend, dtype=dtype)
+  # dtype: float32 Triton dots need smaller default tiles (config.py);
+  # seq_len picks the tuned table's sequence bucket.
+  fwd = config.forward or default_forward_config(problem.head_dim, backend, seq_len=problem.tk,
+                                                 dtype=dtype)
+  bwd = config.backward or default_backward_config(problem.head_dim, backend, seq_len=problem.tk,
+                                                   dtype=dtype)
   return fwd, bwd
 
 
