@@ -139,15 +139,21 @@ def default_backward_config(head_dim: int, backend: str, seq_len: int | None = N
   """This GPU's tuned backward tiles, else the heuristic (as the forward).
 
   The heuristic tiles compile the Triton dK/dV and dQ kernels for sm_90
-  without register spills in bf16/fp16 (ptxas -v); block_k = 64 keeps enough
-  dK/dV programs when Hk is small (GQA). fp32 (IEEE dots) spills at any tile:
-  a correctness path, not a fast one.
+  without register spills (ptxas -v, triton 3.9, causal); block_k = 64 keeps
+  enough dK/dV programs when Hk is small (GQA).
   """
   from jax_grouped_attn import tuning  # noqa: PLC0415
   tuned = tuning.tuned_config("backward", head_dim, backend, seq_len=seq_len, dtype=dtype)
   if tuned is not None:
     return tuned
   dp = padded_head_dim(head_dim)
+  if dtype is not None and str(dtype) == "float32":
+    # IEEE fp32 dots (no tensor cores) hold operand rows in registers: the
+    # 16-bit tiles spill heavily. Both backends: small tiles always compile.
+    # sm_90 registers per thread, dK/dV / dQ, no spills:
+    if dp <= 128:
+      return BackwardConfig(block_q=32, block_k=32, num_warps=8, num_stages=2)  # 108 / 109
+    return BackwardConfig(block_q=16, block_k=16, num_warps=8, num_stages=2)    # 90 / 92
   if dp <= 64:
     return BackwardConfig(block_q=64, block_k=64, num_warps=4, num_stages=3)
   if dp <= 128:

@@ -216,3 +216,4 @@ def test_pallas_backward_lowers_for_cuda_on_any_machine():
 @pytest.mark.parametrize("case", CASES, ids=str)
 def test_grads_on_gpu_default_tiles(case, backend):
   check_grads(case, backend, seed=_seed(case.name) + 1, config=None)
+

@@ -13,7 +13,17 @@ from jax_grouped_attn import plan as plan_lib
 from jax_grouped_attn.config import BackwardConfig
 from jax_grouped_attn.plan import Plan, Problem
 from jax_grouped_attn.triton import backward_kernels as kernels
-from jax_grouped_attn.triton import launch, runtime
+from jax_grouped_attn.triton import runtime
+
+
+# The delta kernel is elementwise-light: few warps, nothing to pipeline.
+DELTA_NUM_WARPS, DELTA_NUM_STAGES = 4, 1
+
+
+def _launch():
+  # launch.py re-exports backward(): import it lazily, whichever loads first.
+  from jax_grouped_attn.triton import launch  # noqa: PLC0415
+  return launch
 
 
 def backward_constexprs(*, q_shape, kv_shape, problem: Problem, plan: Plan, dtype,
@@ -21,6 +31,7 @@ def backward_constexprs(*, q_shape, kv_shape, problem: Problem, plan: Plan, dtyp
   """The constexpr arguments shared by dkdv_kernel and dq_kernel."""
   b, tq_pad, hq, dp = q_shape
   _, tk_pad, hk, _ = kv_shape
+  launch = _launch()
   sq = launch.contiguous_strides(q_shape)
   sk = launch.contiguous_strides(kv_shape)
   sl = launch.contiguous_strides((b, hq, tq_pad))
@@ -59,15 +70,15 @@ def backward(q, k, v, q_seg, kv_seg, out, lse, dout, dlse, *, problem: Problem,
     q_seg = kv_seg = table
   launch_args = dict(num_warps=config.num_warps, num_stages=config.num_stages,
                      interpret=interpret)
-  sq = launch.contiguous_strides(q.shape)
-  sl = launch.contiguous_strides((b, hq, tq_pad))
+  sq = _launch().contiguous_strides(q.shape)
+  sl = _launch().contiguous_strides((b, hq, tq_pad))
   f32_rows = jax.ShapeDtypeStruct((b, hq, tq_pad), jnp.float32)
 
   delta, lse2 = runtime.call(
       jnp.asarray(plan.valid_rows, jnp.int32), out, dout, lse, dlse,
       kernel=kernels.delta_kernel, out_shape=[f32_rows, f32_rows],
       grid=(tq_pad // bq, b * hq), name="grouped_attention_bwd_delta",
-      **dict(launch_args, num_warps=4, num_stages=1),
+      **dict(launch_args, num_warps=DELTA_NUM_WARPS, num_stages=DELTA_NUM_STAGES),
       HQ=hq, SQ_B=sq[0], SQ_T=sq[1], SQ_H=sq[2], SL_B=sl[0], SL_H=sl[1], BLOCK_Q=bq, DP=dp)
 
   constexprs = backward_constexprs(q_shape=q.shape, kv_shape=k.shape, problem=problem,
