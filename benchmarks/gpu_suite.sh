@@ -92,7 +92,9 @@ tests() {
   case "$sel" in
     none) echo "tests skipped (SUITE_TESTS=none)";;
     all) python3 -m pytest -q -p no:cacheprovider -rs tests 2>&1 | tee "$OUT/gpu_tests.log";;
-    *) python3 -m pytest -q -p no:cacheprovider -rs -m gpu tests 2>&1 | tee "$OUT/gpu_tests.log"
+    *) # Six workers compile kernels in parallel; no preallocation so they share the GPU.
+       XLA_PYTHON_CLIENT_PREALLOCATE=false python3 -m pytest -q -p no:cacheprovider -rs -n 6 \
+           -W ignore::DeprecationWarning -m gpu tests 2>&1 | tee "$OUT/gpu_tests.log"
        local rc=$?
        echo "--- the benchmark's and tuning table's own CPU-checkable tests" | tee -a "$OUT/gpu_tests.log"
        python3 -m pytest -q -p no:cacheprovider -rs -m "not gpu" tests/test_tuning.py \
@@ -150,9 +152,9 @@ main() {
     bench_mode=""
     echo "BENCH_FULL=1: full benchmark only (tests, tuner and llama skipped to fit the time)"
   else
-    step "gpu tests" 110 bash -c tests
-    step "tuner --quick" 140 python3 -m benchmarks.tune --quick --out "$WORK/tuned" \
-        --budget-s "$(budget_for 140)" ${TUNE_ARGS:-}
+    step "gpu tests" 200 bash -c tests
+    step "tuner --quick" 120 python3 -m benchmarks.tune --quick --out "$WORK/tuned" \
+        --budget-s "$(budget_for 120)" ${TUNE_ARGS:-}
   fi
   local fresh=""
   if [[ "${USE_FRESH_TABLE:-1}" == "1" ]] && ls "$WORK"/tuned/*.json >/dev/null 2>&1; then
