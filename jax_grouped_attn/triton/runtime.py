@@ -253,6 +253,48 @@ def _patch_interpreter_bf16_dot():
   _BF16_DOT_PATCHED = True
 
 
+_INDEX_PATCHED = False
+
+
+def _scalar_index(self) -> int:
+  """``tl.tensor.__index__`` under the interpreter: a scalar is a 1-element
+  numpy array there, and NumPy >= 2.4 refuses ``int()`` of a 1-D array."""
+  return int(self.handle.data.item())
+
+
+def _patch_interpreter_scalar_index():
+  """Triton < 3.7's interpreter makes ``range(n)`` over a loaded scalar call
+  ``int(handle.data)`` on a shape-(1,) array, which NumPy 2.4 rejects
+  ("only 0-dimensional arrays can be converted to Python scalars"). Later
+  Tritons squeeze first. Wrap the interpreter's ``_patch_lang_tensor`` so the
+  ``__index__`` it installs (per kernel, restored with the interpreter's own
+  patch scope from 3.6 on; for good in 3.2-3.5, as Triton itself does)
+  reads the scalar with ``.item()`` on every version."""
+  global _INDEX_PATCHED
+  if _INDEX_PATCHED:
+    return
+  from triton.runtime import interpreter
+  original = getattr(interpreter, "_patch_lang_tensor", None)
+  if original is None:
+    raise RuntimeError(
+        f"Triton {triton.__version__}'s interpreter has no _patch_lang_tensor; the "
+        "interpreted path (interpret=True, or backend='triton' without a GPU) "
+        "supports triton 3.2 to 3.9: install one of those (pip install 'triton>=3.2').")
+
+  @functools.wraps(original)
+  def patch_lang_tensor(tensor, *rest, **kw):
+    result = original(tensor, *rest, **kw)
+    scope = rest[0] if rest else kw.get("scope")
+    if scope is not None and hasattr(scope, "set_attr"):
+      scope.set_attr(tensor, "__index__", _scalar_index)  # restored LIFO with the rest
+    else:
+      tensor.__index__ = _scalar_index
+    return result
+
+  interpreter._patch_lang_tensor = patch_lang_tensor
+  _INDEX_PATCHED = True
+
+
 def _poison(shape, dtype) -> np.ndarray:
   """Output buffer filled with NaN (floats) or the most negative int, so a
   value the kernel never writes cannot pass for a result."""
@@ -280,6 +322,7 @@ def run_interpreted(kernel, grid, args, out_shapes, **constexprs) -> list[np.nda
   fn = interpreted(kernel)
   with _INTERPRETER_LOCK:
     _patch_interpreter_bf16_dot()
+    _patch_interpreter_scalar_index()
     with _interpreted_language():
       fn[grid](*tensors, *[HostTensor(o) for o in outs], **constexprs)
   return outs
