@@ -139,17 +139,41 @@ def default_backward_config(head_dim: int, backend: str, seq_len: int | None = N
   """This GPU's tuned backward tiles, else the heuristic (as the forward).
 
   The heuristic tiles compile the Triton dK/dV and dQ kernels for sm_90
-  without register spills (ptxas -v, triton 3.9, causal); block_k = 64 keeps
-  enough dK/dV programs when Hk is small (GQA).
+  without register spills (ptxas -v, triton 3.6 and 3.9, causal: see
+  triton/compile_check.py); block_k = 64 keeps enough dK/dV programs when Hk
+  is small (GQA).
   """
   from jax_grouped_attn import tuning  # noqa: PLC0415
   tuned = tuning.tuned_config("backward", head_dim, backend, seq_len=seq_len, dtype=dtype)
   if tuned is not None:
     return tuned
   dp = padded_head_dim(head_dim)
-  if dtype is not None and str(dtype) == "float32":
+  fp32 = dtype is not None and str(dtype) == "float32"
+  if backend == "triton":
+    # Spill-free dK/dV and dQ under BOTH triton 3.6 (the GPU image) and 3.9,
+    # shared memory <= 232448 B (triton/compile_check.py, sm_90, causal, with
+    # and without segments). Triton 3.6 allocates registers worse than 3.9:
+    # the shared tiles below spill there (3.6 spill bytes, dq): bf16 d128
+    # 64x64x8x2 72 B, d256 32x32x8x2 188 B; fp32 d64 32x32x8x2 (dkdv) 44 B.
+    # Max registers per thread dK/dV / dQ, triton 3.6 (3.9):
+    if fp32:
+      if dp <= 32:
+        return BackwardConfig(block_q=32, block_k=32, num_warps=8, num_stages=2)  # 68 / 86 (70 / 69)
+      if dp <= 64:
+        return BackwardConfig(block_q=16, block_k=32, num_warps=4, num_stages=2)  # 108 / 168 (110 / 78)
+      if dp <= 128:
+        return BackwardConfig(block_q=32, block_k=32, num_warps=8, num_stages=2)  # 106 / 244 (108 / 109)
+      return BackwardConfig(block_q=16, block_k=16, num_warps=8, num_stages=2)    # 100 / 175 (100 / 102)
+    if dp <= 64:
+      return BackwardConfig(block_q=64, block_k=64, num_warps=4, num_stages=3)    # 249 / 236 (243 / 160)
+    if dp <= 128:
+      # dK/dV keeps 64-key tiles (wgmma needs 64 rows); dQ's 32-row tiles
+      # use mma.sync. 64x64x8x2 (all wgmma) spills 72 B in dQ under 3.6.
+      return BackwardConfig(block_q=32, block_k=64, num_warps=8, num_stages=3)    # 204 / 248 (197 / 166)
+    return BackwardConfig(block_q=16, block_k=32, num_warps=8, num_stages=2)      # 185 / 253 (172 / 127)
+  if fp32:
     # IEEE fp32 dots (no tensor cores) hold operand rows in registers: the
-    # 16-bit tiles spill heavily. Both backends: small tiles always compile.
+    # 16-bit tiles spill heavily. Small tiles always compile.
     # sm_90 registers per thread, dK/dV / dQ, no spills:
     if dp <= 128:
       return BackwardConfig(block_q=32, block_k=32, num_warps=8, num_stages=2)  # 108 / 109

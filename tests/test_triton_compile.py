@@ -1,19 +1,27 @@
-"""sm_90 compile of the Triton forward for every default config (no GPU needed).
+"""sm_90 compile of the Triton kernels for every default config (no GPU needed).
 
 Fails on register spills or on shared memory above the H100 per-block limit,
-for each padded head_dim x dtype x segments with the default ForwardConfig.
+for the forward and the backward kernels (dK/dV, dQ, delta) with their
+default configs, for each padded head_dim x dtype x segments.
+
+Shared memory depends on the Triton version: 3.6 (the GPU image's) reports
+what the H100 was asked for at launch (forward 128x128x3 at d=128 bf16:
+262144 B under 3.6, 229376 B under 3.9; the launch failed asking 262144 B),
+and asks up to 65536 B more than 3.9 for the same kernel (dQ). Under any
+version but 3.6 the check keeps ``compile_check.SHARED_MARGIN_BYTES`` free
+(``compile_check.shared_budget``), so a CI run on 3.9 still guards 3.6.
 """
 
 import pytest
 
 from jax_grouped_attn.triton import compile_check as cc
 
-VARIANTS = [(d, t, s) for d in cc.HEAD_DIMS for t in cc.DTYPES for s in (False, True)]
+VARIANTS = cc.variants()
 
 
 def _id(v):
-  d, t, s = v
-  return f"d{d}-{t}-{'seg' if s else 'noseg'}"
+  k, d, t, s = v
+  return f"{k}-d{d}-{t}-{'seg' if s else 'noseg'}"
 
 
 @pytest.fixture(scope="module")
@@ -21,15 +29,26 @@ def reports():
   """All variants compiled once, in parallel worker processes."""
   got = cc.check_all()
   print("\n" + "\n".join(r.row() for r in got))
-  return {(r.head_dim, r.dtype, r.has_segments): r for r in got}
+  return {(r.kernel, r.head_dim, r.dtype, r.has_segments): r for r in got}
 
 
 @pytest.mark.parametrize("variant", VARIANTS, ids=_id)
-def test_default_forward_config_fits_h100(reports, variant):
+def test_default_config_fits_h100(reports, variant):
   r = reports[variant]
   assert r.registers > 0, r.row()
   assert r.spills == 0, f"register spills: {r.row()}"
-  assert r.shared_bytes <= cc.H100_MAX_SHARED_BYTES, f"shared memory: {r.row()}"
+  budget = cc.shared_budget()
+  assert r.shared_bytes <= budget, (
+      f"shared memory over {budget} B (H100 {cc.H100_MAX_SHARED_BYTES} B less the "
+      f"margin for Triton 3.6 where this is not 3.6): {r.row()}")
+
+
+def test_shared_budget_margin():
+  assert cc.shared_budget("3.6.0") == cc.H100_MAX_SHARED_BYTES
+  assert cc.shared_budget("3.9.0") == cc.H100_MAX_SHARED_BYTES - cc.SHARED_MARGIN_BYTES
+  # The forward that failed to launch on the H100 (Triton 3.6: 262144 B;
+  # 229376 B reported by 3.9) is rejected whichever Triton runs the check.
+  assert 229376 > cc.shared_budget("3.9.0") and 262144 > cc.shared_budget("3.6.0")
 
 
 def test_ast_source_builds_for_this_triton():

@@ -1,10 +1,17 @@
-"""Ahead-of-time sm_90 compile of the Triton forward, with a resource report.
+"""Ahead-of-time sm_90 compile of the Triton kernels, with a resource report.
 
 Runs on any machine (no GPU needed): ``triton.compile`` for
 ``GPUTarget("cuda", 90, 32)`` gives PTX and Triton's shared-memory size;
 ``ptxas -v`` on that PTX (the ptxas Triton ships, with Triton's flags) gives
 registers and spills. ``python -m jax_grouped_attn.triton.compile_check``
-prints the table for the default ForwardConfig of every padded head_dim.
+prints the table for the default ForwardConfig (kernel "forward") and
+BackwardConfig (kernels "dkdv", "dq" and "delta") of every padded head_dim.
+
+The numbers depend on the Triton version: Triton 3.6 (the GPU image's) asks
+for more shared memory than 3.9 (one more [BLOCK_Q, Dp]-sized buffer in the
+forward: 262144 B vs 229376 B for 128x128x3 at d=128 bf16, the very 262144 B
+an H100 with Triton 3.6 refused at launch) and allocates registers worse.
+Run it under the Triton the GPU uses.
 """
 
 from __future__ import annotations
@@ -21,13 +28,25 @@ import numpy as np
 import triton
 
 from jax_grouped_attn import plan as plan_lib
-from jax_grouped_attn.config import ForwardConfig, default_forward_config
+from jax_grouped_attn.config import (BackwardConfig, ForwardConfig, default_backward_config,
+                                     default_forward_config)
 from jax_grouped_attn.groups import QueryGroup
-from jax_grouped_attn.triton import kernels, launch
+from jax_grouped_attn.triton import backward_kernels, kernels, launch
+from jax_grouped_attn.triton import backward as backward_launch  # after launch (it imports this)
 
 H100_MAX_SHARED_BYTES = 232448        # opt-in dynamic shared memory per block (sm_90)
 HEAD_DIMS = (32, 64, 128, 256)        # supported padded head dims
 DTYPES = ("bfloat16", "float16", "float32")
+KERNELS = ("forward", "dkdv", "dq", "delta")
+BACKWARD_KERNELS = ("dkdv", "dq", "delta")
+# What Triton 3.6 (the GPU image's, whose figures match the H100's launch
+# requests) may ask for beyond what another version reports, for the same
+# kernel and config. Measured 3.6 - 3.9 (sm_90, bytes): forward one extra
+# [BLOCK_Q, Dp] tile (d128 bf16 128x64x3: 163840 - 131072 = 32768; 128x128x3:
+# 262144 - 229376); dQ up to 65536 (d128 bf16 64x64x8x2: 163840 - 98304;
+# 32x64x8x3: 115200 - 70144 = 45056); dK/dV equal.
+SHARED_MARGIN_BYTES = 65536
+MEASURED_TRITON = "3.6"   # the version whose shared-memory figures need no margin
 _TRITON_TYPE = {"bfloat16": "bf16", "float16": "fp16", "float32": "fp32"}
 
 
@@ -36,7 +55,7 @@ class ResourceReport:
   head_dim: int
   dtype: str
   has_segments: bool
-  config: ForwardConfig
+  config: ForwardConfig | BackwardConfig   # as launched (delta: its fixed warps/stages)
   block_q: int               # tiles after plan.effective_blocks
   block_k: int
   registers: int             # per thread
@@ -44,6 +63,7 @@ class ResourceReport:
   spill_loads: int           # bytes
   stack_frame: int           # bytes
   shared_bytes: int          # dynamic shared memory per block
+  kernel: str = "forward"    # one of KERNELS
 
   @property
   def spills(self) -> int:
@@ -51,7 +71,7 @@ class ResourceReport:
 
   def row(self) -> str:
     c = self.config
-    return (f"d={self.head_dim:<3} {self.dtype:<8} seg={int(self.has_segments)} "
+    return (f"{self.kernel:<7} d={self.head_dim:<3} {self.dtype:<8} seg={int(self.has_segments)} "
             f"bq={self.block_q:<3} bk={self.block_k:<3} warps={c.num_warps} "
             f"stages={c.num_stages}: regs={self.registers:<3} spills={self.spills:<5} "
             f"(st {self.spill_stores}, ld {self.spill_loads}) stack={self.stack_frame:<4} "
@@ -102,28 +122,81 @@ def _ast_source(fn, signature: dict, constexprs: dict, attrs: dict):
   return ASTSource(fn=fn, signature=index_sig, constants=consts)
 
 
-def compile_forward(head_dim: int, dtype: str, has_segments: bool,
-                    config: ForwardConfig | None = None, *, capability: int = 90):
-  """Compiles kernels.forward_kernel for sm_``capability`` exactly as
-  launch.forward would configure it. Returns (compiled kernel, plan)."""
-  config = config or default_forward_config(head_dim, "triton", dtype=dtype)
+def _pointer_types(kernel: str, dtype: str) -> dict:
+  """Pointer signature of ``kernel`` in argument order (inputs, then outputs)."""
+  t = "*" + _TRITON_TYPE[dtype]
+  if kernel == "forward":
+    return {"table_ptr": "*i32", "q_ptr": t, "k_ptr": t, "v_ptr": t, "qseg_ptr": "*i32",
+            "kvseg_ptr": "*i32", "out_ptr": t, "lse_ptr": "*fp32"}
+  if kernel == "dkdv":
+    return {"kv_table_ptr": "*i32", "entries_ptr": "*i32", "q_ptr": t, "k_ptr": t, "v_ptr": t,
+            "dout_ptr": t, "lse2_ptr": "*fp32", "delta_ptr": "*fp32", "qseg_ptr": "*i32",
+            "kvseg_ptr": "*i32", "dk_ptr": t, "dv_ptr": t}
+  if kernel == "dq":
+    return {"table_ptr": "*i32", "q_ptr": t, "k_ptr": t, "v_ptr": t, "dout_ptr": t,
+            "lse2_ptr": "*fp32", "delta_ptr": "*fp32", "qseg_ptr": "*i32", "kvseg_ptr": "*i32",
+            "dq_ptr": t}
+  if kernel == "delta":
+    return {"valid_ptr": "*i32", "out_ptr": t, "dout_ptr": t, "lse_ptr": "*fp32",
+            "dlse_ptr": "*fp32", "delta_ptr": "*fp32", "lse2_ptr": "*fp32"}
+  raise ValueError(f"unknown kernel {kernel!r}; expected one of {KERNELS}.")
+
+
+def default_config(kernel: str, head_dim: int, dtype: str):
+  """The config attention would use for ``kernel`` (forward or backward)."""
+  if kernel == "forward":
+    return default_forward_config(head_dim, "triton", dtype=dtype)
+  return default_backward_config(head_dim, "triton", dtype=dtype)
+
+
+def compile_kernel(kernel: str, head_dim: int, dtype: str, has_segments: bool,
+                   config: ForwardConfig | BackwardConfig | None = None, *,
+                   capability: int = 90):
+  """Compiles one Triton kernel (``kernel`` in KERNELS) for sm_``capability``
+  exactly as launch.forward / backward.backward would configure it.
+  Returns (compiled kernel, plan, config as launched)."""
+  config = config or default_config(kernel, head_dim, dtype)
   problem = _problem(head_dim, has_segments)
   plan = plan_lib.make_plan(problem, config.block_q, config.block_k)
   dp = head_dim
   q_shape = (problem.batch, plan.tq_pad, problem.hq, dp)
   kv_shape = (problem.batch, plan.tk_pad, problem.hk, dp)
-  constexprs = launch.forward_constexprs(q_shape=q_shape, kv_shape=kv_shape, problem=problem,
-                                         plan=plan, dtype=np.dtype(dtype),
-                                         has_segments=has_segments)
-  t = "*" + _TRITON_TYPE[dtype]
-  signature = {"table_ptr": "*i32", "q_ptr": t, "k_ptr": t, "v_ptr": t, "qseg_ptr": "*i32",
-               "kvseg_ptr": "*i32", "out_ptr": t, "lse_ptr": "*fp32"}
+  common = dict(q_shape=q_shape, kv_shape=kv_shape, problem=problem, plan=plan,
+                dtype=np.dtype(dtype), has_segments=has_segments)
+  if kernel == "forward":
+    fn, constexprs = kernels.forward_kernel, launch.forward_constexprs(**common)
+  elif kernel in ("dkdv", "dq"):
+    constexprs = backward_launch.backward_constexprs(**common)
+    if kernel == "dkdv":
+      fn, constexprs = backward_kernels.dkdv_kernel, dict(constexprs, HK=problem.hk)
+    else:
+      fn, constexprs = backward_kernels.dq_kernel, dict(constexprs, HQ=problem.hq)
+  elif kernel == "delta":
+    sq = launch.contiguous_strides(q_shape)
+    sl = launch.contiguous_strides((problem.batch, problem.hq, plan.tq_pad))
+    fn = backward_kernels.delta_kernel
+    constexprs = dict(HQ=problem.hq, SQ_B=sq[0], SQ_T=sq[1], SQ_H=sq[2], SL_B=sl[0],
+                      SL_H=sl[1], BLOCK_Q=plan.block_q, DP=dp)
+    config = dataclasses.replace(config, num_warps=backward_launch.DELTA_NUM_WARPS,
+                                 num_stages=backward_launch.DELTA_NUM_STAGES)
+  else:
+    raise ValueError(f"unknown kernel {kernel!r}; expected one of {KERNELS}.")
+  signature = _pointer_types(kernel, dtype)
   attrs = _pointer_attrs(list(signature.values()), capability)
-  src = _ast_source(kernels.forward_kernel, signature, constexprs, attrs)
+  src = _ast_source(fn, signature, constexprs, attrs)
   compiled = triton.compile(src, target=_target(capability),
                             options={"num_warps": config.num_warps,
                                      "num_stages": config.num_stages, "num_ctas": 1,
                                      "enable_fp_fusion": True})  # as jax_triton
+  return compiled, plan, config
+
+
+def compile_forward(head_dim: int, dtype: str, has_segments: bool,
+                    config: ForwardConfig | None = None, *, capability: int = 90):
+  """Compiles kernels.forward_kernel for sm_``capability`` exactly as
+  launch.forward would configure it. Returns (compiled kernel, plan)."""
+  compiled, plan, _ = compile_kernel("forward", head_dim, dtype, has_segments, config,
+                                     capability=capability)
   return compiled, plan
 
 
@@ -165,52 +238,89 @@ def ptxas_usage(ptx: str, capability: int = 90) -> dict:
   return usage
 
 
+def kernel_resources(kernel: str, head_dim: int, dtype: str, has_segments: bool,
+                     config: ForwardConfig | BackwardConfig | None = None, *,
+                     capability: int = 90) -> ResourceReport:
+  compiled, plan, config = compile_kernel(kernel, head_dim, dtype, has_segments, config,
+                                          capability=capability)
+  usage = ptxas_usage(compiled.asm["ptx"], capability)
+  return ResourceReport(head_dim, dtype, has_segments, config, plan.block_q, plan.block_k,
+                        shared_bytes=int(compiled.metadata.shared), kernel=kernel, **usage)
+
+
 def forward_resources(head_dim: int, dtype: str, has_segments: bool,
                       config: ForwardConfig | None = None, *,
                       capability: int = 90) -> ResourceReport:
-  config = config or default_forward_config(head_dim, "triton", dtype=dtype)
-  compiled, plan = compile_forward(head_dim, dtype, has_segments, config,
-                                   capability=capability)
-  usage = ptxas_usage(compiled.asm["ptx"], capability)
-  return ResourceReport(head_dim, dtype, has_segments, config, plan.block_q, plan.block_k,
-                        shared_bytes=int(compiled.metadata.shared), **usage)
+  return kernel_resources("forward", head_dim, dtype, has_segments, config,
+                          capability=capability)
+
+
+def backward_resources(kernel: str, head_dim: int, dtype: str, has_segments: bool,
+                       config: BackwardConfig | None = None, *,
+                       capability: int = 90) -> ResourceReport:
+  """``kernel``: "dkdv", "dq" or "delta" (delta ignores ``has_segments``)."""
+  if kernel not in BACKWARD_KERNELS:
+    raise ValueError(f"unknown backward kernel {kernel!r}; expected one of {BACKWARD_KERNELS}.")
+  return kernel_resources(kernel, head_dim, dtype, has_segments, config,
+                          capability=capability)
 
 
 def _default_resources(variant) -> ResourceReport:
-  head_dim, dtype, has_segments, capability = variant
-  return forward_resources(head_dim, dtype, has_segments, capability=capability)
+  kernel, head_dim, dtype, has_segments, capability = variant
+  return kernel_resources(kernel, head_dim, dtype, has_segments, capability=capability)
+
+
+def variants(head_dims=HEAD_DIMS, dtypes=DTYPES, segments=(False, True),
+             kernels=KERNELS) -> list[tuple[str, int, str, bool]]:
+  """(kernel, head_dim, dtype, has_segments) of every default launch; delta
+  only without segments (it has no segment argument)."""
+  return [(k, d, t, s) for k in kernels for d in head_dims for t in dtypes for s in segments
+          if not (k == "delta" and s)]
 
 
 def check_all(head_dims=HEAD_DIMS, dtypes=DTYPES, segments=(False, True),
-              capability: int = 90, processes: int | None = None) -> list[ResourceReport]:
-  """Reports for the default config of every (head_dim, dtype, segments).
+              capability: int = 90, processes: int | None = None,
+              kernels=KERNELS) -> list[ResourceReport]:
+  """Reports for the default config of every (kernel, head_dim, dtype, segments).
 
   Compiles in ``processes`` worker processes (default: one per CPU; 1 = in
   this process). Workers are spawned, not forked: JAX is already running here.
   """
-  variants = [(d, t, s, capability) for d in head_dims for t in dtypes for s in segments]
+  todo = [v + (capability,) for v in variants(head_dims, dtypes, segments, kernels)]
   processes = processes or os.cpu_count() or 1
-  if processes == 1 or len(variants) == 1:
-    return [_default_resources(v) for v in variants]
+  if processes == 1 or len(todo) == 1:
+    return [_default_resources(v) for v in todo]
   import concurrent.futures
   import multiprocessing
   with concurrent.futures.ProcessPoolExecutor(
-      min(processes, len(variants)), mp_context=multiprocessing.get_context("spawn")) as pool:
-    return list(pool.map(_default_resources, variants))
+      min(processes, len(todo)), mp_context=multiprocessing.get_context("spawn")) as pool:
+    return list(pool.map(_default_resources, todo))
+
+
+def shared_budget(version: str | None = None) -> int:
+  """Shared bytes a kernel may report under Triton ``version`` (default: the
+  installed one) and still fit an H100 under Triton 3.6: the full limit
+  under 3.6, SHARED_MARGIN_BYTES less under any other version."""
+  version = triton.__version__ if version is None else version
+  same = version == MEASURED_TRITON or version.startswith(MEASURED_TRITON + ".")
+  return H100_MAX_SHARED_BYTES - (0 if same else SHARED_MARGIN_BYTES)
 
 
 def problems(reports: list[ResourceReport]) -> list[str]:
-  """Reports that would hurt on an H100: register spills or too much shared memory."""
-  bad = []
+  """Reports that would hurt on an H100: register spills or too much shared
+  memory (beyond :func:`shared_budget` for this Triton)."""
+  bad, budget = [], shared_budget()
   for r in reports:
     if r.spills:
       bad.append(f"spills {r.spills} bytes: {r.row()}")
-    if r.shared_bytes > H100_MAX_SHARED_BYTES:
-      bad.append(f"shared memory {r.shared_bytes} > {H100_MAX_SHARED_BYTES}: {r.row()}")
+    if r.shared_bytes > budget:
+      bad.append(f"shared memory {r.shared_bytes} > {budget}: {r.row()}")
   return bad
 
 
 def main():
+  print(f"triton {triton.__version__}, sm_90, shared-memory budget {shared_budget()} B "
+        f"(H100 limit {H100_MAX_SHARED_BYTES})")
   reports = check_all()
   for r in reports:
     print(r.row())

@@ -263,10 +263,10 @@ def _scalar_index(self) -> int:
 
 
 def _patch_interpreter_scalar_index():
-  """Triton < 3.7's interpreter makes ``range(n)`` over a loaded scalar call
-  ``int(handle.data)`` on a shape-(1,) array, which NumPy 2.4 rejects
-  ("only 0-dimensional arrays can be converted to Python scalars"). Later
-  Tritons squeeze first. Wrap the interpreter's ``_patch_lang_tensor`` so the
+  """The interpreter of Triton 3.2 to 3.6 makes ``range(n)`` over a loaded
+  scalar call ``int(handle.data)`` on a shape-(1,) array, which NumPy >= 2.4
+  rejects ("only 0-dimensional arrays can be converted to Python scalars";
+  with older NumPy it works). Triton 3.9 squeezes first. Wrap the interpreter's ``_patch_lang_tensor`` so the
   ``__index__`` it installs (per kernel, restored with the interpreter's own
   patch scope from 3.6 on; for good in 3.2-3.5, as Triton itself does)
   reads the scalar with ``.item()`` on every version."""
