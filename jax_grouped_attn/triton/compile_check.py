@@ -108,8 +108,10 @@ def _pointer_attrs(types: list[str], capability: int) -> dict:
 
 
 def _ast_source(fn, signature: dict, constexprs: dict, attrs: dict):
-  """ASTSource across Triton versions: >= 3.2 takes name-keyed ``signature``
-  (constexprs typed "constexpr") and ``constexprs``; 3.0/3.1 index-keyed
+  """ASTSource across Triton versions: >= 3.3 takes name-keyed ``signature``
+  (constexprs typed "constexpr") and ``constexprs``; 3.2 name-keyed
+  ``signature`` (runtime arguments only), ``constants`` and an
+  AttrsDescriptor (pointers 16-byte aligned); 3.0/3.1 index-keyed
   ``signature`` and ``constants``."""
   from triton.compiler import ASTSource
   params = inspect.signature(ASTSource.__init__).parameters
@@ -117,6 +119,14 @@ def _ast_source(fn, signature: dict, constexprs: dict, attrs: dict):
     full = dict(signature, **{k: "constexpr" for k in constexprs})
     return ASTSource(fn=fn, signature=full, constexprs=constexprs, attrs=attrs)
   names = fn.arg_names
+  try:
+    from triton.backends.compiler import AttrsDescriptor
+    aligned = AttrsDescriptor.from_hints(
+        {names.index(k): 16 for k, v in signature.items() if v.startswith("*")})
+    return ASTSource(fn=fn, signature=dict(signature), constants=dict(constexprs),
+                     attrs=aligned)
+  except (ImportError, AttributeError, TypeError):
+    pass
   index_sig = {names.index(k): v for k, v in signature.items()}
   consts = {names.index(k): v for k, v in constexprs.items()}
   return ASTSource(fn=fn, signature=index_sig, constants=consts)

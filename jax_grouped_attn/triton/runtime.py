@@ -98,10 +98,19 @@ class HostTensor:
     return strides if dim is None else strides[dim]
 
   def copy_(self, other):
-    np.copyto(self.array, other.array)
+    if other.array is not self.array:
+      np.copyto(self.array, other.array)
     return self
 
   def cpu(self):
+    return self
+
+  def to(self, *_, **__):
+    # Triton 3.2 copies results back with ``dev.data.copy_(hst.to(dev.device).data)``.
+    return self
+
+  @property
+  def data(self):
     return self
 
   # -- conveniences some Triton versions touch --
