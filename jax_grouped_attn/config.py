@@ -120,8 +120,12 @@ def default_forward_config(head_dim: int, backend: str, seq_len: int | None = No
       return ForwardConfig(block_q=64, block_k=32, num_warps=8, num_stages=2)   # 208 / 41344
     if dp <= 128:
       return ForwardConfig(block_q=32, block_k=16, num_warps=8, num_stages=2)   # 80 / 35008
-    return ForwardConfig(block_q=32, block_k=32, num_warps=8, num_stages=2)     # 197 / 102656
+    # 32x32 spills 336 B under triton 3.6 at d=256; 32x16 spills under neither.
+    return ForwardConfig(block_q=32, block_k=16, num_warps=8, num_stages=2)
   if dp <= 64:
+    if backend == "triton":
+      # 4 warps spill 24 B with segments under triton 3.6; 8 warps spill under neither.
+      return ForwardConfig(block_q=128, block_k=64, num_warps=8, num_stages=3)
     return ForwardConfig(block_q=128, block_k=64, num_warps=4, num_stages=3)
   if dp <= 128:
     if backend == "triton":
@@ -131,6 +135,9 @@ def default_forward_config(head_dim: int, backend: str, seq_len: int | None = No
     # H100, S8192 H32 D128 bf16 causal, Pallas: (128,128,8,3) 1.40 ms,
     # (128,64,8,3) 1.44 ms, (128,64,8,2) 1.89 ms (2026-11-24).
     return ForwardConfig(block_q=128, block_k=128, num_warps=8, num_stages=3)
+  if backend == "triton":
+    # 4 warps spill ~4.5 KB at d=256 under triton 3.6 (164096 B smem with 8 warps).
+    return ForwardConfig(block_q=64, block_k=32, num_warps=8, num_stages=3)
   return ForwardConfig(block_q=64, block_k=32, num_warps=4, num_stages=2)
 
 
