@@ -17,7 +17,7 @@ import jax_grouped_attn as ga
 from jax_grouped_attn import QueryGroup
 from cases import GRAD_TOL, KERNEL_BACKENDS, LSE_TOL, OUT_TOL, Case, assert_close, check_grads
 
-PROFILES = {"fast": (40, 12), "long": (1500, 400)}   # (forward examples, gradient examples)
+PROFILES = {"fast": (100, 30), "long": (1500, 400)}   # per backend: (forward, gradient) examples
 N_FWD, N_GRAD = PROFILES[os.environ.get("JGA_PROPERTY_PROFILE", "fast")]
 
 
