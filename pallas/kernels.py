@@ -33,6 +33,13 @@ def _dot(a, b, *, trans_a=False, trans_b=False, precision=None):
   return _pl_dot(a, b, trans_a=trans_a, trans_b=trans_b, precision=precision)
 
 
+def _work_row(table_ref):
+  """(row0, q_pos0, kv_len, n_full, n_blocks) of this program's work-table row."""
+  w = pl.program_id(0)
+  return tuple(table_ref[w, c] for c in (plan_lib.ROW0, plan_lib.QPOS0, plan_lib.KV_LEN,
+                                         plan_lib.N_FULL, plan_lib.N_BLOCKS))
+
+
 def forward_kernel(table_ref, q_ref, k_ref, v_ref, *refs, scale: float,
                    causal: bool, has_segments: bool, block_q: int,
                    block_k: int, precision):
@@ -40,12 +47,7 @@ def forward_kernel(table_ref, q_ref, k_ref, v_ref, *refs, scale: float,
     qseg_ref, kvseg_ref, out_ref, lse_ref = refs
   else:
     out_ref, lse_ref = refs
-  w = pl.program_id(0)
-  row0 = table_ref[w, plan_lib.ROW0]
-  q_pos0 = table_ref[w, plan_lib.QPOS0]
-  kv_len = table_ref[w, plan_lib.KV_LEN]
-  n_full = table_ref[w, plan_lib.N_FULL]
-  n_blocks = table_ref[w, plan_lib.N_BLOCKS]
+  row0, q_pos0, kv_len, n_full, n_blocks = _work_row(table_ref)
 
   rows = pl.ds(row0, block_q)
   q = q_ref[rows, :]
@@ -61,11 +63,8 @@ def forward_kernel(table_ref, q_ref, k_ref, v_ref, *refs, scale: float,
     s = _dot(q, k, trans_b=True, precision=precision) * qk_scale  # [bq, bk]
     if masked:
       kj = j * block_k + jax.lax.broadcasted_iota(jnp.int32, (1, block_k), 1)
-      visible = kj < kv_len
-      if causal:
-        visible = visible & (kj <= q_pos)
-      if has_segments:
-        visible = visible & (qseg == kvseg_ref[keys][None, :])
+      kvseg = kvseg_ref[keys][None, :] if has_segments else None
+      visible = _visible(q_pos, kj, kv_len, causal=causal, qseg=qseg, kvseg=kvseg)
       s = jnp.where(visible, s, -jnp.inf)
     m_new = jnp.maximum(m_prev, jnp.max(s, axis=1))
     if masked:
@@ -215,12 +214,7 @@ def backward_dq_kernel(table_ref, q_ref, k_ref, v_ref, dout_ref, lse2_ref,
     qseg_ref, kvseg_ref, dq_ref = refs
   else:
     (dq_ref,) = refs
-  w = pl.program_id(0)
-  row0 = table_ref[w, plan_lib.ROW0]
-  q_pos0 = table_ref[w, plan_lib.QPOS0]
-  kv_len = table_ref[w, plan_lib.KV_LEN]
-  n_full = table_ref[w, plan_lib.N_FULL]
-  n_blocks = table_ref[w, plan_lib.N_BLOCKS]
+  row0, q_pos0, kv_len, n_full, n_blocks = _work_row(table_ref)
 
   rows = pl.ds(row0, block_q)
   q = q_ref[rows, :]
