@@ -49,12 +49,23 @@ QUICK = {
                 128: [(128, 128, 8, 3), (128, 128, 8, 2), (128, 64, 8, 3), (128, 64, 8, 4),
                       (128, 64, 4, 3), (64, 64, 4, 3)],
                 256: [(64, 32, 4, 2), (64, 64, 8, 2), (32, 64, 4, 2), (128, 32, 8, 2)]},
-    "backward": {64: [(64, 128, 8, 2), (64, 64, 4, 2), (128, 128, 8, 2), (32, 64, 4, 2)],
-                 128: [(64, 64, 4, 2), (64, 64, 4, 3), (64, 128, 8, 2), (32, 64, 4, 2),
-                       (64, 32, 4, 2), (128, 64, 8, 2), (32, 128, 8, 2)],
-                 256: [(32, 64, 4, 1), (32, 32, 4, 1), (64, 64, 8, 1), (16, 64, 4, 1)]},
+    # Backward: dK/dV tiles, then dQ's (four values: both kernels share them).
+    # dK/dV holds keys and streams q rows, dQ the reverse: the split pairs
+    # give each kernel its held tile large (H100, D128 kernels timed alone,
+    # 2026-11-24: dK/dV 64x64x4x2 2.86 ms; dQ 128x64x8x3 1.58 ms vs 64x64x4x3 1.92).
+    "backward": {64: [(64, 128, 8, 2), (64, 64, 4, 2), (128, 128, 8, 2), (32, 64, 4, 2),
+                      (64, 64, 4, 3, 128, 64, 8, 3), (64, 64, 4, 3, 128, 64, 4, 3),
+                      (64, 128, 8, 2, 128, 64, 8, 3), (64, 64, 4, 2, 128, 32, 4, 3)],
+                 128: [(64, 64, 4, 2), (64, 64, 4, 3), (64, 128, 8, 2), (128, 64, 8, 2),
+                       (64, 64, 4, 2, 128, 64, 8, 3), (64, 64, 4, 3, 128, 64, 8, 3),
+                       (64, 64, 4, 2, 64, 32, 4, 3), (64, 64, 4, 2, 128, 32, 8, 3),
+                       (64, 128, 8, 2, 128, 64, 8, 3)],
+                 256: [(32, 64, 4, 1), (32, 32, 4, 1), (64, 64, 8, 1),
+                       (64, 64, 8, 1, 64, 32, 8, 1), (64, 64, 8, 1, 128, 32, 8, 1),
+                       (64, 64, 8, 1, 64, 32, 4, 2), (32, 64, 8, 1, 64, 32, 8, 1)]},
 }
-SMOKE = {"forward": [(16, 16, 4, 2), (32, 16, 4, 2)], "backward": [(16, 16, 4, 2), (16, 32, 4, 1)]}
+SMOKE = {"forward": [(16, 16, 4, 2), (32, 16, 4, 2)],
+         "backward": [(16, 16, 4, 2), (16, 32, 4, 1), (16, 32, 4, 2, 32, 16, 4, 2)]}
 
 
 def full_grid(pass_: str, head_dim: int) -> list[tuple]:
@@ -65,18 +76,36 @@ def full_grid(pass_: str, head_dim: int) -> list[tuple]:
   else:
     bq, bk = ((16, 32, 64), (32, 64)) if big else ((32, 64, 128), (32, 64, 128))
     stages = (1, 2) if big else (1, 2, 3)
-  return list(itertools.product(bq, bk, (4, 8), stages))
+  grid = list(itertools.product(bq, bk, (4, 8), stages))
+  if pass_ == "forward":
+    return grid
+  # Each dK/dV tile with dQ on the same tiles and on the transposed ones.
+  return [c + c for c in grid] + [c + (c[1], c[0]) + c[2:] for c in grid if c[0] != c[1]]
+
+
+def as_tuple(cfg) -> tuple:
+  """A config as the tuner's candidate tuple: forward (block_q, block_k,
+  num_warps, num_stages); backward the dK/dV four, then the dQ four."""
+  if isinstance(cfg, BackwardConfig):
+    return tuple(cfg.dkdv) + tuple(cfg.dq)
+  return tuple(dataclasses.astuple(cfg))
+
+
+def _normal(pass_: str, cand) -> tuple:
+  """Backward candidates of four values use them for both kernels."""
+  cand = tuple(cand)
+  return cand + cand if pass_ == "backward" and len(cand) == 4 else cand
 
 
 def candidates(pass_: str, head_dim: int, mode: str, default) -> list[tuple]:
-  d = tuple(dataclasses.astuple(default))
+  d = as_tuple(default)
   if mode == "smoke":
     pool = SMOKE[pass_]
   elif mode == "quick":
     pool = QUICK[pass_][min(QUICK[pass_], key=lambda h: abs(h - head_dim))]
   else:
     pool = full_grid(pass_, head_dim)
-  return list(dict.fromkeys([d] + [tuple(c) for c in pool]))
+  return list(dict.fromkeys([d] + [_normal(pass_, c) for c in pool]))
 
 
 # ------------------------------------------------------------- measuring ---
@@ -107,7 +136,7 @@ def measure(bucket: Bucket, backend: str, pass_: str, cand: tuple, fwd_fixed: Fo
     if pass_ == "forward":
       cfg = AttentionConfig(forward=ForwardConfig(*cand))
     else:
-      cfg = AttentionConfig(forward=fwd_fixed, backward=BackwardConfig(*cand))
+      cfg = AttentionConfig(forward=fwd_fixed, backward=BackwardConfig(*_normal(pass_, cand)))
   except ValueError as e:
     return {**res, "status": f"invalid: {e}"}
   fn = _fn(wl, backend, cfg)
@@ -145,7 +174,7 @@ def measure(bucket: Bucket, backend: str, pass_: str, cand: tuple, fwd_fixed: Fo
 
 # ----------------------------------------------------------------- table ---
 
-def _best_any(by_bucket: dict) -> dict | None:
+def _best_any(by_bucket: dict, pass_: str) -> dict | None:
   """The candidate with the smallest summed log-slowdown over all measured buckets."""
   buckets = {k: v for k, v in by_bucket.items() if k.isdigit() and v.get("candidates")}
   if not buckets:
@@ -159,9 +188,10 @@ def _best_any(by_bucket: dict) -> dict | None:
   common_cands = [c for c, t in times.items() if len(t) == len(buckets)]
   if common_cands:
     cand = min(common_cands, key=lambda c: sum(times[c].values()))
-    return dict(zip(tuning.FIELDS, cand), buckets=sorted(buckets, key=int))
+    return dict(zip(tuning.fields(pass_), cand), buckets=sorted(buckets, key=int))
   near = min(buckets, key=lambda b: abs(math.log2(int(b)) - 13))   # closest to 8192
-  return {f: buckets[near][f] for f in tuning.FIELDS} | {"buckets": [near]}
+  return ({f: buckets[near][f] for f in tuning.fields(pass_) if f in buckets[near]}
+          | {"buckets": [near]})
 
 
 def load_existing(path: str, gpu: str) -> dict:
@@ -179,10 +209,10 @@ def load_existing(path: str, gpu: str) -> dict:
 
 def write_table(table: dict, path: str) -> None:
   for backend in table["entries"].values():
-    for by_dtype in backend.values():
+    for pass_, by_dtype in backend.items():
       for by_dim in by_dtype.values():
         for by_bucket in by_dim.values():
-          best = _best_any(by_bucket)
+          best = _best_any(by_bucket, pass_)
           if best:
             by_bucket["any"] = best
   tmp = path + ".tmp"
@@ -272,7 +302,7 @@ def main(argv=None) -> dict:
         r = measure(bucket, backend, pass_, cand, fwd_fixed, reps, warmup)
         bar.update(1)
         results.append(r)
-        log(f"{backend:7} {pass_:8} D{hd:<4} S{seq:<6} {str(tuple(cand)):18} "
+        log(f"{backend:7} {pass_:8} D{hd:<4} S{seq:<6} {str(tuple(cand)):34} "
             + (f"{r['ms']:9.3f} ms" if "ms" in r else f"skipped: {r['status']}"))
         if str(r.get("status", "")).startswith("not implemented"):
           break
@@ -281,13 +311,13 @@ def main(argv=None) -> dict:
         continue
       best = min(timed, key=lambda r: r["ms"])
       default_ms = next((r["ms"] for r in timed
-                         if tuple(r["config"]) == tuple(dataclasses.astuple(default))), None)
+                         if tuple(r["config"]) == as_tuple(default)), None)
       flops = wl.flops("fwd" if pass_ == "forward" else "fwdbwd")
-      entry = dict(zip(tuning.FIELDS, best["config"]), ms=best["ms"],
+      entry = dict(zip(tuning.fields(pass_), best["config"]), ms=best["ms"],
                    tflops=flops / (best["ms"] * 1e-3) / 1e12,
                    timed_as="fwd" if pass_ == "forward" else "fwd+bwd, forward fixed at "
-                   + str(tuple(dataclasses.astuple(fwd_fixed))),
-                   default=list(dataclasses.astuple(default)), default_ms=default_ms,
+                   + str(as_tuple(fwd_fixed)),
+                   default=list(as_tuple(default)), default_ms=default_ms,
                    speedup_vs_default=default_ms / best["ms"] if default_ms else None,
                    candidates=results, workload=wl.name)
       (table["entries"].setdefault(backend, {}).setdefault(pass_, {})
@@ -296,7 +326,7 @@ def main(argv=None) -> dict:
       write_table(table, path)
   bar.close()
   if summary:
-    log("\nbest configs (block_q, block_k, num_warps, num_stages):")
+    log("\nbest configs (block_q, block_k, num_warps, num_stages; backward: dK/dV then dQ):")
     for backend, pass_, hd, seq, cfg, ms, dms in summary:
       gain = f" ({dms / ms:.2f}x vs default {dms:.3f} ms)" if dms else ""
       log(f"  {backend:7} {pass_:8} D{hd:<4} S{seq:<6} {tuple(cfg)}  {ms:.3f} ms{gain}")

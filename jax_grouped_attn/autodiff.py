@@ -4,7 +4,8 @@ A backend module provides
   forward(q, k, v, q_seg, kv_seg, *, problem, plan, config, interpret)
       -> (out [B, Tq_pad, Hq, Dp], lse [B, Hq, Tq_pad] f32)
   backward(q, k, v, q_seg, kv_seg, out, lse, dout, dlse, *, problem, plan,
-           config, interpret) -> (dq, dk, dv)      (padded layouts)
+           config, interpret) -> (dq, dk, dv)      (padded layouts; plan is
+           a plan.BackwardPlan)
 on the padded layouts fixed by plan.py; the layout change happens here once.
 Residuals are q, k, v, out, lse (and segment ids): nothing O(T^2).
 """
@@ -177,7 +178,10 @@ def _kernel_backward(problem, backend, config, interpret, q, k, v, q_seg, kv_seg
         f"backend={backend!r} has no backward kernel yet; pass "
         "backward='reference' to differentiate with the reference backward.")
   _, bwd_cfg = _plans(problem, backend, config, q.dtype)
-  plan = plan_lib.make_plan(problem, bwd_cfg.block_q, bwd_cfg.block_k)
+  dq_tiles = bwd_cfg.dq
+  bplan = plan_lib.make_backward_plan(problem, bwd_cfg.block_q, bwd_cfg.block_k,
+                                      dq_tiles.block_q, dq_tiles.block_k)
+  plan = bplan.plan
   qp, kp, vp, qs, ks = _prepare(problem, plan, q, k, v, q_seg, kv_seg)
   dp = qp.shape[-1]
   out_p = to_q_layout(_pad_axis(out, 3, dp), plan)
@@ -186,7 +190,7 @@ def _kernel_backward(problem, backend, config, interpret, q, k, v, q_seg, kv_seg
   dlse_p = to_q_layout_zero_padded(dlse, plan, axis=2)
   dq_p, dk_p, dv_p = batch_folding(module.backward)(
       qp, kp, vp, qs, ks, out_p, lse_p, dout_p, dlse_p, problem=problem,
-      plan=plan, config=bwd_cfg, interpret=interpret)
+      plan=bplan, config=bwd_cfg, interpret=interpret)
   d = problem.head_dim
   dq = from_q_layout(dq_p, plan)[..., :d]
   dk = dk_p[:, :problem.tk, :, :d]

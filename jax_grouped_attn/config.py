@@ -8,10 +8,20 @@ Heuristic defaults live in :func:`default_forward_config` /
 from __future__ import annotations
 
 import dataclasses
+import typing
 
 
 def _is_pow2(x: int) -> bool:
   return isinstance(x, int) and not isinstance(x, bool) and x > 0 and (x & (x - 1)) == 0
+
+
+class Tiles(typing.NamedTuple):
+  """One kernel's tiles and launch parameters."""
+
+  block_q: int
+  block_k: int
+  num_warps: int
+  num_stages: int
 
 
 @dataclasses.dataclass(frozen=True)
@@ -34,32 +44,57 @@ class ForwardConfig:
 
 @dataclasses.dataclass(frozen=True)
 class BackwardConfig:
-  """Tile sizes of the backward kernels (dK/dV and dQ share them).
+  """Tile sizes of the backward kernels.
 
-  block_q: query rows per inner step of dK/dV and per program of dQ.
-  block_k: keys per program of dK/dV and per inner step of dQ.
+  block_q: query rows per inner step of dK/dV (and per program of dQ, unless
+    dq_block_q is set).
+  block_k: keys per program of dK/dV (and per inner step of dQ, unless
+    dq_block_k is set).
+  num_warps / num_stages: launch parameters of dK/dV (and dQ, unless set).
+  dq_block_q, dq_block_k, dq_num_warps, dq_num_stages: the dQ kernel's own
+    tiles; None takes the dK/dV value. The dK/dV kernel holds a key tile and
+    streams query tiles, dQ the reverse, so each wants its held tile large.
   """
 
   block_q: int = 64
   block_k: int = 64
   num_warps: int = 4
   num_stages: int = 2
+  dq_block_q: int | None = None
+  dq_block_k: int | None = None
+  dq_num_warps: int | None = None
+  dq_num_stages: int | None = None
 
   def __post_init__(self):
     _check_blocks(type(self).__name__, self)
+    _check_blocks(type(self).__name__, self.dq, prefix="dq_")
+
+  @property
+  def dkdv(self) -> "Tiles":
+    """The dK/dV (and delta) kernels' tiles and launch parameters."""
+    return Tiles(self.block_q, self.block_k, self.num_warps, self.num_stages)
+
+  @property
+  def dq(self) -> "Tiles":
+    """The dQ kernel's tiles and launch parameters (Nones filled in)."""
+    pick = lambda own, shared: shared if own is None else own
+    return Tiles(pick(self.dq_block_q, self.block_q), pick(self.dq_block_k, self.block_k),
+                 pick(self.dq_num_warps, self.num_warps),
+                 pick(self.dq_num_stages, self.num_stages))
 
 
-def _check_blocks(name, cfg) -> None:
+def _check_blocks(name, cfg, prefix: str = "") -> None:
   for field in ("block_q", "block_k"):
     value = getattr(cfg, field)
     if not _is_pow2(value) or value < 16 or value > 256:
       raise ValueError(
-          f"{name}.{field}={value!r} is not usable: it must be a power of two "
+          f"{name}.{prefix}{field}={value!r} is not usable: it must be a power of two "
           "in [16, 256] (Triton tiles and tensor-core dots need that).")
-  if cfg.num_warps not in (1, 2, 4, 8, 16):
-    raise ValueError(f"{name}.num_warps={cfg.num_warps!r} must be one of 1, 2, 4, 8, 16.")
+  if isinstance(cfg.num_warps, bool) or cfg.num_warps not in (1, 2, 4, 8, 16):
+    raise ValueError(
+        f"{name}.{prefix}num_warps={cfg.num_warps!r} must be one of 1, 2, 4, 8, 16.")
   if isinstance(cfg.num_stages, bool) or not isinstance(cfg.num_stages, int) or not 1 <= cfg.num_stages <= 8:
-    raise ValueError(f"{name}.num_stages={cfg.num_stages!r} must be an int in [1, 8].")
+    raise ValueError(f"{name}.{prefix}num_stages={cfg.num_stages!r} must be an int in [1, 8].")
 
 
 @dataclasses.dataclass(frozen=True)

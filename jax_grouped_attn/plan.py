@@ -99,10 +99,22 @@ def _kv_blocks(g: QueryGroup, q_pos0: int, n_rows: int, causal: bool,
 
 
 @functools.lru_cache(maxsize=256)
-def make_plan(problem: Problem, block_q: int, block_k: int) -> Plan:
+def make_plan(problem: Problem, block_q: int, block_k: int, q_align: int = 1,
+              k_align: int = 1) -> Plan:
+  """The q layout and forward work table for tiles (block_q, block_k).
+
+  Each group's rows are padded to a multiple of max(block_q, q_align) and the
+  keys to a multiple of max(block_k, k_align) (after effective_blocks): two
+  plans with the same alignment share one padded layout (the backward's dK/dV
+  and dQ tiles).
+  """
   bq, bk = effective_blocks(problem, block_q, block_k)
+  qa, ka = max(bq, q_align), max(bk, k_align)
+  if qa % bq or ka % bk:
+    raise ValueError(f"make_plan: alignment ({q_align=}, {k_align=}) must be a multiple of "
+                     f"the tiles ({bq}, {bk}).")
   groups = [g for g in problem.groups if g.q_len > 0]
-  identity = problem.tq % bq == 0 and all(g.q_start % bq == 0 for g in groups)
+  identity = problem.tq % qa == 0 and all(g.q_start % qa == 0 for g in groups)
   rows = []      # (row0, q_pos0, kv_len, n_full, n_blocks, group, n_rows)
   if identity:
     tq_pad = problem.tq
@@ -114,7 +126,7 @@ def make_plan(problem: Problem, block_q: int, block_k: int) -> Plan:
     bases, cursor = [], 0
     for g in groups:
       bases.append(cursor)
-      cursor += -(-g.q_len // bq) * bq
+      cursor += -(-g.q_len // qa) * qa
     tq_pad = cursor
     src = np.zeros((tq_pad,), np.int64)
     dst = np.zeros((problem.tq,), np.int64)
@@ -122,7 +134,7 @@ def make_plan(problem: Problem, block_q: int, block_k: int) -> Plan:
     for g, base in zip(groups, bases):
       src[base:base + g.q_len] = np.arange(g.q_start, g.q_end)
       # Padding rows copy the group's last row: finite data, results dropped.
-      src[base + g.q_len:base + -(-g.q_len // bq) * bq] = g.q_end - 1
+      src[base + g.q_len:base + -(-g.q_len // qa) * qa] = g.q_end - 1
       dst[g.q_start:g.q_end] = np.arange(base, base + g.q_len)
       valid[base:base + g.q_len] = True
   for gi, (g, base) in enumerate(zip(groups, bases)):
@@ -138,7 +150,7 @@ def make_plan(problem: Problem, block_q: int, block_k: int) -> Plan:
   table = np.zeros((len(rows), TABLE_WIDTH), np.int32)
   if rows:
     table[:, :7] = np.asarray(rows, np.int64)
-  tk_pad = -(-problem.tk // bk) * bk
+  tk_pad = -(-problem.tk // ka) * ka
   for arr in (src, dst, valid, table):
     arr.setflags(write=False)
   return Plan(bq, bk, tq_pad, tk_pad, identity, src, dst, valid, table)
@@ -166,15 +178,20 @@ ENTRY_WIDTH = 8
 
 @dataclasses.dataclass(frozen=True, eq=False)
 class BackwardPlan:
-  """The forward plan (q layout and dQ work table) plus the dK/dV table.
+  """The backward's shared q layout, the dQ work table and the dK/dV table.
 
-  The dK/dV kernel launches ``(n_kv_blocks, B * Hk)``; program ``(t, bh)``
-  owns kv block ``kv_table[t, KV_BLOCK]`` and visits entries
-  ``kv_table[t, KV_START] + [0, KV_N_ENTRIES)`` (CSR), the first
-  ``KV_N_FULL`` of them unmasked. Kv blocks are ordered heavy-first.
+  ``plan`` is the forward-style plan of the dQ tiles: its layout (tq_pad,
+  tk_pad, rows) is the one every backward kernel uses, its table is dQ's.
+  The dK/dV kernel launches ``(n_kv_blocks, B * Hk)`` with tiles
+  ``(block_q, block_k)``; program ``(t, bh)`` owns kv block
+  ``kv_table[t, KV_BLOCK]`` and visits entries ``kv_table[t, KV_START] + [0,
+  KV_N_ENTRIES)`` (CSR), the first ``KV_N_FULL`` of them unmasked. Kv blocks
+  are ordered heavy-first.
   """
 
   plan: Plan
+  block_q: int           # dK/dV: q rows per inner step
+  block_k: int           # dK/dV: keys per program
   kv_table: np.ndarray   # [n_kv_blocks, KV_TABLE_WIDTH] int32
   entries: np.ndarray    # [max(n_entries, 1), ENTRY_WIDTH] int32
 
@@ -188,13 +205,22 @@ class BackwardPlan:
 
 
 @functools.lru_cache(maxsize=256)
-def make_backward_plan(problem: Problem, block_q: int, block_k: int) -> BackwardPlan:
-  """Transposes the forward work table of ``make_plan(problem, block_q, block_k)``:
-  for every kv block, the q blocks of all groups that see it."""
-  plan = make_plan(problem, block_q, block_k)
-  n_kb = plan.tk_pad // plan.block_k
+def make_backward_plan(problem: Problem, block_q: int, block_k: int,
+                       dq_block_q: int | None = None,
+                       dq_block_k: int | None = None) -> BackwardPlan:
+  """dK/dV tiles (block_q, block_k), dQ tiles (dq_block_q, dq_block_k)
+  (default: the same), one padded layout aligned to both. The dK/dV table
+  transposes the forward work table of the dK/dV tiles: for every kv block,
+  the q blocks of all groups that see it."""
+  bq, bk = effective_blocks(problem, block_q, block_k)
+  dbq, dbk = effective_blocks(problem, dq_block_q or block_q, dq_block_k or block_k)
+  qa, ka = max(bq, dbq), max(bk, dbk)
+  kv_plan = make_plan(problem, block_q, block_k, qa, ka)
+  plan = make_plan(problem, dq_block_q or block_q, dq_block_k or block_k, qa, ka)
+  assert (kv_plan.tq_pad, kv_plan.tk_pad) == (plan.tq_pad, plan.tk_pad)
+  n_kb = kv_plan.tk_pad // kv_plan.block_k
   per_block = [[] for _ in range(n_kb)]   # kv block -> [(masked, row0, entry)]
-  for w, r in enumerate(plan.table):
+  for w, r in enumerate(kv_plan.table):
     for j in range(int(r[N_BLOCKS])):
       masked = int(j >= r[N_FULL])
       per_block[j].append((masked, int(r[ROW0]),
@@ -215,4 +241,4 @@ def make_backward_plan(problem: Problem, block_q: int, block_k: int) -> Backward
     entries[:len(flat), :6] = np.asarray(flat, np.int64)
   for arr in (kv_table, entries):
     arr.setflags(write=False)
-  return BackwardPlan(plan, kv_table, entries)
+  return BackwardPlan(plan, kv_plan.block_q, kv_plan.block_k, kv_table, entries)

@@ -6,6 +6,8 @@ first; ``os.pathsep``-separated). Its entries are keyed::
 
     entries[backend][pass][dtype][head_dim][seq_bucket] = {block_q, block_k, num_warps, num_stages, ...}
 
+(backward entries may add dq_block_q, dq_block_k, dq_num_warps, dq_num_stages)
+
 with pass "forward" | "backward", head_dim as a string ("128"), and
 seq_bucket the upper edge of a key-length bucket (see ``SEQ_BUCKETS``) or
 "any" (the best config across buckets, used when the length is unknown).
@@ -35,6 +37,13 @@ PASSES = ("forward", "backward")
 # takes everything longer). The tuner measures at the edges.
 SEQ_BUCKETS = (2048, 8192, 32768, 131072)
 FIELDS = ("block_q", "block_k", "num_warps", "num_stages")
+# Backward entries may add the dQ kernel's own tiles (absent: dQ uses FIELDS).
+DQ_FIELDS = ("dq_block_q", "dq_block_k", "dq_num_warps", "dq_num_stages")
+
+
+def fields(pass_: str) -> tuple[str, ...]:
+  """The config fields a table entry of ``pass_`` may hold, in constructor order."""
+  return FIELDS + DQ_FIELDS if pass_ == "backward" else FIELDS
 PACKAGE_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "tuned")
 
 
@@ -172,7 +181,7 @@ def tuned_config(pass_: str, head_dim: int, backend: str, *, seq_len=None, dtype
   from jax_grouped_attn.config import BackwardConfig, ForwardConfig  # noqa: PLC0415
   cls = ForwardConfig if pass_ == "forward" else BackwardConfig
   try:
-    return cls(**{f: int(entry[f]) for f in FIELDS})
+    return cls(**{f: int(entry[f]) for f in fields(pass_) if entry.get(f) is not None})
   except (TypeError, ValueError) as e:
     warnings.warn(f"unusable tuned {pass_} entry {entry}: {e}; using the heuristic",
                   stacklevel=2)

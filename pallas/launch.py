@@ -9,9 +9,8 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from jax_grouped_attn import plan as plan_lib
 from jax_grouped_attn.config import BackwardConfig, ForwardConfig
-from jax_grouped_attn.plan import Plan, Problem
+from jax_grouped_attn.plan import BackwardPlan, Plan, Problem
 from jax_grouped_attn.pallas import kernels
 
 
@@ -64,53 +63,55 @@ def forward(q, k, v, q_seg, kv_seg, *, problem: Problem, plan: Plan,
 
 # ------------------------------------------------------------------ backward --
 
-def _compiler_params(config):
-  return plgpu.CompilerParams(num_warps=config.num_warps, num_stages=config.num_stages)
+def _compiler_params(tiles):
+  return plgpu.CompilerParams(num_warps=tiles.num_warps, num_stages=tiles.num_stages)
 
 
 def backward(q, k, v, q_seg, kv_seg, out, lse, dout, dlse, *, problem: Problem,
-             plan: Plan, config: BackwardConfig, interpret: bool):
+             plan: BackwardPlan, config: BackwardConfig, interpret: bool):
   """Grouped backward: three pallas_calls (delta, dK/dV, dQ), each one launch
   for all groups.
 
   q, out, dout: [B, Tq_pad, Hq, Dp]; k, v: [B, Tk_pad, Hk, Dp]; lse, dlse:
   [B, Hq, Tq_pad] f32 (dout, dlse zero on padding rows); segment ids as in
-  :func:`forward`. ``plan`` is make_plan(problem, config.block_q,
-  config.block_k). Returns dq [B, Tq_pad, Hq, Dp], dk, dv [B, Tk_pad, Hk, Dp]
-  in the input dtypes.
+  :func:`forward`. ``plan`` is make_backward_plan(problem, config's dK/dV
+  tiles, config's dQ tiles). Returns dq [B, Tq_pad, Hq, Dp], dk, dv
+  [B, Tk_pad, Hk, Dp] in the input dtypes.
   """
   b, tq_pad, hq, dp = q.shape
   tk_pad, hk = k.shape[1], k.shape[2]
   grp = hq // hk
-  bq, bk = plan.block_q, plan.block_k
-  bplan = plan_lib.make_backward_plan(problem, config.block_q, config.block_k)
-  if bplan.plan.tq_pad != tq_pad or bplan.plan.block_q != bq or bplan.plan.block_k != bk:
-    raise ValueError("backward: plan was not built from this config's tiles.")
+  qplan = plan.plan
+  if (qplan.tq_pad, qplan.tk_pad) != (tq_pad, tk_pad):
+    raise ValueError(f"backward: shapes {q.shape}, {k.shape} do not match the plan's layout "
+                     f"({qplan.tq_pad}, {qplan.tk_pad}).")
   has_segments = q_seg is not None
   precision = dot_precision(q.dtype)
   f32_rows = jax.ShapeDtypeStruct((b, hq, tq_pad), jnp.float32)
 
   # delta = rowsum(dO * O) - dlse, and lse in base 2 with +inf on rows that
-  # must give P = 0 (lse = -inf, padding rows).
-  valid = jnp.asarray(plan.valid_rows, jnp.int32)
-  row_blk = pl.BlockSpec((None, bq, None, dp), lambda i, bh: (bh // hq, i, bh % hq, 0))
-  vec_blk = pl.BlockSpec((None, None, bq), lambda i, bh: (bh // hq, bh % hq, i))
+  # must give P = 0 (lse = -inf, padding rows). The layout is padded to the
+  # larger q tile: one delta block of that size.
+  rows = max(plan.block_q, qplan.block_q)
+  valid = jnp.asarray(qplan.valid_rows, jnp.int32)
+  row_blk = pl.BlockSpec((None, rows, None, dp), lambda i, bh: (bh // hq, i, bh % hq, 0))
+  vec_blk = pl.BlockSpec((None, None, rows), lambda i, bh: (bh // hq, bh % hq, i))
   delta, lse2 = pl.pallas_call(
       kernels.backward_delta_kernel,
-      grid=(tq_pad // bq, b * hq),
-      in_specs=[pl.BlockSpec((bq,), lambda i, bh: (i,)), row_blk, row_blk, vec_blk,
+      grid=(tq_pad // rows, b * hq),
+      in_specs=[pl.BlockSpec((rows,), lambda i, bh: (i,)), row_blk, row_blk, vec_blk,
                 vec_blk],
       out_specs=[vec_blk, vec_blk],
       out_shape=[f32_rows, f32_rows],
-      compiler_params=_compiler_params(config),
+      compiler_params=_compiler_params(config.dkdv),
       interpret=interpret,
       name="grouped_attention_bwd_delta",
   )(valid, out, dout, lse, dlse)
 
   # dK, dV: program (t, bh) owns kv block kv_table[t] of batch bh // Hk, kv
   # head bh % Hk, and reads the G q heads of that kv head.
-  kv_table = jnp.asarray(bplan.kv_table)
-  entries = jnp.asarray(bplan.entries)
+  kv_table = jnp.asarray(plan.kv_table)
+  entries = jnp.asarray(plan.entries)
   qg_spec = pl.BlockSpec((None, tq_pad, grp, dp), lambda t, bh: (bh // hk, 0, bh % hk, 0))
   kv_spec = pl.BlockSpec((None, tk_pad, None, dp), lambda t, bh: (bh // hk, 0, bh % hk, 0))
   vg_spec = pl.BlockSpec((None, grp, tq_pad), lambda t, bh: (bh // hk, bh % hk, 0))
@@ -125,20 +126,20 @@ def backward(q, k, v, q_seg, kv_seg, out, lse, dout, dlse, *, problem: Problem,
   dk, dv = pl.pallas_call(
       functools.partial(
           kernels.backward_dkdv_kernel, scale=problem.scale, causal=problem.causal,
-          has_segments=has_segments, group_size=grp, block_q=bq, block_k=bk,
-          precision=precision),
-      grid=(bplan.n_kv_blocks, b * hk),
+          has_segments=has_segments, group_size=grp, block_q=plan.block_q,
+          block_k=plan.block_k, precision=precision),
+      grid=(plan.n_kv_blocks, b * hk),
       in_specs=in_specs,
       out_specs=[kv_spec, kv_spec],
       out_shape=[jax.ShapeDtypeStruct(k.shape, k.dtype),
                  jax.ShapeDtypeStruct(v.shape, v.dtype)],
-      compiler_params=_compiler_params(config),
+      compiler_params=_compiler_params(config.dkdv),
       interpret=interpret,
       name="grouped_attention_bwd_dkdv",
   )(*args)
 
   # dQ: the forward work table, program (w, bh) for batch bh // Hq, q head bh % Hq.
-  table = jnp.asarray(plan.table)
+  table = jnp.asarray(qplan.table)
   q_spec = pl.BlockSpec((None, tq_pad, None, dp), lambda w, bh: (bh // hq, 0, bh % hq, 0))
   kvq_spec = pl.BlockSpec((None, tk_pad, None, dp),
                           lambda w, bh: (bh // hq, 0, (bh % hq) // grp, 0))
@@ -153,12 +154,13 @@ def backward(q, k, v, q_seg, kv_seg, out, lse, dout, dlse, *, problem: Problem,
   dq = pl.pallas_call(
       functools.partial(
           kernels.backward_dq_kernel, scale=problem.scale, causal=problem.causal,
-          has_segments=has_segments, block_q=bq, block_k=bk, precision=precision),
-      grid=(plan.n_work, b * hq),
+          has_segments=has_segments, block_q=qplan.block_q, block_k=qplan.block_k,
+          precision=precision),
+      grid=(qplan.n_work, b * hq),
       in_specs=in_specs,
       out_specs=q_spec,
       out_shape=jax.ShapeDtypeStruct(q.shape, q.dtype),
-      compiler_params=_compiler_params(config),
+      compiler_params=_compiler_params(config.dq),
       interpret=interpret,
       name="grouped_attention_bwd_dq",
   )(*args)

@@ -44,12 +44,23 @@ def _assert_grads_close(name, got, want, dtype=jnp.float32):
 
 # ------------------------------------------------------------------- plan --
 
+# dK/dV tiles (block_q, block_k) and dQ tiles (None: the same).
+PLAN_TILES = [(16, 16, None, None), (16, 32, 32, 16), (32, 16, 16, 64)]
+
+
+@pytest.mark.parametrize("tiles", PLAN_TILES, ids=str)
 @pytest.mark.parametrize("case", CASES, ids=str)
-def test_backward_plan_covers_every_visible_pair_once(case):
+def test_backward_plan_covers_every_visible_pair_once(case, tiles):
   problem = dataclasses.replace(problem_of(case), has_segments=False)
-  bplan = plan_lib.make_backward_plan(problem, 16, 16)
+  bplan = plan_lib.make_backward_plan(problem, *tiles)
   plan = bplan.plan
-  bq, bk = plan.block_q, plan.block_k
+  bq, bk = bplan.block_q, bplan.block_k
+  # One padded layout for both kernels, aligned to the larger tiles.
+  kv_plan = plan_lib.make_plan(problem, tiles[0], tiles[1], max(bq, plan.block_q),
+                               max(bk, plan.block_k))
+  assert (kv_plan.tq_pad, kv_plan.tk_pad) == (plan.tq_pad, plan.tk_pad)
+  assert (kv_plan.src_rows == plan.src_rows).all() and (kv_plan.valid_rows == plan.valid_rows).all()
+  assert plan.tq_pad % max(bq, plan.block_q) == 0 and plan.tk_pad % max(bk, plan.block_k) == 0
   # Visibility on the padded layout (padding rows: invisible everywhere).
   mask = np.asarray(visible_mask(problem))[0, 0][plan.src_rows] & plan.valid_rows[:, None]
   mask = np.pad(mask, ((0, 0), (0, plan.tk_pad - problem.tk)))
@@ -62,14 +73,20 @@ def test_backward_plan_covers_every_visible_pair_once(case):
     for e in range(start, start + count):
       row0, qpos0, kv_len, masked = ents[e, :4]
       assert masked == (e >= start + n_full)
-      w = plan.table[ents[e, plan_lib.E_WORK]]
+      w = kv_plan.table[ents[e, plan_lib.E_WORK]]
       assert (w[plan_lib.ROW0], w[plan_lib.QPOS0], w[plan_lib.KV_LEN]) == (row0, qpos0, kv_len)
       tile = mask[row0:row0 + bq, j * bk:(j + 1) * bk]
       if not masked:   # every valid row sees every key of the tile
         assert tile[:w[plan_lib.N_ROWS]].all()
       covered[row0:row0 + bq, j * bk:(j + 1) * bk] += 1
-  assert (covered[mask] == 1).all(), "a visible pair is missed or visited twice"
+  assert (covered[mask] == 1).all(), "dK/dV: a visible pair is missed or visited twice"
   assert bplan.n_entries == int(n.sum())
+  # The dQ table (its own tiles) reaches every visible pair exactly once.
+  covered = np.zeros_like(mask, np.int32)
+  for row in plan.table:
+    r0, nb = row[plan_lib.ROW0], row[plan_lib.N_BLOCKS]
+    covered[r0:r0 + plan.block_q, :nb * plan.block_k] += 1
+  assert (covered[mask] == 1).all(), "dQ: a visible pair is missed or visited twice"
 
 
 # -------------------------------------------------------------- gradients --
@@ -87,6 +104,21 @@ def test_grads_match_reference(case, backend):
   if case.name in ("four_groups_kv0", "segments_causal"):
     assert blind.any(), "case lost its fully masked rows"
   assert (np.asarray(dq, np.float32)[blind] == 0).all()
+
+
+SPLIT_TILES = [ga.BackwardConfig(16, 32, dq_block_q=32, dq_block_k=16),
+               ga.BackwardConfig(32, 16, dq_block_q=16, dq_block_k=64, dq_num_warps=2)]
+
+
+@pytest.mark.parametrize("backend", BACKWARD_BACKENDS)
+@pytest.mark.parametrize("case", ["zigzag_r2w4c13", "three_groups_neg_pos", "segments_causal",
+                                  "four_groups_kv0"])
+@pytest.mark.parametrize("tiles", range(len(SPLIT_TILES)))
+def test_grads_with_separate_dq_tiles(case, backend, tiles):
+  # dK/dV and dQ on different tiles share one padded layout (plan.py).
+  config = ga.AttentionConfig(forward=ga.ForwardConfig(16, 16), backward=SPLIT_TILES[tiles])
+  case = case_by_name(case)
+  check_grads(case, backend, seed=_seed(case.name) + 7, config=config)
 
 
 @pytest.mark.parametrize("backend", BACKWARD_BACKENDS)

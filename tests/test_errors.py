@@ -71,6 +71,14 @@ def test_config_block_sizes_checked():
     ga.ForwardConfig(num_warps=3)
   with pytest.raises(TypeError, match="forward"):
     ga.AttentionConfig(forward=ga.BackwardConfig())
+  with pytest.raises(ValueError, match=r"BackwardConfig\.dq_block_q=24"):
+    ga.BackwardConfig(dq_block_q=24)
+  with pytest.raises(ValueError, match=r"BackwardConfig\.dq_block_k=512"):
+    ga.BackwardConfig(dq_block_k=512)
+  with pytest.raises(ValueError, match=r"BackwardConfig\.dq_num_warps=3"):
+    ga.BackwardConfig(dq_num_warps=3)
+  with pytest.raises(ValueError, match=r"BackwardConfig\.dq_num_stages=0"):
+    ga.BackwardConfig(dq_num_stages=0)
 
 
 def test_attention_segment_ids_shortcut_needs_self_attention():

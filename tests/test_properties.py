@@ -44,7 +44,11 @@ def problems(draw):
               batch=draw(st.integers(1, 2)), causal=draw(st.booleans()),
               segments=draw(st.booleans()),
               dtype=draw(st.sampled_from([jnp.float32, jnp.bfloat16, jnp.float16])))
-  blocks = (draw(st.sampled_from([16, 32])), draw(st.sampled_from([16, 32])))
+  # Forward/dK-dV tiles, then dQ's own tiles (the same, or different: one
+  # padded layout aligned to both).
+  tile = st.sampled_from([16, 32])
+  blocks = (draw(tile), draw(tile))
+  blocks += draw(st.one_of(st.just(blocks), st.tuples(tile, tile)))
   seed = draw(st.integers(0, 2**16))
   return case, blocks, seed
 
@@ -65,7 +69,9 @@ def _inputs(case, seed):
 
 
 def _config(blocks):
-  return ga.AttentionConfig(forward=ga.ForwardConfig(*blocks), backward=ga.BackwardConfig(*blocks))
+  bq, bk, dq_bq, dq_bk = blocks
+  return ga.AttentionConfig(forward=ga.ForwardConfig(bq, bk),
+                            backward=ga.BackwardConfig(bq, bk, dq_block_q=dq_bq, dq_block_k=dq_bk))
 
 
 @pytest.mark.parametrize("backend", KERNEL_BACKENDS)

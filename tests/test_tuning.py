@@ -23,7 +23,10 @@ def fake_table(tmp_path, monkeypatch):
               "forward": {"bfloat16": {"128": {"8192": _entry(64, 32, 4, 5),
                                                "32768": _entry(128, 64, 8, 4),
                                                "any": _entry(64, 64, 4, 3)}}},
-              "backward": {"bfloat16": {"64": {"any": _entry(32, 128, 8, 1)}}},
+              "backward": {"bfloat16": {"64": {"any": _entry(32, 128, 8, 1)},
+                                        "128": {"any": dict(_entry(64, 64, 4, 2),
+                                                            dq_block_q=128, dq_block_k=32,
+                                                            dq_num_warps=8, dq_num_stages=3)}}},
           },
           "pallas": {"forward": {"bfloat16": {"128": {"8192": _entry(16, 16, 1, 1)}}}},
       },
@@ -67,11 +70,18 @@ def test_table_entry_is_picked_for_the_fake_gpu(fake_table):
   assert config.default_backward_config(64, "triton", seq_len=4096) == \
       BackwardConfig(block_q=32, block_k=128, num_warps=8, num_stages=1)
   assert config.default_forward_config(128, "pallas", seq_len=2048) == ForwardConfig(16, 16, 1, 1)
+  # Backward entries may carry the dQ kernel's own tiles; without them dQ shares dK/dV's.
+  split = config.default_backward_config(128, "triton", seq_len=8192)
+  assert split == BackwardConfig(64, 64, 4, 2, dq_block_q=128, dq_block_k=32, dq_num_warps=8,
+                                 dq_num_stages=3)
+  assert tuple(split.dq) == (128, 32, 8, 3) and tuple(split.dkdv) == (64, 64, 4, 2)
+  shared = config.default_backward_config(64, "triton")
+  assert tuple(shared.dq) == tuple(shared.dkdv) == (32, 128, 8, 1)
 
 
 def test_missing_entries_fall_back_to_the_heuristic(fake_table, monkeypatch):
   for fn, args in [(config.default_forward_config, (64, "triton")),        # no such head_dim
-                   (config.default_backward_config, (128, "triton")),      # no such pass entry
+                   (config.default_backward_config, (256, "triton")),      # no such pass entry
                    (config.default_forward_config, (128, "xla")),          # no such backend
                    (config.default_forward_config, (128, "triton", 8192, "float32"))]:
     assert fn(*args) == _heuristic(monkeypatch, fn, *args), (fn.__name__, args)

@@ -9,9 +9,8 @@ import math
 import jax
 import jax.numpy as jnp
 
-from jax_grouped_attn import plan as plan_lib
 from jax_grouped_attn.config import BackwardConfig
-from jax_grouped_attn.plan import Plan, Problem
+from jax_grouped_attn.plan import BackwardPlan, Problem
 from jax_grouped_attn.triton import backward_kernels as kernels
 from jax_grouped_attn.triton import runtime
 
@@ -26,8 +25,8 @@ def _launch():
   return launch
 
 
-def backward_constexprs(*, q_shape, kv_shape, problem: Problem, plan: Plan, dtype,
-                        has_segments: bool) -> dict:
+def backward_constexprs(*, q_shape, kv_shape, problem: Problem, block_q: int, block_k: int,
+                        dtype, has_segments: bool) -> dict:
   """The constexpr arguments shared by dkdv_kernel and dq_kernel."""
   b, tq_pad, hq, dp = q_shape
   _, tk_pad, hk, _ = kv_shape
@@ -41,58 +40,60 @@ def backward_constexprs(*, q_shape, kv_shape, problem: Problem, plan: Plan, dtyp
       SQ_B=sq[0], SQ_T=sq[1], SQ_H=sq[2], SK_B=sk[0], SK_T=sk[1], SK_H=sk[2],
       SL_B=sl[0], SL_H=sl[1], SSQ_B=tq_pad, SSK_B=tk_pad,
       CAUSAL=bool(problem.causal), HAS_SEGMENTS=bool(has_segments),
-      BLOCK_Q=plan.block_q, BLOCK_K=plan.block_k, DP=dp,
+      BLOCK_Q=block_q, BLOCK_K=block_k, DP=dp,
       DOT_PRECISION=launch.dot_precision(dtype))
 
 
 def backward(q, k, v, q_seg, kv_seg, out, lse, dout, dlse, *, problem: Problem,
-             plan: Plan, config: BackwardConfig, interpret: bool):
+             plan: BackwardPlan, config: BackwardConfig, interpret: bool):
   """Grouped backward on the padded layouts.
 
   q, out, dout: [B, Tq_pad, Hq, Dp]; k, v: [B, Tk_pad, Hk, Dp]; lse, dlse:
   [B, Hq, Tq_pad] f32 (dout, dlse zero on padding rows); q_seg: [B, Tq_pad],
-  kv_seg: [B, Tk_pad] int32 or None. ``plan`` is make_plan(problem,
-  config.block_q, config.block_k). Returns dq [B, Tq_pad, Hq, Dp], dk, dv
-  [B, Tk_pad, Hk, Dp] in the input dtypes.
+  kv_seg: [B, Tk_pad] int32 or None. ``plan`` is make_backward_plan(problem,
+  config's dK/dV tiles, config's dQ tiles). Returns dq [B, Tq_pad, Hq, Dp],
+  dk, dv [B, Tk_pad, Hk, Dp] in the input dtypes.
   """
   b, tq_pad, hq, dp = q.shape
   tk_pad, hk = k.shape[1], k.shape[2]
-  bq, bk = plan.block_q, plan.block_k
-  bplan = plan_lib.make_backward_plan(problem, config.block_q, config.block_k)
-  if (bplan.plan.tq_pad, bplan.plan.block_q, bplan.plan.block_k) != (tq_pad, bq, bk):
-    raise ValueError("backward: plan was not built from this config's tiles.")
-  if tq_pad % bq or tk_pad % bk or dp & (dp - 1):
-    raise ValueError(f"backward: shapes {q.shape}, {k.shape} do not fit tiles ({bq}, {bk}).")
+  qplan = plan.plan
+  if (qplan.tq_pad, qplan.tk_pad) != (tq_pad, tk_pad) or dp & (dp - 1):
+    raise ValueError(f"backward: shapes {q.shape}, {k.shape} do not match the plan's layout "
+                     f"({qplan.tq_pad}, {qplan.tk_pad}).")
   has_segments = q_seg is not None
-  table = jnp.asarray(plan.table)
+  table = jnp.asarray(qplan.table)
   if not has_segments:
     # Never read (HAS_SEGMENTS=False); any int32 buffer fills the pointer slots.
     q_seg = kv_seg = table
-  launch_args = dict(num_warps=config.num_warps, num_stages=config.num_stages,
-                     interpret=interpret)
+  dkdv_tiles, dq_tiles = config.dkdv, config.dq
   sq = _launch().contiguous_strides(q.shape)
   sl = _launch().contiguous_strides((b, hq, tq_pad))
   f32_rows = jax.ShapeDtypeStruct((b, hq, tq_pad), jnp.float32)
+  # The layout is padded to the larger q tile: one delta block of that size.
+  delta_rows = max(plan.block_q, qplan.block_q)
 
   delta, lse2 = runtime.call(
-      jnp.asarray(plan.valid_rows, jnp.int32), out, dout, lse, dlse,
+      jnp.asarray(qplan.valid_rows, jnp.int32), out, dout, lse, dlse,
       kernel=kernels.delta_kernel, out_shape=[f32_rows, f32_rows],
-      grid=(tq_pad // bq, b * hq), name="grouped_attention_bwd_delta",
-      **dict(launch_args, num_warps=DELTA_NUM_WARPS, num_stages=DELTA_NUM_STAGES),
-      HQ=hq, SQ_B=sq[0], SQ_T=sq[1], SQ_H=sq[2], SL_B=sl[0], SL_H=sl[1], BLOCK_Q=bq, DP=dp)
+      grid=(tq_pad // delta_rows, b * hq), name="grouped_attention_bwd_delta",
+      num_warps=DELTA_NUM_WARPS, num_stages=DELTA_NUM_STAGES, interpret=interpret,
+      HQ=hq, SQ_B=sq[0], SQ_T=sq[1], SQ_H=sq[2], SL_B=sl[0], SL_H=sl[1],
+      BLOCK_Q=delta_rows, DP=dp)
 
-  constexprs = backward_constexprs(q_shape=q.shape, kv_shape=k.shape, problem=problem,
-                                   plan=plan, dtype=q.dtype, has_segments=has_segments)
+  common = dict(q_shape=q.shape, kv_shape=k.shape, problem=problem, dtype=q.dtype,
+                has_segments=has_segments)
   dk, dv = runtime.call(
-      jnp.asarray(bplan.kv_table), jnp.asarray(bplan.entries), q, k, v, dout, lse2, delta,
+      jnp.asarray(plan.kv_table), jnp.asarray(plan.entries), q, k, v, dout, lse2, delta,
       q_seg, kv_seg, kernel=kernels.dkdv_kernel,
       out_shape=[jax.ShapeDtypeStruct(k.shape, k.dtype),
                  jax.ShapeDtypeStruct(v.shape, v.dtype)],
-      grid=(bplan.n_kv_blocks, b * hk), name="grouped_attention_bwd_dkdv", HK=hk,
-      **launch_args, **constexprs)
+      grid=(plan.n_kv_blocks, b * hk), name="grouped_attention_bwd_dkdv", HK=hk,
+      num_warps=dkdv_tiles.num_warps, num_stages=dkdv_tiles.num_stages, interpret=interpret,
+      **backward_constexprs(block_q=plan.block_q, block_k=plan.block_k, **common))
   dq = runtime.call(
       table, q, k, v, dout, lse2, delta, q_seg, kv_seg, kernel=kernels.dq_kernel,
       out_shape=jax.ShapeDtypeStruct(q.shape, q.dtype),
-      grid=(plan.n_work, b * hq), name="grouped_attention_bwd_dq", HQ=hq,
-      **launch_args, **constexprs)
+      grid=(qplan.n_work, b * hq), name="grouped_attention_bwd_dq", HQ=hq,
+      num_warps=dq_tiles.num_warps, num_stages=dq_tiles.num_stages, interpret=interpret,
+      **backward_constexprs(block_q=qplan.block_q, block_k=qplan.block_k, **common))
   return dq, dk, dv

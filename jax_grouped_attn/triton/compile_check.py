@@ -28,7 +28,7 @@ import numpy as np
 import triton
 
 from jax_grouped_attn import plan as plan_lib
-from jax_grouped_attn.config import (BackwardConfig, ForwardConfig, default_backward_config,
+from jax_grouped_attn.config import (BackwardConfig, ForwardConfig, Tiles, default_backward_config,
                                      default_forward_config)
 from jax_grouped_attn.groups import QueryGroup
 from jax_grouped_attn.triton import backward_kernels, kernels, launch
@@ -55,8 +55,8 @@ class ResourceReport:
   head_dim: int
   dtype: str
   has_segments: bool
-  config: ForwardConfig | BackwardConfig   # as launched (delta: its fixed warps/stages)
-  block_q: int               # tiles after plan.effective_blocks
+  config: ForwardConfig | Tiles   # as launched (delta: its fixed warps/stages)
+  block_q: int               # this kernel's tiles after plan.effective_blocks
   block_k: int
   registers: int             # per thread
   spill_stores: int          # bytes
@@ -164,41 +164,55 @@ def compile_kernel(kernel: str, head_dim: int, dtype: str, has_segments: bool,
                    capability: int = 90):
   """Compiles one Triton kernel (``kernel`` in KERNELS) for sm_``capability``
   exactly as launch.forward / backward.backward would configure it.
-  Returns (compiled kernel, plan, config as launched)."""
+  Returns (compiled kernel, plan with this kernel's tiles, tiles as launched)."""
   config = config or default_config(kernel, head_dim, dtype)
   problem = _problem(head_dim, has_segments)
-  plan = plan_lib.make_plan(problem, config.block_q, config.block_k)
   dp = head_dim
+  launched = config
+  if kernel == "forward":
+    plan = plan_lib.make_plan(problem, config.block_q, config.block_k)
+  else:
+    dq_tiles = config.dq
+    bplan = plan_lib.make_backward_plan(problem, config.block_q, config.block_k,
+                                        dq_tiles.block_q, dq_tiles.block_k)
+    plan = bplan.plan   # the backward's layout, and dQ's tiles
   q_shape = (problem.batch, plan.tq_pad, problem.hq, dp)
   kv_shape = (problem.batch, plan.tk_pad, problem.hk, dp)
-  common = dict(q_shape=q_shape, kv_shape=kv_shape, problem=problem, plan=plan,
+  common = dict(q_shape=q_shape, kv_shape=kv_shape, problem=problem,
                 dtype=np.dtype(dtype), has_segments=has_segments)
   if kernel == "forward":
-    fn, constexprs = kernels.forward_kernel, launch.forward_constexprs(**common)
-  elif kernel in ("dkdv", "dq"):
-    constexprs = backward_launch.backward_constexprs(**common)
-    if kernel == "dkdv":
-      fn, constexprs = backward_kernels.dkdv_kernel, dict(constexprs, HK=problem.hk)
-    else:
-      fn, constexprs = backward_kernels.dq_kernel, dict(constexprs, HQ=problem.hq)
+    fn, constexprs = kernels.forward_kernel, launch.forward_constexprs(plan=plan, **common)
+  elif kernel == "dkdv":
+    plan = dataclasses.replace(plan, block_q=bplan.block_q, block_k=bplan.block_k)
+    constexprs = backward_launch.backward_constexprs(block_q=bplan.block_q,
+                                                     block_k=bplan.block_k, **common)
+    fn, constexprs = backward_kernels.dkdv_kernel, dict(constexprs, HK=problem.hk)
+    launched = config.dkdv
+  elif kernel == "dq":
+    constexprs = backward_launch.backward_constexprs(block_q=plan.block_q,
+                                                     block_k=plan.block_k, **common)
+    fn, constexprs = backward_kernels.dq_kernel, dict(constexprs, HQ=problem.hq)
+    launched = dq_tiles
   elif kernel == "delta":
     sq = launch.contiguous_strides(q_shape)
     sl = launch.contiguous_strides((problem.batch, problem.hq, plan.tq_pad))
+    rows = max(plan.block_q, bplan.block_q)
+    plan = dataclasses.replace(plan, block_q=rows)
     fn = backward_kernels.delta_kernel
     constexprs = dict(HQ=problem.hq, SQ_B=sq[0], SQ_T=sq[1], SQ_H=sq[2], SL_B=sl[0],
-                      SL_H=sl[1], BLOCK_Q=plan.block_q, DP=dp)
-    config = dataclasses.replace(config, num_warps=backward_launch.DELTA_NUM_WARPS,
-                                 num_stages=backward_launch.DELTA_NUM_STAGES)
+                      SL_H=sl[1], BLOCK_Q=rows, DP=dp)
+    launched = config.dkdv._replace(num_warps=backward_launch.DELTA_NUM_WARPS,
+                                    num_stages=backward_launch.DELTA_NUM_STAGES)
   else:
     raise ValueError(f"unknown kernel {kernel!r}; expected one of {KERNELS}.")
   signature = _pointer_types(kernel, dtype)
   attrs = _pointer_attrs(list(signature.values()), capability)
   src = _ast_source(fn, signature, constexprs, attrs)
   compiled = triton.compile(src, target=_target(capability),
-                            options={"num_warps": config.num_warps,
-                                     "num_stages": config.num_stages, "num_ctas": 1,
+                            options={"num_warps": launched.num_warps,
+                                     "num_stages": launched.num_stages, "num_ctas": 1,
                                      "enable_fp_fusion": True})  # as jax_triton
-  return compiled, plan, config
+  return compiled, plan, launched
 
 
 def compile_forward(head_dim: int, dtype: str, has_segments: bool,
