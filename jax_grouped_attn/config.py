@@ -206,12 +206,17 @@ def default_backward_config(head_dim: int, backend: str, seq_len: int | None = N
       if dp <= 128:
         return BackwardConfig(block_q=32, block_k=32, num_warps=8, num_stages=2)  # 106 / 244 (108 / 109)
       return BackwardConfig(block_q=16, block_k=16, num_warps=8, num_stages=2)    # 100 / 175 (100 / 102)
+    # dQ holds q rows and streams keys, dK/dV the reverse: dQ gets its own
+    # tiles with the held side large (H100 D128, kernel alone, 2026-11-24:
+    # dQ 64x32x4x3 1.62 ms vs 64x64x4x3 1.92 ms).
     if dp <= 64:
-      return BackwardConfig(block_q=64, block_k=64, num_warps=4, num_stages=3)    # 249 / 236 (243 / 160)
+      return BackwardConfig(block_q=64, block_k=64, num_warps=4, num_stages=3,    # 249 / 162 (243 / 132)
+                            dq_block_q=128, dq_block_k=64, dq_num_warps=8, dq_num_stages=3)
     if dp <= 128:
-      # dK/dV keeps 64-key tiles (wgmma needs 64 rows); dQ's 32-row tiles
-      # use mma.sync. 64x64x8x2 (all wgmma) spills 72 B in dQ under 3.6.
-      return BackwardConfig(block_q=32, block_k=64, num_warps=8, num_stages=3)    # 204 / 248 (197 / 166)
+      # dK/dV keeps 64-key tiles (wgmma needs 64 rows). 64x64x8x2 (all
+      # wgmma) spills 72 B in dQ under 3.6.
+      return BackwardConfig(block_q=32, block_k=64, num_warps=8, num_stages=3,    # 204 / 250 (197 / 154)
+                            dq_block_q=64, dq_block_k=32, dq_num_warps=4, dq_num_stages=3)
     return BackwardConfig(block_q=16, block_k=32, num_warps=8, num_stages=2)      # 185 / 253 (172 / 127)
   if fp32:
     # IEEE fp32 dots (no tensor cores) hold operand rows in registers: the
