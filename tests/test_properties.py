@@ -74,11 +74,20 @@ def _config(blocks):
                             backward=ga.BackwardConfig(bq, bk, dq_block_q=dq_bq, dq_block_k=dq_bk))
 
 
+def _ran_all(ran: list, want: int, what: str) -> None:
+  # A profile that silently ran fewer problems than it claims would be a defect.
+  print(f"{what}: {len(ran)} random problems passed")
+  assert len(ran) >= want, f"{what}: only {len(ran)} of {want} problems ran"
+
+
 @pytest.mark.parametrize("backend", KERNEL_BACKENDS)
 def test_forward_property(backend):
+  ran = []
+
   @_settings(N_FWD)
   @given(problems())
   def run(drawn):
+    ran.append(drawn)
     case, blocks, seed = drawn
     q, k, v, qs, ks = _inputs(case, seed)
     kw = dict(causal=case.causal, q_segment_ids=qs, kv_segment_ids=ks, return_lse=True)
@@ -90,14 +99,19 @@ def test_forward_property(backend):
     assert_close(repr(case), out, ref_out, OUT_TOL[case.dtype], what=" out")
     assert_close(repr(case), lse, ref_lse, LSE_TOL[case.dtype], what=" lse")
   run()
+  _ran_all(ran, N_FWD, f"forward [{backend}]")
 
 
 @pytest.mark.parametrize("backend", KERNEL_BACKENDS)
 def test_gradient_property(backend):
+  ran = []
+
   @_settings(N_GRAD)
   @given(problems())
   def run(drawn):
+    ran.append(drawn)
     case, blocks, seed = drawn
     inputs = _inputs(case, seed)
     check_grads(case, backend, seed=seed, config=_config(blocks), inputs=inputs)
   run()
+  _ran_all(ran, N_GRAD, f"gradient [{backend}]")
