@@ -19,6 +19,7 @@ import jax
 import jax.numpy as jnp
 
 from jax_grouped_attn import plan as plan_lib
+from jax_grouped_attn import vma
 from jax_grouped_attn.config import (AttentionConfig, default_backward_config,
                                      default_forward_config, padded_head_dim)
 from jax_grouped_attn.plan import Problem
@@ -120,6 +121,15 @@ def _plans(problem: Problem, backend: str, config: AttentionConfig, dtype=None):
   return fwd, bwd
 
 
+def _check_launchable(backend: str, interpret: bool, *xs) -> None:
+  if backend == "pallas" and interpret and vma.union(*xs) and vma.checking():
+    raise ValueError(
+        "backend='pallas' in interpret mode (no GPU) cannot run inside jax.shard_map "
+        "with check_vma=True: JAX's Pallas interpreter fails the varying-axes check. "
+        "Pass check_vma=False to shard_map, or use backend='triton' or 'xla' on CPU "
+        "(the compiled GPU Pallas kernels are fine).")
+
+
 # --------------------------------------------------------------- custom_vjp --
 
 def attention_fwd(problem, backend, config, interpret, q, k, v, q_seg, kv_seg):
@@ -129,18 +139,34 @@ def attention_fwd(problem, backend, config, interpret, q, k, v, q_seg, kv_seg):
   fwd_cfg, _ = _plans(problem, backend, config, q.dtype)
   plan = plan_lib.make_plan(problem, fwd_cfg.block_q, fwd_cfg.block_k)
   qp, kp, vp, qs, ks = _prepare(problem, plan, q, k, v, q_seg, kv_seg)
+  _check_launchable(backend, interpret, q, k, v, q_seg, kv_seg)
   out_p, lse_p = batch_folding(backend_module(backend).forward)(
       qp, kp, vp, qs, ks, problem=problem, plan=plan, config=fwd_cfg,
       interpret=interpret)
   out = from_q_layout(out_p, plan)[..., :problem.head_dim]
   lse = from_q_layout(lse_p, plan, axis=2)
-  return out, lse
+  # Inside shard_map: a launch's outputs vary like its inputs.
+  axes = vma.union(q, k, v, q_seg, kv_seg)
+  return vma.pvary(out, axes), vma.pvary(lse, axes)
+
+
+def kernel_attention(problem: Problem, backend: str, config: AttentionConfig,
+                     interpret: bool, backward: str, q, k, v, q_seg, kv_seg):
+  """(out [B, Tq, Hq, D], lse [B, Hq, Tq]) through ``backend``'s kernels.
+
+  Inside shard_map, inputs are first marked varying over the union of their
+  axes, so each gradient comes back with its input's type (the transpose of
+  that marking sums over the axes an input did not vary over).
+  """
+  axes = vma.union(q, k, v, q_seg, kv_seg)
+  q, k, v, q_seg, kv_seg = (vma.pvary(x, axes) for x in (q, k, v, q_seg, kv_seg))
+  return _kernel_attention(problem, backend, config, interpret, backward,
+                           q, k, v, q_seg, kv_seg)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2, 3, 4))
-def kernel_attention(problem: Problem, backend: str, config: AttentionConfig,
-                     interpret: bool, backward: str, q, k, v, q_seg, kv_seg):
-  """(out [B, Tq, Hq, D], lse [B, Hq, Tq]) through ``backend``'s kernels."""
+def _kernel_attention(problem: Problem, backend: str, config: AttentionConfig,
+                      interpret: bool, backward: str, q, k, v, q_seg, kv_seg):
   return attention_fwd(problem, backend, config, interpret, q, k, v, q_seg, kv_seg)
 
 
@@ -195,7 +221,8 @@ def _kernel_backward(problem, backend, config, interpret, q, k, v, q_seg, kv_seg
   dq = from_q_layout(dq_p, plan)[..., :d]
   dk = dk_p[:, :problem.tk, :, :d]
   dv = dv_p[:, :problem.tk, :, :d]
-  return dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype)
+  axes = vma.union(q, k, v, q_seg, kv_seg, dout)
+  return tuple(vma.pvary(g.astype(x.dtype), axes) for g, x in ((dq, q), (dk, k), (dv, v)))
 
 
-kernel_attention.defvjp(_fwd_rule, _bwd_rule)
+_kernel_attention.defvjp(_fwd_rule, _bwd_rule)

@@ -34,6 +34,7 @@ import numpy as np
 from jax.sharding import PartitionSpec as P
 
 from jax_grouped_attn import autodiff
+from jax_grouped_attn.vma import pvary as _pvary, varying_axes  # noqa: F401 (re-exported)
 from jax_grouped_attn.groups import QueryGroup
 from jax_grouped_attn.plan import Problem
 from jax_grouped_attn.platform import resolve_backend
@@ -82,34 +83,6 @@ def axis_size_and_rank(axis_name):
         "jax.shard_map over a mesh with that axis (or use "
         "context_parallel_attention with global arrays).") from e
   return int(world), rank
-
-
-def varying_axes(x):
-  """The mesh axes ``x`` varies over inside shard_map (its vma type), or None
-  where this JAX does not track them (``aval.vma``; ``aval.mat.varying`` in
-  some versions)."""
-  aval = jax.typeof(x) if hasattr(jax, "typeof") else jax.core.get_aval(x)
-  vma = getattr(aval, "vma", None)
-  if vma is None:
-    vma = getattr(getattr(aval, "mat", None), "varying", None)
-  return None if vma is None else frozenset(vma)
-
-
-def _pvary(x, axis_name):
-  """Marks ``x`` as varying over ``axis_name`` (shard_map's check_vma types);
-  a no-op where it already is or where this JAX has no such types."""
-  if x is None:
-    return None
-  names = axis_name if isinstance(axis_name, tuple) else (axis_name,)
-  vma = varying_axes(x)
-  if vma is None:
-    return x
-  missing = tuple(n for n in names if n not in vma)
-  if not missing:
-    return x
-  if hasattr(jax.lax, "pcast"):
-    return jax.lax.pcast(x, missing, to="varying")
-  return jax.lax.pvary(x, missing)
 
 
 def _ppermute(tree, axis_name, world):

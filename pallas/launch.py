@@ -12,11 +12,18 @@ from jax.experimental.pallas import triton as plgpu
 from jax_grouped_attn.config import BackwardConfig, ForwardConfig
 from jax_grouped_attn.plan import BackwardPlan, Plan, Problem
 from jax_grouped_attn.pallas import kernels
+from jax_grouped_attn.vma import pvary, shape_struct, union
 
 
 def dot_precision(dtype):
   """fp32 inputs use IEEE fp32 dots (no silent tf32); 16-bit use the default."""
   return jax.lax.Precision.HIGHEST if dtype == jnp.float32 else None
+
+
+def _varying_like(table, q):
+  """Plan tables are constants; inside shard_map (check_vma) a kernel's inputs
+  must vary over the same mesh axes, so mark them like q."""
+  return pvary(table, union(q))
 
 
 def forward(q, k, v, q_seg, kv_seg, *, problem: Problem, plan: Plan,
@@ -30,7 +37,7 @@ def forward(q, k, v, q_seg, kv_seg, *, problem: Problem, plan: Plan,
   b, tq_pad, hq, dp = q.shape
   tk_pad, hk = k.shape[1], k.shape[2]
   grp = hq // hk
-  table = jnp.asarray(plan.table)
+  table = _varying_like(jnp.asarray(plan.table), q)
   has_segments = q_seg is not None
 
   q_spec = pl.BlockSpec((None, tq_pad, None, dp), lambda w, bh: (bh // hq, 0, bh % hq, 0))
@@ -52,8 +59,8 @@ def forward(q, k, v, q_seg, kv_seg, *, problem: Problem, plan: Plan,
       in_specs=in_specs,
       out_specs=[q_spec,
                  pl.BlockSpec((None, None, tq_pad), lambda w, bh: (bh // hq, bh % hq, 0))],
-      out_shape=[jax.ShapeDtypeStruct((b, tq_pad, hq, dp), q.dtype),
-                 jax.ShapeDtypeStruct((b, hq, tq_pad), jnp.float32)],
+      out_shape=[shape_struct((b, tq_pad, hq, dp), q.dtype, like=q),
+                 shape_struct((b, hq, tq_pad), jnp.float32, like=q)],
       compiler_params=plgpu.CompilerParams(num_warps=config.num_warps,
                                            num_stages=config.num_stages),
       interpret=interpret,
@@ -87,13 +94,13 @@ def backward(q, k, v, q_seg, kv_seg, out, lse, dout, dlse, *, problem: Problem,
                      f"({qplan.tq_pad}, {qplan.tk_pad}).")
   has_segments = q_seg is not None
   precision = dot_precision(q.dtype)
-  f32_rows = jax.ShapeDtypeStruct((b, hq, tq_pad), jnp.float32)
+  f32_rows = shape_struct((b, hq, tq_pad), jnp.float32, like=q)
 
   # delta = rowsum(dO * O) - dlse, and lse in base 2 with +inf on rows that
   # must give P = 0 (lse = -inf, padding rows). The layout is padded to the
   # larger q tile: one delta block of that size.
   rows = max(plan.block_q, qplan.block_q)
-  valid = jnp.asarray(qplan.valid_rows, jnp.int32)
+  valid = _varying_like(jnp.asarray(qplan.valid_rows, jnp.int32), q)
   row_blk = pl.BlockSpec((None, rows, None, dp), lambda i, bh: (bh // hq, i, bh % hq, 0))
   vec_blk = pl.BlockSpec((None, None, rows), lambda i, bh: (bh // hq, bh % hq, i))
   delta, lse2 = pl.pallas_call(
@@ -110,8 +117,8 @@ def backward(q, k, v, q_seg, kv_seg, out, lse, dout, dlse, *, problem: Problem,
 
   # dK, dV: program (t, bh) owns kv block kv_table[t] of batch bh // Hk, kv
   # head bh % Hk, and reads the G q heads of that kv head.
-  kv_table = jnp.asarray(plan.kv_table)
-  entries = jnp.asarray(plan.entries)
+  kv_table = _varying_like(jnp.asarray(plan.kv_table), q)
+  entries = _varying_like(jnp.asarray(plan.entries), q)
   qg_spec = pl.BlockSpec((None, tq_pad, grp, dp), lambda t, bh: (bh // hk, 0, bh % hk, 0))
   kv_spec = pl.BlockSpec((None, tk_pad, None, dp), lambda t, bh: (bh // hk, 0, bh % hk, 0))
   vg_spec = pl.BlockSpec((None, grp, tq_pad), lambda t, bh: (bh // hk, bh % hk, 0))
@@ -131,15 +138,15 @@ def backward(q, k, v, q_seg, kv_seg, out, lse, dout, dlse, *, problem: Problem,
       grid=(plan.n_kv_blocks, b * hk),
       in_specs=in_specs,
       out_specs=[kv_spec, kv_spec],
-      out_shape=[jax.ShapeDtypeStruct(k.shape, k.dtype),
-                 jax.ShapeDtypeStruct(v.shape, v.dtype)],
+      out_shape=[shape_struct(k.shape, k.dtype, like=q),
+                 shape_struct(v.shape, v.dtype, like=q)],
       compiler_params=_compiler_params(config.dkdv),
       interpret=interpret,
       name="grouped_attention_bwd_dkdv",
   )(*args)
 
   # dQ: the forward work table, program (w, bh) for batch bh // Hq, q head bh % Hq.
-  table = jnp.asarray(qplan.table)
+  table = _varying_like(jnp.asarray(qplan.table), q)
   q_spec = pl.BlockSpec((None, tq_pad, None, dp), lambda w, bh: (bh // hq, 0, bh % hq, 0))
   kvq_spec = pl.BlockSpec((None, tk_pad, None, dp),
                           lambda w, bh: (bh // hq, 0, (bh % hq) // grp, 0))
@@ -159,7 +166,7 @@ def backward(q, k, v, q_seg, kv_seg, out, lse, dout, dlse, *, problem: Problem,
       grid=(qplan.n_work, b * hq),
       in_specs=in_specs,
       out_specs=q_spec,
-      out_shape=jax.ShapeDtypeStruct(q.shape, q.dtype),
+      out_shape=shape_struct(q.shape, q.dtype, like=q),
       compiler_params=_compiler_params(config.dq),
       interpret=interpret,
       name="grouped_attention_bwd_dq",

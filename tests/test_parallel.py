@@ -225,8 +225,9 @@ def test_kernel_backends_match_reference(world, strategy, causal, dtype, hq, hk,
 
 # ------------------------------------------------ user-written shard_map --
 
+@pytest.mark.parametrize("backend", ["xla", "triton"])
 @pytest.mark.parametrize("strategy", ["allgather", "ring"])
-def test_attention_inside_user_shard_map_under_jit(strategy):
+def test_attention_inside_user_shard_map_under_jit(strategy, backend):
   # The documented pattern: permute once, shard_map over a real Mesh (Auto
   # axes, check_vma on), per-device positions from zigzag_positions.
   world, b, s, h, d = 4, 2, 64, 2, 32
@@ -238,17 +239,24 @@ def test_attention_inside_user_shard_map_under_jit(strategy):
   def local(q, k, v, pos):
     # RoPE-style use of the local positions: rotate q, k by position parity.
     sign = jnp.where(pos % 2 == 0, 1.0, -1.0)[None, :, None, None]
-    return ga.attention(q * sign, k * sign, v, causal=True, backend="xla",
-                        context_parallel=cp)
+    return ga.attention(q * sign, k * sign, v, causal=True, backend=backend,
+                        context_parallel=cp, config=SMALL)
 
   spec = P(None, "data_cp")
-  fn = jax.jit(jax.shard_map(local, mesh=mesh, in_specs=(spec, spec, spec, P("data_cp")),
-                             out_specs=spec))
+  fn = jax.shard_map(local, mesh=mesh, in_specs=(spec, spec, spec, P("data_cp")),
+                     out_specs=spec)
   perm = lambda x: ga.zigzag_permute(x, world)
-  out = ga.zigzag_unpermute(fn(perm(q), perm(k), perm(v), pos), world)
+  out = ga.zigzag_unpermute(jax.jit(fn)(perm(q), perm(k), perm(v), pos), world)
   sign = jnp.where(jnp.arange(s) % 2 == 0, 1.0, -1.0)[None, :, None, None]
-  want = ga.attention(q * sign, k * sign, v, causal=True, backend="xla")
-  assert_close("user_shard_map", out, want, OUT_TOL[F32])
+  plain = lambda q, k, v: ga.attention(q * sign, k * sign, v, causal=True, backend="xla")
+  assert_close("user_shard_map", out, plain(q, k, v), OUT_TOL[F32])
+  # Gradients through the user's shard_map (check_vma on) match the plain call.
+  w = ga.zigzag_permute(dout, world)
+  got = jax.jit(jax.grad(lambda *a: jnp.sum(fn(*a, pos) * w), argnums=(0, 1, 2)))(
+      perm(q), perm(k), perm(v))
+  want = jax.grad(lambda *a: jnp.sum(plain(*a) * dout), argnums=(0, 1, 2))(q, k, v)
+  for name, g, x in zip("qkv", got, want):
+    assert_close(f"user_shard_map d{name}", ga.zigzag_unpermute(g, world), x, GRAD_TOL[F32])
 
 
 def test_batch_axis_and_tuple_context_axis():
@@ -379,3 +387,55 @@ def test_multi_gpu_matches_reference(strategy, backend):
   check_context_parallel(world, strategy, backend, causal=True, dtype=BF16, hq=8, hk=2,
                          d=128, b=2, chunk=256, segments="shared", seed=5,
                          config=None)
+
+
+# ---------------------------------------- a user's own shard_map, check_vma on --
+
+def _q_sharded(backend, check_vma=True):
+  """Each device attends its slice of query rows to the full, replicated K,V:
+  dK, dV are sums over devices (the transpose of marking K,V varying)."""
+  mesh = jax.sharding.Mesh(np.array(jax.devices()[:2]), ("sp",))
+  attn = lambda q, k, v: ga.attention(q, k, v, causal=False, backend=backend, config=SMALL)
+  return jax.shard_map(attn, mesh=mesh, in_specs=(P(None, "sp"), P(), P()),
+                       out_specs=P(None, "sp"), check_vma=check_vma), attn
+
+
+@pytest.mark.parametrize("backend", ["xla", "triton"])
+def test_kernels_in_user_shard_map_with_check_vma(backend):
+  rng = np.random.default_rng(40)
+  q = jnp.asarray(rng.standard_normal((2, 32, 4, 32)), jnp.float32)
+  k, v = (jnp.asarray(rng.standard_normal((2, 24, 2, 32)), jnp.float32) for _ in range(2))
+  w = jnp.asarray(rng.standard_normal(q.shape), jnp.float32)
+  sharded, plain = _q_sharded(backend)
+  assert_close("out", jax.jit(sharded)(q, k, v), plain(q, k, v), OUT_TOL[jnp.float32])
+  loss = lambda f: (lambda q, k, v: jnp.sum(f(q, k, v) * w))
+  got = jax.jit(jax.grad(loss(sharded), argnums=(0, 1, 2)))(q, k, v)
+  want = jax.grad(loss(plain), argnums=(0, 1, 2))(q, k, v)
+  for name, g, x in zip("qkv", got, want):
+    assert_close(f"d{name}", g, x, GRAD_TOL[jnp.float32])
+
+
+def test_pallas_interpret_in_check_vma_shard_map_says_what_to_do():
+  q = jnp.ones((2, 32, 2, 32), jnp.float32) * 0.1
+  sharded, _ = _q_sharded("pallas")
+  with pytest.raises(ValueError, match="interpret mode.*check_vma=True.*check_vma=False"):
+    sharded(q, q, q)
+  unchecked, plain = _q_sharded("pallas", check_vma=False)
+  assert_close("out", unchecked(q, q, q), plain(q, q, q), OUT_TOL[jnp.float32])
+
+
+def test_pallas_gpu_kernels_lower_in_check_vma_shard_map():
+  # The compiled (not interpreted) Pallas path: lowered for CUDA on any machine.
+  mesh = jax.sharding.Mesh(np.array(jax.devices()[:2]), ("dp",))
+  problem = autodiff.Problem((ga.QueryGroup(0, 128, 0, 128),), 1, 128, 128, 2, 2, 64, True,
+                             0.125, False)
+  attn = lambda q, k, v: autodiff.kernel_attention(problem, "pallas", ga.AttentionConfig(),
+                                                   False, "kernel", q, k, v, None, None)[0]
+  f = jax.shard_map(attn, mesh=mesh, in_specs=(P("dp"),) * 3, out_specs=P("dp"),
+                    check_vma=True)
+  q = jnp.ones((2, 128, 2, 64), jnp.bfloat16)
+  grad = jax.grad(lambda q: jnp.sum(f(q, q, q).astype(jnp.float32)))
+  text = jax.jit(grad).trace(q).lower(lowering_platforms=("cuda",)).as_text()
+  names = set(re.findall(r'name = "(grouped_attention_\w+)"', text))
+  assert {"grouped_attention_fwd", "grouped_attention_bwd_dkdv",
+          "grouped_attention_bwd_dq"} <= names, names
