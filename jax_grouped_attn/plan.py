@@ -196,6 +196,12 @@ class BackwardPlan:
   entries: np.ndarray    # [max(n_entries, 1), ENTRY_WIDTH] int32
 
   @property
+  def row_block(self) -> int:
+    """Rows per block of a row-wise pass (delta): the larger q tile, which
+    the layout is padded to."""
+    return max(self.block_q, self.plan.block_q)
+
+  @property
   def n_kv_blocks(self) -> int:
     return int(self.kv_table.shape[0])
 
@@ -212,11 +218,12 @@ def make_backward_plan(problem: Problem, block_q: int, block_k: int,
   (default: the same), one padded layout aligned to both. The dK/dV table
   transposes the forward work table of the dK/dV tiles: for every kv block,
   the q blocks of all groups that see it."""
+  dq_block_q, dq_block_k = dq_block_q or block_q, dq_block_k or block_k
   bq, bk = effective_blocks(problem, block_q, block_k)
-  dbq, dbk = effective_blocks(problem, dq_block_q or block_q, dq_block_k or block_k)
+  dbq, dbk = effective_blocks(problem, dq_block_q, dq_block_k)
   qa, ka = max(bq, dbq), max(bk, dbk)
   kv_plan = make_plan(problem, block_q, block_k, qa, ka)
-  plan = make_plan(problem, dq_block_q or block_q, dq_block_k or block_k, qa, ka)
+  plan = make_plan(problem, dq_block_q, dq_block_k, qa, ka)
   assert (kv_plan.tq_pad, kv_plan.tk_pad) == (plan.tq_pad, plan.tk_pad)
   n_kb = kv_plan.tk_pad // kv_plan.block_k
   per_block = [[] for _ in range(n_kb)]   # kv block -> [(masked, row0, entry)]

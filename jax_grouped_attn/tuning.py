@@ -40,11 +40,12 @@ FIELDS = ("block_q", "block_k", "num_warps", "num_stages")
 # Backward entries may add the dQ kernel's own tiles (absent: dQ uses FIELDS).
 DQ_FIELDS = ("dq_block_q", "dq_block_k", "dq_num_warps", "dq_num_stages")
 
+PACKAGE_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "tuned")
+
 
 def fields(pass_: str) -> tuple[str, ...]:
   """The config fields a table entry of ``pass_`` may hold, in constructor order."""
   return FIELDS + DQ_FIELDS if pass_ == "backward" else FIELDS
-PACKAGE_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "tuned")
 
 
 def slug(name: str) -> str:

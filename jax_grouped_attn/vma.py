@@ -15,11 +15,15 @@ import inspect
 import jax
 
 
+def _aval(x):
+  return jax.typeof(x) if hasattr(jax, "typeof") else jax.core.get_aval(x)
+
+
 def varying_axes(x):
   """The mesh axes ``x`` varies over inside shard_map (its vma type), or None
   where this JAX does not track them (``aval.vma``; ``aval.mat.varying`` in
   some versions)."""
-  aval = jax.typeof(x) if hasattr(jax, "typeof") else jax.core.get_aval(x)
+  aval = _aval(x)
   vma = getattr(aval, "vma", None)
   if vma is None:
     vma = getattr(getattr(aval, "mat", None), "varying", None)
@@ -65,13 +69,12 @@ def shape_struct(shape, dtype, like) -> jax.ShapeDtypeStruct:
   """``jax.ShapeDtypeStruct(shape, dtype)`` varying like ``like`` (an array or
   tracer): what pallas_call needs for its outputs under check_vma."""
   keyword = _struct_keyword()
-  aval = jax.typeof(like) if hasattr(jax, "typeof") else jax.core.get_aval(like)
+  aval = _aval(like)
   if keyword == "manual_axis_type" and getattr(aval, "mat", None) is not None:
     return jax.ShapeDtypeStruct(shape, dtype, manual_axis_type=aval.mat)
   if keyword == "vma" and getattr(aval, "vma", None) is not None:
     return jax.ShapeDtypeStruct(shape, dtype, vma=aval.vma)
   return jax.ShapeDtypeStruct(shape, dtype)
-
 
 
 def checking() -> bool:

@@ -20,6 +20,10 @@ def dot_precision(dtype):
   return jax.lax.Precision.HIGHEST if dtype == jnp.float32 else None
 
 
+def _compiler_params(tiles):
+  return plgpu.CompilerParams(num_warps=tiles.num_warps, num_stages=tiles.num_stages)
+
+
 def _varying_like(table, q):
   """Plan tables are constants; inside shard_map (check_vma) a kernel's inputs
   must vary over the same mesh axes, so mark them like q."""
@@ -61,18 +65,13 @@ def forward(q, k, v, q_seg, kv_seg, *, problem: Problem, plan: Plan,
                  pl.BlockSpec((None, None, tq_pad), lambda w, bh: (bh // hq, bh % hq, 0))],
       out_shape=[shape_struct((b, tq_pad, hq, dp), q.dtype, like=q),
                  shape_struct((b, hq, tq_pad), jnp.float32, like=q)],
-      compiler_params=plgpu.CompilerParams(num_warps=config.num_warps,
-                                           num_stages=config.num_stages),
+      compiler_params=_compiler_params(config),
       interpret=interpret,
       name="grouped_attention_fwd",
   )(*args)
 
 
 # ------------------------------------------------------------------ backward --
-
-def _compiler_params(tiles):
-  return plgpu.CompilerParams(num_warps=tiles.num_warps, num_stages=tiles.num_stages)
-
 
 def backward(q, k, v, q_seg, kv_seg, out, lse, dout, dlse, *, problem: Problem,
              plan: BackwardPlan, config: BackwardConfig, interpret: bool):
@@ -97,9 +96,8 @@ def backward(q, k, v, q_seg, kv_seg, out, lse, dout, dlse, *, problem: Problem,
   f32_rows = shape_struct((b, hq, tq_pad), jnp.float32, like=q)
 
   # delta = rowsum(dO * O) - dlse, and lse in base 2 with +inf on rows that
-  # must give P = 0 (lse = -inf, padding rows). The layout is padded to the
-  # larger q tile: one delta block of that size.
-  rows = max(plan.block_q, qplan.block_q)
+  # must give P = 0 (lse = -inf, padding rows).
+  rows = plan.row_block
   valid = _varying_like(jnp.asarray(qplan.valid_rows, jnp.int32), q)
   row_blk = pl.BlockSpec((None, rows, None, dp), lambda i, bh: (bh // hq, i, bh % hq, 0))
   vec_blk = pl.BlockSpec((None, None, rows), lambda i, bh: (bh // hq, bh % hq, i))

@@ -69,8 +69,7 @@ def backward(q, k, v, q_seg, kv_seg, out, lse, dout, dlse, *, problem: Problem,
   sq = _launch().contiguous_strides(q.shape)
   sl = _launch().contiguous_strides((b, hq, tq_pad))
   f32_rows = jax.ShapeDtypeStruct((b, hq, tq_pad), jnp.float32)
-  # The layout is padded to the larger q tile: one delta block of that size.
-  delta_rows = max(plan.block_q, qplan.block_q)
+  delta_rows = plan.row_block
 
   delta, lse2 = runtime.call(
       jnp.asarray(qplan.valid_rows, jnp.int32), out, dout, lse, dlse,

@@ -196,7 +196,7 @@ def compile_kernel(kernel: str, head_dim: int, dtype: str, has_segments: bool,
   elif kernel == "delta":
     sq = launch.contiguous_strides(q_shape)
     sl = launch.contiguous_strides((problem.batch, problem.hq, plan.tq_pad))
-    rows = max(plan.block_q, bplan.block_q)
+    rows = bplan.row_block
     plan = dataclasses.replace(plan, block_q=rows)
     fn = backward_kernels.delta_kernel
     constexprs = dict(HQ=problem.hq, SQ_B=sq[0], SQ_T=sq[1], SQ_H=sq[2], SL_B=sl[0],
