@@ -1,0 +1,223 @@
+"""Mosaic GPU kernel bodies (no shapes, grids or launch logic here).
+
+Every kernel is warp-specialised: ``wgs`` compute warpgroups (wgmma + softmax)
+and one memory warpgroup (index ``wgs``) that streams tiles with TMA into a
+``stages``-deep shared-memory ring. Ready barriers (one arrival: the TMA)
+say a slot is full; free barriers (``wgs`` arrivals) say every compute
+warpgroup is done with it. Grid axes are named; ``wg`` is the warpgroup.
+
+Forward refs (GMEM, padded layouts of plan.py):
+  table_ref: [n_work, TABLE_WIDTH] int32   forward work table
+  q_ref:     [B, Tq_pad, Hq, Dp]           k_ref, v_ref: [B, Tk_pad, Hk, Dp]
+  qseg_ref:  [B, Tq_pad] int32, kvseg_ref: [B, Tk_pad] int32  (with segments)
+  out_ref:   [B, Tq_pad, Hq, Dp]           lse_ref: [B, Hq, Tq_pad] float32
+"""
+
+from __future__ import annotations
+
+import inspect
+import math
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import mosaic_gpu as plgpu
+
+from jax_grouped_attn import plan as plan_lib
+
+LOG2E = math.log2(math.e)
+LN2 = math.log(2.0)
+NEG_INF = float("-inf")
+
+# plgpu.load(ref, idx, layout=) (jax 0.10) became plgpu.load(ref, layout=)
+# with idx optional and deprecated (jax 0.11).
+_LOAD_IDX_REQUIRED = (
+    inspect.signature(plgpu.load).parameters["idx"].default is inspect.Parameter.empty)
+
+
+def _load(ref, layout):
+  """ref[...] into registers with ``layout`` (works on jax 0.10 and 0.11)."""
+  if _LOAD_IDX_REQUIRED:
+    return plgpu.load(ref, (), layout=layout, optimized=False)
+  return plgpu.load(ref, layout=layout, optimized=False)
+
+
+def _t(ref):
+  """The transposed view of a 2-D shared-memory ref (a wgmma operand)."""
+  return ref.transpose((1, 0))
+
+
+def _row_vec(x, shape):
+  """[rows] (WGMMA.reduce(1)) -> [rows, cols] broadcast along columns."""
+  return lax.broadcast_in_dim(x, shape, [0])
+
+
+def _col_vec(x, shape):
+  """[cols] (WGMMA.reduce(0)) -> [rows, cols] broadcast along rows."""
+  return lax.broadcast_in_dim(x, shape, [1])
+
+
+def _visible(q_pos0, k0, kv_len, shape, *, causal, qseg=None, kvseg=None):
+  """[rows, cols] bool: row r (position q_pos0 + r) sees key k0 + c."""
+  rows = plgpu.broadcasted_iota(jnp.int32, shape, 0, layout=plgpu.Layout.WGMMA)
+  cols = plgpu.broadcasted_iota(jnp.int32, shape, 1, layout=plgpu.Layout.WGMMA)
+  kj = cols + k0
+  visible = kj < kv_len
+  if causal:
+    visible = visible & (kj <= rows + q_pos0)
+  if qseg is not None:
+    visible = visible & (_row_vec(qseg, shape) == _col_vec(kvseg, shape))
+  return visible
+
+
+def forward_kernel(table_ref, q_ref, k_ref, v_ref, *refs, scale: float, causal: bool,
+                   has_segments: bool, block_q: int, block_kv: int, stages: int,
+                   wgs: int, group_size: int):
+  """One CTA per (q head, work row, batch): rows [ROW0, ROW0 + wgs * block_q).
+
+  Compute warpgroup i owns rows ROW0 + i * block_q + [0, block_q). All
+  warpgroups walk the same kv blocks: [0, N_FULL) without a mask, then
+  [N_FULL, N_BLOCKS) masked. Scratch (after out_ref, lse_ref):
+    qo_smem [wgs, block_q, Dp] (Q in, then O out), k_smem, v_smem
+    [stages, block_kv, Dp], lse_smem [wgs, block_q] f32, and the barriers.
+  """
+  if has_segments:
+    qseg_ref, kvseg_ref, out_ref, lse_ref, smem, bars = refs
+  else:
+    qseg_ref = kvseg_ref = None
+    out_ref, lse_ref, smem, bars = refs
+  qo_smem, k_smem, v_smem, lse_smem = smem
+  q_ready, k_ready, v_ready, k_free, v_free, sched = bars
+  dtype = q_ref.dtype
+  dp = q_ref.shape[-1]
+
+  h = lax.axis_index("h")
+  w = lax.axis_index("w")
+  b = lax.axis_index("b")
+  wg = lax.axis_index("wg")
+  row0 = table_ref[w, plan_lib.ROW0]
+  q_pos0 = table_ref[w, plan_lib.QPOS0]
+  kv_len = table_ref[w, plan_lib.KV_LEN]
+  n_full = table_ref[w, plan_lib.N_FULL]
+  n_blocks = table_ref[w, plan_lib.N_BLOCKS]
+
+  # Logits go to base 2 inside exp2's FMA: p = exp2(s * c - m), m in base-2 units.
+  c = scale * LOG2E
+  shape_s = (block_q, block_kv)
+
+  def pingpong():
+    # Two compute warpgroups take turns on the tensor cores: one runs its
+    # softmax while the other's matmuls run.
+    if wgs > 1:
+      plgpu.barrier_arrive(sched)
+      plgpu.barrier_wait(sched)
+
+  @pl.when(wg < wgs)
+  def _compute():
+    plgpu.set_max_registers(232 if wgs > 1 else 240, action="increase")
+    q_smem = qo_smem.at[wg]
+    my_row0 = row0 + wg * block_q
+    my_pos0 = q_pos0 + wg * block_q
+    plgpu.copy_gmem_to_smem(q_ref.at[b, pl.ds(my_row0, block_q), h], q_smem, q_ready.at[wg])
+    qseg = None
+    if has_segments:
+      qseg = _load(qseg_ref.at[b, pl.ds(my_row0, block_q)], plgpu.Layout.WGMMA.reduce(1))
+    m = plgpu.layout_cast(jnp.full((block_q,), NEG_INF, jnp.float32),
+                          plgpu.Layout.WGMMA.reduce(1))
+    l = plgpu.layout_cast(jnp.full((block_q,), 0.0, jnp.float32), plgpu.Layout.WGMMA.reduce(1))
+    acc = plgpu.layout_cast(jnp.full((block_q, dp), 0.0, jnp.float32), plgpu.Layout.WGMMA)
+    plgpu.barrier_wait(q_ready.at[wg])
+
+    @pl.when(n_blocks > 0)
+    def _():
+      plgpu.barrier_wait(k_ready.at[0])
+
+    pl.when(wg == 1)(pingpong)
+
+    def step(j, carry, masked: bool):
+      acc, m, l = carry
+      slot = lax.rem(j, stages)
+
+      def qk(s_ref):
+        plgpu.wgmma(s_ref, q_smem, _t(k_smem.at[slot]))
+        pingpong()
+        return s_ref[...]
+
+      s = pl.run_scoped(qk, plgpu.ACC(shape_s, jnp.float32))
+      plgpu.barrier_arrive(k_free.at[slot])
+      if c < 0:   # keep max() exact for a negative scale
+        s, cc = s * c, 1.0
+      else:
+        cc = c
+      if masked:
+        kvseg = None
+        if has_segments:
+          kvseg = _load(kvseg_ref.at[b, pl.ds(j * block_kv, block_kv)],
+                        plgpu.Layout.WGMMA.reduce(0))
+        vis = _visible(my_pos0, j * block_kv, kv_len, shape_s, causal=causal,
+                       qseg=qseg, kvseg=kvseg)
+        s = jnp.where(vis, s, NEG_INF)
+      m_new = jnp.maximum(m, s.max(axis=1) * cc)
+      # A row that has seen no key keeps m = -inf: subtract 0 instead, so
+      # exp2(-inf - -inf) never makes a NaN (p and alpha are then 0).
+      m_use = jnp.where(m_new == NEG_INF, 0.0, m_new) if masked else m_new
+      alpha = jnp.exp2(m - m_use)
+      p = jnp.exp2(s * cc - _row_vec(m_use, shape_s))
+      acc = acc * _row_vec(alpha, acc.shape)
+      l = l * alpha + p.sum(axis=1)
+      p16 = p.astype(dtype)
+      acc, l, m_new, p16 = lax.optimization_barrier((acc, l, m_new, p16))
+      if wgs > 1:
+        plgpu.barrier_arrive(sched)
+      plgpu.barrier_wait(v_ready.at[slot])
+      if wgs > 1:
+        plgpu.barrier_wait(sched)
+
+      def pv(acc_ref):
+        plgpu.wgmma(acc_ref, p16, v_smem.at[slot])
+
+        @pl.when(j + 1 < n_blocks)
+        def _():   # wait for the next K while this wgmma runs
+          plgpu.barrier_wait(k_ready.at[lax.rem(j + 1, stages)])
+
+      acc = pl.run_state(pv)(plgpu.ACC.init(acc))
+      plgpu.barrier_arrive(v_free.at[slot])
+      return acc, m_new, l
+
+    carry = (acc, m, l)
+    carry = lax.fori_loop(0, n_full, lambda j, cr: step(j, cr, False), carry)
+    acc, m, l = lax.fori_loop(n_full, n_blocks, lambda j, cr: step(j, cr, True), carry)
+    pl.when(wg == 0)(pingpong)
+
+    seen = l > 0.0
+    l_safe = jnp.where(seen, l, 1.0)
+    out = acc * _row_vec(1.0 / l_safe, acc.shape)
+    q_smem[...] = out.astype(dtype)
+    lse_smem.at[wg][...] = jnp.where(seen, (m + jnp.log2(l_safe)) * LN2, NEG_INF)
+    plgpu.commit_smem()
+    plgpu.copy_smem_to_gmem(q_smem, out_ref.at[b, pl.ds(my_row0, block_q), h])
+    plgpu.copy_smem_to_gmem(lse_smem.at[wg], lse_ref.at[b, h, pl.ds(my_row0, block_q)])
+    plgpu.wait_smem_to_gmem(0)
+
+  @pl.when(wg == wgs)
+  def _memory():
+    plgpu.set_max_registers(40, action="decrease")
+    kvh = lax.div(h, group_size)
+
+    def load(j, slot, wait_free: bool):
+      keys = (b, pl.ds(j * block_kv, block_kv), kvh)
+      # K is freed (after QK) before V (after PV): refill each as soon as it can.
+      if wait_free:
+        plgpu.barrier_wait(k_free.at[slot])
+      plgpu.copy_gmem_to_smem(k_ref.at[keys], k_smem.at[slot], k_ready.at[slot])
+      if wait_free:
+        plgpu.barrier_wait(v_free.at[slot])
+      plgpu.copy_gmem_to_smem(v_ref.at[keys], v_smem.at[slot], v_ready.at[slot])
+
+    for i in range(min(stages, k_ref.shape[1] // block_kv)):
+      pl.when(i < n_blocks)(lambda i=i: load(i, i, False))
+
+    @pl.loop(0, n_blocks - stages)
+    def _(j):
+      load(j + stages, lax.rem(j, stages), True)
