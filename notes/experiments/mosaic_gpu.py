@@ -72,7 +72,7 @@ def dump_sources():
   files = ["experimental/pallas/ops/gpu/attention_mgpu.py",
            "_src/pallas/mosaic_gpu/primitives.py", "_src/pallas/mosaic_gpu/pipeline.py",
            "_src/pallas/mosaic_gpu/core.py", "_src/pallas/mosaic_gpu/lowering.py",
-           "experimental/pallas/mosaic_gpu.py"]
+           "experimental/pallas/mosaic_gpu.py", "experimental/mosaic/gpu/layout_inference.py"]
   for f in files:
     p = os.path.join(base, f)
     if os.path.exists(p):
@@ -256,7 +256,8 @@ def check(kind, dtypes=("bfloat16",), bwd=False, only=None):
               f"{'OK' if ok else 'FAIL'}")
           ROWS.append((("ok   " if ok else "FAIL ") + tag, errs[1], max(errs[2:]), 0))
       except Exception:
-        log(f"{tag} raised:\n{traceback.format_exc()[-3000:]}")
+        tb = traceback.format_exc()
+        log(f"{tag} raised:\n{tb[:5000]}\n...\n{tb[-2500:]}")
         ROWS.append(("ERR  " + tag, float("nan"), 0, 0))
 
 
@@ -305,6 +306,36 @@ def timing(seqs, configs, bwd=False, dims=(128,)):
           ROWS.append((f"ERR mosaic S={s} {cfg}", float("nan"), 0, 0))
 
 
+def probe():
+  """Which scalar reads of a GMEM int32 table lower (jax 0.11 layout inference)."""
+  import jax
+  import jax.numpy as jnp
+  from jax import lax
+  from jax.experimental import pallas as pl
+  from jax.experimental.pallas import mosaic_gpu as plgpu
+  tab2 = jnp.arange(32, dtype=jnp.int32).reshape(4, 8)
+
+  def run(name, tab, read):
+    def body(t_ref, o_ref, smem):
+      w = lax.axis_index("w")
+      val = read(t_ref, w)
+      smem[...] = jnp.full((128,), val, jnp.int32)
+      plgpu.commit_smem()
+      plgpu.copy_smem_to_gmem(smem, o_ref.at[w])
+      plgpu.wait_smem_to_gmem(0)
+    try:
+      out = plgpu.kernel(body, out_type=jax.ShapeDtypeStruct((4, 128), jnp.int32),
+                         scratch_types=[plgpu.SMEM((128,), jnp.int32)], grid=(4,),
+                         grid_names=("w",))(tab)
+      log(f"probe {name}: OK {out[:, 0].tolist()}")
+    except Exception:
+      log(f"probe {name}: FAIL\n{traceback.format_exc()[-2500:]}")
+  run("2d t[w,3]", tab2, lambda t, w: t[w, 3])
+  run("1d t[w*8+3]", tab2.reshape(-1), lambda t, w: t[w * 8 + 3])
+  run("2d t.at[w][3]", tab2, lambda t, w: t.at[w][3])
+  run("1d t[3] static", tab2.reshape(-1), lambda t, w: t[3] + w)
+
+
 def main():
   ap = argparse.ArgumentParser()
   ap.add_argument("--dump", action="store_true")
@@ -318,6 +349,7 @@ def main():
   ap.add_argument("--time-bwd", action="store_true", help="fwd+bwd vs cuDNN")
   ap.add_argument("--configs", default="None", help="';'-separated config tuples or None")
   ap.add_argument("--dims", default="128")
+  ap.add_argument("--probe", action="store_true")
   args = ap.parse_args()
   import jax
   log("jax", jax.__version__, jax.devices())
@@ -328,7 +360,8 @@ def main():
   dts = args.dtypes.split(",")
   configs = [eval(c) for c in args.configs.split(";")]
   dims = [int(x) for x in args.dims.split(",")]
-  steps = [("baseline", args.baseline, lambda: baseline(seqs)),
+  steps = [("probe", args.probe, probe),
+           ("baseline", args.baseline, lambda: baseline(seqs)),
            ("check", args.check, lambda: check("fwd", dts, False, only)),
            ("check-bwd", args.check_bwd, lambda: check("bwd", dts, True, only)),
            ("time", args.time, lambda: timing(seqs, configs, False, dims)),

@@ -96,7 +96,8 @@ def forward_kernel(table_ref, q_ref, k_ref, v_ref, *refs, scale: float, causal: 
   w = lax.axis_index("w")
   b = lax.axis_index("b")
   wg = lax.axis_index("wg")
-  row0 = table_ref[w, plan_lib.ROW0]
+  # Rows start on whole blocks (plan.py): say so, TMA slices need it proven.
+  row0 = pl.multiple_of(table_ref[w, plan_lib.ROW0], block_q)
   q_pos0 = table_ref[w, plan_lib.QPOS0]
   kv_len = table_ref[w, plan_lib.KV_LEN]
   n_full = table_ref[w, plan_lib.N_FULL]
@@ -117,7 +118,7 @@ def forward_kernel(table_ref, q_ref, k_ref, v_ref, *refs, scale: float, causal: 
   def _compute():
     plgpu.set_max_registers(232 if wgs > 1 else 240, action="increase")
     q_smem = qo_smem.at[wg]
-    my_row0 = row0 + wg * block_q
+    my_row0 = pl.multiple_of(row0 + wg * block_q, block_q)
     my_pos0 = q_pos0 + wg * block_q
     plgpu.copy_gmem_to_smem(q_ref.at[b, pl.ds(my_row0, block_q), h], q_smem, q_ready.at[wg])
     qseg = None
