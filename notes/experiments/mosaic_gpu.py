@@ -66,6 +66,15 @@ def bench(fn, *args, iters=20, reps=7):
   return statistics.median(times)
 
 
+def bench_pair(fa, aa, fb, ab, rounds=6):
+  """Medians (ms) of fa(*aa) and fb(*ab), measured alternately so drift hits both."""
+  ta, tb = [], []
+  for _ in range(rounds):
+    ta.append(bench(fa, *aa, iters=10, reps=3))
+    tb.append(bench(fb, *ab, iters=10, reps=3))
+  return statistics.median(ta), statistics.median(tb)
+
+
 def dump_sources():
   import jax
   base = os.path.dirname(jax.__file__)
@@ -280,8 +289,6 @@ def timing(seqs, configs, bwd=False, dims=(128,)):
           o = jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation="cudnn")
           return jnp.sum(o.astype(jnp.float32) * dout.astype(jnp.float32))
         cud = jax.jit(jax.grad(loss, argnums=(0, 1, 2)))
-      t_c = bench(cud, q, k, v)
-      ROWS.append((f"cudnn {'fwd+bwd' if bwd else 'fwd'} S={s} D={d}", t_c, fl / t_c / 1e9, 1.0))
       for cfg in configs:
         try:
           if not bwd:
@@ -295,12 +302,10 @@ def timing(seqs, configs, bwd=False, dims=(128,)):
             dl = jnp.zeros((1, hq, s), jnp.float32)
             f = jax.jit(lambda q, k, v: g(q, k, v, None, None, dout, dl)[2:])
             args = (q, k, v)
-          t = bench(f, *args)
-          ROWS.append((f"mosaic {'fwd+bwd' if bwd else 'fwd'} S={s} D={d} {cfg}", t,
-                       fl / t / 1e9, t_c / t))
-          # cuDNN again: the GPU drifts, keep the ratio honest
-          t_c2 = bench(cud, q, k, v)
-          ROWS.append((f"  cudnn again", t_c2, fl / t_c2 / 1e9, 1.0))
+          t, t_c = bench_pair(f, args, cud, (q, k, v))
+          tag = "fwd+bwd" if bwd else "fwd"
+          ROWS.append((f"cudnn {tag} S={s} D={d} (paired)", t_c, fl / t_c / 1e9, 1.0))
+          ROWS.append((f"mosaic {tag} S={s} D={d} {cfg}", t, fl / t / 1e9, t_c / t))
         except Exception:
           log(f"timing {cfg} raised:\n{traceback.format_exc()[-3000:]}")
           ROWS.append((f"ERR mosaic S={s} {cfg}", float("nan"), 0, 0))

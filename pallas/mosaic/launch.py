@@ -154,3 +154,115 @@ def _interpret_kwargs(interpret):
     from jax._src.pallas.mosaic_gpu.interpret.params import InterpretGPUParams  # noqa: PLC0415
     interpret = InterpretGPUParams()
   return {"interpret": interpret}
+
+
+# ------------------------------------------------------------------ backward --
+
+def backward_residuals(out, lse, dout, dlse, valid_rows):
+  """delta = rowsum(dO * O) - dlse and lse2 = lse * log2(e) (+inf where P must be
+  0: lse = -inf, padding rows), both [B, Hq, Tq_pad] f32. Plain jnp: one
+  memory-bound pass that XLA fuses."""
+  delta = jnp.einsum("bqhd,bqhd->bhq", out.astype(jnp.float32), dout.astype(jnp.float32))
+  delta = delta - dlse
+  keep = jnp.asarray(valid_rows)[None, None, :] & (lse != -jnp.inf)
+  lse2 = jnp.where(keep, lse * kernels.LOG2E, jnp.inf)
+  return delta, lse2
+
+
+def backward(q, k, v, q_seg, kv_seg, out, lse, dout, dlse, *, problem: Problem,
+             plan: BackwardPlan, config: MosaicBackwardConfig | None, interpret=False):
+  """Grouped backward: residuals (jnp), then one dK/dV and one dQ Mosaic GPU kernel.
+
+  q, out, dout: [B, Tq_pad, Hq, Dp]; k, v: [B, Tk_pad, Hk, Dp]; lse, dlse:
+  [B, Hq, Tq_pad] f32 (dout, dlse zero on padding rows); segment ids as in
+  :func:`forward`. ``plan`` is :func:`backward_plan`'s. Returns dq [B,
+  Tq_pad, Hq, Dp], dk, dv [B, Tk_pad, Hk, Dp] in the input dtypes;
+  deterministic (each output tile is written once by one CTA).
+  """
+  _check_inputs(q, k, v)
+  cfg = backward_config(problem, config)
+  b, tq_pad, hq, d_in = q.shape
+  tk_pad, hk = k.shape[1], k.shape[2]
+  qplan = plan.plan
+  if (qplan.tq_pad, qplan.tk_pad) != (tq_pad, tk_pad):
+    raise ValueError(f"backward: {q.shape=}, {k.shape=} do not match the plan's layout "
+                     f"({qplan.tq_pad=}, {qplan.tk_pad=}).")
+  dp = padded_head_dim(d_in)
+  q, k, v, out, dout = (_pad_dim(x, dp) for x in (q, k, v, out, dout))
+  grp = hq // hk
+  stages = cfg.max_concurrent_steps
+  has_segments = q_seg is not None
+  seg_args = [q_seg, kv_seg] if has_segments else []
+  tiles = _tiling(q.dtype)
+  delta, lse2 = backward_residuals(out, lse, dout, dlse.astype(jnp.float32), qplan.valid_rows)
+  params = plgpu.CompilerParams(approx_math=True)
+  common = dict(scale=float(problem.scale), causal=problem.causal, has_segments=has_segments,
+                stages=stages, group_size=grp)
+
+  # dK/dV: CTA (kv head, t, batch) owns kv block kv_table[t].
+  wgs = _wgs(plan.block_k, cfg.block_kv, cfg.compute_wgs, "backward dK/dV")
+  bq, bkv = plan.block_q, cfg.block_kv
+  smem = (
+      plgpu.SMEM((wgs, bkv, dp), q.dtype, transforms=tiles),      # K in, dK out
+      plgpu.SMEM((wgs, bkv, dp), q.dtype, transforms=tiles),      # V in, dV out
+      plgpu.SMEM((stages, bq, dp), q.dtype, transforms=tiles),    # Q ring
+      plgpu.SMEM((stages, bq, dp), q.dtype, transforms=tiles),    # dO ring
+      plgpu.SMEM((stages, bq), jnp.float32),                      # lse2 ring
+      plgpu.SMEM((stages, bq), jnp.float32),                      # delta ring
+  )
+  bars = (
+      plgpu.Barrier(num_barriers=2 * wgs),                        # K, V of each warpgroup
+      plgpu.Barrier(num_barriers=stages),                         # q_ready
+      plgpu.Barrier(num_barriers=stages),                         # do_ready
+      plgpu.Barrier(num_barriers=stages),                         # lse_ready
+      plgpu.Barrier(num_barriers=stages),                         # delta_ready
+      plgpu.Barrier(num_arrivals=wgs, num_barriers=stages),       # free
+  )
+  dk, dv = plgpu.kernel(
+      functools.partial(kernels.backward_dkdv_kernel, block_q=bq, block_kv=bkv, wgs=wgs,
+                        **common),
+      out_type=(jax.ShapeDtypeStruct((b, tk_pad, hk, dp), k.dtype),
+                jax.ShapeDtypeStruct((b, tk_pad, hk, dp), v.dtype)),
+      scratch_types=(smem, bars),
+      grid=(hk, plan.n_kv_blocks, b),
+      grid_names=("h", "t", "b"),
+      num_threads=wgs + 1,
+      thread_name="wg",
+      compiler_params=params,
+      **_interpret_kwargs(interpret),
+  )(jnp.asarray(plan.kv_table), jnp.asarray(plan.entries), q, k, v, dout, lse2, delta,
+    *seg_args)
+
+  # dQ: CTA (q head, w, batch) owns the rows of dQ-table row w.
+  if qplan.n_work == 0:
+    dq = jnp.zeros_like(q)
+  else:
+    wgs = _wgs(qplan.block_q, cfg.dq_block_q, cfg.compute_wgs, "backward dQ")
+    bq, bkv = cfg.dq_block_q, qplan.block_k
+    smem = (
+        plgpu.SMEM((wgs, bq, dp), q.dtype, transforms=tiles),      # Q in, dQ out
+        plgpu.SMEM((wgs, bq, dp), q.dtype, transforms=tiles),      # dO
+        plgpu.SMEM((stages, bkv, dp), q.dtype, transforms=tiles),  # K ring
+        plgpu.SMEM((stages, bkv, dp), q.dtype, transforms=tiles),  # V ring
+        plgpu.SMEM((wgs, bq), jnp.float32),                        # lse2
+        plgpu.SMEM((wgs, bq), jnp.float32),                        # delta
+    )
+    bars = (
+        plgpu.Barrier(num_barriers=4 * wgs),                       # Q, dO, lse2, delta
+        plgpu.Barrier(num_barriers=stages),                        # k_ready
+        plgpu.Barrier(num_barriers=stages),                        # v_ready
+        plgpu.Barrier(num_arrivals=wgs, num_barriers=stages),      # free
+    )
+    dq = plgpu.kernel(
+        functools.partial(kernels.backward_dq_kernel, block_q=bq, block_kv=bkv, wgs=wgs,
+                          **common),
+        out_type=jax.ShapeDtypeStruct((b, tq_pad, hq, dp), q.dtype),
+        scratch_types=(smem, bars),
+        grid=(hq, qplan.n_work, b),
+        grid_names=("h", "w", "b"),
+        num_threads=wgs + 1,
+        thread_name="wg",
+        compiler_params=params,
+        **_interpret_kwargs(interpret),
+    )(jnp.asarray(qplan.table), q, k, v, dout, lse2, delta, *seg_args)
+  return dq[..., :d_in], dk[..., :d_in], dv[..., :d_in]
