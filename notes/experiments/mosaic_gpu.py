@@ -234,7 +234,7 @@ CASES = [
 ]
 
 
-def check(kind, dtypes=("bfloat16",), bwd=False, only=None):
+def check(kind, dtypes=("bfloat16",), bwd=False, only=None, bcfg=None):
   import jax
   import jax.numpy as jnp
   from jax_grouped_attn.reference import reference_attention, reference_backward
@@ -256,13 +256,16 @@ def check(kind, dtypes=("bfloat16",), bwd=False, only=None):
           log(f"{tag}: out rel {eo:.2e} lse abs {el:.2e} nan={nan} {'OK' if ok else 'FAIL'}")
           ROWS.append((("ok   " if ok else "FAIL ") + tag, eo, el, 0))
         else:
-          o, l, dq, dk, dv = mosaic_fwd_bwd(p)(q, k, v, qs, ks, dout, dlse)
+          fb = mosaic_fwd_bwd(p, None, bcfg)
+          o, l, dq, dk, dv = fb(q, k, v, qs, ks, dout, dlse)
+          again = fb(q, k, v, qs, ks, dout, dlse)
+          same = all(bool(jnp.array_equal(x, y)) for x, y in zip((dq, dk, dv), again[2:]))
           rq, rk, rv = reference_backward(p, q, k, v, qs, ks, ro, rl, dout, dlse)
           errs = [_rel(o, ro), _rel(dq, rq), _rel(dk, rk), _rel(dv, rv)]
           nan = any(bool(jnp.isnan(x.astype(jnp.float32)).any()) for x in (o, dq, dk, dv))
           ok = (not nan) and max(errs) < 3e-2 and _lse_err(l, rl) < 2e-2
-          log(f"{tag}: out/dq/dk/dv rel {['%.2e' % e for e in errs]} nan={nan} "
-              f"{'OK' if ok else 'FAIL'}")
+          log(f"{tag} {bcfg}: out/dq/dk/dv rel {['%.2e' % e for e in errs]} nan={nan} "
+              f"bitwise-repeatable={same} {'OK' if ok else 'FAIL'}")
           ROWS.append((("ok   " if ok else "FAIL ") + tag, errs[1], max(errs[2:]), 0))
       except Exception:
         tb = traceback.format_exc()
@@ -285,9 +288,9 @@ def timing(seqs, configs, bwd=False, dims=(128,)):
         cud = jax.jit(lambda q, k, v: jax.nn.dot_product_attention(
             q, k, v, is_causal=True, implementation="cudnn"))
       else:
-        def loss(q, k, v):
+        def loss(q, k, v, do):
           o = jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation="cudnn")
-          return jnp.sum(o.astype(jnp.float32) * dout.astype(jnp.float32))
+          return jnp.sum(o.astype(jnp.float32) * do.astype(jnp.float32))
         cud = jax.jit(jax.grad(loss, argnums=(0, 1, 2)))
       for cfg in configs:
         try:
@@ -300,9 +303,9 @@ def timing(seqs, configs, bwd=False, dims=(128,)):
             bcfg = MosaicBackwardConfig(*cfg) if cfg else None
             g = mosaic_fwd_bwd(p, None, bcfg)
             dl = jnp.zeros((1, hq, s), jnp.float32)
-            f = jax.jit(lambda q, k, v: g(q, k, v, None, None, dout, dl)[2:])
-            args = (q, k, v)
-          t, t_c = bench_pair(f, args, cud, (q, k, v))
+            f = jax.jit(lambda q, k, v, do, dl: g(q, k, v, None, None, do, dl)[2:])
+            args = (q, k, v, dout, dl)
+          t, t_c = bench_pair(f, args, cud, (q, k, v) + ((dout,) if bwd else ()))
           tag = "fwd+bwd" if bwd else "fwd"
           ROWS.append((f"cudnn {tag} S={s} D={d} (paired)", t_c, fl / t_c / 1e9, 1.0))
           ROWS.append((f"mosaic {tag} S={s} D={d} {cfg}", t, fl / t / 1e9, t_c / t))
@@ -353,8 +356,10 @@ def main():
   ap.add_argument("--time", action="store_true", help="forward vs cuDNN")
   ap.add_argument("--time-bwd", action="store_true", help="fwd+bwd vs cuDNN")
   ap.add_argument("--configs", default="None", help="';'-separated config tuples or None")
+  ap.add_argument("--bconfigs", default="None", help="backward config tuples for --time-bwd")
   ap.add_argument("--dims", default="128")
   ap.add_argument("--probe", action="store_true")
+  ap.add_argument("--bcheck", default="None", help="backward config tuple for --check-bwd")
   args = ap.parse_args()
   import jax
   log("jax", jax.__version__, jax.devices())
@@ -362,15 +367,21 @@ def main():
   if args.dump:
     dump_sources()
   only = [o for o in args.only.split(",") if o]
+  bcheck = None
+  if args.bcheck != "None":
+    _mosaic()
+    from jax_grouped_attn.pallas.mosaic.config import MosaicBackwardConfig
+    bcheck = MosaicBackwardConfig(*eval(args.bcheck))
   dts = args.dtypes.split(",")
   configs = [eval(c) for c in args.configs.split(";")]
   dims = [int(x) for x in args.dims.split(",")]
   steps = [("probe", args.probe, probe),
            ("baseline", args.baseline, lambda: baseline(seqs)),
            ("check", args.check, lambda: check("fwd", dts, False, only)),
-           ("check-bwd", args.check_bwd, lambda: check("bwd", dts, True, only)),
+           ("check-bwd", args.check_bwd, lambda: check("bwd", dts, True, only, bcheck)),
            ("time", args.time, lambda: timing(seqs, configs, False, dims)),
-           ("time-bwd", args.time_bwd, lambda: timing(seqs, configs, True, dims))]
+           ("time-bwd", args.time_bwd,
+            lambda: timing(seqs, [eval(c) for c in args.bconfigs.split(";")], True, dims))]
   for name, on, fn in steps:
     if not on:
       continue
