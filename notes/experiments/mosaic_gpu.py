@@ -359,7 +359,8 @@ def main():
   ap.add_argument("--bconfigs", default="None", help="backward config tuples for --time-bwd")
   ap.add_argument("--dims", default="128")
   ap.add_argument("--probe", action="store_true")
-  ap.add_argument("--bcheck", default="None", help="backward config tuple for --check-bwd")
+  ap.add_argument("--bcheck", default="None", help="backward config tuple for --check-bwd "
+                  "(a 7th field, deterministic=False, existed at commit f931807 only)")
   args = ap.parse_args()
   import jax
   log("jax", jax.__version__, jax.devices())

@@ -55,11 +55,6 @@ class MosaicBackwardConfig:
     (a CTA owns compute_wgs * dq_block_q rows) and keys per step.
   max_concurrent_steps: shared-memory ring depth of both kernels (>= 2).
   compute_wgs: compute warpgroups per CTA of both kernels (1 or 2).
-  deterministic: True (default): dQ has its own kernel and every output is
-    written once (bitwise reproducible). False: the dK/dV kernel also adds
-    dS K into an fp32 dQ with TMA reduce-add (fewer matmuls, faster, but the
-    order of the fp32 adds -- and so the last bits of dQ -- vary run to run);
-    the dq_* tiles are then unused.
   """
 
   block_q: int = 64
@@ -68,7 +63,6 @@ class MosaicBackwardConfig:
   dq_block_kv: int = 64
   max_concurrent_steps: int = 2
   compute_wgs: int = 2
-  deterministic: bool = True
 
   def __post_init__(self):
     name = type(self).__name__
@@ -76,8 +70,6 @@ class MosaicBackwardConfig:
       _check_tile(name, field, getattr(self, field), hi=128)
     _check_int(name, "max_concurrent_steps", self.max_concurrent_steps, 2, 8)
     _check_int(name, "compute_wgs", self.compute_wgs, 1, 2)
-    if not isinstance(self.deterministic, bool):
-      raise ValueError(f"{name}.deterministic={self.deterministic!r} must be a bool.")
 
 
 def default_forward_config(head_dim: int) -> MosaicForwardConfig:

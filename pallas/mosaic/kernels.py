@@ -249,8 +249,7 @@ def _zeros(shape):
 
 def backward_dkdv_kernel(kv_table_ref, entries_ref, q_ref, k_ref, v_ref, do_ref, lse2_ref,
                          delta_ref, *refs, scale: float, causal: bool, has_segments: bool,
-                         block_q: int, block_kv: int, stages: int, wgs: int, group_size: int,
-                         fused_dq: bool = False):
+                         block_q: int, block_kv: int, stages: int, wgs: int, group_size: int):
   """One CTA per (kv head, kv block t, batch): dK, dV of wgs * block_kv keys.
 
   kv_table_ref: [n_kv_blocks, KV_TABLE_WIDTH], entries_ref: [n_entries,
@@ -264,23 +263,13 @@ def backward_dkdv_kernel(kv_table_ref, entries_ref, q_ref, k_ref, v_ref, do_ref,
   registers and writes its keys once: deterministic, no atomics. Scratch:
   k_smem, v_smem [wgs, block_kv, Dp] (K, V in, then dK, dV out), q_smem,
   do_smem [stages, block_q, Dp], lse_smem, delta_smem [stages, block_q] f32.
-
-  fused_dq (opt-in, NOT deterministic): also dQ += dS K for every step,
-  added into dq_acc_ref [B, Tq_pad, Hq, Dp] f32 (unscaled; a mutable input
-  Ref, zeros on entry) by TMA reduce-add; then dk_ref, dv_ref are input Refs
-  too (no outputs), and scratch adds ds_smem [wgs, block_kv, block_q] and
-  dq_smem [wgs, block_q, Dp] f32.
   """
   if has_segments:
-    qseg_ref, kvseg_ref, *refs = refs
+    qseg_ref, kvseg_ref, dk_ref, dv_ref, smem, bars = refs
   else:
     qseg_ref = kvseg_ref = None
-  if fused_dq:
-    dq_acc_ref, dk_ref, dv_ref, smem, bars = refs
-    k_smem, v_smem, q_smem, do_smem, lse_smem, delta_smem, ds_smem, dq_smem = smem
-  else:
     dk_ref, dv_ref, smem, bars = refs
-    k_smem, v_smem, q_smem, do_smem, lse_smem, delta_smem = smem
+  k_smem, v_smem, q_smem, do_smem, lse_smem, delta_smem = smem
   kv_ready, q_ready, do_ready, lse_ready, delta_ready, free = bars
   dtype = q_ref.dtype
   dp = q_ref.shape[-1]
@@ -314,7 +303,7 @@ def backward_dkdv_kernel(kv_table_ref, entries_ref, q_ref, k_ref, v_ref, do_ref,
     plgpu.barrier_wait(kv_ready.at[wgs + wg])
     k_tile, v_tile = k_smem.at[wg], v_smem.at[wg]
 
-    def step(i, e, h, carry, masked: bool):
+    def step(i, e, carry, masked: bool):
       dk, dv = carry
       slot = lax.rem(i, stages)
       plgpu.barrier_wait(q_ready.at[slot])
@@ -347,43 +336,18 @@ def backward_dkdv_kernel(kv_table_ref, entries_ref, q_ref, k_ref, v_ref, do_ref,
       plgpu.barrier_wait(delta_ready.at[slot])
       delta = _load(delta_smem.at[slot], plgpu.Layout.WGMMA.reduce(0))
       ds_t = p_t * (dp_t - _col_vec(delta, shape_t))
-      ds16 = ds_t.astype(dtype)
 
-      if not fused_dq:
-        def dk_step(acc_ref):
-          plgpu.wgmma(acc_ref, ds16, q_smem.at[slot])   # dK += dS^T Q
+      def dk_step(acc_ref):
+        plgpu.wgmma(acc_ref, ds_t.astype(dtype), q_smem.at[slot])   # dK += dS^T Q
 
-        dk = pl.run_state(dk_step)(plgpu.ACC.init(dk))
-        plgpu.barrier_arrive(free.at[slot])
-        return dk, dv
-
-      # dQ needs dS (not dS^T) as the A operand: go through shared memory.
-      ds_tile = ds_smem.at[wg]
-      ds_tile[...] = ds16
-      plgpu.commit_smem()
-
-      def dk_dq(refs):
-        dk_ref_, dq_ref_ = refs
-        plgpu.wgmma(dk_ref_, ds16, q_smem.at[slot])          # dK += dS^T Q
-        plgpu.wgmma(dq_ref_, _t(ds_tile), k_tile)            # dQ_part = dS K
-
-      dk, dq = pl.run_state(dk_dq)((plgpu.ACC.init(dk),
-                                    plgpu.ACC.init(_zeros((block_q, dp)))))
+      dk = pl.run_state(dk_step)(plgpu.ACC.init(dk))
       plgpu.barrier_arrive(free.at[slot])
-      dq_tile = dq_smem.at[wg]
-      plgpu.wait_smem_to_gmem(0, wait_read_only=True)       # last step's add has read it
-      dq_tile[...] = dq
-      plgpu.commit_smem()
-      row0 = entry_row0(e)
-      plgpu.copy_smem_to_gmem(
-          dq_tile, dq_acc_ref.at[b, pl.ds(row0, block_q), kvh * group_size + h],
-          reduction_op="add")
       return dk, dv
 
     def head(h, carry):
       base = h * n_ent
-      carry = lax.fori_loop(0, n_full, lambda e, cr: step(base + e, e, h, cr, False), carry)
-      return lax.fori_loop(n_full, n_ent, lambda e, cr: step(base + e, e, h, cr, True), carry)
+      carry = lax.fori_loop(0, n_full, lambda e, cr: step(base + e, e, cr, False), carry)
+      return lax.fori_loop(n_full, n_ent, lambda e, cr: step(base + e, e, cr, True), carry)
 
     dk, dv = lax.fori_loop(0, group_size, head, (_zeros((block_kv, dp)), _zeros((block_kv, dp))))
     k_tile[...] = (dk * scale).astype(dtype)

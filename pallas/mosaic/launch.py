@@ -10,7 +10,6 @@ import functools
 
 import jax
 import jax.numpy as jnp
-from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from jax_grouped_attn import plan as plan_lib
@@ -219,23 +218,20 @@ def backward(q, k, v, q_seg, kv_seg, out, lse, dout, dlse, *, problem: Problem,
       plgpu.Barrier(num_barriers=stages),                         # delta_ready
       plgpu.Barrier(num_arrivals=wgs, num_barriers=stages),       # free
   )
-  dkdv_args = (jnp.asarray(plan.kv_table), jnp.asarray(plan.entries), q, k, v, dout, lse2,
-               delta, *seg_args)
-  mesh = dict(grid=(hk, plan.n_kv_blocks, b), grid_names=("h", "t", "b"), num_threads=wgs + 1,
-              thread_name="wg")
-  if not cfg.deterministic:
-    return _fused_backward(dkdv_args, smem, bars, mesh, params, q, k, v, problem, bq, bkv, wgs,
-                           d_in, common)
   dk, dv = plgpu.kernel(
       functools.partial(kernels.backward_dkdv_kernel, block_q=bq, block_kv=bkv, wgs=wgs,
                         **common),
       out_type=(jax.ShapeDtypeStruct((b, tk_pad, hk, dp), k.dtype),
                 jax.ShapeDtypeStruct((b, tk_pad, hk, dp), v.dtype)),
       scratch_types=(smem, bars),
+      grid=(hk, plan.n_kv_blocks, b),
+      grid_names=("h", "t", "b"),
+      num_threads=wgs + 1,
+      thread_name="wg",
       compiler_params=params,
-      **mesh,
       **_interpret_kwargs(interpret),
-  )(*dkdv_args)
+  )(jnp.asarray(plan.kv_table), jnp.asarray(plan.entries), q, k, v, dout, lse2, delta,
+    *seg_args)
 
   # dQ: CTA (q head, w, batch) owns the rows of dQ-table row w.
   if qplan.n_work == 0:
@@ -269,36 +265,4 @@ def backward(q, k, v, q_seg, kv_seg, out, lse, dout, dlse, *, problem: Problem,
         compiler_params=params,
         **_interpret_kwargs(interpret),
     )(jnp.asarray(qplan.table), q, k, v, dout, lse2, delta, *seg_args)
-  return dq[..., :d_in], dk[..., :d_in], dv[..., :d_in]
-
-
-def _fused_backward(dkdv_args, smem, bars, mesh, params, q, k, v, problem, bq, bkv, wgs, d_in,
-                    common):
-  """deterministic=False: one dK/dV kernel that also TMA-adds dS K into an
-  fp32 dQ. plgpu.kernel takes no aliased outputs, so the kernel gets three
-  mutable Refs (dQ accumulator zeroed, dK, dV) through Pallas' kernel entry
-  point, inside pl.run_state (which keeps the launcher a pure function)."""
-  from jax._src.pallas import helpers as pallas_helpers          # noqa: PLC0415
-  from jax._src.pallas import primitives as pallas_primitives    # noqa: PLC0415
-  b, tq_pad, hq, dp = q.shape
-  tiles = _tiling(q.dtype)
-  smem = smem + (plgpu.SMEM((wgs, bkv, bq), q.dtype, transforms=tiles),        # dS^T
-                 plgpu.SMEM((wgs, bq, dp), jnp.float32, transforms=_tiling(jnp.float32)))
-  body = functools.partial(kernels.backward_dkdv_kernel, block_q=bq, block_kv=bkv, wgs=wgs,
-                           fused_dq=True, **common)
-  gpu_mesh = plgpu.Mesh(**mesh)
-
-  def kernel_body(*refs):
-    pallas_primitives.run_scoped(functools.partial(body, *refs), smem, bars,
-                                 collective_axes=gpu_mesh.thread_name)
-
-  call = pallas_helpers.kernel(kernel_body, out_type=(), mesh=gpu_mesh, compiler_params=params,
-                               name="grouped_attention_bwd_dkdv_dq")
-
-  def run(refs):
-    call(*dkdv_args, *refs)
-
-  dq_acc, dk, dv = pl.run_state(run)((jnp.zeros((b, tq_pad, hq, dp), jnp.float32),
-                                      jnp.zeros(k.shape, k.dtype), jnp.zeros(v.shape, v.dtype)))
-  dq = (dq_acc * problem.scale).astype(q.dtype)
   return dq[..., :d_in], dk[..., :d_in], dv[..., :d_in]
