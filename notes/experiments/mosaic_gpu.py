@@ -234,7 +234,7 @@ CASES = [
 ]
 
 
-def check(kind, dtypes=("bfloat16",), bwd=False, only=None, bcfg=None):
+def check(kind, dtypes=("bfloat16",), bwd=False, only=None, bcfg=None, fcfg=None):
   import jax
   import jax.numpy as jnp
   from jax_grouped_attn.reference import reference_attention, reference_backward
@@ -249,10 +249,11 @@ def check(kind, dtypes=("bfloat16",), bwd=False, only=None, bcfg=None):
       try:
         ro, rl = reference_attention(p, q, k, v, qs, ks)
         if not bwd:
-          o, l = mosaic_forward(p)(q, k, v, qs, ks)
+          o, l = mosaic_forward(p, fcfg)(q, k, v, qs, ks)
           nan = bool(jnp.isnan(o.astype(jnp.float32)).any() | jnp.isnan(l).any())
           eo, el = _rel(o, ro), _lse_err(l, rl)
           ok = (not nan) and eo < 2e-2 and el < 2e-2
+          tag = f"{tag} {fcfg}"
           log(f"{tag}: out rel {eo:.2e} lse abs {el:.2e} nan={nan} {'OK' if ok else 'FAIL'}")
           ROWS.append((("ok   " if ok else "FAIL ") + tag, eo, el, 0))
         else:
@@ -359,6 +360,7 @@ def main():
   ap.add_argument("--bconfigs", default="None", help="backward config tuples for --time-bwd")
   ap.add_argument("--dims", default="128")
   ap.add_argument("--probe", action="store_true")
+  ap.add_argument("--fcheck", default="None", help="';'-separated forward configs for --check")
   ap.add_argument("--bcheck", default="None", help="backward config tuple for --check-bwd "
                   "(a 7th field, deterministic=False, existed at commit f931807 only)")
   args = ap.parse_args()
@@ -368,6 +370,12 @@ def main():
   if args.dump:
     dump_sources()
   only = [o for o in args.only.split(",") if o]
+  fchecks = [None]
+  if args.fcheck != "None":
+    _mosaic()
+    from jax_grouped_attn.pallas.mosaic.config import MosaicForwardConfig
+    fchecks = [None if c == "None" else MosaicForwardConfig(*eval(c))
+               for c in args.fcheck.split(";")]
   bcheck = None
   if args.bcheck != "None":
     _mosaic()
@@ -378,7 +386,7 @@ def main():
   dims = [int(x) for x in args.dims.split(",")]
   steps = [("probe", args.probe, probe),
            ("baseline", args.baseline, lambda: baseline(seqs)),
-           ("check", args.check, lambda: check("fwd", dts, False, only)),
+           ("check", args.check, lambda: [check("fwd", dts, False, only, fcfg=f) for f in fchecks]),
            ("check-bwd", args.check_bwd, lambda: check("bwd", dts, True, only, bcheck)),
            ("time", args.time, lambda: timing(seqs, configs, False, dims)),
            ("time-bwd", args.time_bwd,

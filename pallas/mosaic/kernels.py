@@ -73,7 +73,7 @@ def _visible(q_pos0, k0, kv_len, shape, *, causal, qseg=None, kvseg=None):
 
 def forward_kernel(table_ref, q_ref, k_ref, v_ref, *refs, scale: float, causal: bool,
                    has_segments: bool, block_q: int, block_kv: int, stages: int,
-                   wgs: int, group_size: int):
+                   wgs: int, group_size: int, overlap: bool = False):
   """One CTA per (q head, work row, batch): rows [ROW0, ROW0 + wgs * block_q).
 
   Compute warpgroup i owns rows ROW0 + i * block_q + [0, block_q). All
@@ -81,6 +81,8 @@ def forward_kernel(table_ref, q_ref, k_ref, v_ref, *refs, scale: float, causal: 
   [N_FULL, N_BLOCKS) masked. Scratch (after out_ref, lse_ref):
     qo_smem [wgs, block_q, Dp] (Q in, then O out), k_smem, v_smem
     [stages, block_kv, Dp], lse_smem [wgs, block_q] f32, and the barriers.
+  overlap: issue QK of block j+1 with PV of block j, and run block j+1's
+  softmax while PV runs (one more S tile in registers).
   """
   if has_segments:
     qseg_ref, kvseg_ref, out_ref, lse_ref, smem, bars = refs
@@ -124,29 +126,14 @@ def forward_kernel(table_ref, q_ref, k_ref, v_ref, *refs, scale: float, causal: 
     qseg = None
     if has_segments:
       qseg = _load(qseg_ref.at[b, pl.ds(my_row0, block_q)], plgpu.Layout.WGMMA.reduce(1))
-    m = plgpu.layout_cast(jnp.full((block_q,), NEG_INF, jnp.float32),
-                          plgpu.Layout.WGMMA.reduce(1))
-    l = plgpu.layout_cast(jnp.full((block_q,), 0.0, jnp.float32), plgpu.Layout.WGMMA.reduce(1))
-    acc = plgpu.layout_cast(jnp.full((block_q, dp), 0.0, jnp.float32), plgpu.Layout.WGMMA)
+    m0 = plgpu.layout_cast(jnp.full((block_q,), NEG_INF, jnp.float32),
+                           plgpu.Layout.WGMMA.reduce(1))
+    l0 = plgpu.layout_cast(jnp.full((block_q,), 0.0, jnp.float32), plgpu.Layout.WGMMA.reduce(1))
+    acc0 = plgpu.layout_cast(jnp.full((block_q, dp), 0.0, jnp.float32), plgpu.Layout.WGMMA)
     plgpu.barrier_wait(q_ready.at[wg])
 
-    @pl.when(n_blocks > 0)
-    def _():
-      plgpu.barrier_wait(k_ready.at[0])
-
-    pl.when(wg == 1)(pingpong)
-
-    def step(j, carry, masked: bool):
-      acc, m, l = carry
-      slot = lax.rem(j, stages)
-
-      def qk(s_ref):
-        plgpu.wgmma(s_ref, q_smem, _t(k_smem.at[slot]))
-        pingpong()
-        return s_ref[...]
-
-      s = pl.run_scoped(qk, plgpu.ACC(shape_s, jnp.float32))
-      plgpu.barrier_arrive(k_free.at[slot])
+    def softmax(s, m, l, j, masked: bool):
+      """Online softmax of S_j: (P_j in dtype, m, l, alpha) with l rescaled."""
       if c < 0:   # keep max() exact for a negative scale
         s, cc = s * c, 1.0
       else:
@@ -165,41 +152,129 @@ def forward_kernel(table_ref, q_ref, k_ref, v_ref, *refs, scale: float, causal: 
       m_use = jnp.where(m_new == NEG_INF, 0.0, m_new) if masked else m_new
       alpha = jnp.exp2(m - m_use)
       p = jnp.exp2(s * cc - _row_vec(m_use, shape_s))
-      acc = acc * _row_vec(alpha, acc.shape)
       l = l * alpha + p.sum(axis=1)
-      p16 = p.astype(dtype)
-      acc, l, m_new, p16 = lax.optimization_barrier((acc, l, m_new, p16))
-      if wgs > 1:
-        plgpu.barrier_arrive(sched)
-      plgpu.barrier_wait(v_ready.at[slot])
-      if wgs > 1:
-        plgpu.barrier_wait(sched)
+      return p.astype(dtype), m_new, l, alpha
 
-      def pv(acc_ref):
-        plgpu.wgmma(acc_ref, p16, v_smem.at[slot])
+    def finish(acc, m, l):
+      seen = l > 0.0
+      l_safe = jnp.where(seen, l, 1.0)
+      out = acc * _row_vec(1.0 / l_safe, acc.shape)
+      q_smem[...] = out.astype(dtype)
+      lse_smem.at[wg][...] = jnp.where(seen, (m + jnp.log2(l_safe)) * LN2, NEG_INF)
+      plgpu.commit_smem()
+      plgpu.copy_smem_to_gmem(q_smem, out_ref.at[b, pl.ds(my_row0, block_q), h])
+      plgpu.copy_smem_to_gmem(lse_smem.at[wg], lse_ref.at[b, h, pl.ds(my_row0, block_q)])
+      plgpu.wait_smem_to_gmem(0)
 
-        @pl.when(j + 1 < n_blocks)
-        def _():   # wait for the next K while this wgmma runs
-          plgpu.barrier_wait(k_ready.at[lax.rem(j + 1, stages)])
+    if not overlap:
+      @pl.when(n_blocks > 0)
+      def _():
+        plgpu.barrier_wait(k_ready.at[0])
 
-      acc = pl.run_state(pv)(plgpu.ACC.init(acc))
-      plgpu.barrier_arrive(v_free.at[slot])
-      return acc, m_new, l
+      pl.when(wg == 1)(pingpong)
 
-    carry = (acc, m, l)
-    carry = lax.fori_loop(0, n_full, lambda j, cr: step(j, cr, False), carry)
-    acc, m, l = lax.fori_loop(n_full, n_blocks, lambda j, cr: step(j, cr, True), carry)
-    pl.when(wg == 0)(pingpong)
+      def step(j, carry, masked: bool):
+        acc, m, l = carry
+        slot = lax.rem(j, stages)
 
-    seen = l > 0.0
-    l_safe = jnp.where(seen, l, 1.0)
-    out = acc * _row_vec(1.0 / l_safe, acc.shape)
-    q_smem[...] = out.astype(dtype)
-    lse_smem.at[wg][...] = jnp.where(seen, (m + jnp.log2(l_safe)) * LN2, NEG_INF)
-    plgpu.commit_smem()
-    plgpu.copy_smem_to_gmem(q_smem, out_ref.at[b, pl.ds(my_row0, block_q), h])
-    plgpu.copy_smem_to_gmem(lse_smem.at[wg], lse_ref.at[b, h, pl.ds(my_row0, block_q)])
-    plgpu.wait_smem_to_gmem(0)
+        def qk(s_ref):
+          plgpu.wgmma(s_ref, q_smem, _t(k_smem.at[slot]))
+          pingpong()
+          return s_ref[...]
+
+        s = pl.run_scoped(qk, plgpu.ACC(shape_s, jnp.float32))
+        plgpu.barrier_arrive(k_free.at[slot])
+        p16, m_new, l, alpha = softmax(s, m, l, j, masked)
+        acc = acc * _row_vec(alpha, acc.shape)
+        acc, l, m_new, p16 = lax.optimization_barrier((acc, l, m_new, p16))
+        if wgs > 1:
+          plgpu.barrier_arrive(sched)
+        plgpu.barrier_wait(v_ready.at[slot])
+        if wgs > 1:
+          plgpu.barrier_wait(sched)
+
+        def pv(acc_ref):
+          plgpu.wgmma(acc_ref, p16, v_smem.at[slot])
+
+          @pl.when(j + 1 < n_blocks)
+          def _():   # wait for the next K while this wgmma runs
+            plgpu.barrier_wait(k_ready.at[lax.rem(j + 1, stages)])
+
+        acc = pl.run_state(pv)(plgpu.ACC.init(acc))
+        plgpu.barrier_arrive(v_free.at[slot])
+        return acc, m_new, l
+
+      carry = (acc0, m0, l0)
+      carry = lax.fori_loop(0, n_full, lambda j, cr: step(j, cr, False), carry)
+      acc, m, l = lax.fori_loop(n_full, n_blocks, lambda j, cr: step(j, cr, True), carry)
+      pl.when(wg == 0)(pingpong)
+      finish(acc, m, l)
+      return
+
+    # overlap: per warpgroup, iteration j issues QK_{j+1} and PV_j, meets the
+    # other warpgroup (A), computes softmax_{j+1} while PV_j runs, rescales the
+    # accumulator once PV_j is done, and meets again (B).
+    pl.when(wg == 1)(pingpong)
+
+    @pl.when(n_blocks == 0)
+    def _():
+      finish(acc0, m0, l0)
+
+    @pl.when(n_blocks > 0)
+    def _():
+      plgpu.barrier_wait(k_ready.at[0])
+
+      def qk0(s_ref):
+        plgpu.wgmma(s_ref, q_smem, _t(k_smem.at[0]))
+        pingpong()                                         # A
+        return s_ref[...]
+
+      s = pl.run_scoped(qk0, plgpu.ACC(shape_s, jnp.float32))
+      plgpu.barrier_arrive(k_free.at[0])
+      p16, m, l, _ = softmax(s, m0, l0, 0, True)   # block 0 may be masked: always mask
+      pingpong()                                           # B
+
+      def it(j, carry, masked: bool):
+        acc, m, l, p16 = carry
+        slot, nslot = lax.rem(j, stages), lax.rem(j + 1, stages)
+        plgpu.barrier_wait(k_ready.at[nslot])
+        plgpu.barrier_wait(v_ready.at[slot])
+
+        def body(refs):
+          acc_ref, s_ref, p_ref, m_ref, l_ref, a_ref = refs
+          plgpu.wgmma(s_ref, q_smem, _t(k_smem.at[nslot]))   # S_{j+1}
+          plgpu.wgmma(acc_ref, p16, v_smem.at[slot])         # O += P_j V_j
+          pingpong()                                         # A
+          s = plgpu.wgmma_accumulator_load(s_ref, wait_n=1)  # S_{j+1} done, PV_j in flight
+          plgpu.barrier_arrive(k_free.at[nslot])
+          p_ref[...], m_ref[...], l_ref[...], a_ref[...] = softmax(s, m, l, j + 1, masked)
+
+        acc, _, p16, m, l, alpha = pl.run_state(body)(
+            (plgpu.ACC.init(acc), plgpu.ACC.init(_zeros(shape_s)), p16, m, l, m))
+        plgpu.barrier_arrive(v_free.at[slot])
+        acc = acc * _row_vec(alpha, acc.shape)
+        pingpong()                                           # B
+        return acc, m, l, p16
+
+      carry = (acc0, m, l, p16)
+      split = jnp.maximum(n_full - 1, 0)
+      carry = lax.fori_loop(0, split, lambda j, cr: it(j, cr, False), carry)
+      acc, m, l, p16 = lax.fori_loop(split, n_blocks - 1, lambda j, cr: it(j, cr, True), carry)
+      last = lax.rem(n_blocks - 1, stages)
+      plgpu.barrier_wait(v_ready.at[last])
+
+      def pv_last(acc_ref):
+        plgpu.wgmma(acc_ref, p16, v_smem.at[last])
+        pingpong()                                           # A
+
+      acc = pl.run_state(pv_last)(plgpu.ACC.init(acc))
+      plgpu.barrier_arrive(v_free.at[last])
+      pl.when(wg == 0)(pingpong)
+      finish(acc, m, l)
+
+    @pl.when(n_blocks == 0)
+    def _():
+      pl.when(wg == 0)(pingpong)
 
   @pl.when(wg == wgs)
   def _memory():
