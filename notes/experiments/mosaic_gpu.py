@@ -310,6 +310,8 @@ def timing(seqs, configs, bwd=False, dims=(128,)):
           tag = "fwd+bwd" if bwd else "fwd"
           ROWS.append((f"cudnn {tag} S={s} D={d} (paired)", t_c, fl / t_c / 1e9, 1.0))
           ROWS.append((f"mosaic {tag} S={s} D={d} {cfg}", t, fl / t / 1e9, t_c / t))
+          log(f"timing {tag} S={s} D={d} {cfg}: mosaic {t:.3f} ms cudnn {t_c:.3f} ms "
+              f"ratio {t_c / t:.3f}")
         except Exception:
           log(f"timing {cfg} raised:\n{traceback.format_exc()[-3000:]}")
           ROWS.append((f"ERR mosaic S={s} {cfg}", float("nan"), 0, 0))
