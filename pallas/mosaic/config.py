@@ -26,16 +26,12 @@ class MosaicForwardConfig:
   max_concurrent_steps: K/V shared-memory ring depth (TMA stages, >= 2).
   compute_wgs: compute warpgroups per CTA (1 or 2); a CTA owns
     compute_wgs * block_q rows (one row of the forward work table).
-  overlap: within a warpgroup, issue QK of kv block j+1 together with PV of
-    block j and run block j+1's softmax while PV runs (holds a second S
-    tile in registers).
   """
 
   block_q: int = 64
   block_kv: int = 128
   max_concurrent_steps: int = 2
   compute_wgs: int = 2
-  overlap: bool = False
 
   def __post_init__(self):
     name = type(self).__name__
@@ -43,8 +39,6 @@ class MosaicForwardConfig:
     _check_tile(name, "block_kv", self.block_kv)
     _check_int(name, "max_concurrent_steps", self.max_concurrent_steps, 2, 8)
     _check_int(name, "compute_wgs", self.compute_wgs, 1, 2)
-    if not isinstance(self.overlap, bool):
-      raise ValueError(f"{name}.overlap={self.overlap!r} must be a bool.")
 
   @property
   def rows_per_cta(self) -> int:

@@ -73,7 +73,7 @@ def _visible(q_pos0, k0, kv_len, shape, *, causal, qseg=None, kvseg=None):
 
 def forward_kernel(table_ref, q_ref, k_ref, v_ref, *refs, scale: float, causal: bool,
                    has_segments: bool, block_q: int, block_kv: int, stages: int,
-                   wgs: int, group_size: int, overlap: bool = False):
+                   wgs: int, group_size: int):
   """One CTA per (q head, work row, batch): rows [ROW0, ROW0 + wgs * block_q).
 
   Compute warpgroup i owns rows ROW0 + i * block_q + [0, block_q). All
@@ -81,8 +81,6 @@ def forward_kernel(table_ref, q_ref, k_ref, v_ref, *refs, scale: float, causal: 
   [N_FULL, N_BLOCKS) masked. Scratch (after out_ref, lse_ref):
     qo_smem [wgs, block_q, Dp] (Q in, then O out), k_smem, v_smem
     [stages, block_kv, Dp], lse_smem [wgs, block_q] f32, and the barriers.
-  overlap: issue QK of block j+1 with PV of block j, and run block j+1's
-  softmax while PV runs (one more S tile in registers).
   """
   if has_segments:
     qseg_ref, kvseg_ref, out_ref, lse_ref, smem, bars = refs
@@ -166,115 +164,48 @@ def forward_kernel(table_ref, q_ref, k_ref, v_ref, *refs, scale: float, causal: 
       plgpu.copy_smem_to_gmem(lse_smem.at[wg], lse_ref.at[b, h, pl.ds(my_row0, block_q)])
       plgpu.wait_smem_to_gmem(0)
 
-    if not overlap:
-      @pl.when(n_blocks > 0)
-      def _():
-        plgpu.barrier_wait(k_ready.at[0])
-
-      pl.when(wg == 1)(pingpong)
-
-      def step(j, carry, masked: bool):
-        acc, m, l = carry
-        slot = lax.rem(j, stages)
-
-        def qk(s_ref):
-          plgpu.wgmma(s_ref, q_smem, _t(k_smem.at[slot]))
-          pingpong()
-          return s_ref[...]
-
-        s = pl.run_scoped(qk, plgpu.ACC(shape_s, jnp.float32))
-        plgpu.barrier_arrive(k_free.at[slot])
-        p16, m_new, l, alpha = softmax(s, m, l, j, masked)
-        acc = acc * _row_vec(alpha, acc.shape)
-        acc, l, m_new, p16 = lax.optimization_barrier((acc, l, m_new, p16))
-        if wgs > 1:
-          plgpu.barrier_arrive(sched)
-        plgpu.barrier_wait(v_ready.at[slot])
-        if wgs > 1:
-          plgpu.barrier_wait(sched)
-
-        def pv(acc_ref):
-          plgpu.wgmma(acc_ref, p16, v_smem.at[slot])
-
-          @pl.when(j + 1 < n_blocks)
-          def _():   # wait for the next K while this wgmma runs
-            plgpu.barrier_wait(k_ready.at[lax.rem(j + 1, stages)])
-
-        acc = pl.run_state(pv)(plgpu.ACC.init(acc))
-        plgpu.barrier_arrive(v_free.at[slot])
-        return acc, m_new, l
-
-      carry = (acc0, m0, l0)
-      carry = lax.fori_loop(0, n_full, lambda j, cr: step(j, cr, False), carry)
-      acc, m, l = lax.fori_loop(n_full, n_blocks, lambda j, cr: step(j, cr, True), carry)
-      pl.when(wg == 0)(pingpong)
-      finish(acc, m, l)
-      return
-
-    # overlap: per warpgroup, iteration j issues QK_{j+1} and PV_j, meets the
-    # other warpgroup (A), computes softmax_{j+1} while PV_j runs, rescales the
-    # accumulator once PV_j is done, and meets again (B).
-    pl.when(wg == 1)(pingpong)
-
-    @pl.when(n_blocks == 0)
-    def _():
-      finish(acc0, m0, l0)
-
     @pl.when(n_blocks > 0)
     def _():
       plgpu.barrier_wait(k_ready.at[0])
 
-      def qk0(s_ref):
-        plgpu.wgmma(s_ref, q_smem, _t(k_smem.at[0]))
-        pingpong()                                         # A
+    pl.when(wg == 1)(pingpong)
+
+    def step(j, carry, masked: bool):
+      acc, m, l = carry
+      slot = lax.rem(j, stages)
+
+      def qk(s_ref):
+        plgpu.wgmma(s_ref, q_smem, _t(k_smem.at[slot]))
+        pingpong()
         return s_ref[...]
 
-      s = pl.run_scoped(qk0, plgpu.ACC(shape_s, jnp.float32))
-      plgpu.barrier_arrive(k_free.at[0])
-      p16, m, l, _ = softmax(s, m0, l0, 0, True)   # block 0 may be masked: always mask
-      pingpong()                                           # B
+      s = pl.run_scoped(qk, plgpu.ACC(shape_s, jnp.float32))
+      plgpu.barrier_arrive(k_free.at[slot])
+      p16, m_new, l, alpha = softmax(s, m, l, j, masked)
+      acc = acc * _row_vec(alpha, acc.shape)
+      acc, l, m_new, p16 = lax.optimization_barrier((acc, l, m_new, p16))
+      if wgs > 1:
+        plgpu.barrier_arrive(sched)
+      plgpu.barrier_wait(v_ready.at[slot])
+      if wgs > 1:
+        plgpu.barrier_wait(sched)
 
-      def it(j, carry, masked: bool):
-        acc, m, l, p16 = carry
-        slot, nslot = lax.rem(j, stages), lax.rem(j + 1, stages)
-        plgpu.barrier_wait(k_ready.at[nslot])
-        plgpu.barrier_wait(v_ready.at[slot])
+      def pv(acc_ref):
+        plgpu.wgmma(acc_ref, p16, v_smem.at[slot])
 
-        def body(refs):
-          acc_ref, s_ref, p_ref, m_ref, l_ref, a_ref = refs
-          plgpu.wgmma(s_ref, q_smem, _t(k_smem.at[nslot]))   # S_{j+1}
-          plgpu.wgmma(acc_ref, p16, v_smem.at[slot])         # O += P_j V_j
-          pingpong()                                         # A
-          s = plgpu.wgmma_accumulator_load(s_ref, wait_n=1)  # S_{j+1} done, PV_j in flight
-          plgpu.barrier_arrive(k_free.at[nslot])
-          p_ref[...], m_ref[...], l_ref[...], a_ref[...] = softmax(s, m, l, j + 1, masked)
+        @pl.when(j + 1 < n_blocks)
+        def _():   # wait for the next K while this wgmma runs
+          plgpu.barrier_wait(k_ready.at[lax.rem(j + 1, stages)])
 
-        acc, _, p16, m, l, alpha = pl.run_state(body)(
-            (plgpu.ACC.init(acc), plgpu.ACC.init(_zeros(shape_s)), p16, m, l, m))
-        plgpu.barrier_arrive(v_free.at[slot])
-        acc = acc * _row_vec(alpha, acc.shape)
-        pingpong()                                           # B
-        return acc, m, l, p16
+      acc = pl.run_state(pv)(plgpu.ACC.init(acc))
+      plgpu.barrier_arrive(v_free.at[slot])
+      return acc, m_new, l
 
-      carry = (acc0, m, l, p16)
-      split = jnp.maximum(n_full - 1, 0)
-      carry = lax.fori_loop(0, split, lambda j, cr: it(j, cr, False), carry)
-      acc, m, l, p16 = lax.fori_loop(split, n_blocks - 1, lambda j, cr: it(j, cr, True), carry)
-      last = lax.rem(n_blocks - 1, stages)
-      plgpu.barrier_wait(v_ready.at[last])
-
-      def pv_last(acc_ref):
-        plgpu.wgmma(acc_ref, p16, v_smem.at[last])
-        pingpong()                                           # A
-
-      acc = pl.run_state(pv_last)(plgpu.ACC.init(acc))
-      plgpu.barrier_arrive(v_free.at[last])
-      pl.when(wg == 0)(pingpong)
-      finish(acc, m, l)
-
-    @pl.when(n_blocks == 0)
-    def _():
-      pl.when(wg == 0)(pingpong)
+    carry = (acc0, m0, l0)
+    carry = lax.fori_loop(0, n_full, lambda j, cr: step(j, cr, False), carry)
+    acc, m, l = lax.fori_loop(n_full, n_blocks, lambda j, cr: step(j, cr, True), carry)
+    pl.when(wg == 0)(pingpong)
+    finish(acc, m, l)
 
   @pl.when(wg == wgs)
   def _memory():

@@ -125,7 +125,7 @@ def forward(q, k, v, q_seg, kv_seg, *, problem: Problem, plan: Plan,
   body = functools.partial(
       kernels.forward_kernel, scale=float(problem.scale), causal=problem.causal,
       has_segments=has_segments, block_q=cfg.block_q, block_kv=block_kv, stages=stages,
-      wgs=wgs, group_size=hq // hk, overlap=cfg.overlap)
+      wgs=wgs, group_size=hq // hk)
   table = jnp.asarray(plan.table)
   args = [table, q, k, v] + ([q_seg, kv_seg] if has_segments else [])
   n_work = max(plan.n_work, 1)
