@@ -33,6 +33,7 @@ CASES = [
     ("segments", [(0, 192, 0, 192)], 192, 192, 2, 1, 128, True, True),
     ("d40_tiny", [(0, 10, 3, 7)], 10, 7, 2, 1, 40, True, False),
     ("d256", [(0, 128, 0, 128)], 128, 128, 2, 1, 256, True, False),
+    ("d16_padded_in_launcher", [(0, 64, 0, 64)], 64, 64, 2, 2, 16, False, False),
 ]
 IDS = [c[0] for c in CASES]
 
@@ -166,6 +167,22 @@ def test_forward_and_backward_lower_for_cuda(case, dtype):
   lse = jax.ShapeDtypeStruct((p.batch, p.hq, p.tq), jnp.float32)
   text = _lower(bwd, q, k, v, qs, ks, out, lse, dout, dlse)
   assert text.count("mosaic_gpu") >= 2
+
+
+def test_vmapped_launchers_lower():
+  """autodiff.batch_folding (how autodiff calls launchers) under jax.vmap."""
+  p = _problem(CASES[0])
+  plan, bplan = ml.forward_plan(p), ml.backward_plan(p)
+  q = jnp.zeros((3, 1, plan.tq_pad, p.hq, 128), jnp.bfloat16)
+  k = jnp.zeros((3, 1, plan.tk_pad, p.hk, 128), jnp.bfloat16)
+  lse = jnp.zeros((3, 1, p.hq, plan.tq_pad), jnp.float32)
+  fwd = autodiff.batch_folding(ml.forward)
+  bwd = autodiff.batch_folding(ml.backward)
+  _lower(jax.vmap(lambda q, k, v: fwd(q, k, v, None, None, problem=p, plan=plan, config=None,
+                                      interpret=False)), q, k, k)
+  _lower(jax.vmap(lambda q, k, v, o, l, do, dl: bwd(
+      q, k, v, None, None, o, l, do, dl, problem=p, plan=bplan, config=None, interpret=False)),
+      q, k, k, q, lse, q, lse)
 
 
 def test_custom_configs_lower():

@@ -126,18 +126,16 @@ def forward(q, k, v, q_seg, kv_seg, *, problem: Problem, plan: Plan,
       kernels.forward_kernel, scale=float(problem.scale), causal=problem.causal,
       has_segments=has_segments, block_q=cfg.block_q, block_kv=block_kv, stages=stages,
       wgs=wgs, group_size=hq // hk)
-  table = jnp.asarray(plan.table)
-  args = [table, q, k, v] + ([q_seg, kv_seg] if has_segments else [])
-  n_work = max(plan.n_work, 1)
-  if plan.n_work == 0:
+  if plan.n_work == 0:   # no rows at all
     return (jnp.zeros((b, tq_pad, hq, d_in), q.dtype),
             jnp.full((b, hq, tq_pad), -jnp.inf, jnp.float32))
+  args = [jnp.asarray(plan.table), q, k, v] + ([q_seg, kv_seg] if has_segments else [])
   out, lse = plgpu.kernel(
       body,
       out_type=(jax.ShapeDtypeStruct((b, tq_pad, hq, dp), q.dtype),
                 jax.ShapeDtypeStruct((b, hq, tq_pad), jnp.float32)),
       scratch_types=(smem, bars),
-      grid=(hq, n_work, b),
+      grid=(hq, plan.n_work, b),
       grid_names=("h", "w", "b"),
       num_threads=wgs + 1,
       thread_name="wg",
@@ -148,6 +146,8 @@ def forward(q, k, v, q_seg, kv_seg, *, problem: Problem, plan: Plan,
 
 
 def _interpret_kwargs(interpret):
+  """Mosaic GPU interpret mode (jax 0.10's interpreter stops at run_state,
+  which these kernels use; passed through for JAX versions that have it)."""
   if not interpret:
     return {}
   if interpret is True:
