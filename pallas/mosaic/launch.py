@@ -31,10 +31,12 @@ def padded_head_dim(d: int) -> int:
 
 
 def forward_config(problem: Problem, config: MosaicForwardConfig | None) -> MosaicForwardConfig:
+  """``config``, or the heuristic default for the problem's head dim."""
   return config or default_forward_config(padded_head_dim(problem.head_dim))
 
 
 def backward_config(problem: Problem, config: MosaicBackwardConfig | None) -> MosaicBackwardConfig:
+  """``config``, or the heuristic default for the problem's head dim."""
   return config or default_backward_config(padded_head_dim(problem.head_dim))
 
 
