@@ -8,6 +8,7 @@ numeric checks run on a GPU only (``@pytest.mark.gpu``).
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import zlib
 
@@ -16,7 +17,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jax_grouped_attn import autodiff
+from jax_grouped_attn.backend import batch_folding
+from jax_grouped_attn.pallas.mosaic.backend import PALLAS_MOSAIC
 from jax_grouped_attn import plan as plan_lib
 from jax_grouped_attn.groups import QueryGroup
 from jax_grouped_attn.plan import Problem
@@ -59,28 +61,10 @@ def _inputs(p, dtype=jnp.bfloat16, seed=0):
 
 
 def _fwd_bwd(p, fcfg=None, bcfg=None):
-  """Original layouts in and out, through the launchers (as autodiff does)."""
-  fplan, bplan = ml.forward_plan(p, fcfg), ml.backward_plan(p, bcfg)
-
-  def fwd(q, k, v, qs, ks):
-    qp, kp, vp, qsp, ksp = autodiff._prepare(p, fplan, q, k, v, qs, ks)
-    out, lse = ml.forward(qp, kp, vp, qsp, ksp, problem=p, plan=fplan, config=fcfg)
-    return (autodiff.from_q_layout(out, fplan)[..., :p.head_dim],
-            autodiff.from_q_layout(lse, fplan, axis=2))
-
-  def bwd(q, k, v, qs, ks, out, lse, dout, dlse):
-    plan = bplan.plan
-    qp, kp, vp, qsp, ksp = autodiff._prepare(p, plan, q, k, v, qs, ks)
-    dp = qp.shape[-1]
-    o = autodiff.to_q_layout(autodiff._pad_axis(out, 3, dp), plan)
-    do = autodiff.to_q_layout_zero_padded(autodiff._pad_axis(dout, 3, dp), plan)
-    lse_p = autodiff.to_q_layout(lse, plan, axis=2)
-    dlse_p = autodiff.to_q_layout_zero_padded(dlse, plan, axis=2)
-    dq, dk, dv = ml.backward(qp, kp, vp, qsp, ksp, o, lse_p, do, dlse_p, problem=p,
-                             plan=bplan, config=bcfg)
-    d = p.head_dim
-    return (autodiff.from_q_layout(dq, plan)[..., :d], dk[:, :p.tk, :, :d],
-            dv[:, :p.tk, :, :d])
+  """Original layouts in and out, through the registry entry (as autodiff calls it)."""
+  fwd = lambda q, k, v, qs, ks: PALLAS_MOSAIC.forward(p, fcfg, False, q, k, v, qs, ks)
+  bwd = lambda q, k, v, qs, ks, out, lse, dout, dlse: PALLAS_MOSAIC.backward(
+      p, bcfg, False, q, k, v, qs, ks, out, lse, dout, dlse)
   return fwd, bwd
 
 
@@ -170,14 +154,14 @@ def test_forward_and_backward_lower_for_cuda(case, dtype):
 
 
 def test_vmapped_launchers_lower():
-  """autodiff.batch_folding (how autodiff calls launchers) under jax.vmap."""
+  """backend.batch_folding (how the registry entry calls launchers) under jax.vmap."""
   p = _problem(CASES[0])
   plan, bplan = ml.forward_plan(p), ml.backward_plan(p)
   q = jnp.zeros((3, 1, plan.tq_pad, p.hq, 128), jnp.bfloat16)
   k = jnp.zeros((3, 1, plan.tk_pad, p.hk, 128), jnp.bfloat16)
   lse = jnp.zeros((3, 1, p.hq, plan.tq_pad), jnp.float32)
-  fwd = autodiff.batch_folding(ml.forward)
-  bwd = autodiff.batch_folding(ml.backward)
+  fwd = batch_folding(ml.forward)
+  bwd = batch_folding(ml.backward)
   _lower(jax.vmap(lambda q, k, v: fwd(q, k, v, None, None, problem=p, plan=plan, config=None,
                                       interpret=False)), q, k, k)
   _lower(jax.vmap(lambda q, k, v, o, l, do, dl: bwd(
@@ -224,3 +208,21 @@ def test_matches_reference_on_gpu(case, dtype):
   again = jax.jit(bwd)(q, k, v, qs, ks, ro, rl, dout, dlse)
   for g, h in zip(got, again):
     np.testing.assert_array_equal(np.asarray(g), np.asarray(h))
+
+
+def test_registry_entry_lowers_with_grad_inside_check_vma_shard_map():
+  # The path a user takes (autodiff's custom_vjp around the entry) inside
+  # shard_map with check_vma=True: the kernels' outputs carry vma types.
+  from jax.sharding import PartitionSpec as P
+  from jax_grouped_attn import autodiff
+  from jax_grouped_attn.config import AttentionConfig
+  p = _problem(CASES[0])
+  mesh = jax.sharding.Mesh(np.array(jax.devices()[:2]), ("dp",))
+  attn = lambda q, k, v: autodiff.attention(p, "pallas_mosaic", AttentionConfig(), False,
+                                            "kernel", q, k, v, None, None)[0]
+  f = jax.shard_map(attn, mesh=mesh, in_specs=(P("dp"),) * 3, out_specs=P("dp"),
+                    check_vma=True)
+  q, k, v = _inputs(dataclasses.replace(p, batch=2))[:3]
+  grad = jax.grad(lambda q, k, v: jnp.sum(f(q, k, v).astype(jnp.float32)), argnums=(0, 1, 2))
+  text = _lower(grad, q, k, v)
+  assert text.count("mosaic_gpu") >= 3

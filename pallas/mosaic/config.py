@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import typing
 
 
 def _check_tile(name: str, field: str, value, *, lo: int = 64, hi: int = 256) -> None:
@@ -27,6 +28,8 @@ class MosaicForwardConfig:
   compute_wgs: compute warpgroups per CTA (1 or 2); a CTA owns
     compute_wgs * block_q rows (one row of the forward work table).
   """
+
+  PASS: typing.ClassVar[str] = "forward"
 
   block_q: int = 64
   block_kv: int = 128
@@ -56,6 +59,8 @@ class MosaicBackwardConfig:
   max_concurrent_steps: shared-memory ring depth of both kernels (>= 2).
   compute_wgs: compute warpgroups per CTA of both kernels (1 or 2).
   """
+
+  PASS: typing.ClassVar[str] = "backward"
 
   block_q: int = 64
   block_kv: int = 64
@@ -95,3 +100,31 @@ def default_backward_config(head_dim: int) -> MosaicBackwardConfig:
   if head_dim <= 128:
     return MosaicBackwardConfig()
   return MosaicBackwardConfig(compute_wgs=1)
+
+
+def padded_head_dim(d: int) -> int:
+  """The head dim the kernels run at: 64, 128 or 256 (smaller dims pad to 64)."""
+  if d > 256:
+    raise ValueError(f"Mosaic GPU kernels take head_dim <= 256, got {d=}.")
+  return 64 if d <= 64 else 128 if d <= 128 else 256
+
+
+def tuning_candidates(pass_: str, head_dim: int, mode: str) -> list:
+  """Configs the tuner tries (``mode`` "smoke" / "quick" / "full"); the ones that
+  cannot fit shared memory at ``head_dim`` are left out."""
+  if pass_ == "forward":
+    kv = (64, 128) if head_dim <= 128 else (64,)
+    grid = [MosaicForwardConfig(64, bkv, stages, wgs) for bkv in kv for stages in (2, 3, 4)
+            for wgs in (2, 1)]
+    # 128-key tiles with 3+ stages exceed shared memory at D128 (by 120 B).
+    grid = [c for c in grid if not (head_dim >= 128 and c.block_kv == 128
+                                    and c.max_concurrent_steps > 2)]
+  else:
+    wgs = (2, 1) if head_dim <= 128 else (1,)
+    grid = [MosaicBackwardConfig(bq, 64, 64, dkv, stages, w) for bq in (64, 128)
+            for dkv in (64, 128) for stages in (2, 3) for w in wgs]
+  if mode == "smoke":
+    return grid[:1]
+  if mode == "quick":
+    return grid[:4]
+  return grid

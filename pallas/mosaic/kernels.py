@@ -16,7 +16,6 @@ Forward refs (GMEM, padded layouts of plan.py):
 from __future__ import annotations
 
 import inspect
-import math
 
 import jax
 import jax.numpy as jnp
@@ -25,9 +24,8 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from jax_grouped_attn import plan as plan_lib
+from jax_grouped_attn.plan import LN2, LOG2E
 
-LOG2E = math.log2(math.e)
-LN2 = math.log(2.0)
 NEG_INF = float("-inf")
 
 # plgpu.load(ref, idx, layout=) (jax 0.10) became plgpu.load(ref, layout=)
@@ -58,17 +56,24 @@ def _col_vec(x, shape):
   return lax.broadcast_in_dim(x, shape, [1])
 
 
-def _visible(q_pos0, k0, kv_len, shape, *, causal, qseg=None, kvseg=None):
-  """[rows, cols] bool: row r (position q_pos0 + r) sees key k0 + c."""
-  rows = plgpu.broadcasted_iota(jnp.int32, shape, 0, layout=plgpu.Layout.WGMMA)
-  cols = plgpu.broadcasted_iota(jnp.int32, shape, 1, layout=plgpu.Layout.WGMMA)
-  kj = cols + k0
-  visible = kj < kv_len
+def _visible(q_pos0, k0, kv_len, shape, *, causal, qseg=None, kvseg=None,
+             transposed: bool = False):
+  """The mask rule of ``groups.py`` on a WGMMA tile; every kernel masks through this.
+
+  [rows, cols] bool: row r (position q_pos0 + r) sees key k0 + c; with
+  ``transposed``, [keys, rows]: key k0 + r is seen by row q_pos0 + c.
+  qseg / kvseg: the tile's row / key segment ids (reduced layouts), or None.
+  """
+  row_axis, key_axis = (1, 0) if transposed else (0, 1)
+  pos = plgpu.broadcasted_iota(jnp.int32, shape, row_axis, layout=plgpu.Layout.WGMMA) + q_pos0
+  kj = plgpu.broadcasted_iota(jnp.int32, shape, key_axis, layout=plgpu.Layout.WGMMA) + k0
+  seen = kj < kv_len
   if causal:
-    visible = visible & (kj <= rows + q_pos0)
+    seen = seen & (kj <= pos)
   if qseg is not None:
-    visible = visible & (_row_vec(qseg, shape) == _col_vec(kvseg, shape))
-  return visible
+    along = (_col_vec, _row_vec) if transposed else (_row_vec, _col_vec)
+    seen = seen & (along[0](qseg, shape) == along[1](kvseg, shape))
+  return seen
 
 
 def forward_kernel(table_ref, q_ref, k_ref, v_ref, *refs, scale: float, causal: bool,
@@ -237,18 +242,6 @@ def forward_kernel(table_ref, q_ref, k_ref, v_ref, *refs, scale: float, causal: 
 # [B, Hq, Tq_pad] f32, so P = exp2(S * scale * log2(e) - lse2) is NaN-free.
 
 
-def _visible_t(k0, q_pos0, kv_len, shape, *, causal, kvseg=None, qseg=None):
-  """[keys, rows] bool (transposed _visible): key k0 + r is seen by row q_pos0 + c."""
-  keys = plgpu.broadcasted_iota(jnp.int32, shape, 0, layout=plgpu.Layout.WGMMA) + k0
-  cols = plgpu.broadcasted_iota(jnp.int32, shape, 1, layout=plgpu.Layout.WGMMA)
-  visible = keys < kv_len
-  if causal:
-    visible = visible & (keys <= cols + q_pos0)
-  if qseg is not None:
-    visible = visible & (_row_vec(kvseg, shape) == _col_vec(qseg, shape))
-  return visible
-
-
 def _zeros(shape):
   return plgpu.layout_cast(jnp.full(shape, 0.0, jnp.float32), plgpu.Layout.WGMMA)
 
@@ -327,9 +320,9 @@ def backward_dkdv_kernel(kv_table_ref, entries_ref, q_ref, k_ref, v_ref, do_ref,
         row0 = entry_row0(e)
         if has_segments:
           qseg = _load(qseg_ref.at[b, pl.ds(row0, block_q)], plgpu.Layout.WGMMA.reduce(0))
-        vis = _visible_t(key0, entries_ref[start + e, plan_lib.E_QPOS0],
-                         entries_ref[start + e, plan_lib.E_KV_LEN], shape_t, causal=causal,
-                         kvseg=kvseg, qseg=qseg)
+        vis = _visible(entries_ref[start + e, plan_lib.E_QPOS0], key0,
+                       entries_ref[start + e, plan_lib.E_KV_LEN], shape_t, causal=causal,
+                       qseg=qseg, kvseg=kvseg, transposed=True)
         p_t = jnp.where(vis, p_t, 0.0)
       plgpu.barrier_wait(do_ready.at[slot])
 

@@ -17,17 +17,11 @@ from jax_grouped_attn.plan import BackwardPlan, Plan, Problem
 from jax_grouped_attn.pallas.mosaic import kernels
 from jax_grouped_attn.pallas.mosaic.config import (MosaicBackwardConfig, MosaicForwardConfig,
                                                    default_backward_config,
-                                                   default_forward_config)
+                                                   default_forward_config, padded_head_dim)
+from jax_grouped_attn.vma import shape_struct
 
 MIN_BLOCK = 64   # wgmma tiles are 64 rows: plans never shrink below this
 _DTYPES = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
-
-
-def padded_head_dim(d: int) -> int:
-  """The head dim the kernels run at: 64, 128 or 256 (smaller dims pad to 64)."""
-  if d > 256:
-    raise ValueError(f"Mosaic GPU kernels take head_dim <= 256, got {d=}.")
-  return 64 if d <= 64 else 128 if d <= 128 else 256
 
 
 def forward_config(problem: Problem, config: MosaicForwardConfig | None) -> MosaicForwardConfig:
@@ -52,6 +46,13 @@ def backward_plan(problem: Problem, config: MosaicBackwardConfig | None = None) 
   return plan_lib.make_backward_plan(
       problem, cfg.block_q, cfg.compute_wgs * cfg.block_kv,
       cfg.compute_wgs * cfg.dq_block_q, cfg.dq_block_kv, min_block=MIN_BLOCK)
+
+
+def _table(table):
+  """A plan table as a kernel input. Unlike pallas_call, plgpu.kernel lets
+  inputs differ in shard_map varying axes; a varying table would make its
+  scalars (loop bounds) varying inside the body, which fori_loop rejects."""
+  return jnp.asarray(table)
 
 
 def _check_inputs(q, k, v):
@@ -108,7 +109,7 @@ def forward(q, k, v, q_seg, kv_seg, *, problem: Problem, plan: Plan,
   if block_kv % MIN_BLOCK:
     raise ValueError(f"forward: {plan.block_k=} must be a multiple of {MIN_BLOCK}.")
   stages = cfg.max_concurrent_steps
-  has_segments = q_seg is not None
+  has_segments = problem.has_segments
   tiles = _tiling(q.dtype)
   smem = (
       plgpu.SMEM((wgs, cfg.block_q, dp), q.dtype, transforms=tiles),   # Q in, O out
@@ -131,11 +132,11 @@ def forward(q, k, v, q_seg, kv_seg, *, problem: Problem, plan: Plan,
   if plan.n_work == 0:   # no rows at all
     return (jnp.zeros((b, tq_pad, hq, d_in), q.dtype),
             jnp.full((b, hq, tq_pad), -jnp.inf, jnp.float32))
-  args = [jnp.asarray(plan.table), q, k, v] + ([q_seg, kv_seg] if has_segments else [])
+  args = [_table(plan.table), q, k, v] + ([q_seg, kv_seg] if has_segments else [])
   out, lse = plgpu.kernel(
       body,
-      out_type=(jax.ShapeDtypeStruct((b, tq_pad, hq, dp), q.dtype),
-                jax.ShapeDtypeStruct((b, hq, tq_pad), jnp.float32)),
+      out_type=(shape_struct((b, tq_pad, hq, dp), q.dtype, like=q),
+                shape_struct((b, hq, tq_pad), jnp.float32, like=q)),
       scratch_types=(smem, bars),
       grid=(hq, plan.n_work, b),
       grid_names=("h", "w", "b"),
@@ -193,7 +194,7 @@ def backward(q, k, v, q_seg, kv_seg, out, lse, dout, dlse, *, problem: Problem,
   q, k, v, out, dout = (_pad_dim(x, dp) for x in (q, k, v, out, dout))
   grp = hq // hk
   stages = cfg.max_concurrent_steps
-  has_segments = q_seg is not None
+  has_segments = problem.has_segments
   seg_args = [q_seg, kv_seg] if has_segments else []
   tiles = _tiling(q.dtype)
   delta, lse2 = backward_residuals(out, lse, dout, dlse.astype(jnp.float32), qplan.valid_rows)
@@ -223,8 +224,8 @@ def backward(q, k, v, q_seg, kv_seg, out, lse, dout, dlse, *, problem: Problem,
   dk, dv = plgpu.kernel(
       functools.partial(kernels.backward_dkdv_kernel, block_q=bq, block_kv=bkv, wgs=wgs,
                         **common),
-      out_type=(jax.ShapeDtypeStruct((b, tk_pad, hk, dp), k.dtype),
-                jax.ShapeDtypeStruct((b, tk_pad, hk, dp), v.dtype)),
+      out_type=(shape_struct((b, tk_pad, hk, dp), k.dtype, like=q),
+                shape_struct((b, tk_pad, hk, dp), v.dtype, like=q)),
       scratch_types=(smem, bars),
       grid=(hk, plan.n_kv_blocks, b),
       grid_names=("h", "t", "b"),
@@ -232,8 +233,8 @@ def backward(q, k, v, q_seg, kv_seg, out, lse, dout, dlse, *, problem: Problem,
       thread_name="wg",
       compiler_params=params,
       **_interpret_kwargs(interpret),
-  )(jnp.asarray(plan.kv_table), jnp.asarray(plan.entries), q, k, v, dout, lse2, delta,
-    *seg_args)
+  )(_table(plan.kv_table), _table(plan.entries), q, k, v, dout, lse2,
+    delta, *seg_args)
 
   # dQ: CTA (q head, w, batch) owns the rows of dQ-table row w.
   if qplan.n_work == 0:
@@ -258,7 +259,7 @@ def backward(q, k, v, q_seg, kv_seg, out, lse, dout, dlse, *, problem: Problem,
     dq = plgpu.kernel(
         functools.partial(kernels.backward_dq_kernel, block_q=bq, block_kv=bkv, wgs=wgs,
                           **common),
-        out_type=jax.ShapeDtypeStruct((b, tq_pad, hq, dp), q.dtype),
+        out_type=shape_struct((b, tq_pad, hq, dp), q.dtype, like=q),
         scratch_types=(smem, bars),
         grid=(hq, qplan.n_work, b),
         grid_names=("h", "w", "b"),
@@ -266,5 +267,5 @@ def backward(q, k, v, q_seg, kv_seg, out, lse, dout, dlse, *, problem: Problem,
         thread_name="wg",
         compiler_params=params,
         **_interpret_kwargs(interpret),
-    )(jnp.asarray(qplan.table), q, k, v, dout, lse2, delta, *seg_args)
+    )(_table(qplan.table), q, k, v, dout, lse2, delta, *seg_args)
   return dq[..., :d_in], dk[..., :d_in], dv[..., :d_in]
