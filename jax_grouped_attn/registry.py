@@ -98,7 +98,8 @@ def _usable(name: str, platform: str, config: AttentionConfig, problem, dtype,
 
 def _fastest(pass_: str, names, problem: Problem, dtype) -> str | None:
   """The entry of ``names`` this GPU's tuned table times fastest for ``pass_``
-  at ``problem``'s head_dim and length (None: no entry has a timing).
+  at ``problem``'s head_dim and length; None unless every one of ``names`` has
+  a timing there (an untimed entry is not evidence of a slow one).
 
   Forward entries hold forward times; backward entries hold fwd+bwd times,
   so a backward's own cost is that minus its forward entry's time.
@@ -124,7 +125,9 @@ def _fastest(pass_: str, names, problem: Problem, dtype) -> str | None:
     except Exception:  # noqa: BLE001 -- a broken table must never break attention
       continue
     times[name] = ms
-  return min(times, key=times.get) if times else None
+  if not times or len(times) < len(names):
+    return None
+  return min(times, key=times.get)
 
 
 def resolve(backend, interpret, config: AttentionConfig | None = None,

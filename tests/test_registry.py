@@ -219,5 +219,7 @@ def test_auto_picks_each_pass_from_the_tuned_timings(tmp_path, monkeypatch):
     assert registry._fastest("forward", names, problem, "bfloat16") == "triton"
     assert registry._fastest("backward", names, problem, "bfloat16") == "pallas_triton"
     assert registry._fastest("forward", names, problem, "float32") is None
+    # An untimed candidate: no choice from the table (the preference order decides).
+    assert registry._fastest("forward", names + ("pallas_mosaic",), problem, "bfloat16") is None
   finally:
     tuning.clear_cache()
