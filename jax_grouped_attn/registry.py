@@ -21,7 +21,7 @@ from jax_grouped_attn.plan import Problem
 from jax_grouped_attn.reference import XLA
 from jax_grouped_attn.triton.backend import TRITON
 
-ENTRIES: tuple[Backend, ...] = (XLA, TRITON, PALLAS_TRITON, PALLAS_MOSAIC)
+ENTRIES: tuple[Backend, ...] = (XLA, PALLAS_MOSAIC, TRITON, PALLAS_TRITON)
 # alias -> entries it may stand for, in order of preference ("pallas": Mosaic
 # GPU on Hopper for 16-bit inputs, the Triton lowering elsewhere).
 ALIASES: dict[str, tuple[str, ...]] = {"pallas": ("pallas_mosaic", "pallas_triton")}
