@@ -34,12 +34,12 @@ import numpy as np
 from jax.sharding import PartitionSpec as P
 
 from jax_grouped_attn import autodiff
-from jax_grouped_attn.vma import pvary as _pvary, varying_axes  # noqa: F401 (re-exported)
 from jax_grouped_attn.groups import QueryGroup
 from jax_grouped_attn.plan import Problem
 from jax_grouped_attn.platform import resolve_backend
-from jax_grouped_attn.zigzag import (zigzag_groups, zigzag_permute,
-                                     zigzag_ring_step, zigzag_unpermute)
+from jax_grouped_attn.vma import pvary as _pvary
+from jax_grouped_attn.zigzag import (shuffle_shard, zigzag_groups, zigzag_ring_step,
+                                     zigzag_unpermute)
 
 STRATEGIES = ("allgather", "ring")
 
@@ -369,10 +369,18 @@ def context_parallel_attention(q, k, v, mesh, axis_name, *, strategy="allgather"
                                backward="kernel"):
   """Zigzag context-parallel self-attention of GLOBAL arrays in natural order.
 
-  Permutes the sequence (axis 1) to zigzag order, shards it over mesh axis
-  ``axis_name`` (and the batch over ``batch_axis_name`` if given), runs
-  ``attention(..., context_parallel=ContextParallel(axis_name, strategy))`` in
-  ``jax.shard_map`` and un-permutes the result.
+  Shards the sequence (axis 1) over mesh axis ``axis_name`` (and the batch
+  over ``batch_axis_name`` if given) in natural order; inside ``jax.shard_map``
+  moves each shard to zigzag order (two ``ppermute``s), runs
+  ``attention(..., context_parallel=ContextParallel(axis_name, strategy))``
+  and moves the result back.
+
+  Works on meshes with Auto or Explicit axes (``jax.make_mesh``'s default in
+  new JAX). On Explicit axes the inputs are resharded to
+  ``P(batch_axis_name, axis_name)``, and ``out`` keeps that sharding (``lse``:
+  ``P(batch_axis_name, None, axis_name)``). JAX itself wants eager
+  differentiation on Explicit axes inside ``with jax.set_mesh(mesh):``
+  (jitted code does not need it).
 
   Args:
     q: [B, S, Hq, D]; k, v: [B, S, Hk, D]; S divisible by 2 * mesh.shape[axis_name].
@@ -412,27 +420,26 @@ def context_parallel_attention(q, k, v, mesh, axis_name, *, strategy="allgather"
     raise ValueError("pass both q_segment_ids and kv_segment_ids or neither.")
   args = [q, k, v] + ([q_segment_ids, kv_segment_ids] if q_segment_ids is not None else [])
   seq = P(batch_axis_name, axis_name)
+  shuffle = lambda x, axis=1, inverse=False: shuffle_shard(x, axis_name, world, axis,
+                                                           inverse=inverse)
 
-  def body(q, k, v, qs=None, ks=None):
-    return attention(q, k, v, causal=causal, softmax_scale=softmax_scale,
-                     q_segment_ids=qs, kv_segment_ids=ks, backend=backend,
-                     return_lse=True, config=config, interpret=interpret,
-                     backward=backward, context_parallel=cp)
+  def body(*local):   # natural-order shards in and out; zigzag in between
+    out, lse = attention(*map(shuffle, local[:3]), causal=causal,
+                         softmax_scale=softmax_scale,
+                         q_segment_ids=shuffle(local[3]) if len(local) > 3 else None,
+                         kv_segment_ids=shuffle(local[4]) if len(local) > 3 else None,
+                         backend=backend, return_lse=True, config=config,
+                         interpret=interpret, backward=backward, context_parallel=cp)
+    return shuffle(out, inverse=True), shuffle(lse, axis=2, inverse=True)
 
-  # Kernel launchers declare outputs without shard_map's varying-axes (vma)
-  # types, so the vma check is on for the xla backend only.
-  check_vma = resolve_backend(backend, interpret)[0] == "xla"
+  # Outputs carry varying-axes types for every backend except Pallas
+  # interpret mode (see vma.py), which needs the check off.
+  resolved, interpreted = resolve_backend(backend, interpret)
+  check_vma = not (resolved == "pallas" and interpreted)
   fn = shard_map(body, mesh, (seq,) * len(args), (seq, P(batch_axis_name, None, axis_name)),
                  check_vma=check_vma)
-  args = [zigzag_permute(x, world, axis=1) for x in args]
-  if _has_explicit_axes(mesh):   # explicit-sharding meshes: put inputs in place
+  if _has_explicit_axes(mesh):   # shard_map takes inputs typed with its in_specs
     sharding = jax.sharding.NamedSharding(mesh, seq)
     args = [jax.sharding.reshard(x, sharding) for x in args]
   out, lse = fn(*args)
-  if _has_explicit_axes(mesh):   # the natural order is not a sharding of axis_name
-    out = jax.sharding.reshard(out, jax.sharding.NamedSharding(mesh, P(batch_axis_name)))
-    lse = jax.sharding.reshard(lse, jax.sharding.NamedSharding(mesh, P(batch_axis_name)))
-  out = zigzag_unpermute(out, world, axis=1)
-  if not return_lse:
-    return out
-  return out, zigzag_unpermute(lse, world, axis=2)
+  return (out, lse) if return_lse else out

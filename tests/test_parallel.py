@@ -20,7 +20,8 @@ from jax.sharding import PartitionSpec as P
 import jax_grouped_attn as ga
 from jax_grouped_attn import autodiff, zigzag
 from jax_grouped_attn.groups import row_positions
-from jax_grouped_attn.parallel import ContextParallel, _pvary, merge_partials, varying_axes
+from jax_grouped_attn.parallel import ContextParallel, merge_partials
+from jax_grouped_attn.vma import pvary, varying_axes
 from cases import GRAD_TOL, KERNEL_BACKENDS, LSE_TOL, OUT_TOL, SMALL, assert_close
 
 F32, BF16 = jnp.float32, jnp.bfloat16
@@ -177,8 +178,8 @@ def test_pvary_marks_values_varying_inside_shard_map():
   def f(x):
     z = jnp.zeros(x.shape)   # invariant: the same on every device
     assert varying_axes(x) == {"cp"} and varying_axes(z) == frozenset()
-    assert varying_axes(_pvary(z, "cp")) == {"cp"}
-    assert _pvary(x, "cp") is x
+    assert varying_axes(pvary(z, "cp")) == {"cp"}
+    assert pvary(x, "cp") is x
     return x
 
   jax.shard_map(f, mesh=mesh, in_specs=P("cp"), out_specs=P("cp"))(jnp.zeros(4))
