@@ -390,8 +390,7 @@ def context_parallel_attention(q, k, v, mesh, axis_name, *, strategy="allgather"
   Returns:
     out [B, S, Hq, D] (natural order), or (out, lse [B, Hq, S] f32).
   """
-  from jax_grouped_attn.api import attention   # api imports this module
-  cp = ContextParallel(axis_name, strategy)
+  ContextParallel(axis_name, strategy)   # validates both
   if not isinstance(mesh, jax.sharding.Mesh):
     raise TypeError(f"mesh must be a jax.sharding.Mesh, got {type(mesh).__name__}.")
   names = axis_name if isinstance(axis_name, tuple) else (axis_name,)
@@ -419,27 +418,46 @@ def context_parallel_attention(q, k, v, mesh, axis_name, *, strategy="allgather"
   if (q_segment_ids is None) != (kv_segment_ids is None):
     raise ValueError("pass both q_segment_ids and kv_segment_ids or neither.")
   args = [q, k, v] + ([q_segment_ids, kv_segment_ids] if q_segment_ids is not None else [])
+  resolved, interpreted = resolve_backend(backend, interpret)
+  key = (mesh, axis_name, batch_axis_name, len(args), strategy, causal, softmax_scale,
+         backend, config, interpret, backward, resolved == "pallas" and interpreted)
+  try:
+    fn = _sharded_attention(*key)
+  except TypeError:   # an unhashable argument: build it uncached
+    fn = _sharded_attention.__wrapped__(*key)
+  out, lse = fn(*args)
+  return (out, lse) if return_lse else out
+
+
+@functools.lru_cache(maxsize=64)
+def _sharded_attention(mesh, axis_name, batch_axis_name, n_args, strategy, causal,
+                       softmax_scale, backend, config, interpret, backward,
+                       pallas_interpret):
+  """The jitted shard_map of context_parallel_attention (cached, so eager
+  calls compile once): global natural-order arrays -> (out, lse)."""
+  from jax_grouped_attn.api import attention   # api imports this module
+  cp = ContextParallel(axis_name, strategy)
+  names = axis_name if isinstance(axis_name, tuple) else (axis_name,)
+  world = int(np.prod([mesh.shape[n] for n in names]))
   seq = P(batch_axis_name, axis_name)
   shuffle = lambda x, axis=1, inverse=False: shuffle_shard(x, axis_name, world, axis,
                                                            inverse=inverse)
 
   def body(*local):   # natural-order shards in and out; zigzag in between
+    segments = [shuffle(x) for x in local[3:]] or [None, None]
     out, lse = attention(*map(shuffle, local[:3]), causal=causal,
-                         softmax_scale=softmax_scale,
-                         q_segment_ids=shuffle(local[3]) if len(local) > 3 else None,
-                         kv_segment_ids=shuffle(local[4]) if len(local) > 3 else None,
-                         backend=backend, return_lse=True, config=config,
-                         interpret=interpret, backward=backward, context_parallel=cp)
+                         softmax_scale=softmax_scale, q_segment_ids=segments[0],
+                         kv_segment_ids=segments[1], backend=backend, return_lse=True,
+                         config=config, interpret=interpret, backward=backward,
+                         context_parallel=cp)
     return shuffle(out, inverse=True), shuffle(lse, axis=2, inverse=True)
 
   # Outputs carry varying-axes types for every backend except Pallas
   # interpret mode (see vma.py), which needs the check off.
-  resolved, interpreted = resolve_backend(backend, interpret)
-  check_vma = not (resolved == "pallas" and interpreted)
-  fn = shard_map(body, mesh, (seq,) * len(args), (seq, P(batch_axis_name, None, axis_name)),
-                 check_vma=check_vma)
-  if _has_explicit_axes(mesh):   # shard_map takes inputs typed with its in_specs
-    sharding = jax.sharding.NamedSharding(mesh, seq)
-    args = [jax.sharding.reshard(x, sharding) for x in args]
-  out, lse = fn(*args)
-  return (out, lse) if return_lse else out
+  fn = shard_map(body, mesh, (seq,) * n_args, (seq, P(batch_axis_name, None, axis_name)),
+                 check_vma=not pallas_interpret)
+  if not _has_explicit_axes(mesh):
+    return jax.jit(fn)
+  sharding = jax.sharding.NamedSharding(mesh, seq)
+  # shard_map takes arrays typed with its in_specs on Explicit axes.
+  return jax.jit(lambda *args: fn(*(jax.sharding.reshard(x, sharding) for x in args)))

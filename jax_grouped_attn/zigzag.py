@@ -14,6 +14,7 @@ to an array, keeping its sharding where it is known (see ``_permute``).
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -188,10 +189,16 @@ def _can_shuffle(sharding, names, world_size: int) -> bool:
 def _shuffle(x, sharding, names, world_size: int, axis: int, inverse: bool):
   """The zigzag permutation of ``x``, whose ``axis`` is split into
   ``world_size`` shards over mesh axes ``names``, as a shard_map."""
+  return _shuffle_fn(sharding.mesh, sharding.spec, names, world_size, axis, inverse)(x)
+
+
+@functools.lru_cache(maxsize=256)
+def _shuffle_fn(mesh, spec, names, world_size: int, axis: int, inverse: bool):
+  """The jitted shard_map of :func:`shuffle_shard` (cached: eager calls
+  compile once)."""
   name = names if len(names) > 1 else names[0]
   local = lambda t: shuffle_shard(t, name, world_size, axis, inverse=inverse)
-  spec = sharding.spec
-  return jax.shard_map(local, mesh=sharding.mesh, in_specs=spec, out_specs=spec)(x)
+  return jax.jit(jax.shard_map(local, mesh=mesh, in_specs=spec, out_specs=spec))
 
 
 def shuffle_shard(x, axis_name, world_size: int, axis: int = 1, *, inverse: bool = False):
