@@ -21,6 +21,7 @@ import jax_grouped_attn as ga
 from jax_grouped_attn import autodiff, zigzag
 from jax_grouped_attn.groups import row_positions
 from jax_grouped_attn.parallel import ContextParallel, merge_partials
+from jax_grouped_attn.plan import Problem
 from jax_grouped_attn.vma import pvary, varying_axes
 from cases import GRAD_TOL, KERNEL_BACKENDS, LSE_TOL, OUT_TOL, SMALL, assert_close
 
@@ -51,9 +52,13 @@ def _mesh(world, name="cp", axis_type="auto", shape=None):
 def _backward_mode(backend):
   """The backend's backward kernels where it has them, else the reference
   backward (still through the ring's / grouped custom_vjp)."""
-  if backend == "xla" or hasattr(autodiff.backend_module(backend), "backward"):
-    return "kernel"
-  return "reference"
+  del backend  # every registry entry has a backward
+  return "kernel"
+
+
+def _small(backend):
+  """Small kernel tiles; the xla reference takes no config (the registry says so)."""
+  return None if backend == "xla" else SMALL
 
 
 def _inputs(seed, *, b, s, hq, hk, d, dtype, segments):
@@ -87,8 +92,9 @@ def _out_lse_grads(fn, q, k, v, dout, dlse):
 
 def check_context_parallel(world, strategy, backend, *, causal=True, dtype=F32,
                            hq=4, hk=2, d=32, b=1, chunk=16, segments=None, seed=0,
-                           config=SMALL):
-  """context_parallel_attention over a ``world``-device mesh == reference."""
+                           config="small"):
+  """context_parallel_attention over a ``world``-device mesh == reference
+  (config "small": ``_small(backend)``)."""
   mesh = _mesh(world)
   s = 2 * world * chunk
   q, k, v, dout, dlse, seg = _inputs(seed, b=b, s=s, hq=hq, hk=hk, d=d, dtype=dtype,
@@ -99,7 +105,8 @@ def check_context_parallel(world, strategy, backend, *, causal=True, dtype=F32,
   want = jax.jit(lambda *a: _out_lse_grads(ref, *a))(f32(q), f32(k), f32(v), f32(dout), dlse)
   cp = lambda q, k, v: ga.context_parallel_attention(
       q, k, v, mesh, "cp", strategy=strategy, causal=causal, backend=backend,
-      return_lse=True, config=config, backward=_backward_mode(backend), **seg)
+      return_lse=True, config=_small(backend) if config == "small" else config,
+      backward=_backward_mode(backend), **seg)
   got = jax.jit(lambda *a: _out_lse_grads(cp, *a))(q, k, v, dout, dlse)
   name = f"W{world}-{strategy}-{backend}"
   assert got[0].dtype == dtype and got[0].shape == q.shape
@@ -312,7 +319,7 @@ def test_attention_inside_user_shard_map_under_jit(strategy, backend):
     # RoPE-style use of the local positions: rotate q, k by position parity.
     sign = jnp.where(pos % 2 == 0, 1.0, -1.0)[None, :, None, None]
     return ga.attention(q * sign, k * sign, v, causal=True, backend=backend,
-                        context_parallel=cp, config=SMALL)
+                        context_parallel=cp, config=_small(backend))
 
   spec = P(None, "data_cp")
   fn = jax.shard_map(local, mesh=mesh, in_specs=(spec, spec, spec, P("data_cp")),
@@ -527,7 +534,8 @@ def _q_sharded(backend, check_vma=True):
   """Each device attends its slice of query rows to the full, replicated K,V:
   dK, dV are sums over devices (the transpose of marking K,V varying)."""
   mesh = jax.sharding.Mesh(np.array(jax.devices()[:2]), ("sp",))
-  attn = lambda q, k, v: ga.attention(q, k, v, causal=False, backend=backend, config=SMALL)
+  attn = lambda q, k, v: ga.attention(q, k, v, causal=False, backend=backend,
+                                     config=_small(backend))
   return jax.shard_map(attn, mesh=mesh, in_specs=(P(None, "sp"), P(), P()),
                        out_specs=P(None, "sp"), check_vma=check_vma), attn
 
@@ -559,10 +567,10 @@ def test_pallas_interpret_in_check_vma_shard_map_says_what_to_do():
 def test_pallas_gpu_kernels_lower_in_check_vma_shard_map():
   # The compiled (not interpreted) Pallas path: lowered for CUDA on any machine.
   mesh = jax.sharding.Mesh(np.array(jax.devices()[:2]), ("dp",))
-  problem = autodiff.Problem((ga.QueryGroup(0, 128, 0, 128),), 1, 128, 128, 2, 2, 64, True,
+  problem = Problem((ga.QueryGroup(0, 128, 0, 128),), 1, 128, 128, 2, 2, 64, True,
                              0.125, False)
-  attn = lambda q, k, v: autodiff.kernel_attention(problem, "pallas", ga.AttentionConfig(),
-                                                   False, "kernel", q, k, v, None, None)[0]
+  attn = lambda q, k, v: autodiff.attention(problem, "pallas_triton", ga.AttentionConfig(),
+                                            False, "kernel", q, k, v, None, None)[0]
   f = jax.shard_map(attn, mesh=mesh, in_specs=(P("dp"),) * 3, out_specs=P("dp"),
                     check_vma=True)
   q = jnp.ones((2, 128, 2, 64), jnp.bfloat16)
