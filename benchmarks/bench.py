@@ -41,7 +41,7 @@ from benchmarks.common import Workload, log  # noqa: E402
 
 DEFAULT_OUT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 WORKLOAD_KINDS = ("causal", "zigzag", "balance")
-BALANCE_PREFERENCE = ("triton", "pallas", "cudnn", "xla")
+BALANCE_PREFERENCE = report.GROUPED + ("cudnn", "xla")
 
 
 # ------------------------------------------------------------- workloads ---
@@ -297,8 +297,10 @@ def _status_line(row: dict) -> str:
 
 # Run order: the headline comparisons first, so a time budget cuts the least
 # important rows (every implementation over every series before the next one).
-IMPL_PRIORITY = ("triton", "cudnn", "triton-2launch", "pallas", "jax-pallas-mha",
-                 "pallas-2launch", "xla")
+IMPL_PRIORITY = tuple(dict.fromkeys(
+    report.GROUPED[:1] + ("cudnn",) + tuple(f"{n}-2launch" for n in report.GROUPED[:1])
+    + report.GROUPED + ("jax-pallas-mha",) + tuple(f"{n}-2launch" for n in report.GROUPED)
+    + ("xla",)))
 
 
 @dataclasses.dataclass
@@ -349,7 +351,7 @@ def expand_impls(backends: list[str]) -> list[str]:
   out = []
   for b in backends:
     if b == "two-launch":
-      out += [f"{k}-2launch" for k in ("triton", "pallas") if k in backends]
+      out += [f"{k}-2launch" for k in report.GROUPED if k in backends]
     elif b in known:
       out.append(b)
     else:
@@ -366,10 +368,12 @@ def parse_args(argv=None):
                   help="tiny shapes (the default without a GPU): a correctness check")
   ap.add_argument("--workloads", default="causal,zigzag,balance",
                   help=f"comma list of {', '.join(WORKLOAD_KINDS)}")
-  ap.add_argument("--backends", default="triton,pallas,xla,cudnn,jax-pallas-mha,two-launch",
-                  help="comma list of implementations: triton, pallas, xla, cudnn, "
-                       "jax-pallas-mha, two-launch (per-group launches of each kernel backend "
-                       "listed), or explicit triton-2launch / pallas-2launch")
+  ap.add_argument("--backends",
+                  default=",".join(report.GROUPED + ("xla", "cudnn", "jax-pallas-mha", "two-launch")),
+                  help="comma list of implementations: registry entries ("
+                       + ", ".join(report.GROUPED) + ", xla), cudnn, jax-pallas-mha, two-launch "
+                       "(per-group launches of each kernel backend listed), or explicit "
+                       "<backend>-2launch")
   ap.add_argument("--passes", default="fwd,bwd,fwdbwd", help="comma list of fwd, bwd, fwdbwd")
   ap.add_argument("--shape", action="append", type=parse_shape, metavar="BxSxHqxHkxD",
                   help="your causal shape instead of the standard set (repeatable)")

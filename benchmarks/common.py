@@ -21,7 +21,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jax_grouped_attn.groups import QueryGroup, row_positions, visible_pairs
+from jax_grouped_attn.groups import QueryGroup, row_positions, visible, visible_pairs
 from jax_grouped_attn.zigzag import zigzag_groups
 
 PASSES = ("fwd", "bwd", "fwdbwd")
@@ -264,9 +264,7 @@ def _oracle_impl(q, k, v, do, pos, kv_len, *, scale, causal, chunk, compute_dtyp
     dk, dv = carry
     qi, doi, p_i, kv_i = xs
     s = mm("bqhgd,bkhd->bhgqk", qi, k) * scale
-    mask = j[None, :] < kv_i[:, None]
-    if causal:
-      mask &= j[None, :] <= p_i[:, None]
+    mask = visible(p_i[:, None], j[None, :], kv_i[:, None], causal=causal)
     s = jnp.where(mask, s, -jnp.inf)
     m = jnp.max(s, axis=-1, keepdims=True)
     m = jnp.where(jnp.isfinite(m), m, 0.0)

@@ -39,6 +39,7 @@ import jax.numpy as jnp
 import numpy as np
 
 import jax_grouped_attn as ga
+from jax_grouped_attn import registry
 from jax_grouped_attn.groups import QueryGroup
 from jax_grouped_attn.plan import Problem
 from jax_grouped_attn.reference import reference_attention, reference_backward
@@ -90,14 +91,12 @@ class Grouped(Impl):
         return (f"T^2 reference too large here ({wl.logits_bytes() / 2**30:.1f} GiB of "
                 f"fp32 logits > {ctx.xla_limit_bytes / 2**30:.0f} GiB)")
       return None
-    if self.backend == "triton" and not ga.platform.triton_available():
-      return "triton / jax-triton not importable"
-    return None
+    return registry.get(self.backend).unavailable(jax.default_backend())
 
   def build(self, wl, ctx):
     backend, groups, causal = self.backend, wl.groups, wl.causal
     fn = lambda q, k, v: ga.grouped_attention(q, k, v, groups, causal=causal, backend=backend)
-    return Built(fn, "T^2 reference" if backend == "xla" else "one launch")
+    return Built(fn, "T^2 reference" if registry.get(backend).native_autodiff else "one launch")
 
 
 class TwoLaunch(Impl):
@@ -423,8 +422,11 @@ class JaxPallasMha(Impl):
 
 
 def all_impls() -> dict[str, Impl]:
-  impls = [Grouped("triton"), Grouped("pallas"), Grouped("xla"), TwoLaunch("triton"),
-           TwoLaunch("pallas"), Cudnn(), JaxPallasMha()]
+  """This project's rows (one per registry entry, and per kernel entry its
+  one-launch-per-group baseline), then the peers."""
+  kernels = [b.name for b in registry.kernel_entries()]
+  impls = ([Grouped(n) for n in kernels] + [Grouped("xla")] + [TwoLaunch(n) for n in kernels]
+           + [Cudnn(), JaxPallasMha()])
   return {i.name: i for i in impls}
 
 

@@ -31,7 +31,7 @@ import optax
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from jax_grouped_attn import ContextParallel
+from jax_grouped_attn import ContextParallel, registry
 from jax_grouped_attn.flax import make_attention_fn
 from jax_grouped_attn.zigzag import zigzag_order, zigzag_positions
 
@@ -310,7 +310,7 @@ def build(cfg: LlamaConfig, seed: int = 0, remat: bool = False):
 def main(argv=None):
   ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   ap.add_argument("--backend", default="auto",
-                  choices=["auto", "xla", "pallas", "triton", *JAX_BASELINES],
+                  choices=[*registry.names(), *JAX_BASELINES],
                   help="jax_grouped_attn backend, or a jax.nn.dot_product_attention "
                   "baseline (jax-xla, jax-cudnn; single device only)")
   ap.add_argument("--backward", default="kernel", choices=["kernel", "reference"])

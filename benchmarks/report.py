@@ -11,10 +11,13 @@ import statistics
 
 import numpy as np
 
+from jax_grouped_attn import registry
+
 MIB = 1 << 20
-GROUPED = ("triton", "pallas")
+GROUPED = tuple(b.name for b in registry.kernel_entries())
 _PASS_ORDER = {"fwd": 0, "bwd": 1, "fwdbwd": 2}
-_IMPL_ORDER = ("triton", "pallas", "triton-2launch", "pallas-2launch", "cudnn", "jax-pallas-mha", "xla")
+_IMPL_ORDER = (GROUPED + tuple(f"{n}-2launch" for n in GROUPED)
+               + ("cudnn", "jax-pallas-mha", "xla"))
 
 
 def _impl_order(name: str) -> int:
@@ -53,7 +56,7 @@ def write_json(results: dict, out_dir: str) -> str:
 def kernel_configs(plan) -> dict:
   """The default (tuned or heuristic) kernel configs the kernel rows ran with
   (looked up as jax_grouped_attn.autodiff does: head_dim, backend, dtype)."""
-  from jax_grouped_attn import config, tuning  # noqa: PLC0415
+  from jax_grouped_attn import registry, tuning  # noqa: PLC0415
   out = {"tuned_table": tuning.table_path(), "gpu": tuning.gpu_name()}
   for item in plan:
     wl = item.wls[0]
@@ -61,13 +64,9 @@ def kernel_configs(plan) -> dict:
       key = f"{backend} D{wl.d} {wl.dtype}"
       if key in out:
         continue
-      try:
-        fwd = config.default_forward_config(wl.d, backend, dtype=wl.dtype)
-        bwd = config.default_backward_config(wl.d, backend, dtype=wl.dtype)
-      except TypeError:   # an older config.py without the keyword arguments
-        fwd = config.default_forward_config(wl.d, backend)
-        bwd = config.default_backward_config(wl.d, backend)
-      out[key] = {"forward": dataclasses.asdict(fwd), "backward": dataclasses.asdict(bwd)}
+      cfgs = {p: registry.default_config(backend, p, wl.d, seq_len=wl.tk, dtype=wl.dtype)
+              for p in ("forward", "backward")}
+      out[key] = {p: None if c is None else dataclasses.asdict(c) for p, c in cfgs.items()}
   return out
 
 
@@ -356,8 +355,8 @@ def plots(results, stats, out_dir) -> list[str]:
   zz = [s for s in stats.values() if s["family"] == "zigzag" and s["all_ok"]]
   if zz:
     series = sorted({s["series"] for s in zz}, key=lambda x: ([int(t[1:]) for t in x.split()[1:3]]))
-    impl_names = [n for n in ("triton", "pallas", "triton-2launch", "pallas-2launch", "cudnn", "xla")
-                  if any(s["impl"] == n for s in zz)]
+    impl_names = [n for n in _IMPL_ORDER if n != "jax-pallas-mha"
+                  and any(s["impl"] == n for s in zz)]
     fig, axes = plt.subplots(1, len(passes), figsize=(max(6, 1.6 * len(series) + 3) * len(passes) / 1.5, 4.5),
                              squeeze=False)
     width = 0.8 / max(1, len(impl_names))

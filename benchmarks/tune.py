@@ -1,10 +1,11 @@
-"""Tile tuner: sweeps block_q/block_k/num_warps/num_stages per backend and pass.
+"""Config tuner: sweeps each registry backend's config space per pass.
 
   python -m benchmarks.tune --quick                # ~4 min on an H100, few candidates
   python -m benchmarks.tune                        # full grid (split it with the flags)
   python -m benchmarks.tune --backends triton --passes backward --head-dims 128 --seqs 32768
 
-For each backend (triton, pallas), pass (forward, backward), head_dim
+For each kernel backend of the registry (its ``tuning_candidates``: for the
+Triton-style configs, block_q/block_k/num_warps/num_stages), pass (forward, backward), head_dim
 (64/128/256) and key-length bucket it times causal bf16 attention B1 Hq32 Hk8
 at the bucket's length, checks every candidate against the exact fp32 oracle,
 skips candidates that fail to compile or run, and writes the winners to
@@ -19,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import itertools
 import json
 import math
 import os
@@ -33,9 +33,8 @@ if __package__ in (None, ""):  # run as a script from a checkout
 import jax  # noqa: E402
 
 import jax_grouped_attn as ga  # noqa: E402
-from jax_grouped_attn import config as config_lib  # noqa: E402
-from jax_grouped_attn import tuning  # noqa: E402
-from jax_grouped_attn.config import AttentionConfig, BackwardConfig, ForwardConfig  # noqa: E402
+from jax_grouped_attn import registry, tuning  # noqa: E402
+from jax_grouped_attn.config import AttentionConfig  # noqa: E402
 
 from benchmarks import common  # noqa: E402
 from benchmarks.common import log  # noqa: E402
@@ -43,69 +42,15 @@ from benchmarks.common import log  # noqa: E402
 PACKAGE_OUT = tuning.PACKAGE_DIR
 SMOKE_OUT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "tuned")
 
-# Few candidates per head-dim class for --quick (the heuristic default is always added first).
-QUICK = {
-    "forward": {64: [(128, 64, 4, 3), (128, 128, 8, 3), (64, 64, 4, 3), (128, 64, 8, 2)],
-                128: [(128, 128, 8, 3), (128, 128, 8, 2), (128, 64, 8, 3), (128, 64, 8, 4),
-                      (128, 64, 4, 3), (64, 64, 4, 3)],
-                256: [(64, 32, 4, 2), (64, 64, 8, 2), (32, 64, 4, 2), (128, 32, 8, 2)]},
-    # Backward: dK/dV tiles, then dQ's (four values: both kernels share them).
-    # dK/dV holds keys and streams q rows, dQ the reverse: the split pairs
-    # give each kernel its held tile large (H100, D128 kernels timed alone,
-    # 2026-11-24: dK/dV 64x64x4x2 2.86 ms; dQ 128x64x8x3 1.58 ms vs 64x64x4x3 1.92).
-    "backward": {64: [(64, 128, 8, 2), (64, 64, 4, 2), (128, 128, 8, 2), (32, 64, 4, 2),
-                      (64, 64, 4, 3, 128, 64, 8, 3), (64, 64, 4, 3, 128, 64, 4, 3),
-                      (64, 128, 8, 2, 128, 64, 8, 3), (64, 64, 4, 2, 128, 32, 4, 3)],
-                 128: [(64, 64, 4, 2), (64, 64, 4, 3), (64, 128, 8, 2), (128, 64, 8, 2),
-                       (64, 64, 4, 2, 128, 64, 8, 3), (64, 64, 4, 3, 128, 64, 8, 3),
-                       (64, 64, 4, 2, 64, 32, 4, 3), (64, 64, 4, 2, 128, 32, 8, 3),
-                       (64, 128, 8, 2, 128, 64, 8, 3)],
-                 256: [(32, 64, 4, 1), (32, 32, 4, 1), (64, 64, 8, 1),
-                       (64, 64, 8, 1, 64, 32, 8, 1), (64, 64, 8, 1, 128, 32, 8, 1),
-                       (64, 64, 8, 1, 64, 32, 4, 2), (32, 64, 8, 1, 64, 32, 8, 1)]},
-}
-SMOKE = {"forward": [(16, 16, 4, 2), (32, 16, 4, 2)],
-         "backward": [(16, 16, 4, 2), (16, 32, 4, 1), (16, 32, 4, 2, 32, 16, 4, 2)]}
-
-
-def full_grid(pass_: str, head_dim: int) -> list[tuple]:
-  big = head_dim > 128
-  if pass_ == "forward":
-    bq, bk = ((32, 64, 128), (16, 32, 64)) if big else ((64, 128), (32, 64, 128))
-    stages = (1, 2, 3) if big else (2, 3, 4)
-  else:
-    bq, bk = ((16, 32, 64), (32, 64)) if big else ((32, 64, 128), (32, 64, 128))
-    stages = (1, 2) if big else (1, 2, 3)
-  grid = list(itertools.product(bq, bk, (4, 8), stages))
-  if pass_ == "forward":
-    return grid
-  # Each dK/dV tile with dQ on the same tiles and on the transposed ones.
-  return [c + c for c in grid] + [c + (c[1], c[0]) + c[2:] for c in grid if c[0] != c[1]]
-
-
 def as_tuple(cfg) -> tuple:
-  """A config as the tuner's candidate tuple: forward (block_q, block_k,
-  num_warps, num_stages); backward the dK/dV four, then the dQ four."""
-  if isinstance(cfg, BackwardConfig):
-    return tuple(cfg.dkdv) + tuple(cfg.dq)
+  """A config as the tuner's candidate tuple: its fields in constructor order."""
   return tuple(dataclasses.astuple(cfg))
 
 
-def _normal(pass_: str, cand) -> tuple:
-  """Backward candidates of four values use them for both kernels."""
-  cand = tuple(cand)
-  return cand + cand if pass_ == "backward" and len(cand) == 4 else cand
-
-
-def candidates(pass_: str, head_dim: int, mode: str, default) -> list[tuple]:
-  d = as_tuple(default)
-  if mode == "smoke":
-    pool = SMOKE[pass_]
-  elif mode == "quick":
-    pool = QUICK[pass_][min(QUICK[pass_], key=lambda h: abs(h - head_dim))]
-  else:
-    pool = full_grid(pass_, head_dim)
-  return list(dict.fromkeys([d] + [_normal(pass_, c) for c in pool]))
+def candidates(backend: str, pass_: str, head_dim: int, mode: str, default) -> list:
+  """Config instances to time, the default first."""
+  pool = registry.get(backend).tuning_candidates(pass_, head_dim, mode)
+  return list(dict.fromkeys([default] + list(pool)))
 
 
 # ------------------------------------------------------------- measuring ---
@@ -127,18 +72,13 @@ def _fn(wl, backend, cfg):
                                               config=cfg)
 
 
-def measure(bucket: Bucket, backend: str, pass_: str, cand: tuple, fwd_fixed: ForwardConfig,
-            reps: int, warmup: int) -> dict:
-  """Times one candidate; {'ms': ...} or {'status': why it was skipped}."""
+def measure(bucket: Bucket, backend: str, pass_: str, cand, fwd_fixed, reps: int,
+            warmup: int) -> dict:
+  """Times one candidate config; {'ms': ...} or {'status': why it was skipped}."""
   wl = bucket.wl
-  res = {"config": list(cand)}
-  try:
-    if pass_ == "forward":
-      cfg = AttentionConfig(forward=ForwardConfig(*cand))
-    else:
-      cfg = AttentionConfig(forward=fwd_fixed, backward=BackwardConfig(*_normal(pass_, cand)))
-  except ValueError as e:
-    return {**res, "status": f"invalid: {e}"}
+  res = {"config": list(as_tuple(cand))}
+  cfg = (AttentionConfig(forward=cand) if pass_ == "forward" else
+         AttentionConfig(forward=fwd_fixed, backward=cand))
   fn = _fn(wl, backend, cfg)
   q, k, v, do = bucket.inputs[0]
   try:
@@ -173,7 +113,7 @@ def measure(bucket: Bucket, backend: str, pass_: str, cand: tuple, fwd_fixed: Fo
 
 # ----------------------------------------------------------------- table ---
 
-def _best_any(by_bucket: dict, pass_: str) -> dict | None:
+def _best_any(by_bucket: dict, fields: tuple) -> dict | None:
   """The candidate with the smallest summed log-slowdown over all measured buckets."""
   buckets = {k: v for k, v in by_bucket.items() if k.isdigit() and v.get("candidates")}
   if not buckets:
@@ -187,10 +127,15 @@ def _best_any(by_bucket: dict, pass_: str) -> dict | None:
   common_cands = [c for c, t in times.items() if len(t) == len(buckets)]
   if common_cands:
     cand = min(common_cands, key=lambda c: sum(times[c].values()))
-    return dict(zip(tuning.fields(pass_), cand), buckets=sorted(buckets, key=int))
+    return dict(_entry_fields(fields, cand), buckets=sorted(buckets, key=int))
   near = min(buckets, key=lambda b: abs(math.log2(int(b)) - 13))   # closest to 8192
-  return ({f: buckets[near][f] for f in tuning.fields(pass_) if f in buckets[near]}
+  return ({f: buckets[near][f] for f in fields if f in buckets[near]}
           | {"buckets": [near]})
+
+
+def _entry_fields(fields: tuple, values) -> dict:
+  """A table entry's config part: the fields that are set (None: the default)."""
+  return {f: v for f, v in zip(fields, values) if v is not None}
 
 
 def load_existing(path: str, gpu: str) -> dict:
@@ -207,11 +152,16 @@ def load_existing(path: str, gpu: str) -> dict:
 
 
 def write_table(table: dict, path: str) -> None:
-  for backend in table["entries"].values():
-    for pass_, by_dtype in backend.items():
+  for backend, by_pass in table["entries"].items():
+    if backend not in registry.names():
+      continue
+    for pass_, by_dtype in by_pass.items():
+      cls = registry.get(backend).config_class(pass_)
+      if cls is None:
+        continue
       for by_dim in by_dtype.values():
         for by_bucket in by_dim.values():
-          best = _best_any(by_bucket, pass_)
+          best = _best_any(by_bucket, tuning.fields(cls))
           if best:
             by_bucket["any"] = best
   tmp = path + ".tmp"
@@ -226,7 +176,8 @@ def parse_args(argv=None):
   ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
   ap.add_argument("--quick", action="store_true", help="few candidates, one bucket (S=8192)")
   ap.add_argument("--smoke", action="store_true", help="tiny interpreted problems (CPU default)")
-  ap.add_argument("--backends", default="triton,pallas")
+  ap.add_argument("--backends", default=",".join(b.name for b in registry.kernel_entries()),
+                  help="registry entries to tune")
   ap.add_argument("--passes", default="forward,backward")
   ap.add_argument("--head-dims", default="128,64,256")
   ap.add_argument("--seqs", default=None,
@@ -274,14 +225,18 @@ def main(argv=None) -> dict:
       f"seqs {seqs}, {reps} reps -> {path}")
 
   jobs = [(b, h, s) for b in backends for h in head_dims for s in seqs]
-  n_total = sum(len(candidates(p, h, mode, ForwardConfig())) for _, h, _ in jobs for p in passes)
+  for b in backends:
+    registry.get(b)   # unknown names fail here, with the list of entries
+  n_total = sum(len(registry.get(b).tuning_candidates(p, h, mode)) + 1
+                for b, h, _ in jobs for p in passes)
   bar = common.progress(total=n_total, desc="tune", unit="cfg")
   summary = []
   for backend, hd, seq in jobs:
     if budget.exhausted:
       break
-    if backend == "triton" and not ga.platform.triton_available():
-      log(f"{backend}: skipped (triton / jax-triton not importable)")
+    why = registry.get(backend).unavailable(jax.default_backend())
+    if why is not None:
+      log(f"{backend}: skipped ({why})")
       continue
     wl = common.causal_workload(1, seq, heads["hq"], heads["hk"], hd, dtype=args.dtype)
     try:
@@ -289,19 +244,20 @@ def main(argv=None) -> dict:
     except Exception as e:  # noqa: BLE001
       log(f"{wl.name}: could not build inputs/oracle: {e}")
       continue
-    fwd_fixed = config_lib.default_forward_config(hd, backend, seq_len=seq, dtype=args.dtype)
+    fwd_fixed = registry.default_config(backend, "forward", hd, seq_len=seq, dtype=args.dtype)
     for pass_ in passes:
       default = (fwd_fixed if pass_ == "forward" else
-                 config_lib.default_backward_config(hd, backend, seq_len=seq, dtype=args.dtype))
+                 registry.default_config(backend, "backward", hd, seq_len=seq, dtype=args.dtype))
+      fields = tuning.fields(type(default))
       results = []
-      for cand in candidates(pass_, hd, mode, default):
+      for cand in candidates(backend, pass_, hd, mode, default):
         if budget.exhausted:
           break
         bar.set_postfix_str(f"{backend} {pass_} D{hd} S{seq} {cand}")
         r = measure(bucket, backend, pass_, cand, fwd_fixed, reps, warmup)
         bar.update(1)
         results.append(r)
-        log(f"{backend:7} {pass_:8} D{hd:<4} S{seq:<6} {str(tuple(cand)):34} "
+        log(f"{backend:7} {pass_:8} D{hd:<4} S{seq:<6} {str(as_tuple(cand)):34} "
             + (f"{r['ms']:9.3f} ms" if "ms" in r else f"skipped: {r['status']}"))
         if str(r.get("status", "")).startswith("not implemented"):
           break
@@ -312,7 +268,7 @@ def main(argv=None) -> dict:
       default_ms = next((r["ms"] for r in timed
                          if tuple(r["config"]) == as_tuple(default)), None)
       flops = wl.flops("fwd" if pass_ == "forward" else "fwdbwd")
-      entry = dict(zip(tuning.fields(pass_), best["config"]), ms=best["ms"],
+      entry = dict(_entry_fields(fields, best["config"]), ms=best["ms"],
                    tflops=flops / (best["ms"] * 1e-3) / 1e12,
                    timed_as="fwd" if pass_ == "forward" else "fwd+bwd, forward fixed at "
                    + str(as_tuple(fwd_fixed)),
@@ -325,7 +281,7 @@ def main(argv=None) -> dict:
       write_table(table, path)
   bar.close()
   if summary:
-    log("\nbest configs (block_q, block_k, num_warps, num_stages; backward: dK/dV then dQ):")
+    log("\nbest configs (each backend's config fields in constructor order):")
     for backend, pass_, hd, seq, cfg, ms, dms in summary:
       gain = f" ({dms / ms:.2f}x vs default {dms:.3f} ms)" if dms else ""
       log(f"  {backend:7} {pass_:8} D{hd:<4} S{seq:<6} {tuple(cfg)}  {ms:.3f} ms{gain}")

@@ -2,90 +2,26 @@
 
 from __future__ import annotations
 
-import math
-
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jax_grouped_attn import autodiff
+from jax_grouped_attn import autodiff, parallel, registry, validate
 from jax_grouped_attn.config import as_attention_config
-from jax_grouped_attn.groups import QueryGroup, normalize_groups
-from jax_grouped_attn.plan import Problem
-from jax_grouped_attn.platform import resolve_backend
-from jax_grouped_attn.reference import reference_attention
+from jax_grouped_attn.groups import QueryGroup
 
-SUPPORTED_DTYPES = (jnp.bfloat16, jnp.float16, jnp.float32)
-MIN_HEAD_DIM, MAX_HEAD_DIM = 32, 256
+# Kept for callers that read the limits from here.
+SUPPORTED_DTYPES = validate.SUPPORTED_DTYPES
+MIN_HEAD_DIM, MAX_HEAD_DIM = validate.MIN_HEAD_DIM, validate.MAX_HEAD_DIM
 
 
-def _check_array(name, x):
-  if not hasattr(x, "shape") or not hasattr(x, "dtype"):
-    raise TypeError(f"{name} must be a jax/numpy array, got {type(x).__name__}.")
-  if x.ndim != 4:
-    raise ValueError(
-        f"{name}.shape={tuple(x.shape)} has rank {x.ndim}; expected rank 4 "
-        "[batch, seq, heads, head_dim].")
-
-
-def _check_qkv(q, k, v):
-  for name, x in (("q", q), ("k", k), ("v", v)):
-    _check_array(name, x)
-  if not (q.dtype == k.dtype == v.dtype):
-    raise ValueError(
-        f"q, k, v must share one dtype, got {q.dtype=}, {k.dtype=}, {v.dtype=}; "
-        "cast them first (out has q's dtype).")
-  if q.dtype not in [jnp.dtype(d) for d in SUPPORTED_DTYPES]:
-    raise ValueError(f"{q.dtype=} is not supported; use bfloat16, float16 or float32.")
-  if k.shape != v.shape:
-    raise ValueError(f"k and v must have the same shape, got {k.shape=}, {v.shape=}.")
-  b, tq, hq, d = q.shape
-  _, tk, hk, dk = k.shape
-  if k.shape[0] != b:
-    raise ValueError(f"batch mismatch: {q.shape=} but {k.shape=} (axis 0 is batch).")
-  if dk != d:
-    raise ValueError(f"head_dim mismatch: {q.shape=} but {k.shape=} (axis 3 is head_dim).")
-  if d % 8 or not MIN_HEAD_DIM <= d <= MAX_HEAD_DIM:
-    raise ValueError(
-        f"head_dim={d} (q.shape[3]) is not supported: it must be a multiple of 8 "
-        f"in [{MIN_HEAD_DIM}, {MAX_HEAD_DIM}].")
-  if hk == 0 or hq % hk:
-    raise ValueError(
-        f"q heads Hq={hq} must be a multiple of kv heads Hk={hk} (GQA/MQA): "
-        f"{q.shape=}, {k.shape=}.")
-  if min(b, tq, tk) < 1:
-    raise ValueError(f"empty input: {q.shape=}, {k.shape=}; batch and sequence "
-                     "lengths must be >= 1.")
-
-
-def _check_segment_ids(name, ids, batch, length, axis_name):
-  if not hasattr(ids, "shape") or not hasattr(ids, "dtype"):
-    raise TypeError(f"{name} must be an integer array, got {type(ids).__name__}.")
-  if tuple(ids.shape) != (batch, length):
-    raise ValueError(
-        f"{name}.shape={tuple(ids.shape)} must be (batch, {axis_name}) = "
-        f"({batch}, {length}).")
-  if not jnp.issubdtype(ids.dtype, jnp.integer):
-    raise ValueError(f"{name}.dtype={ids.dtype} must be an integer dtype.")
-
-
-def _check_scale(softmax_scale, d):
-  if softmax_scale is None:
-    return 1.0 / math.sqrt(d)
-  if isinstance(softmax_scale, bool) or not isinstance(softmax_scale, (int, float, np.floating, np.integer)):
-    raise TypeError(
-        f"softmax_scale must be None or a Python float (static), got "
-        f"{type(softmax_scale).__name__}.")
-  scale = float(softmax_scale)
-  if not math.isfinite(scale) or scale <= 0:
-    raise ValueError(f"softmax_scale={softmax_scale!r} must be a finite positive number.")
-  return scale
-
-
-def _check_bool(name, value):
-  if not isinstance(value, (bool, np.bool_)):
-    raise TypeError(f"{name} must be a bool, got {value!r}.")
-  return bool(value)
+def _resolve(backend, interpret, config, backward):
+  """(entry name, interpret, AttentionConfig, backward mode), all checked."""
+  cfg = as_attention_config(config)
+  backward = validate.check_backward_mode(backward)
+  entry, interp = registry.resolve(backend, interpret, cfg)
+  registry.check_config(entry, cfg)
+  return entry.name, interp, cfg, backward
 
 
 def grouped_attention(q, k, v, groups, *, causal=True, softmax_scale=None,
@@ -115,32 +51,13 @@ def grouped_attention(q, k, v, groups, *, causal=True, softmax_scale=None,
     out [B, Tq, Hq, D] in q's dtype, or (out, lse). A row that sees no key
     gets out = 0 and lse = -inf.
   """
-  _check_qkv(q, k, v)
-  b, tq, hq, d = q.shape
-  tk, hk = k.shape[1], k.shape[2]
-  groups = normalize_groups(groups, tq, tk)
-  causal = _check_bool("causal", causal)
-  return_lse = _check_bool("return_lse", return_lse)
-  if (q_segment_ids is None) != (kv_segment_ids is None):
-    raise ValueError(
-        "pass both q_segment_ids and kv_segment_ids or neither "
-        f"(got q_segment_ids={'None' if q_segment_ids is None else 'array'}, "
-        f"kv_segment_ids={'None' if kv_segment_ids is None else 'array'}).")
-  if q_segment_ids is not None:
-    _check_segment_ids("q_segment_ids", q_segment_ids, b, tq, "Tq")
-    _check_segment_ids("kv_segment_ids", kv_segment_ids, b, tk, "Tk")
-  scale = _check_scale(softmax_scale, d)
-  cfg = as_attention_config(config)
-  if backward not in autodiff.BACKWARD_MODES:
-    raise ValueError(f"backward={backward!r} is unknown; use one of {autodiff.BACKWARD_MODES}.")
-  name, interp = resolve_backend(backend, interpret)
-  problem = Problem(groups, b, tq, tk, hq, hk, d, causal, scale,
-                    q_segment_ids is not None)
-  if name == "xla":
-    out, lse = reference_attention(problem, q, k, v, q_segment_ids, kv_segment_ids)
-  else:
-    out, lse = autodiff.kernel_attention(problem, name, cfg, interp, backward,
-                                         q, k, v, q_segment_ids, kv_segment_ids)
+  problem = validate.make_problem(q, k, v, groups, causal=causal,
+                                  softmax_scale=softmax_scale, q_segment_ids=q_segment_ids,
+                                  kv_segment_ids=kv_segment_ids)
+  return_lse = validate.check_bool("return_lse", return_lse)
+  name, interp, cfg, backward = _resolve(backend, interpret, config, backward)
+  out, lse = autodiff.attention(problem, name, cfg, interp, backward,
+                                q, k, v, q_segment_ids, kv_segment_ids)
   return (out, lse) if return_lse else out
 
 
@@ -168,7 +85,7 @@ def attention(q, k, v, *, causal=False, softmax_scale=None, segment_ids=None,
   the result is this device's shard of the exact full-sequence attention.
   """
   for name, x in (("q", q), ("k", k)):
-    _check_array(name, x)
+    validate.check_array(name, x)
   if segment_ids is not None:
     if q_segment_ids is not None or kv_segment_ids is not None:
       raise ValueError("pass segment_ids or q_segment_ids/kv_segment_ids, not both.")
@@ -178,11 +95,19 @@ def attention(q, k, v, *, causal=False, softmax_scale=None, segment_ids=None,
           f"{k.shape=}; pass q_segment_ids and kv_segment_ids instead.")
     q_segment_ids = kv_segment_ids = segment_ids
   if context_parallel is not None:
-    return _context_parallel_attention(
-        q, k, v, context_parallel, causal=causal, softmax_scale=softmax_scale,
-        q_segment_ids=q_segment_ids, kv_segment_ids=kv_segment_ids,
-        backend=backend, return_lse=return_lse, config=config,
-        interpret=interpret, backward=backward)
+    if not isinstance(context_parallel, parallel.ContextParallel):
+      raise TypeError(
+          f"context_parallel must be None or a ContextParallel, got {context_parallel!r}.")
+    t, tk = q.shape[1], k.shape[1]
+    problem = validate.make_problem(
+        q, k, v, (QueryGroup(0, t, 0, tk),), causal=causal, softmax_scale=softmax_scale,
+        q_segment_ids=q_segment_ids, kv_segment_ids=kv_segment_ids)
+    return_lse = validate.check_bool("return_lse", return_lse)
+    name, interp, cfg, backward = _resolve(backend, interpret, config, backward)
+    out, lse = parallel.local_attention(
+        problem, context_parallel, name, cfg, interp, backward,
+        q, k, v, q_segment_ids, kv_segment_ids)
+    return (out, lse) if return_lse else out
   tq, tk = q.shape[1], k.shape[1]
   group = QueryGroup(0, tq, tk - tq, tk)
   return grouped_attention(
@@ -190,35 +115,6 @@ def attention(q, k, v, *, causal=False, softmax_scale=None, segment_ids=None,
       q_segment_ids=q_segment_ids, kv_segment_ids=kv_segment_ids,
       backend=backend, return_lse=return_lse, config=config,
       interpret=interpret, backward=backward)
-
-
-def _context_parallel_attention(q, k, v, cp, *, causal, softmax_scale, q_segment_ids,
-                                kv_segment_ids, backend, return_lse, config,
-                                interpret, backward):
-  """Validates like :func:`grouped_attention`, then runs ``parallel``."""
-  from jax_grouped_attn import parallel
-  if not isinstance(cp, parallel.ContextParallel):
-    raise TypeError(
-        f"context_parallel must be None or a ContextParallel, got {cp!r}.")
-  _check_qkv(q, k, v)
-  b, t, _, d = q.shape
-  causal = _check_bool("causal", causal)
-  return_lse = _check_bool("return_lse", return_lse)
-  if (q_segment_ids is None) != (kv_segment_ids is None):
-    raise ValueError("pass both q_segment_ids and kv_segment_ids or neither.")
-  if q_segment_ids is not None:
-    _check_segment_ids("q_segment_ids", q_segment_ids, b, t, "Tq")
-    _check_segment_ids("kv_segment_ids", kv_segment_ids, b, k.shape[1], "Tk")
-  scale = _check_scale(softmax_scale, d)
-  cfg = as_attention_config(config)
-  if backward not in autodiff.BACKWARD_MODES:
-    raise ValueError(f"backward={backward!r} is unknown; use one of {autodiff.BACKWARD_MODES}.")
-  name, interp = resolve_backend(backend, interpret)
-  out, lse = parallel.local_attention(
-      q, k, v, cp, causal=causal, scale=scale, q_segment_ids=q_segment_ids,
-      kv_segment_ids=kv_segment_ids, backend=name, interpret=interp, config=cfg,
-      backward=backward)
-  return (out, lse) if return_lse else out
 
 
 def segment_ids_from_cu_seqlens(cu_seqlens, total_len: int):

@@ -1,14 +1,20 @@
-"""Kernel configurations: one frozen, hashable dataclass per pass.
+"""Kernel configurations: frozen, hashable dataclasses, and the per-call holder.
 
-Heuristic defaults live in :func:`default_forward_config` /
-:func:`default_backward_config`; tuned tables (per GPU) are read by
-``jax_grouped_attn.tuning`` and kept apart from the kernels.
+Each kernel backend declares the config classes it takes (one per pass, see
+``jax_grouped_attn.registry``). :class:`ForwardConfig` / :class:`BackwardConfig`
+describe Triton-style tiles (power-of-two blocks, warps, stages) and are taken by
+the Triton kernels and the Triton-lowered Pallas kernels; other kernel families
+bring their own classes. Heuristic defaults live beside each backend's kernels;
+per-GPU tuned tables are read by ``jax_grouped_attn.tuning``.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import typing
+
+PASSES = ("forward", "backward")
 
 
 def _is_pow2(x: int) -> bool:
@@ -26,12 +32,14 @@ class Tiles(typing.NamedTuple):
 
 @dataclasses.dataclass(frozen=True)
 class ForwardConfig:
-  """Tile sizes and launch parameters of the forward kernel.
+  """Tile sizes and launch parameters of a Triton-style forward kernel.
 
   block_q: query rows per program (power of two, >= 16).
   block_k: keys per inner-loop step (power of two, >= 16).
   num_warps / num_stages: Triton launch parameters (GPU only).
   """
+
+  PASS: typing.ClassVar[str] = "forward"
 
   block_q: int = 128
   block_k: int = 64
@@ -44,7 +52,7 @@ class ForwardConfig:
 
 @dataclasses.dataclass(frozen=True)
 class BackwardConfig:
-  """Tile sizes of the backward kernels.
+  """Tile sizes of the Triton-style backward kernels.
 
   block_q: query rows per inner step of dK/dV (and per program of dQ, unless
     dq_block_q is set).
@@ -55,6 +63,8 @@ class BackwardConfig:
     tiles; None takes the dK/dV value. The dK/dV kernel holds a key tile and
     streams query tiles, dQ the reverse, so each wants its held tile large.
   """
+
+  PASS: typing.ClassVar[str] = "backward"
 
   block_q: int = 64
   block_k: int = 64
@@ -70,12 +80,12 @@ class BackwardConfig:
     _check_blocks(type(self).__name__, self.dq, prefix="dq_")
 
   @property
-  def dkdv(self) -> "Tiles":
+  def dkdv(self) -> Tiles:
     """The dK/dV (and delta) kernels' tiles and launch parameters."""
     return Tiles(self.block_q, self.block_k, self.num_warps, self.num_stages)
 
   @property
-  def dq(self) -> "Tiles":
+  def dq(self) -> Tiles:
     """The dQ kernel's tiles and launch parameters (Nones filled in)."""
     pick = lambda own, shared: shared if own is None else own
     return Tiles(pick(self.dq_block_q, self.block_q), pick(self.dq_block_k, self.block_k),
@@ -97,136 +107,145 @@ def _check_blocks(name, cfg, prefix: str = "") -> None:
     raise ValueError(f"{name}.{prefix}num_stages={cfg.num_stages!r} must be an int in [1, 8].")
 
 
+def config_pass(cfg) -> str | None:
+  """"forward" / "backward" for a kernel config instance (its class's PASS), else None."""
+  if not dataclasses.is_dataclass(cfg) or isinstance(cfg, type):
+    return None
+  pass_ = getattr(type(cfg), "PASS", None)
+  return pass_ if pass_ in PASSES else None
+
+
+def _as_tuple(field: str, value) -> tuple:
+  if value is None:
+    return ()
+  items = tuple(value) if isinstance(value, (tuple, list)) else (value,)
+  seen = set()
+  for item in items:
+    if config_pass(item) != field:
+      raise TypeError(
+          f"AttentionConfig.{field} must hold {field} kernel configs (e.g. "
+          f"{'ForwardConfig' if field == 'forward' else 'BackwardConfig'}), got {item!r}.")
+    if type(item) in seen:
+      raise ValueError(
+          f"AttentionConfig.{field} holds two {type(item).__name__}s; give at most "
+          "one per config class (one per backend).")
+    seen.add(type(item))
+  return items
+
+
 @dataclasses.dataclass(frozen=True)
 class AttentionConfig:
-  """Per-pass configs; ``None`` fields take the heuristic/tuned default."""
+  """Per-pass kernel configs; unset passes take the tuned/heuristic default.
 
-  forward: ForwardConfig | None = None
-  backward: BackwardConfig | None = None
+  ``forward`` / ``backward``: None, one config, or a tuple of configs of
+  different classes (one per kernel family, e.g. a ForwardConfig for the
+  Triton kernels and a Mosaic config for the Mosaic GPU kernels). A backend
+  uses the config of the class it takes; a given config that the chosen
+  backend cannot take is an error, not ignored.
+  """
+
+  forward: typing.Any = None
+  backward: typing.Any = None
 
   def __post_init__(self):
-    if self.forward is not None and not isinstance(self.forward, ForwardConfig):
-      raise TypeError(f"AttentionConfig.forward must be a ForwardConfig, got {self.forward!r}.")
-    if self.backward is not None and not isinstance(self.backward, BackwardConfig):
-      raise TypeError(f"AttentionConfig.backward must be a BackwardConfig, got {self.backward!r}.")
+    for field in PASSES:
+      items = _as_tuple(field, getattr(self, field))
+      object.__setattr__(self, field, None if not items else
+                         items[0] if len(items) == 1 else items)
+
+  def given(self, pass_: str) -> tuple:
+    """The configs given for ``pass_`` (possibly empty)."""
+    value = getattr(self, pass_)
+    return () if value is None else value if isinstance(value, tuple) else (value,)
+
+  def get(self, pass_: str, cls: type):
+    """The config of class ``cls`` given for ``pass_``, or None."""
+    for item in self.given(pass_):
+      if type(item) is cls:
+        return item
+    return None
 
 
 def as_attention_config(config) -> AttentionConfig:
-  """Accepts None, a ForwardConfig, a BackwardConfig or an AttentionConfig."""
+  """Accepts None, one forward or backward kernel config, or an AttentionConfig."""
   if config is None:
     return AttentionConfig()
   if isinstance(config, AttentionConfig):
     return config
-  if isinstance(config, ForwardConfig):
-    return AttentionConfig(forward=config)
-  if isinstance(config, BackwardConfig):
-    return AttentionConfig(backward=config)
+  pass_ = config_pass(config)
+  if pass_ is not None:
+    return AttentionConfig(**{pass_: config})
   raise TypeError(
-      f"config must be None, ForwardConfig, BackwardConfig or AttentionConfig, "
-      f"got {type(config).__name__}.")
+      f"config must be None, a kernel config (ForwardConfig, BackwardConfig, ...) or an "
+      f"AttentionConfig, got {type(config).__name__}.")
 
 
-def padded_head_dim(d: int) -> int:
-  """Kernels tile head_dim by a power of two; 80 -> 128, 96 -> 128, 192 -> 256."""
-  p = 16
+def padded_head_dim(d: int, minimum: int = 16) -> int:
+  """Power-of-two head_dim the kernels tile: 80 -> 128, 96 -> 128, 192 -> 256."""
+  p = minimum
   while p < d:
     p *= 2
   return p
 
 
-def default_forward_config(head_dim: int, backend: str, seq_len: int | None = None,
-                           dtype=None) -> ForwardConfig:
-  """This GPU's tuned forward tiles (``jax_grouped_attn.tuning``), else a
-  heuristic for an H100-class GPU. ``seq_len`` (the key length) and ``dtype``
-  pick the table's bucket; None takes its best-overall entry."""
-  from jax_grouped_attn import tuning  # noqa: PLC0415 (tuning imports this module)
-  tuned = tuning.tuned_config("forward", head_dim, backend, seq_len=seq_len, dtype=dtype)
-  if tuned is not None:
-    return tuned
-  dp = padded_head_dim(head_dim)
-  if backend == "triton" and dtype is not None and str(dtype) == "float32":
-    # Triton fp32 dots are exact IEEE FMA dots (no tensor cores) holding whole
-    # operand rows in registers: small tiles, or they spill (and 128x128
-    # 3-stage K/V tiles exceed H100 shared memory). sm_90 ptxas registers /
-    # shared bytes, causal with segments (triton/compile_check.py, 2026-11-24):
-    if dp <= 32:
-      return ForwardConfig(block_q=128, block_k=32, num_warps=8, num_stages=2)  # 128 / 41088
-    if dp <= 64:
-      return ForwardConfig(block_q=64, block_k=32, num_warps=8, num_stages=2)   # 208 / 41344
-    if dp <= 128:
-      return ForwardConfig(block_q=32, block_k=16, num_warps=8, num_stages=2)   # 80 / 35008
-    # 32x32 spills 336 B under triton 3.6 at d=256; 32x16 spills under neither.
-    return ForwardConfig(block_q=32, block_k=16, num_warps=8, num_stages=2)
-  if dp <= 64:
-    if backend == "triton":
-      # 4 warps spill 24 B with segments under triton 3.6; 8 warps spill under neither.
-      return ForwardConfig(block_q=128, block_k=64, num_warps=8, num_stages=3)
-    return ForwardConfig(block_q=128, block_k=64, num_warps=4, num_stages=3)
-  if dp <= 128:
-    if backend == "triton":
-      # 128x128x3 needs 262144 B of shared memory with triton 3.6 on the H100
-      # (229376 B when compiled by triton 3.9): over the 232448 B limit.
-      return ForwardConfig(block_q=128, block_k=64, num_warps=8, num_stages=3)
-    # H100, S8192 H32 D128 bf16 causal, Pallas: (128,128,8,3) 1.40 ms,
-    # (128,64,8,3) 1.44 ms, (128,64,8,2) 1.89 ms (2026-11-24).
-    return ForwardConfig(block_q=128, block_k=128, num_warps=8, num_stages=3)
-  if backend == "triton":
-    # 4 warps spill ~4.5 KB at d=256 under triton 3.6 (164096 B smem with 8 warps).
-    return ForwardConfig(block_q=64, block_k=32, num_warps=8, num_stages=3)
-  return ForwardConfig(block_q=64, block_k=32, num_warps=4, num_stages=2)
+# Tuner search spaces of the Triton-style configs (benchmarks/tune.py): few
+# candidates per head-dim class for "quick", a grid for "full", tiny ones for
+# "smoke" (interpreted). Tuples in constructor order; a backward tuple of four
+# values is used for both of its kernels.
+_QUICK = {
+    "forward": {64: [(128, 64, 4, 3), (128, 128, 8, 3), (64, 64, 4, 3), (128, 64, 8, 2)],
+                128: [(128, 128, 8, 3), (128, 128, 8, 2), (128, 64, 8, 3), (128, 64, 8, 4),
+                      (128, 64, 4, 3), (64, 64, 4, 3)],
+                256: [(64, 32, 4, 2), (64, 64, 8, 2), (32, 64, 4, 2), (128, 32, 8, 2)]},
+    # Backward: dK/dV tiles, then dQ's (four values: both kernels share them).
+    # dK/dV holds keys and streams q rows, dQ the reverse: the split pairs
+    # give each kernel its held tile large (H100, D128 kernels timed alone,
+    # 2026-11-24: dK/dV 64x64x4x2 2.86 ms; dQ 128x64x8x3 1.58 ms vs 64x64x4x3 1.92).
+    "backward": {64: [(64, 128, 8, 2), (64, 64, 4, 2), (128, 128, 8, 2), (32, 64, 4, 2),
+                      (64, 64, 4, 3, 128, 64, 8, 3), (64, 64, 4, 3, 128, 64, 4, 3),
+                      (64, 128, 8, 2, 128, 64, 8, 3), (64, 64, 4, 2, 128, 32, 4, 3)],
+                 128: [(64, 64, 4, 2), (64, 64, 4, 3), (64, 128, 8, 2), (128, 64, 8, 2),
+                       (64, 64, 4, 2, 128, 64, 8, 3), (64, 64, 4, 3, 128, 64, 8, 3),
+                       (64, 64, 4, 2, 64, 32, 4, 3), (64, 64, 4, 2, 128, 32, 8, 3),
+                       (64, 128, 8, 2, 128, 64, 8, 3)],
+                 256: [(32, 64, 4, 1), (32, 32, 4, 1), (64, 64, 8, 1),
+                       (64, 64, 8, 1, 64, 32, 8, 1), (64, 64, 8, 1, 128, 32, 8, 1),
+                       (64, 64, 8, 1, 64, 32, 4, 2), (32, 64, 8, 1, 64, 32, 8, 1)]},
+}
+_SMOKE = {"forward": [(16, 16, 4, 2), (32, 16, 4, 2)],
+         "backward": [(16, 16, 4, 2), (16, 32, 4, 1), (16, 32, 4, 2, 32, 16, 4, 2)]}
 
 
-def default_backward_config(head_dim: int, backend: str, seq_len: int | None = None,
-                            dtype=None) -> BackwardConfig:
-  """This GPU's tuned backward tiles, else the heuristic (as the forward).
+def _full_grid(pass_: str, head_dim: int) -> list[tuple]:
+  big = head_dim > 128
+  if pass_ == "forward":
+    bq, bk = ((32, 64, 128), (16, 32, 64)) if big else ((64, 128), (32, 64, 128))
+    stages = (1, 2, 3) if big else (2, 3, 4)
+  else:
+    bq, bk = ((16, 32, 64), (32, 64)) if big else ((32, 64, 128), (32, 64, 128))
+    stages = (1, 2) if big else (1, 2, 3)
+  grid = list(itertools.product(bq, bk, (4, 8), stages))
+  if pass_ == "forward":
+    return grid
+  # Each dK/dV tile with dQ on the same tiles and on the transposed ones.
+  return [c + c for c in grid] + [c + (c[1], c[0]) + c[2:] for c in grid if c[0] != c[1]]
 
-  The heuristic tiles compile the Triton dK/dV and dQ kernels for sm_90
-  without register spills (ptxas -v, triton 3.6 and 3.9, causal: see
-  triton/compile_check.py); block_k = 64 keeps enough dK/dV programs when Hk
-  is small (GQA).
-  """
-  from jax_grouped_attn import tuning  # noqa: PLC0415
-  tuned = tuning.tuned_config("backward", head_dim, backend, seq_len=seq_len, dtype=dtype)
-  if tuned is not None:
-    return tuned
-  dp = padded_head_dim(head_dim)
-  fp32 = dtype is not None and str(dtype) == "float32"
-  if backend == "triton":
-    # Spill-free dK/dV and dQ under BOTH triton 3.6 (the GPU image) and 3.9,
-    # shared memory <= 232448 B (triton/compile_check.py, sm_90, causal, with
-    # and without segments). Triton 3.6 allocates registers worse than 3.9:
-    # the shared tiles below spill there (3.6 spill bytes, dq): bf16 d128
-    # 64x64x8x2 72 B, d256 32x32x8x2 188 B; fp32 d64 32x32x8x2 (dkdv) 44 B.
-    # Max registers per thread dK/dV / dQ, triton 3.6 (3.9):
-    if fp32:
-      if dp <= 32:
-        return BackwardConfig(block_q=32, block_k=32, num_warps=8, num_stages=2)  # 68 / 86 (70 / 69)
-      if dp <= 64:
-        return BackwardConfig(block_q=16, block_k=32, num_warps=4, num_stages=2)  # 108 / 168 (110 / 78)
-      if dp <= 128:
-        return BackwardConfig(block_q=32, block_k=32, num_warps=8, num_stages=2)  # 106 / 244 (108 / 109)
-      return BackwardConfig(block_q=16, block_k=16, num_warps=8, num_stages=2)    # 100 / 175 (100 / 102)
-    # dQ holds q rows and streams keys, dK/dV the reverse: dQ gets its own
-    # tiles with the held side large (H100 D128, kernel alone, 2026-11-24:
-    # dQ 64x32x4x3 1.62 ms vs 64x64x4x3 1.92 ms).
-    if dp <= 64:
-      return BackwardConfig(block_q=64, block_k=64, num_warps=4, num_stages=3,    # 249 / 162 (243 / 132)
-                            dq_block_q=128, dq_block_k=64, dq_num_warps=8, dq_num_stages=3)
-    if dp <= 128:
-      # dK/dV keeps 64-key tiles (wgmma needs 64 rows). 64x64x8x2 (all
-      # wgmma) spills 72 B in dQ under 3.6.
-      return BackwardConfig(block_q=32, block_k=64, num_warps=8, num_stages=3,    # 204 / 250 (197 / 154)
-                            dq_block_q=64, dq_block_k=32, dq_num_warps=4, dq_num_stages=3)
-    return BackwardConfig(block_q=16, block_k=32, num_warps=8, num_stages=2)      # 185 / 253 (172 / 127)
-  if fp32:
-    # IEEE fp32 dots (no tensor cores) hold operand rows in registers: the
-    # 16-bit tiles spill heavily. Small tiles always compile.
-    # sm_90 registers per thread, dK/dV / dQ, no spills:
-    if dp <= 128:
-      return BackwardConfig(block_q=32, block_k=32, num_warps=8, num_stages=2)  # 108 / 109
-    return BackwardConfig(block_q=16, block_k=16, num_warps=8, num_stages=2)    # 90 / 92
-  if dp <= 64:
-    return BackwardConfig(block_q=64, block_k=64, num_warps=4, num_stages=3)
-  if dp <= 128:
-    return BackwardConfig(block_q=64, block_k=64, num_warps=8, num_stages=2)
-  return BackwardConfig(block_q=32, block_k=32, num_warps=8, num_stages=2)
+
+def tile_candidates(pass_: str, head_dim: int, mode: str) -> list:
+  """ForwardConfig / BackwardConfig candidates of the tuner's ``mode``
+  ("smoke", "quick" or "full") for ``pass_`` at ``head_dim``."""
+  if mode == "smoke":
+    pool = _SMOKE[pass_]
+  elif mode == "quick":
+    pool = _QUICK[pass_][min(_QUICK[pass_], key=lambda h: abs(h - head_dim))]
+  else:
+    pool = _full_grid(pass_, head_dim)
+  out = []
+  for cand in pool:
+    if pass_ == "backward" and len(cand) == 4:
+      cand = cand + cand
+    try:
+      out.append((ForwardConfig if pass_ == "forward" else BackwardConfig)(*cand))
+    except ValueError:
+      continue
+  return out

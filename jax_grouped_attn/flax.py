@@ -35,6 +35,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jax_grouped_attn.api import attention
+from jax_grouped_attn.groups import visible
 
 __all__ = ["FlaxAttentionFn", "make_attention_fn"]
 
@@ -46,8 +47,9 @@ def _unsupported(name: str, why: str) -> ValueError:
 
 
 def _causal_mask(tq: int, tk: int) -> np.ndarray:
-  """Bottom-right aligned causal mask [Tq, Tk] (row i sees j <= i + Tk - Tq)."""
-  return np.arange(tk)[None, :] <= np.arange(tq)[:, None] + (tk - tq)
+  """Bottom-right aligned causal mask [Tq, Tk] (row i sees j <= i + Tk - Tq):
+  the mask of ``attention``'s one group QueryGroup(0, Tq, Tk - Tq, Tk)."""
+  return visible(np.arange(tq)[:, None] + (tk - tq), np.arange(tk)[None, :], tk, causal=True)
 
 
 def _mask_is_causal(mask, q_shape, tk: int, causal: bool) -> bool:

@@ -112,6 +112,18 @@ def normalize_groups(groups, tq: int, tk: int) -> tuple[QueryGroup, ...]:
   return ordered
 
 
+def visible(q_pos, key, kv_len, *, causal: bool, q_seg=None, kv_seg=None):
+  """The mask rule of this module, elementwise on broadcastable numpy or jax
+  arrays: key ``key`` is visible to a row at position ``q_pos`` with prefix
+  ``kv_len`` (and segment ``q_seg``; keys' segments ``kv_seg``)."""
+  seen = key < kv_len
+  if causal:
+    seen = seen & (key <= q_pos)
+  if q_seg is not None:
+    seen = seen & (q_seg == kv_seg)
+  return seen
+
+
 def row_positions(groups: Sequence[QueryGroup], tq: int) -> tuple[np.ndarray, np.ndarray]:
   """Per-row (position, kv_len) as int arrays of shape [tq] (static numpy)."""
   pos = np.zeros((tq,), np.int64)

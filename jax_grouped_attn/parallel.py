@@ -33,11 +33,11 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import PartitionSpec as P
 
-from jax_grouped_attn import autodiff
-from jax_grouped_attn.vma import pvary as _pvary, varying_axes  # noqa: F401 (re-exported)
+from jax_grouped_attn import autodiff, registry, validate
+from jax_grouped_attn.config import as_attention_config
 from jax_grouped_attn.groups import QueryGroup
 from jax_grouped_attn.plan import Problem
-from jax_grouped_attn.platform import resolve_backend
+from jax_grouped_attn.vma import pvary as _pvary
 from jax_grouped_attn.zigzag import (zigzag_groups, zigzag_permute,
                                      zigzag_ring_step, zigzag_unpermute)
 
@@ -112,17 +112,17 @@ def merge_partials(out1, lse1, out2, lse2):
 
 # ------------------------------------------------------------ the dispatch --
 
-def local_attention(q, k, v, cp: ContextParallel, *, causal, scale, q_segment_ids,
-                    kv_segment_ids, backend, interpret, config, backward):
+def local_attention(problem: Problem, cp: ContextParallel, backend: str, config,
+                    interpret: bool, backward: str, q, k, v, q_segment_ids,
+                    kv_segment_ids):
   """Context-parallel attention of the local zigzag shards (inside shard_map).
 
   q: [B, 2c, Hq, D], k, v: [B, 2c, Hk, D], segment ids [B, 2c] int (or None):
-  this device's shard, already validated by ``api.attention``. ``backend`` and
-  ``interpret`` are resolved. Returns (out [B, 2c, Hq, D], lse [B, Hq, 2c] f32).
+  this device's shard, described (and validated) by ``problem`` as one
+  self-attention group; ``backend`` (an entry name), ``config`` (an
+  AttentionConfig), ``interpret`` and ``backward`` are resolved. Returns
+  (out [B, 2c, Hq, D], lse [B, Hq, 2c] f32).
   """
-  if not isinstance(cp, ContextParallel):
-    raise TypeError(
-        f"context_parallel must be None or a ContextParallel, got {cp!r}.")
   t = q.shape[1]
   if k.shape[1] != t:
     raise ValueError(
@@ -136,30 +136,28 @@ def local_attention(q, k, v, cp: ContextParallel, *, causal, scale, q_segment_id
         "2*world_size.")
   world, rank = axis_size_and_rank(cp.axis_name)
   if cp.strategy == "allgather":
-    return _allgather_attention(q, k, v, q_segment_ids, kv_segment_ids, cp.axis_name,
-                                world, rank, causal=causal, scale=scale,
-                                backend=backend, interpret=interpret, config=config,
-                                backward=backward)
-  spec = _RingSpec(cp.axis_name, world, causal, scale, backend, config, interpret,
-                   backward)
+    return _allgather_attention(problem, backend, config, interpret, backward, q, k, v,
+                                q_segment_ids, kv_segment_ids, cp.axis_name, world, rank)
+  spec = _RingSpec(cp.axis_name, world, problem.causal, problem.scale, backend, config,
+                   interpret, backward)
   return _ring_attention(spec, q, k, v, q_segment_ids, kv_segment_ids)
 
 
 # --------------------------------------------------------------- allgather --
 
-def _allgather_attention(q, k, v, qs, ks, axis_name, world, rank, *, causal, scale,
-                         backend, interpret, config, backward):
-  from jax_grouped_attn.api import grouped_attention   # api imports this module
+def _allgather_attention(problem, backend, config, interpret, backward, q, k, v, qs, ks,
+                         axis_name, world, rank):
   t = q.shape[1]
   c, s = t // 2, world * t
   gather = lambda x: None if x is None else jax.lax.all_gather(
       x, axis_name, axis=1, tiled=True)
   k_all, v_all, ks_all = gather(k), gather(v), gather(ks)
-  call = lambda groups, q, k, v, qs, ks: grouped_attention(
-      q, k, v, groups, causal=causal, softmax_scale=scale, q_segment_ids=qs,
-      kv_segment_ids=ks, backend=backend, return_lse=True, config=config,
-      interpret=interpret, backward=backward)
-  if not causal:
+
+  def call(groups, q, k, v, qs, ks):
+    grouped = dataclasses.replace(problem, groups=groups, tk=s)
+    return autodiff.attention(grouped, backend, config, interpret, backward, q, k, v, qs, ks)
+
+  if not problem.causal:
     # Every row sees every key: the gathered (zigzag) key order is as good as
     # the natural one, so skip the unpermute and the rank switch.
     return call((QueryGroup(0, t, 0, s),), q, k_all, v_all, qs, ks_all)
@@ -382,7 +380,6 @@ def context_parallel_attention(q, k, v, mesh, axis_name, *, strategy="allgather"
   Returns:
     out [B, S, Hq, D] (natural order), or (out, lse [B, Hq, S] f32).
   """
-  from jax_grouped_attn.api import attention   # api imports this module
   cp = ContextParallel(axis_name, strategy)
   if not isinstance(mesh, jax.sharding.Mesh):
     raise TypeError(f"mesh must be a jax.sharding.Mesh, got {type(mesh).__name__}.")
@@ -408,20 +405,26 @@ def context_parallel_attention(q, k, v, mesh, axis_name, *, strategy="allgather"
     if q_segment_ids is not None or kv_segment_ids is not None:
       raise ValueError("pass segment_ids or q_segment_ids/kv_segment_ids, not both.")
     q_segment_ids = kv_segment_ids = segment_ids
-  if (q_segment_ids is None) != (kv_segment_ids is None):
-    raise ValueError("pass both q_segment_ids and kv_segment_ids or neither.")
+  # Validated once, on the global arrays; the shard_map body trusts them.
+  s_len = q.shape[1]
+  problem = validate.make_problem(
+      q, k, v, (QueryGroup(0, s_len, 0, s_len),), causal=causal, softmax_scale=softmax_scale,
+      q_segment_ids=q_segment_ids, kv_segment_ids=kv_segment_ids)
+  return_lse = validate.check_bool("return_lse", return_lse)
+  backward = validate.check_backward_mode(backward)
+  cfg = as_attention_config(config)
+  entry, interp = registry.resolve(backend, interpret, cfg)
+  registry.check_config(entry, cfg)
   args = [q, k, v] + ([q_segment_ids, kv_segment_ids] if q_segment_ids is not None else [])
   seq = P(batch_axis_name, axis_name)
 
   def body(q, k, v, qs=None, ks=None):
-    return attention(q, k, v, causal=causal, softmax_scale=softmax_scale,
-                     q_segment_ids=qs, kv_segment_ids=ks, backend=backend,
-                     return_lse=True, config=config, interpret=interpret,
-                     backward=backward, context_parallel=cp)
+    b, t = q.shape[:2]
+    local = dataclasses.replace(problem, groups=(QueryGroup(0, t, 0, t),), batch=b, tq=t, tk=t)
+    return local_attention(local, cp, entry.name, cfg, interp, backward, q, k, v, qs, ks)
 
-  # Kernel launchers declare outputs without shard_map's varying-axes (vma)
-  # types, so the vma check is on for the xla backend only.
-  check_vma = resolve_backend(backend, interpret)[0] == "xla"
+  # Some interpreters fail shard_map's varying-axes check (Backend.interpret_vma).
+  check_vma = entry.interpret_vma or not interp
   fn = shard_map(body, mesh, (seq,) * len(args), (seq, P(batch_axis_name, None, axis_name)),
                  check_vma=check_vma)
   args = [zigzag_permute(x, world, axis=1) for x in args]

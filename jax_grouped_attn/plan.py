@@ -14,10 +14,15 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 
 import numpy as np
 
 from jax_grouped_attn.groups import QueryGroup
+
+# exp(x) == exp2(x * LOG2E): kernels compute softmax in base 2.
+LOG2E = math.log2(math.e)
+LN2 = math.log(2.0)
 
 # Columns of the forward work table (int32 [n_work, TABLE_WIDTH]).
 ROW0 = 0       # first row of the q block in the padded q layout

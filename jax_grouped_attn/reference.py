@@ -17,22 +17,19 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jax_grouped_attn.groups import row_positions
+from jax_grouped_attn.backend import Backend
+from jax_grouped_attn.groups import row_positions, visible
 from jax_grouped_attn.plan import Problem
 
 
 def visible_mask(problem: Problem, q_segment_ids=None, kv_segment_ids=None):
   """Boolean mask [B or 1, 1, Tq, Tk] of the pairs a row may see (see groups.py)."""
   pos, kv_len = row_positions(problem.groups, problem.tq)
-  j = np.arange(problem.tk)
-  mask = j[None, :] < kv_len[:, None]
-  if problem.causal:
-    mask &= j[None, :] <= pos[:, None]
-  mask = jnp.asarray(mask)[None, None]
-  if q_segment_ids is not None:
-    seg = q_segment_ids[:, :, None] == kv_segment_ids[:, None, :]
-    mask = mask & seg[:, None]
-  return mask
+  qs = None if q_segment_ids is None else q_segment_ids[:, None, :, None]
+  ks = None if kv_segment_ids is None else kv_segment_ids[:, None, None, :]
+  mask = visible(pos[None, None, :, None], np.arange(problem.tk)[None, None, None, :],
+                 kv_len[None, None, :, None], causal=problem.causal, q_seg=qs, kv_seg=ks)
+  return jnp.asarray(mask)
 
 
 def _einsum(spec, a, b, dtype):
@@ -106,3 +103,26 @@ def reference_backward(problem: Problem, q, k, v, q_segment_ids, kv_segment_ids,
   dk = _einsum("bhgqk,bqhgd->bkhd", ds, qf, cd)
   return ((dq * problem.scale).astype(q.dtype), (dk * problem.scale).astype(k.dtype),
           dv.astype(v.dtype))
+
+
+class XlaBackend(Backend):
+  """The reference as a backend: plain jnp, differentiated by JAX (its
+  ``backward`` is the explicit formula, for the context-parallel ring)."""
+
+  name = "xla"
+  interpretable = True
+  native_autodiff = True
+
+  def check_launchable(self, problem, dtype, interpret, *arrays):
+    if interpret:
+      raise ValueError("interpret=True has no meaning for backend='xla' (plain jnp).")
+
+  def forward(self, problem, config, interpret, q, k, v, q_seg, kv_seg):
+    return reference_attention(problem, q, k, v, q_seg, kv_seg)
+
+  def backward(self, problem, config, interpret, q, k, v, q_seg, kv_seg, out, lse,
+               dout, dlse):
+    return reference_backward(problem, q, k, v, q_seg, kv_seg, out, lse, dout, dlse)
+
+
+XLA = XlaBackend()

@@ -4,23 +4,24 @@ A table is ``jax_grouped_attn/tuned/<gpu slug>.json`` (shipped as package
 data) or a file of that name in ``$JAX_GROUPED_ATTN_TUNED_DIR`` (searched
 first; ``os.pathsep``-separated). Its entries are keyed::
 
-    entries[backend][pass][dtype][head_dim][seq_bucket] = {block_q, block_k, num_warps, num_stages, ...}
+    entries[backend][pass][dtype][head_dim][seq_bucket] = {field: value, ...}
 
-(backward entries may add dq_block_q, dq_block_k, dq_num_warps, dq_num_stages)
+with backend a registry entry's name, pass "forward" | "backward", head_dim
+as a string ("128"), seq_bucket the upper edge of a key-length bucket (see
+``SEQ_BUCKETS``) or "any" (the best config across buckets, used when the
+length is unknown), and the fields those of the backend's config class for
+that pass (fields whose default is None may be left out).
 
-with pass "forward" | "backward", head_dim as a string ("128"), and
-seq_bucket the upper edge of a key-length bucket (see ``SEQ_BUCKETS``) or
-"any" (the best config across buckets, used when the length is unknown).
-
-``config.default_forward_config`` / ``default_backward_config`` ask
-:func:`tuned_config` first and fall back to their heuristics for an unknown
-GPU, a missing entry, or an unusable one. Set ``JAX_GROUPED_ATTN_NO_TUNED=1``
+``registry.config_for`` asks :func:`tuned_config` first and falls back to
+the backend's heuristic for an unknown GPU, a missing entry, or an unusable
+one. Set ``JAX_GROUPED_ATTN_NO_TUNED=1``
 to ignore every table; ``JAX_GROUPED_ATTN_GPU_NAME`` pretends another GPU
 (tests, or trying a table from another machine).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 import math
@@ -28,24 +29,28 @@ import os
 import re
 import warnings
 
+from jax_grouped_attn.config import PASSES, padded_head_dim
+
 FORMAT = 1
 ENV_DIR = "JAX_GROUPED_ATTN_TUNED_DIR"
 ENV_GPU = "JAX_GROUPED_ATTN_GPU_NAME"
 ENV_OFF = "JAX_GROUPED_ATTN_NO_TUNED"
-PASSES = ("forward", "backward")
+
 # Key-length buckets: a length n falls in the first edge >= n (the last edge
 # takes everything longer). The tuner measures at the edges.
 SEQ_BUCKETS = (2048, 8192, 32768, 131072)
-FIELDS = ("block_q", "block_k", "num_warps", "num_stages")
-# Backward entries may add the dQ kernel's own tiles (absent: dQ uses FIELDS).
-DQ_FIELDS = ("dq_block_q", "dq_block_k", "dq_num_warps", "dq_num_stages")
 
 PACKAGE_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "tuned")
 
 
-def fields(pass_: str) -> tuple[str, ...]:
-  """The config fields a table entry of ``pass_`` may hold, in constructor order."""
-  return FIELDS + DQ_FIELDS if pass_ == "backward" else FIELDS
+def fields(config_class) -> tuple[str, ...]:
+  """The fields a table entry for ``config_class`` may hold, in constructor order."""
+  return tuple(f.name for f in dataclasses.fields(config_class))
+
+
+def required_fields(config_class) -> tuple[str, ...]:
+  """The fields an entry must hold (those whose default is not None)."""
+  return tuple(f.name for f in dataclasses.fields(config_class) if f.default is not None)
 
 
 def slug(name: str) -> str:
@@ -150,39 +155,35 @@ def _pick_bucket(by_bucket: dict, seq_len: int | None):
   return by_bucket.get("any")
 
 
-def lookup(pass_: str, head_dim: int, backend: str, *, seq_len: int | None = None,
-           dtype=None, gpu: str | None = None) -> dict | None:
-  """The raw table entry (a dict with FIELDS) for this GPU, or None."""
+def lookup(pass_: str, backend: str, config_class, head_dim: int, *,
+           seq_len: int | None = None, dtype=None, gpu: str | None = None) -> dict | None:
+  """The raw table entry (a dict with ``config_class``'s fields) for this GPU, or None."""
   if pass_ not in PASSES:
     raise ValueError(f"pass_={pass_!r} must be one of {PASSES}.")
   table = load_table(gpu)
   if table is None:
     return None
-  from jax_grouped_attn.config import padded_head_dim  # noqa: PLC0415
+  need = required_fields(config_class)
   by_pass = table["entries"].get(backend, {}).get(pass_, {})
   for dkey in _dtype_keys(dtype):
     by_dim = by_pass.get(dkey, {})
     for hkey in dict.fromkeys((str(head_dim), str(padded_head_dim(head_dim)))):
       if hkey in by_dim and isinstance(by_dim[hkey], dict):
         entry = _pick_bucket(by_dim[hkey], seq_len)
-        if isinstance(entry, dict) and all(f in entry for f in FIELDS):
+        if isinstance(entry, dict) and all(f in entry for f in need):
           return entry
   return None
 
 
-def tuned_config(pass_: str, head_dim: int, backend: str, *, seq_len=None, dtype=None):
-  """A ForwardConfig/BackwardConfig from this GPU's table, or None (use the heuristic)."""
-  try:
-    entry = lookup(pass_, head_dim, backend, seq_len=seq_len, dtype=dtype)
-  except Exception as e:  # noqa: BLE001 -- a broken table must never break attention
-    warnings.warn(f"tuned table lookup failed ({e}); using the heuristic", stacklevel=2)
-    return None
+def tuned_config(pass_: str, backend: str, config_class, head_dim: int, *, seq_len=None,
+                 dtype=None):
+  """A ``config_class`` instance from this GPU's table, or None (use the heuristic)."""
+  entry = lookup(pass_, backend, config_class, head_dim, seq_len=seq_len, dtype=dtype)
   if entry is None:
     return None
-  from jax_grouped_attn.config import BackwardConfig, ForwardConfig  # noqa: PLC0415
-  cls = ForwardConfig if pass_ == "forward" else BackwardConfig
   try:
-    return cls(**{f: int(entry[f]) for f in fields(pass_) if entry.get(f) is not None})
+    return config_class(**{f: int(entry[f]) for f in fields(config_class)
+                           if entry.get(f) is not None})
   except (TypeError, ValueError) as e:
     warnings.warn(f"unusable tuned {pass_} entry {entry}: {e}; using the heuristic",
                   stacklevel=2)

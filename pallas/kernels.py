@@ -12,17 +12,13 @@ The backward kernels (below the forward) state their own refs.
 
 from __future__ import annotations
 
-import math
-
 import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
 from jax_grouped_attn import plan as plan_lib
-
-LOG2E = math.log2(math.e)
-LN2 = math.log(2.0)
+from jax_grouped_attn.plan import LN2, LOG2E
 
 
 # pl.dot moved to the triton namespace; older JAX only has pl.dot.
@@ -38,6 +34,17 @@ def _work_row(table_ref):
   w = pl.program_id(0)
   return tuple(table_ref[w, c] for c in (plan_lib.ROW0, plan_lib.QPOS0, plan_lib.KV_LEN,
                                          plan_lib.N_FULL, plan_lib.N_BLOCKS))
+
+
+def _visible(q_pos, kj, kv_len, *, causal, qseg=None, kvseg=None):
+  """The mask rule of ``groups.py``: [bq, bk] bool from q_pos [bq, 1], kj
+  [1, bk] (and segment ids [bq, 1] / [1, bk]). Every kernel masks through this."""
+  visible = kj < kv_len
+  if causal:
+    visible = visible & (kj <= q_pos)
+  if qseg is not None:
+    visible = visible & (qseg == kvseg)
+  return visible
 
 
 def forward_kernel(table_ref, q_ref, k_ref, v_ref, *refs, scale: float,
@@ -122,16 +129,6 @@ def _probs(q, k, lse2, *, qk_scale, precision, visible=None):
   if visible is not None:
     p = jnp.where(visible, p, 0.0)
   return p
-
-
-def _visible(q_pos, kj, kv_len, *, causal, qseg=None, kvseg=None):
-  """[bq, bk] bool from q_pos [bq, 1], kj [1, bk] (and segment ids)."""
-  visible = kj < kv_len
-  if causal:
-    visible = visible & (kj <= q_pos)
-  if qseg is not None:
-    visible = visible & (qseg == kvseg)
-  return visible
 
 
 def backward_dkdv_kernel(kv_table_ref, entries_ref, q_ref, k_ref, v_ref,

@@ -42,7 +42,7 @@ def forward(q, k, v, q_seg, kv_seg, *, problem: Problem, plan: Plan,
   tk_pad, hk = k.shape[1], k.shape[2]
   grp = hq // hk
   table = _varying_like(jnp.asarray(plan.table), q)
-  has_segments = q_seg is not None
+  has_segments = problem.has_segments
 
   q_spec = pl.BlockSpec((None, tq_pad, None, dp), lambda w, bh: (bh // hq, 0, bh % hq, 0))
   kv_spec = pl.BlockSpec((None, tk_pad, None, dp),
@@ -91,7 +91,7 @@ def backward(q, k, v, q_seg, kv_seg, out, lse, dout, dlse, *, problem: Problem,
   if (qplan.tq_pad, qplan.tk_pad) != (tq_pad, tk_pad):
     raise ValueError(f"backward: shapes {q.shape}, {k.shape} do not match the plan's layout "
                      f"({qplan.tq_pad}, {qplan.tk_pad}).")
-  has_segments = q_seg is not None
+  has_segments = problem.has_segments
   precision = dot_precision(q.dtype)
   f32_rows = shape_struct((b, hq, tq_pad), jnp.float32, like=q)
 

@@ -10,14 +10,22 @@ import jax.numpy as jnp
 import numpy as np
 
 import jax_grouped_attn as ga
+from jax_grouped_attn import registry
 from jax_grouped_attn import QueryGroup
 from jax_grouped_attn.groups import normalize_groups
 from jax_grouped_attn.plan import Problem
 from jax_grouped_attn.reference import reference_attention, reference_backward
 from tolerance import assert_calibrated
 
+def _kernel_backends() -> list[str]:
+  """Registry kernel entries that run here (compiled on a GPU, else interpreted)."""
+  gpu = jax.default_backend() == "gpu"
+  return [b.name for b in registry.kernel_entries()
+          if b.unavailable(jax.default_backend()) is None and (gpu or b.interpretable)]
+
+
 # Kernel backends under test (the xla backend is the reference itself).
-KERNEL_BACKENDS = ["pallas", "triton"]
+KERNEL_BACKENDS = _kernel_backends()
 
 # Small tiles so the tiny test problems still span several q and kv blocks.
 SMALL = ga.AttentionConfig(forward=ga.ForwardConfig(block_q=16, block_k=16),

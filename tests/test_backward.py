@@ -13,11 +13,11 @@ import jax_grouped_attn as ga
 from jax_grouped_attn import autodiff
 from jax_grouped_attn import plan as plan_lib
 from jax_grouped_attn.reference import visible_mask
-from cases import (CASES, SMALL, assert_matches, case_by_name, check_grads, make_inputs,
-                   problem_of, seed_of)
+from cases import (CASES, KERNEL_BACKENDS, SMALL, assert_matches, case_by_name, check_grads,
+                   make_inputs, problem_of, seed_of)
 
 # Backends whose backward kernels are under test.
-BACKWARD_BACKENDS = ["pallas", "triton"]
+BACKWARD_BACKENDS = KERNEL_BACKENDS
 
 BWD_KERNELS = ("grouped_attention_bwd_delta", "grouped_attention_bwd_dkdv",
                "grouped_attention_bwd_dq")
@@ -225,7 +225,7 @@ def test_pallas_backward_lowers_for_cuda_on_any_machine():
   problem = problem_of(case)
 
   def loss(q, k, v):
-    out, lse = autodiff.kernel_attention(problem, "pallas", ga.AttentionConfig(), False,
+    out, lse = autodiff.attention(problem, "pallas_triton", ga.AttentionConfig(), False,
                                          "kernel", q, k, v, qs, ks)
     return jnp.sum(out.astype(jnp.float32)) + jnp.sum(jnp.where(jnp.isinf(lse), 0.0, lse))
 

@@ -108,7 +108,7 @@ def test_smoke_mode_writes_reports_with_small_errors(tmp_path):
     pytest.skip("smoke mode is the CPU path")
   out = tmp_path / "bench"
   res = bench.main(["--smoke", "--out", str(out), "--shape", "1x32x2x2x32", "--zigzag", "2x64",
-                    "--backends", "pallas,xla,cudnn,jax-pallas-mha,two-launch",
+                    "--backends", "pallas_triton,xla,cudnn,jax-pallas-mha,two-launch",
                     "--reps", "1", "--warmup", "0"])
   data = json.loads((out / "bench.json").read_text())
   md = (out / "bench.md").read_text()
@@ -121,7 +121,7 @@ def test_smoke_mode_writes_reports_with_small_errors(tmp_path):
       [(r["workload"], r["impl"], r["pass"], r.get("reason")) for r in rows
        if r["status"] in ("error", "wrong")]
   impls_ran = {r["impl"] for r in ran}
-  assert {"pallas", "xla", "pallas-2launch", "jax-pallas-mha"} <= impls_ran
+  assert {"pallas_triton", "xla", "pallas_triton-2launch", "jax-pallas-mha"} <= impls_ran
   # cuDNN is skipped with a printed reason; every checked error is small.
   assert all("GPU" in r["reason"] for r in rows if r["impl"] == "cudnn")
   checked = 0

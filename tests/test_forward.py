@@ -56,7 +56,7 @@ def test_pallas_lowers_for_cuda_on_any_machine():
   case = case_by_name("segments_zigzag_bf16")
   q, k, v, qs, ks = make_inputs(case)
   problem = problem_of(case)
-  f = lambda *a: autodiff.kernel_attention(problem, "pallas", ga.AttentionConfig(), False,
+  f = lambda *a: autodiff.attention(problem, "pallas_triton", ga.AttentionConfig(), False,
                                            "kernel", *a)
   text = jax.jit(f).trace(q, k, v, qs, ks).lower(lowering_platforms=("cuda",)).as_text()
   assert "grouped_attention_fwd" in text

@@ -20,7 +20,7 @@ import pytest
 import jax_grouped_attn as ga
 from jax_grouped_attn import QueryGroup, autodiff
 from jax_grouped_attn.reference import reference_backward
-from cases import (CASES, Case, assert_matches, case_by_name, check_forward, check_grads,
+from cases import (CASES, KERNEL_BACKENDS, Case, assert_matches, case_by_name, check_forward, check_grads,
                    lowp_grads, lowp_reference, make_inputs, problem_of, reference, seed_of)
 import tolerance
 
@@ -36,13 +36,13 @@ LONG_CONFIG = ga.AttentionConfig(forward=ga.ForwardConfig(64, 64),
                                  backward=ga.BackwardConfig(16, 64, dq_block_q=64, dq_block_k=64))
 
 
-@pytest.mark.parametrize("backend", ["pallas", "triton"])
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
 def test_long_forward_interpreted(backend):
   assert LONG.tq >= 512 and len(LONG.groups) == 2 and LONG.hq > LONG.hk
   check_forward(LONG, backend, seed=seed_of(LONG.name), config=LONG_CONFIG)
 
 
-@pytest.mark.parametrize("backend", ["pallas", "triton"])
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
 def test_long_grads_interpreted(backend):
   check_grads(LONG, backend, seed=seed_of(LONG.name), config=LONG_CONFIG)
 
@@ -53,7 +53,7 @@ def test_long_grads_interpreted(backend):
 def test_triton_fp32_dots_are_ieee_in_sm90_ptx(kernel):
   # fp32 IEEE dots have no tensor-core instruction on sm_90: FMA only. tf32
   # would show as wgmma/mma ...tf32. The bf16 compile shows the check sees dots.
-  from jax_grouped_attn.triton import compile_check as cc
+  from devtools import compile_check as cc
   compiled, _, _ = cc.compile_kernel(kernel, 64, "float32", True)
   ptx = compiled.asm["ptx"]
   assert "tf32" not in ptx, re.findall(r"\S*tf32\S*", ptx)[:3]
@@ -81,8 +81,8 @@ def _pallas_triton_modules(dtype, monkeypatch):
   problem = problem_of(case)
 
   def loss(q, k, v):
-    out, lse = autodiff.kernel_attention(problem, "pallas", ga.AttentionConfig(), False,
-                                         "kernel", q, k, v, None, None)
+    out, lse = autodiff.attention(problem, "pallas_triton", ga.AttentionConfig(), False,
+                                  "kernel", q, k, v, None, None)
     return jnp.sum(out.astype(jnp.float32)) + jnp.sum(jnp.where(jnp.isinf(lse), 0.0, lse))
 
   args = [x.astype(dtype) for x in (q, k, v)]
@@ -105,7 +105,7 @@ def test_pallas_fp32_dots_carry_ieee_precision(monkeypatch):
 
 def test_launchers_choose_ieee_for_fp32_only():
   from jax_grouped_attn.pallas import launch as pallas_launch
-  from jax_grouped_attn.triton import launch as triton_launch
+  from jax_grouped_attn.triton import common as triton_launch
   assert triton_launch.dot_precision(jnp.float32) == "ieee"
   assert pallas_launch.dot_precision(jnp.float32) == jax.lax.Precision.HIGHEST
   for dt in (jnp.bfloat16, jnp.float16):
@@ -183,7 +183,7 @@ def test_calibration_rejects_zeros_and_larger_errors(case):
 # -------------------------------------------------------------------- GPU --
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("backend", ["pallas", "triton"])
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
 def test_gpu_long_8192_fwd_bwd(backend):
   # Zigzag rank 1 of 2 at T = 16384: 8192 local rows (two groups) against
   # 16384 keys, bf16, GQA 4, default (tuned) tiles, vs the fp32 reference.
@@ -232,7 +232,7 @@ def _sliced_forward_check(backend, *, t, h, d, tail, prefix, middle, config=None
                      what=f" lse rows {rows[0]}.. head {head}")
 
 
-@pytest.mark.parametrize("backend", ["pallas", "triton"])
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
 def test_sliced_forward_check_small(backend):
   # The code of the > 2^31-element GPU test, at a CPU size.
   _sliced_forward_check(backend, t=512, h=2, d=32, tail=128, prefix=64, middle=256,
@@ -240,7 +240,7 @@ def test_sliced_forward_check_small(backend):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("backend", ["pallas", "triton"])
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
 def test_gpu_more_than_2_31_elements(backend):
   # q, out, k, v each hold 1 * 139264 * 64 * 256 = 2.28e9 > 2^31 elements
   # (4.6 GB in bf16): row * (H * D) offsets pass 2^31 from row 131072 on.

@@ -14,6 +14,7 @@ import pytest
 
 import jax_grouped_attn as ga
 from jax_grouped_attn import autodiff, plan as plan_lib
+from jax_grouped_attn.triton.backend import TRITON
 from jax_grouped_attn.triton import kernels, launch, runtime
 from cases import (SMALL, assert_close, assert_matches, case_by_name, check_forward, make_inputs,
                    problem_of, reference)
@@ -65,11 +66,11 @@ def test_run_interpreted_leaves_unwritten_rows_nan(dtype):
   plan = plan_lib.make_plan(problem, 16, 16)
   q, k, v, _, _ = make_inputs(case, seed=3)
   q, k, v = (x.astype(dtype) for x in (q, k, v))
-  qp, kp, vp, _, _ = autodiff._prepare(problem, plan, q, k, v, None, None)
+  qp, kp, vp, _, _ = TRITON._prepare(problem, plan, q, k, v, None, None)
   table = np.asarray(plan.table)
   first = table[:1]
   consts = launch.forward_constexprs(q_shape=qp.shape, kv_shape=kp.shape, problem=problem,
-                                     plan=plan, dtype=dtype, has_segments=False)
+                                     plan=plan, dtype=dtype)
   out, lse = runtime.run_interpreted(
       kernels.forward_kernel, (1, case.batch * case.hq),
       [first, np.asarray(qp), np.asarray(kp), np.asarray(vp), first, first],
@@ -93,7 +94,7 @@ def test_vmap_of_the_raw_launcher_runs_sequentially():
   problem = problem_of(case)
   plan = plan_lib.make_plan(problem, 16, 16)
   draws = [make_inputs(case, seed=s)[:3] for s in (1, 2)]
-  padded = [autodiff._prepare(problem, plan, *d, None, None)[:3] for d in draws]
+  padded = [TRITON._prepare(problem, plan, *d, None, None)[:3] for d in draws]
   stacked = [jnp.stack(xs) for xs in zip(*padded)]
   fwd = lambda q, k, v: launch.forward(q, k, v, None, None, problem=problem, plan=plan,
                                        config=SMALL.forward, interpret=True)
@@ -180,7 +181,7 @@ def test_gpu_launch_is_one_named_triton_call():
   case = case_by_name("segments_zigzag_bf16")
   q, k, v, qs, ks = make_inputs(case)
   problem = problem_of(case)
-  f = lambda *a: autodiff.kernel_attention(problem, "triton", ga.AttentionConfig(), False,
+  f = lambda *a: autodiff.attention(problem, "triton", ga.AttentionConfig(), False,
                                            "kernel", *a)
   text = jax.jit(f).lower(q, k, v, qs, ks).as_text()
   assert text.count("triton_kernel_call") == 1, text

@@ -14,7 +14,7 @@ version but 3.6 the check keeps ``compile_check.SHARED_MARGIN_BYTES`` free
 
 import pytest
 
-from jax_grouped_attn.triton import compile_check as cc
+from devtools import compile_check as cc
 
 VARIANTS = cc.variants()
 

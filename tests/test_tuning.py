@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from jax_grouped_attn import config, tuning
+from jax_grouped_attn import registry, tuning
 from jax_grouped_attn.config import BackwardConfig, ForwardConfig
 
 FAKE = "Fake GPU 9000 (80GB)"
@@ -28,7 +28,7 @@ def fake_table(tmp_path, monkeypatch):
                                                             dq_block_q=128, dq_block_k=32,
                                                             dq_num_warps=8, dq_num_stages=3)}}},
           },
-          "pallas": {"forward": {"bfloat16": {"128": {"8192": _entry(16, 16, 1, 1)}}}},
+          "pallas_triton": {"forward": {"bfloat16": {"128": {"8192": _entry(16, 16, 1, 1)}}}},
       },
   }
   path = tmp_path / (tuning.slug(FAKE) + ".json")
@@ -39,6 +39,14 @@ def fake_table(tmp_path, monkeypatch):
   tuning.clear_cache()
   yield path
   tuning.clear_cache()
+
+
+def fwd(head_dim, backend, seq_len=None, dtype=None):
+  return registry.default_config(backend, "forward", head_dim, seq_len=seq_len, dtype=dtype)
+
+
+def bwd(head_dim, backend, seq_len=None, dtype=None):
+  return registry.default_config(backend, "backward", head_dim, seq_len=seq_len, dtype=dtype)
 
 
 def _heuristic(monkeypatch, fn, *args):
@@ -58,32 +66,32 @@ def test_slug_and_buckets():
 
 def test_table_entry_is_picked_for_the_fake_gpu(fake_table):
   assert tuning.table_path() == str(fake_table)
-  got = config.default_forward_config(128, "triton", seq_len=8000, dtype="bfloat16")
+  got = fwd(128, "triton", seq_len=8000, dtype="bfloat16")
   assert got == ForwardConfig(block_q=64, block_k=32, num_warps=4, num_stages=5)
-  long = config.default_forward_config(128, "triton", seq_len=20000)
+  long = fwd(128, "triton", seq_len=20000)
   assert long == ForwardConfig(block_q=128, block_k=64, num_warps=8, num_stages=4)
   # Unknown length -> the table's best-overall entry; the old 2-argument call works.
-  assert config.default_forward_config(128, "triton") == ForwardConfig(64, 64, 4, 3)
+  assert fwd(128, "triton") == ForwardConfig(64, 64, 4, 3)
   # Length beyond every bucket -> nearest bucket; 96 -> padded 128; fp16 -> bf16 table.
-  assert config.default_forward_config(96, "triton", seq_len=10 ** 6, dtype="float16") == \
+  assert fwd(96, "triton", seq_len=10 ** 6, dtype="float16") == \
       ForwardConfig(128, 64, 8, 4)
-  assert config.default_backward_config(64, "triton", seq_len=4096) == \
+  assert bwd(64, "triton", seq_len=4096) == \
       BackwardConfig(block_q=32, block_k=128, num_warps=8, num_stages=1)
-  assert config.default_forward_config(128, "pallas", seq_len=2048) == ForwardConfig(16, 16, 1, 1)
+  assert fwd(128, "pallas_triton", seq_len=2048) == ForwardConfig(16, 16, 1, 1)
   # Backward entries may carry the dQ kernel's own tiles; without them dQ shares dK/dV's.
-  split = config.default_backward_config(128, "triton", seq_len=8192)
+  split = bwd(128, "triton", seq_len=8192)
   assert split == BackwardConfig(64, 64, 4, 2, dq_block_q=128, dq_block_k=32, dq_num_warps=8,
                                  dq_num_stages=3)
   assert tuple(split.dq) == (128, 32, 8, 3) and tuple(split.dkdv) == (64, 64, 4, 2)
-  shared = config.default_backward_config(64, "triton")
+  shared = bwd(64, "triton")
   assert tuple(shared.dq) == tuple(shared.dkdv) == (32, 128, 8, 1)
 
 
 def test_missing_entries_fall_back_to_the_heuristic(fake_table, monkeypatch):
-  for fn, args in [(config.default_forward_config, (64, "triton")),        # no such head_dim
-                   (config.default_backward_config, (256, "triton")),      # no such pass entry
-                   (config.default_forward_config, (128, "xla")),          # no such backend
-                   (config.default_forward_config, (128, "triton", 8192, "float32"))]:
+  for fn, args in [(fwd, (64, "triton")),        # no such head_dim
+                   (bwd, (256, "triton")),      # no such pass entry
+                   (fwd, (128, "xla")),          # no such backend
+                   (fwd, (128, "triton", 8192, "float32"))]:
     assert fn(*args) == _heuristic(monkeypatch, fn, *args), (fn.__name__, args)
 
 
@@ -92,10 +100,10 @@ def test_unknown_gpu_falls_back_to_the_heuristic(fake_table, monkeypatch):
   tuning.clear_cache()
   assert tuning.table_path() is None
   for d in (64, 128, 256):
-    assert config.default_forward_config(d, "triton", seq_len=8192) == \
-        _heuristic(monkeypatch, config.default_forward_config, d, "triton")
-    assert config.default_backward_config(d, "pallas") == \
-        _heuristic(monkeypatch, config.default_backward_config, d, "pallas")
+    assert fwd(d, "triton", seq_len=8192) == \
+        _heuristic(monkeypatch, fwd, d, "triton")
+    assert bwd(d, "pallas_triton") == \
+        _heuristic(monkeypatch, bwd, d, "pallas_triton")
 
 
 def test_this_machines_gpu_and_table(monkeypatch):
@@ -127,12 +135,12 @@ def test_broken_tables_never_break_attention(fake_table, monkeypatch):
   fake_table.write_text("{not json")
   tuning.clear_cache()
   with pytest.warns(UserWarning, match="ignoring tuned table"):
-    got = config.default_forward_config(128, "triton", seq_len=8192)
-  assert got == _heuristic(monkeypatch, config.default_forward_config, 128, "triton")
+    got = fwd(128, "triton", seq_len=8192)
+  assert got == _heuristic(monkeypatch, fwd, 128, "triton")
   # A well-formed file with an invalid config (block_q 24 is no power of two).
   fake_table.write_text(json.dumps({"format": tuning.FORMAT, "gpu": FAKE, "entries": {
       "triton": {"forward": {"bfloat16": {"128": {"any": _entry(24, 64, 4, 2)}}}}}}))
   tuning.clear_cache()
   with pytest.warns(UserWarning, match="unusable tuned forward entry"):
-    got = config.default_forward_config(128, "triton")
-  assert got == _heuristic(monkeypatch, config.default_forward_config, 128, "triton")
+    got = fwd(128, "triton")
+  assert got == _heuristic(monkeypatch, fwd, 128, "triton")

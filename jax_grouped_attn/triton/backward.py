@@ -4,44 +4,36 @@ launch for all groups; compiled through jax_triton on GPU, interpreted on CPU
 
 from __future__ import annotations
 
-import math
-
 import jax
 import jax.numpy as jnp
 
 from jax_grouped_attn.config import BackwardConfig
-from jax_grouped_attn.plan import BackwardPlan, Problem
+from jax_grouped_attn.plan import LOG2E, BackwardPlan, Problem
 from jax_grouped_attn.triton import backward_kernels as kernels
 from jax_grouped_attn.triton import runtime
+from jax_grouped_attn.triton.common import contiguous_strides, dot_precision
 
 
 # The delta kernel is elementwise-light: few warps, nothing to pipeline.
 DELTA_NUM_WARPS, DELTA_NUM_STAGES = 4, 1
 
 
-def _launch():
-  # launch.py re-exports backward(): import it lazily, whichever loads first.
-  from jax_grouped_attn.triton import launch  # noqa: PLC0415
-  return launch
-
-
 def backward_constexprs(*, q_shape, kv_shape, problem: Problem, block_q: int, block_k: int,
-                        dtype, has_segments: bool) -> dict:
+                        dtype) -> dict:
   """The constexpr arguments shared by dkdv_kernel and dq_kernel."""
   b, tq_pad, hq, dp = q_shape
   _, tk_pad, hk, _ = kv_shape
-  launch = _launch()
-  sq = launch.contiguous_strides(q_shape)
-  sk = launch.contiguous_strides(kv_shape)
-  sl = launch.contiguous_strides((b, hq, tq_pad))
+  sq = contiguous_strides(q_shape)
+  sk = contiguous_strides(kv_shape)
+  sl = contiguous_strides((b, hq, tq_pad))
   return dict(
-      QK_SCALE=float(problem.scale * math.log2(math.e)), SCALE=float(problem.scale),
+      QK_SCALE=float(problem.scale * LOG2E), SCALE=float(problem.scale),
       GROUP_SIZE=hq // hk,
       SQ_B=sq[0], SQ_T=sq[1], SQ_H=sq[2], SK_B=sk[0], SK_T=sk[1], SK_H=sk[2],
       SL_B=sl[0], SL_H=sl[1], SSQ_B=tq_pad, SSK_B=tk_pad,
-      CAUSAL=bool(problem.causal), HAS_SEGMENTS=bool(has_segments),
+      CAUSAL=bool(problem.causal), HAS_SEGMENTS=bool(problem.has_segments),
       BLOCK_Q=block_q, BLOCK_K=block_k, DP=dp,
-      DOT_PRECISION=launch.dot_precision(dtype))
+      DOT_PRECISION=dot_precision(dtype))
 
 
 def backward(q, k, v, q_seg, kv_seg, out, lse, dout, dlse, *, problem: Problem,
@@ -60,14 +52,13 @@ def backward(q, k, v, q_seg, kv_seg, out, lse, dout, dlse, *, problem: Problem,
   if (qplan.tq_pad, qplan.tk_pad) != (tq_pad, tk_pad) or dp & (dp - 1):
     raise ValueError(f"backward: shapes {q.shape}, {k.shape} do not match the plan's layout "
                      f"({qplan.tq_pad}, {qplan.tk_pad}).")
-  has_segments = q_seg is not None
   table = jnp.asarray(qplan.table)
-  if not has_segments:
+  if not problem.has_segments:
     # Never read (HAS_SEGMENTS=False); any int32 buffer fills the pointer slots.
     q_seg = kv_seg = table
   dkdv_tiles, dq_tiles = config.dkdv, config.dq
-  sq = _launch().contiguous_strides(q.shape)
-  sl = _launch().contiguous_strides((b, hq, tq_pad))
+  sq = contiguous_strides(q.shape)
+  sl = contiguous_strides((b, hq, tq_pad))
   f32_rows = jax.ShapeDtypeStruct((b, hq, tq_pad), jnp.float32)
   delta_rows = plan.row_block
 
@@ -79,8 +70,7 @@ def backward(q, k, v, q_seg, kv_seg, out, lse, dout, dlse, *, problem: Problem,
       HQ=hq, SQ_B=sq[0], SQ_T=sq[1], SQ_H=sq[2], SL_B=sl[0], SL_H=sl[1],
       BLOCK_Q=delta_rows, DP=dp)
 
-  common = dict(q_shape=q.shape, kv_shape=k.shape, problem=problem, dtype=q.dtype,
-                has_segments=has_segments)
+  common = dict(q_shape=q.shape, kv_shape=k.shape, problem=problem, dtype=q.dtype)
   dk, dv = runtime.call(
       jnp.asarray(plan.kv_table), jnp.asarray(plan.entries), q, k, v, dout, lse2, delta,
       q_seg, kv_seg, kernel=kernels.dkdv_kernel,

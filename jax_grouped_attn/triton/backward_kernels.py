@@ -18,31 +18,13 @@ Strides are constexprs in elements, named as in ``kernels.py``.
 
 from __future__ import annotations
 
-import math
-
 import triton
 import triton.language as tl
 
-from jax_grouped_attn import plan as plan_lib
-
-# Table columns as constexprs (a kernel may only read constexpr globals).
-ROW0 = tl.constexpr(plan_lib.ROW0)
-QPOS0 = tl.constexpr(plan_lib.QPOS0)
-KV_LEN = tl.constexpr(plan_lib.KV_LEN)
-N_FULL = tl.constexpr(plan_lib.N_FULL)
-N_BLOCKS = tl.constexpr(plan_lib.N_BLOCKS)
-TABLE_WIDTH = tl.constexpr(plan_lib.TABLE_WIDTH)
-KV_BLOCK = tl.constexpr(plan_lib.KV_BLOCK)
-KV_START = tl.constexpr(plan_lib.KV_START)
-KV_N_FULL = tl.constexpr(plan_lib.KV_N_FULL)
-KV_N_ENTRIES = tl.constexpr(plan_lib.KV_N_ENTRIES)
-KV_TABLE_WIDTH = tl.constexpr(plan_lib.KV_TABLE_WIDTH)
-E_ROW0 = tl.constexpr(plan_lib.E_ROW0)
-E_QPOS0 = tl.constexpr(plan_lib.E_QPOS0)
-E_KV_LEN = tl.constexpr(plan_lib.E_KV_LEN)
-ENTRY_WIDTH = tl.constexpr(plan_lib.ENTRY_WIDTH)
-
-LOG2E = tl.constexpr(math.log2(math.e))
+from jax_grouped_attn.triton.kernels import (E_KV_LEN, E_QPOS0, E_ROW0, ENTRY_WIDTH, KV_BLOCK,
+                                             KV_N_ENTRIES, KV_N_FULL, KV_START, KV_TABLE_WIDTH,
+                                             KV_LEN, LOG2E, N_BLOCKS, N_FULL, QPOS0, ROW0,
+                                             TABLE_WIDTH, visible)
 
 
 @triton.jit
@@ -92,14 +74,11 @@ def _dkdv_step(dk, dv, k, v, keys, kvseg, entry_ptr, q_base, do_base, lse2_base,
   st = tl.dot(k, qt, input_precision=DOT_PRECISION) * QK_SCALE                 # [BK, BQ]
   pt = tl.math.exp2(st - lse2[None, :])
   if MASKED:
-    visible = keys[:, None] < tl.load(entry_ptr + E_KV_LEN)
-    if CAUSAL:
-      q_pos = tl.load(entry_ptr + E_QPOS0) + offs_q
-      visible = visible & (keys[:, None] <= q_pos[None, :])
-    if HAS_SEGMENTS:
-      qseg = tl.load(qseg_base + rows)
-      visible = visible & (kvseg[:, None] == qseg[None, :])
-    pt = tl.where(visible, pt, 0.0)
+    q_pos = tl.load(entry_ptr + E_QPOS0) + offs_q
+    qseg = tl.load(qseg_base + rows) if HAS_SEGMENTS else q_pos
+    seen = visible(q_pos[None, :], keys[:, None], tl.load(entry_ptr + E_KV_LEN),
+                   qseg[None, :], kvseg[:, None], CAUSAL, HAS_SEGMENTS)
+    pt = tl.where(seen, pt, 0.0)
   # dV += P^T dO; dS^T = P^T (V dO^T - delta); dK += dS^T Q (scale applied once).
   dv += tl.dot(pt.to(do.dtype), do, input_precision=DOT_PRECISION)
   dpt = tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION)
@@ -180,12 +159,10 @@ def _dq_step(dq, q, do, lse2, delta, q_pos, qseg, kv_len, kt_ptrs, vt_ptrs, kvse
   p = tl.math.exp2(s - lse2[:, None])
   if MASKED:
     keys = key0 + tl.arange(0, BLOCK_K)
-    visible = keys[None, :] < kv_len
-    if CAUSAL:
-      visible = visible & (keys[None, :] <= q_pos[:, None])
-    if HAS_SEGMENTS:
-      visible = visible & (qseg[:, None] == tl.load(kvseg_ptrs)[None, :])
-    p = tl.where(visible, p, 0.0)
+    kvseg = tl.load(kvseg_ptrs) if HAS_SEGMENTS else keys
+    seen = visible(q_pos[:, None], keys[None, :], kv_len, qseg[:, None], kvseg[None, :],
+                   CAUSAL, HAS_SEGMENTS)
+    p = tl.where(seen, p, 0.0)
   vt = tl.load(vt_ptrs)
   dp = tl.dot(do, vt, input_precision=DOT_PRECISION)
   ds = p * (dp - delta[:, None])

@@ -15,23 +15,44 @@ last axis of every array is contiguous.
 
 from __future__ import annotations
 
-import math
-
 import triton
 import triton.language as tl
 
 from jax_grouped_attn import plan as plan_lib
 
-# Work-table columns as constexprs (a kernel may only read constexpr globals).
+# Table columns and constants as constexprs (a kernel may only read constexpr
+# globals); the backward kernels import them from here.
 ROW0 = tl.constexpr(plan_lib.ROW0)
 QPOS0 = tl.constexpr(plan_lib.QPOS0)
 KV_LEN = tl.constexpr(plan_lib.KV_LEN)
 N_FULL = tl.constexpr(plan_lib.N_FULL)
 N_BLOCKS = tl.constexpr(plan_lib.N_BLOCKS)
 TABLE_WIDTH = tl.constexpr(plan_lib.TABLE_WIDTH)
+KV_BLOCK = tl.constexpr(plan_lib.KV_BLOCK)
+KV_START = tl.constexpr(plan_lib.KV_START)
+KV_N_FULL = tl.constexpr(plan_lib.KV_N_FULL)
+KV_N_ENTRIES = tl.constexpr(plan_lib.KV_N_ENTRIES)
+KV_TABLE_WIDTH = tl.constexpr(plan_lib.KV_TABLE_WIDTH)
+E_ROW0 = tl.constexpr(plan_lib.E_ROW0)
+E_QPOS0 = tl.constexpr(plan_lib.E_QPOS0)
+E_KV_LEN = tl.constexpr(plan_lib.E_KV_LEN)
+ENTRY_WIDTH = tl.constexpr(plan_lib.ENTRY_WIDTH)
+LOG2E = tl.constexpr(plan_lib.LOG2E)
+LN2 = tl.constexpr(plan_lib.LN2)
 
-LOG2E = math.log2(math.e)
-LN2 = tl.constexpr(math.log(2.0))
+
+@triton.jit
+def visible(q_pos, keys, kv_len, qseg, kvseg, CAUSAL: tl.constexpr,
+            HAS_SEGMENTS: tl.constexpr):
+  """The mask rule of ``groups.py`` on broadcastable tiles: key ``keys`` is
+  visible to a row at ``q_pos`` with prefix ``kv_len`` (and segments ``qseg``
+  / ``kvseg``, read only if HAS_SEGMENTS). Every kernel masks through this."""
+  seen = keys < kv_len
+  if CAUSAL:
+    seen = seen & (keys <= q_pos)
+  if HAS_SEGMENTS:
+    seen = seen & (qseg == kvseg)
+  return seen
 
 
 @triton.jit
@@ -50,13 +71,10 @@ def _attend_block(acc, m_i, l_i, q, k_ptrs, v_ptrs, kvseg_ptrs, q_pos, qseg, kv_
   s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * QK_SCALE
   if MASKED:
     keys = key0 + tl.arange(0, BLOCK_K)
-    visible = keys[None, :] < kv_len
-    if CAUSAL:
-      visible = visible & (keys[None, :] <= q_pos[:, None])
-    if HAS_SEGMENTS:
-      kvseg = tl.load(kvseg_ptrs)
-      visible = visible & (qseg[:, None] == kvseg[None, :])
-    s = tl.where(visible, s, float("-inf"))
+    kvseg = tl.load(kvseg_ptrs) if HAS_SEGMENTS else keys
+    seen = visible(q_pos[:, None], keys[None, :], kv_len, qseg[:, None], kvseg[None, :],
+                   CAUSAL, HAS_SEGMENTS)
+    s = tl.where(seen, s, float("-inf"))
   m_new = tl.maximum(m_i, tl.max(s, 1))
   if MASKED:
     # A row that has seen nothing yet keeps m = -inf; subtract 0 instead so

@@ -1,4 +1,5 @@
-"""Triton launchers: shapes, grids, strides and the named kernel launches."""
+"""Triton launchers: shapes, grids, strides and the named kernel launches
+(the forward here, the backward in ``backward.py``)."""
 
 from __future__ import annotations
 
@@ -7,27 +8,13 @@ import jax.numpy as jnp
 import numpy as np
 
 from jax_grouped_attn.config import ForwardConfig
-from jax_grouped_attn.plan import Plan, Problem
+from jax_grouped_attn.plan import LOG2E, Plan, Problem
 from jax_grouped_attn.triton import kernels, runtime
-from jax_grouped_attn.triton.backward import backward  # noqa: F401,E402  (autodiff calls launch.backward)
+from jax_grouped_attn.triton.backward import backward  # noqa: F401  (the backend's launcher)
+from jax_grouped_attn.triton.common import contiguous_strides, dot_precision
 
 
-def dot_precision(dtype) -> str:
-  """fp32 inputs use IEEE fp32 dots (no silent tf32); 16-bit dots ignore it."""
-  return "ieee" if jnp.dtype(dtype) == jnp.float32 else "tf32"
-
-
-def contiguous_strides(shape) -> tuple[int, ...]:
-  """Element strides of a row-major array of ``shape``."""
-  strides, acc = [], 1
-  for n in reversed(shape):
-    strides.append(acc)
-    acc *= int(n)
-  return tuple(reversed(strides))
-
-
-def forward_constexprs(*, q_shape, kv_shape, problem: Problem, plan: Plan, dtype,
-                       has_segments: bool) -> dict:
+def forward_constexprs(*, q_shape, kv_shape, problem: Problem, plan: Plan, dtype) -> dict:
   """The constexpr arguments of kernels.forward_kernel (also used by compile_check)."""
   b, tq_pad, hq, dp = q_shape
   _, tk_pad, hk, _ = kv_shape
@@ -35,10 +22,10 @@ def forward_constexprs(*, q_shape, kv_shape, problem: Problem, plan: Plan, dtype
   sk = contiguous_strides(kv_shape)
   sl = contiguous_strides((b, hq, tq_pad))
   return dict(
-      QK_SCALE=float(problem.scale * kernels.LOG2E), HQ=hq, GROUP_SIZE=hq // hk,
+      QK_SCALE=float(problem.scale * LOG2E), HQ=hq, GROUP_SIZE=hq // hk,
       SQ_B=sq[0], SQ_T=sq[1], SQ_H=sq[2], SK_B=sk[0], SK_T=sk[1], SK_H=sk[2],
       SL_B=sl[0], SL_H=sl[1], SSQ_B=tq_pad, SSK_B=tk_pad,
-      CAUSAL=bool(problem.causal), HAS_SEGMENTS=bool(has_segments),
+      CAUSAL=bool(problem.causal), HAS_SEGMENTS=bool(problem.has_segments),
       BLOCK_Q=plan.block_q, BLOCK_K=plan.block_k, DP=dp,
       DOT_PRECISION=dot_precision(dtype))
 
@@ -62,12 +49,11 @@ def forward(q, k, v, q_seg, kv_seg, *, problem: Problem, plan: Plan,
         f"padded lengths ({tq_pad=}, {tk_pad=}) must be multiples of the plan's "
         f"tiles ({plan.block_q}, {plan.block_k}).")
   table = jnp.asarray(plan.table)
-  has_segments = q_seg is not None
-  if not has_segments:
+  if not problem.has_segments:
     # Never read (HAS_SEGMENTS=False); any int32 buffer fills the pointer slots.
     q_seg = kv_seg = table
   constexprs = forward_constexprs(q_shape=q.shape, kv_shape=k.shape, problem=problem,
-                                  plan=plan, dtype=q.dtype, has_segments=has_segments)
+                                  plan=plan, dtype=q.dtype)
   out_shape = [jax.ShapeDtypeStruct((b, tq_pad, hq, dp), q.dtype),
                jax.ShapeDtypeStruct((b, hq, tq_pad), jnp.float32)]
   if plan.n_work == 0:

@@ -181,6 +181,12 @@ def interpreted(kernel):
       with _interpret_mode():
         spec.loader.exec_module(twin)
       _INTERPRETED_MODULES[modname] = twin
+      # @triton.jit helpers imported from another module (e.g. the shared
+      # visibility rule) were compiled-only there: use their twins.
+      from triton.runtime.jit import JITFunction
+      for name, value in list(vars(twin).items()):
+        if isinstance(value, JITFunction) and not isinstance(value, InterpretedFunction):
+          setattr(twin, name, interpreted(value))
   result = getattr(twin, fn.__name__, None)
   if not isinstance(result, InterpretedFunction):
     raise RuntimeError(

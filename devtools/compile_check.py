@@ -3,7 +3,7 @@
 Runs on any machine (no GPU needed): ``triton.compile`` for
 ``GPUTarget("cuda", 90, 32)`` gives PTX and Triton's shared-memory size;
 ``ptxas -v`` on that PTX (the ptxas Triton ships, with Triton's flags) gives
-registers and spills. ``python -m jax_grouped_attn.triton.compile_check``
+registers and spills. ``python -m devtools.compile_check`` (from the repository root)
 prints the table for the default ForwardConfig (kernel "forward") and
 BackwardConfig (kernels "dkdv", "dq" and "delta") of every padded head_dim.
 
@@ -28,11 +28,11 @@ import numpy as np
 import triton
 
 from jax_grouped_attn import plan as plan_lib
-from jax_grouped_attn.config import (BackwardConfig, ForwardConfig, Tiles, default_backward_config,
-                                     default_forward_config)
+from jax_grouped_attn.config import BackwardConfig, ForwardConfig, Tiles
 from jax_grouped_attn.groups import QueryGroup
-from jax_grouped_attn.triton import backward_kernels, kernels, launch
-from jax_grouped_attn.triton import backward as backward_launch  # after launch (it imports this)
+from jax_grouped_attn.triton import backward_kernels, common, kernels, launch
+from jax_grouped_attn.triton import backward as backward_launch
+from jax_grouped_attn.triton import heuristics
 
 H100_MAX_SHARED_BYTES = 232448        # opt-in dynamic shared memory per block (sm_90)
 HEAD_DIMS = (32, 64, 128, 256)        # supported padded head dims
@@ -153,10 +153,10 @@ def _pointer_types(kernel: str, dtype: str) -> dict:
 
 
 def default_config(kernel: str, head_dim: int, dtype: str):
-  """The config attention would use for ``kernel`` (forward or backward)."""
+  """The heuristic config attention would use for ``kernel`` (no tuned table)."""
   if kernel == "forward":
-    return default_forward_config(head_dim, "triton", dtype=dtype)
-  return default_backward_config(head_dim, "triton", dtype=dtype)
+    return heuristics.forward_config(head_dim, dtype)
+  return heuristics.backward_config(head_dim, dtype)
 
 
 def compile_kernel(kernel: str, head_dim: int, dtype: str, has_segments: bool,
@@ -178,24 +178,23 @@ def compile_kernel(kernel: str, head_dim: int, dtype: str, has_segments: bool,
     plan = bplan.plan   # the backward's layout, and dQ's tiles
   q_shape = (problem.batch, plan.tq_pad, problem.hq, dp)
   kv_shape = (problem.batch, plan.tk_pad, problem.hk, dp)
-  common = dict(q_shape=q_shape, kv_shape=kv_shape, problem=problem,
-                dtype=np.dtype(dtype), has_segments=has_segments)
+  shared = dict(q_shape=q_shape, kv_shape=kv_shape, problem=problem, dtype=np.dtype(dtype))
   if kernel == "forward":
-    fn, constexprs = kernels.forward_kernel, launch.forward_constexprs(plan=plan, **common)
+    fn, constexprs = kernels.forward_kernel, launch.forward_constexprs(plan=plan, **shared)
   elif kernel == "dkdv":
     plan = dataclasses.replace(plan, block_q=bplan.block_q, block_k=bplan.block_k)
     constexprs = backward_launch.backward_constexprs(block_q=bplan.block_q,
-                                                     block_k=bplan.block_k, **common)
+                                                     block_k=bplan.block_k, **shared)
     fn, constexprs = backward_kernels.dkdv_kernel, dict(constexprs, HK=problem.hk)
     launched = config.dkdv
   elif kernel == "dq":
     constexprs = backward_launch.backward_constexprs(block_q=plan.block_q,
-                                                     block_k=plan.block_k, **common)
+                                                     block_k=plan.block_k, **shared)
     fn, constexprs = backward_kernels.dq_kernel, dict(constexprs, HQ=problem.hq)
     launched = dq_tiles
   elif kernel == "delta":
-    sq = launch.contiguous_strides(q_shape)
-    sl = launch.contiguous_strides((problem.batch, problem.hq, plan.tq_pad))
+    sq = common.contiguous_strides(q_shape)
+    sl = common.contiguous_strides((problem.batch, problem.hq, plan.tq_pad))
     rows = bplan.row_block
     plan = dataclasses.replace(plan, block_q=rows)
     fn = backward_kernels.delta_kernel

@@ -1,0 +1,38 @@
+"""The Triton backend's registry entry: @triton.jit kernels through jax_triton
+on GPU, Triton's interpreter on CPU."""
+
+from __future__ import annotations
+
+from jax_grouped_attn.backend import KernelBackend
+from jax_grouped_attn.config import BackwardConfig, ForwardConfig, tile_candidates
+from jax_grouped_attn.platform import module_available
+from jax_grouped_attn.triton import heuristics
+
+
+class TritonBackend(KernelBackend):
+  name = "triton"
+  forward_config_class = ForwardConfig
+  backward_config_class = BackwardConfig
+  interpretable = True
+  launcher_module = "jax_grouped_attn.triton.launch"
+
+  def unavailable(self, platform: str) -> str | None:
+    if not (module_available("triton") and module_available("jax_triton")):
+      return ("backend='triton' needs the packages 'triton' and 'jax-triton', which are "
+              "not importable here. Install them (pip install jax-triton triton) or use "
+              "backend='pallas' or 'xla'.")
+    if platform not in ("gpu", "cpu"):
+      return (f"backend='triton' cannot run on platform {platform!r}: its kernels are "
+              "Triton kernels for NVIDIA GPUs (interpretable on CPU). Use backend='xla' here.")
+    return None
+
+  def tuning_candidates(self, pass_, head_dim, mode):
+    return tile_candidates(pass_, head_dim, mode)
+
+  def heuristic_config(self, pass_, head_dim, dtype):
+    if pass_ == "forward":
+      return heuristics.forward_config(head_dim, dtype)
+    return heuristics.backward_config(head_dim, dtype)
+
+
+TRITON = TritonBackend()

@@ -1,0 +1,122 @@
+"""The one validation path: user arguments -> a checked :class:`plan.Problem`.
+
+Every public entry point calls :func:`make_problem` (or the checks it is made
+of) before anything is traced; layers below trust the Problem.
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax.numpy as jnp
+import numpy as np
+
+from jax_grouped_attn.groups import normalize_groups
+from jax_grouped_attn.plan import Problem
+
+SUPPORTED_DTYPES = (jnp.bfloat16, jnp.float16, jnp.float32)
+MIN_HEAD_DIM, MAX_HEAD_DIM = 32, 256
+BACKWARD_MODES = ("kernel", "reference")
+
+
+def check_array(name, x):
+  if not hasattr(x, "shape") or not hasattr(x, "dtype"):
+    raise TypeError(f"{name} must be a jax/numpy array, got {type(x).__name__}.")
+  if x.ndim != 4:
+    raise ValueError(
+        f"{name}.shape={tuple(x.shape)} has rank {x.ndim}; expected rank 4 "
+        "[batch, seq, heads, head_dim].")
+
+
+def check_qkv(q, k, v):
+  for name, x in (("q", q), ("k", k), ("v", v)):
+    check_array(name, x)
+  if not (q.dtype == k.dtype == v.dtype):
+    raise ValueError(
+        f"q, k, v must share one dtype, got {q.dtype=}, {k.dtype=}, {v.dtype=}; "
+        "cast them first (out has q's dtype).")
+  if q.dtype not in [jnp.dtype(d) for d in SUPPORTED_DTYPES]:
+    raise ValueError(f"{q.dtype=} is not supported; use bfloat16, float16 or float32.")
+  if k.shape != v.shape:
+    raise ValueError(f"k and v must have the same shape, got {k.shape=}, {v.shape=}.")
+  b, tq, hq, d = q.shape
+  _, tk, hk, dk = k.shape
+  if k.shape[0] != b:
+    raise ValueError(f"batch mismatch: {q.shape=} but {k.shape=} (axis 0 is batch).")
+  if dk != d:
+    raise ValueError(f"head_dim mismatch: {q.shape=} but {k.shape=} (axis 3 is head_dim).")
+  if d % 8 or not MIN_HEAD_DIM <= d <= MAX_HEAD_DIM:
+    raise ValueError(
+        f"head_dim={d} (q.shape[3]) is not supported: it must be a multiple of 8 "
+        f"in [{MIN_HEAD_DIM}, {MAX_HEAD_DIM}].")
+  if hk == 0 or hq % hk:
+    raise ValueError(
+        f"q heads Hq={hq} must be a multiple of kv heads Hk={hk} (GQA/MQA): "
+        f"{q.shape=}, {k.shape=}.")
+  if min(b, tq, tk) < 1:
+    raise ValueError(f"empty input: {q.shape=}, {k.shape=}; batch and sequence "
+                     "lengths must be >= 1.")
+
+
+def check_segment_ids(name, ids, batch, length, axis_name):
+  if not hasattr(ids, "shape") or not hasattr(ids, "dtype"):
+    raise TypeError(f"{name} must be an integer array, got {type(ids).__name__}.")
+  if tuple(ids.shape) != (batch, length):
+    raise ValueError(
+        f"{name}.shape={tuple(ids.shape)} must be (batch, {axis_name}) = "
+        f"({batch}, {length}).")
+  if not jnp.issubdtype(ids.dtype, jnp.integer):
+    raise ValueError(f"{name}.dtype={ids.dtype} must be an integer dtype.")
+
+
+def check_segments(q, k, q_segment_ids, kv_segment_ids) -> bool:
+  """Checks the segment-id pair against q [B, Tq, ...] and k [B, Tk, ...];
+  returns whether segments are used."""
+  if (q_segment_ids is None) != (kv_segment_ids is None):
+    raise ValueError(
+        "pass both q_segment_ids and kv_segment_ids or neither "
+        f"(got q_segment_ids={'None' if q_segment_ids is None else 'array'}, "
+        f"kv_segment_ids={'None' if kv_segment_ids is None else 'array'}).")
+  if q_segment_ids is None:
+    return False
+  check_segment_ids("q_segment_ids", q_segment_ids, q.shape[0], q.shape[1], "Tq")
+  check_segment_ids("kv_segment_ids", kv_segment_ids, k.shape[0], k.shape[1], "Tk")
+  return True
+
+
+def check_scale(softmax_scale, d) -> float:
+  if softmax_scale is None:
+    return 1.0 / math.sqrt(d)
+  if isinstance(softmax_scale, bool) or not isinstance(softmax_scale, (int, float, np.floating, np.integer)):
+    raise TypeError(
+        f"softmax_scale must be None or a Python float (static), got "
+        f"{type(softmax_scale).__name__}.")
+  scale = float(softmax_scale)
+  if not math.isfinite(scale) or scale <= 0:
+    raise ValueError(f"softmax_scale={softmax_scale!r} must be a finite positive number.")
+  return scale
+
+
+def check_bool(name, value) -> bool:
+  if not isinstance(value, (bool, np.bool_)):
+    raise TypeError(f"{name} must be a bool, got {value!r}.")
+  return bool(value)
+
+
+def check_backward_mode(backward) -> str:
+  if backward not in BACKWARD_MODES:
+    raise ValueError(f"backward={backward!r} is unknown; use one of {BACKWARD_MODES}.")
+  return backward
+
+
+def make_problem(q, k, v, groups, *, causal, softmax_scale, q_segment_ids,
+                 kv_segment_ids) -> Problem:
+  """Checks the arrays and arguments of one attention call; returns its Problem."""
+  check_qkv(q, k, v)
+  b, tq, hq, d = q.shape
+  tk, hk = k.shape[1], k.shape[2]
+  groups = normalize_groups(groups, tq, tk)
+  causal = check_bool("causal", causal)
+  has_segments = check_segments(q, k, q_segment_ids, kv_segment_ids)
+  scale = check_scale(softmax_scale, d)
+  return Problem(groups, b, tq, tk, hq, hk, d, causal, scale, has_segments)

@@ -1,0 +1,45 @@
+"""The registry entry of the Triton-lowered Pallas kernels (``pallas_call``
+with ``jax.experimental.pallas.triton`` compiler params; Pallas interpret mode
+on CPU)."""
+
+from __future__ import annotations
+
+from jax_grouped_attn import vma
+from jax_grouped_attn.backend import KernelBackend
+from jax_grouped_attn.config import BackwardConfig, ForwardConfig, tile_candidates
+from jax_grouped_attn.pallas import heuristics
+
+
+class PallasTritonBackend(KernelBackend):
+  name = "pallas_triton"
+  forward_config_class = ForwardConfig
+  backward_config_class = BackwardConfig
+  interpretable = True
+  interpret_vma = False
+  launcher_module = "jax_grouped_attn.pallas.launch"
+
+  def unavailable(self, platform: str) -> str | None:
+    if platform not in ("gpu", "cpu"):
+      return (f"backend={self.name!r} cannot run on platform {platform!r}: its kernels "
+              "are Pallas kernels lowered through Triton for NVIDIA GPUs (interpretable "
+              "on CPU). Use backend='xla' here.")
+    return None
+
+  def tuning_candidates(self, pass_, head_dim, mode):
+    return tile_candidates(pass_, head_dim, mode)
+
+  def heuristic_config(self, pass_, head_dim, dtype):
+    if pass_ == "forward":
+      return heuristics.forward_config(head_dim, dtype)
+    return heuristics.backward_config(head_dim, dtype)
+
+  def check_launchable(self, problem, dtype, interpret, *arrays):
+    if interpret and not self.interpret_vma and vma.union(*arrays) and vma.checking():
+      raise ValueError(
+          f"backend={self.name!r} in interpret mode (no GPU) cannot run inside "
+          "jax.shard_map with check_vma=True: JAX's Pallas interpreter fails the "
+          "varying-axes check. Pass check_vma=False to shard_map, or use "
+          "backend='triton' or 'xla' on CPU (the compiled GPU Pallas kernels are fine).")
+
+
+PALLAS_TRITON = PallasTritonBackend()
