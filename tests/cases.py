@@ -154,7 +154,9 @@ def assert_matches(name: str, got, want, lowp=None, *, what=""):
   """Calibrated comparison (tolerance.py) of a kernel result with the fp32
   reference ``want``; ``lowp`` is the low-precision reference (None: the
   comparison is in fp32, where the low-precision reference is ``want``)."""
-  return assert_calibrated(name, got, want, want if lowp is None else lowp, what=what)
+  c = assert_calibrated(name, got, want, want if lowp is None else lowp, what=what)
+  CHECKS.append((jnp.dtype(got.dtype).name, c))
+  return c
 
 
 def assert_close(name: str, got, want, tol, *, what=""):
@@ -175,8 +177,9 @@ def assert_close(name: str, got, want, tol, *, what=""):
       f"at {np.unravel_index(err.argmax(), err.shape)} (atol={atol}, rtol={rtol})")
 
 
-# Every calibrated check of check_forward / check_grads in this process (the
-# calibration report of tests/test_tolerance.py reads them).
+# (dtype name, tolerance.Check) of every passing calibrated check in this
+# process: JGA_CALIBRATION_REPORT=path writes them (conftest.py) and
+# ``python tests/tolerance.py path.*`` summarises the margins.
 CHECKS = []
 
 
@@ -193,8 +196,8 @@ def check_forward(case: Case, backend: str, *, seed: int = 0, config=SMALL, jit=
   out, lse = fn(q, k, v, qs, ks)
   assert out.dtype == case.dtype and out.shape == q.shape
   assert lse.dtype == jnp.float32 and lse.shape == (case.batch, case.hq, case.tq)
-  CHECKS.append(assert_matches(case.name, out, ref_out, lp_out, what=f" out [{backend}]"))
-  CHECKS.append(assert_matches(case.name, lse, ref_lse, lp_lse, what=f" lse [{backend}]"))
+  assert_matches(case.name, out, ref_out, lp_out, what=f" out [{backend}]")
+  assert_matches(case.name, lse, ref_lse, lp_lse, what=f" lse [{backend}]")
   return out, lse
 
 
@@ -223,5 +226,5 @@ def check_grads(case: Case, backend: str, *, seed: int = 0, config=SMALL, with_l
   lowp = lowp_grads(case, q, k, v, qs, ks, dout, dlse if with_lse else jnp.zeros_like(dlse))
   for name, g, w, lp, x in zip("qkv", got, want, lowp, (q, k, v)):
     assert g.dtype == x.dtype and g.shape == x.shape, f"d{name}: {g.dtype} {g.shape}"
-    CHECKS.append(assert_matches(case.name, g, w, lp, what=f" d{name} [{backend}]"))
+    assert_matches(case.name, g, w, lp, what=f" d{name} [{backend}]")
   return got

@@ -61,3 +61,18 @@ def pytest_collection_modifyitems(config, items):
   for item in items:
     if "gpu" in item.keywords:
       item.add_marker(skip)
+
+
+def pytest_sessionfinish(session):
+  """JGA_CALIBRATION_REPORT=prefix: every passing calibrated check of this
+  process (cases.CHECKS) to prefix.<worker>.tsv; summarise them with
+  ``python tests/tolerance.py prefix.*.tsv``."""
+  prefix = os.environ.get("JGA_CALIBRATION_REPORT")
+  if not prefix or "cases" not in sys.modules:
+    return
+  import cases
+  worker = os.environ.get("PYTEST_XDIST_WORKER", "main")
+  with open(f"{prefix}.{worker}.tsv", "w") as f:
+    for dtype, c in cases.CHECKS:
+      f.write(f"{dtype}\t{c.ratio:.4f}\t{c.max_err:.3e}\t{c.lowp_max_err:.3e}\t{c.mean_err:.3e}"
+              f"\t{c.lowp_mean_err:.3e}\t{c.name}\n")

@@ -130,3 +130,27 @@ def assert_calibrated(name: str, got, want, lowp, *, what: str = "", dtype=None)
       msg += f"; largest error at {np.unravel_index(err.argmax(), err.shape)}"
     raise AssertionError(msg)
   return c
+
+
+def _report(paths) -> None:
+  """Summary of JGA_CALIBRATION_REPORT files (see conftest.py): per dtype and
+  tensor kind, how much of the allowed error the kernels used."""
+  import collections
+  rows = collections.defaultdict(list)
+  for path in paths:
+    for line in open(path):
+      dtype, ratio, *_, name = line.rstrip("\n").split("\t")
+      tensor = next((t for t in ("lse", "dq", "dk", "dv", "out") if f" {t}" in name), "other")
+      rows[(dtype, "lse" if tensor == "lse" else "grad" if tensor[0] == "d" else "out")].append(
+          (float(ratio), name))
+  print("| dtype | tensor | checks | median ratio | max ratio | worst |\n|---|---|---|---|---|---|")
+  for (dtype, tensor), r in sorted(rows.items()):
+    ratios = np.array([x for x, _ in r])
+    worst = max(r)[1]
+    print(f"| {dtype} | {tensor} | {len(r)} | {np.median(ratios):.2f} | {ratios.max():.2f} "
+          f"| {worst} |")
+
+
+if __name__ == "__main__":
+  import sys
+  _report(sys.argv[1:])
