@@ -202,7 +202,7 @@ def apply(m: Mutant, root: str) -> None:
   open(path, "w").write(text.replace(m.anchor, m.replacement))
 
 
-_FAILED = re.compile(r"^(?:FAILED|ERROR) (\S+)", re.M)
+_FAILED = re.compile(r"^(?:FAILED|ERROR) (.+?)(?: - .*)?$", re.M)
 
 
 def run_mutant(m: Mutant, timeout: int) -> dict:
