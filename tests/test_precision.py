@@ -183,6 +183,7 @@ def test_calibration_rejects_zeros_and_larger_errors(case):
 # -------------------------------------------------------------------- GPU --
 
 @pytest.mark.gpu
+@pytest.mark.big
 @pytest.mark.parametrize("backend", KERNEL_BACKENDS)
 def test_gpu_long_8192_fwd_bwd(backend):
   # Zigzag rank 1 of 2 at T = 16384: 8192 local rows (two groups) against
@@ -240,6 +241,7 @@ def test_sliced_forward_check_small(backend):
 
 
 @pytest.mark.gpu
+@pytest.mark.big
 @pytest.mark.parametrize("backend", KERNEL_BACKENDS)
 def test_gpu_more_than_2_31_elements(backend):
   # q, out, k, v each hold 1 * 139264 * 64 * 256 = 2.28e9 > 2^31 elements
