@@ -112,14 +112,15 @@ def merge_partials(out1, lse1, out2, lse2):
 
 # ------------------------------------------------------------ the dispatch --
 
-def local_attention(problem: Problem, cp: ContextParallel, backend: str, config,
+def local_attention(problem: Problem, cp: ContextParallel, backend, config,
                     interpret: bool, backward: str, q, k, v, q_segment_ids,
                     kv_segment_ids):
   """Context-parallel attention of the local zigzag shards (inside shard_map).
 
   q: [B, 2c, Hq, D], k, v: [B, 2c, Hk, D], segment ids [B, 2c] int (or None):
   this device's shard, described (and validated) by ``problem`` as one
-  self-attention group; ``backend`` (an entry name), ``config`` (an
+  self-attention group; ``backend`` (an entry name, or a (forward, backward)
+  pair of them), ``config`` (an
   AttentionConfig), ``interpret`` and ``backward`` are resolved. Returns
   (out [B, 2c, Hq, D], lse [B, Hq, 2c] f32).
   """
@@ -413,18 +414,19 @@ def context_parallel_attention(q, k, v, mesh, axis_name, *, strategy="allgather"
   return_lse = validate.check_bool("return_lse", return_lse)
   backward = validate.check_backward_mode(backward)
   cfg = as_attention_config(config)
-  entry, interp = registry.resolve(backend, interpret, cfg)
-  registry.check_config(entry, cfg)
+  entries, interp = registry.resolve(backend, interpret, cfg, problem, q.dtype)
+  registry.check_config(entries, cfg)
+  names = tuple(e.name for e in entries)
   args = [q, k, v] + ([q_segment_ids, kv_segment_ids] if q_segment_ids is not None else [])
   seq = P(batch_axis_name, axis_name)
 
   def body(q, k, v, qs=None, ks=None):
     b, t = q.shape[:2]
     local = dataclasses.replace(problem, groups=(QueryGroup(0, t, 0, t),), batch=b, tq=t, tk=t)
-    return local_attention(local, cp, entry.name, cfg, interp, backward, q, k, v, qs, ks)
+    return local_attention(local, cp, names, cfg, interp, backward, q, k, v, qs, ks)
 
   # Some interpreters fail shard_map's varying-axes check (Backend.interpret_vma).
-  check_vma = entry.interpret_vma or not interp
+  check_vma = all(e.interpret_vma for e in entries) or not interp
   fn = shard_map(body, mesh, (seq,) * len(args), (seq, P(batch_axis_name, None, axis_name)),
                  check_vma=check_vma)
   args = [zigzag_permute(x, world, axis=1) for x in args]

@@ -19,6 +19,7 @@ import pytest
 
 import jax_grouped_attn as ga
 from jax_grouped_attn import QueryGroup, autodiff
+from jax_grouped_attn.pallas.mosaic.config import MosaicBackwardConfig, MosaicForwardConfig
 from jax_grouped_attn.reference import reference_backward
 from cases import (CASES, KERNEL_BACKENDS, Case, assert_matches, case_by_name, check_forward, check_grads,
                    lowp_grads, lowp_reference, make_inputs, problem_of, reference, seed_of)
@@ -32,8 +33,10 @@ import tolerance
 # adds up where T <= 128 hid it. ~1 min per backend and pass on 2 cores.
 LONG = Case("long_zigzag_bf16", ga.zigzag_groups(1, 2, 256), 1024, hq=4, hk=2, d=64, batch=1,
             dtype=jnp.bfloat16)
-LONG_CONFIG = ga.AttentionConfig(forward=ga.ForwardConfig(64, 64),
-                                 backward=ga.BackwardConfig(16, 64, dq_block_q=64, dq_block_k=64))
+LONG_CONFIG = ga.AttentionConfig(
+    forward=(ga.ForwardConfig(64, 64), MosaicForwardConfig(block_q=64, block_kv=64, compute_wgs=1)),
+    backward=(ga.BackwardConfig(16, 64, dq_block_q=64, dq_block_k=64),
+              MosaicBackwardConfig(compute_wgs=1)))
 
 
 @pytest.mark.parametrize("backend", KERNEL_BACKENDS)

@@ -15,6 +15,7 @@ import pytest
 
 import jax_grouped_attn as ga
 from jax_grouped_attn import QueryGroup
+from jax_grouped_attn.pallas.mosaic.config import MosaicForwardConfig
 from cases import (KERNEL_BACKENDS, SMALL, Case, assert_close, assert_matches, case_by_name,
                    lowp_reference, make_inputs, reference)
 
@@ -50,7 +51,9 @@ def test_bf16_accumulates_in_fp32(backend):
   q, k, v = (_rand(s, i, jnp.bfloat16) for i, s in
              enumerate([(1, 16, 1, 32), (1, 2048, 1, 32), (1, 2048, 1, 32)], start=3))
   out, lse = ga.attention(q, k, v, backend=backend, return_lse=True,
-                          config=ga.ForwardConfig(block_q=16, block_k=16))
+                          config=ga.AttentionConfig(forward=(
+                              ga.ForwardConfig(block_q=16, block_k=16),
+                              MosaicForwardConfig(block_kv=128, compute_wgs=1))))
   ref_out, ref_lse = reference(case, q, k, v, None, None)
   lp_out, lp_lse = lowp_reference(case, q, k, v, None, None)
   assert_matches("acc", out, ref_out, lp_out)
