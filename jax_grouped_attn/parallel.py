@@ -38,8 +38,8 @@ from jax_grouped_attn.config import as_attention_config
 from jax_grouped_attn.groups import QueryGroup
 from jax_grouped_attn.plan import Problem
 from jax_grouped_attn.vma import pvary as _pvary
-from jax_grouped_attn.zigzag import (zigzag_groups, zigzag_permute,
-                                     zigzag_ring_step, zigzag_unpermute)
+from jax_grouped_attn.zigzag import (shuffle_shard, zigzag_groups, zigzag_ring_step,
+                                     zigzag_unpermute)
 
 STRATEGIES = ("allgather", "ring")
 
@@ -368,10 +368,18 @@ def context_parallel_attention(q, k, v, mesh, axis_name, *, strategy="allgather"
                                backward="kernel"):
   """Zigzag context-parallel self-attention of GLOBAL arrays in natural order.
 
-  Permutes the sequence (axis 1) to zigzag order, shards it over mesh axis
-  ``axis_name`` (and the batch over ``batch_axis_name`` if given), runs
-  ``attention(..., context_parallel=ContextParallel(axis_name, strategy))`` in
-  ``jax.shard_map`` and un-permutes the result.
+  Shards the sequence (axis 1) over mesh axis ``axis_name`` (and the batch
+  over ``batch_axis_name`` if given) in natural order; inside ``jax.shard_map``
+  moves each shard to zigzag order (two ``ppermute``s), runs
+  ``attention(..., context_parallel=ContextParallel(axis_name, strategy))``
+  and moves the result back.
+
+  Works on meshes with Auto or Explicit axes (``jax.make_mesh``'s default in
+  new JAX). On Explicit axes the inputs are resharded to
+  ``P(batch_axis_name, axis_name)``, and ``out`` keeps that sharding (``lse``:
+  ``P(batch_axis_name, None, axis_name)``). JAX itself wants eager
+  differentiation on Explicit axes inside ``with jax.set_mesh(mesh):``
+  (jitted code does not need it).
 
   Args:
     q: [B, S, Hq, D]; k, v: [B, S, Hk, D]; S divisible by 2 * mesh.shape[axis_name].
@@ -418,26 +426,43 @@ def context_parallel_attention(q, k, v, mesh, axis_name, *, strategy="allgather"
   registry.check_config(entries, cfg)
   names = tuple(e.name for e in entries)
   args = [q, k, v] + ([q_segment_ids, kv_segment_ids] if q_segment_ids is not None else [])
-  seq = P(batch_axis_name, axis_name)
+  # Some interpreters fail shard_map's varying-axes check (Backend.interpret_vma).
+  key = (mesh, cp, batch_axis_name, len(args), problem, names, cfg, interp, backward,
+         all(e.interpret_vma for e in entries) or not interp)
+  try:
+    hash(key)
+  except TypeError:   # an unhashable argument: build it uncached
+    fn = _sharded_attention.__wrapped__(*key)
+  else:
+    fn = _sharded_attention(*key)
+  out, lse = fn(*args)
+  return (out, lse) if return_lse else out
 
-  def body(q, k, v, qs=None, ks=None):
+
+@functools.lru_cache(maxsize=64)
+def _sharded_attention(mesh, cp, batch_axis_name, n_args, problem, backend, config,
+                       interpret, backward, check_vma):
+  """The jitted shard_map of context_parallel_attention (cached, so eager
+  calls compile once): global natural-order arrays -> (out, lse)."""
+  names = cp.axis_name if isinstance(cp.axis_name, tuple) else (cp.axis_name,)
+  world = int(np.prod([mesh.shape[n] for n in names]))
+  seq = P(batch_axis_name, cp.axis_name)
+  shuffle = lambda x, axis=1, inverse=False: shuffle_shard(x, cp.axis_name, world, axis,
+                                                           inverse=inverse)
+
+  def body(*shards):   # natural-order shards in and out; zigzag in between
+    q, k, v, *segments = (shuffle(x) for x in shards)
+    qs, ks = segments or (None, None)
     b, t = q.shape[:2]
     local = dataclasses.replace(problem, groups=(QueryGroup(0, t, 0, t),), batch=b, tq=t, tk=t)
-    return local_attention(local, cp, names, cfg, interp, backward, q, k, v, qs, ks)
+    out, lse = local_attention(local, cp, backend, config, interpret, backward, q, k, v,
+                               qs, ks)
+    return shuffle(out, inverse=True), shuffle(lse, axis=2, inverse=True)
 
-  # Some interpreters fail shard_map's varying-axes check (Backend.interpret_vma).
-  check_vma = all(e.interpret_vma for e in entries) or not interp
-  fn = shard_map(body, mesh, (seq,) * len(args), (seq, P(batch_axis_name, None, axis_name)),
+  fn = shard_map(body, mesh, (seq,) * n_args, (seq, P(batch_axis_name, None, cp.axis_name)),
                  check_vma=check_vma)
-  args = [zigzag_permute(x, world, axis=1) for x in args]
-  if _has_explicit_axes(mesh):   # explicit-sharding meshes: put inputs in place
-    sharding = jax.sharding.NamedSharding(mesh, seq)
-    args = [jax.sharding.reshard(x, sharding) for x in args]
-  out, lse = fn(*args)
-  if _has_explicit_axes(mesh):   # the natural order is not a sharding of axis_name
-    out = jax.sharding.reshard(out, jax.sharding.NamedSharding(mesh, P(batch_axis_name)))
-    lse = jax.sharding.reshard(lse, jax.sharding.NamedSharding(mesh, P(batch_axis_name)))
-  out = zigzag_unpermute(out, world, axis=1)
-  if not return_lse:
-    return out
-  return out, zigzag_unpermute(lse, world, axis=2)
+  if not _has_explicit_axes(mesh):
+    return jax.jit(fn)
+  sharding = jax.sharding.NamedSharding(mesh, seq)
+  # shard_map takes arrays typed with its in_specs on Explicit axes.
+  return jax.jit(lambda *args: fn(*(jax.sharding.reshard(x, sharding) for x in args)))

@@ -152,9 +152,13 @@ def resolve(backend, interpret, config: AttentionConfig | None = None,
     if platform != "gpu":
       picks = ("xla", "xla")
     else:
-      candidates = [n for n in AUTO_GPU if usable(n)] or ["xla"]
-      picks = tuple((_fastest(p, candidates, problem, dtype) if problem is not None else None)
-                    or candidates[0] for p in PASSES)
+      picks = []
+      for p in PASSES:
+        candidates = [n for n in AUTO_GPU if usable(n) and (
+            problem is None or get(n).auto_candidate(p, problem.head_dim, dtype))] or ["xla"]
+        picks.append((_fastest(p, candidates, problem, dtype) if problem is not None else None)
+                     or candidates[0])
+      picks = tuple(picks)
   elif backend in ALIASES:
     fitting = [n for n in ALIASES[backend] if usable(n)]
     picks = ((fitting or ALIASES[backend])[0],) * 2
