@@ -194,8 +194,6 @@ def run_item(state: WorkloadState, impl: impls.Impl, st: Settings) -> list[dict]
                  traceback=traceback.format_exc()[-2000:]) for p in st.passes]
   rows = {}
   q, k, v, do = state.inputs[0]
-  tol_f = common.FWD_TOL[wl.dtype]
-  tol_g = common.GRAD_TOL[wl.dtype]
 
   # Forward (always timed when a gradient pass is asked: bwd = fwdbwd - fwd).
   fwd_row = _row(wl, impl, "fwd", note=built.note)
@@ -203,7 +201,8 @@ def run_item(state: WorkloadState, impl: impls.Impl, st: Settings) -> list[dict]
     compiled = jax.jit(built.fn).lower(q, k, v).compile()
     fwd_row["memory"] = common.memory_stats(compiled)
     out = compiled(q, k, v)
-    check = common.compare(state.sel.q(out), state.oracle["out"], tol_f)
+    factor = built.tolerance_factor
+    check = common.compare(state.sel.q(out), state.oracle, "out", factor)
     del out
     fwd_row["check"] = {"out": check}
     fwd_row["ok"] = check["ok"]
@@ -229,9 +228,9 @@ def run_item(state: WorkloadState, impl: impls.Impl, st: Settings) -> list[dict]
       grads = compiled(q, k, v, do)
       want = state.oracle
       checks = {
-          "dq": common.compare(state.sel.q(grads[0]), want["dq"], tol_g),
-          "dk": common.compare(state.sel.kv(grads[1]), want["dk"], tol_g),
-          "dv": common.compare(state.sel.kv(grads[2]), want["dv"], tol_g),
+          "dq": common.compare(state.sel.q(grads[0]), want, "dq", built.tolerance_factor),
+          "dk": common.compare(state.sel.kv(grads[1]), want, "dk", built.tolerance_factor),
+          "dv": common.compare(state.sel.kv(grads[2]), want, "dv", built.tolerance_factor),
       }
       del grads
       fb_row["check"] = checks

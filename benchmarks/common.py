@@ -28,9 +28,23 @@ PASSES = ("fwd", "bwd", "fwdbwd")
 # fwd+bwd of flash attention counts 3.5x the forward's flops (bwd = 2.5x).
 PASS_FLOP_FACTOR = {"fwd": 1.0, "bwd": 2.5, "fwdbwd": 3.5}
 
-# Tolerances vs the fp32 oracle: |err| <= atol + rtol * max|ref| (per tensor).
-FWD_TOL = {"bfloat16": (1e-2, 1e-2), "float16": (2e-3, 2e-3), "float32": (1e-4, 1e-4)}
-GRAD_TOL = {"bfloat16": (0.0, 5e-2), "float16": (0.0, 1e-2), "float32": (0.0, 1e-3)}
+
+
+def _load_tolerance():
+  """tests/tolerance.py, the one calibrated comparison (kernel tests use it
+  too). Loaded by path: the benchmarks run from a checkout, next to tests/,
+  and tests/ is no package (a stray installed ``tests`` could shadow it)."""
+  import importlib.util  # noqa: PLC0415
+  path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tests",
+                      "tolerance.py")
+  spec = importlib.util.spec_from_file_location("jax_grouped_attn_tests_tolerance", path)
+  module = importlib.util.module_from_spec(spec)
+  sys.modules[spec.name] = module   # dataclasses look their module up there
+  spec.loader.exec_module(module)
+  return module
+
+
+tolerance = _load_tolerance()
 
 
 # ------------------------------------------------------------- workloads ---
@@ -224,14 +238,21 @@ def selection(wl: Workload, max_kv_heads: int = 2) -> Selection:
   return Selection(batches, kv, q_heads)
 
 
-def _oracle_impl(q, k, v, do, pos, kv_len, *, scale, causal, chunk):
+def _oracle_impl(q, k, v, do, pos, kv_len, *, scale, causal, chunk, compute_dtype="float32"):
   """Exact fp32 forward and backward, scanned over row chunks of ``chunk`` rows.
 
   q, do: [B, Tq, Hq, D] (Tq a multiple of chunk); k, v: [B, Tk, Hk, D];
   pos, kv_len: [Tq] int32 (row position and kv prefix; kv_len 0 = padding).
   Returns out, dq [B, Tq, Hq, D] and dk, dv [B, Tk, Hk, D], all fp32.
+  ``compute_dtype`` other than float32: the plain low-precision attention
+  whose error calibrates the tolerances (tests/tolerance.py): matmul operands
+  (q, k, v, dO, P, dS) rounded to it, fp32 accumulation and softmax, out
+  rounded to it (as the kernels' delta sees it), and dq, dk, dv too.
   """
   hi = jax.lax.Precision.HIGHEST
+  cd = jnp.dtype(compute_dtype)
+  rnd = lambda x: x.astype(cd).astype(jnp.float32)
+  mm = lambda spec, a, b: jnp.einsum(spec, rnd(a), rnd(b), precision=hi)
   b, tq, hq, d = q.shape
   tk, hk = k.shape[1], k.shape[2]
   g = hq // hk
@@ -242,35 +263,40 @@ def _oracle_impl(q, k, v, do, pos, kv_len, *, scale, causal, chunk):
   def body(carry, xs):
     dk, dv = carry
     qi, doi, p_i, kv_i = xs
-    s = jnp.einsum("bqhgd,bkhd->bhgqk", qi, k, precision=hi) * scale
+    s = mm("bqhgd,bkhd->bhgqk", qi, k) * scale
     mask = visible(p_i[:, None], j[None, :], kv_i[:, None], causal=causal)
     s = jnp.where(mask, s, -jnp.inf)
     m = jnp.max(s, axis=-1, keepdims=True)
     m = jnp.where(jnp.isfinite(m), m, 0.0)
     p = jnp.exp(s - m)
     l = jnp.sum(p, axis=-1, keepdims=True)
-    p = p / jnp.where(l > 0, l, 1.0)
-    o = jnp.einsum("bhgqk,bkhd->bqhgd", p, v, precision=hi)
-    delta = jnp.einsum("bqhgd,bqhgd->bhgq", doi, o, precision=hi)
-    dp = jnp.einsum("bqhgd,bkhd->bhgqk", doi, v, precision=hi)
+    l = jnp.where(l > 0, l, 1.0)
+    o = rnd(mm("bhgqk,bkhd->bqhgd", p, v) / jnp.moveaxis(l, (1, 2, 3), (2, 3, 1)))
+    p = p / l
+    delta = jnp.einsum("bqhgd,bqhgd->bhgq", rnd(doi), o, precision=hi)
+    dp = mm("bqhgd,bkhd->bhgqk", doi, v)
     ds = p * (dp - delta[..., None])
-    dq = jnp.einsum("bhgqk,bkhd->bqhgd", ds, k, precision=hi) * scale
-    dk = dk + jnp.einsum("bhgqk,bqhgd->bkhd", ds, qi, precision=hi) * scale
-    dv = dv + jnp.einsum("bhgqk,bqhgd->bkhd", p, doi, precision=hi)
+    dq = mm("bhgqk,bkhd->bqhgd", ds, k) * scale
+    dk = dk + mm("bhgqk,bqhgd->bkhd", ds, qi) * scale
+    dv = dv + mm("bhgqk,bqhgd->bkhd", p, doi)
     return (dk, dv), (o, dq)
 
   zeros = jnp.zeros((b, tk, hk, d), jnp.float32)
   xs = (split(q), split(do), pos.reshape(n, chunk), kv_len.reshape(n, chunk))
   (dk, dv), (o, dq) = jax.lax.scan(body, (zeros, zeros), xs)
   merge = lambda x: jnp.moveaxis(x, 0, 1).reshape(b, tq, hq, d)
-  return merge(o), merge(dq), dk, dv
+  # (Low precision: results in the input dtype, as a kernel returns them.)
+  return merge(o), rnd(merge(dq)), rnd(dk), rnd(dv)
 
 
-_oracle_jit = jax.jit(_oracle_impl, static_argnames=("scale", "causal", "chunk"))
+_oracle_jit = jax.jit(_oracle_impl, static_argnames=("scale", "causal", "chunk", "compute_dtype"))
 
 
-def oracle(wl: Workload, q, k, v, do, sel: Selection, *, max_elems: int = 1 << 26):
-  """Exact fp32 out, dq (selected q heads) and dk, dv (selected kv heads).
+def oracle(wl: Workload, q, k, v, do, sel: Selection, *, max_elems: int = 1 << 26,
+           lowp: bool = True):
+  """Exact fp32 out, dq (selected q heads) and dk, dv (selected kv heads), and
+  under "lowp" the same from the plain attention in the workload's dtype (the
+  calibration of :func:`compare`; for float32 the exact results themselves).
 
   Every row is checked; ``max_elems`` bounds one logits block (chunk rows x
   Tk x selected heads x batch rows) so memory stays ~5 such fp32 blocks.
@@ -287,26 +313,33 @@ def oracle(wl: Workload, q, k, v, do, sel: Selection, *, max_elems: int = 1 << 2
   pos = np.pad(pos, (0, pad)).astype(np.int32)
   kv_len = np.pad(kv_len, (0, pad)).astype(np.int32)   # padding rows see nothing
   padrows = lambda x: jnp.pad(x, ((0, 0), (0, pad), (0, 0), (0, 0)))
-  out, dq, dk, dv = _oracle_jit(padrows(qs), ks, vs, padrows(dos), jnp.asarray(pos),
-                                jnp.asarray(kv_len), scale=1.0 / math.sqrt(wl.d),
-                                causal=wl.causal, chunk=chunk)
-  return {"out": out[:, :wl.tq], "dq": dq[:, :wl.tq], "dk": dk, "dv": dv}
+  run = lambda cd: _oracle_jit(padrows(qs), ks, vs, padrows(dos), jnp.asarray(pos),
+                               jnp.asarray(kv_len), scale=1.0 / math.sqrt(wl.d),
+                               causal=wl.causal, chunk=chunk, compute_dtype=cd)
+  trim = lambda r: {"out": r[0][:, :wl.tq], "dq": r[1][:, :wl.tq], "dk": r[2], "dv": r[3]}
+  res = trim(run("float32"))
+  if lowp:
+    res["lowp"] = (dict(res) if jnp.dtype(wl.dtype) == jnp.float32
+                   else trim(run(jnp.dtype(wl.dtype).name)))
+  return res
 
 
-def compare(got, want, tol) -> dict:
-  """Max abs error and whether it is within atol + rtol * max|want|."""
-  got = np.asarray(jnp.asarray(got, jnp.float32))
-  want = np.asarray(jnp.asarray(want, jnp.float32))
-  if got.shape != want.shape:
-    return {"max_abs_err": None, "ok": False, "why": f"shape {got.shape} != {want.shape}"}
-  finite = bool(np.isfinite(got).all())
-  err = float(np.max(np.abs(got - want))) if got.size else 0.0
-  scale = float(np.max(np.abs(want))) if want.size else 0.0
-  atol, rtol = tol
-  ok = finite and err <= atol + rtol * scale
-  res = {"max_abs_err": err, "ref_max_abs": scale, "ok": ok}
-  if not finite:
-    res["why"] = "non-finite values"
+def compare(got, want: dict, name: str, factor: float | None = None) -> dict:
+  """Calibrated check (tests/tolerance.py) of ``got`` against ``want[name]``
+  (an :func:`oracle` result: "out", "dq", "dk" or "dv"), given the
+  low-precision oracle's error. Returns the numbers, ``ok`` and ``max_abs_err``."""
+  got_np = np.asarray(jnp.asarray(got, jnp.float32))
+  ref = np.asarray(want[name], np.float32)
+  lowp = np.asarray(want["lowp"][name], np.float32)
+  check = tolerance.check(got_np, ref, lowp, name=name, dtype=jnp.dtype(got.dtype),
+                          factor=tolerance.FACTOR if factor is None else factor)
+  res = check.as_dict()
+  finite = bool(np.isfinite(got_np).all())
+  if not finite and not res["why"]:
+    res["why"], res["ok"] = "non-finite values", False
+  same = got_np.shape == ref.shape
+  res["max_abs_err"] = float(np.max(np.abs(got_np - ref))) if same and got_np.size else None
+  res["ref_max_abs"] = float(np.max(np.abs(ref))) if ref.size else 0.0
   return res
 
 

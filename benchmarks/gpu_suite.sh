@@ -96,8 +96,12 @@ tests() {
     all) python3 -m pytest -q -p no:cacheprovider -rs tests 2>&1 | tee "$OUT/gpu_tests.log";;
     *) # Six workers compile kernels in parallel; no preallocation so they share the GPU.
        XLA_PYTHON_CLIENT_PREALLOCATE=false python3 -m pytest -q -p no:cacheprovider -rs -n 6 \
-           -W ignore::DeprecationWarning -m gpu tests 2>&1 | tee "$OUT/gpu_tests.log"
+           -W ignore::DeprecationWarning -m "gpu and not big" tests 2>&1 | tee "$OUT/gpu_tests.log"
        local rc=$?
+       echo "--- big GPU tests (T >= 8192, > 2^31 elements), one at a time" | tee -a "$OUT/gpu_tests.log"
+       python3 -m pytest -q -p no:cacheprovider -rs -W ignore::DeprecationWarning -m "gpu and big" \
+           tests 2>&1 | tee -a "$OUT/gpu_tests.log"
+       [[ ${PIPESTATUS[0]} -eq 0 ]] || rc=1
        echo "--- the benchmark's and tuning table's own CPU-checkable tests" | tee -a "$OUT/gpu_tests.log"
        python3 -m pytest -q -p no:cacheprovider -rs -m "not gpu" tests/test_tuning.py \
            tests/test_bench_smoke.py 2>&1 | tee -a "$OUT/gpu_tests.log"

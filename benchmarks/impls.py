@@ -58,6 +58,9 @@ class Built:
   fn: object                 # (q, k, v) -> out
   note: str = ""
   grad_exact: bool = True    # False: gradients known to be approximate
+  # Calibrated-tolerance factor (tests/tolerance.py); None: tolerance.FACTOR,
+  # what this project's kernels must meet. Only third-party baselines loosen it.
+  tolerance_factor: float | None = None
 
 
 class Impl:
@@ -412,7 +415,10 @@ class JaxPallasMha(Impl):
     interpret = not ctx.gpu
     scale = 1.0 / math.sqrt(wl.d)
     fn = lambda q, k, v: mha(q, k, v, None, sm_scale=scale, causal=True, interpret=interpret)
-    return Built(fn, "jax.experimental.pallas.ops.gpu.attention.mha")
+    # Its backward's largest errors are ~3x those of plain bf16 attention
+    # (measured in interpret mode, S=32 D=32: dq 7.2e-3 vs 2.2e-3 relative):
+    # a baseline we time, not a kernel we test, so it gets a looser factor.
+    return Built(fn, "jax.experimental.pallas.ops.gpu.attention.mha", tolerance_factor=4.0)
 
 
 def all_impls() -> dict[str, Impl]:

@@ -96,12 +96,11 @@ def measure(bucket: Bucket, backend: str, pass_: str, cand, fwd_fixed, reps: int
   try:
     got = compiled(*args[0])
     if pass_ == "forward":
-      checks = [common.compare(bucket.sel.q(got), bucket.want["out"], common.FWD_TOL[wl.dtype])]
+      checks = [common.compare(bucket.sel.q(got), bucket.want, "out")]
     else:
-      tol = common.GRAD_TOL[wl.dtype]
-      checks = [common.compare(bucket.sel.q(got[0]), bucket.want["dq"], tol),
-                common.compare(bucket.sel.kv(got[1]), bucket.want["dk"], tol),
-                common.compare(bucket.sel.kv(got[2]), bucket.want["dv"], tol)]
+      checks = [common.compare(bucket.sel.q(got[0]), bucket.want, "dq"),
+                common.compare(bucket.sel.kv(got[1]), bucket.want, "dk"),
+                common.compare(bucket.sel.kv(got[2]), bucket.want, "dv")]
     del got
     if not all(c["ok"] for c in checks):
       errs = [c.get("max_abs_err") for c in checks]

@@ -3,6 +3,12 @@
 It materialises the [B, Hq, Tq, Tk] logits, so it is for tests, benchmarks'
 ground truth and small problems. Differentiable by JAX autodiff, NaN-free on
 fully masked rows (out 0, lse -inf, zero gradient).
+
+``compute_dtype`` (default float32: exact fp32 math) rounds every matmul
+operand to that dtype, accumulating in fp32, as a flash kernel on 16-bit
+inputs does: P (and dS) are rounded before their dots, softmax stays fp32.
+Tests use it as the "plain low-precision attention" whose error calibrates
+the tolerances (tests/tolerance.py).
 """
 
 from __future__ import annotations
@@ -26,17 +32,23 @@ def visible_mask(problem: Problem, q_segment_ids=None, kv_segment_ids=None):
   return jnp.asarray(mask)
 
 
+def _einsum(spec, a, b, dtype):
+  """einsum with both operands rounded to ``dtype``, fp32 accumulation."""
+  return jnp.einsum(spec, a.astype(dtype), b.astype(dtype), precision=jax.lax.Precision.HIGHEST,
+                    preferred_element_type=jnp.float32)
+
+
 def reference_attention(problem: Problem, q, k, v, q_segment_ids=None,
-                        kv_segment_ids=None):
+                        kv_segment_ids=None, *, compute_dtype=jnp.float32):
   """Returns (out [B, Tq, Hq, D] in q.dtype, lse [B, Hq, Tq] float32)."""
   b, tq, hq, d = q.shape
   hk = k.shape[2]
   g = hq // hk
-  qf = q.astype(jnp.float32).reshape(b, tq, hk, g, d)
-  kf = k.astype(jnp.float32)
-  vf = v.astype(jnp.float32)
-  hi = jax.lax.Precision.HIGHEST
-  s = jnp.einsum("bqhgd,bkhd->bhgqk", qf, kf, precision=hi) * problem.scale
+  cd = compute_dtype
+  qf = q.astype(cd).reshape(b, tq, hk, g, d)
+  kf = k.astype(cd)
+  vf = v.astype(cd)
+  s = _einsum("bqhgd,bkhd->bhgqk", qf, kf, cd) * problem.scale
   s = s.reshape(b, hq, tq, problem.tk)
   mask = visible_mask(problem, q_segment_ids, kv_segment_ids)
   s = jnp.where(mask, s, -jnp.inf)
@@ -48,15 +60,15 @@ def reference_attention(problem: Problem, q, k, v, q_segment_ids=None,
   l = jnp.sum(p, axis=-1, keepdims=True)
   seen = l > 0
   l_safe = jnp.where(seen, l, 1.0)
-  pv = jnp.einsum("bhgqk,bkhd->bqhgd", p.reshape(b, hk, g, tq, problem.tk), vf,
-                  precision=hi).reshape(b, tq, hq, d)
+  pv = _einsum("bhgqk,bkhd->bqhgd", p.reshape(b, hk, g, tq, problem.tk), vf,
+               cd).reshape(b, tq, hq, d)
   out = pv / jnp.moveaxis(l_safe[..., 0], 1, 2)[..., None]
   lse = jnp.where(seen, m + jnp.log(l_safe), -jnp.inf)[..., 0]
   return out.astype(q.dtype), lse
 
 
 def reference_backward(problem: Problem, q, k, v, q_segment_ids, kv_segment_ids,
-                       out, lse, dout, dlse):
+                       out, lse, dout, dlse, *, compute_dtype=jnp.float32):
   """Explicit flash-attention backward given (possibly global) out and lse.
 
   With P = exp(S - lse) on visible pairs:
@@ -70,24 +82,25 @@ def reference_backward(problem: Problem, q, k, v, q_segment_ids, kv_segment_ids,
   hk = k.shape[2]
   g = hq // hk
   hi = jax.lax.Precision.HIGHEST
+  cd = compute_dtype
   f32 = lambda x: x.astype(jnp.float32)
-  qf = f32(q).reshape(b, tq, hk, g, d)
-  kf, vf = f32(k), f32(v)
-  s = jnp.einsum("bqhgd,bkhd->bhgqk", qf, kf, precision=hi) * problem.scale
+  qf = q.astype(cd).reshape(b, tq, hk, g, d)
+  kf, vf = k.astype(cd), v.astype(cd)
+  s = _einsum("bqhgd,bkhd->bhgqk", qf, kf, cd) * problem.scale
   mask = visible_mask(problem, q_segment_ids, kv_segment_ids).reshape(
       (-1, 1, 1, tq, problem.tk))
   lse_g = lse.reshape(b, hk, g, tq)[..., None]
   finite = jnp.isfinite(lse_g)
   p = jnp.where(mask & finite, jnp.exp(s - jnp.where(finite, lse_g, 0.0)), 0.0)
-  do = f32(dout).reshape(b, tq, hk, g, d)
+  do = dout.astype(cd).reshape(b, tq, hk, g, d)
   o = f32(out).reshape(b, tq, hk, g, d)
-  delta = jnp.einsum("bqhgd,bqhgd->bhgq", do, o, precision=hi)
+  delta = jnp.einsum("bqhgd,bqhgd->bhgq", f32(do), o, precision=hi)
   delta = delta - f32(dlse).reshape(b, hk, g, tq)
-  dp = jnp.einsum("bqhgd,bkhd->bhgqk", do, vf, precision=hi)
+  dp = _einsum("bqhgd,bkhd->bhgqk", do, vf, cd)
   ds = p * (dp - delta[..., None])
-  dv = jnp.einsum("bhgqk,bqhgd->bkhd", p, do, precision=hi)
-  dq = jnp.einsum("bhgqk,bkhd->bqhgd", ds, kf, precision=hi).reshape(b, tq, hq, d)
-  dk = jnp.einsum("bhgqk,bqhgd->bkhd", ds, qf, precision=hi)
+  dv = _einsum("bhgqk,bqhgd->bkhd", p, do, cd)
+  dq = _einsum("bhgqk,bkhd->bqhgd", ds, kf, cd).reshape(b, tq, hq, d)
+  dk = _einsum("bhgqk,bqhgd->bkhd", ds, qf, cd)
   return ((dq * problem.scale).astype(q.dtype), (dk * problem.scale).astype(k.dtype),
           dv.astype(v.dtype))
 

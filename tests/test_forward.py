@@ -7,14 +7,14 @@ import pytest
 
 import jax_grouped_attn as ga
 from jax_grouped_attn import autodiff
-from cases import (CASES, KERNEL_BACKENDS, SMALL, case_by_name, check_forward, make_inputs,
-                   problem_of)
+from cases import (CASES, KERNEL_BACKENDS, SMALL, assert_matches, case_by_name, check_forward,
+                   make_inputs, problem_of, seed_of)
 
 
 @pytest.mark.parametrize("backend", KERNEL_BACKENDS)
 @pytest.mark.parametrize("case", CASES, ids=str)
 def test_forward_matches_reference(case, backend):
-  check_forward(case, backend, seed=hash(case.name) % 1000)
+  check_forward(case, backend, seed=seed_of(case.name))
 
 
 @pytest.mark.parametrize("backend", KERNEL_BACKENDS)
@@ -35,10 +35,13 @@ def test_attention_wrapper_bottom_right_causal(backend):
   v = jnp.asarray(rng.standard_normal((2, 45, 2, 64)), jnp.float32)
   got = ga.attention(q, k, v, causal=True, backend=backend, config=SMALL)
   want = ga.attention(q, k, v, causal=True, backend="xla")
-  np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=2e-5, rtol=2e-5)
+  assert_matches("bottom_right", got, want)
   # Last row sees every key: equal to non-causal attention of that row.
   full = ga.attention(q[:, -1:], k, v, causal=False, backend="xla")
-  np.testing.assert_allclose(np.asarray(got[:, -1:]), np.asarray(full), atol=2e-5, rtol=2e-5)
+  assert_matches("bottom_right last row", got[:, -1:], full)
+  # ... and the first row sees keys 0..25 only: the mask matters.
+  assert not np.allclose(np.asarray(got[:, :1]),
+                         np.asarray(ga.attention(q[:, :1], k, v, causal=False, backend="xla")))
 
 
 @pytest.mark.parametrize("backend", KERNEL_BACKENDS)

@@ -23,7 +23,7 @@ from jax_grouped_attn.groups import row_positions
 from jax_grouped_attn.parallel import ContextParallel, merge_partials
 from jax_grouped_attn.plan import Problem
 from jax_grouped_attn.vma import pvary, varying_axes
-from cases import GRAD_TOL, KERNEL_BACKENDS, LSE_TOL, OUT_TOL, SMALL, assert_close
+from cases import KERNEL_BACKENDS, SMALL, Case, assert_matches, lowp_grads, lowp_reference
 
 F32, BF16 = jnp.float32, jnp.bfloat16
 
@@ -108,16 +108,21 @@ def check_context_parallel(world, strategy, backend, *, causal=True, dtype=F32,
       return_lse=True, config=_small(backend) if config == "small" else config,
       backward=_backward_mode(backend), **seg)
   got = jax.jit(lambda *a: _out_lse_grads(cp, *a))(q, k, v, dout, dlse)
+  # The low-precision reference: the same single-device attention in ``dtype``.
+  case = Case("cp", (ga.QueryGroup(0, s, 0, s),), s, hq=hq, hk=hk, d=d, batch=b,
+              causal=causal, segments=bool(segments), dtype=dtype)
+  qs = seg.get("q_segment_ids", seg.get("segment_ids"))
+  ks = seg.get("kv_segment_ids", seg.get("segment_ids"))
+  lowp = (lowp_reference(case, q, k, v, qs, ks)
+          + lowp_grads(case, q, k, v, qs, ks, dout, dlse))
   name = f"W{world}-{strategy}-{backend}"
   assert got[0].dtype == dtype and got[0].shape == q.shape
   assert got[1].dtype == F32 and got[1].shape == (b, hq, s)
-  assert_close(name, got[0], want[0], OUT_TOL[dtype], what=" out")
-  assert_close(name, got[1], want[1], LSE_TOL[dtype], what=" lse")
-  for gname, g, w, x in zip(("dq", "dk", "dv"), got[2:], want[2:], (q, k, v)):
+  for tname, g, w, lp in zip(("out", "lse"), got[:2], want[:2], lowp[:2]):
+    assert_matches(name, g, w, lp, what=f" {tname}")
+  for gname, g, w, lp, x in zip(("dq", "dk", "dv"), got[2:], want[2:], lowp[2:], (q, k, v)):
     assert g.dtype == x.dtype and g.shape == x.shape, f"{gname}: {g.dtype} {g.shape}"
-    scale = float(np.max(np.abs(np.asarray(w)))) or 1.0
-    atol, rtol = GRAD_TOL[dtype]
-    assert_close(name, g, w, (atol * scale, rtol), what=f" {gname}")
+    assert_matches(name, g, w, lp, what=f" {gname}")
 
 
 # ------------------------------------------------------------- index math --
@@ -290,6 +295,7 @@ KERNEL_MATRIX = [
     (2, "ring", True, BF16, 4, 2, "split"),
     (4, "ring", True, F32, 2, 1, "shared"),
     (2, "ring", False, F32, 2, 2, "split"),
+    (2, "allgather", True, F32, 4, 1, "shared"),
 ]
 
 
@@ -328,14 +334,14 @@ def test_attention_inside_user_shard_map_under_jit(strategy, backend):
   out = ga.zigzag_unpermute(jax.jit(fn)(perm(q), perm(k), perm(v), pos), world)
   sign = jnp.where(jnp.arange(s) % 2 == 0, 1.0, -1.0)[None, :, None, None]
   plain = lambda q, k, v: ga.attention(q * sign, k * sign, v, causal=True, backend="xla")
-  assert_close("user_shard_map", out, plain(q, k, v), OUT_TOL[F32])
+  assert_matches("user_shard_map", out, plain(q, k, v))
   # Gradients through the user's shard_map (check_vma on) match the plain call.
   w = ga.zigzag_permute(dout, world)
   got = jax.jit(jax.grad(lambda *a: jnp.sum(fn(*a, pos) * w), argnums=(0, 1, 2)))(
       perm(q), perm(k), perm(v))
   want = jax.grad(lambda *a: jnp.sum(plain(*a) * dout), argnums=(0, 1, 2))(q, k, v)
   for name, g, x in zip("qkv", got, want):
-    assert_close(f"user_shard_map d{name}", ga.zigzag_unpermute(g, world), x, GRAD_TOL[F32])
+    assert_matches(f"user_shard_map d{name}", ga.zigzag_unpermute(g, world), x)
 
 
 @pytest.mark.parametrize("axis_type", AXIS_TYPES)
@@ -349,7 +355,7 @@ def test_batch_axis_and_tuple_context_axis(axis_type):
       backend="xla", **seg))
   want = ga.attention(q, k, v, causal=True, backend="xla", **seg)
   got = fn(q, k, v)
-  assert_close("2d_mesh", got, want, OUT_TOL[F32])
+  assert_matches("2d_mesh", got, want)
   assert _spec_of(got) == P("data", ("x", "y")), got.sharding
 
 
@@ -375,11 +381,11 @@ def test_context_parallel_on_explicit_axes_jit_and_eager(strategy):
   assert _spec_of(eager_out) == P(None, "cp") and _spec_of(eager_lse) == P(None, None, "cp")
   assert jax.typeof(got[0]).sharding.spec[:2] == (None, "cp")
   for name, g, w in zip(("out", "lse"), (got[0], got[1], eager_out, eager_lse), want * 2):
-    assert_close(f"explicit-{strategy}", g, w, OUT_TOL[F32], what=f" {name}")
+    assert_matches(f"explicit-{strategy}", g, w, what=f" {name}")
   grads = list(zip(("dq", "dk", "dv"), got[2:], want[2:])) + list(
       zip(("eager dq", "eager dk", "eager dv"), eager_grads, want[2:]))
   for name, g, w in grads:
-    assert_close(f"explicit-{strategy}", g, w, GRAD_TOL[F32], what=f" {name}")
+    assert_matches(f"explicit-{strategy}", g, w, what=f" {name}")
 
 
 @pytest.mark.parametrize("strategy", ["allgather", "ring"])
@@ -407,7 +413,7 @@ def test_user_shard_map_on_explicit_axes(strategy):
   out = step(*(put(x) for x in (q, k, v, seg)))
   assert _spec_of(out) == P(None, "cp"), out.sharding
   want = ga.attention(q, k, v, causal=True, backend="xla", segment_ids=seg)
-  assert_close(f"user-explicit-{strategy}", out, want, OUT_TOL[F32])
+  assert_matches(f"user-explicit-{strategy}", out, want)
 
 
 def test_errors_are_clear():
@@ -530,12 +536,12 @@ def test_multi_gpu_matches_reference(strategy, backend):
 
 # ---------------------------------------- a user's own shard_map, check_vma on --
 
-def _q_sharded(backend, check_vma=True):
+def _q_sharded(backend, check_vma=True, causal=False):
   """Each device attends its slice of query rows to the full, replicated K,V:
   dK, dV are sums over devices (the transpose of marking K,V varying)."""
   mesh = jax.sharding.Mesh(np.array(jax.devices()[:2]), ("sp",))
-  attn = lambda q, k, v: ga.attention(q, k, v, causal=False, backend=backend,
-                                     config=_small(backend))
+  attn = lambda q, k, v: ga.attention(q, k, v, causal=causal, backend=backend,
+                                      config=_small(backend))
   return jax.shard_map(attn, mesh=mesh, in_specs=(P(None, "sp"), P(), P()),
                        out_specs=P(None, "sp"), check_vma=check_vma), attn
 
@@ -547,21 +553,30 @@ def test_kernels_in_user_shard_map_with_check_vma(backend):
   k, v = (jnp.asarray(rng.standard_normal((2, 24, 2, 32)), jnp.float32) for _ in range(2))
   w = jnp.asarray(rng.standard_normal(q.shape), jnp.float32)
   sharded, plain = _q_sharded(backend)
-  assert_close("out", jax.jit(sharded)(q, k, v), plain(q, k, v), OUT_TOL[jnp.float32])
+  assert_matches("out", jax.jit(sharded)(q, k, v), plain(q, k, v))
   loss = lambda f: (lambda q, k, v: jnp.sum(f(q, k, v) * w))
   got = jax.jit(jax.grad(loss(sharded), argnums=(0, 1, 2)))(q, k, v)
   want = jax.grad(loss(plain), argnums=(0, 1, 2))(q, k, v)
   for name, g, x in zip("qkv", got, want):
-    assert_close(f"d{name}", g, x, GRAD_TOL[jnp.float32])
+    assert_matches(f"d{name}", g, x)
 
 
 def test_pallas_interpret_in_check_vma_shard_map_says_what_to_do():
-  q = jnp.ones((2, 32, 2, 32), jnp.float32) * 0.1
-  sharded, _ = _q_sharded("pallas")
+  # Random q, k, v (with equal values every output would be v whatever the
+  # weights); causal, so the q shard's own mask matters too.
+  rng = np.random.default_rng(41)
+  q, k, v = (jnp.asarray(rng.standard_normal((2, 32, 2, 32)), jnp.float32) for _ in range(3))
+  sharded, _ = _q_sharded("pallas", causal=True)
   with pytest.raises(ValueError, match="interpret mode.*check_vma=True.*check_vma=False"):
-    sharded(q, q, q)
-  unchecked, plain = _q_sharded("pallas", check_vma=False)
-  assert_close("out", unchecked(q, q, q), plain(q, q, q), OUT_TOL[jnp.float32])
+    sharded(q, k, v)
+  unchecked, plain = _q_sharded("pallas", check_vma=False, causal=True)
+  # Device i holds q rows [16 i, 16 i + 16): bottom-right causal against the
+  # full k, v is the plain call on that slice.
+  got = unchecked(q, k, v)
+  want = jnp.concatenate([plain(q[:, :16], k, v), plain(q[:, 16:], k, v)], axis=1)
+  assert_matches("out", got, want)
+  assert not np.allclose(np.asarray(got), np.asarray(ga.attention(q, k, v, causal=True,
+                                                                  backend="xla")))
 
 
 def test_pallas_gpu_kernels_lower_in_check_vma_shard_map():

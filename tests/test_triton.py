@@ -16,14 +16,14 @@ import jax_grouped_attn as ga
 from jax_grouped_attn import autodiff, plan as plan_lib
 from jax_grouped_attn.triton.backend import TRITON
 from jax_grouped_attn.triton import kernels, launch, runtime
-from cases import (OUT_TOL, SMALL, assert_close, case_by_name, check_forward, make_inputs,
+from cases import (SMALL, assert_close, assert_matches, case_by_name, check_forward, make_inputs,
                    problem_of, reference)
 
 AGREE_CASES = ["zigzag_r0w2c16", "segments_zigzag_bf16", "gqa4_noncausal_groups"]
 # Same math and tile order in both kernels: fp32 agrees to rounding; 16-bit
-# outputs may differ by one ulp of the output dtype.
-AGREE_TOL = {jnp.float32: (1e-5, 1e-5), jnp.bfloat16: OUT_TOL[jnp.bfloat16],
-             jnp.float16: OUT_TOL[jnp.float16]}
+# outputs may differ by an ulp or two of the output dtype (on the GPU, with
+# other tiles). Kernel vs reference checks are the calibrated ones (cases.py).
+AGREE_TOL = {jnp.float32: (1e-5, 1e-5), jnp.bfloat16: (2e-2, 2e-2), jnp.float16: (4e-3, 4e-3)}
 
 
 def _run(case, backend, q, k, v, qs, ks, config=SMALL, **kw):
@@ -53,8 +53,8 @@ def test_interpreter_runs_under_jit_as_one_callback():
   out2, _ = fn(2 * q, k, v)   # same compiled function, fresh host buffers
   ref1, _ = reference(case, q, k, v, None, None)
   ref2, _ = reference(case, 2 * q, k, v, None, None)
-  assert_close(case.name, out1, ref1, OUT_TOL[jnp.float32])
-  assert_close(case.name, out2, ref2, OUT_TOL[jnp.float32])
+  assert_matches(case.name, out1, ref1)
+  assert_matches(case.name, out2, ref2)
 
 
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16, jnp.float16])
@@ -113,7 +113,7 @@ def test_vmap_through_the_api_matches_per_example():
   got = jax.jit(jax.vmap(f))(*stacked)
   for i, d in enumerate(draws):
     want, _ = reference(case, *d, None, None)
-    assert_close(case.name, got[i], want, OUT_TOL[jnp.float32], what=f" vmap[{i}]")
+    assert_matches(case.name, got[i], want, what=f" vmap[{i}]")
 
 
 def test_interpreted_twin_is_separate_from_compiled_kernel():

@@ -106,13 +106,29 @@ def test_unknown_gpu_falls_back_to_the_heuristic(fake_table, monkeypatch):
         _heuristic(monkeypatch, bwd, d, "pallas_triton")
 
 
-def test_no_gpu_no_table(monkeypatch):
+def test_this_machines_gpu_and_table(monkeypatch):
+  # Asserts on every machine: no GPU -> no name, no table; a GPU -> its device
+  # kind, and the bundled table exactly when one ships for that kind.
   monkeypatch.delenv(tuning.ENV_GPU, raising=False)
   monkeypatch.delenv(tuning.ENV_OFF, raising=False)
+  monkeypatch.delenv(tuning.ENV_DIR, raising=False)
   tuning.clear_cache()
+  import os
   import jax
   if jax.default_backend() != "gpu":
     assert tuning.gpu_name() is None and tuning.table_path() is None
+  else:
+    name = tuning.gpu_name()
+    assert name == jax.devices()[0].device_kind
+    bundled = os.path.join(tuning.PACKAGE_DIR, tuning.slug(name) + ".json")
+    assert tuning.table_path() == (bundled if os.path.exists(bundled) else None)
+  # A forced name works on any machine (the fake-GPU tests rely on it).
+  monkeypatch.setenv(tuning.ENV_GPU, "NVIDIA H100 80GB HBM3")
+  assert tuning.gpu_name() == "NVIDIA H100 80GB HBM3"
+  assert tuning.table_path() == os.path.join(tuning.PACKAGE_DIR, "nvidia_h100_80gb_hbm3.json")
+  monkeypatch.setenv(tuning.ENV_OFF, "1")
+  assert tuning.table_path() is None
+  tuning.clear_cache()
 
 
 def test_broken_tables_never_break_attention(fake_table, monkeypatch):

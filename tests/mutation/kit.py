@@ -1,0 +1,300 @@
+"""Mutation kit: plant known bugs in a scratch copy and see which test catches each.
+
+    python tests/mutation/kit.py                 # every mutant, 2 at a time
+    python tests/mutation/kit.py --only NAME,..  # some
+    python tests/mutation/kit.py --list          # names, kinds, files
+    python tests/mutation/kit.py --check-anchors # every anchor is in today's sources
+
+Each mutant is a text replacement in a kernel, launcher, the autodiff or the
+parallel layer. The kit copies the checkout (tracked and untracked, not
+ignored files) to a scratch directory, applies ONE mutant, runs its relevant
+fast tests there (``pytest -x``, a timeout) and prints which test failed
+first, or SURVIVED. An anchor must occur exactly ``count`` times, else the
+kit stops with an error: a refactor cannot silently disable a mutant (and
+tests/test_mutation_anchors.py checks the anchors in CI).
+
+``gpu`` mutants change what only a GPU can show (32-bit offsets past 2^31
+elements); the CPU tests are still run and are expected to let them survive;
+the named GPU test must catch them (the GPU suite on an H100).
+
+Run it before resolving a precision issue and whenever a kernel family is
+added (add its mutants here: the same bugs in the new kernels).
+"""
+
+from __future__ import annotations
+
+import argparse
+import concurrent.futures
+import dataclasses
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+@dataclasses.dataclass(frozen=True)
+class Mutant:
+  name: str
+  kind: str                  # "logic" | "precision" | "mask" | "offset"
+  path: str                  # file relative to the repository root
+  anchor: str                # exact text (must occur ``count`` times)
+  replacement: str
+  tests: tuple               # pytest node ids, most likely catcher first
+  count: int = 1
+  gpu: str = ""              # GPU test expected to catch it ("" = the CPU suite must)
+  why: str = ""
+
+
+T = "jax_grouped_attn/triton/"
+P = "pallas/"
+FWD = "tests/test_forward.py::test_forward_matches_reference"
+GRADS = "tests/test_backward.py::test_grads_match_reference"
+PREC = "tests/test_precision.py::"
+
+MUTANTS = [
+    # ------------------------------------------------------------ logic --
+    Mutant("triton_causal_off_by_one", "logic", T + "kernels.py",
+           "    seen = seen & (keys <= q_pos)", "    seen = seen & (keys < q_pos)",
+           (f"{FWD}[zigzag_r0w2c16-triton]", f"{GRADS}[zigzag_r0w2c16-triton]"),
+           why="the diagonal key hidden (Triton's one mask helper)"),
+    Mutant("pallas_causal_off_by_one", "logic", P + "kernels.py",
+           "    visible = visible & (kj <= q_pos)", "    visible = visible & (kj < q_pos)",
+           (f"{FWD}[zigzag_r0w2c16-pallas_triton]", f"{GRADS}[zigzag_r0w2c16-pallas_triton]")),
+    Mutant("triton_bwd_gqa_head_mapping", "logic", T + "backward_kernels.py",
+           "    h = hk * GROUP_SIZE + g", "    h = g * HK + hk",
+           (f"{GRADS}[zigzag_r0w2c16-triton]", f"{GRADS}[gqa4_noncausal_groups-triton]"),
+           why="dK/dV sum the wrong q heads"),
+    Mutant("dropped_lse_cotangent", "logic", "jax_grouped_attn/autodiff.py",
+           "  dlse = dlse.astype(jnp.float32)\n  if backward",
+           "  dlse = jnp.zeros_like(dlse, jnp.float32)\n  if backward",
+           ("tests/test_backward.py::test_lse_cotangent_only[triton]",
+            f"{GRADS}[zigzag_r0w2c16-triton]")),
+    Mutant("ring_skipped_step", "logic", "jax_grouped_attn/parallel.py",
+           "  kv, out, lse = jax.lax.fori_loop(1, world - 1, step, (kv, out, lse))",
+           "  kv, out, lse = jax.lax.fori_loop(2, world - 1, step, (kv, out, lse))",
+           ("tests/test_parallel.py::test_xla_backend_matches_reference"
+            "[4-True-float32-4-4-split-ring]",),
+           why="one kv shard never visits (W >= 3)"),
+    Mutant("lse_merge_sign_flip", "logic", "jax_grouped_attn/parallel.py",
+           "  w1, w2 = jnp.exp(lse1 - m), jnp.exp(lse2 - m)",
+           "  w1, w2 = jnp.exp(lse1 - m), jnp.exp(m - lse2)",
+           ("tests/test_parallel.py::test_merge_partials_is_exact_and_nan_free",
+            "tests/test_parallel.py::test_xla_backend_matches_reference"
+            "[2-False-bfloat16-8-2-shared-ring]")),
+    # -------------------------------------------------------- precision --
+    Mutant("triton_dkdv_bf16_accumulators", "precision", T + "backward_kernels.py",
+           "  dv += tl.dot(pt.to(do.dtype), do, input_precision=DOT_PRECISION)\n"
+           "  dpt = tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION)\n"
+           "  dst = pt * (dpt - delta[None, :])\n"
+           "  dk += tl.dot(dst.to(qt.dtype), tl.trans(qt), input_precision=DOT_PRECISION)",
+           "  dv = (dv + tl.dot(pt.to(do.dtype), do, input_precision=DOT_PRECISION))"
+           ".to(tl.bfloat16).to(tl.float32)\n"
+           "  dpt = tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION)\n"
+           "  dst = pt * (dpt - delta[None, :])\n"
+           "  dk = (dk + tl.dot(dst.to(qt.dtype), tl.trans(qt), input_precision=DOT_PRECISION))"
+           ".to(tl.bfloat16).to(tl.float32)",
+           (f"{PREC}test_long_grads_interpreted[triton]",),
+           why="dK/dV rounded to bf16 after every q block"),
+    Mutant("triton_tf32_fp32_dots", "precision", T + "common.py",
+           '  return "ieee" if jnp.dtype(dtype) == jnp.float32 else "tf32"',
+           '  return "tf32"',
+           (f"{PREC}test_triton_fp32_dots_are_ieee_in_sm90_ptx[forward]",
+            f"{PREC}test_triton_fp32_dots_are_ieee_in_sm90_ptx[dkdv]"),
+           why="the interpreter ignores input_precision: seen in the sm_90 PTX"),
+    Mutant("pallas_fp32_dots_without_highest", "precision", P + "launch.py",
+           "  return jax.lax.Precision.HIGHEST if dtype == jnp.float32 else None",
+           "  return None",
+           (f"{PREC}test_pallas_fp32_dots_carry_ieee_precision",),
+           why="interpret mode computes fp32 anyway: seen in the CUDA lowering"),
+    Mutant("triton_fwd_bf16_accumulator", "precision", T + "kernels.py",
+           "  acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)",
+           "  acc = (acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, "
+           "input_precision=DOT_PRECISION)).to(tl.bfloat16).to(tl.float32)",
+           ("tests/test_robustness.py::test_bf16_accumulates_in_fp32[triton]",
+            f"{PREC}test_long_forward_interpreted[triton]")),
+    Mutant("pallas_fwd_bf16_running_sum", "precision", P + "kernels.py",
+           "    l_new = l_prev * alpha + jnp.sum(p, axis=1)",
+           "    l_new = (l_prev * alpha + jnp.sum(p, axis=1)).astype(jnp.bfloat16)"
+           ".astype(jnp.float32)",
+           ("tests/test_robustness.py::test_bf16_accumulates_in_fp32[pallas_triton]",
+            f"{PREC}test_long_forward_interpreted[pallas_triton]")),
+    Mutant("pallas_dkdv_bf16_accumulator", "precision", P + "kernels.py",
+           "    dv = dv + _dot(p.astype(do.dtype), do, trans_a=True, precision=precision)",
+           "    dv = (dv + _dot(p.astype(do.dtype), do, trans_a=True, precision=precision))"
+           ".astype(jnp.bfloat16).astype(jnp.float32)",
+           (f"{PREC}test_long_grads_interpreted[pallas_triton]",)),
+    # ------------------------------------------------- masks and offsets --
+    Mutant("triton_segment_compare", "mask", T + "kernels.py",
+           "    seen = seen & (qseg == kvseg)", "    seen = seen & (qseg >= kvseg)",
+           (f"{FWD}[segments_causal-triton]", f"{GRADS}[segments_causal-triton]")),
+    Mutant("pallas_kv_len_off_by_one", "mask", P + "kernels.py",
+           "  visible = kj < kv_len", "  visible = kj <= kv_len",
+           (f"{FWD}[two_groups_gap_pos-pallas_triton]",
+            f"{FWD}[four_groups_kv0-pallas_triton]")),
+    Mutant("plan_diagonal_block_unmasked", "mask", "jax_grouped_attn/plan.py",
+           "    full = min(full, max(q_pos0 + 1, 0) // bk)",
+           "    full = min(full, max(q_pos0 + bk, 0) // bk)",
+           ("tests/test_backward.py::test_backward_plan_covers_every_visible_pair_once"
+            "[zigzag_r0w2c16-(16, 16, None, None)]", f"{FWD}[zigzag_r0w2c16-triton]"),
+           why="the block on the diagonal skips its causal mask"),
+    Mutant("zigzag_late_source_sees_half", "mask", "jax_grouped_attn/zigzag.py",
+           "  return RingStep(c, 2 * c, 0, 2 * c, QueryGroup(0, c, 0, 2 * c), False)",
+           "  return RingStep(c, 2 * c, 0, 2 * c, QueryGroup(0, c, 0, c), False)",
+           ("tests/test_parallel.py::test_ring_steps_match_the_global_mask[True]",)),
+    # ---------------------------------- Mosaic GPU (no CPU interpreter) --
+    Mutant("mosaic_causal_off_by_one", "logic", P + "mosaic/kernels.py",
+           "    seen = seen & (kj <= pos)", "    seen = seen & (kj < pos)",
+           ("tests/test_mosaic.py::test_forward_and_backward_lower_for_cuda",),
+           gpu="tests/test_mosaic.py::test_matches_reference_on_gpu",
+           why="Mosaic's one mask helper; its numerics run on a GPU only"),
+    Mutant("mosaic_dkdv_bf16_accumulators", "precision", P + "mosaic/kernels.py",
+           "      dk = pl.run_state(dk_step)(plgpu.ACC.init(dk))",
+           "      dk = pl.run_state(dk_step)(plgpu.ACC.init(dk)).astype(dtype).astype(jnp.float32)",
+           ("tests/test_mosaic.py::test_forward_and_backward_lower_for_cuda",),
+           gpu="tests/test_precision.py::test_gpu_long_8192_fwd_bwd[pallas_mosaic]",
+           why="dK rounded to the input dtype after every q block"),
+    Mutant("triton_row_offset_int32", "offset", T + "kernels.py",
+           "  q_off = b * SQ_B + h * SQ_H + row0.to(tl.int64) * SQ_T",
+           "  q_off = b * SQ_B + h * SQ_H + row0 * SQ_T",
+           (f"{PREC}test_sliced_forward_check_small[triton]",),
+           gpu="tests/test_precision.py::test_gpu_more_than_2_31_elements[triton]",
+           why="row * (H * D) in int32 wraps past 2^31 elements"),
+]
+
+
+# ------------------------------------------------------------------ kit ---
+
+def _source_files() -> list[str]:
+  out = subprocess.run(["git", "ls-files", "-co", "--exclude-standard"], cwd=ROOT,
+                       capture_output=True, text=True, check=True).stdout.split("\n")
+  return [f for f in out if f and not f.startswith("benchmarks/results/")
+          and os.path.isfile(os.path.join(ROOT, f))]
+
+
+def check_anchors(root: str = ROOT, mutants=MUTANTS) -> list[str]:
+  """Problems with the anchors in ``root``'s sources (empty: all found as declared)."""
+  bad = []
+  names = [m.name for m in mutants]
+  if len(set(names)) != len(names):
+    bad.append("duplicate mutant names")
+  for m in mutants:
+    path = os.path.join(root, m.path)
+    if not os.path.exists(path):
+      bad.append(f"{m.name}: {m.path} does not exist")
+      continue
+    n = open(path).read().count(m.anchor)
+    if n != m.count:
+      bad.append(f"{m.name}: anchor found {n} times in {m.path}, expected {m.count}: "
+                 f"{m.anchor.splitlines()[0]!r}")
+  return bad
+
+
+def scratch_copy(dest: str) -> None:
+  for f in _source_files():
+    os.makedirs(os.path.dirname(os.path.join(dest, f)) or dest, exist_ok=True)
+    shutil.copy2(os.path.join(ROOT, f), os.path.join(dest, f))
+  # The installed package maps jax_grouped_attn.pallas to ./pallas (pyproject
+  # package-dir); the scratch copy must import its own, so link it in place.
+  link = os.path.join(dest, "jax_grouped_attn", "pallas")
+  if os.path.isdir(os.path.join(dest, "pallas")) and not os.path.exists(link):
+    os.symlink(os.path.join("..", "pallas"), link)
+
+
+def apply(m: Mutant, root: str) -> None:
+  path = os.path.join(root, m.path)
+  text = open(path).read()
+  n = text.count(m.anchor)
+  if n != m.count:
+    raise SystemExit(f"mutant {m.name}: anchor found {n} times in {m.path}, expected {m.count}")
+  open(path, "w").write(text.replace(m.anchor, m.replacement))
+
+
+_FAILED = re.compile(r"^(?:FAILED|ERROR) (.+?)(?: - .*)?$", re.M)
+
+
+def run_mutant(m: Mutant, timeout: int) -> dict:
+  t0 = time.time()
+  with tempfile.TemporaryDirectory(prefix=f"jga-mutant-{m.name}-") as tmp:
+    scratch_copy(tmp)
+    apply(m, tmp)
+    env = dict(os.environ, PYTHONPATH=tmp, PYTHONDONTWRITEBYTECODE="1")
+    check = ("import jax_grouped_attn, jax_grouped_attn.pallas.kernels as k, sys; "
+             f"sys.exit(0 if k.__file__.startswith({tmp!r}) else 3)")
+    if subprocess.run([sys.executable, "-c", check], cwd=tmp, env=env).returncode:
+      raise SystemExit(f"{m.name}: the scratch copy does not import its own package")
+    cmd = [sys.executable, "-m", "pytest", "-x", "-q", "-rfE", "-p", "no:cacheprovider",
+           "-p", "no:randomly", *m.tests]
+    try:
+      proc = subprocess.run(cmd, cwd=tmp, env=env, capture_output=True, text=True,
+                            timeout=timeout)
+      log = proc.stdout + proc.stderr
+      failed = _FAILED.findall(log)
+      if proc.returncode == 0:
+        caught = ""
+      elif failed:
+        caught = failed[0]
+      elif proc.returncode in (4, 5):   # usage error / no tests collected
+        raise SystemExit(f"{m.name}: pytest could not run {m.tests}:\n{log[-2000:]}")
+      else:
+        caught = f"(pytest exit {proc.returncode})"
+    except subprocess.TimeoutExpired:
+      caught, log = f"(timeout {timeout} s)", ""
+  return {"mutant": m, "caught": caught, "seconds": time.time() - t0, "log": log}
+
+
+def main(argv=None) -> int:
+  ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  ap.add_argument("--only", default="", help="comma-separated mutant names")
+  ap.add_argument("--jobs", type=int, default=2)
+  ap.add_argument("--timeout", type=int, default=600, help="seconds per mutant")
+  ap.add_argument("--list", action="store_true")
+  ap.add_argument("--check-anchors", action="store_true")
+  ap.add_argument("--verbose", action="store_true", help="print the log of survivors")
+  args = ap.parse_args(argv)
+  bad = check_anchors()
+  if bad or args.check_anchors:
+    print("\n".join(bad) or f"all {len(MUTANTS)} anchors found")
+    return 1 if bad else 0
+  chosen = MUTANTS
+  if args.only:
+    names = args.only.split(",")
+    unknown = set(names) - {m.name for m in MUTANTS}
+    if unknown:
+      raise SystemExit(f"unknown mutants: {sorted(unknown)}")
+    chosen = [m for m in MUTANTS if m.name in names]
+  if args.list:
+    for m in chosen:
+      print(f"{m.name:<34} {m.kind:<10} {m.path}  {m.why}")
+    return 0
+  print(f"{len(chosen)} mutants, {args.jobs} at a time, from {ROOT}", flush=True)
+  results = []
+  with concurrent.futures.ThreadPoolExecutor(args.jobs) as pool:
+    for r in pool.map(lambda m: run_mutant(m, args.timeout), chosen):
+      m = r["mutant"]
+      print(f"  {m.name}: {r['caught'] or 'SURVIVED (CPU)'} ({r['seconds']:.0f} s)", flush=True)
+      results.append(r)
+  print("\n| mutant | kind | caught by | s |\n|---|---|---|---|")
+  missed = []
+  for r in results:
+    m = r["mutant"]
+    if r["caught"] and not r["caught"].startswith("("):
+      cell = r["caught"]
+    elif m.gpu and not r["caught"]:
+      cell = f"GPU only: {m.gpu} (CPU suite: survives, as expected)"
+    else:
+      cell = f"**SURVIVED** {r['caught']}".strip()
+      missed.append(r)
+    print(f"| {m.name} | {m.kind} | {cell} | {r['seconds']:.0f} |")
+  for r in missed:
+    if args.verbose:
+      print(f"\n--- {r['mutant'].name} ---\n{r['log'][-3000:]}")
+  return 1 if missed else 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())
