@@ -8,13 +8,14 @@ causal masking) and one late (expensive) chunk::
 
 Everything here is pure Python/numpy on static ints, except that
 :func:`zigzag_permute` / :func:`zigzag_unpermute` apply the static permutation
-to an array with ``jnp.take``.
+to an array (reshapes and a flip).
 """
 
 from __future__ import annotations
 
 import dataclasses
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 
@@ -100,17 +101,27 @@ def _check_seq_axis(x, world_size: int, axis: int) -> int:
 
 
 def zigzag_permute(x, world_size: int, axis: int = 1):
-  """Natural order -> zigzag order along ``axis`` (``jnp.take`` with
+  """Natural order -> zigzag order along ``axis`` (the permutation
   :func:`zigzag_order`). Shard the result evenly over ``world_size`` devices:
   device r gets chunks r and 2W-1-r. Use it for q, k, v and segment ids."""
   length = _check_seq_axis(x, world_size, axis)
-  return jnp.take(x, jnp.asarray(zigzag_order(length, world_size)), axis=axis)
+  axis, w = axis % x.ndim, world_size
+  # Reshapes, a flip and a stack (not a gather): under autodiff the transpose
+  # stays a copy instead of a scatter-add.
+  xs = jnp.reshape(x, x.shape[:axis] + (2, w, length // (2 * w)) + x.shape[axis + 1:])
+  lo = jax.lax.index_in_dim(xs, 0, axis, keepdims=False)             # chunks 0..W-1
+  hi = jnp.flip(jax.lax.index_in_dim(xs, 1, axis, keepdims=False), axis)  # 2W-1..W
+  return jnp.reshape(jnp.stack([lo, hi], axis=axis + 1), x.shape)
 
 
 def zigzag_unpermute(x, world_size: int, axis: int = 1):
   """Inverse of :func:`zigzag_permute`: zigzag order -> natural order along ``axis``."""
   length = _check_seq_axis(x, world_size, axis)
-  return jnp.take(x, jnp.asarray(zigzag_inverse_order(length, world_size)), axis=axis)
+  axis, w = axis % x.ndim, world_size
+  xs = jnp.reshape(x, x.shape[:axis] + (w, 2, length // (2 * w)) + x.shape[axis + 1:])
+  lo = jax.lax.index_in_dim(xs, 0, axis + 1, keepdims=False)
+  hi = jnp.flip(jax.lax.index_in_dim(xs, 1, axis + 1, keepdims=False), axis)
+  return jnp.reshape(jnp.concatenate([lo, hi], axis=axis), x.shape)
 
 
 @dataclasses.dataclass(frozen=True)
