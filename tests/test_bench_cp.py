@@ -61,3 +61,18 @@ def test_hlo_overlap_reads_async_pairs():
   assert records["late-start"]["waits_on_heavy"] and not records["late-start"]["bracketed"]
   summary = hlo_overlap.summarize(list(records.values()))["collective-permute"]
   assert summary == dict(total=2, is_async=2, overlapped=1, could_overlap=1, waits_on_heavy=1)
+
+
+def test_llama_compare_data_vs_context_parallel_on_cpu(tmp_path):
+  # Same global batch and sequence: identical first-step losses, and a table.
+  from benchmarks import llama  # noqa: PLC0415
+  out = tmp_path / "llama.json"
+  res = llama.main(["--preset", "tiny", "--backend", "xla", "--batch", "2", "--seq", "32",
+                    "--steps", "1", "--warmup", "1", "--devices", "2",
+                    "--compare", "dp,ulysses", "--json-out", str(out)])
+  assert [r["mode"] for r in res] == ["dp", "ulysses"]
+  assert all("error" not in r and r["devices"] == 2 and r["tokens_per_s_per_device"] > 0
+             for r in res), res
+  losses = [r["first_loss"] for r in res]
+  assert max(losses) - min(losses) < 1e-4, losses
+  assert json.loads(out.read_text())["results"][1]["layout"].endswith("strategy=ulysses")
