@@ -190,11 +190,12 @@ def _sequence_parallel(problem, strategy, axis_name, run, q, k, v, qs, ks):
 
 # ----------------------------------------------------------------- ulysses --
 
-def kv_head_repeats(hq: int, hk: int, world: int) -> int:
+def kv_head_repeats(hk: int, world: int) -> int:
   """How often Ulysses repeats each kv head so ``world`` equal, contiguous
   query-head slices each get whole kv heads: 1 when Hk % W == 0, else
-  W / gcd(Hk, W) (then Hk * r = lcm(Hk, W), which divides Hq)."""
-  del hq
+  W / gcd(Hk, W). Then Hk * r = lcm(Hk, W), which divides Hq (a multiple of
+  both), and query head h still reads repeated head h // (Hq / (Hk * r)),
+  a copy of its kv head h // (Hq / Hk)."""
   return world // math.gcd(hk, world)
 
 
@@ -214,7 +215,7 @@ def ulysses_to_sequence(x, axis_name, world: int, causal: bool, seq_axis=1, head
 
 def _ulysses_attention(problem, cp, run, w_in, q, k, v, qs, ks):
   axis, causal = cp.ulysses_axes, problem.causal
-  reps = kv_head_repeats(problem.hq, problem.hk, w_in)
+  reps = kv_head_repeats(problem.hk, w_in)
   if reps > 1:   # GQA with Hk % W != 0: whole kv heads per query-head slice
     k, v = jnp.repeat(k, reps, axis=2), jnp.repeat(v, reps, axis=2)
   heads = lambda x: ulysses_to_heads(x, axis, w_in, causal)

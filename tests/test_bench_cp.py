@@ -76,3 +76,17 @@ def test_llama_compare_data_vs_context_parallel_on_cpu(tmp_path):
   losses = [r["first_loss"] for r in res]
   assert max(losses) - min(losses) < 1e-4, losses
   assert json.loads(out.read_text())["results"][1]["layout"].endswith("strategy=ulysses")
+
+
+@pytest.mark.gpu
+def test_bench_cp_runs_on_every_gpu(tmp_path):
+  import jax  # noqa: PLC0415
+  if jax.device_count() < 2:
+    pytest.skip("needs >= 2 GPUs")
+  res = bench_cp.main(["--out", str(tmp_path), "--seqs", "8192", "--heads", "8x4x64",
+                       "--backends", "triton", "--reps", "2", "--warmup", "1", "--sets", "1",
+                       "--no-oracle"])
+  bad = [(r["label"], r["status"], r.get("reason")) for r in res["rows"]
+         if r["status"] in ("wrong", "error")]
+  assert not bad, bad
+  assert any(r["kind"] == "cp" and r["status"] == "ok" for r in res["rows"])

@@ -16,7 +16,7 @@ from jax.sharding import PartitionSpec as P
 
 import jax_grouped_attn as ga
 from jax_grouped_attn.parallel import ContextParallel, kv_head_repeats
-from cases import GRAD_TOL, LSE_TOL, OUT_TOL, SMALL, assert_close
+from cases import GRAD_TOL, KERNEL_BACKENDS, LSE_TOL, OUT_TOL, SMALL, assert_close
 from test_parallel import _inputs, _out_lse_grads
 
 F32, BF16 = jnp.float32, jnp.bfloat16
@@ -32,7 +32,7 @@ def _mesh(shape, names):
 
 def check(mesh, axis_name, strategy, backend="xla", *, ulysses_axis_name=None, causal=True,
           dtype=F32, hq=4, hk=2, d=32, b=2, chunk=8, segments=None, seed=0,
-          batch_axis_name=None):
+          batch_axis_name=None, config=SMALL):
   """context_parallel_attention on ``mesh`` == reference: out, lse, dq, dk, dv."""
   cp = ContextParallel(axis_name, strategy, ulysses_axis_name)
   world = int(np.prod([mesh.shape[n] for n in cp.sequence_axes]))
@@ -46,7 +46,7 @@ def check(mesh, axis_name, strategy, backend="xla", *, ulysses_axis_name=None, c
   fn = lambda q, k, v: ga.context_parallel_attention(
       q, k, v, mesh, axis_name, strategy=strategy, ulysses_axis_name=ulysses_axis_name,
       causal=causal, backend=backend, return_lse=True, batch_axis_name=batch_axis_name,
-      config=None if backend == "xla" else SMALL, **seg)
+      config=None if backend == "xla" else config, **seg)
   got = jax.jit(lambda *a: _out_lse_grads(fn, *a))(q, k, v, dout, dlse)
   name = f"{dict(mesh.shape)}-{strategy}-{ulysses_axis_name}-{backend}"
   assert got[0].dtype == dtype and got[0].shape == q.shape
@@ -86,10 +86,10 @@ def test_ulysses_over_a_tuple_axis_with_a_batch_axis():
 
 
 def test_kv_head_repeats():
-  assert kv_head_repeats(32, 8, 4) == 1
-  assert kv_head_repeats(32, 8, 16) == 2     # 8 kv heads over 16 query-head slices
-  assert kv_head_repeats(12, 3, 2) == 2      # Hk=3, W=2: lcm 6 kv heads, GQA 2
-  assert kv_head_repeats(8, 1, 8) == 8
+  assert kv_head_repeats(8, 4) == 1
+  assert kv_head_repeats(8, 16) == 2     # 8 kv heads over 16 query-head slices
+  assert kv_head_repeats(3, 2) == 2      # Hk=3, W=2: lcm 6 kv heads
+  assert kv_head_repeats(1, 8) == 8
 
 
 # ------------------------------------------------------------------- 2-D --
@@ -178,3 +178,24 @@ def test_errors_name_the_argument():
                                   mesh, "node", ulysses_axis_name="gpu", backend="xla")
   with pytest.raises(ValueError, match="'tp' is not an axis of the mesh"):
     ga.context_parallel_attention(q, q, q, mesh, "node", ulysses_axis_name="tp", backend="xla")
+
+
+# ------------------------------------------------------------------- GPU --
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("strategy", ["ulysses", "ring+ulysses", "allgather+ulysses"])
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
+def test_multi_gpu_matches_reference(strategy, backend):
+  n = jax.device_count()
+  if n < 2:
+    pytest.skip(f"needs >= 2 GPUs for context parallelism, have {n}")
+  world = 2 ** int(np.log2(min(n, 8)))
+  kw = dict(dtype=BF16, hq=8, hk=2, d=128, b=2, chunk=256, segments="shared", seed=5,
+            config=None)
+  if "+" not in strategy:
+    check(_mesh((world,), ("cp",)), "cp", strategy, backend, **kw)
+    return
+  if world < 4:
+    pytest.skip(f"2-D context parallelism needs >= 4 GPUs, have {n}")
+  check(_mesh((world // 2, 2), ("node", "gpu")), "node", strategy.split("+")[0], backend,
+        ulysses_axis_name="gpu", **kw)
