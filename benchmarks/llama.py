@@ -494,6 +494,7 @@ def main(argv=None):
         msg = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"[:200]
         print(f"{item} failed: {msg}")
         results.append({"mode": mode, "backend": backend or args.backend, "error": msg})
+      write_json(args, results)   # kept if a later layout runs out of time
       jax.clear_caches()
     table = compare_table(results)
     print(f"\nglobal batch {args.batch} x seq {args.seq}, preset {args.preset}"
@@ -508,12 +509,17 @@ def main(argv=None):
       results = [train_benchmark(args, mode)]
     except ValueError as e:
       ap.error(str(e))
-  if args.json_out:
-    import json  # noqa: PLC0415
-    with open(args.json_out, "w") as f:
-      json.dump({"args": vars(args), "device": jax.devices()[0].device_kind,
-                 "device_count": jax.device_count(), "results": results}, f, indent=1)
+  write_json(args, results)
   return results
+
+
+def write_json(args, results) -> None:
+  if not args.json_out:
+    return
+  import json  # noqa: PLC0415
+  with open(args.json_out, "w") as f:
+    json.dump({"args": vars(args), "device": jax.devices()[0].device_kind,
+               "device_count": jax.device_count(), "results": results}, f, indent=1)
 
 
 if __name__ == "__main__":
