@@ -226,8 +226,9 @@ def _ulysses_attention(problem, cp, run, w_in, q, k, v, qs, ks):
     return zigzag_unpermute(ids, w_in, axis=1) if causal else ids
 
   if qs is not None:
-    qs, ks = (gather(qs), None) if qs is ks else (gather(qs), gather(ks))
-    ks = qs if ks is None else ks
+    same = qs is ks   # segment_ids=: gather once
+    qs = gather(qs)
+    ks = qs if same else gather(ks)
   t = q.shape[1]
   inner = dataclasses.replace(problem, groups=(QueryGroup(0, t, 0, t),), tq=t, tk=t,
                               hq=q.shape[2], hk=k.shape[2])
