@@ -15,13 +15,14 @@ SUPPORTED_DTYPES = validate.SUPPORTED_DTYPES
 MIN_HEAD_DIM, MAX_HEAD_DIM = validate.MIN_HEAD_DIM, validate.MAX_HEAD_DIM
 
 
-def _resolve(backend, interpret, config, backward):
-  """(entry name, interpret, AttentionConfig, backward mode), all checked."""
+def _resolve(backend, interpret, config, backward, problem, dtype):
+  """((forward, backward) entry names, interpret, AttentionConfig, backward
+  mode), all checked."""
   cfg = as_attention_config(config)
   backward = validate.check_backward_mode(backward)
-  entry, interp = registry.resolve(backend, interpret, cfg)
-  registry.check_config(entry, cfg)
-  return entry.name, interp, cfg, backward
+  entries, interp = registry.resolve(backend, interpret, cfg, problem, dtype)
+  registry.check_config(entries, cfg)
+  return tuple(e.name for e in entries), interp, cfg, backward
 
 
 def grouped_attention(q, k, v, groups, *, causal=True, softmax_scale=None,
@@ -55,7 +56,8 @@ def grouped_attention(q, k, v, groups, *, causal=True, softmax_scale=None,
                                   softmax_scale=softmax_scale, q_segment_ids=q_segment_ids,
                                   kv_segment_ids=kv_segment_ids)
   return_lse = validate.check_bool("return_lse", return_lse)
-  name, interp, cfg, backward = _resolve(backend, interpret, config, backward)
+  name, interp, cfg, backward = _resolve(backend, interpret, config, backward, problem,
+                                         q.dtype)
   out, lse = autodiff.attention(problem, name, cfg, interp, backward,
                                 q, k, v, q_segment_ids, kv_segment_ids)
   return (out, lse) if return_lse else out
@@ -103,7 +105,8 @@ def attention(q, k, v, *, causal=False, softmax_scale=None, segment_ids=None,
         q, k, v, (QueryGroup(0, t, 0, tk),), causal=causal, softmax_scale=softmax_scale,
         q_segment_ids=q_segment_ids, kv_segment_ids=kv_segment_ids)
     return_lse = validate.check_bool("return_lse", return_lse)
-    name, interp, cfg, backward = _resolve(backend, interpret, config, backward)
+    name, interp, cfg, backward = _resolve(backend, interpret, config, backward, problem,
+                                           q.dtype)
     out, lse = parallel.local_attention(
         problem, context_parallel, name, cfg, interp, backward,
         q, k, v, q_segment_ids, kv_segment_ids)

@@ -53,6 +53,15 @@ class Backend:
     """Why this backend cannot run on ``platform`` here (None: it can)."""
     return None
 
+  def auto_candidate(self, pass_: str, head_dim: int, dtype) -> bool:
+    """Whether "auto" may pick this backend for ``pass_`` without a tuned
+    timing (a backend known to be slow somewhere says so here)."""
+    return True
+
+  def supports(self, problem: Problem, dtype) -> str | None:
+    """Why this backend cannot compute ``problem`` in ``dtype`` (None: it can)."""
+    return None
+
   def heuristic_config(self, pass_: str, head_dim: int, dtype):
     """The default config of ``pass_`` when no tuned entry applies."""
     return None

@@ -48,6 +48,7 @@ import math
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax.sharding import PartitionSpec as P
 
 from jax_grouped_attn import autodiff, registry, validate
@@ -55,7 +56,7 @@ from jax_grouped_attn.config import as_attention_config
 from jax_grouped_attn.groups import QueryGroup
 from jax_grouped_attn.plan import Problem
 from jax_grouped_attn.vma import pvary as _pvary
-from jax_grouped_attn.zigzag import (zigzag_groups, zigzag_permute,
+from jax_grouped_attn.zigzag import (shuffle_shard, zigzag_groups, zigzag_permute,
                                      zigzag_ring_step, zigzag_unpermute)
 
 STRATEGIES = ("allgather", "ring", "ulysses")
@@ -149,7 +150,7 @@ def merge_partials(out1, lse1, out2, lse2):
 class _Run:
   """The resolved kernel choice every strategy passes down to autodiff."""
 
-  backend: str
+  backend: object   # an entry name, or a (forward, backward) pair of them
   config: object
   interpret: bool
   backward: str
@@ -157,15 +158,16 @@ class _Run:
 
 # ------------------------------------------------------------ the dispatch --
 
-def local_attention(problem: Problem, cp: ContextParallel, backend: str, config,
+def local_attention(problem: Problem, cp: ContextParallel, backend, config,
                     interpret: bool, backward: str, q, k, v, q_segment_ids,
                     kv_segment_ids):
   """Context-parallel attention of the local zigzag shards (inside shard_map).
 
   q: [B, 2c, Hq, D], k, v: [B, 2c, Hk, D], segment ids [B, 2c] int (or None):
   this device's shard, described (and validated) by ``problem`` as one
-  self-attention group; ``backend`` (an entry name), ``config`` (an
-  AttentionConfig), ``interpret`` and ``backward`` are resolved. Returns
+  self-attention group; ``backend`` (an entry name, or a (forward, backward)
+  pair of them), ``config`` (an AttentionConfig), ``interpret`` and
+  ``backward`` are resolved. Returns
   (out [B, 2c, Hq, D], lse [B, Hq, 2c] f32).
   """
   run = _Run(backend, config, interpret, backward)
@@ -473,10 +475,18 @@ def context_parallel_attention(q, k, v, mesh, axis_name, *, strategy="allgather"
                                backward="kernel"):
   """Zigzag context-parallel self-attention of GLOBAL arrays in natural order.
 
-  Permutes the sequence (axis 1) to zigzag order, shards it over mesh axes
-  ``cp.sequence_axes`` (and the batch over ``batch_axis_name`` if given), runs
-  ``attention(..., context_parallel=ContextParallel(axis_name, strategy,
-  ulysses_axis_name))`` in ``jax.shard_map`` and un-permutes the result.
+  Shards the sequence (axis 1) over mesh axes ``cp.sequence_axes`` (and the
+  batch over ``batch_axis_name`` if given) in natural order; inside
+  ``jax.shard_map`` moves each shard to zigzag order (two ``ppermute``s), runs
+  ``attention(..., context_parallel=cp)`` with ``cp = ContextParallel(axis_name,
+  strategy, ulysses_axis_name)`` and moves the result back.
+
+  Works on meshes with Auto or Explicit axes (``jax.make_mesh``'s default in
+  new JAX). On Explicit axes the inputs are resharded to
+  ``P(batch_axis_name, cp.sequence_axes)``, and ``out`` keeps that sharding
+  (``lse``: ``P(batch_axis_name, None, cp.sequence_axes)``). JAX itself wants eager
+  differentiation on Explicit axes inside ``with jax.set_mesh(mesh):``
+  (jitted code does not need it).
 
   Args:
     q: [B, S, Hq, D]; k, v: [B, S, Hk, D]; S divisible by 2 * W, W the product
@@ -491,8 +501,8 @@ def context_parallel_attention(q, k, v, mesh, axis_name, *, strategy="allgather"
   cp = ContextParallel(axis_name, strategy, ulysses_axis_name)
   if not isinstance(mesh, jax.sharding.Mesh):
     raise TypeError(f"mesh must be a jax.sharding.Mesh, got {type(mesh).__name__}.")
-  axes = cp.sequence_axes
-  world = validate.check_context_parallel_global(q, k, v, mesh.shape, axes, batch_axis_name)
+  validate.check_context_parallel_global(q, k, v, mesh.shape, cp.sequence_axes,
+                                         batch_axis_name)
   if segment_ids is not None:
     if q_segment_ids is not None or kv_segment_ids is not None:
       raise ValueError("pass segment_ids or q_segment_ids/kv_segment_ids, not both.")
@@ -505,29 +515,48 @@ def context_parallel_attention(q, k, v, mesh, axis_name, *, strategy="allgather"
   return_lse = validate.check_bool("return_lse", return_lse)
   backward = validate.check_backward_mode(backward)
   cfg = as_attention_config(config)
-  entry, interp = registry.resolve(backend, interpret, cfg)
-  registry.check_config(entry, cfg)
+  entries, interp = registry.resolve(backend, interpret, cfg, problem, q.dtype)
+  registry.check_config(entries, cfg)
+  names = tuple(e.name for e in entries)
   args = [q, k, v] + ([q_segment_ids, kv_segment_ids] if q_segment_ids is not None else [])
-  seq = P(batch_axis_name, axes)
+  # Some interpreters fail shard_map's varying-axes check (Backend.interpret_vma).
+  key = (mesh, cp, batch_axis_name, len(args), problem, names, cfg, interp, backward,
+         all(e.interpret_vma for e in entries) or not interp)
+  try:
+    hash(key)
+  except TypeError:   # an unhashable argument: build it uncached
+    fn = _sharded_attention.__wrapped__(*key)
+  else:
+    fn = _sharded_attention(*key)
+  out, lse = fn(*args)
+  return (out, lse) if return_lse else out
 
-  def body(q, k, v, qs=None, ks=None):
+
+@functools.lru_cache(maxsize=64)
+def _sharded_attention(mesh, cp, batch_axis_name, n_args, problem, backend, config,
+                       interpret, backward, check_vma):
+  """The jitted shard_map of context_parallel_attention (cached, so eager
+  calls compile once): global natural-order arrays -> (out, lse)."""
+  axes = cp.sequence_axes
+  world = int(np.prod([mesh.shape[n] for n in axes]))
+  axis = axes if len(axes) > 1 else axes[0]
+  seq = P(batch_axis_name, axis)
+  shuffle = lambda x, dim=1, inverse=False: shuffle_shard(x, axis, world, dim,
+                                                          inverse=inverse)
+
+  def body(*shards):   # natural-order shards in and out; zigzag in between
+    q, k, v, *segments = (shuffle(x) for x in shards)
+    qs, ks = segments or (None, None)
     b, t = q.shape[:2]
     local = dataclasses.replace(problem, groups=(QueryGroup(0, t, 0, t),), batch=b, tq=t, tk=t)
-    return local_attention(local, cp, entry.name, cfg, interp, backward, q, k, v, qs, ks)
+    out, lse = local_attention(local, cp, backend, config, interpret, backward, q, k, v,
+                               qs, ks)
+    return shuffle(out, inverse=True), shuffle(lse, dim=2, inverse=True)
 
-  # Some interpreters fail shard_map's varying-axes check (Backend.interpret_vma).
-  check_vma = entry.interpret_vma or not interp
-  fn = shard_map(body, mesh, (seq,) * len(args), (seq, P(batch_axis_name, None, axes)),
+  fn = shard_map(body, mesh, (seq,) * n_args, (seq, P(batch_axis_name, None, axis)),
                  check_vma=check_vma)
-  args = [zigzag_permute(x, world, axis=1) for x in args]
-  if _has_explicit_axes(mesh):   # explicit-sharding meshes: put inputs in place
-    sharding = jax.sharding.NamedSharding(mesh, seq)
-    args = [jax.sharding.reshard(x, sharding) for x in args]
-  out, lse = fn(*args)
-  if _has_explicit_axes(mesh):   # the natural order is not a sharding of axis_name
-    out = jax.sharding.reshard(out, jax.sharding.NamedSharding(mesh, P(batch_axis_name)))
-    lse = jax.sharding.reshard(lse, jax.sharding.NamedSharding(mesh, P(batch_axis_name)))
-  out = zigzag_unpermute(out, world, axis=1)
-  if not return_lse:
-    return out
-  return out, zigzag_unpermute(lse, world, axis=2)
+  if not _has_explicit_axes(mesh):
+    return jax.jit(fn)
+  sharding = jax.sharding.NamedSharding(mesh, seq)
+  # shard_map takes arrays typed with its in_specs on Explicit axes.
+  return jax.jit(lambda *args: fn(*(jax.sharding.reshard(x, sharding) for x in args)))

@@ -62,11 +62,13 @@ def _next_pow2(x: int) -> int:
   return p
 
 
-def effective_blocks(problem: Problem, block_q: int, block_k: int) -> tuple[int, int]:
-  """Shrinks tiles for tiny problems (never below 16, the smallest dot tile)."""
+def effective_blocks(problem: Problem, block_q: int, block_k: int,
+                     min_block: int = 16) -> tuple[int, int]:
+  """Shrinks tiles for tiny problems (never below min_block: 16, the smallest
+  dot tile, by default; the Mosaic GPU kernels pass 64, their wgmma tile)."""
   max_len = max(g.q_len for g in problem.groups)
-  bq = min(block_q, max(16, _next_pow2(max_len)))
-  bk = min(block_k, max(16, _next_pow2(problem.tk)))
+  bq = min(block_q, max(min_block, _next_pow2(max_len)))
+  bk = min(block_k, max(min_block, _next_pow2(problem.tk)))
   return bq, bk
 
 
@@ -105,15 +107,15 @@ def _kv_blocks(g: QueryGroup, q_pos0: int, n_rows: int, causal: bool,
 
 @functools.lru_cache(maxsize=256)
 def make_plan(problem: Problem, block_q: int, block_k: int, q_align: int = 1,
-              k_align: int = 1) -> Plan:
+              k_align: int = 1, min_block: int = 16) -> Plan:
   """The q layout and forward work table for tiles (block_q, block_k).
 
   Each group's rows are padded to a multiple of max(block_q, q_align) and the
   keys to a multiple of max(block_k, k_align) (after effective_blocks): two
   plans with the same alignment share one padded layout (the backward's dK/dV
-  and dQ tiles).
+  and dQ tiles). ``min_block`` is effective_blocks' floor.
   """
-  bq, bk = effective_blocks(problem, block_q, block_k)
+  bq, bk = effective_blocks(problem, block_q, block_k, min_block)
   qa, ka = max(bq, q_align), max(bk, k_align)
   if qa % bq or ka % bk:
     raise ValueError(f"make_plan: alignment ({q_align=}, {k_align=}) must be a multiple of "
@@ -218,17 +220,19 @@ class BackwardPlan:
 @functools.lru_cache(maxsize=256)
 def make_backward_plan(problem: Problem, block_q: int, block_k: int,
                        dq_block_q: int | None = None,
-                       dq_block_k: int | None = None) -> BackwardPlan:
+                       dq_block_k: int | None = None,
+                       min_block: int = 16) -> BackwardPlan:
   """dK/dV tiles (block_q, block_k), dQ tiles (dq_block_q, dq_block_k)
   (default: the same), one padded layout aligned to both. The dK/dV table
   transposes the forward work table of the dK/dV tiles: for every kv block,
-  the q blocks of all groups that see it."""
+  the q blocks of all groups that see it. ``min_block`` is effective_blocks'
+  floor."""
   dq_block_q, dq_block_k = dq_block_q or block_q, dq_block_k or block_k
-  bq, bk = effective_blocks(problem, block_q, block_k)
-  dbq, dbk = effective_blocks(problem, dq_block_q, dq_block_k)
+  bq, bk = effective_blocks(problem, block_q, block_k, min_block)
+  dbq, dbk = effective_blocks(problem, dq_block_q, dq_block_k, min_block)
   qa, ka = max(bq, dbq), max(bk, dbk)
-  kv_plan = make_plan(problem, block_q, block_k, qa, ka)
-  plan = make_plan(problem, dq_block_q, dq_block_k, qa, ka)
+  kv_plan = make_plan(problem, block_q, block_k, qa, ka, min_block)
+  plan = make_plan(problem, dq_block_q, dq_block_k, qa, ka, min_block)
   assert (kv_plan.tq_pad, kv_plan.tk_pad) == (plan.tq_pad, plan.tk_pad)
   n_kb = kv_plan.tk_pad // kv_plan.block_k
   per_block = [[] for _ in range(n_kb)]   # kv block -> [(masked, row0, entry)]

@@ -15,16 +15,19 @@ from jax_grouped_attn import tuning
 from jax_grouped_attn.backend import Backend
 from jax_grouped_attn.config import PASSES, AttentionConfig
 from jax_grouped_attn.pallas.backend import PALLAS_TRITON
+from jax_grouped_attn.pallas.mosaic.backend import PALLAS_MOSAIC
 from jax_grouped_attn.platform import current_platform
 from jax_grouped_attn.plan import Problem
 from jax_grouped_attn.reference import XLA
 from jax_grouped_attn.triton.backend import TRITON
 
-ENTRIES: tuple[Backend, ...] = (XLA, TRITON, PALLAS_TRITON)
-# alias -> entries it may stand for, in order of preference.
-ALIASES: dict[str, tuple[str, ...]] = {"pallas": ("pallas_triton",)}
-# "auto" on a GPU: the first available of these.
-AUTO_GPU: tuple[str, ...] = ("triton", "pallas_triton")
+ENTRIES: tuple[Backend, ...] = (XLA, PALLAS_MOSAIC, TRITON, PALLAS_TRITON)
+# alias -> entries it may stand for, in order of preference ("pallas": Mosaic
+# GPU on Hopper for 16-bit inputs, the Triton lowering elsewhere).
+ALIASES: dict[str, tuple[str, ...]] = {"pallas": ("pallas_mosaic", "pallas_triton")}
+# "auto" on a GPU: per pass, the fastest of these in the tuned table, else the
+# first usable (H100, 2026-11-26: Mosaic forward 1.05x cuDNN, Triton 0.85x).
+AUTO_GPU: tuple[str, ...] = ("pallas_mosaic", "triton", "pallas_triton")
 
 _BY_NAME = {b.name: b for b in ENTRIES}
 
@@ -60,35 +63,15 @@ def _takes(entry: Backend, config: AttentionConfig) -> bool:
   return True
 
 
-def resolve(backend, interpret, config: AttentionConfig | None = None) -> tuple[Backend, bool]:
-  """Maps the user's ``backend`` / ``interpret`` (/ ``config``) to (entry, interpret).
-
-  On a GPU the kernels are compiled; without one, interpretable kernel
-  backends run under their interpreter. An alias picks its first available
-  entry that takes the given configs.
-  """
-  if not isinstance(backend, str) or backend not in names():
-    raise ValueError(f"backend={backend!r} is unknown; use one of {names()}.")
-  if interpret is not None and not isinstance(interpret, bool):
-    raise TypeError(f"interpret must be None or a bool, got {interpret!r}.")
-  config = config or AttentionConfig()
-  platform = current_platform()
-  if backend == "auto":
-    candidates = AUTO_GPU if platform == "gpu" else ("xla",)
-    usable = [n for n in candidates if available(n, platform) and _takes(get(n), config)]
-    backend = usable[0] if usable else "xla"
-  elif backend in ALIASES:
-    usable = [n for n in ALIASES[backend] if available(n, platform)]
-    fitting = [n for n in usable if _takes(get(n), config)]
-    backend = (fitting or usable or ALIASES[backend])[0]
-  entry = get(backend)
+def _platform_interpret(entry: Backend, interpret, platform: str) -> bool:
+  """The interpret flag ``entry`` runs with on ``platform`` (or a clear error)."""
   reason = entry.unavailable(platform)
   if reason is not None:
     raise ValueError(reason)
   if entry.native_autodiff:
     if interpret:
       raise ValueError(f"interpret=True has no meaning for backend={entry.name!r} (plain jnp).")
-    return entry, False
+    return False
   if platform == "cpu":
     if interpret is False or not entry.interpretable:
       raise ValueError(
@@ -97,13 +80,105 @@ def resolve(backend, interpret, config: AttentionConfig | None = None) -> tuple[
           if entry.interpretable else
           f"backend={entry.name!r} needs a GPU (it has no interpreter); use backend='xla' "
           "or 'triton' on CPU.")
-    return entry, True
-  return entry, bool(interpret)
+    return True
+  return bool(interpret)
 
 
-def check_config(entry: Backend, config: AttentionConfig) -> None:
-  """Raises if a config was given for a pass that ``entry`` cannot use."""
-  for pass_ in PASSES:
+def _usable(name: str, platform: str, config: AttentionConfig, problem, dtype,
+            interpret) -> bool:
+  entry = get(name)
+  if entry.unavailable(platform) is not None or not _takes(entry, config):
+    return False
+  if platform == "cpu" and not (entry.interpretable or entry.native_autodiff):
+    return False
+  if interpret and not (entry.interpretable or entry.native_autodiff):
+    return False
+  return problem is None or entry.supports(problem, dtype) is None
+
+
+def _fastest(pass_: str, names, problem: Problem, dtype) -> str | None:
+  """The entry of ``names`` this GPU's tuned table times fastest for ``pass_``
+  at ``problem``'s head_dim and length; None unless every one of ``names`` has
+  a timing there (an untimed entry is not evidence of a slow one).
+
+  Forward entries hold forward times; backward entries hold fwd+bwd times,
+  so a backward's own cost is that minus its forward entry's time.
+  """
+  times = {}
+  for name in names:
+    entry = get(name)
+    cls = entry.config_class(pass_)
+    if cls is None:
+      continue
+    look = lambda p, c: tuning.lookup(p, name, c, problem.head_dim, seq_len=problem.tk,
+                                      dtype=dtype)
+    try:
+      got = look(pass_, cls)
+      if got is None or not isinstance(got.get("ms"), (int, float)):
+        continue
+      ms = float(got["ms"])
+      if pass_ == "backward":
+        fwd = look("forward", entry.config_class("forward"))
+        if fwd is None or not isinstance(fwd.get("ms"), (int, float)):
+          continue
+        ms -= float(fwd["ms"])
+    except Exception:  # noqa: BLE001 -- a broken table must never break attention
+      continue
+    times[name] = ms
+  if not times or len(times) < len(names):
+    return None
+  return min(times, key=times.get)
+
+
+def resolve(backend, interpret, config: AttentionConfig | None = None,
+            problem: Problem | None = None, dtype=None) -> tuple[tuple[Backend, Backend], bool]:
+  """Maps the user's ``backend`` / ``interpret`` / ``config`` to ((forward
+  entry, backward entry), interpret).
+
+  An entry name runs both passes. An alias picks its first entry that runs
+  here, takes the given configs and supports ``problem`` in ``dtype``.
+  "auto" on a GPU picks the forward and the backward independently (they
+  share the out/lse residual contract): the fastest in this GPU's tuned table,
+  else the first usable of ``AUTO_GPU``; elsewhere it is the reference.
+  """
+  if not isinstance(backend, str) or backend not in names():
+    raise ValueError(f"backend={backend!r} is unknown; use one of {names()}.")
+  if interpret is not None and not isinstance(interpret, bool):
+    raise TypeError(f"interpret must be None or a bool, got {interpret!r}.")
+  config = config or AttentionConfig()
+  platform = current_platform()
+  usable = lambda n: _usable(n, platform, config, problem, dtype, interpret)
+  if backend == "auto":
+    if platform != "gpu":
+      picks = ("xla", "xla")
+    else:
+      picks = []
+      for p in PASSES:
+        candidates = [n for n in AUTO_GPU if usable(n) and (
+            problem is None or get(n).auto_candidate(p, problem.head_dim, dtype))] or ["xla"]
+        picks.append((_fastest(p, candidates, problem, dtype) if problem is not None else None)
+                     or candidates[0])
+      picks = tuple(picks)
+  elif backend in ALIASES:
+    fitting = [n for n in ALIASES[backend] if usable(n)]
+    picks = ((fitting or ALIASES[backend])[0],) * 2
+  else:
+    picks = (backend, backend)
+  entries = tuple(get(n) for n in picks)
+  interp = None
+  for entry in dict.fromkeys(entries):
+    flag = _platform_interpret(entry, interpret, platform)
+    interp = flag if interp is None else interp or flag
+    if problem is not None:
+      why = entry.supports(problem, dtype)
+      if why is not None:
+        raise ValueError(why)
+  return entries, bool(interp)
+
+
+def check_config(entries: tuple[Backend, Backend], config: AttentionConfig) -> None:
+  """Raises if a config was given for a pass that its entry cannot use."""
+  for pass_, entry in zip(PASSES, entries):
     given = config.given(pass_)
     cls = entry.config_class(pass_)
     if given and cls not in {type(c) for c in given}:

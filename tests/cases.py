@@ -7,9 +7,11 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
 import jax_grouped_attn as ga
 from jax_grouped_attn import registry
+from jax_grouped_attn.pallas.mosaic.config import MosaicBackwardConfig, MosaicForwardConfig
 from jax_grouped_attn import QueryGroup
 from jax_grouped_attn.groups import normalize_groups
 from jax_grouped_attn.plan import Problem
@@ -25,9 +27,21 @@ def _kernel_backends() -> list[str]:
 # Kernel backends under test (the xla backend is the reference itself).
 KERNEL_BACKENDS = _kernel_backends()
 
-# Small tiles so the tiny test problems still span several q and kv blocks.
-SMALL = ga.AttentionConfig(forward=ga.ForwardConfig(block_q=16, block_k=16),
-                           backward=ga.BackwardConfig(block_q=16, block_k=16))
+# Small tiles so the tiny test problems still span several q and kv blocks:
+# one config per kernel family (each backend takes its own class).
+SMALL = ga.AttentionConfig(
+    forward=(ga.ForwardConfig(block_q=16, block_k=16),
+             MosaicForwardConfig(block_q=64, block_kv=64, compute_wgs=1)),
+    backward=(ga.BackwardConfig(block_q=16, block_k=16),
+              MosaicBackwardConfig(compute_wgs=1)))
+
+
+def skip_unsupported(backend: str, case: "Case") -> None:
+  """pytest.skip where ``backend`` cannot compute ``case`` (e.g. Mosaic and float32)."""
+  if backend in registry.names() and backend not in registry.ALIASES and backend != "auto":
+    why = registry.get(backend).supports(problem_of(case), case.dtype)
+    if why is not None:
+      pytest.skip(why)
 
 # Per-dtype tolerances (abs, rel) against the fp32 reference on the same inputs.
 OUT_TOL = {jnp.float32: (2e-5, 2e-5), jnp.bfloat16: (2e-2, 2e-2), jnp.float16: (4e-3, 4e-3)}
@@ -150,6 +164,7 @@ def assert_close(name: str, got, want, tol, *, what=""):
 
 def check_forward(case: Case, backend: str, *, seed: int = 0, config=SMALL, jit=True, **kw):
   """Runs ``backend`` on ``case`` and asserts out/lse against the reference."""
+  skip_unsupported(backend, case)
   q, k, v, qs, ks = make_inputs(case, seed)
   ref_out, ref_lse = reference(case, q, k, v, qs, ks)
   fn = lambda q, k, v, qs, ks: ga.grouped_attention(
@@ -168,6 +183,7 @@ def check_forward(case: Case, backend: str, *, seed: int = 0, config=SMALL, jit=
 def check_grads(case: Case, backend: str, *, seed: int = 0, config=SMALL, with_lse=True,
                 inputs=None, **kw):
   """Gradients wrt q, k, v under random cotangents for out (and lse) vs the reference's autodiff."""
+  skip_unsupported(backend, case)
   q, k, v, qs, ks = make_inputs(case, seed) if inputs is None else inputs
   rng = np.random.default_rng(seed + 1)
   dout = jnp.asarray(rng.standard_normal(q.shape), case.dtype)

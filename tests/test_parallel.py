@@ -22,16 +22,31 @@ from jax_grouped_attn import autodiff, zigzag
 from jax_grouped_attn.groups import row_positions
 from jax_grouped_attn.parallel import ContextParallel, merge_partials
 from jax_grouped_attn.plan import Problem
-from jax_grouped_attn.vma import pvary as _pvary, varying_axes
+from jax_grouped_attn.vma import pvary, varying_axes
 from cases import GRAD_TOL, KERNEL_BACKENDS, LSE_TOL, OUT_TOL, SMALL, assert_close
 
 F32, BF16 = jnp.float32, jnp.bfloat16
 
 
-def _mesh(world, name="cp"):
-  if jax.device_count() < world:
-    pytest.skip(f"needs {world} devices, have {jax.device_count()}")
-  return jax.make_mesh((world,), (name,), devices=jax.devices()[:world])
+AXIS_TYPES = ("auto", "explicit")
+
+
+def _mesh(world, name="cp", axis_type="auto", shape=None):
+  """A mesh of ``world`` devices (or ``shape``) whose axes are all Auto or all
+  Explicit, whatever ``jax.make_mesh``'s default is in this JAX."""
+  shape = shape or (world,)
+  names = (name,) if isinstance(name, str) else name
+  n = int(np.prod(shape))
+  if jax.device_count() < n:
+    pytest.skip(f"needs {n} devices, have {jax.device_count()}")
+  axis_types = getattr(jax.sharding, "AxisType", None)
+  if axis_types is None:
+    if axis_type == "explicit":
+      pytest.skip("this JAX has no Explicit mesh axes")
+    return jax.make_mesh(shape, names, devices=jax.devices()[:n])
+  kind = getattr(axis_types, axis_type.capitalize())
+  return jax.make_mesh(shape, names, devices=jax.devices()[:n],
+                       axis_types=(kind,) * len(shape))
 
 
 def _backward_mode(backend):
@@ -39,6 +54,11 @@ def _backward_mode(backend):
   backward (still through the ring's / grouped custom_vjp)."""
   del backend  # every registry entry has a backward
   return "kernel"
+
+
+def _small(backend):
+  """Small kernel tiles; the xla reference takes no config (the registry says so)."""
+  return None if backend == "xla" else SMALL
 
 
 def _inputs(seed, *, b, s, hq, hk, d, dtype, segments):
@@ -72,8 +92,9 @@ def _out_lse_grads(fn, q, k, v, dout, dlse):
 
 def check_context_parallel(world, strategy, backend, *, causal=True, dtype=F32,
                            hq=4, hk=2, d=32, b=1, chunk=16, segments=None, seed=0,
-                           config=SMALL):
-  """context_parallel_attention over a ``world``-device mesh == reference."""
+                           config="small"):
+  """context_parallel_attention over a ``world``-device mesh == reference
+  (config "small": ``_small(backend)``)."""
   mesh = _mesh(world)
   s = 2 * world * chunk
   q, k, v, dout, dlse, seg = _inputs(seed, b=b, s=s, hq=hq, hk=hk, d=d, dtype=dtype,
@@ -84,7 +105,7 @@ def check_context_parallel(world, strategy, backend, *, causal=True, dtype=F32,
   want = jax.jit(lambda *a: _out_lse_grads(ref, *a))(f32(q), f32(k), f32(v), f32(dout), dlse)
   cp = lambda q, k, v: ga.context_parallel_attention(
       q, k, v, mesh, "cp", strategy=strategy, causal=causal, backend=backend,
-      return_lse=True, config=None if backend == "xla" else config,
+      return_lse=True, config=_small(backend) if config == "small" else config,
       backward=_backward_mode(backend), **seg)
   got = jax.jit(lambda *a: _out_lse_grads(cp, *a))(q, k, v, dout, dlse)
   name = f"W{world}-{strategy}-{backend}"
@@ -115,6 +136,62 @@ def test_zigzag_permute_roundtrip(world):
   lse = jnp.arange(8 * world)[None, None]   # lse layout [B, H, S]: axis 2
   np.testing.assert_array_equal(
       ga.zigzag_unpermute(ga.zigzag_permute(lse, world, axis=2), world, axis=2), lse)
+
+
+def _spec_of(x):
+  """x's PartitionSpec without trailing Nones (a concrete array's own sharding)."""
+  spec = tuple(x.sharding.spec)
+  while spec and spec[-1] is None:
+    spec = spec[:-1]
+  return P(*spec)
+
+
+@pytest.mark.parametrize("axis_type", AXIS_TYPES)
+@pytest.mark.parametrize("spec,world", [
+    (P(None, "cp"), 4),               # split W ways: two ppermutes
+    (P("data", "cp"), 4),
+    (P(None, ("data", "cp")), 8),
+    (P(None, "cp"), 2),               # split 4 ways for W = 2: gathered first
+    (P("data"), 4),                   # the sequence axis is whole
+    (P(), 4),
+], ids=str)
+def test_zigzag_permute_keeps_the_sharding(spec, world, axis_type):
+  mesh = _mesh(8, ("data", "cp"), axis_type, shape=(2, 4))
+  rng = np.random.default_rng(world)
+  x = jnp.asarray(rng.standard_normal((2, 16 * world, 3)), F32)
+  xs = jax.device_put(x, jax.sharding.NamedSharding(mesh, spec))
+  want = x[:, zigzag.zigzag_order(16 * world, world)]
+  for mode, wrap in (("eager", lambda f: f), ("jit", jax.jit)):
+    z = wrap(lambda x: ga.zigzag_permute(x, world))(xs)
+    back = wrap(lambda x: ga.zigzag_unpermute(x, world))(z)
+    np.testing.assert_array_equal(z, want, err_msg=mode)
+    np.testing.assert_array_equal(back, x, err_msg=mode)
+    if mode == "eager" or axis_type == "explicit":   # Auto under jit: XLA's choice
+      assert _spec_of(z) == _spec_of(xs) == _spec_of(back), (mode, z.sharding, back.sharding)
+  if axis_type == "explicit":   # the traced type says so too
+    types = []
+    jax.jit(lambda x: types.append(jax.typeof(ga.zigzag_permute(x, world))))(xs)
+    assert types[0].sharding.spec == jax.typeof(xs).sharding.spec, types
+
+
+@pytest.mark.parametrize("axis_type", AXIS_TYPES)
+def test_zigzag_permute_of_a_split_axis_moves_chunks(axis_type):
+  mesh = _mesh(4, "cp", axis_type)
+  rng = np.random.default_rng(7)
+  x = jax.device_put(jnp.asarray(rng.standard_normal((2, 64, 3)), F32),
+                     jax.sharding.NamedSharding(mesh, P(None, "cp")))
+  w = jnp.asarray(rng.standard_normal((2, 64, 3)), F32)
+  if axis_type == "explicit":
+    w = jax.device_put(w, x.sharding)
+  for fn in (ga.zigzag_permute, ga.zigzag_unpermute):
+    hlo = jax.jit(lambda x: fn(x, 4)).lower(x).compile().as_text()
+    if axis_type == "explicit":   # Auto axes under jit: XLA decides (it gathers)
+      assert "collective-permute" in hlo and "all-gather" not in hlo, fn.__name__
+  # Gradients: the transpose of a permutation is its inverse (JAX wants the
+  # mesh context for differentiating on Explicit axes).
+  with jax.set_mesh(mesh):
+    g = jax.jit(jax.grad(lambda x: jnp.sum(ga.zigzag_permute(x, 4) * w)))(x)
+  np.testing.assert_array_equal(g, ga.zigzag_unpermute(w, 4))
 
 
 def test_zigzag_permute_errors():
@@ -179,8 +256,8 @@ def test_pvary_marks_values_varying_inside_shard_map():
   def f(x):
     z = jnp.zeros(x.shape)   # invariant: the same on every device
     assert varying_axes(x) == {"cp"} and varying_axes(z) == frozenset()
-    assert varying_axes(_pvary(z, "cp")) == {"cp"}
-    assert _pvary(x, "cp") is x
+    assert varying_axes(pvary(z, "cp")) == {"cp"}
+    assert pvary(x, "cp") is x
     return x
 
   jax.shard_map(f, mesh=mesh, in_specs=P("cp"), out_specs=P("cp"))(jnp.zeros(4))
@@ -242,7 +319,7 @@ def test_attention_inside_user_shard_map_under_jit(strategy, backend):
     # RoPE-style use of the local positions: rotate q, k by position parity.
     sign = jnp.where(pos % 2 == 0, 1.0, -1.0)[None, :, None, None]
     return ga.attention(q * sign, k * sign, v, causal=True, backend=backend,
-                        context_parallel=cp, config=None if backend == "xla" else SMALL)
+                        context_parallel=cp, config=_small(backend))
 
   spec = P(None, "data_cp")
   fn = jax.shard_map(local, mesh=mesh, in_specs=(spec, spec, spec, P("data_cp")),
@@ -261,16 +338,76 @@ def test_attention_inside_user_shard_map_under_jit(strategy, backend):
     assert_close(f"user_shard_map d{name}", ga.zigzag_unpermute(g, world), x, GRAD_TOL[F32])
 
 
-def test_batch_axis_and_tuple_context_axis():
+@pytest.mark.parametrize("axis_type", AXIS_TYPES)
+def test_batch_axis_and_tuple_context_axis(axis_type):
   # 3-D mesh: batch over "data", the sequence over the pair ("x", "y") (W = 4).
-  mesh = jax.make_mesh((2, 2, 2), ("data", "x", "y"), devices=jax.devices()[:8])
+  mesh = _mesh(8, ("data", "x", "y"), axis_type, shape=(2, 2, 2))
   q, k, v, dout, dlse, seg = _inputs(4, b=2, s=64, hq=4, hk=2, d=32, dtype=F32,
                                      segments="shared")
   fn = jax.jit(lambda q, k, v: ga.context_parallel_attention(
       q, k, v, mesh, ("x", "y"), strategy="ring", causal=True, batch_axis_name="data",
       backend="xla", **seg))
   want = ga.attention(q, k, v, causal=True, backend="xla", **seg)
-  assert_close("2d_mesh", fn(q, k, v), want, OUT_TOL[F32])
+  got = fn(q, k, v)
+  assert_close("2d_mesh", got, want, OUT_TOL[F32])
+  assert _spec_of(got) == P("data", ("x", "y")), got.sharding
+
+
+# ------------------------------------------------- Explicit mesh axes --
+
+@pytest.mark.parametrize("strategy", ["allgather", "ring"])
+def test_context_parallel_on_explicit_axes_jit_and_eager(strategy):
+  # jax.make_mesh's default axes in new JAX: forward and gradients under jit,
+  # eager forward, and eager gradients inside jax.set_mesh (JAX's rule).
+  mesh = _mesh(4, "cp", "explicit")
+  q, k, v, dout, dlse, seg = _inputs(21, b=2, s=64, hq=4, hk=2, d=32, dtype=F32,
+                                     segments="shared")
+  cp = lambda q, k, v: ga.context_parallel_attention(
+      q, k, v, mesh, "cp", strategy=strategy, causal=True, backend="xla",
+      return_lse=True, **seg)
+  ref = lambda q, k, v: ga.attention(q, k, v, causal=True, backend="xla", return_lse=True,
+                                     **seg)
+  want = _out_lse_grads(ref, q, k, v, dout, dlse)
+  got = jax.jit(lambda *a: _out_lse_grads(cp, *a))(q, k, v, dout, dlse)
+  eager_out, eager_lse = cp(q, k, v)
+  with jax.set_mesh(mesh):
+    eager_grads = _out_lse_grads(cp, q, k, v, dout, dlse)[2:]
+  assert _spec_of(eager_out) == P(None, "cp") and _spec_of(eager_lse) == P(None, None, "cp")
+  assert jax.typeof(got[0]).sharding.spec[:2] == (None, "cp")
+  for name, g, w in zip(("out", "lse"), (got[0], got[1], eager_out, eager_lse), want * 2):
+    assert_close(f"explicit-{strategy}", g, w, OUT_TOL[F32], what=f" {name}")
+  grads = list(zip(("dq", "dk", "dv"), got[2:], want[2:])) + list(
+      zip(("eager dq", "eager dk", "eager dv"), eager_grads, want[2:]))
+  for name, g, w in grads:
+    assert_close(f"explicit-{strategy}", g, w, GRAD_TOL[F32], what=f" {name}")
+
+
+@pytest.mark.parametrize("strategy", ["allgather", "ring"])
+def test_user_shard_map_on_explicit_axes(strategy):
+  # The README's pattern on jax.make_mesh's Explicit axes: inputs sharded in
+  # natural order, zigzag_permute keeps the sharding, so shard_map's in_specs
+  # match; zigzag_unpermute of its output keeps it too.
+  world, s = 4, 64
+  mesh = _mesh(world, "cp", "explicit")
+  q, k, v, dout, dlse, seg = _inputs(22, b=2, s=s, hq=4, hk=2, d=32, dtype=F32,
+                                     segments="shared")
+  seg = seg["segment_ids"]
+  put = lambda x: jax.device_put(x, jax.sharding.NamedSharding(mesh, P(None, "cp")))
+  cp = ContextParallel("cp", strategy)
+
+  @jax.jit
+  def step(q, k, v, seg):
+    spec = P(None, "cp")
+    fn = jax.shard_map(lambda q, k, v, seg: ga.attention(
+        q, k, v, causal=True, segment_ids=seg, backend="xla", context_parallel=cp),
+        mesh=mesh, in_specs=(spec,) * 4, out_specs=spec)
+    zz = [ga.zigzag_permute(x, world) for x in (q, k, v, seg)]
+    return ga.zigzag_unpermute(fn(*zz), world)
+
+  out = step(*(put(x) for x in (q, k, v, seg)))
+  assert _spec_of(out) == P(None, "cp"), out.sharding
+  want = ga.attention(q, k, v, causal=True, backend="xla", segment_ids=seg)
+  assert_close(f"user-explicit-{strategy}", out, want, OUT_TOL[F32])
 
 
 def test_errors_are_clear():
@@ -397,8 +534,8 @@ def _q_sharded(backend, check_vma=True):
   """Each device attends its slice of query rows to the full, replicated K,V:
   dK, dV are sums over devices (the transpose of marking K,V varying)."""
   mesh = jax.sharding.Mesh(np.array(jax.devices()[:2]), ("sp",))
-  config = None if backend == "xla" else SMALL
-  attn = lambda q, k, v: ga.attention(q, k, v, causal=False, backend=backend, config=config)
+  attn = lambda q, k, v: ga.attention(q, k, v, causal=False, backend=backend,
+                                     config=_small(backend))
   return jax.shard_map(attn, mesh=mesh, in_specs=(P(None, "sp"), P(), P()),
                        out_specs=P(None, "sp"), check_vma=check_vma), attn
 

@@ -4,6 +4,7 @@ Fast fixed-seed profile in CI; the long profile runs with
     JGA_PROPERTY_PROFILE=long python -m pytest -q tests/test_properties.py
 """
 
+import dataclasses
 import os
 
 import jax
@@ -14,10 +15,13 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import jax_grouped_attn as ga
-from jax_grouped_attn import QueryGroup
+from jax_grouped_attn import QueryGroup, registry
+from jax_grouped_attn.pallas.mosaic.config import MosaicBackwardConfig, MosaicForwardConfig
 from cases import GRAD_TOL, KERNEL_BACKENDS, LSE_TOL, OUT_TOL, Case, assert_close, check_grads
 
-PROFILES = {"fast": (100, 30), "long": (1500, 400)}   # per backend: (forward, gradient) examples
+# Per backend: (forward, gradient) examples. "gpu": the GPU suite's profile
+# for the compiled kernels (each new shape compiles).
+PROFILES = {"fast": (100, 30), "gpu": (200, 100), "long": (1500, 400)}
 N_FWD, N_GRAD = PROFILES[os.environ.get("JGA_PROPERTY_PROFILE", "fast")]
 
 
@@ -69,9 +73,24 @@ def _inputs(case, seed):
 
 
 def _config(blocks):
+  """Triton-style tiles from ``blocks``, and the Mosaic GPU kernels' analogue
+  (one or two 64-row warpgroups, 64- or 128-key steps)."""
   bq, bk, dq_bq, dq_bk = blocks
-  return ga.AttentionConfig(forward=ga.ForwardConfig(bq, bk),
-                            backward=ga.BackwardConfig(bq, bk, dq_block_q=dq_bq, dq_block_k=dq_bk))
+  wgs, dq_wgs = 1 + (bq == 32), 1 + (dq_bq == 32)
+  return ga.AttentionConfig(
+      forward=(ga.ForwardConfig(bq, bk),
+               MosaicForwardConfig(block_kv=64 * (1 + (bk == 32)), compute_wgs=wgs)),
+      backward=(ga.BackwardConfig(bq, bk, dq_block_q=dq_bq, dq_block_k=dq_bk),
+                MosaicBackwardConfig(dq_block_kv=64 * (1 + (dq_bk == 32)),
+                                     compute_wgs=min(wgs, dq_wgs))))
+
+
+def _supported(case, backend):
+  """The drawn case in a dtype ``backend`` takes (Mosaic: float32 -> bfloat16)."""
+  from cases import problem_of
+  if registry.get(backend).supports(problem_of(case), case.dtype) is None:
+    return case
+  return dataclasses.replace(case, dtype=jnp.bfloat16)
 
 
 def _ran_all(ran: list, want: int, what: str) -> None:
@@ -89,6 +108,7 @@ def test_forward_property(backend):
   def run(drawn):
     ran.append(drawn)
     case, blocks, seed = drawn
+    case = _supported(case, backend)
     q, k, v, qs, ks = _inputs(case, seed)
     kw = dict(causal=case.causal, q_segment_ids=qs, kv_segment_ids=ks, return_lse=True)
     out, lse = ga.grouped_attention(q, k, v, case.groups, backend=backend,
@@ -111,6 +131,7 @@ def test_gradient_property(backend):
   def run(drawn):
     ran.append(drawn)
     case, blocks, seed = drawn
+    case = _supported(case, backend)
     inputs = _inputs(case, seed)
     check_grads(case, backend, seed=seed, config=_config(blocks), inputs=inputs)
   run()

@@ -51,9 +51,10 @@ def test_kernel_entries_declare_launchers_and_tuning_spaces():
 def test_resolve_names_aliases_and_auto_without_gpu():
   if jax.default_backend() == "gpu":
     pytest.skip("checks the CPU resolution")
-  assert registry.resolve("auto", None) == (registry.get("xla"), False)
-  assert registry.resolve("pallas", None) == (registry.get("pallas_triton"), True)
-  assert registry.resolve("triton", None) == (registry.get("triton"), True)
+  get = registry.get
+  assert registry.resolve("auto", None) == ((get("xla"), get("xla")), False)
+  assert registry.resolve("pallas", None) == ((get("pallas_triton"),) * 2, True)
+  assert registry.resolve("triton", None) == ((get("triton"),) * 2, True)
   with pytest.raises(ValueError, match="backend='nope' is unknown"):
     registry.resolve("nope", None)
 
@@ -168,3 +169,57 @@ def test_devtools_are_not_on_the_import_path():
           "print(any(m.startswith('devtools') or m.endswith('compile_check') for m in sys.modules))")
   out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
   assert out.stdout.strip() == "False"
+
+
+def test_forward_and_backward_may_come_from_different_entries():
+  from jax_grouped_attn import autodiff
+  from jax_grouped_attn.groups import QueryGroup
+  from jax_grouped_attn.plan import Problem
+  q, kv = _inputs(2, t=40)
+  rng = np.random.default_rng(3)
+  dout = jnp.asarray(rng.standard_normal(q.shape), jnp.float32)
+  problem = Problem((QueryGroup(0, 24, 16, 40), QueryGroup(24, 16, 0, 17)), 1, 40, 40, 4, 2,
+                    32, True, 32 ** -0.5, False)
+  small = AttentionConfig(forward=ForwardConfig(16, 16), backward=BackwardConfig(16, 16))
+
+  def grads(backend):
+    interpret = backend != "xla"
+    f = lambda q, k, v: autodiff.attention(problem, backend, small, interpret, "kernel",
+                                           q, k, v, None, None)[0]
+    out, vjp = jax.vjp(f, q, kv, kv)
+    return (out,) + vjp(dout)
+
+  want = grads("xla")
+  got = grads(("pallas_triton", "triton"))
+  for name, g, w in zip(("out", "dq", "dk", "dv"), got, want):
+    np.testing.assert_allclose(np.asarray(g), np.asarray(w), atol=1e-4, rtol=1e-4, err_msg=name)
+
+
+def test_auto_picks_each_pass_from_the_tuned_timings(tmp_path, monkeypatch):
+  import json
+  from jax_grouped_attn import tuning
+  from jax_grouped_attn.groups import QueryGroup
+  from jax_grouped_attn.plan import Problem
+  entry = lambda ms: {"block_q": 64, "block_k": 64, "num_warps": 4, "num_stages": 2, "ms": ms}
+  table = {"format": tuning.FORMAT, "gpu": "Fake GPU", "entries": {
+      # triton: forward 1.0, backward 3.0 - 1.0 = 2.0; pallas_triton: 1.5 and 4.0 - 1.5 = 2.5.
+      "triton": {"forward": {"bfloat16": {"128": {"8192": entry(1.0)}}},
+                 "backward": {"bfloat16": {"128": {"8192": entry(3.0)}}}},
+      "pallas_triton": {"forward": {"bfloat16": {"128": {"8192": entry(1.5)}}},
+                        "backward": {"bfloat16": {"128": {"8192": entry(3.2)}}}}}}
+  (tmp_path / (tuning.slug("Fake GPU") + ".json")).write_text(json.dumps(table))
+  monkeypatch.setenv(tuning.ENV_DIR, str(tmp_path))
+  monkeypatch.setenv(tuning.ENV_GPU, "Fake GPU")
+  monkeypatch.delenv(tuning.ENV_OFF, raising=False)
+  tuning.clear_cache()
+  try:
+    problem = Problem((QueryGroup(0, 8192, 0, 8192),), 1, 8192, 8192, 32, 8, 128, True,
+                      0.1, False)
+    names = ("triton", "pallas_triton")
+    assert registry._fastest("forward", names, problem, "bfloat16") == "triton"
+    assert registry._fastest("backward", names, problem, "bfloat16") == "pallas_triton"
+    assert registry._fastest("forward", names, problem, "float32") is None
+    # An untimed candidate: no choice from the table (the preference order decides).
+    assert registry._fastest("forward", names + ("pallas_mosaic",), problem, "bfloat16") is None
+  finally:
+    tuning.clear_cache()

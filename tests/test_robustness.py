@@ -15,6 +15,7 @@ import pytest
 
 import jax_grouped_attn as ga
 from jax_grouped_attn import QueryGroup
+from jax_grouped_attn.pallas.mosaic.config import MosaicForwardConfig
 from cases import (KERNEL_BACKENDS, LSE_TOL, OUT_TOL, SMALL, assert_close, case_by_name,
                    check_forward, make_inputs)
 
@@ -45,7 +46,9 @@ def test_bf16_accumulates_in_fp32(backend):
   k = _rand((1, 2048, 1, 32), 3, jnp.bfloat16) * 0.001
   v = _rand((1, 2048, 1, 32), 4, jnp.bfloat16)
   out, lse = ga.attention(q, k, v, backend=backend, return_lse=True,
-                          config=ga.ForwardConfig(block_q=16, block_k=128))
+                          config=ga.AttentionConfig(forward=(
+                              ga.ForwardConfig(block_q=16, block_k=128),
+                              MosaicForwardConfig(block_kv=128, compute_wgs=1))))
   f32 = lambda x: x.astype(jnp.float32)
   ref_out, ref_lse = ga.attention(f32(q), f32(k), f32(v), backend="xla", return_lse=True)
   assert_close("acc", out, ref_out, OUT_TOL[jnp.bfloat16])

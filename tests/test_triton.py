@@ -81,7 +81,7 @@ def test_run_interpreted_leaves_unwritten_rows_nan(dtype):
   assert np.isnan(np.asarray(out, np.float32)[:, ~written]).all()
   assert np.isnan(lse[:, :, ~written]).all()
   full_out, full_lse = launch.forward(qp, kp, vp, None, None, problem=problem, plan=plan,
-                                      config=SMALL.forward, interpret=True)
+                                      config=SMALL.get("forward", ga.ForwardConfig), interpret=True)
   np.testing.assert_array_equal(np.asarray(out[:, written], np.float32),
                                 np.asarray(full_out[:, written], np.float32))
   np.testing.assert_array_equal(lse[:, :, written], np.asarray(full_lse)[:, :, written])
@@ -97,7 +97,7 @@ def test_vmap_of_the_raw_launcher_runs_sequentially():
   padded = [TRITON._prepare(problem, plan, *d, None, None)[:3] for d in draws]
   stacked = [jnp.stack(xs) for xs in zip(*padded)]
   fwd = lambda q, k, v: launch.forward(q, k, v, None, None, problem=problem, plan=plan,
-                                       config=SMALL.forward, interpret=True)
+                                       config=SMALL.get("forward", ga.ForwardConfig), interpret=True)
   out, lse = jax.jit(jax.vmap(fwd))(*stacked)
   for i, p in enumerate(padded):
     o, l = fwd(*p)

@@ -1,0 +1,1 @@
+"""Pallas Mosaic GPU (Hopper: TMA + wgmma, warp-specialised) kernels of jax_grouped_attn."""

@@ -1,0 +1,77 @@
+"""The registry entry of the Mosaic GPU kernels (Hopper: TMA, wgmma, warp
+specialisation). Compiled only: JAX's Mosaic GPU interpreter cannot run them,
+so on CPU they are traced and lowered for CUDA in tests, never executed."""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+
+from jax_grouped_attn.backend import KernelBackend
+from jax_grouped_attn.pallas.mosaic import config as mosaic_config
+from jax_grouped_attn.pallas.mosaic.config import MosaicBackwardConfig, MosaicForwardConfig
+
+_DTYPES = ("bfloat16", "float16")
+
+
+@functools.lru_cache(maxsize=None)
+def _compute_capability() -> float | None:
+  try:
+    cc = getattr(jax.devices()[0], "compute_capability", None)
+    return None if cc is None else float(cc)
+  except (RuntimeError, ValueError):
+    return None
+
+
+class PallasMosaicBackend(KernelBackend):
+  name = "pallas_mosaic"
+  forward_config_class = MosaicForwardConfig
+  backward_config_class = MosaicBackwardConfig
+  interpretable = False
+  launcher_module = "jax_grouped_attn.pallas.mosaic.launch"
+
+  def unavailable(self, platform: str) -> str | None:
+    if platform != "gpu":
+      return (f"backend={self.name!r} runs Mosaic GPU kernels, which need an NVIDIA Hopper "
+              f"(sm_90+) GPU; JAX's platform here is {platform!r}. Use 'pallas' (the "
+              "Triton-lowered Pallas kernels, interpreted on CPU), 'triton' or 'xla'.")
+    cc = _compute_capability()
+    if cc is not None and cc < 9.0:
+      return (f"backend={self.name!r} needs a Hopper (sm_90+) GPU for TMA and wgmma; this "
+              f"GPU is sm_{int(cc * 10)}. Use 'pallas' or 'triton'.")
+    return None
+
+  def supports(self, problem, dtype) -> str | None:
+    if str(jax.numpy.dtype(dtype)) not in _DTYPES:
+      return (f"backend={self.name!r} takes bfloat16/float16 (wgmma); got {dtype}. Use "
+              "backend='pallas' (which falls back to the Triton-lowered Pallas kernels for "
+              "float32), 'triton' or 'xla'.")
+    return None
+
+  def auto_candidate(self, pass_, head_dim, dtype):
+    # H100, B1 S8192 H16 D256 bf16 causal (benchmarks/results/h100_2026-11-26):
+    # the D256 backward (one compute warpgroup to fit shared memory) runs
+    # 8.96 ms against triton's 7.36 ms; D64/D128 and every forward are faster.
+    return not (pass_ == "backward" and self.padded_head_dim(head_dim) > 128)
+
+  def padded_head_dim(self, head_dim: int) -> int:
+    return mosaic_config.padded_head_dim(head_dim)
+
+  def forward_plan(self, problem, config):
+    return self.launcher().forward_plan(problem, config)
+
+  def backward_plan(self, problem, config):
+    return self.launcher().backward_plan(problem, config)
+
+  def heuristic_config(self, pass_, head_dim, dtype):
+    dp = self.padded_head_dim(head_dim)
+    if pass_ == "forward":
+      return mosaic_config.default_forward_config(dp)
+    return mosaic_config.default_backward_config(dp)
+
+  def tuning_candidates(self, pass_, head_dim, mode):
+    return mosaic_config.tuning_candidates(pass_, self.padded_head_dim(head_dim), mode)
+
+
+PALLAS_MOSAIC = PallasMosaicBackend()

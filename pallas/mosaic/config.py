@@ -1,0 +1,130 @@
+"""Configs of the Mosaic GPU kernels: frozen, hashable, validated on creation."""
+
+from __future__ import annotations
+
+import dataclasses
+import typing
+
+
+def _check_tile(name: str, field: str, value, *, lo: int = 64, hi: int = 256) -> None:
+  if isinstance(value, bool) or not isinstance(value, int) or value % 64 or not lo <= value <= hi:
+    raise ValueError(
+        f"{name}.{field}={value!r} is not usable: it must be a multiple of 64 in "
+        f"[{lo}, {hi}] (a wgmma tile is 64 rows; TMA boxes hold at most 256).")
+
+
+def _check_int(name: str, field: str, value, lo: int, hi: int) -> None:
+  if isinstance(value, bool) or not isinstance(value, int) or not lo <= value <= hi:
+    raise ValueError(f"{name}.{field}={value!r} must be an int in [{lo}, {hi}].")
+
+
+@dataclasses.dataclass(frozen=True)
+class MosaicForwardConfig:
+  """Forward tiles.
+
+  block_q: query rows per compute warpgroup (64: one wgmma M tile).
+  block_kv: keys per pipeline step.
+  max_concurrent_steps: K/V shared-memory ring depth (TMA stages, >= 2).
+  compute_wgs: compute warpgroups per CTA (1 or 2); a CTA owns
+    compute_wgs * block_q rows (one row of the forward work table).
+  """
+
+  PASS: typing.ClassVar[str] = "forward"
+
+  block_q: int = 64
+  block_kv: int = 128
+  max_concurrent_steps: int = 2
+  compute_wgs: int = 2
+
+  def __post_init__(self):
+    name = type(self).__name__
+    _check_tile(name, "block_q", self.block_q, hi=64)
+    _check_tile(name, "block_kv", self.block_kv)
+    _check_int(name, "max_concurrent_steps", self.max_concurrent_steps, 2, 8)
+    _check_int(name, "compute_wgs", self.compute_wgs, 1, 2)
+
+  @property
+  def rows_per_cta(self) -> int:
+    return self.block_q * self.compute_wgs
+
+
+@dataclasses.dataclass(frozen=True)
+class MosaicBackwardConfig:
+  """Backward tiles.
+
+  block_q / block_kv: the dK/dV kernel's q rows per step and keys per
+    compute warpgroup (a CTA owns compute_wgs * block_kv keys).
+  dq_block_q / dq_block_kv: the dQ kernel's q rows per compute warpgroup
+    (a CTA owns compute_wgs * dq_block_q rows) and keys per step.
+  max_concurrent_steps: shared-memory ring depth of both kernels (>= 2).
+  compute_wgs: compute warpgroups per CTA of both kernels (1 or 2).
+  """
+
+  PASS: typing.ClassVar[str] = "backward"
+
+  block_q: int = 64
+  block_kv: int = 64
+  dq_block_q: int = 64
+  dq_block_kv: int = 64
+  max_concurrent_steps: int = 2
+  compute_wgs: int = 2
+
+  def __post_init__(self):
+    name = type(self).__name__
+    for field in ("block_q", "block_kv", "dq_block_q", "dq_block_kv"):
+      _check_tile(name, field, getattr(self, field), hi=128)
+    _check_int(name, "max_concurrent_steps", self.max_concurrent_steps, 2, 8)
+    _check_int(name, "compute_wgs", self.compute_wgs, 1, 2)
+
+
+def default_forward_config(head_dim: int) -> MosaicForwardConfig:
+  """Heuristic forward tiles for an H100 (padded head dim 64/128/256).
+
+  H100, causal Hq32 Hk8 bf16, S=8192, vs cuDNN in the same run (notes/mosaic.md):
+  D128 (64, 128, 2, 2) 1.046-1.059x, (64, 64, 3, 2) 0.85x, (64, 128, 3, 2)
+  exceeds shared memory by 120 B; D64 0.965x; D256 (64, 64, 2, 2) 0.981x.
+  """
+  if head_dim <= 128:
+    return MosaicForwardConfig(block_q=64, block_kv=128, max_concurrent_steps=2, compute_wgs=2)
+  # D256: Q 2x64x256 + K/V 2 stages x 2 x 64x256 bf16 = 192 KiB of shared memory.
+  return MosaicForwardConfig(block_q=64, block_kv=64, max_concurrent_steps=2, compute_wgs=2)
+
+
+def default_backward_config(head_dim: int) -> MosaicBackwardConfig:
+  """Heuristic backward tiles for an H100.
+
+  H100, D128 S=8192 fwd+bwd vs cuDNN (notes/mosaic.md): the default 0.913-0.922x;
+  block_q=128 0.75x, dq_block_kv=128 0.91x, 3 stages 0.90x. D256 needs one
+  compute warpgroup to fit shared memory.
+  """
+  if head_dim <= 128:
+    return MosaicBackwardConfig()
+  return MosaicBackwardConfig(compute_wgs=1)
+
+
+def padded_head_dim(d: int) -> int:
+  """The head dim the kernels run at: 64, 128 or 256 (smaller dims pad to 64)."""
+  if d > 256:
+    raise ValueError(f"Mosaic GPU kernels take head_dim <= 256, got {d=}.")
+  return 64 if d <= 64 else 128 if d <= 128 else 256
+
+
+def tuning_candidates(pass_: str, head_dim: int, mode: str) -> list:
+  """Configs the tuner tries (``mode`` "smoke" / "quick" / "full"); the ones that
+  cannot fit shared memory at ``head_dim`` are left out."""
+  if pass_ == "forward":
+    kv = (64, 128) if head_dim <= 128 else (64,)
+    grid = [MosaicForwardConfig(64, bkv, stages, wgs) for bkv in kv for stages in (2, 3, 4)
+            for wgs in (2, 1)]
+    # 128-key tiles with 3+ stages exceed shared memory at D128 (by 120 B).
+    grid = [c for c in grid if not (head_dim >= 128 and c.block_kv == 128
+                                    and c.max_concurrent_steps > 2)]
+  else:
+    wgs = (2, 1) if head_dim <= 128 else (1,)
+    grid = [MosaicBackwardConfig(bq, 64, 64, dkv, stages, w) for bq in (64, 128)
+            for dkv in (64, 128) for stages in (2, 3) for w in wgs]
+  if mode == "smoke":
+    return grid[:1]
+  if mode == "quick":
+    return grid[:4]
+  return grid

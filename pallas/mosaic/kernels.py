@@ -1,0 +1,498 @@
+"""Mosaic GPU kernel bodies (no shapes, grids or launch logic here).
+
+Every kernel is warp-specialised: ``wgs`` compute warpgroups (wgmma + softmax)
+and one memory warpgroup (index ``wgs``) that streams tiles with TMA into a
+``stages``-deep shared-memory ring. Ready barriers (one arrival: the TMA)
+say a slot is full; free barriers (``wgs`` arrivals) say every compute
+warpgroup is done with it. Grid axes are named; ``wg`` is the warpgroup.
+
+Forward refs (GMEM, padded layouts of plan.py):
+  table_ref: [n_work, TABLE_WIDTH] int32   forward work table
+  q_ref:     [B, Tq_pad, Hq, Dp]           k_ref, v_ref: [B, Tk_pad, Hk, Dp]
+  qseg_ref:  [B, Tq_pad] int32, kvseg_ref: [B, Tk_pad] int32  (with segments)
+  out_ref:   [B, Tq_pad, Hq, Dp]           lse_ref: [B, Hq, Tq_pad] float32
+"""
+
+from __future__ import annotations
+
+import inspect
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import mosaic_gpu as plgpu
+
+from jax_grouped_attn import plan as plan_lib
+from jax_grouped_attn.plan import LN2, LOG2E
+
+NEG_INF = float("-inf")
+
+# plgpu.load(ref, idx, layout=) (jax 0.10) became plgpu.load(ref, layout=)
+# with idx optional and deprecated (jax 0.11).
+_LOAD_IDX_REQUIRED = (
+    inspect.signature(plgpu.load).parameters["idx"].default is inspect.Parameter.empty)
+
+
+def _load(ref, layout):
+  """ref[...] into registers with ``layout`` (works on jax 0.10 and 0.11)."""
+  if _LOAD_IDX_REQUIRED:
+    return plgpu.load(ref, (), layout=layout, optimized=False)
+  return plgpu.load(ref, layout=layout, optimized=False)
+
+
+def _t(ref):
+  """The transposed view of a 2-D shared-memory ref (a wgmma operand)."""
+  return ref.transpose((1, 0))
+
+
+def _row_vec(x, shape):
+  """[rows] (WGMMA.reduce(1)) -> [rows, cols] broadcast along columns."""
+  return lax.broadcast_in_dim(x, shape, [0])
+
+
+def _col_vec(x, shape):
+  """[cols] (WGMMA.reduce(0)) -> [rows, cols] broadcast along rows."""
+  return lax.broadcast_in_dim(x, shape, [1])
+
+
+def _visible(q_pos0, k0, kv_len, shape, *, causal, qseg=None, kvseg=None,
+             transposed: bool = False):
+  """The mask rule of ``groups.py`` on a WGMMA tile; every kernel masks through this.
+
+  [rows, cols] bool: row r (position q_pos0 + r) sees key k0 + c; with
+  ``transposed``, [keys, rows]: key k0 + r is seen by row q_pos0 + c.
+  qseg / kvseg: the tile's row / key segment ids (reduced layouts), or None.
+  """
+  row_axis, key_axis = (1, 0) if transposed else (0, 1)
+  pos = plgpu.broadcasted_iota(jnp.int32, shape, row_axis, layout=plgpu.Layout.WGMMA) + q_pos0
+  kj = plgpu.broadcasted_iota(jnp.int32, shape, key_axis, layout=plgpu.Layout.WGMMA) + k0
+  seen = kj < kv_len
+  if causal:
+    seen = seen & (kj <= pos)
+  if qseg is not None:
+    along = (_col_vec, _row_vec) if transposed else (_row_vec, _col_vec)
+    seen = seen & (along[0](qseg, shape) == along[1](kvseg, shape))
+  return seen
+
+
+def forward_kernel(table_ref, q_ref, k_ref, v_ref, *refs, scale: float, causal: bool,
+                   has_segments: bool, block_q: int, block_kv: int, stages: int,
+                   wgs: int, group_size: int):
+  """One CTA per (q head, work row, batch): rows [ROW0, ROW0 + wgs * block_q).
+
+  Compute warpgroup i owns rows ROW0 + i * block_q + [0, block_q). All
+  warpgroups walk the same kv blocks: [0, N_FULL) without a mask, then
+  [N_FULL, N_BLOCKS) masked. Scratch (after out_ref, lse_ref):
+    qo_smem [wgs, block_q, Dp] (Q in, then O out), k_smem, v_smem
+    [stages, block_kv, Dp], lse_smem [wgs, block_q] f32, and the barriers.
+  """
+  if has_segments:
+    qseg_ref, kvseg_ref, out_ref, lse_ref, smem, bars = refs
+  else:
+    qseg_ref = kvseg_ref = None
+    out_ref, lse_ref, smem, bars = refs
+  qo_smem, k_smem, v_smem, lse_smem = smem
+  q_ready, k_ready, v_ready, k_free, v_free, sched = bars
+  dtype = q_ref.dtype
+  dp = q_ref.shape[-1]
+
+  h = lax.axis_index("h")
+  w = lax.axis_index("w")
+  b = lax.axis_index("b")
+  wg = lax.axis_index("wg")
+  # Rows start on whole blocks (plan.py): say so, TMA slices need it proven.
+  row0 = pl.multiple_of(table_ref[w, plan_lib.ROW0], block_q)
+  q_pos0 = table_ref[w, plan_lib.QPOS0]
+  kv_len = table_ref[w, plan_lib.KV_LEN]
+  n_full = table_ref[w, plan_lib.N_FULL]
+  n_blocks = table_ref[w, plan_lib.N_BLOCKS]
+
+  # Logits go to base 2 inside exp2's FMA: p = exp2(s * c - m), m in base-2 units.
+  c = scale * LOG2E
+  shape_s = (block_q, block_kv)
+
+  def pingpong():
+    # Two compute warpgroups take turns on the tensor cores: one runs its
+    # softmax while the other's matmuls run.
+    if wgs > 1:
+      plgpu.barrier_arrive(sched)
+      plgpu.barrier_wait(sched)
+
+  @pl.when(wg < wgs)
+  def _compute():
+    plgpu.set_max_registers(232 if wgs > 1 else 240, action="increase")
+    q_smem = qo_smem.at[wg]
+    my_row0 = pl.multiple_of(row0 + wg * block_q, block_q)
+    my_pos0 = q_pos0 + wg * block_q
+    plgpu.copy_gmem_to_smem(q_ref.at[b, pl.ds(my_row0, block_q), h], q_smem, q_ready.at[wg])
+    qseg = None
+    if has_segments:
+      qseg = _load(qseg_ref.at[b, pl.ds(my_row0, block_q)], plgpu.Layout.WGMMA.reduce(1))
+    m0 = plgpu.layout_cast(jnp.full((block_q,), NEG_INF, jnp.float32),
+                           plgpu.Layout.WGMMA.reduce(1))
+    l0 = plgpu.layout_cast(jnp.full((block_q,), 0.0, jnp.float32), plgpu.Layout.WGMMA.reduce(1))
+    acc0 = plgpu.layout_cast(jnp.full((block_q, dp), 0.0, jnp.float32), plgpu.Layout.WGMMA)
+    plgpu.barrier_wait(q_ready.at[wg])
+
+    def softmax(s, m, l, j, masked: bool):
+      """Online softmax of S_j: (P_j in dtype, m, l, alpha) with l rescaled."""
+      if c < 0:   # keep max() exact for a negative scale
+        s, cc = s * c, 1.0
+      else:
+        cc = c
+      if masked:
+        kvseg = None
+        if has_segments:
+          kvseg = _load(kvseg_ref.at[b, pl.ds(j * block_kv, block_kv)],
+                        plgpu.Layout.WGMMA.reduce(0))
+        vis = _visible(my_pos0, j * block_kv, kv_len, shape_s, causal=causal,
+                       qseg=qseg, kvseg=kvseg)
+        s = jnp.where(vis, s, NEG_INF)
+      m_new = jnp.maximum(m, s.max(axis=1) * cc)
+      # A row that has seen no key keeps m = -inf: subtract 0 instead, so
+      # exp2(-inf - -inf) never makes a NaN (p and alpha are then 0).
+      m_use = jnp.where(m_new == NEG_INF, 0.0, m_new) if masked else m_new
+      alpha = jnp.exp2(m - m_use)
+      p = jnp.exp2(s * cc - _row_vec(m_use, shape_s))
+      l = l * alpha + p.sum(axis=1)
+      return p.astype(dtype), m_new, l, alpha
+
+    def finish(acc, m, l):
+      seen = l > 0.0
+      l_safe = jnp.where(seen, l, 1.0)
+      out = acc * _row_vec(1.0 / l_safe, acc.shape)
+      q_smem[...] = out.astype(dtype)
+      lse_smem.at[wg][...] = jnp.where(seen, (m + jnp.log2(l_safe)) * LN2, NEG_INF)
+      plgpu.commit_smem()
+      plgpu.copy_smem_to_gmem(q_smem, out_ref.at[b, pl.ds(my_row0, block_q), h])
+      plgpu.copy_smem_to_gmem(lse_smem.at[wg], lse_ref.at[b, h, pl.ds(my_row0, block_q)])
+      plgpu.wait_smem_to_gmem(0)
+
+    @pl.when(n_blocks > 0)
+    def _():
+      plgpu.barrier_wait(k_ready.at[0])
+
+    pl.when(wg == 1)(pingpong)
+
+    def step(j, carry, masked: bool):
+      acc, m, l = carry
+      slot = lax.rem(j, stages)
+
+      def qk(s_ref):
+        plgpu.wgmma(s_ref, q_smem, _t(k_smem.at[slot]))
+        pingpong()
+        return s_ref[...]
+
+      s = pl.run_scoped(qk, plgpu.ACC(shape_s, jnp.float32))
+      plgpu.barrier_arrive(k_free.at[slot])
+      p16, m_new, l, alpha = softmax(s, m, l, j, masked)
+      acc = acc * _row_vec(alpha, acc.shape)
+      acc, l, m_new, p16 = lax.optimization_barrier((acc, l, m_new, p16))
+      if wgs > 1:
+        plgpu.barrier_arrive(sched)
+      plgpu.barrier_wait(v_ready.at[slot])
+      if wgs > 1:
+        plgpu.barrier_wait(sched)
+
+      def pv(acc_ref):
+        plgpu.wgmma(acc_ref, p16, v_smem.at[slot])
+
+        @pl.when(j + 1 < n_blocks)
+        def _():   # wait for the next K while this wgmma runs
+          plgpu.barrier_wait(k_ready.at[lax.rem(j + 1, stages)])
+
+      acc = pl.run_state(pv)(plgpu.ACC.init(acc))
+      plgpu.barrier_arrive(v_free.at[slot])
+      return acc, m_new, l
+
+    carry = (acc0, m0, l0)
+    carry = lax.fori_loop(0, n_full, lambda j, cr: step(j, cr, False), carry)
+    acc, m, l = lax.fori_loop(n_full, n_blocks, lambda j, cr: step(j, cr, True), carry)
+    pl.when(wg == 0)(pingpong)
+    finish(acc, m, l)
+
+  @pl.when(wg == wgs)
+  def _memory():
+    plgpu.set_max_registers(40, action="decrease")
+    kvh = lax.div(h, group_size)
+
+    def load(j, slot, wait_free: bool):
+      keys = (b, pl.ds(j * block_kv, block_kv), kvh)
+      # K is freed (after QK) before V (after PV): refill each as soon as it can.
+      if wait_free:
+        plgpu.barrier_wait(k_free.at[slot])
+      plgpu.copy_gmem_to_smem(k_ref.at[keys], k_smem.at[slot], k_ready.at[slot])
+      if wait_free:
+        plgpu.barrier_wait(v_free.at[slot])
+      plgpu.copy_gmem_to_smem(v_ref.at[keys], v_smem.at[slot], v_ready.at[slot])
+
+    for i in range(min(stages, k_ref.shape[1] // block_kv)):
+      pl.when(i < n_blocks)(lambda i=i: load(i, i, False))
+
+    @pl.loop(0, n_blocks - stages)
+    def _(j):
+      load(j + stages, lax.rem(j, stages), True)
+
+
+# ------------------------------------------------------------------ backward --
+#
+# Both kernels take lse2 = lse * log2(e) with +inf on rows that must give
+# P = 0 (lse = -inf, padding rows), and delta = rowsum(dO * O) - dlse, both
+# [B, Hq, Tq_pad] f32, so P = exp2(S * scale * log2(e) - lse2) is NaN-free.
+
+
+def _zeros(shape):
+  return plgpu.layout_cast(jnp.full(shape, 0.0, jnp.float32), plgpu.Layout.WGMMA)
+
+
+def backward_dkdv_kernel(kv_table_ref, entries_ref, q_ref, k_ref, v_ref, do_ref, lse2_ref,
+                         delta_ref, *refs, scale: float, causal: bool, has_segments: bool,
+                         block_q: int, block_kv: int, stages: int, wgs: int, group_size: int):
+  """One CTA per (kv head, kv block t, batch): dK, dV of wgs * block_kv keys.
+
+  kv_table_ref: [n_kv_blocks, KV_TABLE_WIDTH], entries_ref: [n_entries,
+  ENTRY_WIDTH] int32 (plan.make_backward_plan); q_ref, do_ref: [B, Tq_pad, Hq,
+  Dp]; k_ref, v_ref: [B, Tk_pad, Hk, Dp]; lse2_ref, delta_ref: [B, Hq,
+  Tq_pad] f32; (qseg_ref [B, Tq_pad], kvseg_ref [B, Tk_pad] int32); dk_ref,
+  dv_ref: [B, Tk_pad, Hk, Dp]. Compute warpgroup i owns keys KV_BLOCK *
+  wgs * block_kv + i * block_kv + [0, block_kv) and walks every (q head of
+  this kv head, entry) step that the memory warpgroup streams (Q, dO tiles
+  [block_q, Dp], lse2 and delta [block_q]); it sums over them in fp32
+  registers and writes its keys once: deterministic, no atomics. Scratch:
+  k_smem, v_smem [wgs, block_kv, Dp] (K, V in, then dK, dV out), q_smem,
+  do_smem [stages, block_q, Dp], lse_smem, delta_smem [stages, block_q] f32.
+  """
+  if has_segments:
+    qseg_ref, kvseg_ref, dk_ref, dv_ref, smem, bars = refs
+  else:
+    qseg_ref = kvseg_ref = None
+    dk_ref, dv_ref, smem, bars = refs
+  k_smem, v_smem, q_smem, do_smem, lse_smem, delta_smem = smem
+  kv_ready, q_ready, do_ready, lse_ready, delta_ready, free = bars
+  dtype = q_ref.dtype
+  dp = q_ref.shape[-1]
+
+  kvh = lax.axis_index("h")
+  t = lax.axis_index("t")
+  b = lax.axis_index("b")
+  wg = lax.axis_index("wg")
+  kb = kv_table_ref[t, plan_lib.KV_BLOCK]
+  start = kv_table_ref[t, plan_lib.KV_START]
+  n_full = kv_table_ref[t, plan_lib.KV_N_FULL]
+  n_ent = kv_table_ref[t, plan_lib.KV_N_ENTRIES]
+  n_steps = n_ent * group_size
+  c = scale * LOG2E
+  shape_t = (block_kv, block_q)
+
+  def entry_row0(e):
+    return pl.multiple_of(entries_ref[start + e, plan_lib.E_ROW0], block_q)
+
+  @pl.when(wg < wgs)
+  def _compute():
+    plgpu.set_max_registers(232 if wgs > 1 else 240, action="increase")
+    key0 = pl.multiple_of(kb * (wgs * block_kv) + wg * block_kv, block_kv)
+    keys = (b, pl.ds(key0, block_kv), kvh)
+    plgpu.copy_gmem_to_smem(k_ref.at[keys], k_smem.at[wg], kv_ready.at[wg])
+    plgpu.copy_gmem_to_smem(v_ref.at[keys], v_smem.at[wg], kv_ready.at[wgs + wg])
+    kvseg = None
+    if has_segments:
+      kvseg = _load(kvseg_ref.at[b, pl.ds(key0, block_kv)], plgpu.Layout.WGMMA.reduce(1))
+    plgpu.barrier_wait(kv_ready.at[wg])
+    plgpu.barrier_wait(kv_ready.at[wgs + wg])
+    k_tile, v_tile = k_smem.at[wg], v_smem.at[wg]
+
+    def step(i, e, carry, masked: bool):
+      dk, dv = carry
+      slot = lax.rem(i, stages)
+      plgpu.barrier_wait(q_ready.at[slot])
+
+      def qk(s_ref):
+        plgpu.wgmma(s_ref, k_tile, _t(q_smem.at[slot]))
+        return s_ref[...]
+
+      s_t = pl.run_scoped(qk, plgpu.ACC(shape_t, jnp.float32))   # [keys, rows]
+      plgpu.barrier_wait(lse_ready.at[slot])
+      lse2 = _load(lse_smem.at[slot], plgpu.Layout.WGMMA.reduce(0))
+      p_t = jnp.exp2(s_t * c - _col_vec(lse2, shape_t))
+      if masked:
+        qseg = None
+        row0 = entry_row0(e)
+        if has_segments:
+          qseg = _load(qseg_ref.at[b, pl.ds(row0, block_q)], plgpu.Layout.WGMMA.reduce(0))
+        vis = _visible(entries_ref[start + e, plan_lib.E_QPOS0], key0,
+                       entries_ref[start + e, plan_lib.E_KV_LEN], shape_t, causal=causal,
+                       qseg=qseg, kvseg=kvseg, transposed=True)
+        p_t = jnp.where(vis, p_t, 0.0)
+      plgpu.barrier_wait(do_ready.at[slot])
+
+      def dv_dp(refs):
+        dv_ref, dp_ref = refs
+        plgpu.wgmma(dv_ref, p_t.astype(dtype), do_smem.at[slot])    # dV += P^T dO
+        plgpu.wgmma(dp_ref, v_tile, _t(do_smem.at[slot]))           # dP^T = V dO^T
+
+      dv, dp_t = pl.run_state(dv_dp)((plgpu.ACC.init(dv), plgpu.ACC.init(_zeros(shape_t))))
+      plgpu.barrier_wait(delta_ready.at[slot])
+      delta = _load(delta_smem.at[slot], plgpu.Layout.WGMMA.reduce(0))
+      ds_t = p_t * (dp_t - _col_vec(delta, shape_t))
+
+      def dk_step(acc_ref):
+        plgpu.wgmma(acc_ref, ds_t.astype(dtype), q_smem.at[slot])   # dK += dS^T Q
+
+      dk = pl.run_state(dk_step)(plgpu.ACC.init(dk))
+      plgpu.barrier_arrive(free.at[slot])
+      return dk, dv
+
+    def head(h, carry):
+      base = h * n_ent
+      carry = lax.fori_loop(0, n_full, lambda e, cr: step(base + e, e, cr, False), carry)
+      return lax.fori_loop(n_full, n_ent, lambda e, cr: step(base + e, e, cr, True), carry)
+
+    dk, dv = lax.fori_loop(0, group_size, head, (_zeros((block_kv, dp)), _zeros((block_kv, dp))))
+    k_tile[...] = (dk * scale).astype(dtype)
+    v_tile[...] = dv.astype(dtype)
+    plgpu.commit_smem()
+    plgpu.copy_smem_to_gmem(k_tile, dk_ref.at[keys])
+    plgpu.copy_smem_to_gmem(v_tile, dv_ref.at[keys])
+    plgpu.wait_smem_to_gmem(0)
+
+  @pl.when(wg == wgs)
+  def _memory():
+    plgpu.set_max_registers(40, action="decrease")
+
+    def load(i, slot, wait_free: bool):
+      h = lax.div(i, n_ent)
+      e = i - h * n_ent
+      row0 = entry_row0(e)
+      qh = kvh * group_size + h
+      rows = (b, pl.ds(row0, block_q), qh)
+      if wait_free:
+        plgpu.barrier_wait(free.at[slot])
+      plgpu.copy_gmem_to_smem(q_ref.at[rows], q_smem.at[slot], q_ready.at[slot])
+      plgpu.copy_gmem_to_smem(lse2_ref.at[b, qh, pl.ds(row0, block_q)], lse_smem.at[slot],
+                              lse_ready.at[slot])
+      plgpu.copy_gmem_to_smem(do_ref.at[rows], do_smem.at[slot], do_ready.at[slot])
+      plgpu.copy_gmem_to_smem(delta_ref.at[b, qh, pl.ds(row0, block_q)], delta_smem.at[slot],
+                              delta_ready.at[slot])
+
+    for i in range(stages):
+      pl.when(i < n_steps)(lambda i=i: load(i, i, False))
+
+    @pl.loop(0, n_steps - stages)
+    def _(j):
+      load(j + stages, lax.rem(j, stages), True)
+
+
+def backward_dq_kernel(table_ref, q_ref, k_ref, v_ref, do_ref, lse2_ref, delta_ref, *refs,
+                       scale: float, causal: bool, has_segments: bool, block_q: int,
+                       block_kv: int, stages: int, wgs: int, group_size: int):
+  """One CTA per (q head, work row, batch): dQ of wgs * block_q rows.
+
+  table_ref: [n_work, TABLE_WIDTH] int32 (the backward plan's dQ table);
+  q_ref, do_ref: [B, Tq_pad, Hq, Dp]; k_ref, v_ref: [B, Tk_pad, Hk, Dp];
+  lse2_ref, delta_ref: [B, Hq, Tq_pad] f32; (segment ids as the forward);
+  dq_ref: [B, Tq_pad, Hq, Dp]. Compute warpgroup i owns rows ROW0 + i *
+  block_q + [0, block_q) and walks kv blocks [0, N_FULL) unmasked, then
+  [N_FULL, N_BLOCKS) masked, streamed by the memory warpgroup. Scratch:
+  q_smem, do_smem [wgs, block_q, Dp] (q_smem holds dQ at the end), k_smem,
+  v_smem [stages, block_kv, Dp], lse_smem, delta_smem [wgs, block_q] f32.
+  """
+  if has_segments:
+    qseg_ref, kvseg_ref, dq_ref, smem, bars = refs
+  else:
+    qseg_ref = kvseg_ref = None
+    dq_ref, smem, bars = refs
+  q_smem, do_smem, k_smem, v_smem, lse_smem, delta_smem = smem
+  q_ready, k_ready, v_ready, free = bars
+  dtype = q_ref.dtype
+  dp = q_ref.shape[-1]
+
+  h = lax.axis_index("h")
+  w = lax.axis_index("w")
+  b = lax.axis_index("b")
+  wg = lax.axis_index("wg")
+  row0 = pl.multiple_of(table_ref[w, plan_lib.ROW0], block_q)
+  q_pos0 = table_ref[w, plan_lib.QPOS0]
+  kv_len = table_ref[w, plan_lib.KV_LEN]
+  n_full = table_ref[w, plan_lib.N_FULL]
+  n_blocks = table_ref[w, plan_lib.N_BLOCKS]
+  c = scale * LOG2E
+  shape_s = (block_q, block_kv)
+
+  @pl.when(wg < wgs)
+  def _compute():
+    plgpu.set_max_registers(232 if wgs > 1 else 240, action="increase")
+    my_row0 = pl.multiple_of(row0 + wg * block_q, block_q)
+    my_pos0 = q_pos0 + wg * block_q
+    rows = (b, pl.ds(my_row0, block_q), h)
+    # q_ready: 4 barriers per warpgroup (Q, dO, lse2, delta).
+    plgpu.copy_gmem_to_smem(q_ref.at[rows], q_smem.at[wg], q_ready.at[4 * wg])
+    plgpu.copy_gmem_to_smem(do_ref.at[rows], do_smem.at[wg], q_ready.at[4 * wg + 1])
+    plgpu.copy_gmem_to_smem(lse2_ref.at[b, h, pl.ds(my_row0, block_q)], lse_smem.at[wg],
+                            q_ready.at[4 * wg + 2])
+    plgpu.copy_gmem_to_smem(delta_ref.at[b, h, pl.ds(my_row0, block_q)], delta_smem.at[wg],
+                            q_ready.at[4 * wg + 3])
+    qseg = None
+    if has_segments:
+      qseg = _load(qseg_ref.at[b, pl.ds(my_row0, block_q)], plgpu.Layout.WGMMA.reduce(1))
+    for i in range(4):
+      plgpu.barrier_wait(q_ready.at[4 * wg + i])
+    lse2 = _load(lse_smem.at[wg], plgpu.Layout.WGMMA.reduce(1))
+    delta = _load(delta_smem.at[wg], plgpu.Layout.WGMMA.reduce(1))
+    q_tile, do_tile = q_smem.at[wg], do_smem.at[wg]
+
+    def step(j, dq, masked: bool):
+      slot = lax.rem(j, stages)
+      plgpu.barrier_wait(k_ready.at[slot])
+      plgpu.barrier_wait(v_ready.at[slot])
+
+      def s_dp(refs):
+        s_ref, dp_ref = refs
+        plgpu.wgmma(s_ref, q_tile, _t(k_smem.at[slot]))     # S = Q K^T
+        plgpu.wgmma(dp_ref, do_tile, _t(v_smem.at[slot]))   # dP = dO V^T
+
+      s, dpv = pl.run_state(s_dp)((plgpu.ACC.init(_zeros(shape_s)),
+                                   plgpu.ACC.init(_zeros(shape_s))))
+      p = jnp.exp2(s * c - _row_vec(lse2, shape_s))
+      if masked:
+        kvseg = None
+        if has_segments:
+          kvseg = _load(kvseg_ref.at[b, pl.ds(j * block_kv, block_kv)],
+                        plgpu.Layout.WGMMA.reduce(0))
+        vis = _visible(my_pos0, j * block_kv, kv_len, shape_s, causal=causal, qseg=qseg,
+                       kvseg=kvseg)
+        p = jnp.where(vis, p, 0.0)
+      ds = p * (dpv - _row_vec(delta, shape_s))
+
+      def dq_step(acc_ref):
+        plgpu.wgmma(acc_ref, ds.astype(dtype), k_smem.at[slot])   # dQ += dS K
+
+      dq = pl.run_state(dq_step)(plgpu.ACC.init(dq))
+      plgpu.barrier_arrive(free.at[slot])
+      return dq
+
+    dq = lax.fori_loop(0, n_full, lambda j, a: step(j, a, False), _zeros((block_q, dp)))
+    dq = lax.fori_loop(n_full, n_blocks, lambda j, a: step(j, a, True), dq)
+    q_tile[...] = (dq * scale).astype(dtype)
+    plgpu.commit_smem()
+    plgpu.copy_smem_to_gmem(q_tile, dq_ref.at[rows])
+    plgpu.wait_smem_to_gmem(0)
+
+  @pl.when(wg == wgs)
+  def _memory():
+    plgpu.set_max_registers(40, action="decrease")
+    kvh = lax.div(h, group_size)
+
+    def load(j, slot, wait_free: bool):
+      keys = (b, pl.ds(j * block_kv, block_kv), kvh)
+      if wait_free:
+        plgpu.barrier_wait(free.at[slot])
+      plgpu.copy_gmem_to_smem(k_ref.at[keys], k_smem.at[slot], k_ready.at[slot])
+      plgpu.copy_gmem_to_smem(v_ref.at[keys], v_smem.at[slot], v_ready.at[slot])
+
+    for i in range(min(stages, k_ref.shape[1] // block_kv)):
+      pl.when(i < n_blocks)(lambda i=i: load(i, i, False))
+
+    @pl.loop(0, n_blocks - stages)
+    def _(j):
+      load(j + stages, lax.rem(j, stages), True)

@@ -1,0 +1,271 @@
+"""Mosaic GPU launchers: plans, shapes, grids, scratch and the plgpu.kernel calls.
+
+Same contract as jax_grouped_attn.pallas.launch (see jax_grouped_attn/autodiff.py):
+``forward`` and ``backward`` take and return the padded layouts of plan.py.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax.experimental.pallas import mosaic_gpu as plgpu
+
+from jax_grouped_attn import plan as plan_lib
+from jax_grouped_attn.plan import BackwardPlan, Plan, Problem
+from jax_grouped_attn.pallas.mosaic import kernels
+from jax_grouped_attn.pallas.mosaic.config import (MosaicBackwardConfig, MosaicForwardConfig,
+                                                   default_backward_config,
+                                                   default_forward_config, padded_head_dim)
+from jax_grouped_attn.vma import shape_struct
+
+MIN_BLOCK = 64   # wgmma tiles are 64 rows: plans never shrink below this
+_DTYPES = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
+
+
+def forward_config(problem: Problem, config: MosaicForwardConfig | None) -> MosaicForwardConfig:
+  """``config``, or the heuristic default for the problem's head dim."""
+  return config or default_forward_config(padded_head_dim(problem.head_dim))
+
+
+def backward_config(problem: Problem, config: MosaicBackwardConfig | None) -> MosaicBackwardConfig:
+  """``config``, or the heuristic default for the problem's head dim."""
+  return config or default_backward_config(padded_head_dim(problem.head_dim))
+
+
+def forward_plan(problem: Problem, config: MosaicForwardConfig | None = None) -> Plan:
+  """Work table with one row per CTA (compute_wgs * block_q rows)."""
+  cfg = forward_config(problem, config)
+  return plan_lib.make_plan(problem, cfg.rows_per_cta, cfg.block_kv, min_block=MIN_BLOCK)
+
+
+def backward_plan(problem: Problem, config: MosaicBackwardConfig | None = None) -> BackwardPlan:
+  """dK/dV CTAs own compute_wgs * block_kv keys; dQ CTAs compute_wgs * dq_block_q rows."""
+  cfg = backward_config(problem, config)
+  return plan_lib.make_backward_plan(
+      problem, cfg.block_q, cfg.compute_wgs * cfg.block_kv,
+      cfg.compute_wgs * cfg.dq_block_q, cfg.dq_block_kv, min_block=MIN_BLOCK)
+
+
+def _table(table):
+  """A plan table as a kernel input. Unlike pallas_call, plgpu.kernel lets
+  inputs differ in shard_map varying axes; a varying table would make its
+  scalars (loop bounds) varying inside the body, which fori_loop rejects."""
+  return jnp.asarray(table)
+
+
+def _check_inputs(q, k, v):
+  if q.dtype not in _DTYPES or k.dtype != q.dtype or v.dtype != q.dtype:
+    raise ValueError(
+        f"Mosaic GPU kernels take bf16/f16; use backend='triton' for float32 "
+        f"(got {q.dtype=}, {k.dtype=}, {v.dtype=}).")
+  if q.ndim != 4 or k.shape != v.shape or k.shape[0] != q.shape[0] or q.shape[3] != k.shape[3]:
+    raise ValueError(f"expected q [B, Tq, Hq, D], k/v [B, Tk, Hk, D]: {q.shape=}, {k.shape=}, "
+                     f"{v.shape=}.")
+  if q.shape[2] % k.shape[2]:
+    raise ValueError(f"Hq must be a multiple of Hk: {q.shape=}, {k.shape=}.")
+
+
+def _pad_dim(x, dp):
+  d = x.shape[-1]
+  return x if d == dp else jnp.pad(x, [(0, 0)] * (x.ndim - 1) + [(0, dp - d)])
+
+
+def _tiling(dtype):
+  # 128-byte swizzle over 64-element (128-byte) rows: wgmma's shared layout.
+  swizzle = 128
+  return (plgpu.TilingTransform((8, swizzle // jnp.dtype(dtype).itemsize)),
+          plgpu.SwizzleTransform(swizzle))
+
+
+def _wgs(rows: int, block: int, compute_wgs: int, what: str) -> int:
+  if rows % block or rows // block > compute_wgs:
+    raise ValueError(f"{what}: the plan's tile ({rows}) must be 1..compute_wgs={compute_wgs} "
+                     f"times the config's ({block}); build the plan with this module's "
+                     f"forward_plan/backward_plan.")
+  return rows // block
+
+
+def forward(q, k, v, q_seg, kv_seg, *, problem: Problem, plan: Plan,
+            config: MosaicForwardConfig | None, interpret=False):
+  """Grouped forward in ONE Mosaic GPU kernel.
+
+  q: [B, Tq_pad, Hq, Dp], k/v: [B, Tk_pad, Hk, Dp] (padded layouts, plan.py);
+  q_seg: [B, Tq_pad] int32 | None, kv_seg: [B, Tk_pad] int32 | None.
+  Returns out [B, Tq_pad, Hq, Dp] (q.dtype) and lse [B, Hq, Tq_pad] float32.
+  """
+  _check_inputs(q, k, v)
+  cfg = forward_config(problem, config)
+  b, tq_pad, hq, d_in = q.shape
+  tk_pad, hk = k.shape[1], k.shape[2]
+  if (tq_pad, tk_pad) != (plan.tq_pad, plan.tk_pad):
+    raise ValueError(f"forward: {q.shape=}, {k.shape=} do not match the plan's layout "
+                     f"({plan.tq_pad=}, {plan.tk_pad=}).")
+  dp = padded_head_dim(d_in)
+  q, k, v = (_pad_dim(x, dp) for x in (q, k, v))
+  wgs = _wgs(plan.block_q, cfg.block_q, cfg.compute_wgs, "forward")
+  block_kv = plan.block_k
+  if block_kv % MIN_BLOCK:
+    raise ValueError(f"forward: {plan.block_k=} must be a multiple of {MIN_BLOCK}.")
+  stages = cfg.max_concurrent_steps
+  has_segments = problem.has_segments
+  tiles = _tiling(q.dtype)
+  smem = (
+      plgpu.SMEM((wgs, cfg.block_q, dp), q.dtype, transforms=tiles),   # Q in, O out
+      plgpu.SMEM((stages, block_kv, dp), q.dtype, transforms=tiles),   # K ring
+      plgpu.SMEM((stages, block_kv, dp), q.dtype, transforms=tiles),   # V ring
+      plgpu.SMEM((wgs, cfg.block_q), jnp.float32),                     # lse out
+  )
+  bars = (
+      plgpu.Barrier(num_barriers=wgs),                                 # q_ready
+      plgpu.Barrier(num_barriers=stages),                              # k_ready
+      plgpu.Barrier(num_barriers=stages),                              # v_ready
+      plgpu.Barrier(num_arrivals=wgs, num_barriers=stages),            # k_free
+      plgpu.Barrier(num_arrivals=wgs, num_barriers=stages),            # v_free
+      plgpu.Barrier(num_arrivals=wgs),                                 # sched
+  )
+  body = functools.partial(
+      kernels.forward_kernel, scale=float(problem.scale), causal=problem.causal,
+      has_segments=has_segments, block_q=cfg.block_q, block_kv=block_kv, stages=stages,
+      wgs=wgs, group_size=hq // hk)
+  if plan.n_work == 0:   # no rows at all
+    return (jnp.zeros((b, tq_pad, hq, d_in), q.dtype),
+            jnp.full((b, hq, tq_pad), -jnp.inf, jnp.float32))
+  args = [_table(plan.table), q, k, v] + ([q_seg, kv_seg] if has_segments else [])
+  out, lse = plgpu.kernel(
+      body,
+      out_type=(shape_struct((b, tq_pad, hq, dp), q.dtype, like=q),
+                shape_struct((b, hq, tq_pad), jnp.float32, like=q)),
+      scratch_types=(smem, bars),
+      grid=(hq, plan.n_work, b),
+      grid_names=("h", "w", "b"),
+      num_threads=wgs + 1,
+      thread_name="wg",
+      compiler_params=plgpu.CompilerParams(approx_math=True),
+      **_interpret_kwargs(interpret),
+  )(*args)
+  return out[..., :d_in], lse
+
+
+def _interpret_kwargs(interpret):
+  """Mosaic GPU interpret mode (jax 0.10's interpreter stops at run_state,
+  which these kernels use; passed through for JAX versions that have it)."""
+  if not interpret:
+    return {}
+  if interpret is True:
+    from jax._src.pallas.mosaic_gpu.interpret.params import InterpretGPUParams  # noqa: PLC0415
+    interpret = InterpretGPUParams()
+  return {"interpret": interpret}
+
+
+# ------------------------------------------------------------------ backward --
+
+def backward_residuals(out, lse, dout, dlse, valid_rows):
+  """delta = rowsum(dO * O) - dlse and lse2 = lse * log2(e) (+inf where P must be
+  0: lse = -inf, padding rows), both [B, Hq, Tq_pad] f32. Plain jnp: one
+  memory-bound pass that XLA fuses."""
+  delta = jnp.einsum("bqhd,bqhd->bhq", out.astype(jnp.float32), dout.astype(jnp.float32))
+  delta = delta - dlse
+  keep = jnp.asarray(valid_rows)[None, None, :] & (lse != -jnp.inf)
+  lse2 = jnp.where(keep, lse * kernels.LOG2E, jnp.inf)
+  return delta, lse2
+
+
+def backward(q, k, v, q_seg, kv_seg, out, lse, dout, dlse, *, problem: Problem,
+             plan: BackwardPlan, config: MosaicBackwardConfig | None, interpret=False):
+  """Grouped backward: residuals (jnp), then one dK/dV and one dQ Mosaic GPU kernel.
+
+  q, out, dout: [B, Tq_pad, Hq, Dp]; k, v: [B, Tk_pad, Hk, Dp]; lse, dlse:
+  [B, Hq, Tq_pad] f32 (dout, dlse zero on padding rows); segment ids as in
+  :func:`forward`. ``plan`` is :func:`backward_plan`'s. Returns dq [B,
+  Tq_pad, Hq, Dp], dk, dv [B, Tk_pad, Hk, Dp] in the input dtypes;
+  deterministic (each output tile is written once by one CTA).
+  """
+  _check_inputs(q, k, v)
+  cfg = backward_config(problem, config)
+  b, tq_pad, hq, d_in = q.shape
+  tk_pad, hk = k.shape[1], k.shape[2]
+  qplan = plan.plan
+  if (qplan.tq_pad, qplan.tk_pad) != (tq_pad, tk_pad):
+    raise ValueError(f"backward: {q.shape=}, {k.shape=} do not match the plan's layout "
+                     f"({qplan.tq_pad=}, {qplan.tk_pad=}).")
+  dp = padded_head_dim(d_in)
+  q, k, v, out, dout = (_pad_dim(x, dp) for x in (q, k, v, out, dout))
+  grp = hq // hk
+  stages = cfg.max_concurrent_steps
+  has_segments = problem.has_segments
+  seg_args = [q_seg, kv_seg] if has_segments else []
+  tiles = _tiling(q.dtype)
+  delta, lse2 = backward_residuals(out, lse, dout, dlse.astype(jnp.float32), qplan.valid_rows)
+  params = plgpu.CompilerParams(approx_math=True)
+  common = dict(scale=float(problem.scale), causal=problem.causal, has_segments=has_segments,
+                stages=stages, group_size=grp)
+
+  # dK/dV: CTA (kv head, t, batch) owns kv block kv_table[t].
+  wgs = _wgs(plan.block_k, cfg.block_kv, cfg.compute_wgs, "backward dK/dV")
+  bq, bkv = plan.block_q, cfg.block_kv
+  smem = (
+      plgpu.SMEM((wgs, bkv, dp), q.dtype, transforms=tiles),      # K in, dK out
+      plgpu.SMEM((wgs, bkv, dp), q.dtype, transforms=tiles),      # V in, dV out
+      plgpu.SMEM((stages, bq, dp), q.dtype, transforms=tiles),    # Q ring
+      plgpu.SMEM((stages, bq, dp), q.dtype, transforms=tiles),    # dO ring
+      plgpu.SMEM((stages, bq), jnp.float32),                      # lse2 ring
+      plgpu.SMEM((stages, bq), jnp.float32),                      # delta ring
+  )
+  bars = (
+      plgpu.Barrier(num_barriers=2 * wgs),                        # K, V of each warpgroup
+      plgpu.Barrier(num_barriers=stages),                         # q_ready
+      plgpu.Barrier(num_barriers=stages),                         # do_ready
+      plgpu.Barrier(num_barriers=stages),                         # lse_ready
+      plgpu.Barrier(num_barriers=stages),                         # delta_ready
+      plgpu.Barrier(num_arrivals=wgs, num_barriers=stages),       # free
+  )
+  dk, dv = plgpu.kernel(
+      functools.partial(kernels.backward_dkdv_kernel, block_q=bq, block_kv=bkv, wgs=wgs,
+                        **common),
+      out_type=(shape_struct((b, tk_pad, hk, dp), k.dtype, like=q),
+                shape_struct((b, tk_pad, hk, dp), v.dtype, like=q)),
+      scratch_types=(smem, bars),
+      grid=(hk, plan.n_kv_blocks, b),
+      grid_names=("h", "t", "b"),
+      num_threads=wgs + 1,
+      thread_name="wg",
+      compiler_params=params,
+      **_interpret_kwargs(interpret),
+  )(_table(plan.kv_table), _table(plan.entries), q, k, v, dout, lse2,
+    delta, *seg_args)
+
+  # dQ: CTA (q head, w, batch) owns the rows of dQ-table row w.
+  if qplan.n_work == 0:
+    dq = jnp.zeros_like(q)
+  else:
+    wgs = _wgs(qplan.block_q, cfg.dq_block_q, cfg.compute_wgs, "backward dQ")
+    bq, bkv = cfg.dq_block_q, qplan.block_k
+    smem = (
+        plgpu.SMEM((wgs, bq, dp), q.dtype, transforms=tiles),      # Q in, dQ out
+        plgpu.SMEM((wgs, bq, dp), q.dtype, transforms=tiles),      # dO
+        plgpu.SMEM((stages, bkv, dp), q.dtype, transforms=tiles),  # K ring
+        plgpu.SMEM((stages, bkv, dp), q.dtype, transforms=tiles),  # V ring
+        plgpu.SMEM((wgs, bq), jnp.float32),                        # lse2
+        plgpu.SMEM((wgs, bq), jnp.float32),                        # delta
+    )
+    bars = (
+        plgpu.Barrier(num_barriers=4 * wgs),                       # Q, dO, lse2, delta
+        plgpu.Barrier(num_barriers=stages),                        # k_ready
+        plgpu.Barrier(num_barriers=stages),                        # v_ready
+        plgpu.Barrier(num_arrivals=wgs, num_barriers=stages),      # free
+    )
+    dq = plgpu.kernel(
+        functools.partial(kernels.backward_dq_kernel, block_q=bq, block_kv=bkv, wgs=wgs,
+                          **common),
+        out_type=shape_struct((b, tq_pad, hq, dp), q.dtype, like=q),
+        scratch_types=(smem, bars),
+        grid=(hq, qplan.n_work, b),
+        grid_names=("h", "w", "b"),
+        num_threads=wgs + 1,
+        thread_name="wg",
+        compiler_params=params,
+        **_interpret_kwargs(interpret),
+    )(_table(qplan.table), q, k, v, dout, lse2, delta, *seg_args)
+  return dq[..., :d_in], dk[..., :d_in], dv[..., :d_in]

@@ -1,0 +1,228 @@
+"""Mosaic GPU kernels (jax_grouped_attn.pallas.mosaic).
+
+On CPU (CI): configs, errors, plans, and that the forward and backward
+kernels trace and lower for CUDA. JAX 0.10's Mosaic GPU interpreter stops at
+``run_state`` (the kernels accumulate in wgmma registers in place), so the
+numeric checks run on a GPU only (``@pytest.mark.gpu``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import zlib
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jax_grouped_attn.backend import batch_folding
+from jax_grouped_attn.pallas.mosaic.backend import PALLAS_MOSAIC
+from jax_grouped_attn import plan as plan_lib
+from jax_grouped_attn.groups import QueryGroup
+from jax_grouped_attn.plan import Problem
+from jax_grouped_attn.reference import reference_attention, reference_backward
+from jax_grouped_attn.pallas.mosaic import launch as ml
+from jax_grouped_attn.pallas.mosaic.config import MosaicBackwardConfig, MosaicForwardConfig
+
+# name, groups (q_start, q_len, q_pos, kv_len), tq, tk, hq, hk, d, causal, segments
+CASES = [
+    ("causal_gqa", [(0, 256, 0, 256)], 256, 256, 4, 2, 128, True, False),
+    ("noncausal_odd_mqa", [(0, 133, 0, 120)], 133, 120, 2, 1, 64, False, False),
+    ("groups_kv0_neg", [(0, 100, 300, 400), (100, 70, -30, 200), (170, 30, 0, 0)], 200, 400,
+     2, 2, 128, True, False),
+    ("segments", [(0, 192, 0, 192)], 192, 192, 2, 1, 128, True, True),
+    ("d40_tiny", [(0, 10, 3, 7)], 10, 7, 2, 1, 40, True, False),
+    ("d256", [(0, 128, 0, 128)], 128, 128, 2, 1, 256, True, False),
+    ("d16_padded_in_launcher", [(0, 64, 0, 64)], 64, 64, 2, 2, 16, False, False),
+]
+IDS = [c[0] for c in CASES]
+
+
+def _problem(case):
+  _, groups, tq, tk, hq, hk, d, causal, seg = case
+  return Problem(groups=tuple(QueryGroup(*g) for g in groups), batch=1, tq=tq, tk=tk, hq=hq,
+                 hk=hk, head_dim=d, causal=causal, scale=1 / math.sqrt(d), has_segments=seg)
+
+
+def _inputs(p, dtype=jnp.bfloat16, seed=0):
+  ks = jax.random.split(jax.random.key(seed), 7)
+  q = jax.random.normal(ks[0], (p.batch, p.tq, p.hq, p.head_dim), dtype)
+  k = jax.random.normal(ks[1], (p.batch, p.tk, p.hk, p.head_dim), dtype)
+  v = jax.random.normal(ks[2], (p.batch, p.tk, p.hk, p.head_dim), dtype)
+  qs = ksg = None
+  if p.has_segments:
+    qs = jnp.sort(jax.random.randint(ks[3], (p.batch, p.tq), 0, 3), axis=1).astype(jnp.int32)
+    ksg = jnp.sort(jax.random.randint(ks[4], (p.batch, p.tk), 0, 3), axis=1).astype(jnp.int32)
+  dout = jax.random.normal(ks[5], q.shape, dtype)
+  dlse = jax.random.normal(ks[6], (p.batch, p.hq, p.tq), jnp.float32)
+  return q, k, v, qs, ksg, dout, dlse
+
+
+def _fwd_bwd(p, fcfg=None, bcfg=None):
+  """Original layouts in and out, through the registry entry (as autodiff calls it)."""
+  fwd = lambda q, k, v, qs, ks: PALLAS_MOSAIC.forward(p, fcfg, False, q, k, v, qs, ks)
+  bwd = lambda q, k, v, qs, ks, out, lse, dout, dlse: PALLAS_MOSAIC.backward(
+      p, bcfg, False, q, k, v, qs, ks, out, lse, dout, dlse)
+  return fwd, bwd
+
+
+# ------------------------------------------------------------ configs, errors --
+
+@pytest.mark.parametrize("field,value", [("block_q", 32), ("block_q", 128), ("block_kv", 96),
+                                         ("max_concurrent_steps", 1), ("compute_wgs", 3)])
+def test_forward_config_rejects(field, value):
+  with pytest.raises(ValueError, match=f"MosaicForwardConfig.{field}"):
+    MosaicForwardConfig(**{field: value})
+
+
+@pytest.mark.parametrize("field,value", [("block_kv", 48), ("dq_block_kv", 256),
+                                         ("compute_wgs", 0)])
+def test_backward_config_rejects(field, value):
+  with pytest.raises(ValueError, match=f"MosaicBackwardConfig.{field}"):
+    MosaicBackwardConfig(**{field: value})
+
+
+def test_configs_hashable():
+  assert hash(MosaicForwardConfig()) == hash(MosaicForwardConfig())
+  assert hash(MosaicBackwardConfig()) == hash(MosaicBackwardConfig())
+
+
+def test_float32_is_refused():
+  p = _problem(CASES[0])
+  plan = ml.forward_plan(p)
+  q = jnp.zeros((1, plan.tq_pad, p.hq, 128), jnp.float32)
+  k = jnp.zeros((1, plan.tk_pad, p.hk, 128), jnp.float32)
+  with pytest.raises(ValueError, match="bf16/f16; use backend='triton' for float32"):
+    ml.forward(q, k, k, None, None, problem=p, plan=plan, config=None)
+
+
+def test_padded_head_dim():
+  assert [ml.padded_head_dim(d) for d in (8, 64, 65, 128, 129, 256)] == [64, 64, 128, 128, 256,
+                                                                         256]
+  with pytest.raises(ValueError, match="head_dim <= 256"):
+    ml.padded_head_dim(512)
+
+
+# ---------------------------------------------------------------------- plans --
+
+def test_min_block_keeps_mosaic_tiles_and_default_unchanged():
+  p = _problem(CASES[4])   # 10 rows, 7 keys
+  assert plan_lib.effective_blocks(p, 128, 128) == (16, 16)
+  assert plan_lib.effective_blocks(p, 128, 128, min_block=64) == (64, 64)
+  fplan = ml.forward_plan(p)
+  assert (fplan.block_q, fplan.block_k) == (64, 64)
+  bplan = ml.backward_plan(p)
+  assert bplan.block_q % 64 == 0 and bplan.block_k % 64 == 0
+  assert bplan.plan.block_q % 64 == 0 and bplan.plan.block_k % 64 == 0
+
+
+@pytest.mark.parametrize("case", CASES, ids=IDS)
+def test_plans_fit_the_kernels(case):
+  p = _problem(case)
+  f = ml.forward_plan(p)
+  assert f.block_q in (64, 128) and f.block_k in (64, 128)
+  b = ml.backward_plan(p)
+  cfg = ml.backward_config(p, None)
+  assert b.block_k // cfg.block_kv in (1, cfg.compute_wgs)
+  assert b.plan.block_q // cfg.dq_block_q in (1, cfg.compute_wgs)
+
+
+# -------------------------------------------------------- lowering for CUDA --
+
+def _lower(fn, *args):
+  return jax.jit(fn).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
+
+
+# Every case in bf16; f16 shares the code path (one case keeps it honest).
+LOWER = [(c, jnp.bfloat16) for c in CASES] + [(CASES[2], jnp.float16)]
+
+
+@pytest.mark.parametrize("case,dtype", LOWER,
+                         ids=[f"{c[0]}-{jnp.dtype(d).name}" for c, d in LOWER])
+def test_forward_and_backward_lower_for_cuda(case, dtype):
+  p = _problem(case)
+  fwd, bwd = _fwd_bwd(p)
+  q, k, v, qs, ks, dout, dlse = _inputs(p, dtype)
+  text = _lower(fwd, q, k, v, qs, ks)
+  assert "mosaic_gpu" in text
+  out = jax.ShapeDtypeStruct(q.shape, dtype)
+  lse = jax.ShapeDtypeStruct((p.batch, p.hq, p.tq), jnp.float32)
+  text = _lower(bwd, q, k, v, qs, ks, out, lse, dout, dlse)
+  assert text.count("mosaic_gpu") >= 2
+
+
+def test_vmapped_launchers_lower():
+  """backend.batch_folding (how the registry entry calls launchers) under jax.vmap."""
+  p = _problem(CASES[0])
+  plan, bplan = ml.forward_plan(p), ml.backward_plan(p)
+  q = jnp.zeros((3, 1, plan.tq_pad, p.hq, 128), jnp.bfloat16)
+  k = jnp.zeros((3, 1, plan.tk_pad, p.hk, 128), jnp.bfloat16)
+  lse = jnp.zeros((3, 1, p.hq, plan.tq_pad), jnp.float32)
+  fwd = batch_folding(ml.forward)
+  bwd = batch_folding(ml.backward)
+  _lower(jax.vmap(lambda q, k, v: fwd(q, k, v, None, None, problem=p, plan=plan, config=None,
+                                      interpret=False)), q, k, k)
+  _lower(jax.vmap(lambda q, k, v, o, l, do, dl: bwd(
+      q, k, v, None, None, o, l, do, dl, problem=p, plan=bplan, config=None, interpret=False)),
+      q, k, k, q, lse, q, lse)
+
+
+def test_custom_configs_lower():
+  p = _problem(CASES[0])
+  fwd, bwd = _fwd_bwd(p, MosaicForwardConfig(block_kv=64, max_concurrent_steps=3, compute_wgs=1),
+                      MosaicBackwardConfig(block_q=128, dq_block_kv=128, compute_wgs=1))
+  q, k, v, qs, ks, dout, dlse = _inputs(p)
+  _lower(fwd, q, k, v, qs, ks)
+  _lower(bwd, q, k, v, qs, ks, q, jnp.zeros((1, p.hq, p.tq)), dout, dlse)
+
+
+# ------------------------------------------------------------ GPU numerics --
+
+def _rel(a, b):
+  a, b = np.asarray(a, np.float32), np.asarray(b, np.float32)
+  return float(np.linalg.norm(a - b) / (np.linalg.norm(b) + 1e-30))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16], ids=["bf16", "f16"])
+@pytest.mark.parametrize("case", CASES, ids=IDS)
+def test_matches_reference_on_gpu(case, dtype):
+  p = _problem(case)
+  fwd, bwd = _fwd_bwd(p)
+  q, k, v, qs, ks, dout, dlse = _inputs(p, dtype, seed=zlib.crc32(case[0].encode()) % 1000)
+  out, lse = jax.jit(fwd)(q, k, v, qs, ks)
+  ro, rl = reference_attention(p, q, k, v, qs, ks)
+  assert not np.isnan(np.asarray(out, np.float32)).any()
+  assert _rel(out, ro) < 2e-2
+  fin = np.isfinite(np.asarray(rl))
+  np.testing.assert_array_equal(np.asarray(lse)[~fin], np.asarray(rl)[~fin])
+  np.testing.assert_allclose(np.asarray(lse)[fin], np.asarray(rl)[fin], atol=2e-2)
+  got = jax.jit(bwd)(q, k, v, qs, ks, ro, rl, dout, dlse)
+  want = reference_backward(p, q, k, v, qs, ks, ro, rl, dout, dlse)
+  for n, g, w in zip(("dq", "dk", "dv"), got, want):
+    assert not np.isnan(np.asarray(g, np.float32)).any(), n
+    assert _rel(g, w) < 3e-2, n
+  # Deterministic: a second run is bitwise equal.
+  again = jax.jit(bwd)(q, k, v, qs, ks, ro, rl, dout, dlse)
+  for g, h in zip(got, again):
+    np.testing.assert_array_equal(np.asarray(g), np.asarray(h))
+
+
+def test_registry_entry_lowers_with_grad_inside_check_vma_shard_map():
+  # The path a user takes (autodiff's custom_vjp around the entry) inside
+  # shard_map with check_vma=True: the kernels' outputs carry vma types.
+  from jax.sharding import PartitionSpec as P
+  from jax_grouped_attn import autodiff
+  from jax_grouped_attn.config import AttentionConfig
+  p = _problem(CASES[0])
+  mesh = jax.sharding.Mesh(np.array(jax.devices()[:2]), ("dp",))
+  attn = lambda q, k, v: autodiff.attention(p, "pallas_mosaic", AttentionConfig(), False,
+                                            "kernel", q, k, v, None, None)[0]
+  f = jax.shard_map(attn, mesh=mesh, in_specs=(P("dp"),) * 3, out_specs=P("dp"),
+                    check_vma=True)
+  q, k, v = _inputs(dataclasses.replace(p, batch=2))[:3]
+  grad = jax.grad(lambda q, k, v: jnp.sum(f(q, k, v).astype(jnp.float32)), argnums=(0, 1, 2))
+  text = _lower(grad, q, k, v)
+  assert text.count("mosaic_gpu") >= 3
