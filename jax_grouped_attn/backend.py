@@ -28,7 +28,8 @@ import jax.numpy as jnp
 
 from jax_grouped_attn import plan as plan_lib
 from jax_grouped_attn import vma
-from jax_grouped_attn.config import padded_head_dim
+from jax_grouped_attn.config import (BackwardConfig, ForwardConfig, padded_head_dim,
+                                     tile_candidates)
 from jax_grouped_attn.plan import Problem
 
 
@@ -219,3 +220,21 @@ class KernelBackend(Backend):
     dv = dv_p[:, :problem.tk, :, :d]
     axes = vma.union(q, k, v, q_seg, kv_seg, dout)
     return tuple(vma.pvary(g.astype(x.dtype), axes) for g, x in ((dq, q), (dk, k), (dv, v)))
+
+
+class TileKernelBackend(KernelBackend):
+  """A kernel family on Triton-style tiles (ForwardConfig / BackwardConfig):
+  ``heuristics`` is its module of ``forward_config(head_dim, dtype)`` and
+  ``backward_config(head_dim, dtype)``."""
+
+  forward_config_class = ForwardConfig
+  backward_config_class = BackwardConfig
+  heuristics = None
+
+  def tuning_candidates(self, pass_, head_dim, mode):
+    return tile_candidates(pass_, head_dim, mode)
+
+  def heuristic_config(self, pass_, head_dim, dtype):
+    if pass_ == "forward":
+      return self.heuristics.forward_config(head_dim, dtype)
+    return self.heuristics.backward_config(head_dim, dtype)

@@ -5,15 +5,13 @@ on CPU)."""
 from __future__ import annotations
 
 from jax_grouped_attn import vma
-from jax_grouped_attn.backend import KernelBackend
-from jax_grouped_attn.config import BackwardConfig, ForwardConfig, tile_candidates
+from jax_grouped_attn.backend import TileKernelBackend
 from jax_grouped_attn.pallas import heuristics
 
 
-class PallasTritonBackend(KernelBackend):
+class PallasTritonBackend(TileKernelBackend):
   name = "pallas_triton"
-  forward_config_class = ForwardConfig
-  backward_config_class = BackwardConfig
+  heuristics = heuristics
   interpretable = True
   interpret_vma = False
   launcher_module = "jax_grouped_attn.pallas.launch"
@@ -25,13 +23,6 @@ class PallasTritonBackend(KernelBackend):
               "on CPU). Use backend='xla' here.")
     return None
 
-  def tuning_candidates(self, pass_, head_dim, mode):
-    return tile_candidates(pass_, head_dim, mode)
-
-  def heuristic_config(self, pass_, head_dim, dtype):
-    if pass_ == "forward":
-      return heuristics.forward_config(head_dim, dtype)
-    return heuristics.backward_config(head_dim, dtype)
 
   def check_launchable(self, problem, dtype, interpret, *arrays):
     if interpret and not self.interpret_vma and vma.union(*arrays) and vma.checking():

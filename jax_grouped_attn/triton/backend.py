@@ -3,16 +3,14 @@ on GPU, Triton's interpreter on CPU."""
 
 from __future__ import annotations
 
-from jax_grouped_attn.backend import KernelBackend
-from jax_grouped_attn.config import BackwardConfig, ForwardConfig, tile_candidates
+from jax_grouped_attn.backend import TileKernelBackend
 from jax_grouped_attn.platform import module_available
 from jax_grouped_attn.triton import heuristics
 
 
-class TritonBackend(KernelBackend):
+class TritonBackend(TileKernelBackend):
   name = "triton"
-  forward_config_class = ForwardConfig
-  backward_config_class = BackwardConfig
+  heuristics = heuristics
   interpretable = True
   launcher_module = "jax_grouped_attn.triton.launch"
 
@@ -25,14 +23,6 @@ class TritonBackend(KernelBackend):
       return (f"backend='triton' cannot run on platform {platform!r}: its kernels are "
               "Triton kernels for NVIDIA GPUs (interpretable on CPU). Use backend='xla' here.")
     return None
-
-  def tuning_candidates(self, pass_, head_dim, mode):
-    return tile_candidates(pass_, head_dim, mode)
-
-  def heuristic_config(self, pass_, head_dim, dtype):
-    if pass_ == "forward":
-      return heuristics.forward_config(head_dim, dtype)
-    return heuristics.backward_config(head_dim, dtype)
 
 
 TRITON = TritonBackend()
