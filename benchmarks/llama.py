@@ -8,8 +8,12 @@ with ``shard_map`` (RoPE then takes each local token's ``zigzag_positions``).
   python benchmarks/llama.py --backend triton --preset small --seq 4096
   python benchmarks/llama.py --backend jax-cudnn --preset small --seq 4096
   python benchmarks/llama.py --backend triton --context-parallel 2  # 2 GPUs
+  python benchmarks/llama.py --preset 1b --seq 32768 --batch 4 --remat --backend triton \
+      --compare dp,allgather,ring,ulysses,dp@jax-cudnn   # every GPU, one layout after another
 
-Prints the training-step time and tokens/s.
+Prints the training-step time, tokens/s (per device) and the compiled step's
+peak memory per device; ``--compare`` adds a table (same global batch and
+sequence in each layout; "dp" = data parallel: whole sequences per device).
 """
 
 from __future__ import annotations
@@ -307,57 +311,59 @@ def build(cfg: LlamaConfig, seed: int = 0, remat: bool = False):
 
 # -------------------------------------------------------------------- CLI ---
 
-def main(argv=None):
-  ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-  ap.add_argument("--backend", default="auto",
-                  choices=[*registry.names(), *JAX_BASELINES],
-                  help="jax_grouped_attn backend, or a jax.nn.dot_product_attention "
-                  "baseline (jax-xla, jax-cudnn; single device only)")
-  ap.add_argument("--backward", default="kernel", choices=["kernel", "reference"])
-  ap.add_argument("--context-parallel", type=int, default=0, metavar="N",
-                  help="shard the sequence over N devices (zigzag); 0 = off")
-  ap.add_argument("--data-parallel", type=int, default=None, metavar="M",
-                  help="with --context-parallel: batch shards (default: "
-                  "devices // N)")
-  ap.add_argument("--cp-strategy", default=None,
-                  help="ContextParallel strategy (default: the package's)")
-  ap.add_argument("--preset", default="small", choices=sorted(PRESETS))
-  ap.add_argument("--batch", type=int, default=4, help="global batch")
-  ap.add_argument("--seq", type=int, default=4096)
-  ap.add_argument("--steps", type=int, default=20)
-  ap.add_argument("--warmup", type=int, default=3)
-  ap.add_argument("--lr", type=float, default=3e-4)
-  ap.add_argument("--remat", action="store_true", help="rematerialise each layer")
-  ap.add_argument("--seed", type=int, default=0)
-  args = ap.parse_args(argv)
+PARALLEL_MODES = ("single", "dp", "allgather", "ring", "ulysses")
 
+
+def train_benchmark(args, mode: str, backend: str | None = None, log=print) -> dict:
+  """Trains ``args.steps`` timed steps in one layout and returns its numbers.
+
+  mode: "single" (one device), "dp" (batch over every device, whole sequences),
+  or a ContextParallel strategy (sequence over every device in zigzag order;
+  with ``args.context_parallel`` N > 0, over N devices and the batch over the
+  rest). ``backend`` overrides ``args.backend``.
+  """
+  backend = backend or args.backend
   cfg = PRESETS[args.preset]
   graphdef, params = build(cfg, args.seed, args.remat)
   tx = make_optimizer(args.lr)
   opt_state = tx.init(params)
   n_params = count_params(params)
-  cp = args.context_parallel
-  if cp and args.backend in JAX_BASELINES:
-    ap.error(f"--backend {args.backend} has no context parallelism.")
+  n_all = args.devices or jax.device_count()
+  if mode == "single":
+    cp, dp = 0, 1
+  elif mode == "dp":
+    cp, dp = 1, args.data_parallel or n_all
+  else:
+    cp = args.context_parallel or n_all
+    dp = args.data_parallel
+  if cp > 1 and backend in JAX_BASELINES:
+    raise ValueError(f"--backend {backend} has no context parallelism.")
   if cp:
-    mesh = make_cp_mesh(cp, args.data_parallel)
+    mesh = make_cp_mesh(cp, dp, jax.devices()[:n_all])
     if args.batch % mesh.shape["dp"] or args.seq % (2 * cp):
-      ap.error(f"--batch {args.batch} must be divisible by dp={mesh.shape['dp']} "
-               f"and --seq {args.seq} by 2 * {cp}.")
-    spec = context_parallel_spec("cp", args.cp_strategy)
-    attn = make_attention_fn(causal=True, backend=args.backend,
-                             context_parallel=spec, backward=args.backward)
+      raise ValueError(f"--batch {args.batch} must be divisible by dp={mesh.shape['dp']} "
+                       f"and --seq {args.seq} by 2 * {cp}.")
+    if cp > 1:
+      spec = context_parallel_spec("cp", None if mode == "dp" else mode)
+      attn = make_attention_fn(causal=True, backend=backend, context_parallel=spec,
+                               backward=args.backward)
+      layout = f"mesh dp={mesh.shape['dp']} x cp={cp}, zigzag, strategy={spec.strategy}"
+    else:   # data parallel: every device holds whole sequences
+      attn = (baseline_attention_fn(backend) if backend in JAX_BASELINES else
+              make_attention_fn(causal=True, backend=backend, backward=args.backward))
+      layout = f"mesh dp={mesh.shape['dp']}, data parallel"
     grad_fn = make_cp_grad_fn(graphdef, attn, mesh, args.batch * args.seq)
     replicated = NamedSharding(mesh, P())
     params, opt_state = jax.device_put((params, opt_state), replicated)
     data_sharding = NamedSharding(mesh, P("dp", "cp"))
     pos_sharding = NamedSharding(mesh, P("cp"))
-    layout = f"mesh dp={mesh.shape['dp']} x cp={cp}, zigzag, strategy={spec.strategy}"
+    n_dev = mesh.size
   else:
-    attn = (baseline_attention_fn(args.backend) if args.backend in JAX_BASELINES else
-            make_attention_fn(causal=True, backend=args.backend, backward=args.backward))
+    attn = (baseline_attention_fn(backend) if backend in JAX_BASELINES else
+            make_attention_fn(causal=True, backend=backend, backward=args.backward))
     grad_fn = make_grad_fn(graphdef, attn)
     layout = "single device"
+    n_dev = 1
   step = make_train_step(grad_fn, tx)
 
   def batch(i):
@@ -369,24 +375,27 @@ def main(argv=None):
     return (jax.device_put(tokens, data_sharding), jax.device_put(targets, data_sharding),
             jax.device_put(positions, pos_sharding))
 
-  print(f"llama preset={args.preset} params={n_params / 1e6:.1f}M layers={cfg.n_layers} "
-        f"dim={cfg.dim} heads={cfg.n_heads}/{cfg.n_kv_heads} head_dim={cfg.head_dim} "
-        f"dtype={cfg.dtype}")
-  print(f"backend={args.backend} backward={args.backward} batch={args.batch} "
-        f"seq={args.seq} {layout} devices={jax.devices()[0].device_kind} x{jax.device_count()}")
+  log(f"llama preset={args.preset} params={n_params / 1e6:.1f}M layers={cfg.n_layers} "
+      f"dim={cfg.dim} heads={cfg.n_heads}/{cfg.n_kv_heads} head_dim={cfg.head_dim} "
+      f"dtype={cfg.dtype}")
+  log(f"backend={backend} backward={args.backward} batch={args.batch} "
+      f"seq={args.seq} {layout} devices={jax.devices()[0].device_kind} x{n_dev}")
   t0 = time.perf_counter()
-  params, opt_state, loss = step(params, opt_state, *batch(0))
-  loss = float(loss)
-  print(f"compile + first step: {time.perf_counter() - t0:.1f}s, loss {loss:.4f}")
+  first = batch(0)
+  compiled = step.lower(params, opt_state, *first).compile()
+  memory = memory_stats(compiled)
+  params, opt_state, loss = compiled(params, opt_state, *first)
+  first_loss = float(loss)
+  log(f"compile + first step: {time.perf_counter() - t0:.1f}s, loss {first_loss:.4f}")
   for i in range(1, args.warmup):
-    params, opt_state, loss = step(params, opt_state, *batch(i))
+    params, opt_state, loss = compiled(params, opt_state, *batch(i))
   jax.block_until_ready(params)
   batches = [batch(args.warmup + i) for i in range(min(args.steps, 4))]
   jax.block_until_ready(batches)
   times = []
   for i in range(args.steps):
     t0 = time.perf_counter()
-    params, opt_state, loss = step(params, opt_state, *batches[i % len(batches)])
+    params, opt_state, loss = compiled(params, opt_state, *batches[i % len(batches)])
     jax.block_until_ready(loss)
     times.append(time.perf_counter() - t0)
   t = float(np.median(times))
@@ -394,10 +403,123 @@ def main(argv=None):
   # 6N per token for the matmuls, plus causal attention (fwd 2 + bwd 5 dots).
   attn_flops = 3.5 * 2 * cfg.n_layers * args.batch * args.seq ** 2 * cfg.n_heads * cfg.head_dim
   flops = 6 * (n_params - cfg.vocab_size * cfg.dim) * tokens + attn_flops
-  n_dev = mesh.size if cp else 1
-  print(f"step time {t * 1e3:.1f} ms (median of {args.steps}, min {min(times) * 1e3:.1f}) | "
-        f"{tokens / t:,.0f} tokens/s | {tokens / t / n_dev:,.0f} tokens/s/device | "
-        f"~{flops / t / n_dev / 1e12:.1f} TFLOP/s/device | final loss {float(loss):.4f}")
+  res = {"mode": mode, "backend": backend, "layout": layout, "devices": n_dev,
+         "step_ms": t * 1e3, "min_step_ms": min(times) * 1e3, "tokens_per_s": tokens / t,
+         "tokens_per_s_per_device": tokens / t / n_dev,
+         "tflops_per_device": flops / t / n_dev / 1e12, "first_loss": first_loss,
+         "final_loss": float(loss), "memory": memory}
+  peak = (memory or {}).get("peak_memory_bytes")
+  log(f"step time {t * 1e3:.1f} ms (median of {args.steps}, min {min(times) * 1e3:.1f}) | "
+      f"{tokens / t:,.0f} tokens/s | {tokens / t / n_dev:,.0f} tokens/s/device | "
+      f"~{flops / t / n_dev / 1e12:.1f} TFLOP/s/device | "
+      f"peak {'?' if peak is None else f'{peak / 2**30:.2f} GiB'}/device (compiled) | "
+      f"final loss {float(loss):.4f}")
+  return res
+
+
+def memory_stats(compiled) -> dict | None:
+  """Per-device sizes of a compiled step (XLA's memory analysis), bytes."""
+  try:
+    m = compiled.memory_analysis()
+  except Exception:  # noqa: BLE001 -- not every backend implements it
+    return None
+  if m is None:
+    return None
+  fields = ("argument_size_in_bytes", "output_size_in_bytes", "temp_size_in_bytes",
+            "alias_size_in_bytes", "peak_memory_in_bytes")
+  out = {f.replace("_in_bytes", "_bytes"): int(getattr(m, f)) for f in fields if hasattr(m, f)}
+  if not out.get("peak_memory_bytes"):
+    out["peak_memory_bytes"] = (out.get("argument_size_bytes", 0) + out.get("output_size_bytes", 0)
+                                + out.get("temp_size_bytes", 0) - out.get("alias_size_bytes", 0))
+  return out
+
+
+def compare_table(results: list[dict]) -> str:
+  """Markdown: tokens/s per device and memory per device, vs the first row."""
+  base = next((r for r in results if "tokens_per_s_per_device" in r), None)
+  lines = ["| layout | backend | devices | step ms | tokens/s/device | vs first row | "
+           "peak GiB/device | first loss |", "|---|---|---|---|---|---|---|---|"]
+  for r in results:
+    if "error" in r:
+      lines.append(f"| {r['mode']} | {r['backend']} | | | | | | error: {r['error']} |")
+      continue
+    peak = (r.get("memory") or {}).get("peak_memory_bytes")
+    rel = r["tokens_per_s_per_device"] / base["tokens_per_s_per_device"]
+    lines.append(f"| {r['layout']} | {r['backend']} | {r['devices']} | {r['step_ms']:.1f} | "
+                 f"{r['tokens_per_s_per_device']:,.0f} | {rel:.3f} | "
+                 f"{'?' if peak is None else f'{peak / 2**30:.2f}'} | {r['first_loss']:.4f} |")
+  return "\n".join(lines)
+
+
+def main(argv=None):
+  ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  ap.add_argument("--backend", default="auto",
+                  choices=[*registry.names(), *JAX_BASELINES],
+                  help="jax_grouped_attn backend, or a jax.nn.dot_product_attention "
+                  "baseline (jax-xla, jax-cudnn; no context parallelism)")
+  ap.add_argument("--backward", default="kernel", choices=["kernel", "reference"])
+  ap.add_argument("--context-parallel", type=int, default=0, metavar="N",
+                  help="shard the sequence over N devices (zigzag); 0 = off")
+  ap.add_argument("--data-parallel", type=int, default=None, metavar="M",
+                  help="with --context-parallel: batch shards (default: "
+                  "devices // N)")
+  ap.add_argument("--cp-strategy", default=None,
+                  help="ContextParallel strategy (default: the package's)")
+  ap.add_argument("--compare", default=None, metavar="MODES",
+                  help="comma list of " + ", ".join(PARALLEL_MODES) + ", each optionally "
+                  "@backend (e.g. dp@jax-cudnn): the same global batch and sequence in each "
+                  "layout on every device, one after another; prints a table")
+  ap.add_argument("--json-out", default=None, help="write the results as JSON here")
+  ap.add_argument("--devices", type=int, default=None,
+                  help="--compare: use the first N devices (default: all)")
+  ap.add_argument("--preset", default="small", choices=sorted(PRESETS))
+  ap.add_argument("--batch", type=int, default=4, help="global batch")
+  ap.add_argument("--seq", type=int, default=4096)
+  ap.add_argument("--steps", type=int, default=20)
+  ap.add_argument("--warmup", type=int, default=3)
+  ap.add_argument("--lr", type=float, default=3e-4)
+  ap.add_argument("--remat", action="store_true", help="rematerialise each layer")
+  ap.add_argument("--seed", type=int, default=0)
+  args = ap.parse_args(argv)
+  if args.compare:
+    results = []
+    for item in [x.strip() for x in args.compare.split(",") if x.strip()]:
+      mode, _, backend = item.partition("@")
+      if mode not in PARALLEL_MODES:
+        ap.error(f"--compare: unknown {mode!r}; use {', '.join(PARALLEL_MODES)}")
+      print(f"\n== {item} ==")
+      try:
+        results.append(train_benchmark(args, mode, backend or None))
+      except Exception as e:  # noqa: BLE001 -- e.g. out of memory: keep the other rows
+        msg = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"[:200]
+        print(f"{item} failed: {msg}")
+        results.append({"mode": mode, "backend": backend or args.backend, "error": msg})
+      write_json(args, results)   # kept if a later layout runs out of time
+      jax.clear_caches()
+    table = compare_table(results)
+    print(f"\nglobal batch {args.batch} x seq {args.seq}, preset {args.preset}"
+          f"{' remat' if args.remat else ''}, {jax.devices()[0].device_kind} "
+          f"x{args.devices or jax.device_count()}:\n{table}")
+  else:
+    if args.context_parallel and args.backend in JAX_BASELINES:
+      ap.error(f"--backend {args.backend} has no context parallelism.")
+    mode = "single" if not args.context_parallel else (args.cp_strategy or
+                                                        ContextParallel("cp").strategy)
+    try:
+      results = [train_benchmark(args, mode)]
+    except ValueError as e:
+      ap.error(str(e))
+  write_json(args, results)
+  return results
+
+
+def write_json(args, results) -> None:
+  if not args.json_out:
+    return
+  import json  # noqa: PLC0415
+  with open(args.json_out, "w") as f:
+    json.dump({"args": vars(args), "device": jax.devices()[0].device_kind,
+               "device_count": jax.device_count(), "results": results}, f, indent=1)
 
 
 if __name__ == "__main__":

@@ -1,11 +1,11 @@
-"""Zigzag context parallelism: exact attention over a sequence sharded on a mesh axis.
+"""Zigzag context parallelism: exact attention over a sequence sharded on mesh axes.
 
 Inside ``jax.shard_map``, with the sequence axis (axis 1) of q, k, v sharded
-over ``axis_name`` in zigzag order (``zigzag_permute``), every device holds
-2c tokens -- chunks r and 2W-1-r of 2W -- and calls
-``attention(q, k, v, causal=..., context_parallel=ContextParallel(axis_name))``.
+over ``cp.sequence_axes`` in zigzag order (``zigzag_permute``), every device
+holds 2c tokens -- chunks r and 2W-1-r of 2W -- and calls
+``attention(q, k, v, causal=..., context_parallel=cp)``.
 
-Strategies:
+Strategies (``ContextParallel.strategy``, over ``axis_name``):
   "allgather": all-gather K, V (and kv segment ids), restore natural order,
     run ONE grouped kernel with ``zigzag_groups(rank, W, c)``. Its backward is
     the grouped kernel's custom_vjp; the all-gather's transpose is a
@@ -13,13 +13,30 @@ Strategies:
     the gathered K, V.
   "ring": K, V circulate with ``ppermute`` for W steps; each step's partial
     (out, lse) is merged in fp32 by log-sum-exp. A custom_vjp over the whole
-    ring circulates K, V and the dK, dV accumulators again. Memory O(2c).
+    ring circulates K, V and the dK, dV accumulators again. Memory O(2c). No
+    ppermute inside a step depends on that step's kernel (the backward sends
+    the previous step's dK, dV), so a latency-hiding scheduler can overlap them.
+  "ulysses": all-to-all from sequence to head sharding (each device gets the
+    whole sequence for Hq/W query heads and their kv heads), ``zigzag_unpermute``
+    to natural order, ONE causal kernel, and back. Needs Hq % W == 0; kv heads
+    are split when Hk % W == 0, else repeated first. Gradients are JAX's
+    transpose of the all-to-alls around the kernel's custom_vjp.
+
+2-D (``ulysses_axis_name=`` with "allgather" or "ring"): the sequence is
+sharded over ``(*axis_name, *ulysses_axis_name)`` flattened outer-major,
+W = W_out * W_in. Ulysses over the inner axis gathers the 2 * W_in chunks of
+an outer group; in zigzag(W_in) order they are exactly the zigzag(W_out) shard
+of that group (chunks o and 2*W_out-1-o of 2*W_out), so after
+``zigzag_unpermute(., W_in)`` the outer strategy runs unchanged on
+W_in * 2c tokens and Hq / W_in heads. Plain "ulysses" is the case W_out = 1,
+where that shard is the whole sequence in natural order.
 
 The rank is a traced value (``lax.axis_index``) but groups are static, so the
 rank-dependent choice is a ``lax.switch``: "allgather" compiles W grouped
 kernels (one per rank, ``zigzag_groups(r, W, c)``) and runs one; "ring"
 compiles 3 step kinds (``zigzag_ring_step``: diagonal, lower, higher source)
-and picks one per step. Non-causal attention needs no switch.
+and picks one per step. Non-causal attention needs no switch (nor Ulysses'
+unpermute: without a mask the token order does not matter).
 """
 
 from __future__ import annotations
@@ -27,6 +44,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import inspect
+import math
 
 import jax
 import jax.numpy as jnp
@@ -38,34 +56,52 @@ from jax_grouped_attn.config import as_attention_config
 from jax_grouped_attn.groups import QueryGroup
 from jax_grouped_attn.plan import Problem
 from jax_grouped_attn.vma import pvary as _pvary
-from jax_grouped_attn.zigzag import (shuffle_shard, zigzag_groups, zigzag_ring_step,
-                                     zigzag_unpermute)
+from jax_grouped_attn.zigzag import (shuffle_shard, zigzag_groups, zigzag_permute,
+                                     zigzag_ring_step, zigzag_unpermute)
 
-STRATEGIES = ("allgather", "ring")
+STRATEGIES = ("allgather", "ring", "ulysses")
+
+
+def _names(axis) -> tuple:
+  return () if axis is None else (axis if isinstance(axis, tuple) else (axis,))
 
 
 @dataclasses.dataclass(frozen=True)
 class ContextParallel:
-  """Shard the sequence over mesh axis ``axis_name`` in zigzag order.
+  """Shard the sequence over mesh axes in zigzag order.
 
-  strategy: "allgather" (gather K, V once; one kernel) or "ring" (K, V
-  circulate with ppermute; memory independent of the world size).
+  axis_name: a mesh axis or a tuple of them (one flattened axis).
+  strategy: "allgather" (gather K, V once; one kernel), "ring" (K, V circulate
+    with ppermute; memory independent of the world size) or "ulysses"
+    (all-to-all to head sharding; needs Hq % W == 0).
+  ulysses_axis_name: 2-D context parallelism: Ulysses over these (inner,
+    e.g. intra-node) axes, ``strategy`` ("allgather" or "ring") over
+    ``axis_name``; the sequence is sharded over ``sequence_axes``.
   """
 
   axis_name: str | tuple[str, ...]
   strategy: str = "allgather"
+  ulysses_axis_name: str | tuple[str, ...] | None = None
 
   def __post_init__(self):
-    name = self.axis_name
-    names = name if isinstance(name, tuple) else (name,)
-    if not names or not all(isinstance(n, str) and n for n in names):
-      raise TypeError(
-          f"ContextParallel.axis_name must be a mesh axis name (str) or a "
-          f"non-empty tuple of them, got {name!r}.")
-    if self.strategy not in STRATEGIES:
-      raise ValueError(
-          f"ContextParallel.strategy={self.strategy!r} is unknown; use one of "
-          f"{STRATEGIES}.")
+    validate.check_context_parallel(self.axis_name, self.strategy, self.ulysses_axis_name,
+                                    STRATEGIES)
+
+  @property
+  def sequence_axes(self) -> tuple[str, ...]:
+    """All axes the sequence is sharded over, outer-major: q, k, v take
+    ``P(batch_axes, cp.sequence_axes)``."""
+    return _names(self.axis_name) + _names(self.ulysses_axis_name)
+
+  @property
+  def ulysses_axes(self):
+    """The axis the all-to-all runs over (None: no Ulysses)."""
+    return self.axis_name if self.strategy == "ulysses" else self.ulysses_axis_name
+
+  @property
+  def sequence_strategy(self):
+    """The strategy over the sequence-sharded (outer) axis, None for pure Ulysses."""
+    return None if self.strategy == "ulysses" else self.strategy
 
 
 # ----------------------------------------------------------------- helpers --
@@ -110,6 +146,16 @@ def merge_partials(out1, lse1, out2, lse2):
   return out1 * c1 + out2 * c2, lse
 
 
+@dataclasses.dataclass(frozen=True)
+class _Run:
+  """The resolved kernel choice every strategy passes down to autodiff."""
+
+  backend: object   # an entry name, or a (forward, backward) pair of them
+  config: object
+  interpret: bool
+  backward: str
+
+
 # ------------------------------------------------------------ the dispatch --
 
 def local_attention(problem: Problem, cp: ContextParallel, backend, config,
@@ -120,34 +166,88 @@ def local_attention(problem: Problem, cp: ContextParallel, backend, config,
   q: [B, 2c, Hq, D], k, v: [B, 2c, Hk, D], segment ids [B, 2c] int (or None):
   this device's shard, described (and validated) by ``problem`` as one
   self-attention group; ``backend`` (an entry name, or a (forward, backward)
-  pair of them), ``config`` (an
-  AttentionConfig), ``interpret`` and ``backward`` are resolved. Returns
+  pair of them), ``config`` (an AttentionConfig), ``interpret`` and
+  ``backward`` are resolved. Returns
   (out [B, 2c, Hq, D], lse [B, Hq, 2c] f32).
   """
+  run = _Run(backend, config, interpret, backward)
+  inner = cp.ulysses_axes
+  w_in = axis_size_and_rank(inner)[0] if inner is not None else 1
+  validate.check_context_parallel_shards(q, k, w_in, inner)
+  if inner is None:
+    return _sequence_parallel(problem, cp.strategy, cp.axis_name, run, q, k, v,
+                              q_segment_ids, kv_segment_ids)
+  return _ulysses_attention(problem, cp, run, w_in, q, k, v, q_segment_ids, kv_segment_ids)
+
+
+def _sequence_parallel(problem, strategy, axis_name, run, q, k, v, qs, ks):
+  """"allgather" or "ring" over ``axis_name`` on local zigzag shards."""
+  world, rank = axis_size_and_rank(axis_name)
+  if strategy == "allgather":
+    return _allgather_attention(problem, run, q, k, v, qs, ks, axis_name, world, rank)
+  spec = _RingSpec(axis_name, world, problem.causal, problem.scale, run.backend,
+                   run.config, run.interpret, run.backward)
+  return _ring_attention(spec, q, k, v, qs, ks)
+
+
+# ----------------------------------------------------------------- ulysses --
+
+def kv_head_repeats(hk: int, world: int) -> int:
+  """How often Ulysses repeats each kv head so ``world`` equal, contiguous
+  query-head slices each get whole kv heads: 1 when Hk % W == 0, else
+  W / gcd(Hk, W). Then Hk * r = lcm(Hk, W), which divides Hq (a multiple of
+  both), and query head h still reads repeated head h // (Hq / (Hk * r)),
+  a copy of its kv head h // (Hq / Hk)."""
+  return world // math.gcd(hk, world)
+
+
+def ulysses_to_heads(x, axis_name, world: int, causal: bool):
+  """Local zigzag shard [B, 2c, H, D] -> [B, W*2c, H/W, D]: this device's head
+  slice over the 2W chunks of its group, in natural order when ``causal``."""
+  x = jax.lax.all_to_all(x, axis_name, 2, 1, tiled=True)
+  return zigzag_unpermute(x, world, axis=1) if causal else x
+
+
+def ulysses_to_sequence(x, axis_name, world: int, causal: bool, seq_axis=1, head_axis=2):
+  """Inverse of :func:`ulysses_to_heads` (``seq_axis=2, head_axis=1`` for lse)."""
+  if causal:
+    x = zigzag_permute(x, world, axis=seq_axis)
+  return jax.lax.all_to_all(x, axis_name, seq_axis, head_axis, tiled=True)
+
+
+def _ulysses_attention(problem, cp, run, w_in, q, k, v, qs, ks):
+  axis, causal = cp.ulysses_axes, problem.causal
+  reps = kv_head_repeats(problem.hk, w_in)
+  if reps > 1:   # GQA with Hk % W != 0: whole kv heads per query-head slice
+    k, v = jnp.repeat(k, reps, axis=2), jnp.repeat(v, reps, axis=2)
+  heads = lambda x: ulysses_to_heads(x, axis, w_in, causal)
+  q, k, v = heads(q), heads(k), heads(v)
+
+  def gather(ids):
+    ids = jax.lax.all_gather(ids, axis, axis=1, tiled=True)
+    return zigzag_unpermute(ids, w_in, axis=1) if causal else ids
+
+  if qs is not None:
+    same = qs is ks   # segment_ids=: gather once
+    qs = gather(qs)
+    ks = qs if same else gather(ks)
   t = q.shape[1]
-  if k.shape[1] != t:
-    raise ValueError(
-        f"context parallel attention is self-attention over one sharded "
-        f"sequence: the local shards must have equal length, got {q.shape=}, "
-        f"{k.shape=}.")
-  if t % 2:
-    raise ValueError(
-        f"{q.shape=}: the local shard length {t} must be even (two zigzag "
-        "chunks of c tokens); the global length must be divisible by "
-        "2*world_size.")
-  world, rank = axis_size_and_rank(cp.axis_name)
-  if cp.strategy == "allgather":
-    return _allgather_attention(problem, backend, config, interpret, backward, q, k, v,
-                                q_segment_ids, kv_segment_ids, cp.axis_name, world, rank)
-  spec = _RingSpec(cp.axis_name, world, problem.causal, problem.scale, backend, config,
-                   interpret, backward)
-  return _ring_attention(spec, q, k, v, q_segment_ids, kv_segment_ids)
+  inner = dataclasses.replace(problem, groups=(QueryGroup(0, t, 0, t),), tq=t, tk=t,
+                              hq=q.shape[2], hk=k.shape[2])
+  if cp.sequence_strategy is None:
+    out, lse = autodiff.attention(inner, run.backend, run.config, run.interpret,
+                                  run.backward, q, k, v, qs, ks)
+  else:
+    out, lse = _sequence_parallel(inner, cp.sequence_strategy, cp.axis_name, run,
+                                  q, k, v, qs, ks)
+  out = ulysses_to_sequence(out, axis, w_in, causal)
+  lse = ulysses_to_sequence(lse, axis, w_in, causal, seq_axis=2, head_axis=1)
+  return out, lse
 
 
 # --------------------------------------------------------------- allgather --
 
-def _allgather_attention(problem, backend, config, interpret, backward, q, k, v, qs, ks,
-                         axis_name, world, rank):
+def _allgather_attention(problem, run, q, k, v, qs, ks, axis_name, world, rank):
   t = q.shape[1]
   c, s = t // 2, world * t
   gather = lambda x: None if x is None else jax.lax.all_gather(
@@ -156,7 +256,8 @@ def _allgather_attention(problem, backend, config, interpret, backward, q, k, v,
 
   def call(groups, q, k, v, qs, ks):
     grouped = dataclasses.replace(problem, groups=groups, tk=s)
-    return autodiff.attention(grouped, backend, config, interpret, backward, q, k, v, qs, ks)
+    return autodiff.attention(grouped, run.backend, run.config, run.interpret, run.backward,
+                              q, k, v, qs, ks)
 
   if not problem.causal:
     # Every row sees every key: the gathered (zigzag) key order is as good as
@@ -275,7 +376,7 @@ def _ring_forward(spec: _RingSpec, q, k, v, qs, ks):
 
   def step(s, carry):   # kv of rank - s visits; send it on while computing
     kv, out, lse = carry
-    nxt = _ppermute(kv, axis, world)
+    nxt = _ppermute(kv, axis, world)   # independent of this step's kernel
     o, l = _choose(_offdiag_index(spec, rank, s), fwd, *kv)
     out, lse = merge_partials(out, lse, o, l)
     return nxt, out, lse
@@ -320,15 +421,21 @@ def _ring_bwd_rule(spec, res, cts):
     _, rank = axis_size_and_rank(axis)
     dq, dk, dv = (_pvary(x, axis) for x in (dq, dk, dv))
     kv = _ppermute(kv, axis, world)
-    dkv = _ppermute((dk, dv), axis, world)
+    pending = (dk, dv)   # dK, dV of the kv that visited last, not yet sent on
 
-    def step(s, carry):   # kv of rank - s visits with its dK, dV accumulators
-      kv, (dk, dv), dq = carry
+    # Software-pipelined: step s sends on the accumulators of step s-1's kv
+    # (they meet kv = this step's visitor on the next rank) and the K, V of
+    # step s+1. Neither send depends on this step's kernel, so inside one
+    # loop body both can run while it computes.
+    def step(s, carry):
+      kv, pending, dq = carry
       nxt = _ppermute(kv, axis, world)
+      dk, dv = _ppermute(pending, axis, world)
       gq, gk, gv = _choose(_offdiag_index(spec, rank, s), bwd, kv)
-      return nxt, _ppermute((dk + gk, dv + gv), axis, world), dq + gq
+      return nxt, (dk + gk, dv + gv), dq + gq
 
-    kv, (dk, dv), dq = jax.lax.fori_loop(1, world - 1, step, (kv, dkv, dq))
+    kv, pending, dq = jax.lax.fori_loop(1, world - 1, step, (kv, pending, dq))
+    dk, dv = _ppermute(pending, axis, world)
     gq, gk, gv = _choose(_offdiag_index(spec, rank, world - 1), bwd, kv)
     dq = dq + gq
     dk, dv = _ppermute((dk + gk, dv + gv), axis, world)   # home to their owner
@@ -361,55 +468,41 @@ def _has_explicit_axes(mesh) -> bool:
 
 
 def context_parallel_attention(q, k, v, mesh, axis_name, *, strategy="allgather",
-                               causal=False, softmax_scale=None, segment_ids=None,
-                               q_segment_ids=None, kv_segment_ids=None,
+                               ulysses_axis_name=None, causal=False, softmax_scale=None,
+                               segment_ids=None, q_segment_ids=None, kv_segment_ids=None,
                                batch_axis_name=None, backend="auto",
                                return_lse=False, config=None, interpret=None,
                                backward="kernel"):
   """Zigzag context-parallel self-attention of GLOBAL arrays in natural order.
 
-  Shards the sequence (axis 1) over mesh axis ``axis_name`` (and the batch
-  over ``batch_axis_name`` if given) in natural order; inside ``jax.shard_map``
-  moves each shard to zigzag order (two ``ppermute``s), runs
-  ``attention(..., context_parallel=ContextParallel(axis_name, strategy))``
-  and moves the result back.
+  Shards the sequence (axis 1) over mesh axes ``cp.sequence_axes`` (and the
+  batch over ``batch_axis_name`` if given) in natural order; inside
+  ``jax.shard_map`` moves each shard to zigzag order (two ``ppermute``s), runs
+  ``attention(..., context_parallel=cp)`` with ``cp = ContextParallel(axis_name,
+  strategy, ulysses_axis_name)`` and moves the result back.
 
   Works on meshes with Auto or Explicit axes (``jax.make_mesh``'s default in
   new JAX). On Explicit axes the inputs are resharded to
-  ``P(batch_axis_name, axis_name)``, and ``out`` keeps that sharding (``lse``:
-  ``P(batch_axis_name, None, axis_name)``). JAX itself wants eager
+  ``P(batch_axis_name, cp.sequence_axes)``, and ``out`` keeps that sharding
+  (``lse``: ``P(batch_axis_name, None, cp.sequence_axes)``). JAX itself wants eager
   differentiation on Explicit axes inside ``with jax.set_mesh(mesh):``
   (jitted code does not need it).
 
   Args:
-    q: [B, S, Hq, D]; k, v: [B, S, Hk, D]; S divisible by 2 * mesh.shape[axis_name].
+    q: [B, S, Hq, D]; k, v: [B, S, Hk, D]; S divisible by 2 * W, W the product
+      of the sizes of ``axis_name`` (and ``ulysses_axis_name``) on ``mesh``.
+    strategy, ulysses_axis_name: as in :class:`ContextParallel`.
     segment_ids / q_segment_ids / kv_segment_ids: [B, S] int (as in ``attention``).
     Other arguments as in :func:`jax_grouped_attn.attention`.
 
   Returns:
     out [B, S, Hq, D] (natural order), or (out, lse [B, Hq, S] f32).
   """
-  cp = ContextParallel(axis_name, strategy)
+  cp = ContextParallel(axis_name, strategy, ulysses_axis_name)
   if not isinstance(mesh, jax.sharding.Mesh):
     raise TypeError(f"mesh must be a jax.sharding.Mesh, got {type(mesh).__name__}.")
-  names = axis_name if isinstance(axis_name, tuple) else (axis_name,)
-  for name in names + ((batch_axis_name,) if batch_axis_name is not None else ()):
-    if name not in mesh.shape:
-      raise ValueError(f"axis {name!r} is not an axis of the mesh {dict(mesh.shape)}.")
-  world = int(np.prod([mesh.shape[n] for n in names]))
-  for name, x in (("q", q), ("k", k), ("v", v)):
-    if not hasattr(x, "shape") or len(x.shape) != 4:
-      raise ValueError(f"{name} must be a rank-4 array [batch, seq, heads, head_dim], "
-                       f"got {getattr(x, 'shape', type(x).__name__)}.")
-  if not q.shape[1] == k.shape[1] == v.shape[1]:
-    raise ValueError(
-        f"context parallel attention is self-attention: {q.shape=}, {k.shape=}, "
-        f"{v.shape=} must share the sequence length (axis 1).")
-  if q.shape[1] % (2 * world):
-    raise ValueError(
-        f"{q.shape=}: the sequence length {q.shape[1]} must be divisible by "
-        f"2 * world_size = {2 * world} ({axis_name!r} has {world} devices); "
-        "pad the sequence first.")
+  validate.check_context_parallel_global(q, k, v, mesh.shape, cp.sequence_axes,
+                                         batch_axis_name)
   if segment_ids is not None:
     if q_segment_ids is not None or kv_segment_ids is not None:
       raise ValueError("pass segment_ids or q_segment_ids/kv_segment_ids, not both.")
@@ -444,11 +537,12 @@ def _sharded_attention(mesh, cp, batch_axis_name, n_args, problem, backend, conf
                        interpret, backward, check_vma):
   """The jitted shard_map of context_parallel_attention (cached, so eager
   calls compile once): global natural-order arrays -> (out, lse)."""
-  names = cp.axis_name if isinstance(cp.axis_name, tuple) else (cp.axis_name,)
-  world = int(np.prod([mesh.shape[n] for n in names]))
-  seq = P(batch_axis_name, cp.axis_name)
-  shuffle = lambda x, axis=1, inverse=False: shuffle_shard(x, cp.axis_name, world, axis,
-                                                           inverse=inverse)
+  axes = cp.sequence_axes
+  world = int(np.prod([mesh.shape[n] for n in axes]))
+  axis = axes if len(axes) > 1 else axes[0]
+  seq = P(batch_axis_name, axis)
+  shuffle = lambda x, dim=1, inverse=False: shuffle_shard(x, axis, world, dim,
+                                                          inverse=inverse)
 
   def body(*shards):   # natural-order shards in and out; zigzag in between
     q, k, v, *segments = (shuffle(x) for x in shards)
@@ -457,9 +551,9 @@ def _sharded_attention(mesh, cp, batch_axis_name, n_args, problem, backend, conf
     local = dataclasses.replace(problem, groups=(QueryGroup(0, t, 0, t),), batch=b, tq=t, tk=t)
     out, lse = local_attention(local, cp, backend, config, interpret, backward, q, k, v,
                                qs, ks)
-    return shuffle(out, inverse=True), shuffle(lse, axis=2, inverse=True)
+    return shuffle(out, inverse=True), shuffle(lse, dim=2, inverse=True)
 
-  fn = shard_map(body, mesh, (seq,) * n_args, (seq, P(batch_axis_name, None, cp.axis_name)),
+  fn = shard_map(body, mesh, (seq,) * n_args, (seq, P(batch_axis_name, None, axis)),
                  check_vma=check_vma)
   if not _has_explicit_axes(mesh):
     return jax.jit(fn)

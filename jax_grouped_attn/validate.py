@@ -120,3 +120,81 @@ def make_problem(q, k, v, groups, *, causal, softmax_scale, q_segment_ids,
   has_segments = check_segments(q, k, q_segment_ids, kv_segment_ids)
   scale = check_scale(softmax_scale, d)
   return Problem(groups, b, tq, tk, hq, hk, d, causal, scale, has_segments)
+
+
+# ------------------------------------------------------ context parallelism --
+# Every ContextParallel check lives here: the spec's fields (at construction),
+# the local shards (inside shard_map, where the world sizes are known) and the
+# global arrays of context_parallel_attention.
+
+def _axis_names(name, what):
+  names = name if isinstance(name, tuple) else (name,)
+  if not names or not all(isinstance(n, str) and n for n in names):
+    raise TypeError(
+        f"ContextParallel.{what} must be a mesh axis name (str) or a non-empty tuple "
+        f"of them, got {name!r}.")
+  return names
+
+
+def check_context_parallel(axis_name, strategy, ulysses_axis_name, strategies) -> None:
+  """The fields of a ContextParallel spec."""
+  outer = _axis_names(axis_name, "axis_name")
+  if strategy not in strategies:
+    raise ValueError(
+        f"ContextParallel.strategy={strategy!r} is unknown; use one of {strategies}.")
+  if ulysses_axis_name is None:
+    return
+  inner = _axis_names(ulysses_axis_name, "ulysses_axis_name")
+  if strategy == "ulysses":
+    raise ValueError(
+        f"ContextParallel(strategy='ulysses', ulysses_axis_name={ulysses_axis_name!r}): "
+        "strategy='ulysses' already runs Ulysses over axis_name; ulysses_axis_name is "
+        "for 2-D context parallelism with strategy='allgather' or 'ring' over axis_name.")
+  if set(outer) & set(inner):
+    raise ValueError(
+        f"ContextParallel axis_name={axis_name!r} and ulysses_axis_name="
+        f"{ulysses_axis_name!r} must be different mesh axes.")
+
+
+def check_context_parallel_shards(q, k, ulysses_world: int, ulysses_axis) -> None:
+  """The local zigzag shards q [B, 2c, Hq, D], k [B, 2c, Hk, D] inside shard_map."""
+  t = q.shape[1]
+  if k.shape[1] != t:
+    raise ValueError(
+        f"context parallel attention is self-attention over one sharded "
+        f"sequence: the local shards must have equal length, got {q.shape=}, "
+        f"{k.shape=}.")
+  if t % 2:
+    raise ValueError(
+        f"{q.shape=}: the local shard length {t} must be even (two zigzag "
+        "chunks of c tokens); the global length must be divisible by "
+        "2*world_size.")
+  if ulysses_world > 1 and q.shape[2] % ulysses_world:
+    raise ValueError(
+        f"{q.shape=}: Ulysses over {ulysses_axis!r} ({ulysses_world} devices) splits the "
+        f"query heads, so Hq={q.shape[2]} must be divisible by {ulysses_world}; use "
+        "strategy='allgather' or 'ring' there (or a smaller Ulysses axis).")
+
+
+def check_context_parallel_global(q, k, v, mesh_shape, axes, batch_axis_name) -> int:
+  """Global arrays of context_parallel_attention against the mesh; returns the
+  sequence world size (product of ``axes``)."""
+  for name in tuple(axes) + ((batch_axis_name,) if batch_axis_name is not None else ()):
+    if name not in mesh_shape:
+      raise ValueError(f"axis {name!r} is not an axis of the mesh {dict(mesh_shape)}.")
+  world = int(np.prod([mesh_shape[n] for n in axes]))
+  for name, x in (("q", q), ("k", k), ("v", v)):
+    if not hasattr(x, "shape") or len(x.shape) != 4:
+      raise ValueError(f"{name} must be a rank-4 array [batch, seq, heads, head_dim], "
+                       f"got {getattr(x, 'shape', type(x).__name__)}.")
+  if not q.shape[1] == k.shape[1] == v.shape[1]:
+    raise ValueError(
+        f"context parallel attention is self-attention: {q.shape=}, {k.shape=}, "
+        f"{v.shape=} must share the sequence length (axis 1).")
+  if q.shape[1] % (2 * world):
+    shown = axes[0] if len(axes) == 1 else tuple(axes)
+    raise ValueError(
+        f"{q.shape=}: the sequence length {q.shape[1]} must be divisible by "
+        f"2 * world_size = {2 * world} ({shown!r} has {world} devices); "
+        "pad the sequence first.")
+  return world

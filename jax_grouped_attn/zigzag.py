@@ -127,6 +127,23 @@ def zigzag_unpermute(x, world_size: int, axis: int = 1):
 
 # ------------------------------------------------ permuting sharded arrays --
 
+def _reorder(x, world_size: int, axis: int, inverse: bool):
+  """The zigzag permutation (or its inverse) along ``axis`` by reshapes, a flip
+  and a stack -- not a gather, so its autodiff transpose is a copy, not a
+  scatter-add."""
+  w, length = world_size, x.shape[axis]
+  c = length // (2 * w)
+  if not inverse:   # [2, W, c] (natural chunk a*W + j) -> [W, 2, c]
+    xs = jnp.reshape(x, x.shape[:axis] + (2, w, c) + x.shape[axis + 1:])
+    lo = jax.lax.index_in_dim(xs, 0, axis, keepdims=False)                   # chunks 0..W-1
+    hi = jnp.flip(jax.lax.index_in_dim(xs, 1, axis, keepdims=False), axis)   # 2W-1..W
+    return jnp.reshape(jnp.stack([lo, hi], axis=axis + 1), x.shape)
+  xs = jnp.reshape(x, x.shape[:axis] + (w, 2, c) + x.shape[axis + 1:])
+  lo = jax.lax.index_in_dim(xs, 0, axis + 1, keepdims=False)
+  hi = jnp.flip(jax.lax.index_in_dim(xs, 1, axis + 1, keepdims=False), axis)
+  return jnp.reshape(jnp.concatenate([lo, hi], axis=axis), x.shape)
+
+
 def _axis_type(name: str):
   return getattr(getattr(jax.sharding, "AxisType", None), name, None)
 
@@ -161,7 +178,8 @@ def _axis_names(sharding, axis: int):
 def _permute(x, index: np.ndarray, world_size: int, axis: int, inverse: bool):
   """``x`` taken at the static ``index`` along ``axis`` (the zigzag order, or
   its inverse when ``inverse``), with the sharding ``zigzag_permute`` documents."""
-  take = lambda y: jnp.take(y, jnp.asarray(index), axis=axis)
+  del index   # the same permutation, applied by _reorder without a gather
+  take = lambda y: _reorder(y, world_size, axis, inverse)
   sharding = _known_sharding(x)
   names = None if sharding is None else _axis_names(sharding, axis)
   if sharding is None or names == ():

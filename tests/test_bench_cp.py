@@ -1,0 +1,92 @@
+"""The context-parallel benchmark's CPU smoke mode and the HLO overlap reader."""
+
+import json
+import os
+import sys
+
+import pytest
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from benchmarks import bench_cp, common, hlo_overlap  # noqa: E402
+
+
+def test_bench_cp_smoke_checks_every_row_and_reads_the_ring_schedule(tmp_path):
+  if common.on_gpu():
+    pytest.skip("smoke mode is the CPU path")
+  out = tmp_path / "cp"
+  res = bench_cp.main(["--smoke", "--out", str(out), "--xla-variants", "default,lhs",
+                       "--variant-strategies", "ring", "--dump-hlo", "--passes", "fwdbwd", "--reps", "1",
+                       "--warmup", "0"])
+  rows = res["rows"]
+  bad = [(r["label"], r["status"], r.get("reason")) for r in rows if r["status"] != "ok"]
+  assert not bad, bad
+  labels = {r["label"] for r in rows}
+  assert {"1 GPU xla", "allgather xla", "ring xla", "ulysses xla", "ring+ulysses xla",
+          "1 GPU cudnn", "heads-sharded cudnn", "ring xla [lhs]"} <= labels, labels
+  for r in rows:   # every cp row was checked (out + grads) and has an efficiency
+    if r["kind"] != "single":
+      fb = r["passes"]["fwdbwd"]
+      assert set(fb["check"]) == {"out", "dq", "dk", "dv"} and fb["efficiency"] > 0
+  data = json.loads((out / "bench_cp.json").read_text())
+  assert data["environment"]["world"] == 4 and data["timings_meaningful"] is False
+  assert "Smoke run" in (out / "bench_cp.md").read_text()
+  assert (out / "bench_cp.png").stat().st_size > 1000
+  # The ring's loop bodies: no ppermute waits on the step's kernel (the
+  # backward sends the previous step's dK, dV), so each could overlap it.
+  text = (out / "hlo_ring_xla_default_S64.txt").read_text()
+  records = hlo_overlap.analyze(text)
+  entry = [r for r in records if r["computation"].startswith("main")]
+  loops = [r for r in records if r not in entry]
+  assert len(loops) == 6, loops   # forward K, V; backward K, V, dK, dV
+  assert all(r["kind"] == "collective-permute" and not r["waits_on_heavy"]
+             and r["independent"] for r in loops), loops
+
+
+def test_hlo_overlap_reads_async_pairs():
+  text = """HloModule m, is_scheduled=true
+
+%body (p: f32[8]) -> f32[8] {
+  %p = f32[8]{0} parameter(0)
+  %cp-start = (f32[8]{0}, f32[8]{0}) collective-permute-start(%p), source_target_pairs={{0,1},{1,0}}
+  %k = f32[8]{0} custom-call(%p), custom_call_target="__gpu$xla.gpu.triton"
+  %cp-done = f32[8]{0} collective-permute-done(%cp-start)
+  %late-start = (f32[8]{0}, f32[8]{0}) collective-permute-start(%k), source_target_pairs={{0,1},{1,0}}
+  %late-done = f32[8]{0} collective-permute-done(%late-start)
+  ROOT %add = f32[8]{0} add(%cp-done, %late-done)
+}
+"""
+  records = {r["name"]: r for r in hlo_overlap.analyze(text)}
+  assert records["cp-start"]["async"] and records["cp-start"]["bracketed"] == ["k"]
+  assert records["late-start"]["waits_on_heavy"] and not records["late-start"]["bracketed"]
+  summary = hlo_overlap.summarize(list(records.values()))["collective-permute"]
+  assert summary == dict(total=2, is_async=2, overlapped=1, could_overlap=1, waits_on_heavy=1)
+
+
+def test_llama_compare_data_vs_context_parallel_on_cpu(tmp_path):
+  # Same global batch and sequence: identical first-step losses, and a table.
+  from benchmarks import llama  # noqa: PLC0415
+  out = tmp_path / "llama.json"
+  res = llama.main(["--preset", "tiny", "--backend", "xla", "--batch", "2", "--seq", "32",
+                    "--steps", "1", "--warmup", "1", "--devices", "2",
+                    "--compare", "dp,ulysses", "--json-out", str(out)])
+  assert [r["mode"] for r in res] == ["dp", "ulysses"]
+  assert all("error" not in r and r["devices"] == 2 and r["tokens_per_s_per_device"] > 0
+             for r in res), res
+  losses = [r["first_loss"] for r in res]
+  assert max(losses) - min(losses) < 1e-4, losses
+  assert json.loads(out.read_text())["results"][1]["layout"].endswith("strategy=ulysses")
+
+
+@pytest.mark.gpu
+def test_bench_cp_runs_on_every_gpu(tmp_path):
+  import jax  # noqa: PLC0415
+  if jax.device_count() < 2:
+    pytest.skip("needs >= 2 GPUs")
+  res = bench_cp.main(["--out", str(tmp_path), "--seqs", "8192", "--heads", "8x4x64",
+                       "--backends", "triton", "--reps", "2", "--warmup", "1", "--sets", "1",
+                       "--no-oracle"])
+  bad = [(r["label"], r["status"], r.get("reason")) for r in res["rows"]
+         if r["status"] in ("wrong", "error")]
+  assert not bad, bad
+  assert any(r["kind"] == "cp" and r["status"] == "ok" for r in res["rows"])
