@@ -153,6 +153,14 @@ def _errors(got, want):
   return [(jnp.max(jnp.abs(f(g) - f(w))), jnp.max(jnp.abs(f(w)))) for g, w in zip(got, want)]
 
 
+# A context-parallel row against the same backend on one device: both in the
+# same precision, so the difference is only summation order (per tensor:
+# |err| <= atol + rtol * max|ref|). The 1-GPU rows are checked against the
+# fp32 oracle with the calibrated comparison (common.compare).
+AGREE_TOL = {"bfloat16": ((1e-2, 1e-2), (0.0, 5e-2)), "float16": ((2e-3, 2e-3), (0.0, 1e-2)),
+             "float32": ((1e-4, 1e-4), (0.0, 1e-3))}
+
+
 def check(got, want, names, tols) -> dict:
   out = {}
   for name, (err, scale), tol in zip(names, jax.device_get(_errors(got, want)), tols):
@@ -174,7 +182,7 @@ def measure(row, fn, arg_sets, setup: Setup, want=None, options=None, keep=False
   """Compiles, checks (against ``want`` = (out, dq, dk, dv), if given) and
   times fn's passes; fills ``row``. Returns the fwd+bwd results if ``keep``."""
   q, k, v, do = arg_sets[0]
-  tol_f, tol_g = common.FWD_TOL[setup.dtype], common.GRAD_TOL[setup.dtype]
+  tol_f, tol_g = AGREE_TOL[setup.dtype]
   kept = None
   row["passes"] = {}
   if "fwd" in setup.passes:
@@ -395,11 +403,10 @@ def main(argv=None) -> dict:
             q, k, v, do = st["sets"][0]
             oracles[s] = (sel, jax.device_get(common.oracle(wl, q, k, v, do, sel)))
           sel, want = oracles[s]
-          tol_f, tol_g = common.FWD_TOL[args.dtype], common.GRAD_TOL[args.dtype]
-          row["oracle_check"] = check([sel.q(got[0]), sel.q(got[1]), sel.kv(got[2]),
-                                       sel.kv(got[3])],
-                                      [want["out"], want["dq"], want["dk"], want["dv"]],
-                                      ["out", "dq", "dk", "dv"], [tol_f] + [tol_g] * 3)
+          row["oracle_check"] = {
+              name: common.compare(x, want, name)
+              for name, x in zip(("out", "dq", "dk", "dv"),
+                                 (sel.q(got[0]), sel.q(got[1]), sel.kv(got[2]), sel.kv(got[3])))}
           if not all(c["ok"] for c in row["oracle_check"].values()):
             row["status"] = "wrong"
         if got is not None:
