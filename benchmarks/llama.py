@@ -35,6 +35,7 @@ import optax
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from benchmarks.common import memory_stats
 from jax_grouped_attn import ContextParallel, registry
 from jax_grouped_attn.flax import make_attention_fn
 from jax_grouped_attn.zigzag import zigzag_order, zigzag_positions
@@ -415,23 +416,6 @@ def train_benchmark(args, mode: str, backend: str | None = None, log=print) -> d
       f"peak {'?' if peak is None else f'{peak / 2**30:.2f} GiB'}/device (compiled) | "
       f"final loss {float(loss):.4f}")
   return res
-
-
-def memory_stats(compiled) -> dict | None:
-  """Per-device sizes of a compiled step (XLA's memory analysis), bytes."""
-  try:
-    m = compiled.memory_analysis()
-  except Exception:  # noqa: BLE001 -- not every backend implements it
-    return None
-  if m is None:
-    return None
-  fields = ("argument_size_in_bytes", "output_size_in_bytes", "temp_size_in_bytes",
-            "alias_size_in_bytes", "peak_memory_in_bytes")
-  out = {f.replace("_in_bytes", "_bytes"): int(getattr(m, f)) for f in fields if hasattr(m, f)}
-  if not out.get("peak_memory_bytes"):
-    out["peak_memory_bytes"] = (out.get("argument_size_bytes", 0) + out.get("output_size_bytes", 0)
-                                + out.get("temp_size_bytes", 0) - out.get("alias_size_bytes", 0))
-  return out
 
 
 def compare_table(results: list[dict]) -> str:

@@ -99,25 +99,33 @@ def check_context_parallel(world, strategy, backend, *, causal=True, dtype=F32,
   s = 2 * world * chunk
   q, k, v, dout, dlse, seg = _inputs(seed, b=b, s=s, hq=hq, hk=hk, d=d, dtype=dtype,
                                      segments=segments)
-  f32 = lambda x: x.astype(F32)
-  ref = lambda q, k, v: ga.attention(q, k, v, causal=causal, backend="xla",
-                                     return_lse=True, **seg)
-  want = jax.jit(lambda *a: _out_lse_grads(ref, *a))(f32(q), f32(k), f32(v), f32(dout), dlse)
   cp = lambda q, k, v: ga.context_parallel_attention(
       q, k, v, mesh, "cp", strategy=strategy, causal=causal, backend=backend,
       return_lse=True, config=_small(backend) if config == "small" else config,
       backward=_backward_mode(backend), **seg)
-  got = jax.jit(lambda *a: _out_lse_grads(cp, *a))(q, k, v, dout, dlse)
-  # The low-precision reference: the same single-device attention in ``dtype``.
-  case = Case("cp", (ga.QueryGroup(0, s, 0, s),), s, hq=hq, hk=hk, d=d, batch=b,
-              causal=causal, segments=bool(segments), dtype=dtype)
+  assert_cp_matches(f"W{world}-{strategy}-{backend}", cp, q, k, v, dout, dlse, seg,
+                    causal=causal)
+
+
+def assert_cp_matches(name, fn, q, k, v, dout, dlse, seg, *, causal):
+  """fn(q, k, v) -> (out, lse) (context parallel, global arrays) against the
+  single-device reference: out, lse and dq/dk/dv under (dout, dlse), each
+  calibrated by the same attention in q's dtype."""
+  b, s, hq, d = q.shape
+  f32 = lambda x: x.astype(F32)
+  ref = lambda q, k, v: ga.attention(q, k, v, causal=causal, backend="xla",
+                                     return_lse=True, **seg)
+  want = jax.jit(lambda *a: _out_lse_grads(ref, *a))(f32(q), f32(k), f32(v), f32(dout), dlse)
+  got = jax.jit(lambda *a: _out_lse_grads(fn, *a))(q, k, v, dout, dlse)
+  assert got[0].dtype == q.dtype and got[0].shape == q.shape
+  assert got[1].dtype == F32 and got[1].shape == (b, hq, s)
+  # The low-precision reference: the same single-device attention in q's dtype.
+  case = Case("cp", (ga.QueryGroup(0, s, 0, s),), s, hq=hq, hk=k.shape[2], d=d, batch=b,
+              causal=causal, segments=bool(seg), dtype=q.dtype)
   qs = seg.get("q_segment_ids", seg.get("segment_ids"))
   ks = seg.get("kv_segment_ids", seg.get("segment_ids"))
   lowp = (lowp_reference(case, q, k, v, qs, ks)
           + lowp_grads(case, q, k, v, qs, ks, dout, dlse))
-  name = f"W{world}-{strategy}-{backend}"
-  assert got[0].dtype == dtype and got[0].shape == q.shape
-  assert got[1].dtype == F32 and got[1].shape == (b, hq, s)
   for tname, g, w, lp in zip(("out", "lse"), got[:2], want[:2], lowp[:2]):
     assert_matches(name, g, w, lp, what=f" {tname}")
   for gname, g, w, lp, x in zip(("dq", "dk", "dv"), got[2:], want[2:], lowp[2:], (q, k, v)):

@@ -16,8 +16,8 @@ from jax.sharding import PartitionSpec as P
 
 import jax_grouped_attn as ga
 from jax_grouped_attn.parallel import ContextParallel, kv_head_repeats
-from cases import KERNEL_BACKENDS, SMALL, Case, assert_matches, lowp_grads, lowp_reference
-from test_parallel import _inputs, _out_lse_grads
+from cases import KERNEL_BACKENDS, SMALL, assert_matches
+from test_parallel import _inputs, assert_cp_matches
 
 F32, BF16 = jnp.float32, jnp.bfloat16
 
@@ -39,30 +39,12 @@ def check(mesh, axis_name, strategy, backend="xla", *, ulysses_axis_name=None, c
   s = 2 * world * chunk
   q, k, v, dout, dlse, seg = _inputs(seed, b=b, s=s, hq=hq, hk=hk, d=d, dtype=dtype,
                                      segments=segments)
-  f32 = lambda x: x.astype(F32)
-  ref = lambda q, k, v: ga.attention(q, k, v, causal=causal, backend="xla",
-                                     return_lse=True, **seg)
-  want = jax.jit(lambda *a: _out_lse_grads(ref, *a))(f32(q), f32(k), f32(v), f32(dout), dlse)
   fn = lambda q, k, v: ga.context_parallel_attention(
       q, k, v, mesh, axis_name, strategy=strategy, ulysses_axis_name=ulysses_axis_name,
       causal=causal, backend=backend, return_lse=True, batch_axis_name=batch_axis_name,
       config=None if backend == "xla" else config, **seg)
-  got = jax.jit(lambda *a: _out_lse_grads(fn, *a))(q, k, v, dout, dlse)
-  name = f"{dict(mesh.shape)}-{strategy}-{ulysses_axis_name}-{backend}"
-  assert got[0].dtype == dtype and got[0].shape == q.shape
-  assert got[1].dtype == F32 and got[1].shape == (b, hq, s)
-  # The low-precision reference: the same single-device attention in ``dtype``.
-  case = Case("cp", (ga.QueryGroup(0, s, 0, s),), s, hq=hq, hk=hk, d=d, batch=b,
-              causal=causal, segments=bool(segments), dtype=dtype)
-  qs = seg.get("q_segment_ids", seg.get("segment_ids"))
-  ks = seg.get("kv_segment_ids", seg.get("segment_ids"))
-  lowp = (lowp_reference(case, q, k, v, qs, ks)
-          + lowp_grads(case, q, k, v, qs, ks, dout, dlse))
-  for tname, g, w, lp in zip(("out", "lse"), got[:2], want[:2], lowp[:2]):
-    assert_matches(name, g, w, lp, what=f" {tname}")
-  for gname, g, w, lp, x in zip(("dq", "dk", "dv"), got[2:], want[2:], lowp[2:], (q, k, v)):
-    assert g.dtype == x.dtype and g.shape == x.shape, f"{gname}: {g.dtype} {g.shape}"
-    assert_matches(name, g, w, lp, what=f" {gname}")
+  assert_cp_matches(f"{dict(mesh.shape)}-{strategy}-{ulysses_axis_name}-{backend}", fn,
+                    q, k, v, dout, dlse, seg, causal=causal)
 
 
 # ------------------------------------------------------------ ulysses, 1-D --
