@@ -28,7 +28,7 @@ def _resolve(backend, interpret, config, backward, problem, dtype):
 def grouped_attention(q, k, v, groups, *, causal=True, softmax_scale=None,
                       q_segment_ids=None, kv_segment_ids=None, backend="auto",
                       return_lse=False, config=None, interpret=None,
-                      backward="kernel"):
+                      backward="kernel", local_window_size=None):
   """Attention of several query groups to one shared K,V, in one kernel launch.
 
   Args:
@@ -40,6 +40,10 @@ def grouped_attention(q, k, v, groups, *, causal=True, softmax_scale=None,
       (the mask is drawn in ``jax_grouped_attn.groups``).
     q_segment_ids: [B, Tq] int, kv_segment_ids: [B, Tk] int: a key is seen
       only if its segment id equals the row's (both or neither).
+    local_window_size: sliding window, as in jax.nn: None, an int w (= (w, w))
+      or (left, right), a side None for unbounded; the row at position p then
+      sees only keys j with p - left <= j <= p + right. Kernels skip the kv
+      blocks outside the window (cost ~ Tq x window).
     softmax_scale: static float, default 1/sqrt(D).
     backend: "auto" | "xla" | "pallas" | "triton" (see README).
     return_lse: also return the float32 natural-log log-sum-exp [B, Hq, Tq].
@@ -54,7 +58,8 @@ def grouped_attention(q, k, v, groups, *, causal=True, softmax_scale=None,
   """
   problem = validate.make_problem(q, k, v, groups, causal=causal,
                                   softmax_scale=softmax_scale, q_segment_ids=q_segment_ids,
-                                  kv_segment_ids=kv_segment_ids)
+                                  kv_segment_ids=kv_segment_ids,
+                                  local_window_size=local_window_size)
   return_lse = validate.check_bool("return_lse", return_lse)
   name, interp, cfg, backward = _resolve(backend, interpret, config, backward, problem,
                                          q.dtype)
@@ -66,8 +71,8 @@ def grouped_attention(q, k, v, groups, *, causal=True, softmax_scale=None,
 def attention(q, k, v, *, causal=False, softmax_scale=None, segment_ids=None,
               q_segment_ids=None, kv_segment_ids=None, backend="auto",
               return_lse=False, config=None, interpret=None, backward="kernel",
-              context_parallel=None):
-  """Standard attention, a drop-in for ``jax.nn.dot_product_attention``.
+              context_parallel=None, local_window_size=None):
+  """Standard self/cross attention with this library's (bottom-right) causal alignment.
 
   One group ``QueryGroup(0, Tq, Tk - Tq, Tk)``: with ``causal`` and Tq != Tk
   the mask is bottom-right aligned (the last query row sees every key)::
@@ -76,6 +81,10 @@ def attention(q, k, v, *, causal=False, softmax_scale=None, segment_ids=None,
                         row 0     x x x . .
                         row 1     x x x x .
                         row 2     x x x x x
+
+  The window (``local_window_size``) is relative to the same positions: row i
+  sits at position Tk - Tq + i. For jax.nn's top-left alignment and
+  signature use :func:`dot_product_attention`.
 
   ``segment_ids`` [B, T] is the self-attention shortcut (Tq == Tk) for
   ``q_segment_ids = kv_segment_ids = segment_ids``. Other arguments as in
@@ -103,7 +112,8 @@ def attention(q, k, v, *, causal=False, softmax_scale=None, segment_ids=None,
     t, tk = q.shape[1], k.shape[1]
     problem = validate.make_problem(
         q, k, v, (QueryGroup(0, t, 0, tk),), causal=causal, softmax_scale=softmax_scale,
-        q_segment_ids=q_segment_ids, kv_segment_ids=kv_segment_ids)
+        q_segment_ids=q_segment_ids, kv_segment_ids=kv_segment_ids,
+        local_window_size=local_window_size)
     return_lse = validate.check_bool("return_lse", return_lse)
     name, interp, cfg, backward = _resolve(backend, interpret, config, backward, problem,
                                            q.dtype)
@@ -117,7 +127,7 @@ def attention(q, k, v, *, causal=False, softmax_scale=None, segment_ids=None,
       q, k, v, (group,), causal=causal, softmax_scale=softmax_scale,
       q_segment_ids=q_segment_ids, kv_segment_ids=kv_segment_ids,
       backend=backend, return_lse=return_lse, config=config,
-      interpret=interpret, backward=backward)
+      interpret=interpret, backward=backward, local_window_size=local_window_size)
 
 
 def segment_ids_from_cu_seqlens(cu_seqlens, total_len: int):

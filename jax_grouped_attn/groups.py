@@ -8,6 +8,11 @@ q_pos, kv_len)``, row ``q_start + i`` (0 <= i < q_len) has sequence position
     j < kv_len                              (its kv prefix)
     and (not causal or j <= q_pos + i)      (its causal offset)
     and (no segment ids or kv_segment_ids[b, j] == q_segment_ids[b, row])
+    and (no window or q_pos + i - left <= j <= q_pos + i + right)
+
+A window ``(left, right)`` (jax.nn's ``local_window_size``; a side that is
+None is unbounded) keeps each row to the keys near its own position. Like the
+causal rule it compares positions, so it is the same for every group.
 
 Picture for ``QueryGroup(q_start=0, q_len=3, q_pos=4, kv_len=6)`` with Tk=8,
 causal (``x`` visible, ``.`` masked)::
@@ -57,14 +62,31 @@ class QueryGroup:
   def q_end(self) -> int:
     return self.q_start + self.q_len
 
-  def visible_kv_end(self, causal: bool) -> int:
-    """One past the last key any row of this group can see (0 if none)."""
+  def visible_kv_range(self, causal: bool, window=None) -> tuple[int, int]:
+    """[start, end) holding every key some row of this group can see (end <= start: none)."""
     if self.q_len == 0:
-      return 0
-    end = self.kv_len
-    if causal:
-      end = min(end, self.q_pos + self.q_len)
-    return max(end, 0)
+      return 0, 0
+    return kv_range(self.q_pos, self.q_pos + self.q_len - 1, self.kv_len, causal, window)
+
+  def visible_kv_end(self, causal: bool, window=None) -> int:
+    """One past the last key any row of this group can see (0 if none)."""
+    start, end = self.visible_kv_range(causal, window)
+    return end if end > start else 0
+
+
+def kv_range(pos_lo: int, pos_hi: int, kv_len: int, causal: bool,
+             window=None) -> tuple[int, int]:
+  """[start, end) of the keys that rows at positions pos_lo..pos_hi (a run of
+  consecutive positions) with prefix ``kv_len`` can see, ignoring segments;
+  ``end <= start`` when they see none."""
+  left, right = window if window is not None else (None, None)
+  start = 0 if left is None else max(pos_lo - left, 0)
+  end = kv_len
+  if causal:
+    end = min(end, pos_hi + 1)
+  if right is not None:
+    end = min(end, pos_hi + right + 1)
+  return start, max(end, 0)
 
 
 def normalize_groups(groups, tq: int, tk: int) -> tuple[QueryGroup, ...]:
@@ -112,13 +134,20 @@ def normalize_groups(groups, tq: int, tk: int) -> tuple[QueryGroup, ...]:
   return ordered
 
 
-def visible(q_pos, key, kv_len, *, causal: bool, q_seg=None, kv_seg=None):
+def visible(q_pos, key, kv_len, *, causal: bool, q_seg=None, kv_seg=None, window=None):
   """The mask rule of this module, elementwise on broadcastable numpy or jax
   arrays: key ``key`` is visible to a row at position ``q_pos`` with prefix
-  ``kv_len`` (and segment ``q_seg``; keys' segments ``kv_seg``)."""
+  ``kv_len`` (and segment ``q_seg``; keys' segments ``kv_seg``; window
+  ``(left, right)``)."""
   seen = key < kv_len
   if causal:
     seen = seen & (key <= q_pos)
+  if window is not None:
+    left, right = window
+    if left is not None:
+      seen = seen & (key >= q_pos - left)
+    if right is not None:
+      seen = seen & (key <= q_pos + right)
   if q_seg is not None:
     seen = seen & (q_seg == kv_seg)
   return seen
@@ -134,13 +163,17 @@ def row_positions(groups: Sequence[QueryGroup], tq: int) -> tuple[np.ndarray, np
   return pos, kv_len
 
 
-def visible_pairs(groups: Sequence[QueryGroup], causal: bool) -> int:
+def visible_pairs(groups: Sequence[QueryGroup], causal: bool, window=None) -> int:
   """Number of visible (row, key) pairs per batch row and head, ignoring segments."""
   total = 0
   for g in groups:
     pos = g.q_pos + np.arange(g.q_len)
+    left, right = window if window is not None else (None, None)
+    start = np.zeros_like(pos) if left is None else np.maximum(pos - left, 0)
+    end = np.full_like(pos, g.kv_len)
     if causal:
-      total += int(np.clip(np.minimum(pos + 1, g.kv_len), 0, None).sum())
-    else:
-      total += g.q_len * g.kv_len
+      end = np.minimum(end, pos + 1)
+    if right is not None:
+      end = np.minimum(end, pos + right + 1)
+    total += int(np.clip(end - start, 0, None).sum())
   return total

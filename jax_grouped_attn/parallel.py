@@ -170,6 +170,9 @@ def local_attention(problem: Problem, cp: ContextParallel, backend, config,
   ``backward`` are resolved. Returns
   (out [B, 2c, Hq, D], lse [B, Hq, 2c] f32).
   """
+  if problem.window is not None:
+    raise NotImplementedError(
+        f"context_parallel does not take local_window_size yet (got {problem.window}).")
   run = _Run(backend, config, interpret, backward)
   inner = cp.ulysses_axes
   w_in = axis_size_and_rank(inner)[0] if inner is not None else 1

@@ -18,7 +18,7 @@ import math
 
 import numpy as np
 
-from jax_grouped_attn.groups import QueryGroup
+from jax_grouped_attn.groups import QueryGroup, kv_range
 
 # exp(x) == exp2(x * LOG2E): kernels compute softmax in base 2.
 LOG2E = math.log2(math.e)
@@ -28,11 +28,16 @@ LN2 = math.log(2.0)
 ROW0 = 0       # first row of the q block in the padded q layout
 QPOS0 = 1      # sequence position of that row
 KV_LEN = 2     # the group's kv prefix length
-N_FULL = 3     # leading kv blocks that need no mask
-N_BLOCKS = 4   # kv blocks to visit (the rest are fully masked)
+N_FULL = 3     # one past the last kv block that needs no mask
+N_BLOCKS = 4   # one past the last kv block to visit (the rest are fully masked)
 GROUP = 5      # index of the group (into the sorted groups)
 N_ROWS = 6     # valid (non-padding) rows in this q block
-TABLE_WIDTH = 8
+FIRST = 7      # first kv block to visit (> 0 only with a left window)
+FULL0 = 8      # first kv block that needs no mask
+TABLE_WIDTH = 16
+# A q block visits kv blocks [FIRST, N_BLOCKS): [FIRST, FULL0) and
+# [N_FULL, N_BLOCKS) masked, [FULL0, N_FULL) not, with
+# FIRST <= FULL0 <= N_FULL <= N_BLOCKS. Without a window FIRST = FULL0 = 0.
 
 
 @dataclasses.dataclass(frozen=True)
@@ -49,10 +54,23 @@ class Problem:
   causal: bool
   scale: float
   has_segments: bool
+  # (left, right): a row at position p sees keys in [p - left, p + right]; a
+  # side that is None is unbounded; None: no window (validate.check_window).
+  window: tuple[int | None, int | None] | None = None
 
   @property
   def group_size(self) -> int:
     return self.hq // self.hk
+
+  @property
+  def window_left(self) -> int:
+    """Left window as a kernel constant: -1 when unbounded."""
+    return -1 if self.window is None or self.window[0] is None else self.window[0]
+
+  @property
+  def window_right(self) -> int:
+    """Right window as a kernel constant: -1 when unbounded."""
+    return -1 if self.window is None or self.window[1] is None else self.window[1]
 
 
 def _next_pow2(x: int) -> int:
@@ -89,20 +107,30 @@ class Plan:
     return int(self.table.shape[0])
 
 
-def _kv_blocks(g: QueryGroup, q_pos0: int, n_rows: int, causal: bool,
-               has_segments: bool, bk: int) -> tuple[int, int]:
-  """(n_full, n_blocks) of a q block whose rows sit at q_pos0 .. q_pos0+n_rows-1."""
-  end = g.kv_len
-  if causal:
-    end = min(end, q_pos0 + n_rows)   # last valid row sees keys <= q_pos0+n_rows-1
-  end = max(end, 0)
-  n_blocks = -(-end // bk)
-  if has_segments:
-    return 0, n_blocks
-  full = g.kv_len // bk
-  if causal:
-    full = min(full, max(q_pos0 + 1, 0) // bk)  # block j unmasked iff j*bk+bk-1 <= q_pos0
-  return min(full, n_blocks), n_blocks
+def _kv_blocks(problem: Problem, g: QueryGroup, q_pos0: int, n_rows: int,
+               bk: int) -> tuple[int, int, int, int]:
+  """(first, full0, n_full, n_blocks) of a q block whose rows sit at
+  q_pos0 .. q_pos0+n_rows-1 (the FIRST, FULL0, N_FULL, N_BLOCKS columns)."""
+  pos_hi = q_pos0 + n_rows - 1
+  start, end = kv_range(q_pos0, pos_hi, g.kv_len, problem.causal, problem.window)
+  if end <= start:
+    return 0, 0, 0, 0
+  first, n_blocks = start // bk, -(-end // bk)
+  if problem.has_segments:
+    return first, first, first, n_blocks
+  # Block j needs no mask iff every row sees all of keys [j*bk, j*bk + bk):
+  # the first row (smallest position) bounds the right edge, the last the left.
+  left, right = problem.window if problem.window is not None else (None, None)
+  full_end = g.kv_len // bk
+  if problem.causal:
+    full_end = min(full_end, max(q_pos0 + 1, 0) // bk)
+  if right is not None:
+    full_end = min(full_end, max(q_pos0 + right + 1, 0) // bk)
+  full0 = first if left is None else max(first, -(-max(pos_hi - left, 0) // bk))
+  full_end = min(full_end, n_blocks)
+  if full0 >= full_end:
+    return first, first, first, n_blocks
+  return first, full0, full_end, n_blocks
 
 
 @functools.lru_cache(maxsize=256)
@@ -122,7 +150,7 @@ def make_plan(problem: Problem, block_q: int, block_k: int, q_align: int = 1,
                      f"the tiles ({bq}, {bk}).")
   groups = [g for g in problem.groups if g.q_len > 0]
   identity = problem.tq % qa == 0 and all(g.q_start % qa == 0 for g in groups)
-  rows = []      # (row0, q_pos0, kv_len, n_full, n_blocks, group, n_rows)
+  rows = []      # table rows, columns as ROW0..FULL0
   if identity:
     tq_pad = problem.tq
     src = np.arange(tq_pad)
@@ -148,15 +176,14 @@ def make_plan(problem: Problem, block_q: int, block_k: int, q_align: int = 1,
     for off in range(0, g.q_len, bq):
       n_rows = min(bq, g.q_len - off)
       q_pos0 = g.q_pos + off
-      n_full, n_blocks = _kv_blocks(g, q_pos0, n_rows, problem.causal,
-                                    problem.has_segments, bk)
+      first, full0, n_full, n_blocks = _kv_blocks(problem, g, q_pos0, n_rows, bk)
       rows.append((base + off, q_pos0, g.kv_len, n_full, n_blocks,
-                   problem.groups.index(g), n_rows))
+                   problem.groups.index(g), n_rows, first, full0))
   # Heaviest first; ties keep row order so neighbours stay neighbours.
-  rows.sort(key=lambda r: (-r[N_BLOCKS], r[ROW0]))
+  rows.sort(key=lambda r: (-(r[N_BLOCKS] - r[FIRST]), r[ROW0]))
   table = np.zeros((len(rows), TABLE_WIDTH), np.int32)
   if rows:
-    table[:, :7] = np.asarray(rows, np.int64)
+    table[:, :FULL0 + 1] = np.asarray(rows, np.int64)
   tk_pad = -(-problem.tk // ka) * ka
   for arr in (src, dst, valid, table):
     arr.setflags(write=False)
@@ -237,8 +264,8 @@ def make_backward_plan(problem: Problem, block_q: int, block_k: int,
   n_kb = kv_plan.tk_pad // kv_plan.block_k
   per_block = [[] for _ in range(n_kb)]   # kv block -> [(masked, row0, entry)]
   for w, r in enumerate(kv_plan.table):
-    for j in range(int(r[N_BLOCKS])):
-      masked = int(j >= r[N_FULL])
+    for j in range(int(r[FIRST]), int(r[N_BLOCKS])):
+      masked = int(not r[FULL0] <= j < r[N_FULL])
       per_block[j].append((masked, int(r[ROW0]),
                            (r[ROW0], r[QPOS0], r[KV_LEN], masked, r[GROUP], w)))
   # Heaviest kv blocks first (they bound the tail of the launch); ties keep

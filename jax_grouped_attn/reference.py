@@ -28,7 +28,8 @@ def visible_mask(problem: Problem, q_segment_ids=None, kv_segment_ids=None):
   qs = None if q_segment_ids is None else q_segment_ids[:, None, :, None]
   ks = None if kv_segment_ids is None else kv_segment_ids[:, None, None, :]
   mask = visible(pos[None, None, :, None], np.arange(problem.tk)[None, None, None, :],
-                 kv_len[None, None, :, None], causal=problem.causal, q_seg=qs, kv_seg=ks)
+                 kv_len[None, None, :, None], causal=problem.causal, q_seg=qs, kv_seg=ks,
+                 window=problem.window)
   return jnp.asarray(mask)
 
 

@@ -97,6 +97,32 @@ def check_scale(softmax_scale, d) -> float:
   return scale
 
 
+def check_window(local_window_size, causal: bool):
+  """jax.nn's ``local_window_size`` -> Problem.window: None, or (left, right)
+  with ints >= 0 or None (unbounded). An int w means (w, w). With ``causal``
+  the right side adds nothing and is dropped; (None, None) is no window."""
+  w = local_window_size
+  if w is None:
+    return None
+  is_int = lambda x: isinstance(x, (int, np.integer)) and not isinstance(x, (bool, np.bool_))
+  if is_int(w):
+    w = (w, w)
+  if (not isinstance(w, (tuple, list)) or len(w) != 2
+      or not all(x is None or is_int(x) for x in w)):
+    raise TypeError(
+        f"local_window_size must be None, an int or a (left, right) pair of ints "
+        f"(None for an unbounded side), got {local_window_size!r}.")
+  left, right = (None if x is None else int(x) for x in w)
+  for side, x in (("left", left), ("right", right)):
+    if x is not None and x < 0:
+      raise ValueError(
+          f"local_window_size={local_window_size!r}: the {side} window must be >= 0 "
+          "(a row always sees its own position's key when the window allows any).")
+  if causal:
+    right = None
+  return None if left is None and right is None else (left, right)
+
+
 def check_bool(name, value) -> bool:
   if not isinstance(value, (bool, np.bool_)):
     raise TypeError(f"{name} must be a bool, got {value!r}.")
@@ -110,7 +136,7 @@ def check_backward_mode(backward) -> str:
 
 
 def make_problem(q, k, v, groups, *, causal, softmax_scale, q_segment_ids,
-                 kv_segment_ids) -> Problem:
+                 kv_segment_ids, local_window_size=None) -> Problem:
   """Checks the arrays and arguments of one attention call; returns its Problem."""
   check_qkv(q, k, v)
   b, tq, hq, d = q.shape
@@ -119,7 +145,8 @@ def make_problem(q, k, v, groups, *, causal, softmax_scale, q_segment_ids,
   causal = check_bool("causal", causal)
   has_segments = check_segments(q, k, q_segment_ids, kv_segment_ids)
   scale = check_scale(softmax_scale, d)
-  return Problem(groups, b, tq, tk, hq, hk, d, causal, scale, has_segments)
+  window = check_window(local_window_size, causal)
+  return Problem(groups, b, tq, tk, hq, hk, d, causal, scale, has_segments, window)
 
 
 # ------------------------------------------------------ context parallelism --

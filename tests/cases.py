@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 import jax_grouped_attn as ga
-from jax_grouped_attn import registry
+from jax_grouped_attn import registry, validate
 from jax_grouped_attn.pallas.mosaic.config import MosaicBackwardConfig, MosaicForwardConfig
 from jax_grouped_attn import QueryGroup
 from jax_grouped_attn.groups import normalize_groups
@@ -67,6 +67,7 @@ class Case:
   causal: bool = True
   segments: bool = False
   dtype: object = jnp.float32
+  window: object = None      # local_window_size
 
   @property
   def tq(self) -> int:
@@ -109,6 +110,18 @@ CASES = [
     Case("segments_zigzag_bf16", ga.zigzag_groups(1, 2, 16), 64, segments=True, dtype=jnp.bfloat16),
     Case("segments_noncausal_groups", (QueryGroup(0, 21, 0, 40), QueryGroup(21, 14, 10, 29)), 40,
          segments=True, causal=False, hq=4, hk=4),
+    # sliding windows: left only (causal), both sides, one side, with groups,
+    # GQA, segments; windows narrower and wider than a block
+    Case("window_causal_left9", (QueryGroup(0, 80, 0, 80),), 80, window=(9, 0)),
+    Case("window_noncausal_7_5_bf16", (QueryGroup(0, 56, 0, 56),), 56, causal=False,
+         window=(7, 5), dtype=jnp.bfloat16),
+    Case("window_zigzag_gqa4", ga.zigzag_groups(1, 2, 24), 96, hq=8, hk=2, window=(21, 0),
+         dtype=jnp.bfloat16),
+    Case("window_right_only_groups", (QueryGroup(0, 19, -6, 61), QueryGroup(19, 22, 30, 40)), 64,
+         causal=False, window=(None, 6)),
+    Case("window_wide_segments", (QueryGroup(0, 48, 0, 48),), 48, segments=True, window=(33, 0)),
+    Case("window_cross_tq_gt_tk", (QueryGroup(0, 70, 0, 40),), 40, causal=False, window=(3, 17),
+         d=128, dtype=jnp.float16),
 ]
 
 
@@ -139,7 +152,7 @@ def make_inputs(case: Case, seed: int = 0):
 def problem_of(case: Case) -> Problem:
   return Problem(normalize_groups(case.groups, case.tq, case.tk), case.batch, case.tq,
                  case.tk, case.hq, case.hk, case.d, case.causal, 1.0 / np.sqrt(case.d),
-                 case.segments)
+                 case.segments, validate.check_window(case.window, case.causal))
 
 
 def reference(case: Case, q, k, v, qs, ks):
@@ -205,7 +218,7 @@ def check_forward(case: Case, backend: str, *, seed: int = 0, config=SMALL, jit=
   lp_out, lp_lse = lowp_reference(case, q, k, v, qs, ks)
   fn = lambda q, k, v, qs, ks: ga.grouped_attention(
       q, k, v, case.groups, causal=case.causal, q_segment_ids=qs, kv_segment_ids=ks,
-      backend=backend, return_lse=True, config=config, **kw)
+      backend=backend, return_lse=True, config=config, local_window_size=case.window, **kw)
   if jit:
     fn = jax.jit(fn)
   out, lse = fn(q, k, v, qs, ks)
@@ -234,7 +247,7 @@ def check_grads(case: Case, backend: str, *, seed: int = 0, config=SMALL, with_l
 
   kernel = lambda q, k, v: ga.grouped_attention(
       q, k, v, case.groups, causal=case.causal, q_segment_ids=qs, kv_segment_ids=ks,
-      backend=backend, return_lse=True, config=config, **kw)
+      backend=backend, return_lse=True, config=config, local_window_size=case.window, **kw)
   ref = lambda q, k, v: reference(case, q, k, v, qs, ks)
   got = jax.jit(jax.grad(lambda *a: loss(kernel, *a), argnums=(0, 1, 2)))(q, k, v)
   want = jax.grad(lambda *a: loss(ref, *a), argnums=(0, 1, 2))(

@@ -79,7 +79,8 @@ def test_plan_covers_every_row_once_and_bounds_are_exact(case, blocks):
   plan = plan_lib.make_plan(problem, *blocks)
   bq, bk = plan.block_q, plan.block_k
   t = plan.table
-  assert (np.diff(t[:, plan_lib.N_BLOCKS]) <= 0).all(), "heaviest q blocks first"
+  work = t[:, plan_lib.N_BLOCKS] - t[:, plan_lib.FIRST]
+  assert (np.diff(work) <= 0).all(), "heaviest q blocks first"
   covered = np.zeros(plan.tq_pad, int)
   for row in t:
     covered[row[plan_lib.ROW0]:row[plan_lib.ROW0] + row[plan_lib.N_ROWS]] += 1
@@ -93,21 +94,29 @@ def test_plan_covers_every_row_once_and_bounds_are_exact(case, blocks):
     blk = padded_mask[r0:r0 + n].reshape(n, -1, bk)
     any_visible = blk.any(axis=(0, 2))
     all_visible = blk.all(axis=(0, 2))
-    last = np.nonzero(any_visible)[0]
-    assert row[plan_lib.N_BLOCKS] == (last[-1] + 1 if len(last) else 0)
-    nf = row[plan_lib.N_FULL]
-    if not case.segments:
-      assert all_visible[:nf].all(), "an unmasked block hides a masked pair"
-      # Exactly the leading run of fully visible blocks is unmasked.
-      run = np.argmin(np.append(all_visible, False))
-      assert nf == min(run, row[plan_lib.N_BLOCKS])
+    seen = np.nonzero(any_visible)[0]
+    first, full0, nf, nb = (row[c] for c in (plan_lib.FIRST, plan_lib.FULL0, plan_lib.N_FULL,
+                                             plan_lib.N_BLOCKS))
+    assert first <= full0 <= nf <= nb
+    # The visited range is exactly the blocks from the first to the last seen one.
+    assert (first, nb) == ((seen[0], seen[-1] + 1) if len(seen) else (0, 0))
+    if case.segments:
+      assert full0 == nf, "segments: every block is masked"
+      continue
+    assert all_visible[full0:nf].all(), "an unmasked block hides a masked pair"
+    # Exactly the one run of fully visible blocks is unmasked.
+    runs = np.nonzero(all_visible)[0]
+    if len(runs):
+      assert (full0, nf) == (runs[0], runs[-1] + 1)
+    else:
+      assert full0 == nf
 
 
 def test_visible_pairs_counts_the_mask():
   for case in CASES:
     problem = problem_of(case)
     mask = np.asarray(visible_mask(problem))
-    assert visible_pairs(problem.groups, case.causal) == mask.sum()
+    assert visible_pairs(problem.groups, case.causal, problem.window) == mask.sum()
 
 
 def test_segment_ids_from_cu_seqlens():

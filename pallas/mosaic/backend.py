@@ -47,7 +47,7 @@ class PallasMosaicBackend(KernelBackend):
       return (f"backend={self.name!r} takes bfloat16/float16 (wgmma); got {dtype}. Use "
               "backend='pallas' (which falls back to the Triton-lowered Pallas kernels for "
               "float32), 'triton' or 'xla'.")
-    return None
+    return super().supports(problem, dtype)
 
   def auto_candidate(self, pass_, head_dim, dtype):
     # H100, B1 S8192 H16 D256 bf16 causal (benchmarks/results/h100_2026-11-26):
