@@ -4,6 +4,7 @@
     python tests/mutation/kit.py --only NAME,..  # some
     python tests/mutation/kit.py --list          # names, kinds, files
     python tests/mutation/kit.py --check-anchors # every anchor is in today's sources
+    python tests/mutation/kit.py --gpu           # on a GPU: the gpu= mutants vs their GPU tests
 
 Each mutant is a text replacement in a kernel, launcher, the autodiff or the
 parallel layer. The kit copies the checkout (tracked and untracked, not
@@ -137,8 +138,8 @@ MUTANTS = [
            (f"{FWD}[two_groups_gap_pos-pallas_triton]",
             f"{FWD}[four_groups_kv0-pallas_triton]")),
     Mutant("plan_diagonal_block_unmasked", "mask", "jax_grouped_attn/plan.py",
-           "    full = min(full, max(q_pos0 + 1, 0) // bk)",
-           "    full = min(full, max(q_pos0 + bk, 0) // bk)",
+           "    full_end = min(full_end, max(q_pos0 + 1, 0) // bk)",
+           "    full_end = min(full_end, max(q_pos0 + bk, 0) // bk)",
            ("tests/test_backward.py::test_backward_plan_covers_every_visible_pair_once"
             "[zigzag_r0w2c16-(16, 16, None, None)]", f"{FWD}[zigzag_r0w2c16-triton]"),
            why="the block on the diagonal skips its causal mask"),
@@ -217,7 +218,8 @@ def apply(m: Mutant, root: str) -> None:
 _FAILED = re.compile(r"^(?:FAILED|ERROR) (.+?)(?: - .*)?$", re.M)
 
 
-def run_mutant(m: Mutant, timeout: int) -> dict:
+def run_mutant(m: Mutant, timeout: int, gpu: bool = False) -> dict:
+  """Applies ``m`` in a scratch copy and runs its tests (``gpu``: its GPU test)."""
   t0 = time.time()
   with tempfile.TemporaryDirectory(prefix=f"jga-mutant-{m.name}-") as tmp:
     scratch_copy(tmp)
@@ -227,8 +229,9 @@ def run_mutant(m: Mutant, timeout: int) -> dict:
              f"sys.exit(0 if k.__file__.startswith({tmp!r}) else 3)")
     if subprocess.run([sys.executable, "-c", check], cwd=tmp, env=env).returncode:
       raise SystemExit(f"{m.name}: the scratch copy does not import its own package")
+    tests = (m.gpu,) if gpu else m.tests
     cmd = [sys.executable, "-m", "pytest", "-x", "-q", "-rfE", "-p", "no:cacheprovider",
-           "-p", "no:randomly", *m.tests]
+           "-p", "no:randomly", *tests]
     try:
       proc = subprocess.run(cmd, cwd=tmp, env=env, capture_output=True, text=True,
                             timeout=timeout)
@@ -255,6 +258,8 @@ def main(argv=None) -> int:
   ap.add_argument("--list", action="store_true")
   ap.add_argument("--check-anchors", action="store_true")
   ap.add_argument("--verbose", action="store_true", help="print the log of survivors")
+  ap.add_argument("--gpu", action="store_true",
+                  help="on a GPU machine: run the gpu= mutants' named GPU tests")
   args = ap.parse_args(argv)
   bad = check_anchors()
   if bad or args.check_anchors:
@@ -267,6 +272,8 @@ def main(argv=None) -> int:
     if unknown:
       raise SystemExit(f"unknown mutants: {sorted(unknown)}")
     chosen = [m for m in MUTANTS if m.name in names]
+  if args.gpu:
+    chosen = [m for m in chosen if m.gpu]
   if args.list:
     for m in chosen:
       print(f"{m.name:<34} {m.kind:<10} {m.path}  {m.why}")
@@ -274,7 +281,7 @@ def main(argv=None) -> int:
   print(f"{len(chosen)} mutants, {args.jobs} at a time, from {ROOT}", flush=True)
   results = []
   with concurrent.futures.ThreadPoolExecutor(args.jobs) as pool:
-    for r in pool.map(lambda m: run_mutant(m, args.timeout), chosen):
+    for r in pool.map(lambda m: run_mutant(m, args.timeout, args.gpu), chosen):
       m = r["mutant"]
       print(f"  {m.name}: {r['caught'] or 'SURVIVED (CPU)'} ({r['seconds']:.0f} s)", flush=True)
       results.append(r)
@@ -284,7 +291,7 @@ def main(argv=None) -> int:
     m = r["mutant"]
     if r["caught"] and not r["caught"].startswith("("):
       cell = r["caught"]
-    elif m.gpu and not r["caught"]:
+    elif m.gpu and not r["caught"] and not args.gpu:
       cell = f"GPU only: {m.gpu} (CPU suite: survives, as expected)"
     else:
       cell = f"**SURVIVED** {r['caught']}".strip()
