@@ -1,15 +1,25 @@
-"""One launch each of the kernels to profile (S8192 Hq32 Hk8 D128 bf16 causal):
-triton fwd+bwd, pallas fwd+bwd, cudnn fwd+bwd."""
-import jax, jax.numpy as jnp, numpy as np
+"""ncu target: one jitted fwd+bwd of each named implementation (default all),
+S8192 Hq32 Hk8 D128 bf16 causal:
+  python3 notes/experiments/ncu_target.py [pallas_mosaic] [triton] [pallas_triton] [cudnn]"""
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
 import jax_grouped_attn as ga
+
 S, HQ, HK, D = 8192, 32, 8, 128
 rng = np.random.default_rng(0)
 mk = lambda *s: jnp.asarray(rng.standard_normal(s), jnp.bfloat16)
 q, k, v, do = mk(1, S, HQ, D), mk(1, S, HK, D), mk(1, S, HK, D), mk(1, S, HQ, D)
-for name, f in [
-    ("triton", lambda q, k, v: ga.attention(q, k, v, causal=True, backend="triton")),
-    ("pallas", lambda q, k, v: ga.attention(q, k, v, causal=True, backend="pallas")),
-    ("cudnn", lambda q, k, v: jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation="cudnn"))]:
+IMPLS = {
+    b: (lambda q, k, v, b=b: ga.attention(q, k, v, causal=True, backend=b))
+    for b in ("pallas_mosaic", "triton", "pallas_triton")}
+IMPLS["cudnn"] = lambda q, k, v: jax.nn.dot_product_attention(q, k, v, is_causal=True,
+                                                              implementation="cudnn")
+for name in sys.argv[1:] or list(IMPLS):
+  f = IMPLS[name]
   g = jax.jit(lambda q, k, v: jax.vjp(f, q, k, v)[1](do))
   jax.block_until_ready(g(q, k, v))
   print(name, "done", flush=True)
