@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # One session's GPU runs, from the repository root on the device; modes run in order:
 #   bash notes/experiments/session_gpu.sh tests mutants   # GPU tests + memcheck; the gpu= mutants
-#   bash notes/experiments/session_gpu.sh bench window ncu  # headline shapes vs cuDNN; sliding
-#       window time vs S; ncu of Mosaic and cuDNN fwd+bwd kernels
+#   bash notes/experiments/session_gpu.sh bench window tune ncu  # headline shapes vs cuDNN;
+#       sliding window time vs S; Mosaic configs tuned; ncu of Mosaic and cuDNN fwd+bwd kernels
 # Expects the jax-triton wheel installed into PYTHONPATH (device README) and writes to $OUT.
 set -u -o pipefail
 export PYTHONUNBUFFERED=1 TF_CPP_MIN_LOG_LEVEL=1
@@ -35,6 +35,10 @@ for mode in "${@:-tests}"; do
   window)
     timeout ${WINDOW_S:-240} python3 -m benchmarks.bench_window --out "$OUT/window" \
         --backends pallas_mosaic,triton 2>&1 | tail -40;;
+  tune)   # Mosaic configs into (a copy of) the package's table: commit $OUT/tuned/*.json
+    mkdir -p "$OUT/tuned" && cp jax_grouped_attn/tuned/*.json "$OUT/tuned/"
+    timeout ${TUNE_S:-240} python3 -m benchmarks.tune --quick --backends pallas_mosaic \
+        --head-dims 128,64,256 --budget-s $(( ${TUNE_S:-240} - 30 )) --out "$OUT/tuned" 2>&1 | tail -25;;
   ncu)
     timeout ${NCU_S:-150} ncu --clock-control none --target-processes all \
         --section SpeedOfLight --section ComputeWorkloadAnalysis --section Occupancy \
