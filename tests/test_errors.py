@@ -44,6 +44,11 @@ G = [QueryGroup(0, T, 0, T)]
     (dict(causal="yes"), TypeError, "causal"),
     (dict(backward="magic"), ValueError, "backward"),
     (dict(config=dict(block_q=64)), TypeError, "config"),
+    (dict(local_window_size=-1), ValueError, "local_window_size"),
+    (dict(local_window_size=(3, -2)), ValueError, "local_window_size.*right"),
+    (dict(local_window_size=(1, 2, 3)), TypeError, "local_window_size"),
+    (dict(local_window_size=2.5), TypeError, "local_window_size"),
+    (dict(local_window_size=(True, 1)), TypeError, "local_window_size"),
 ])
 def test_grouped_attention_rejects(backend, kwargs, exc, msg):
   args = dict(q=Q, k=K, v=V, groups=G)
