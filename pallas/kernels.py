@@ -30,12 +30,9 @@ def _dot(a, b, *, trans_a=False, trans_b=False, precision=None):
 
 
 def _work_row(table_ref):
-  """(row0, q_pos0, kv_len, first, full0, n_full, n_blocks) of this program's
-  work-table row."""
+  """(row0, q_pos0, kv_len) of this program's work-table row."""
   w = pl.program_id(0)
-  return tuple(table_ref[w, c] for c in (plan_lib.ROW0, plan_lib.QPOS0, plan_lib.KV_LEN,
-                                         plan_lib.FIRST, plan_lib.FULL0,
-                                         plan_lib.N_FULL, plan_lib.N_BLOCKS))
+  return tuple(table_ref[w, c] for c in (plan_lib.ROW0, plan_lib.QPOS0, plan_lib.KV_LEN))
 
 
 def _visible(q_pos, kj, kv_len, *, causal, window=(-1, -1), qseg=None, kvseg=None):
@@ -56,14 +53,17 @@ def _visible(q_pos, kj, kv_len, *, causal, window=(-1, -1), qseg=None, kvseg=Non
   return visible
 
 
-def _kv_loops(step, carry, first, full0, n_full, n_blocks, window):
-  """Runs ``step(j, carry, masked)`` over kv blocks [first, n_blocks): masked
-  [first, full0), unmasked [full0, n_full), masked [n_full, n_blocks). Without
-  a window first = full0 = 0 (plan.py), so the left loop is not generated."""
-  if window != (-1, -1):
+def _kv_loops(table_ref, step, carry, window):
+  """Runs ``step(j, carry, masked)`` over the kv blocks of this program's
+  work-table row: [FIRST, FULL0) masked, [FULL0, N_FULL) unmasked, [N_FULL,
+  N_BLOCKS) masked. Only a left window makes FIRST, FULL0 nonzero (plan.py),
+  so without one the first loop is not generated (static branch)."""
+  w = pl.program_id(0)
+  n_full, n_blocks = table_ref[w, plan_lib.N_FULL], table_ref[w, plan_lib.N_BLOCKS]
+  full0 = 0
+  if window[0] >= 0:
+    first, full0 = table_ref[w, plan_lib.FIRST], table_ref[w, plan_lib.FULL0]
     carry = jax.lax.fori_loop(first, full0, lambda j, c: step(j, c, True), carry)
-  else:
-    full0 = 0
   carry = jax.lax.fori_loop(full0, n_full, lambda j, c: step(j, c, False), carry)
   return jax.lax.fori_loop(n_full, n_blocks, lambda j, c: step(j, c, True), carry)
 
@@ -75,7 +75,7 @@ def forward_kernel(table_ref, q_ref, k_ref, v_ref, *refs, scale: float,
     qseg_ref, kvseg_ref, out_ref, lse_ref = refs
   else:
     out_ref, lse_ref = refs
-  row0, q_pos0, kv_len, first, full0, n_full, n_blocks = _work_row(table_ref)
+  row0, q_pos0, kv_len = _work_row(table_ref)
 
   rows = pl.ds(row0, block_q)
   q = q_ref[rows, :]
@@ -112,7 +112,7 @@ def forward_kernel(table_ref, q_ref, k_ref, v_ref, *refs, scale: float,
   carry = (jnp.zeros((block_q, dp), jnp.float32),
            jnp.full((block_q,), -jnp.inf, jnp.float32),
            jnp.zeros((block_q,), jnp.float32))
-  acc, m, l = _kv_loops(step, carry, first, full0, n_full, n_blocks, window)
+  acc, m, l = _kv_loops(table_ref, step, carry, window)
   seen = l > 0
   l_safe = jnp.where(seen, l, 1.0)
   out_ref[rows, :] = (acc / l_safe[:, None]).astype(out_ref.dtype)
@@ -154,8 +154,7 @@ def _probs(q, k, lse2, *, qk_scale, precision, visible=None):
 def backward_dkdv_kernel(kv_table_ref, entries_ref, q_ref, k_ref, v_ref,
                          dout_ref, lse2_ref, delta_ref, *refs, scale: float,
                          causal: bool, window: tuple[int, int], has_segments: bool,
-                         group_size: int,
-                         block_q: int, block_k: int, precision):
+                         group_size: int, block_q: int, block_k: int, precision):
   """One program per (kv block, batch, kv head): dK, dV of one kv block.
 
   kv_table_ref: [n_kv_blocks, KV_TABLE_WIDTH], entries_ref: [n_entries,
@@ -232,7 +231,7 @@ def backward_dq_kernel(table_ref, q_ref, k_ref, v_ref, dout_ref, lse2_ref,
     qseg_ref, kvseg_ref, dq_ref = refs
   else:
     (dq_ref,) = refs
-  row0, q_pos0, kv_len, first, full0, n_full, n_blocks = _work_row(table_ref)
+  row0, q_pos0, kv_len = _work_row(table_ref)
 
   rows = pl.ds(row0, block_q)
   q = q_ref[rows, :]
@@ -257,5 +256,5 @@ def backward_dq_kernel(table_ref, q_ref, k_ref, v_ref, dout_ref, lse2_ref,
     return dq + _dot(ds.astype(k.dtype), k, precision=precision)
 
   dq = jnp.zeros((block_q, q.shape[-1]), jnp.float32)
-  dq = _kv_loops(step, dq, first, full0, n_full, n_blocks, window)
+  dq = _kv_loops(table_ref, step, dq, window)
   dq_ref[rows, :] = (dq * scale).astype(dq_ref.dtype)

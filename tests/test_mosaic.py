@@ -158,6 +158,19 @@ def test_windows_are_supported_and_start_late():
     assert ((first > 0) & (first < full0) & (full0 < n_full) & (n_full < n_blocks)).any()
 
 
+@pytest.mark.parametrize("case", [c for c in CASES if len(c) > 9], ids=lambda c: c[0])
+def test_window_plans_keep_the_ring_walk_contiguous(case):
+  """What _KvBlocks relies on: FIRST <= FULL0 <= N_FULL <= N_BLOCKS, and
+  without a left window FIRST = FULL0 = 0 (it then walks [0, N_BLOCKS))."""
+  p = _problem(case)
+  for plan in (ml.forward_plan(p), ml.backward_plan(p).plan):
+    first, full0, n_full, n_blocks = (plan.table[:, c] for c in (
+        plan_lib.FIRST, plan_lib.FULL0, plan_lib.N_FULL, plan_lib.N_BLOCKS))
+    assert ((first <= full0) & (full0 <= n_full) & (n_full <= n_blocks)).all()
+    if p.window_left < 0:
+      assert (first == 0).all() and (full0 == 0).all()
+
+
 # -------------------------------------------------------- lowering for CUDA --
 
 def _lower(fn, *args):
