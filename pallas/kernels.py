@@ -30,31 +30,52 @@ def _dot(a, b, *, trans_a=False, trans_b=False, precision=None):
 
 
 def _work_row(table_ref):
-  """(row0, q_pos0, kv_len, n_full, n_blocks) of this program's work-table row."""
+  """(row0, q_pos0, kv_len) of this program's work-table row."""
   w = pl.program_id(0)
-  return tuple(table_ref[w, c] for c in (plan_lib.ROW0, plan_lib.QPOS0, plan_lib.KV_LEN,
-                                         plan_lib.N_FULL, plan_lib.N_BLOCKS))
+  return tuple(table_ref[w, c] for c in (plan_lib.ROW0, plan_lib.QPOS0, plan_lib.KV_LEN))
 
 
-def _visible(q_pos, kj, kv_len, *, causal, qseg=None, kvseg=None):
+def _visible(q_pos, kj, kv_len, *, causal, window=(-1, -1), qseg=None, kvseg=None):
   """The mask rule of ``groups.py``: [bq, bk] bool from q_pos [bq, 1], kj
-  [1, bk] (and segment ids [bq, 1] / [1, bk]). Every kernel masks through this."""
+  [1, bk] (and segment ids [bq, 1] / [1, bk]); ``window`` is the static
+  (left, right) of Problem.window_left/right, -1 = unbounded. Every kernel
+  masks through this."""
+  left, right = window
   visible = kj < kv_len
   if causal:
     visible = visible & (kj <= q_pos)
+  if left >= 0:
+    visible = visible & (kj >= q_pos - left)
+  if right >= 0:
+    visible = visible & (kj <= q_pos + right)
   if qseg is not None:
     visible = visible & (qseg == kvseg)
   return visible
 
 
+def _kv_loops(table_ref, step, carry, window):
+  """Runs ``step(j, carry, masked)`` over the kv blocks of this program's
+  work-table row: [FIRST, FULL0) masked, [FULL0, N_FULL) unmasked, [N_FULL,
+  N_BLOCKS) masked. Only a left window makes FIRST, FULL0 nonzero (plan.py),
+  so without one the first loop is not generated (static branch)."""
+  w = pl.program_id(0)
+  n_full, n_blocks = table_ref[w, plan_lib.N_FULL], table_ref[w, plan_lib.N_BLOCKS]
+  full0 = 0
+  if window[0] >= 0:
+    first, full0 = table_ref[w, plan_lib.FIRST], table_ref[w, plan_lib.FULL0]
+    carry = jax.lax.fori_loop(first, full0, lambda j, c: step(j, c, True), carry)
+  carry = jax.lax.fori_loop(full0, n_full, lambda j, c: step(j, c, False), carry)
+  return jax.lax.fori_loop(n_full, n_blocks, lambda j, c: step(j, c, True), carry)
+
+
 def forward_kernel(table_ref, q_ref, k_ref, v_ref, *refs, scale: float,
-                   causal: bool, has_segments: bool, block_q: int,
-                   block_k: int, precision):
+                   causal: bool, window: tuple[int, int], has_segments: bool,
+                   block_q: int, block_k: int, precision):
   if has_segments:
     qseg_ref, kvseg_ref, out_ref, lse_ref = refs
   else:
     out_ref, lse_ref = refs
-  row0, q_pos0, kv_len, n_full, n_blocks = _work_row(table_ref)
+  row0, q_pos0, kv_len = _work_row(table_ref)
 
   rows = pl.ds(row0, block_q)
   q = q_ref[rows, :]
@@ -71,7 +92,8 @@ def forward_kernel(table_ref, q_ref, k_ref, v_ref, *refs, scale: float,
     if masked:
       kj = j * block_k + jax.lax.broadcasted_iota(jnp.int32, (1, block_k), 1)
       kvseg = kvseg_ref[keys][None, :] if has_segments else None
-      visible = _visible(q_pos, kj, kv_len, causal=causal, qseg=qseg, kvseg=kvseg)
+      visible = _visible(q_pos, kj, kv_len, causal=causal, window=window, qseg=qseg,
+                         kvseg=kvseg)
       s = jnp.where(visible, s, -jnp.inf)
     m_new = jnp.maximum(m_prev, jnp.max(s, axis=1))
     if masked:
@@ -90,9 +112,7 @@ def forward_kernel(table_ref, q_ref, k_ref, v_ref, *refs, scale: float,
   carry = (jnp.zeros((block_q, dp), jnp.float32),
            jnp.full((block_q,), -jnp.inf, jnp.float32),
            jnp.zeros((block_q,), jnp.float32))
-  carry = jax.lax.fori_loop(0, n_full, lambda j, c: step(j, c, False), carry)
-  carry = jax.lax.fori_loop(n_full, n_blocks, lambda j, c: step(j, c, True), carry)
-  acc, m, l = carry
+  acc, m, l = _kv_loops(table_ref, step, carry, window)
   seen = l > 0
   l_safe = jnp.where(seen, l, 1.0)
   out_ref[rows, :] = (acc / l_safe[:, None]).astype(out_ref.dtype)
@@ -133,8 +153,8 @@ def _probs(q, k, lse2, *, qk_scale, precision, visible=None):
 
 def backward_dkdv_kernel(kv_table_ref, entries_ref, q_ref, k_ref, v_ref,
                          dout_ref, lse2_ref, delta_ref, *refs, scale: float,
-                         causal: bool, has_segments: bool, group_size: int,
-                         block_q: int, block_k: int, precision):
+                         causal: bool, window: tuple[int, int], has_segments: bool,
+                         group_size: int, block_q: int, block_k: int, precision):
   """One program per (kv block, batch, kv head): dK, dV of one kv block.
 
   kv_table_ref: [n_kv_blocks, KV_TABLE_WIDTH], entries_ref: [n_entries,
@@ -173,7 +193,7 @@ def backward_dkdv_kernel(kv_table_ref, entries_ref, q_ref, k_ref, v_ref,
       q_pos = (entries_ref[start + e, plan_lib.E_QPOS0]
                + jax.lax.broadcasted_iota(jnp.int32, (block_q, 1), 0))
       visible = _visible(q_pos, kj, entries_ref[start + e, plan_lib.E_KV_LEN],
-                         causal=causal,
+                         causal=causal, window=window,
                          qseg=qseg_ref[rows][:, None] if has_segments else None,
                          kvseg=kvseg)
     p = _probs(q, k, lse2_ref[h, rows], qk_scale=qk_scale, precision=precision,
@@ -198,8 +218,8 @@ def backward_dkdv_kernel(kv_table_ref, entries_ref, q_ref, k_ref, v_ref,
 
 def backward_dq_kernel(table_ref, q_ref, k_ref, v_ref, dout_ref, lse2_ref,
                        delta_ref, *refs, scale: float, causal: bool,
-                       has_segments: bool, block_q: int, block_k: int,
-                       precision):
+                       window: tuple[int, int], has_segments: bool, block_q: int,
+                       block_k: int, precision):
   """One program per (forward work row, batch, q head): dQ of one q block.
 
   table_ref: [n_work, TABLE_WIDTH] int32 (forward work table); q_ref,
@@ -211,7 +231,7 @@ def backward_dq_kernel(table_ref, q_ref, k_ref, v_ref, dout_ref, lse2_ref,
     qseg_ref, kvseg_ref, dq_ref = refs
   else:
     (dq_ref,) = refs
-  row0, q_pos0, kv_len, n_full, n_blocks = _work_row(table_ref)
+  row0, q_pos0, kv_len = _work_row(table_ref)
 
   rows = pl.ds(row0, block_q)
   q = q_ref[rows, :]
@@ -229,13 +249,12 @@ def backward_dq_kernel(table_ref, q_ref, k_ref, v_ref, dout_ref, lse2_ref,
     visible = None
     if masked:
       kj = j * block_k + jax.lax.broadcasted_iota(jnp.int32, (1, block_k), 1)
-      visible = _visible(q_pos, kj, kv_len, causal=causal, qseg=qseg,
+      visible = _visible(q_pos, kj, kv_len, causal=causal, window=window, qseg=qseg,
                          kvseg=kvseg_ref[keys][None, :] if has_segments else None)
     p = _probs(q, k, lse2, qk_scale=qk_scale, precision=precision, visible=visible)
     ds = p * (_dot(do, v, trans_b=True, precision=precision) - delta)
     return dq + _dot(ds.astype(k.dtype), k, precision=precision)
 
   dq = jnp.zeros((block_q, q.shape[-1]), jnp.float32)
-  dq = jax.lax.fori_loop(0, n_full, lambda j, c: step(j, c, False), dq)
-  dq = jax.lax.fori_loop(n_full, n_blocks, lambda j, c: step(j, c, True), dq)
+  dq = _kv_loops(table_ref, step, dq, window)
   dq_ref[rows, :] = (dq * scale).astype(dq_ref.dtype)

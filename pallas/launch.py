@@ -24,6 +24,11 @@ def _compiler_params(tiles):
   return plgpu.CompilerParams(num_warps=tiles.num_warps, num_stages=tiles.num_stages)
 
 
+def _window(problem: Problem) -> tuple[int, int]:
+  """The kernels' static window: (left, right), -1 = unbounded side."""
+  return (problem.window_left, problem.window_right)
+
+
 def _varying_like(table, q):
   """Plan tables are constants; inside shard_map (check_vma) a kernel's inputs
   must vary over the same mesh axes, so mark them like q."""
@@ -55,8 +60,8 @@ def forward(q, k, v, q_seg, kv_seg, *, problem: Problem, plan: Plan,
     args += [q_seg, kv_seg]
   kernel = functools.partial(
       kernels.forward_kernel, scale=problem.scale, causal=problem.causal,
-      has_segments=has_segments, block_q=plan.block_q, block_k=plan.block_k,
-      precision=dot_precision(q.dtype))
+      window=_window(problem), has_segments=has_segments, block_q=plan.block_q,
+      block_k=plan.block_k, precision=dot_precision(q.dtype))
   return pl.pallas_call(
       kernel,
       grid=(plan.n_work, b * hq),
@@ -131,8 +136,8 @@ def backward(q, k, v, q_seg, kv_seg, out, lse, dout, dlse, *, problem: Problem,
   dk, dv = pl.pallas_call(
       functools.partial(
           kernels.backward_dkdv_kernel, scale=problem.scale, causal=problem.causal,
-          has_segments=has_segments, group_size=grp, block_q=plan.block_q,
-          block_k=plan.block_k, precision=precision),
+          window=_window(problem), has_segments=has_segments, group_size=grp,
+          block_q=plan.block_q, block_k=plan.block_k, precision=precision),
       grid=(plan.n_kv_blocks, b * hk),
       in_specs=in_specs,
       out_specs=[kv_spec, kv_spec],
@@ -159,8 +164,8 @@ def backward(q, k, v, q_seg, kv_seg, out, lse, dout, dlse, *, problem: Problem,
   dq = pl.pallas_call(
       functools.partial(
           kernels.backward_dq_kernel, scale=problem.scale, causal=problem.causal,
-          has_segments=has_segments, block_q=qplan.block_q, block_k=qplan.block_k,
-          precision=precision),
+          window=_window(problem), has_segments=has_segments, block_q=qplan.block_q,
+          block_k=qplan.block_k, precision=precision),
       grid=(qplan.n_work, b * hq),
       in_specs=in_specs,
       out_specs=q_spec,

@@ -222,8 +222,10 @@ def test_no_quadratic_residuals():
     assert max(int(np.prod(s)) for s in shapes) <= q.size, shapes
 
 
-def test_pallas_backward_lowers_for_cuda_on_any_machine():
-  case = case_by_name("segments_zigzag_bf16")   # GQA, segments, padded q layout
+# GQA, segments, padded q layout; GQA and a sliding window.
+@pytest.mark.parametrize("name", ["segments_zigzag_bf16", "window_zigzag_gqa4"])
+def test_pallas_backward_lowers_for_cuda_on_any_machine(name):
+  case = case_by_name(name)
   q, k, v, qs, ks = make_inputs(case)
   problem = problem_of(case)
 

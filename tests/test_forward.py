@@ -52,8 +52,9 @@ def test_fully_masked_rows_are_zero_with_minus_inf_lse(backend):
   assert np.isneginf(np.asarray(lse[:, :, :5])).all()
 
 
-def test_pallas_lowers_for_cuda_on_any_machine():
-  case = case_by_name("segments_zigzag_bf16")
+@pytest.mark.parametrize("name", ["segments_zigzag_bf16", "window_zigzag_gqa4"])
+def test_pallas_lowers_for_cuda_on_any_machine(name):
+  case = case_by_name(name)
   q, k, v, qs, ks = make_inputs(case)
   problem = problem_of(case)
   f = lambda *a: autodiff.attention(problem, "pallas_triton", ga.AttentionConfig(), False,

@@ -20,6 +20,7 @@ import pytest
 from jax_grouped_attn.backend import batch_folding
 from jax_grouped_attn.pallas.mosaic.backend import PALLAS_MOSAIC
 from jax_grouped_attn import plan as plan_lib
+from jax_grouped_attn import validate
 from jax_grouped_attn.groups import QueryGroup
 from jax_grouped_attn.plan import Problem
 from jax_grouped_attn.reference import reference_attention, reference_backward
@@ -28,6 +29,7 @@ from jax_grouped_attn.pallas.mosaic.config import MosaicBackwardConfig, MosaicFo
 from tolerance import assert_calibrated
 
 # name, groups (q_start, q_len, q_pos, kv_len), tq, tk, hq, hk, d, causal, segments
+# [, local_window_size]
 CASES = [
     ("causal_gqa", [(0, 256, 0, 256)], 256, 256, 4, 2, 128, True, False),
     ("noncausal_odd_mqa", [(0, 133, 0, 120)], 133, 120, 2, 1, 64, False, False),
@@ -37,14 +39,27 @@ CASES = [
     ("d40_tiny", [(0, 10, 3, 7)], 10, 7, 2, 1, 40, True, False),
     ("d256", [(0, 128, 0, 128)], 128, 128, 2, 1, 256, True, False),
     ("d16_padded_in_launcher", [(0, 64, 0, 64)], 64, 64, 2, 2, 16, False, False),
+    # Sliding windows. Forward CTAs of 128 rows x 128 keys: rows 512..639 of
+    # left300 walk kv blocks 1-2 masked, 3 unmasked, 4 masked (FIRST=1).
+    ("window_causal_left300", [(0, 768, 0, 768)], 768, 768, 4, 2, 128, True, False, (300, 0)),
+    ("window_noncausal_both_mqa", [(0, 400, 0, 400)], 400, 400, 2, 1, 64, False, False,
+     (90, 37)),
+    ("window_right_only_groups", [(0, 150, -40, 300), (150, 90, 100, 180)], 240, 300, 2, 2,
+     128, False, False, (None, 70)),
+    ("window_segments", [(0, 384, 0, 384)], 384, 384, 2, 1, 128, True, True, (150, 0)),
+    # Narrow window, far-apart groups: kv blocks between them have no dK/dV
+    # entries, and the second group's blocks start late.
+    ("window_sparse_kv_blocks", [(0, 64, 0, 700), (64, 64, 600, 700)], 128, 700, 2, 1, 64,
+     False, False, (3, 17)),
 ]
 IDS = [c[0] for c in CASES]
 
 
 def _problem(case):
-  _, groups, tq, tk, hq, hk, d, causal, seg = case
+  _, groups, tq, tk, hq, hk, d, causal, seg, *window = case
   return Problem(groups=tuple(QueryGroup(*g) for g in groups), batch=1, tq=tq, tk=tk, hq=hq,
-                 hk=hk, head_dim=d, causal=causal, scale=1 / math.sqrt(d), has_segments=seg)
+                 hk=hk, head_dim=d, causal=causal, scale=1 / math.sqrt(d), has_segments=seg,
+                 window=validate.check_window(window[0] if window else None, causal))
 
 
 def _inputs(p, dtype=jnp.bfloat16, seed=0):
@@ -128,6 +143,32 @@ def test_plans_fit_the_kernels(case):
   cfg = ml.backward_config(p, None)
   assert b.block_k // cfg.block_kv in (1, cfg.compute_wgs)
   assert b.plan.block_q // cfg.dq_block_q in (1, cfg.compute_wgs)
+
+
+def test_windows_are_supported_and_start_late():
+  """The registry entry takes windows; the left-window case really walks
+  all three ranges from a FIRST > 0 (what the kernels' _KvBlocks streams)."""
+  p = _problem(CASES[IDS.index("window_causal_left300")])
+  assert PALLAS_MOSAIC.supports(p, jnp.bfloat16) is None
+  for plan in (ml.forward_plan(p), ml.backward_plan(p).plan):
+    t = plan.table
+    first, full0, n_full, n_blocks = (t[:, c] for c in (plan_lib.FIRST, plan_lib.FULL0,
+                                                       plan_lib.N_FULL, plan_lib.N_BLOCKS))
+    assert ((first <= full0) & (full0 <= n_full) & (n_full <= n_blocks)).all()
+    assert ((first > 0) & (first < full0) & (full0 < n_full) & (n_full < n_blocks)).any()
+
+
+@pytest.mark.parametrize("case", [c for c in CASES if len(c) > 9], ids=lambda c: c[0])
+def test_window_plans_keep_the_ring_walk_contiguous(case):
+  """What _KvBlocks relies on: FIRST <= FULL0 <= N_FULL <= N_BLOCKS, and
+  without a left window FIRST = FULL0 = 0 (it then walks [0, N_BLOCKS))."""
+  p = _problem(case)
+  for plan in (ml.forward_plan(p), ml.backward_plan(p).plan):
+    first, full0, n_full, n_blocks = (plan.table[:, c] for c in (
+        plan_lib.FIRST, plan_lib.FULL0, plan_lib.N_FULL, plan_lib.N_BLOCKS))
+    assert ((first <= full0) & (full0 <= n_full) & (n_full <= n_blocks)).all()
+    if p.window_left < 0:
+      assert (first == 0).all() and (full0 == 0).all()
 
 
 # -------------------------------------------------------- lowering for CUDA --

@@ -56,34 +56,87 @@ def _col_vec(x, shape):
   return lax.broadcast_in_dim(x, shape, [1])
 
 
-def _visible(q_pos0, k0, kv_len, shape, *, causal, qseg=None, kvseg=None,
+def _visible(q_pos0, k0, kv_len, shape, *, causal, window=(-1, -1), qseg=None, kvseg=None,
              transposed: bool = False):
   """The mask rule of ``groups.py`` on a WGMMA tile; every kernel masks through this.
 
   [rows, cols] bool: row r (position q_pos0 + r) sees key k0 + c; with
   ``transposed``, [keys, rows]: key k0 + r is seen by row q_pos0 + c.
+  window: static (left, right) of Problem.window_left/right, -1 = unbounded.
   qseg / kvseg: the tile's row / key segment ids (reduced layouts), or None.
   """
+  left, right = window
   row_axis, key_axis = (1, 0) if transposed else (0, 1)
   pos = plgpu.broadcasted_iota(jnp.int32, shape, row_axis, layout=plgpu.Layout.WGMMA) + q_pos0
   kj = plgpu.broadcasted_iota(jnp.int32, shape, key_axis, layout=plgpu.Layout.WGMMA) + k0
   seen = kj < kv_len
   if causal:
     seen = seen & (kj <= pos)
+  if left >= 0:
+    seen = seen & (kj >= pos - left)
+  if right >= 0:
+    seen = seen & (kj <= pos + right)
   if qseg is not None:
     along = (_col_vec, _row_vec) if transposed else (_row_vec, _col_vec)
     seen = seen & (along[0](qseg, shape) == along[1](kvseg, shape))
   return seen
 
 
+class _KvBlocks:
+  """The kv blocks a work-table row visits, as both sides of a ring walk them.
+
+  Blocks [FIRST, N_BLOCKS) stream through the ``stages`` ring in order, block
+  j in slot (j - FIRST) % stages: the memory warpgroup loads i-th block
+  ``block(i)`` into slot i % stages and the compute warpgroups wait for the
+  same slots, so the barrier counts of both agree. Only a left window makes
+  FIRST (and FULL0) nonzero (plan.py), so without one this is a static
+  Python branch that emits the same ops as walking [0, N_BLOCKS).
+  """
+
+  def __init__(self, table_ref, w, window, stages: int):
+    self.late = window[0] >= 0
+    self.stages = stages
+    self.n_full = table_ref[w, plan_lib.N_FULL]
+    self.n_blocks = table_ref[w, plan_lib.N_BLOCKS]
+    if self.late:
+      self.first = table_ref[w, plan_lib.FIRST]
+      self.full0 = table_ref[w, plan_lib.FULL0]
+      self.n_steps = self.n_blocks - self.first
+    else:
+      self.first = self.full0 = 0
+      self.n_steps = self.n_blocks
+
+  def block(self, i):
+    """The i-th block streamed."""
+    return self.first + i if self.late else i
+
+  def slot(self, j):
+    """The ring slot of block j."""
+    return lax.rem(j - self.first if self.late else j, self.stages)
+
+  def key0(self, j, block_kv: int):
+    """First key of block j, for TMA slices. With FIRST read from the table,
+    say that it is a whole number of blocks (as ROW0 is, notes/mosaic.md)."""
+    return pl.multiple_of(j * block_kv, block_kv) if self.late else j * block_kv
+
+  def walk(self, step, carry):
+    """step(j, carry, masked) over [FIRST, FULL0) masked, [FULL0, N_FULL)
+    unmasked, [N_FULL, N_BLOCKS) masked."""
+    if self.late:
+      carry = lax.fori_loop(self.first, self.full0, lambda j, c: step(j, c, True), carry)
+    carry = lax.fori_loop(self.full0, self.n_full, lambda j, c: step(j, c, False), carry)
+    return lax.fori_loop(self.n_full, self.n_blocks, lambda j, c: step(j, c, True), carry)
+
+
 def forward_kernel(table_ref, q_ref, k_ref, v_ref, *refs, scale: float, causal: bool,
-                   has_segments: bool, block_q: int, block_kv: int, stages: int,
-                   wgs: int, group_size: int):
+                   window: tuple[int, int], has_segments: bool, block_q: int, block_kv: int,
+                   stages: int, wgs: int, group_size: int):
   """One CTA per (q head, work row, batch): rows [ROW0, ROW0 + wgs * block_q).
 
   Compute warpgroup i owns rows ROW0 + i * block_q + [0, block_q). All
-  warpgroups walk the same kv blocks: [0, N_FULL) without a mask, then
-  [N_FULL, N_BLOCKS) masked. Scratch (after out_ref, lse_ref):
+  warpgroups walk the same kv blocks (_KvBlocks): [FIRST, FULL0) masked,
+  [FULL0, N_FULL) without a mask, then [N_FULL, N_BLOCKS) masked; FIRST =
+  FULL0 = 0 without a left window. Scratch (after out_ref, lse_ref):
     qo_smem [wgs, block_q, Dp] (Q in, then O out), k_smem, v_smem
     [stages, block_kv, Dp], lse_smem [wgs, block_q] f32, and the barriers.
   """
@@ -105,8 +158,8 @@ def forward_kernel(table_ref, q_ref, k_ref, v_ref, *refs, scale: float, causal: 
   row0 = pl.multiple_of(table_ref[w, plan_lib.ROW0], block_q)
   q_pos0 = table_ref[w, plan_lib.QPOS0]
   kv_len = table_ref[w, plan_lib.KV_LEN]
-  n_full = table_ref[w, plan_lib.N_FULL]
-  n_blocks = table_ref[w, plan_lib.N_BLOCKS]
+  blocks = _KvBlocks(table_ref, w, window, stages)
+  n_blocks = blocks.n_blocks
 
   # Logits go to base 2 inside exp2's FMA: p = exp2(s * c - m), m in base-2 units.
   c = scale * LOG2E
@@ -146,7 +199,7 @@ def forward_kernel(table_ref, q_ref, k_ref, v_ref, *refs, scale: float, causal: 
         if has_segments:
           kvseg = _load(kvseg_ref.at[b, pl.ds(j * block_kv, block_kv)],
                         plgpu.Layout.WGMMA.reduce(0))
-        vis = _visible(my_pos0, j * block_kv, kv_len, shape_s, causal=causal,
+        vis = _visible(my_pos0, j * block_kv, kv_len, shape_s, causal=causal, window=window,
                        qseg=qseg, kvseg=kvseg)
         s = jnp.where(vis, s, NEG_INF)
       m_new = jnp.maximum(m, s.max(axis=1) * cc)
@@ -169,15 +222,15 @@ def forward_kernel(table_ref, q_ref, k_ref, v_ref, *refs, scale: float, causal: 
       plgpu.copy_smem_to_gmem(lse_smem.at[wg], lse_ref.at[b, h, pl.ds(my_row0, block_q)])
       plgpu.wait_smem_to_gmem(0)
 
-    @pl.when(n_blocks > 0)
-    def _():
+    @pl.when(blocks.n_steps > 0)
+    def _():   # block FIRST is in slot 0
       plgpu.barrier_wait(k_ready.at[0])
 
     pl.when(wg == 1)(pingpong)
 
     def step(j, carry, masked: bool):
       acc, m, l = carry
-      slot = lax.rem(j, stages)
+      slot = blocks.slot(j)
 
       def qk(s_ref):
         plgpu.wgmma(s_ref, q_smem, _t(k_smem.at[slot]))
@@ -200,15 +253,13 @@ def forward_kernel(table_ref, q_ref, k_ref, v_ref, *refs, scale: float, causal: 
 
         @pl.when(j + 1 < n_blocks)
         def _():   # wait for the next K while this wgmma runs
-          plgpu.barrier_wait(k_ready.at[lax.rem(j + 1, stages)])
+          plgpu.barrier_wait(k_ready.at[blocks.slot(j + 1)])
 
       acc = pl.run_state(pv)(plgpu.ACC.init(acc))
       plgpu.barrier_arrive(v_free.at[slot])
       return acc, m_new, l
 
-    carry = (acc0, m0, l0)
-    carry = lax.fori_loop(0, n_full, lambda j, cr: step(j, cr, False), carry)
-    acc, m, l = lax.fori_loop(n_full, n_blocks, lambda j, cr: step(j, cr, True), carry)
+    acc, m, l = blocks.walk(step, (acc0, m0, l0))
     pl.when(wg == 0)(pingpong)
     finish(acc, m, l)
 
@@ -218,7 +269,7 @@ def forward_kernel(table_ref, q_ref, k_ref, v_ref, *refs, scale: float, causal: 
     kvh = lax.div(h, group_size)
 
     def load(j, slot, wait_free: bool):
-      keys = (b, pl.ds(j * block_kv, block_kv), kvh)
+      keys = (b, pl.ds(blocks.key0(j, block_kv), block_kv), kvh)
       # K is freed (after QK) before V (after PV): refill each as soon as it can.
       if wait_free:
         plgpu.barrier_wait(k_free.at[slot])
@@ -228,11 +279,11 @@ def forward_kernel(table_ref, q_ref, k_ref, v_ref, *refs, scale: float, causal: 
       plgpu.copy_gmem_to_smem(v_ref.at[keys], v_smem.at[slot], v_ready.at[slot])
 
     for i in range(min(stages, k_ref.shape[1] // block_kv)):
-      pl.when(i < n_blocks)(lambda i=i: load(i, i, False))
+      pl.when(i < blocks.n_steps)(lambda i=i: load(blocks.block(i), i, False))
 
-    @pl.loop(0, n_blocks - stages)
+    @pl.loop(0, blocks.n_steps - stages)
     def _(j):
-      load(j + stages, lax.rem(j, stages), True)
+      load(blocks.block(j + stages), lax.rem(j, stages), True)
 
 
 # ------------------------------------------------------------------ backward --
@@ -247,8 +298,9 @@ def _zeros(shape):
 
 
 def backward_dkdv_kernel(kv_table_ref, entries_ref, q_ref, k_ref, v_ref, do_ref, lse2_ref,
-                         delta_ref, *refs, scale: float, causal: bool, has_segments: bool,
-                         block_q: int, block_kv: int, stages: int, wgs: int, group_size: int):
+                         delta_ref, *refs, scale: float, causal: bool,
+                         window: tuple[int, int], has_segments: bool, block_q: int,
+                         block_kv: int, stages: int, wgs: int, group_size: int):
   """One CTA per (kv head, kv block t, batch): dK, dV of wgs * block_kv keys.
 
   kv_table_ref: [n_kv_blocks, KV_TABLE_WIDTH], entries_ref: [n_entries,
@@ -322,7 +374,7 @@ def backward_dkdv_kernel(kv_table_ref, entries_ref, q_ref, k_ref, v_ref, do_ref,
           qseg = _load(qseg_ref.at[b, pl.ds(row0, block_q)], plgpu.Layout.WGMMA.reduce(0))
         vis = _visible(entries_ref[start + e, plan_lib.E_QPOS0], key0,
                        entries_ref[start + e, plan_lib.E_KV_LEN], shape_t, causal=causal,
-                       qseg=qseg, kvseg=kvseg, transposed=True)
+                       window=window, qseg=qseg, kvseg=kvseg, transposed=True)
         p_t = jnp.where(vis, p_t, 0.0)
       plgpu.barrier_wait(do_ready.at[slot])
 
@@ -384,16 +436,17 @@ def backward_dkdv_kernel(kv_table_ref, entries_ref, q_ref, k_ref, v_ref, do_ref,
 
 
 def backward_dq_kernel(table_ref, q_ref, k_ref, v_ref, do_ref, lse2_ref, delta_ref, *refs,
-                       scale: float, causal: bool, has_segments: bool, block_q: int,
-                       block_kv: int, stages: int, wgs: int, group_size: int):
+                       scale: float, causal: bool, window: tuple[int, int],
+                       has_segments: bool, block_q: int, block_kv: int, stages: int, wgs: int,
+                       group_size: int):
   """One CTA per (q head, work row, batch): dQ of wgs * block_q rows.
 
   table_ref: [n_work, TABLE_WIDTH] int32 (the backward plan's dQ table);
   q_ref, do_ref: [B, Tq_pad, Hq, Dp]; k_ref, v_ref: [B, Tk_pad, Hk, Dp];
   lse2_ref, delta_ref: [B, Hq, Tq_pad] f32; (segment ids as the forward);
   dq_ref: [B, Tq_pad, Hq, Dp]. Compute warpgroup i owns rows ROW0 + i *
-  block_q + [0, block_q) and walks kv blocks [0, N_FULL) unmasked, then
-  [N_FULL, N_BLOCKS) masked, streamed by the memory warpgroup. Scratch:
+  block_q + [0, block_q) and walks the forward's kv blocks (_KvBlocks),
+  streamed by the memory warpgroup. Scratch:
   q_smem, do_smem [wgs, block_q, Dp] (q_smem holds dQ at the end), k_smem,
   v_smem [stages, block_kv, Dp], lse_smem, delta_smem [wgs, block_q] f32.
   """
@@ -414,8 +467,7 @@ def backward_dq_kernel(table_ref, q_ref, k_ref, v_ref, do_ref, lse2_ref, delta_r
   row0 = pl.multiple_of(table_ref[w, plan_lib.ROW0], block_q)
   q_pos0 = table_ref[w, plan_lib.QPOS0]
   kv_len = table_ref[w, plan_lib.KV_LEN]
-  n_full = table_ref[w, plan_lib.N_FULL]
-  n_blocks = table_ref[w, plan_lib.N_BLOCKS]
+  blocks = _KvBlocks(table_ref, w, window, stages)
   c = scale * LOG2E
   shape_s = (block_q, block_kv)
 
@@ -442,7 +494,7 @@ def backward_dq_kernel(table_ref, q_ref, k_ref, v_ref, do_ref, lse2_ref, delta_r
     q_tile, do_tile = q_smem.at[wg], do_smem.at[wg]
 
     def step(j, dq, masked: bool):
-      slot = lax.rem(j, stages)
+      slot = blocks.slot(j)
       plgpu.barrier_wait(k_ready.at[slot])
       plgpu.barrier_wait(v_ready.at[slot])
 
@@ -459,8 +511,8 @@ def backward_dq_kernel(table_ref, q_ref, k_ref, v_ref, do_ref, lse2_ref, delta_r
         if has_segments:
           kvseg = _load(kvseg_ref.at[b, pl.ds(j * block_kv, block_kv)],
                         plgpu.Layout.WGMMA.reduce(0))
-        vis = _visible(my_pos0, j * block_kv, kv_len, shape_s, causal=causal, qseg=qseg,
-                       kvseg=kvseg)
+        vis = _visible(my_pos0, j * block_kv, kv_len, shape_s, causal=causal, window=window,
+                       qseg=qseg, kvseg=kvseg)
         p = jnp.where(vis, p, 0.0)
       ds = p * (dpv - _row_vec(delta, shape_s))
 
@@ -471,8 +523,7 @@ def backward_dq_kernel(table_ref, q_ref, k_ref, v_ref, do_ref, lse2_ref, delta_r
       plgpu.barrier_arrive(free.at[slot])
       return dq
 
-    dq = lax.fori_loop(0, n_full, lambda j, a: step(j, a, False), _zeros((block_q, dp)))
-    dq = lax.fori_loop(n_full, n_blocks, lambda j, a: step(j, a, True), dq)
+    dq = blocks.walk(step, _zeros((block_q, dp)))
     q_tile[...] = (dq * scale).astype(dtype)
     plgpu.commit_smem()
     plgpu.copy_smem_to_gmem(q_tile, dq_ref.at[rows])
@@ -484,15 +535,15 @@ def backward_dq_kernel(table_ref, q_ref, k_ref, v_ref, do_ref, lse2_ref, delta_r
     kvh = lax.div(h, group_size)
 
     def load(j, slot, wait_free: bool):
-      keys = (b, pl.ds(j * block_kv, block_kv), kvh)
+      keys = (b, pl.ds(blocks.key0(j, block_kv), block_kv), kvh)
       if wait_free:
         plgpu.barrier_wait(free.at[slot])
       plgpu.copy_gmem_to_smem(k_ref.at[keys], k_smem.at[slot], k_ready.at[slot])
       plgpu.copy_gmem_to_smem(v_ref.at[keys], v_smem.at[slot], v_ready.at[slot])
 
     for i in range(min(stages, k_ref.shape[1] // block_kv)):
-      pl.when(i < n_blocks)(lambda i=i: load(i, i, False))
+      pl.when(i < blocks.n_steps)(lambda i=i: load(blocks.block(i), i, False))
 
-    @pl.loop(0, n_blocks - stages)
+    @pl.loop(0, blocks.n_steps - stages)
     def _(j):
-      load(j + stages, lax.rem(j, stages), True)
+      load(blocks.block(j + stages), lax.rem(j, stages), True)

@@ -55,6 +55,11 @@ def _table(table):
   return jnp.asarray(table)
 
 
+def _window(problem: Problem) -> tuple[int, int]:
+  """The kernels' static window: (left, right), -1 = unbounded side."""
+  return (problem.window_left, problem.window_right)
+
+
 def _check_inputs(q, k, v):
   if q.dtype not in _DTYPES or k.dtype != q.dtype or v.dtype != q.dtype:
     raise ValueError(
@@ -127,8 +132,8 @@ def forward(q, k, v, q_seg, kv_seg, *, problem: Problem, plan: Plan,
   )
   body = functools.partial(
       kernels.forward_kernel, scale=float(problem.scale), causal=problem.causal,
-      has_segments=has_segments, block_q=cfg.block_q, block_kv=block_kv, stages=stages,
-      wgs=wgs, group_size=hq // hk)
+      window=_window(problem), has_segments=has_segments, block_q=cfg.block_q,
+      block_kv=block_kv, stages=stages, wgs=wgs, group_size=hq // hk)
   if plan.n_work == 0:   # no rows at all
     return (jnp.zeros((b, tq_pad, hq, d_in), q.dtype),
             jnp.full((b, hq, tq_pad), -jnp.inf, jnp.float32))
@@ -199,8 +204,8 @@ def backward(q, k, v, q_seg, kv_seg, out, lse, dout, dlse, *, problem: Problem,
   tiles = _tiling(q.dtype)
   delta, lse2 = backward_residuals(out, lse, dout, dlse.astype(jnp.float32), qplan.valid_rows)
   params = plgpu.CompilerParams(approx_math=True)
-  common = dict(scale=float(problem.scale), causal=problem.causal, has_segments=has_segments,
-                stages=stages, group_size=grp)
+  common = dict(scale=float(problem.scale), causal=problem.causal, window=_window(problem),
+                has_segments=has_segments, stages=stages, group_size=grp)
 
   # dK/dV: CTA (kv head, t, batch) owns kv block kv_table[t].
   wgs = _wgs(plan.block_k, cfg.block_kv, cfg.compute_wgs, "backward dK/dV")
