@@ -101,9 +101,10 @@ class FlaxAttentionFn:
     by ``promote_dtype`` when given), ``mask`` and ``is_causal`` (module
     docstring), dropout when ``deterministic`` or ``dropout_rate == 0`` (a
     no-op), ``precision`` None/DEFAULT, ``force_fp32_for_softmax`` (always
-    fp32), ``local_window_size`` (None: the function's own). Raised as ValueError: ``bias``, active dropout, other
-    ``precision``, ``module`` (sow_weights), custom einsums, and unknown
-    keyword arguments that are not None/False.
+    fp32), ``local_window_size`` (None: the function's own). Raised as
+    ValueError: ``bias``, active dropout, other ``precision``, ``module``
+    (sow_weights), custom einsums, and unknown keyword arguments that are not
+    None/False.
     """
     del broadcast_dropout, dropout_rng  # only meaningful with active dropout
     del force_fp32_for_softmax          # the softmax is always fp32 here

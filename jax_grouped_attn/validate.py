@@ -180,7 +180,8 @@ def check_dense_mask(mask, q_shape, tk: int, causal: bool, q_pos0: int, *, hint:
     return True
   if not causal and m.all():
     return False
-  align = "top-left" if q_pos0 == 0 else "bottom-right" if q_pos0 == tk - tq else f"row 0 at {q_pos0}"
+  align = ("top-left" if q_pos0 == 0 else "bottom-right" if q_pos0 == tk - tq
+           else f"row 0 at position {q_pos0}")
   raise ValueError(
       f"{prefix}mask is neither all-True nor exactly the ({align} aligned) causal mask; "
       f"a flash kernel takes no dense mask. {hint}")
