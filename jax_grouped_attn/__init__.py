@@ -4,6 +4,7 @@ from jax_grouped_attn.api import (attention, grouped_attention,
                                   segment_ids_from_cu_seqlens)
 from jax_grouped_attn.config import (AttentionConfig, BackwardConfig,
                                      ForwardConfig)
+from jax_grouped_attn.dropin import dot_product_attention
 from jax_grouped_attn.groups import QueryGroup
 from jax_grouped_attn.parallel import ContextParallel, context_parallel_attention
 from jax_grouped_attn.zigzag import (zigzag_groups, zigzag_permute, zigzag_positions,
@@ -11,7 +12,8 @@ from jax_grouped_attn.zigzag import (zigzag_groups, zigzag_permute, zigzag_posit
 
 __all__ = [
     "AttentionConfig", "BackwardConfig", "ForwardConfig", "QueryGroup",
-    "attention", "grouped_attention", "segment_ids_from_cu_seqlens",
+    "attention", "dot_product_attention", "grouped_attention",
+    "segment_ids_from_cu_seqlens",
     "zigzag_groups", "zigzag_positions",
     "ContextParallel", "context_parallel_attention", "zigzag_permute",
     "zigzag_unpermute",

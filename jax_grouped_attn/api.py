@@ -34,7 +34,7 @@ def grouped_attention(q, k, v, groups, *, causal=True, softmax_scale=None,
   Args:
     q: [B, Tq, Hq, D]; k, v: [B, Tk, Hk, D]; Hq % Hk == 0 (query head h reads
       kv head h // (Hq // Hk)). bfloat16, float16 or float32; D a multiple of
-      8 in [32, 256].
+      8 in [8, 256].
     groups: QueryGroup(q_start, q_len, q_pos, kv_len)s partitioning q's rows.
       Row q_start + i sees keys j < kv_len with, if ``causal``, j <= q_pos + i
       (the mask is drawn in ``jax_grouped_attn.groups``).

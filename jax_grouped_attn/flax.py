@@ -12,6 +12,13 @@
 * a traced ``mask`` (e.g. ``nn.make_causal_mask`` inside ``jax.jit``) cannot be
   checked and raises: pass ``mask=None`` and ``make_attention_fn(causal=True)``.
 
+Sliding windows: Flax 0.12's modules pass no window, so it is set on the
+function, ``make_attention_fn(local_window_size=...)`` (jax.nn's meaning: an int
+w or (left, right)); a caller that invokes the function itself may also pass
+``local_window_size=`` per call. Positions are those of
+:func:`jax_grouped_attn.attention` (row i at Tk - Tq + i; the same as Flax's
+when Tq == Tk).
+
 Everything a flash kernel cannot express (``bias``, dropout that is active,
 ``precision`` other than default, sown attention weights, custom einsums)
 raises a ValueError naming the argument.
@@ -34,8 +41,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jax_grouped_attn import validate
 from jax_grouped_attn.api import attention
-from jax_grouped_attn.groups import visible
 
 __all__ = ["FlaxAttentionFn", "make_attention_fn"]
 
@@ -46,46 +53,17 @@ def _unsupported(name: str, why: str) -> ValueError:
   return ValueError(f"jax_grouped_attn attention_fn: {name} {why}")
 
 
-def _causal_mask(tq: int, tk: int) -> np.ndarray:
-  """Bottom-right aligned causal mask [Tq, Tk] (row i sees j <= i + Tk - Tq):
-  the mask of ``attention``'s one group QueryGroup(0, Tq, Tk - Tq, Tk)."""
-  return visible(np.arange(tq)[:, None] + (tk - tq), np.arange(tk)[None, :], tk, causal=True)
+_MASK_HINT = (
+    "Pass mask=None and build the function with make_attention_fn(causal=True) "
+    "(nnx: or call the module with is_causal=True); express padding or packed "
+    "documents with segment_ids through jax_grouped_attn.attention.")
 
 
 def _mask_is_causal(mask, q_shape, tk: int, causal: bool) -> bool:
-  """Reads a concrete mask: True if ``mask AND causal`` is causal, False if it
-  is all True; raises otherwise (see the module docstring)."""
-  try:
-    m = np.asarray(mask).astype(bool)
-  except (jax.errors.TracerArrayConversionError,
-          jax.errors.ConcretizationTypeError) as e:
-    raise _unsupported(
-        "mask", "is a traced array, so it cannot be checked to be causal or "
-        "all-True (a flash kernel takes no dense mask). Pass mask=None and "
-        "build the function with make_attention_fn(causal=True) (nnx: or call "
-        "the module with is_causal=True); express padding or packed documents "
-        "with segment_ids through jax_grouped_attn.attention.") from e
-  *batch, tq, hq, _ = q_shape
-  full = (*batch, hq, tq, tk)
-  try:
-    fits = np.broadcast_shapes(m.shape, full) == full
-  except ValueError:
-    fits = False
-  if not fits:
-    raise _unsupported(
-        "mask", f"has shape {m.shape}, which does not broadcast to "
-        f"[batch..., heads, Tq, Tk] = {full}.")
-  c = _causal_mask(tq, tk)
-  eff = m & c if causal else m
-  if np.array_equal(np.broadcast_to(eff, full), np.broadcast_to(c, full)):
-    return True
-  if not causal and m.all():
-    return False
-  raise _unsupported(
-      "mask", "is neither all-True nor exactly the (bottom-right aligned) "
-      "causal mask; a flash kernel takes no dense mask. Use mask=None with "
-      "make_attention_fn(causal=...), or segment_ids through "
-      "jax_grouped_attn.attention for padding and packed documents.")
+  """Reads a concrete mask: True if ``mask AND causal`` is the (bottom-right
+  aligned) causal mask, False if it is all True; raises otherwise."""
+  return validate.check_dense_mask(mask, q_shape, tk, causal, tk - q_shape[-3],
+                                   hint=_MASK_HINT, prefix="jax_grouped_attn attention_fn: ")
 
 
 def _promote(q, k, v, dtype):
@@ -109,22 +87,24 @@ class FlaxAttentionFn:
   config: Any = None
   interpret: bool | None = None
   backward: str = "kernel"
+  local_window_size: Any = None
 
   def __call__(self, query, key, value, bias=None, mask=None,
                broadcast_dropout=True, dropout_rng=None, dropout_rate=0.0,
                deterministic=False, dtype=None, precision=None, module=None,
                is_causal=False, force_fp32_for_softmax=False,
                qk_attn_weights_einsum=None, attn_weights_value_einsum=None,
-               promote_dtype=None, **kwargs):
+               promote_dtype=None, local_window_size=None, **kwargs):
     """Flax's attention_fn call; returns [batch..., Tq, heads, head_dim].
 
     Mapped: ``dtype`` (inputs cast to it; else promoted to a common dtype, or
     by ``promote_dtype`` when given), ``mask`` and ``is_causal`` (module
     docstring), dropout when ``deterministic`` or ``dropout_rate == 0`` (a
     no-op), ``precision`` None/DEFAULT, ``force_fp32_for_softmax`` (always
-    fp32). Raised as ValueError: ``bias``, active dropout, other
-    ``precision``, ``module`` (sow_weights), custom einsums, and unknown
-    keyword arguments that are not None/False.
+    fp32), ``local_window_size`` (None: the function's own). Raised as
+    ValueError: ``bias``, active dropout, other ``precision``, ``module``
+    (sow_weights), custom einsums, and unknown keyword arguments that are not
+    None/False.
     """
     del broadcast_dropout, dropout_rng  # only meaningful with active dropout
     del force_fp32_for_softmax          # the softmax is always fp32 here
@@ -185,30 +165,36 @@ class FlaxAttentionFn:
     extra = {}
     if self.context_parallel is not None:
       extra["context_parallel"] = self.context_parallel
+    if local_window_size is None:
+      local_window_size = self.local_window_size
     out = attention(q, k, v, causal=causal, softmax_scale=self.softmax_scale,
                     backend=self.backend, config=self.config,
-                    interpret=self.interpret, backward=self.backward, **extra)
+                    interpret=self.interpret, backward=self.backward,
+                    local_window_size=local_window_size, **extra)
     return out.reshape(*batch, *out.shape[1:])
 
 
 def make_attention_fn(causal: bool = False, backend: str = "auto", *,
                       context_parallel=None, softmax_scale: float | None = None,
                       config=None, interpret: bool | None = None,
-                      backward: str = "kernel") -> FlaxAttentionFn:
+                      backward: str = "kernel",
+                      local_window_size=None) -> FlaxAttentionFn:
   """An ``attention_fn`` for ``flax.linen.MultiHeadDotProductAttention`` and
   ``flax.nnx.MultiHeadAttention``.
 
   Args:
     causal: causal masking (bottom-right aligned when Tq != Tk), used when the
       module passes ``mask=None``; see the module docstring for masks.
-    backend, softmax_scale, config, interpret, backward: as in
-      :func:`jax_grouped_attn.attention`.
+    backend, softmax_scale, config, interpret, backward, local_window_size: as
+      in :func:`jax_grouped_attn.attention` (the window is checked here).
     context_parallel: None, or a ``ContextParallel`` passed to
       :func:`jax_grouped_attn.attention` (inputs are then the local shards).
   """
   if not isinstance(causal, (bool, np.bool_)):
     raise TypeError(f"causal must be a bool, got {causal!r}.")
+  window = validate.check_window(local_window_size, False)
   return FlaxAttentionFn(causal=bool(causal), backend=backend,
                          context_parallel=context_parallel,
                          softmax_scale=softmax_scale, config=config,
-                         interpret=interpret, backward=backward)
+                         interpret=interpret, backward=backward,
+                         local_window_size=window)

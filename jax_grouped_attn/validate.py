@@ -8,14 +8,16 @@ from __future__ import annotations
 
 import math
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jax_grouped_attn.groups import normalize_groups
+from jax_grouped_attn.groups import normalize_groups, visible
 from jax_grouped_attn.plan import Problem
 
 SUPPORTED_DTYPES = (jnp.bfloat16, jnp.float16, jnp.float32)
-MIN_HEAD_DIM, MAX_HEAD_DIM = 32, 256
+# Every backend pads head_dim inside (Triton dots to >= 16, Mosaic to >= 64).
+MIN_HEAD_DIM, MAX_HEAD_DIM = 8, 256
 BACKWARD_MODES = ("kernel", "reference")
 
 
@@ -84,16 +86,30 @@ def check_segments(q, k, q_segment_ids, kv_segment_ids) -> bool:
   return True
 
 
-def check_scale(softmax_scale, d) -> float:
+def check_scale(softmax_scale, d, name="softmax_scale", *, arrays=False) -> float:
+  """None -> 1/sqrt(d); a Python/NumPy number -> float. With ``arrays`` (jax.nn's
+  ``scale``) a concrete scalar array counts too and a traced one raises. The
+  scale is static: the kernels are compiled for it."""
   if softmax_scale is None:
     return 1.0 / math.sqrt(d)
-  if isinstance(softmax_scale, bool) or not isinstance(softmax_scale, (int, float, np.floating, np.integer)):
+  value = softmax_scale
+  if arrays and isinstance(value, jax.core.Tracer):
+    raise ValueError(
+        f"{name} is a traced value; it must be static (a Python float or a concrete "
+        "scalar), since the kernels are compiled for one scale. Compute it outside "
+        "jit, or close over it as a constant.")
+  if arrays and isinstance(value, (jax.Array, np.ndarray)) and value.size == 1 and (
+      jnp.issubdtype(value.dtype, jnp.floating) or jnp.issubdtype(value.dtype, jnp.integer)):
+    value = value.item()
+  if isinstance(value, (bool, np.bool_)) or not isinstance(
+      value, (int, float, np.floating, np.integer)):
     raise TypeError(
-        f"softmax_scale must be None or a Python float (static), got "
+        f"{name} must be None or a Python float (static)"
+        f"{', or a concrete scalar array' if arrays else ''}, got "
         f"{type(softmax_scale).__name__}.")
-  scale = float(softmax_scale)
+  scale = float(value)
   if not math.isfinite(scale) or scale <= 0:
-    raise ValueError(f"softmax_scale={softmax_scale!r} must be a finite positive number.")
+    raise ValueError(f"{name}={softmax_scale!r} must be a finite positive number.")
   return scale
 
 
@@ -127,6 +143,48 @@ def check_bool(name, value) -> bool:
   if not isinstance(value, (bool, np.bool_)):
     raise TypeError(f"{name} must be a bool, got {value!r}.")
   return bool(value)
+
+
+def check_dense_mask(mask, q_shape, tk: int, causal: bool, q_pos0: int, *, hint: str,
+                     prefix: str = "") -> bool:
+  """A dense boolean ``mask`` (broadcastable to [batch..., heads, Tq, Tk]) that a
+  flash kernel can run: returns True if ``mask AND causal`` is exactly the causal
+  mask, False if the mask is all True; raises ValueError naming ``mask``
+  otherwise, and for a traced mask (it cannot be read).
+
+  ``q_shape`` is the query's [batch..., Tq, heads, head_dim]; row i sits at
+  position ``q_pos0 + i`` (0: jax.nn's top-left causal alignment, Tk - Tq:
+  ``attention``'s bottom-right one). ``hint`` says what to pass instead;
+  ``prefix`` starts every message.
+  """
+  try:
+    m = np.asarray(mask).astype(bool)
+  except (jax.errors.TracerArrayConversionError,
+          jax.errors.ConcretizationTypeError) as e:
+    raise ValueError(
+        f"{prefix}mask is a traced array, so it cannot be checked to be causal or "
+        f"all-True (a flash kernel takes no dense mask). {hint}") from e
+  *batch, tq, hq, _ = q_shape
+  full = (*batch, hq, tq, tk)
+  try:
+    fits = np.broadcast_shapes(m.shape, full) == full
+  except ValueError:
+    fits = False
+  if not fits:
+    raise ValueError(
+        f"{prefix}mask has shape {m.shape}, which does not broadcast to "
+        f"[batch..., heads, Tq, Tk] = {full}.")
+  c = visible(np.arange(tq)[:, None] + q_pos0, np.arange(tk)[None, :], tk, causal=True)
+  eff = m & c if causal else m
+  if np.array_equal(np.broadcast_to(eff, full), np.broadcast_to(c, full)):
+    return True
+  if not causal and m.all():
+    return False
+  align = ("top-left" if q_pos0 == 0 else "bottom-right" if q_pos0 == tk - tq
+           else f"row 0 at position {q_pos0}")
+  raise ValueError(
+      f"{prefix}mask is neither all-True nor exactly the ({align} aligned) causal mask; "
+      f"a flash kernel takes no dense mask. {hint}")
 
 
 def check_backward_mode(backward) -> str:

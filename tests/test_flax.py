@@ -15,7 +15,7 @@ optax = pytest.importorskip("optax")
 from flax import linen as nn  # noqa: E402
 from flax import nnx  # noqa: E402
 
-from jax_grouped_attn import autodiff  # noqa: E402
+from jax_grouped_attn import autodiff, registry  # noqa: E402
 from jax_grouped_attn.flax import make_attention_fn  # noqa: E402
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(__file__)), "benchmarks"))
@@ -133,6 +133,65 @@ def test_batch_axes_dtype_and_cross_attention():
   np.testing.assert_allclose(out.astype(jnp.float32), ref, atol=3e-2, rtol=3e-2)
   # inactive dropout is accepted
   fn(q, k, v, dropout_rate=0.1, deterministic=True, dropout_rng=jax.random.key(0))
+
+
+# ----------------------------------------------------------- sliding window --
+
+def window_mask(b, t, left, right=0):
+  """Dense [b, 1, t, t] mask of a (left, right) window, causal when right == 0."""
+  i, j = np.arange(t)[:, None], np.arange(t)[None, :]
+  return jnp.asarray(np.broadcast_to((j >= i - left) & (j <= i + right), (b, 1, t, t)))
+
+
+def skip_without_window_kernels(backend):
+  """Skips until the entry ``backend`` stands for here has window kernels
+  (KernelBackend.supports_window; the reference has them)."""
+  names = registry.ALIASES.get(backend, (backend,))
+  entry = registry.get(next((n for n in names if registry.available(n)), names[0]))
+  if not getattr(entry, "supports_window", True):
+    pytest.skip(f"backend={entry.name!r} has no sliding-window kernels yet")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_window_in_linen_and_nnx(backend):
+  """make_attention_fn(local_window_size=...) equals Flax's own attention under
+  the dense window mask, forward and gradients (linen) and in nnx (GQA)."""
+  skip_without_window_kernels(backend)
+  b, t = 2, 24
+  x = jax.random.normal(jax.random.key(5), (b, t, 48))
+  mask = window_mask(b, t, 5)
+  fn = attn_fn(backend, causal=True, local_window_size=(5, 0))
+  ref = nn.MultiHeadDotProductAttention(num_heads=2, qkv_features=64)
+  ours = nn.MultiHeadDotProductAttention(num_heads=2, qkv_features=64, attention_fn=fn)
+  params = ref.init(jax.random.key(6), x)
+  loss = lambda m, p, x, **kw: jnp.sum(jnp.sin(m.apply(p, x, **kw)))
+  g_ref = jax.grad(lambda p, x: loss(ref, p, x, mask=mask), argnums=(0, 1))(params, x)
+  g = jax.jit(jax.grad(lambda p, x: loss(ours, p, x), argnums=(0, 1)))(params, x)
+  np.testing.assert_allclose(ours.apply(params, x), ref.apply(params, x, mask=mask), **TOL)
+  assert_trees_close(g, g_ref, **GRAD_TOL)
+  # Not the plain causal result: the window matters here.
+  assert not np.allclose(ours.apply(params, x), ref.apply(params, x, mask=causal_mask(b, t)),
+                         atol=1e-3)
+  # nnx: a two-sided window on a non-causal function.
+  m_ref, m = _nnx_mha(), _nnx_mha(attn_fn(backend, causal=False, local_window_size=(3, 2)))
+  np.testing.assert_allclose(m(x), m_ref(x, mask=window_mask(b, t, 3, 2)), **TOL)
+
+
+def test_window_per_call_and_errors():
+  """local_window_size per call (jax.nn's meaning) overrides the function's; a
+  bad window raises when the function is made."""
+  ks = jax.random.split(jax.random.key(7), 3)
+  q, k, v = (jax.random.normal(kk, (2, 16, 2, 32)) for kk in ks)
+  fn = make_attention_fn(causal=False, backend="xla", local_window_size=1)
+  for w in (3, (2, 4)):
+    want = jax.nn.dot_product_attention(q, k, v, local_window_size=w)
+    np.testing.assert_allclose(fn(q, k, v, local_window_size=w), want, **TOL)
+  np.testing.assert_allclose(fn(q, k, v), jax.nn.dot_product_attention(
+      q, k, v, local_window_size=1), **TOL)
+  with pytest.raises(ValueError, match="local_window_size"):
+    make_attention_fn(local_window_size=-2)
+  with pytest.raises(TypeError, match="local_window_size"):
+    make_attention_fn(local_window_size=(1, 2, 3))
 
 
 # ----------------------------------------------------- unsupported inputs ---
