@@ -44,7 +44,8 @@ def grouped_attention(q, k, v, groups, *, causal=True, softmax_scale=None,
       or (left, right), a side None for unbounded; the row at position p then
       sees only keys j with p - left <= j <= p + right. Kernels skip the kv
       blocks outside the window (cost ~ Tq x window).
-    softmax_scale: static float, default 1/sqrt(D).
+    softmax_scale: static: a Python float or a concrete scalar (a traced one
+      raises), default 1/sqrt(D).
     backend: "auto" | "xla" | "pallas" | "triton" (see README).
     return_lse: also return the float32 natural-log log-sum-exp [B, Hq, Tq].
     config: None, ForwardConfig, BackwardConfig or AttentionConfig.

@@ -137,7 +137,7 @@ def dot_product_attention(query, key, value, bias=None, mask=None, *, scale=None
   tk, hk = k.shape[1], k.shape[2]
   causal = validate.check_bool("is_causal", is_causal)
   return_residual = validate.check_bool("return_residual", return_residual)
-  softmax_scale = validate.check_scale(scale, d, "scale", arrays=True)
+  softmax_scale = validate.check_scale(scale, d, "scale")
   if mask is not None:
     if getattr(mask, "dtype", None) is not None and jnp.dtype(mask.dtype) != jnp.bool_:
       raise ValueError(f"mask must be a boolean array (as in jax.nn), got dtype {mask.dtype}.")

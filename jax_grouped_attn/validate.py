@@ -86,10 +86,10 @@ def check_segments(q, k, q_segment_ids, kv_segment_ids) -> bool:
   return True
 
 
-def check_scale(softmax_scale, d, name="softmax_scale", *, arrays=False) -> float:
-  """None -> 1/sqrt(d); a Python/NumPy number -> float. With ``arrays`` (jax.nn's
-  ``scale``) a concrete scalar array counts too and a traced one raises. The
-  scale is static: the kernels are compiled for it."""
+def check_scale(softmax_scale, d, name="softmax_scale", *, arrays=True) -> float:
+  """None -> 1/sqrt(d); a Python/NumPy number or (``arrays``) a concrete scalar
+  array -> float; a traced one raises. The scale is static: the kernels are
+  compiled for it."""
   if softmax_scale is None:
     return 1.0 / math.sqrt(d)
   value = softmax_scale

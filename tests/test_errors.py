@@ -40,7 +40,8 @@ G = [QueryGroup(0, T, 0, T)]
     (dict(q_segment_ids=jnp.zeros((B, T), jnp.int32),
           kv_segment_ids=jnp.zeros((B, T), jnp.float32)), ValueError, r"kv_segment_ids\.dtype"),
     (dict(softmax_scale=-1.0), ValueError, "softmax_scale"),
-    (dict(softmax_scale=jnp.float32(0.1)), TypeError, "softmax_scale"),
+    (dict(softmax_scale="0.1"), TypeError, "softmax_scale"),
+    (dict(softmax_scale=jnp.array([0.1, 0.2])), TypeError, "softmax_scale"),
     (dict(causal="yes"), TypeError, "causal"),
     (dict(backward="magic"), ValueError, "backward"),
     (dict(config=dict(block_q=64)), TypeError, "config"),
@@ -100,3 +101,14 @@ def test_errors_raise_before_tracing_under_jit():
   f = jax.jit(lambda q, k, v: ga.attention(q, k, v, backend="pallas"))
   with pytest.raises(ValueError, match="multiple of kv heads"):
     f(Q, arr((B, T, 3, D)), arr((B, T, 3, D)))
+
+
+def test_softmax_scale_concrete_scalars_work_traced_raise():
+  import jax
+  want = ga.attention(Q, K, V, softmax_scale=0.1, backend="xla")
+  for s in (jnp.float32(0.1), np.float64(0.1), jnp.asarray(0.1)):
+    np.testing.assert_allclose(ga.attention(Q, K, V, softmax_scale=s, backend="xla"), want,
+                               rtol=1e-6)
+  f = jax.jit(lambda s: ga.attention(Q, K, V, softmax_scale=s, backend="xla"))
+  with pytest.raises(ValueError, match="softmax_scale is a traced value"):
+    f(0.1)
