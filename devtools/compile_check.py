@@ -48,6 +48,11 @@ BACKWARD_KERNELS = ("dkdv", "dq", "delta")
 SHARED_MARGIN_BYTES = 65536
 MEASURED_TRITON = "3.6"   # the version whose shared-memory figures need no margin
 _TRITON_TYPE = {"bfloat16": "bf16", "float16": "fp16", "float32": "fp32"}
+# Sliding-window launches, (causal, Problem.window): a left window adds the
+# leading masked loop (FIRST/FULL0) to the forward and dQ kernels, a right one
+# only mask terms. NO_WINDOW is the default launch.
+NO_WINDOW = (True, None)
+WINDOWS = ((True, (256, None)), (False, (128, 128)))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -64,6 +69,8 @@ class ResourceReport:
   stack_frame: int           # bytes
   shared_bytes: int          # dynamic shared memory per block
   kernel: str = "forward"    # one of KERNELS
+  causal: bool = True
+  window: tuple | None = None  # Problem.window of the compiled launch
 
   @property
   def spills(self) -> int:
@@ -71,7 +78,8 @@ class ResourceReport:
 
   def row(self) -> str:
     c = self.config
-    return (f"{self.kernel:<7} d={self.head_dim:<3} {self.dtype:<8} seg={int(self.has_segments)} "
+    win = "" if self.window is None else f" causal={int(self.causal)} window={self.window}"
+    return (f"{self.kernel:<7} d={self.head_dim:<3} {self.dtype:<8} seg={int(self.has_segments)}{win} "
             f"bq={self.block_q:<3} bk={self.block_k:<3} warps={c.num_warps} "
             f"stages={c.num_stages}: regs={self.registers:<3} spills={self.spills:<5} "
             f"(st {self.spill_stores}, ld {self.spill_loads}) stack={self.stack_frame:<4} "
@@ -79,10 +87,11 @@ class ResourceReport:
 
 
 def _problem(head_dim: int, has_segments: bool, seq: int = 4096, batch: int = 2,
-             hq: int = 16, hk: int = 4) -> plan_lib.Problem:
-  """A representative causal GQA problem (shapes only set strides)."""
+             hq: int = 16, hk: int = 4, *, causal: bool = True,
+             window=None) -> plan_lib.Problem:
+  """A representative GQA problem, causal by default (shapes only set strides)."""
   return plan_lib.Problem((QueryGroup(0, seq, 0, seq),), batch, seq, seq, hq, hk, head_dim,
-                          True, 1.0 / np.sqrt(head_dim), has_segments)
+                          causal, 1.0 / np.sqrt(head_dim), has_segments, window)
 
 
 def _target(capability: int):
@@ -161,12 +170,13 @@ def default_config(kernel: str, head_dim: int, dtype: str):
 
 def compile_kernel(kernel: str, head_dim: int, dtype: str, has_segments: bool,
                    config: ForwardConfig | BackwardConfig | None = None, *,
-                   capability: int = 90):
+                   capability: int = 90, causal: bool = True, window=None):
   """Compiles one Triton kernel (``kernel`` in KERNELS) for sm_``capability``
-  exactly as launch.forward / backward.backward would configure it.
+  exactly as launch.forward / backward.backward would configure it (for a
+  ``causal`` problem with sliding ``window``, a Problem.window).
   Returns (compiled kernel, plan with this kernel's tiles, tiles as launched)."""
   config = config or default_config(kernel, head_dim, dtype)
-  problem = _problem(head_dim, has_segments)
+  problem = _problem(head_dim, has_segments, causal=causal, window=window)
   dp = head_dim
   launched = config
   if kernel == "forward":
@@ -263,12 +273,14 @@ def ptxas_usage(ptx: str, capability: int = 90) -> dict:
 
 def kernel_resources(kernel: str, head_dim: int, dtype: str, has_segments: bool,
                      config: ForwardConfig | BackwardConfig | None = None, *,
-                     capability: int = 90) -> ResourceReport:
+                     capability: int = 90, causal: bool = True,
+                     window=None) -> ResourceReport:
   compiled, plan, config = compile_kernel(kernel, head_dim, dtype, has_segments, config,
-                                          capability=capability)
+                                          capability=capability, causal=causal, window=window)
   usage = ptxas_usage(compiled.asm["ptx"], capability)
   return ResourceReport(head_dim, dtype, has_segments, config, plan.block_q, plan.block_k,
-                        shared_bytes=int(compiled.metadata.shared), kernel=kernel, **usage)
+                        shared_bytes=int(compiled.metadata.shared), kernel=kernel,
+                        causal=causal, window=window, **usage)
 
 
 def forward_resources(head_dim: int, dtype: str, has_segments: bool,
@@ -289,8 +301,9 @@ def backward_resources(kernel: str, head_dim: int, dtype: str, has_segments: boo
 
 
 def _default_resources(variant) -> ResourceReport:
-  kernel, head_dim, dtype, has_segments, capability = variant
-  return kernel_resources(kernel, head_dim, dtype, has_segments, capability=capability)
+  kernel, head_dim, dtype, has_segments, capability, (causal, window) = variant
+  return kernel_resources(kernel, head_dim, dtype, has_segments, capability=capability,
+                          causal=causal, window=window)
 
 
 def variants(head_dims=HEAD_DIMS, dtypes=DTYPES, segments=(False, True),
@@ -303,13 +316,16 @@ def variants(head_dims=HEAD_DIMS, dtypes=DTYPES, segments=(False, True),
 
 def check_all(head_dims=HEAD_DIMS, dtypes=DTYPES, segments=(False, True),
               capability: int = 90, processes: int | None = None,
-              kernels=KERNELS) -> list[ResourceReport]:
-  """Reports for the default config of every (kernel, head_dim, dtype, segments).
+              kernels=KERNELS, windows=(NO_WINDOW,)) -> list[ResourceReport]:
+  """Reports for the default config of every (kernel, head_dim, dtype,
+  segments) x ``windows`` ((causal, Problem.window) pairs; delta has no
+  window and is compiled once).
 
   Compiles in ``processes`` worker processes (default: one per CPU; 1 = in
   this process). Workers are spawned, not forked: JAX is already running here.
   """
-  todo = [v + (capability,) for v in variants(head_dims, dtypes, segments, kernels)]
+  todo = [v + (capability, w) for v in variants(head_dims, dtypes, segments, kernels)
+          for w in (windows if v[0] != "delta" else windows[:1])]
   processes = processes or os.cpu_count() or 1
   if processes == 1 or len(todo) == 1:
     return [_default_resources(v) for v in todo]
@@ -345,6 +361,7 @@ def main():
   print(f"triton {triton.__version__}, sm_90, shared-memory budget {shared_budget()} B "
         f"(H100 limit {H100_MAX_SHARED_BYTES})")
   reports = check_all()
+  reports += check_all(kernels=("forward", "dkdv", "dq"), windows=WINDOWS)
   for r in reports:
     print(r.row())
   bad = problems(reports)

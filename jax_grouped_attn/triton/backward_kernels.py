@@ -13,7 +13,8 @@ Pointer arguments (padded layouts of plan.py, last axis contiguous):
   qseg_ptr: [B, Tq_pad], kvseg_ptr: [B, Tk_pad] int32 (read only if HAS_SEGMENTS)
 ``lse2`` is lse * log2(e) with +inf on rows that must not contribute (lse =
 -inf, padding rows): exp2(s - inf) = 0 gives P = 0 there without a NaN.
-Strides are constexprs in elements, named as in ``kernels.py``.
+Strides are constexprs in elements, named as in ``kernels.py``; so are
+WINDOW_LEFT / WINDOW_RIGHT (Problem.window_left / window_right, -1 = unbounded).
 """
 
 from __future__ import annotations
@@ -21,10 +22,10 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from jax_grouped_attn.triton.kernels import (E_KV_LEN, E_QPOS0, E_ROW0, ENTRY_WIDTH, KV_BLOCK,
-                                             KV_N_ENTRIES, KV_N_FULL, KV_START, KV_TABLE_WIDTH,
-                                             KV_LEN, LOG2E, N_BLOCKS, N_FULL, QPOS0, ROW0,
-                                             TABLE_WIDTH, visible)
+from jax_grouped_attn.triton.kernels import (E_KV_LEN, E_QPOS0, E_ROW0, ENTRY_WIDTH, FIRST,
+                                             FULL0, KV_BLOCK, KV_N_ENTRIES, KV_N_FULL, KV_START,
+                                             KV_TABLE_WIDTH, KV_LEN, LOG2E, N_BLOCKS, N_FULL,
+                                             QPOS0, ROW0, TABLE_WIDTH, visible)
 
 
 @triton.jit
@@ -53,7 +54,8 @@ def delta_kernel(valid_ptr, out_ptr, dout_ptr, lse_ptr, dlse_ptr, delta_ptr, lse
 def _dkdv_step(dk, dv, k, v, keys, kvseg, entry_ptr, q_base, do_base, lse2_base, delta_base,
                qseg_base,
                QK_SCALE: tl.constexpr, SQ_T: tl.constexpr, CAUSAL: tl.constexpr,
-               HAS_SEGMENTS: tl.constexpr, MASKED: tl.constexpr, BLOCK_Q: tl.constexpr,
+               HAS_SEGMENTS: tl.constexpr, WINDOW_LEFT: tl.constexpr,
+               WINDOW_RIGHT: tl.constexpr, MASKED: tl.constexpr, BLOCK_Q: tl.constexpr,
                DP: tl.constexpr, DOT_PRECISION: tl.constexpr):
   """Adds one q block's share to dk, dv: [BLOCK_K, Dp] f32.
 
@@ -77,7 +79,8 @@ def _dkdv_step(dk, dv, k, v, keys, kvseg, entry_ptr, q_base, do_base, lse2_base,
     q_pos = tl.load(entry_ptr + E_QPOS0) + offs_q
     qseg = tl.load(qseg_base + rows) if HAS_SEGMENTS else q_pos
     seen = visible(q_pos[None, :], keys[:, None], tl.load(entry_ptr + E_KV_LEN),
-                   qseg[None, :], kvseg[:, None], CAUSAL, HAS_SEGMENTS)
+                   qseg[None, :], kvseg[:, None], CAUSAL, HAS_SEGMENTS, WINDOW_LEFT,
+                   WINDOW_RIGHT)
     pt = tl.where(seen, pt, 0.0)
   # dV += P^T dO; dS^T = P^T (V dO^T - delta); dK += dS^T Q (scale applied once).
   dv += tl.dot(pt.to(do.dtype), do, input_precision=DOT_PRECISION)
@@ -97,6 +100,7 @@ def dkdv_kernel(kv_table_ptr, entries_ptr, q_ptr, k_ptr, v_ptr, dout_ptr, lse2_p
                 SL_B: tl.constexpr, SL_H: tl.constexpr,
                 SSQ_B: tl.constexpr, SSK_B: tl.constexpr,
                 CAUSAL: tl.constexpr, HAS_SEGMENTS: tl.constexpr,
+                WINDOW_LEFT: tl.constexpr, WINDOW_RIGHT: tl.constexpr,
                 BLOCK_Q: tl.constexpr, BLOCK_K: tl.constexpr, DP: tl.constexpr,
                 DOT_PRECISION: tl.constexpr):
   """dK, dV of one kv block of one (batch, kv head), summed over its
@@ -135,11 +139,13 @@ def dkdv_kernel(kv_table_ptr, entries_ptr, q_ptr, k_ptr, v_ptr, dout_ptr, lse2_p
     for e in range(start, start + n_full):
       dk, dv = _dkdv_step(dk, dv, k, v, keys, kvseg, entries_ptr + e * ENTRY_WIDTH,
                           q_base, do_base, lse2_base, delta_base, qseg_base, QK_SCALE, SQ_T, CAUSAL,
-                          HAS_SEGMENTS, False, BLOCK_Q, DP, DOT_PRECISION)
+                          HAS_SEGMENTS, WINDOW_LEFT, WINDOW_RIGHT, False, BLOCK_Q, DP,
+                          DOT_PRECISION)
     for e in range(start + n_full, start + n_entries):
       dk, dv = _dkdv_step(dk, dv, k, v, keys, kvseg, entries_ptr + e * ENTRY_WIDTH,
                           q_base, do_base, lse2_base, delta_base, qseg_base, QK_SCALE, SQ_T, CAUSAL,
-                          HAS_SEGMENTS, True, BLOCK_Q, DP, DOT_PRECISION)
+                          HAS_SEGMENTS, WINDOW_LEFT, WINDOW_RIGHT, True, BLOCK_Q, DP,
+                          DOT_PRECISION)
   tl.store(dk_ptr + tile, (dk * SCALE).to(dk_ptr.dtype.element_ty))
   tl.store(dv_ptr + tile, dv.to(dv_ptr.dtype.element_ty))
 
@@ -147,7 +153,8 @@ def dkdv_kernel(kv_table_ptr, entries_ptr, q_ptr, k_ptr, v_ptr, dout_ptr, lse2_p
 @triton.jit
 def _dq_step(dq, q, do, lse2, delta, q_pos, qseg, kv_len, kt_ptrs, vt_ptrs, kvseg_ptrs,
              key0, QK_SCALE: tl.constexpr, CAUSAL: tl.constexpr,
-             HAS_SEGMENTS: tl.constexpr, MASKED: tl.constexpr, BLOCK_K: tl.constexpr,
+             HAS_SEGMENTS: tl.constexpr, WINDOW_LEFT: tl.constexpr,
+             WINDOW_RIGHT: tl.constexpr, MASKED: tl.constexpr, BLOCK_K: tl.constexpr,
              DOT_PRECISION: tl.constexpr):
   """Adds keys [key0, key0 + BLOCK_K) to dq: [BLOCK_Q, Dp] f32.
 
@@ -161,7 +168,7 @@ def _dq_step(dq, q, do, lse2, delta, q_pos, qseg, kv_len, kt_ptrs, vt_ptrs, kvse
     keys = key0 + tl.arange(0, BLOCK_K)
     kvseg = tl.load(kvseg_ptrs) if HAS_SEGMENTS else keys
     seen = visible(q_pos[:, None], keys[None, :], kv_len, qseg[:, None], kvseg[None, :],
-                   CAUSAL, HAS_SEGMENTS)
+                   CAUSAL, HAS_SEGMENTS, WINDOW_LEFT, WINDOW_RIGHT)
     p = tl.where(seen, p, 0.0)
   vt = tl.load(vt_ptrs)
   dp = tl.dot(do, vt, input_precision=DOT_PRECISION)
@@ -179,6 +186,7 @@ def dq_kernel(table_ptr, q_ptr, k_ptr, v_ptr, dout_ptr, lse2_ptr, delta_ptr, qse
               SL_B: tl.constexpr, SL_H: tl.constexpr,
               SSQ_B: tl.constexpr, SSK_B: tl.constexpr,
               CAUSAL: tl.constexpr, HAS_SEGMENTS: tl.constexpr,
+              WINDOW_LEFT: tl.constexpr, WINDOW_RIGHT: tl.constexpr,
               BLOCK_Q: tl.constexpr, BLOCK_K: tl.constexpr, DP: tl.constexpr,
               DOT_PRECISION: tl.constexpr):
   """dQ of one q block (forward work-table row) of one (batch, q head)."""
@@ -193,6 +201,13 @@ def dq_kernel(table_ptr, q_ptr, k_ptr, v_ptr, dout_ptr, lse2_ptr, delta_ptr, qse
   kv_len = tl.load(row_ptr + KV_LEN)
   n_full = tl.load(row_ptr + N_FULL)
   n_blocks = tl.load(row_ptr + N_BLOCKS)
+  # As in the forward: only a left window skips leading blocks.
+  if WINDOW_LEFT >= 0:
+    first = tl.load(row_ptr + FIRST)
+    full0 = tl.load(row_ptr + FULL0)
+  else:
+    first = 0
+    full0 = 0
 
   offs_q = tl.arange(0, BLOCK_Q)
   offs_k = tl.arange(0, BLOCK_K)
@@ -209,22 +224,39 @@ def dq_kernel(table_ptr, q_ptr, k_ptr, v_ptr, dout_ptr, lse2_ptr, delta_ptr, qse
     qseg = tl.load(qseg_ptr + b * SSQ_B + rows)
   else:
     qseg = offs_q  # unused
-  tile_t = b * SK_B + hk * SK_H + offs_d[:, None] + offs_k[None, :] * SK_T
+  kv_off = b * SK_B + hk * SK_H
+  kvseg_ptrs = kvseg_ptr + b * SSK_B + offs_k
+  if WINDOW_LEFT >= 0:
+    # Start at kv block ``first`` (int64: key * SK_T may pass 2^31).
+    key_first = first * BLOCK_K
+    kv_off += key_first.to(tl.int64) * SK_T
+    kvseg_ptrs += key_first
+  tile_t = kv_off + offs_d[:, None] + offs_k[None, :] * SK_T
   kt_ptrs = k_ptr + tile_t
   vt_ptrs = v_ptr + tile_t
-  kvseg_ptrs = kvseg_ptr + b * SSK_B + offs_k
 
   dq = tl.zeros([BLOCK_Q, DP], dtype=tl.float32)
-  # Blocks [0, n_full) need no mask; pointers advance one block per step.
-  for j in range(0, n_full):
+  # Blocks [first, full0) and [n_full, n_blocks) need the mask, [full0,
+  # n_full) not; pointers advance one block per step through all three.
+  if WINDOW_LEFT >= 0:
+    for j in range(first, full0):
+      dq = _dq_step(dq, q, do, lse2, delta, q_pos, qseg, kv_len, kt_ptrs, vt_ptrs, kvseg_ptrs,
+                    j * BLOCK_K, QK_SCALE, CAUSAL, HAS_SEGMENTS, WINDOW_LEFT, WINDOW_RIGHT,
+                    True, BLOCK_K, DOT_PRECISION)
+      kt_ptrs += BLOCK_K * SK_T
+      vt_ptrs += BLOCK_K * SK_T
+      kvseg_ptrs += BLOCK_K
+  for j in range(full0, n_full):
     dq = _dq_step(dq, q, do, lse2, delta, q_pos, qseg, kv_len, kt_ptrs, vt_ptrs, kvseg_ptrs,
-                  j * BLOCK_K, QK_SCALE, CAUSAL, HAS_SEGMENTS, False, BLOCK_K, DOT_PRECISION)
+                  j * BLOCK_K, QK_SCALE, CAUSAL, HAS_SEGMENTS, WINDOW_LEFT, WINDOW_RIGHT,
+                  False, BLOCK_K, DOT_PRECISION)
     kt_ptrs += BLOCK_K * SK_T
     vt_ptrs += BLOCK_K * SK_T
     kvseg_ptrs += BLOCK_K
   for j in range(n_full, n_blocks):
     dq = _dq_step(dq, q, do, lse2, delta, q_pos, qseg, kv_len, kt_ptrs, vt_ptrs, kvseg_ptrs,
-                  j * BLOCK_K, QK_SCALE, CAUSAL, HAS_SEGMENTS, True, BLOCK_K, DOT_PRECISION)
+                  j * BLOCK_K, QK_SCALE, CAUSAL, HAS_SEGMENTS, WINDOW_LEFT, WINDOW_RIGHT,
+                  True, BLOCK_K, DOT_PRECISION)
     kt_ptrs += BLOCK_K * SK_T
     vt_ptrs += BLOCK_K * SK_T
     kvseg_ptrs += BLOCK_K

@@ -27,6 +27,8 @@ QPOS0 = tl.constexpr(plan_lib.QPOS0)
 KV_LEN = tl.constexpr(plan_lib.KV_LEN)
 N_FULL = tl.constexpr(plan_lib.N_FULL)
 N_BLOCKS = tl.constexpr(plan_lib.N_BLOCKS)
+FIRST = tl.constexpr(plan_lib.FIRST)
+FULL0 = tl.constexpr(plan_lib.FULL0)
 TABLE_WIDTH = tl.constexpr(plan_lib.TABLE_WIDTH)
 KV_BLOCK = tl.constexpr(plan_lib.KV_BLOCK)
 KV_START = tl.constexpr(plan_lib.KV_START)
@@ -43,13 +45,20 @@ LN2 = tl.constexpr(plan_lib.LN2)
 
 @triton.jit
 def visible(q_pos, keys, kv_len, qseg, kvseg, CAUSAL: tl.constexpr,
-            HAS_SEGMENTS: tl.constexpr):
+            HAS_SEGMENTS: tl.constexpr, WINDOW_LEFT: tl.constexpr,
+            WINDOW_RIGHT: tl.constexpr):
   """The mask rule of ``groups.py`` on broadcastable tiles: key ``keys`` is
   visible to a row at ``q_pos`` with prefix ``kv_len`` (and segments ``qseg``
-  / ``kvseg``, read only if HAS_SEGMENTS). Every kernel masks through this."""
+  / ``kvseg``, read only if HAS_SEGMENTS; window ``[q_pos - WINDOW_LEFT,
+  q_pos + WINDOW_RIGHT]``, -1 = that side unbounded). Every kernel masks
+  through this."""
   seen = keys < kv_len
   if CAUSAL:
     seen = seen & (keys <= q_pos)
+  if WINDOW_LEFT >= 0:
+    seen = seen & (keys >= q_pos - WINDOW_LEFT)
+  if WINDOW_RIGHT >= 0:
+    seen = seen & (keys <= q_pos + WINDOW_RIGHT)
   if HAS_SEGMENTS:
     seen = seen & (qseg == kvseg)
   return seen
@@ -58,7 +67,8 @@ def visible(q_pos, keys, kv_len, qseg, kvseg, CAUSAL: tl.constexpr,
 @triton.jit
 def _attend_block(acc, m_i, l_i, q, k_ptrs, v_ptrs, kvseg_ptrs, q_pos, qseg, kv_len,
                   key0, QK_SCALE: tl.constexpr, CAUSAL: tl.constexpr,
-                  HAS_SEGMENTS: tl.constexpr, MASKED: tl.constexpr,
+                  HAS_SEGMENTS: tl.constexpr, WINDOW_LEFT: tl.constexpr,
+                  WINDOW_RIGHT: tl.constexpr, MASKED: tl.constexpr,
                   BLOCK_K: tl.constexpr, DOT_PRECISION: tl.constexpr):
   """One online-softmax step over keys [key0, key0 + BLOCK_K).
 
@@ -73,7 +83,7 @@ def _attend_block(acc, m_i, l_i, q, k_ptrs, v_ptrs, kvseg_ptrs, q_pos, qseg, kv_
     keys = key0 + tl.arange(0, BLOCK_K)
     kvseg = tl.load(kvseg_ptrs) if HAS_SEGMENTS else keys
     seen = visible(q_pos[:, None], keys[None, :], kv_len, qseg[:, None], kvseg[None, :],
-                   CAUSAL, HAS_SEGMENTS)
+                   CAUSAL, HAS_SEGMENTS, WINDOW_LEFT, WINDOW_RIGHT)
     s = tl.where(seen, s, float("-inf"))
   m_new = tl.maximum(m_i, tl.max(s, 1))
   if MASKED:
@@ -98,12 +108,14 @@ def forward_kernel(table_ptr, q_ptr, k_ptr, v_ptr, qseg_ptr, kvseg_ptr, out_ptr,
                    SL_B: tl.constexpr, SL_H: tl.constexpr,
                    SSQ_B: tl.constexpr, SSK_B: tl.constexpr,
                    CAUSAL: tl.constexpr, HAS_SEGMENTS: tl.constexpr,
+                   WINDOW_LEFT: tl.constexpr, WINDOW_RIGHT: tl.constexpr,
                    BLOCK_Q: tl.constexpr, BLOCK_K: tl.constexpr, DP: tl.constexpr,
                    DOT_PRECISION: tl.constexpr):
   """Grouped flash-attention forward of one q block of one (batch, q head).
 
   QK_SCALE = softmax scale * log2(e). Strides: SQ_* of q and out, SK_* of k
   and v, SL_* of lse, SSQ_B / SSK_B of the segment ids (batch axis).
+  WINDOW_LEFT / WINDOW_RIGHT: Problem.window_left / window_right (-1 = unbounded).
   """
   w = tl.program_id(0)
   bh = tl.program_id(1)
@@ -117,6 +129,14 @@ def forward_kernel(table_ptr, q_ptr, k_ptr, v_ptr, qseg_ptr, kvseg_ptr, out_ptr,
   kv_len = tl.load(row_ptr + KV_LEN)
   n_full = tl.load(row_ptr + N_FULL)
   n_blocks = tl.load(row_ptr + N_BLOCKS)
+  # Only a left window skips leading blocks (FIRST = FULL0 = 0 otherwise): the
+  # unwindowed kernel reads neither column and has no leading masked loop.
+  if WINDOW_LEFT >= 0:
+    first = tl.load(row_ptr + FIRST)
+    full0 = tl.load(row_ptr + FULL0)
+  else:
+    first = 0
+    full0 = 0
 
   offs_q = tl.arange(0, BLOCK_Q)
   offs_k = tl.arange(0, BLOCK_K)
@@ -129,26 +149,43 @@ def forward_kernel(table_ptr, q_ptr, k_ptr, v_ptr, qseg_ptr, kvseg_ptr, out_ptr,
   else:
     qseg = offs_q  # unused
   kv_off = b * SK_B + hk * SK_H
+  kvseg_ptrs = kvseg_ptr + b * SSK_B + offs_k
+  if WINDOW_LEFT >= 0:
+    # Start at kv block ``first`` (int64: key * SK_T may pass 2^31).
+    key_first = first * BLOCK_K
+    kv_off += key_first.to(tl.int64) * SK_T
+    kvseg_ptrs += key_first
   tile = offs_k[:, None] * SK_T + offs_d[None, :]
   k_ptrs = k_ptr + kv_off + tile
   v_ptrs = v_ptr + kv_off + tile
-  kvseg_ptrs = kvseg_ptr + b * SSK_B + offs_k
 
   acc = tl.zeros([BLOCK_Q, DP], dtype=tl.float32)
   m_i = tl.full([BLOCK_Q], float("-inf"), dtype=tl.float32)
   l_i = tl.zeros([BLOCK_Q], dtype=tl.float32)
-  # Blocks [0, n_full) need no mask; pointers advance one block per step.
-  for j in range(0, n_full):
+  # Blocks [first, full0) and [n_full, n_blocks) need the mask, [full0,
+  # n_full) not; pointers advance one block per step through all three.
+  if WINDOW_LEFT >= 0:
+    for j in range(first, full0):
+      acc, m_i, l_i = _attend_block(
+          acc, m_i, l_i, q, k_ptrs, v_ptrs, kvseg_ptrs, q_pos, qseg, kv_len,
+          j * BLOCK_K, QK_SCALE, CAUSAL, HAS_SEGMENTS, WINDOW_LEFT, WINDOW_RIGHT, True,
+          BLOCK_K, DOT_PRECISION)
+      k_ptrs += BLOCK_K * SK_T
+      v_ptrs += BLOCK_K * SK_T
+      kvseg_ptrs += BLOCK_K
+  for j in range(full0, n_full):
     acc, m_i, l_i = _attend_block(
         acc, m_i, l_i, q, k_ptrs, v_ptrs, kvseg_ptrs, q_pos, qseg, kv_len,
-        j * BLOCK_K, QK_SCALE, CAUSAL, HAS_SEGMENTS, False, BLOCK_K, DOT_PRECISION)
+        j * BLOCK_K, QK_SCALE, CAUSAL, HAS_SEGMENTS, WINDOW_LEFT, WINDOW_RIGHT, False,
+        BLOCK_K, DOT_PRECISION)
     k_ptrs += BLOCK_K * SK_T
     v_ptrs += BLOCK_K * SK_T
     kvseg_ptrs += BLOCK_K
   for j in range(n_full, n_blocks):
     acc, m_i, l_i = _attend_block(
         acc, m_i, l_i, q, k_ptrs, v_ptrs, kvseg_ptrs, q_pos, qseg, kv_len,
-        j * BLOCK_K, QK_SCALE, CAUSAL, HAS_SEGMENTS, True, BLOCK_K, DOT_PRECISION)
+        j * BLOCK_K, QK_SCALE, CAUSAL, HAS_SEGMENTS, WINDOW_LEFT, WINDOW_RIGHT, True,
+        BLOCK_K, DOT_PRECISION)
     k_ptrs += BLOCK_K * SK_T
     v_ptrs += BLOCK_K * SK_T
     kvseg_ptrs += BLOCK_K

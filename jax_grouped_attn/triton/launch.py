@@ -26,6 +26,7 @@ def forward_constexprs(*, q_shape, kv_shape, problem: Problem, plan: Plan, dtype
       SQ_B=sq[0], SQ_T=sq[1], SQ_H=sq[2], SK_B=sk[0], SK_T=sk[1], SK_H=sk[2],
       SL_B=sl[0], SL_H=sl[1], SSQ_B=tq_pad, SSK_B=tk_pad,
       CAUSAL=bool(problem.causal), HAS_SEGMENTS=bool(problem.has_segments),
+      WINDOW_LEFT=int(problem.window_left), WINDOW_RIGHT=int(problem.window_right),
       BLOCK_Q=plan.block_q, BLOCK_K=plan.block_k, DP=dp,
       DOT_PRECISION=dot_precision(dtype))
 
