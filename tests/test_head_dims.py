@@ -59,3 +59,20 @@ def test_mosaic_lowers_at_small_head_dims(d):
   text = lower(lambda q, k, v, o, l, do, dl: PALLAS_MOSAIC.backward(
       p, None, False, q, k, v, None, None, o, l, do, dl), q, k, v, q, lse, q, lse)
   assert text.count("mosaic_gpu") >= 2
+
+
+# On a GPU: compiled kernels (Mosaic included) at the dims that pad the most
+# and odd multiples of 8, in bf16 (what Mosaic takes), with a sliding window
+# case too.
+GPU_DIMS = [8, 16, 24, 40, 56, 72, 136, 200]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
+@pytest.mark.parametrize("d", GPU_DIMS)
+def test_head_dim_on_gpu(d, backend):
+  for window in (None, (5, 0)):
+    case = dataclasses.replace(BASE, name=f"head_dim_{d}_gpu", d=d, dtype=jnp.bfloat16,
+                               hq=4, hk=2, batch=2, window=window)
+    check_forward(case, backend, config=None)
+    check_grads(case, backend, config=None)
