@@ -184,8 +184,16 @@ MUTANTS = [
 # ------------------------------------------------------------------ kit ---
 
 def _source_files() -> list[str]:
-  out = subprocess.run(["git", "ls-files", "-co", "--exclude-standard"], cwd=ROOT,
-                       capture_output=True, text=True, check=True).stdout.split("\n")
+  try:
+    out = subprocess.run(["git", "ls-files", "-co", "--exclude-standard"], cwd=ROOT,
+                         capture_output=True, text=True, check=True).stdout.split("\n")
+  except (OSError, subprocess.CalledProcessError):
+    # A copy without .git (the GPU machine's): every file but caches and results.
+    skip = {".git", "__pycache__", ".whl", ".pytest_cache", ".hypothesis", "results"}
+    out = []
+    for d, dirs, files in os.walk(ROOT):
+      dirs[:] = [x for x in dirs if x not in skip and not os.path.islink(os.path.join(d, x))]
+      out += [os.path.relpath(os.path.join(d, f), ROOT) for f in files]
   return [f for f in out if f and not f.startswith("benchmarks/results/")
           and os.path.isfile(os.path.join(ROOT, f))]
 
