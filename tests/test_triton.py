@@ -13,11 +13,11 @@ import numpy as np
 import pytest
 
 import jax_grouped_attn as ga
-from jax_grouped_attn import autodiff, plan as plan_lib
+from jax_grouped_attn import QueryGroup, autodiff, plan as plan_lib
 from jax_grouped_attn.triton.backend import TRITON
 from jax_grouped_attn.triton import kernels, launch, runtime
-from cases import (SMALL, assert_close, assert_matches, case_by_name, check_forward, make_inputs,
-                   problem_of, reference)
+from cases import (SMALL, Case, assert_close, assert_matches, case_by_name, check_forward,
+                   check_grads, make_inputs, problem_of, reference)
 
 AGREE_CASES = ["zigzag_r0w2c16", "segments_zigzag_bf16", "gqa4_noncausal_groups"]
 # Same math and tile order in both kernels: fp32 agrees to rounding; 16-bit
@@ -114,6 +114,29 @@ def test_vmap_through_the_api_matches_per_example():
   for i, d in enumerate(draws):
     want, _ = reference(case, *d, None, None)
     assert_matches(case.name, got[i], want, what=f" vmap[{i}]")
+
+
+# Left windows of 2-3 tiles (SMALL: 16 x 16): q blocks walk masked kv blocks,
+# then unmasked ones, then masked ones again, from a FIRST > 0. The shared
+# window cases (narrower windows) never reach the leading masked loop.
+WIDE_WINDOW_CASES = [
+    Case("window_wide_left_causal", (QueryGroup(0, 96, 0, 96),), 96, window=(40, 0)),
+    Case("window_wide_both_groups_gqa",
+         (QueryGroup(0, 50, 5, 90), QueryGroup(50, 46, 30, 70)), 96, causal=False, hq=4, hk=2,
+         window=(37, 29), dtype=jnp.bfloat16),
+]
+
+
+@pytest.mark.parametrize("case", WIDE_WINDOW_CASES, ids=lambda c: c.name)
+def test_window_walk_with_leading_masked_blocks(case):
+  table = plan_lib.make_plan(problem_of(case), 16, 16).table
+  first, full0, n_full, n_blocks = (table[:, c] for c in (
+      plan_lib.FIRST, plan_lib.FULL0, plan_lib.N_FULL, plan_lib.N_BLOCKS))
+  # The case must exercise all three loops and pointers starting past block 0.
+  assert ((first < full0) & (full0 < n_full) & (n_full < n_blocks)).any(), table
+  assert (first > 0).any(), table
+  check_forward(case, "triton", seed=7)
+  check_grads(case, "triton", seed=7)
 
 
 def test_interpreted_twin_is_separate_from_compiled_kernel():
