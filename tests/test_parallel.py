@@ -229,7 +229,7 @@ def test_ring_steps_match_the_global_mask(causal):
         k_pos = order[src * 2 * c:(src + 1) * 2 * c]
         want = (k_pos[None] <= q_pos[:, None]) if causal else np.ones((2 * c, 2 * c), bool)
         st = zigzag.zigzag_ring_step(r, src, world, c, causal=causal)
-        pos, kv_len = row_positions((st.group,), st.q_stop - st.q_start)
+        pos, kv_len = row_positions(st.groups, st.q_stop - st.q_start)
         j = np.arange(st.kv_stop - st.kv_start)
         m = j[None] < kv_len[:, None]
         if st.causal:
