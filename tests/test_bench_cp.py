@@ -78,6 +78,22 @@ def test_llama_compare_data_vs_context_parallel_on_cpu(tmp_path):
   assert json.loads(out.read_text())["results"][1]["layout"].endswith("strategy=ulysses")
 
 
+def test_llama_sliding_window_in_every_mode_on_cpu():
+  # --window reaches the attention in every layout: the same first-step loss
+  # everywhere (the sequence is 4 chunks of 8 tokens: the window of 5 crosses
+  # chunk borders), and not the loss without a window.
+  from benchmarks import llama  # noqa: PLC0415
+  common_args = ["--preset", "tiny", "--backend", "xla", "--batch", "2", "--seq", "32",
+                 "--steps", "1", "--warmup", "1", "--devices", "2"]
+  res = llama.main(common_args + ["--window", "5",
+                                  "--compare", "single,dp,allgather,ring,ulysses"])
+  assert all("error" not in r and r["window"] == 5 for r in res), res
+  losses = [r["first_loss"] for r in res]
+  assert max(losses) - min(losses) < 1e-4, losses
+  full = llama.main(common_args + ["--compare", "single"])[0]["first_loss"]
+  assert abs(full - losses[0]) > 1e-4, (full, losses)
+
+
 @pytest.mark.gpu
 def test_bench_cp_runs_on_every_gpu(tmp_path):
   import jax  # noqa: PLC0415
