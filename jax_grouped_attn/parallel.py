@@ -65,6 +65,7 @@ from jax_grouped_attn.config import as_attention_config
 from jax_grouped_attn.groups import QueryGroup
 from jax_grouped_attn.plan import Problem
 from jax_grouped_attn.vma import pvary as _pvary
+from jax_grouped_attn.vma import union as vma_union
 from jax_grouped_attn.zigzag import (RingStep, shuffle_shard, zigzag_groups, zigzag_permute,
                                      zigzag_ring_calls, zigzag_unpermute)
 
@@ -404,11 +405,13 @@ def _add_rows(acc, g, start, stop, length):
   return acc.at[:, start:stop].add(g)
 
 
-def _calls_fwd(spec, calls, q, qs, kv, acc):
-  """Merges the partials of ``calls`` against visiting ``kv`` into ``acc``:
-  (out f32 [B, 2c, Hq, D], lse [B, Hq, 2c])."""
+def _calls_fwd(spec, calls, q, qs, kv):
+  """The partial (out f32 [B, 2c, Hq, D], lse [B, Hq, 2c]) of ``calls``
+  against the visiting ``kv`` (rows they skip: 0, -inf). It is merged into
+  the accumulator outside, so the kernels need not wait for the last merge."""
   k, v, ks = kv
   t = q.shape[1]
+  acc = None
   for call in calls:
     problem = _call_problem(spec, call, q, k, qs is not None)
     qr = lambda x: _rows(x, call.q_start, call.q_stop)
@@ -417,19 +420,27 @@ def _calls_fwd(spec, calls, q, qs, kv, acc):
                                       qr(q), kr(k), kr(v), qr(qs), kr(ks))
     acc = _merge_rows(acc, out.astype(jnp.float32), lse.astype(jnp.float32),
                       call.q_start, call.q_stop, t)
-  if acc is None:   # no call (this rank sees nothing at its first step)
+  if acc is None:   # no call: this rank sees nothing of this shard
     b, _, hq, _ = q.shape
-    acc = (jnp.zeros(q.shape, jnp.float32), jnp.full((b, hq, t), -jnp.inf, jnp.float32))
+    like = (q, qs, *kv)
+    acc = (_filled(q.shape, 0.0, like), _filled((b, hq, t), -jnp.inf, like))
   return acc
 
 
-def _calls_bwd(spec, calls, local, kv, dq, pending):
-  """Adds the (dq, (dk, dv)) of ``calls`` (given the final merged out/lse)
-  to dq and the visiting shard's accumulators ``pending`` (None: zeros)."""
+def _filled(shape, value, like):
+  """An f32 constant varying like a kernel output computed from ``like``
+  (switch branches must agree on varying axes)."""
+  return _pvary(jnp.full(shape, value, jnp.float32), vma_union(*like))
+
+
+def _calls_bwd(spec, calls, local, kv, dq):
+  """(dq + this step's dq, (dk, dv) of the visiting shard) of ``calls``, given
+  the final merged out/lse; f32, dq None: zeros. The dk, dv are added to the
+  accumulators outside, so their ppermute need not precede the kernels."""
   q, qs, out, lse, dout, dlse = local
   k, v, ks = kv
   t = q.shape[1]
-  dk, dv = (None, None) if pending is None else pending
+  dk = dv = None
   for call in calls:
     problem = _call_problem(spec, call, q, k, qs is not None)
     qr = lambda x, axis=1: _rows(x, call.q_start, call.q_stop, axis)
@@ -441,8 +452,8 @@ def _calls_bwd(spec, calls, local, kv, dq, pending):
     dq = _add_rows(dq, f32(gq), call.q_start, call.q_stop, t)
     dk = _add_rows(dk, f32(gk), call.kv_start, call.kv_stop, t)
     dv = _add_rows(dv, f32(gv), call.kv_start, call.kv_stop, t)
-  zeros = lambda x, like: jnp.zeros(like.shape, jnp.float32) if x is None else x
-  return zeros(dq, q), (zeros(dk, k), zeros(dv, v))
+  zeros = lambda x, shape: _filled(shape, 0.0, (*local, *kv)) if x is None else x
+  return zeros(dq, q.shape), (zeros(dk, k.shape), zeros(dv, v.shape))
 
 
 def _ppermute(tree, axis_name, world, shift=1):
@@ -472,12 +483,13 @@ def _ring_forward(spec: _RingSpec, q, k, v, qs, ks):
       def step(s, carry, seg=seg, fns=fns):
         kv, acc = carry
         nxt = _ppermute(kv, axis, world)   # independent of this step's kernel
-        return nxt, _run(seg, s - seg.steps[0], rank, fns, kv, acc)
+        return nxt, merge_partials(*acc, *_run(seg, s - seg.steps[0], rank, fns, kv))
 
       kv, acc = jax.lax.fori_loop(seg.steps[0], seg.steps[-1] + 1, step, (kv, acc))
     else:
       nxt = _ppermute(kv, axis, world, seg.next_shift) if seg.next_shift else None
-      acc = _run(seg, 0, rank, fns, kv, acc)
+      part = _run(seg, 0, rank, fns, kv)
+      acc = part if acc is None else merge_partials(*acc, *part)
       kv = nxt
     if seg.steps[0] == 0 and world > 1:
       acc = tuple(_pvary(x, axis) for x in acc)
@@ -516,8 +528,8 @@ def _ring_bwd_rule(spec, res, cts):
         kv, pending, dq = carry
         nxt = _ppermute(kv, axis, world)
         pending = _ppermute(pending, axis, world)
-        dq, pending = _run(seg, s - seg.steps[0], rank, fns, kv, dq, pending)
-        return nxt, pending, dq
+        dq, grads = _run(seg, s - seg.steps[0], rank, fns, kv, dq)
+        return nxt, _add(pending, grads), dq
 
       kv, pending, dq = jax.lax.fori_loop(seg.steps[0], seg.steps[-1] + 1, step,
                                           (kv, pending, dq))
@@ -525,13 +537,18 @@ def _ring_bwd_rule(spec, res, cts):
       nxt = _ppermute(kv, axis, world, seg.next_shift) if seg.next_shift else None
       if seg.arrival:
         pending = _ppermute(pending, axis, world, seg.arrival)
-      dq, pending = _run(seg, 0, rank, fns, kv, dq, pending)
+      dq, grads = _run(seg, 0, rank, fns, kv, dq)
+      pending = _add(pending, grads)
       kv = nxt
     if seg.steps[0] == 0 and world > 1:
       dq, pending = _pvary(dq, axis), tuple(_pvary(x, axis) for x in pending)
   home = (world - segments[-1].steps[-1]) % world
   dk, dv = _ppermute(pending, axis, world, home) if home else pending   # to their owner
   return (dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype), None, None)
+
+
+def _add(pending, grads):
+  return grads if pending is None else jax.tree.map(jnp.add, pending, grads)
 
 
 _ring_attention.defvjp(_ring_fwd_rule, _ring_bwd_rule)

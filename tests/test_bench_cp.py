@@ -43,6 +43,28 @@ def test_bench_cp_smoke_checks_every_row_and_reads_the_ring_schedule(tmp_path):
              and r["independent"] for r in loops), loops
 
 
+def test_bench_cp_smoke_with_a_sliding_window(tmp_path):
+  # Every row with local_window_size=(5, 0) (chunks of 8 tokens: the window
+  # crosses their borders): each cp row agrees with the windowed 1-device
+  # result, which agrees with the windowed fp32 oracle.
+  if common.on_gpu():
+    pytest.skip("smoke mode is the CPU path")
+  res = bench_cp.main(["--smoke", "--window", "5", "--out", str(tmp_path), "--passes",
+                       "fwdbwd", "--reps", "1", "--warmup", "0"])
+  rows = res["rows"]
+  bad = [(r["label"], r["status"], r.get("reason")) for r in rows if r["status"] != "ok"]
+  assert not bad, bad
+  assert res["settings"]["window"] == 5
+  assert {"allgather xla", "ring xla", "ulysses xla", "ring+ulysses xla"} <= {
+      r["label"] for r in rows}
+  for r in rows:
+    if r["kind"] == "single" and r["backend"] == "xla":
+      assert all(c["ok"] for c in r["oracle_check"].values()), r["oracle_check"]
+    elif r["kind"] != "single":
+      assert set(r["passes"]["fwdbwd"]["check"]) == {"out", "dq", "dk", "dv"}
+  assert "sliding window 5" in (tmp_path / "bench_cp.md").read_text()
+
+
 def test_hlo_overlap_reads_async_pairs():
   text = """HloModule m, is_scheduled=true
 
