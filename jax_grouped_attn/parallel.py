@@ -385,15 +385,17 @@ def _embed(x, start, stop, length, axis, fill):
   return jnp.pad(x, pad, constant_values=fill)
 
 
-def _merge_rows(acc, out, lse, start, stop, length):
-  """Merges the partial (out, lse) of rows [start, stop) into ``acc`` (None: none yet)."""
+def _merge_rows(acc, out, lse, start, stop, length, fresh=False):
+  """Merges the partial (out, lse) of rows [start, stop) into ``acc`` (None:
+  none yet); ``fresh``: acc has nothing on those rows yet (a copy will do)."""
   if acc is None:
     return (_embed(out, start, stop, length, 1, 0.0),
             _embed(lse, start, stop, length, 2, -jnp.inf))
-  if start == 0 and stop == length:
-    return merge_partials(*acc, out, lse)
-  o, l = merge_partials(acc[0][:, start:stop], acc[1][:, :, start:stop], out, lse)
-  return acc[0].at[:, start:stop].set(o), acc[1].at[:, :, start:stop].set(l)
+  if not fresh:
+    if start == 0 and stop == length:
+      return merge_partials(*acc, out, lse)
+    out, lse = merge_partials(acc[0][:, start:stop], acc[1][:, :, start:stop], out, lse)
+  return acc[0].at[:, start:stop].set(out), acc[1].at[:, :, start:stop].set(lse)
 
 
 def _add_rows(acc, g, start, stop, length):
@@ -411,15 +413,17 @@ def _calls_fwd(spec, calls, q, qs, kv):
   the accumulator outside, so the kernels need not wait for the last merge."""
   k, v, ks = kv
   t = q.shape[1]
-  acc = None
+  acc, done = None, []
   for call in calls:
     problem = _call_problem(spec, call, q, k, qs is not None)
     qr = lambda x: _rows(x, call.q_start, call.q_stop)
     kr = lambda x: _rows(x, call.kv_start, call.kv_stop)
     out, lse = autodiff.attention_fwd(problem, spec.backend, spec.config, spec.interpret,
                                       qr(q), kr(k), kr(v), qr(qs), kr(ks))
+    fresh = all(call.q_start >= c.q_stop or call.q_stop <= c.q_start for c in done)
     acc = _merge_rows(acc, out.astype(jnp.float32), lse.astype(jnp.float32),
-                      call.q_start, call.q_stop, t)
+                      call.q_start, call.q_stop, t, fresh)
+    done.append(call)
   if acc is None:   # no call: this rank sees nothing of this shard
     b, _, hq, _ = q.shape
     like = (q, qs, *kv)

@@ -421,16 +421,17 @@ def test_sliding_window_matches_reference(world, causal, window, dtype, hq, hk, 
                          segments=segments, b=2, seed=60 + world, window=window)
 
 
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
 @pytest.mark.parametrize("strategy", ["allgather", "ring"])
-def test_sliding_window_with_the_triton_kernels(strategy):
-  # Runs once the Triton backend has window kernels (supports() accepts it).
+def test_sliding_window_with_kernel_backends(strategy, backend):
+  # Runs once the backend has window kernels (supports() accepts the window).
   world, chunk, window = 2, 16, (11, None)
   case = Case("cp_window", (ga.QueryGroup(0, 2 * chunk, 0, 2 * chunk),), 2 * chunk, hq=4,
               hk=2, d=32, batch=1, dtype=BF16, window=window)
-  why = registry.get("triton").supports(problem_of(case), BF16)
+  why = registry.get(backend).supports(problem_of(case), BF16)
   if why is not None:
     pytest.skip(why)
-  check_context_parallel(world, strategy, "triton", dtype=BF16, chunk=chunk,
+  check_context_parallel(world, strategy, backend, dtype=BF16, chunk=chunk,
                          segments="split", seed=70, window=window)
 
 
