@@ -4,8 +4,10 @@
   python -m benchmarks.bench_cp --seqs 65536 --strategies ring \\
       --xla-variants default,lhs,lhs+dbuf --dump-hlo --out DIR   # ring overlap: XLA flags
   python -m benchmarks.bench_cp --smoke --out DIR    # CPU host devices, tiny shapes (CI)
+  python -m benchmarks.bench_cp --window 4096 --out DIR   # causal sliding window, every row
 
-Rows, all on the same inputs (causal, B x S x Hq x Hk x D, bf16):
+Rows, all on the same inputs (causal, B x S x Hq x Hk x D, bf16; with
+``--window N`` every row takes ``local_window_size=(N, 0)``):
   single      one GPU on the whole sequence, per kernel backend, and cuDNN
               (jax.nn.dot_product_attention); checked against the exact fp32
               oracle (benchmarks.common.oracle: every row, two kv heads)
@@ -99,6 +101,12 @@ class Setup:
   warmup: int
   sets: int
   gpu: bool
+  window: int | None = None   # causal sliding window: keys [p - window, p]
+
+
+def window_kw(setup: Setup) -> dict:
+  """The local_window_size keyword of every row (jax.nn and this package alike)."""
+  return {} if setup.window is None else {"local_window_size": (setup.window, 0)}
 
 
 def make_mesh(devices, inner: int) -> Mesh:
@@ -114,12 +122,13 @@ def context_parallel(strategy: str) -> parallel.ContextParallel:
   return parallel.ContextParallel(("node", "gpu"), strategy)
 
 
-def cp_fn(mesh, strategy, backend, causal=True):
+def cp_fn(mesh, strategy, backend, causal=True, window=None):
   """(q, k, v) zigzag-sharded -> out, through attention(context_parallel=...)."""
   cp = context_parallel(strategy)
   spec = P(None, cp.sequence_axes)
+  kw = {} if window is None else {"local_window_size": (window, 0)}
   body = lambda q, k, v: ga.attention(q, k, v, causal=causal, backend=backend,
-                                      context_parallel=cp)
+                                      context_parallel=cp, **kw)
   return parallel.shard_map(body, mesh, (spec,) * 3, spec, check_vma=False)
 
 
@@ -134,16 +143,17 @@ def heads_fn(mesh, setup: Setup, implementation):
     if reps > 1:
       k, v = jnp.repeat(k, reps, axis=2), jnp.repeat(v, reps, axis=2)
     q, k, v = (parallel.ulysses_to_heads(x, axes, w, True) for x in (q, k, v))
-    out = jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation=implementation)
+    out = jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation=implementation,
+                                       **window_kw(setup))
     return parallel.ulysses_to_sequence(out, axes, w, True)
 
   return parallel.shard_map(body, mesh, (spec,) * 3, spec, check_vma=False)
 
 
-def single_fn(backend):
+def single_fn(backend, setup: Setup):
   if backend == "cudnn":
     return None
-  return lambda q, k, v: ga.attention(q, k, v, causal=True, backend=backend)
+  return lambda q, k, v: ga.attention(q, k, v, causal=True, backend=backend, **window_kw(setup))
 
 
 @jax.jit
@@ -265,8 +275,13 @@ def parse_args(argv=None):
                   help="start no new row after this many seconds (GPU default 420)")
   ap.add_argument("--no-oracle", action="store_true",
                   help="skip the fp32 oracle check of the single-device rows")
+  ap.add_argument("--window", type=int, default=None, metavar="N",
+                  help="causal sliding window: each token sees the N before it and itself")
   ap.add_argument("--out", default="bench_cp_out")
-  return ap.parse_args(argv)
+  args = ap.parse_args(argv)
+  if args.window is not None and args.window < 0:
+    ap.error(f"--window must be >= 0, got {args.window}.")
+  return args
 
 
 def _value(text: str):
@@ -355,7 +370,7 @@ def main(argv=None) -> dict:
   setup = Setup(args.batch, hq, hk, d, args.dtype, world, inner, passes,
                 max(1, pick(args.reps, 2 if smoke else 5)),
                 max(0, pick(args.warmup, 1 if smoke else 2)),
-                max(1, pick(args.sets, 1 if smoke else 2)), gpu)
+                max(1, pick(args.sets, 1 if smoke else 2)), gpu, args.window)
   budget = common.Budget(pick(args.budget_s, None if smoke else 420.0))
   mesh = make_mesh(devices, inner)
   spec = NamedSharding(mesh, P(None, ("node", "gpu")))
@@ -369,6 +384,7 @@ def main(argv=None) -> dict:
              "rows": []}
   log(f"{env['device']} x{world} ({env['platform']}), jax {env['jax']}; mesh "
       f"{dict(mesh.shape)}; Hq{hq} Hk{hk} D{d} B{args.batch} {args.dtype}; seqs {seqs}; "
+      f"window {args.window}; "
       f"backends {backends}; strategies {strategies}; variants {list(variants)}")
   state = {}   # the current sequence: inputs, per backend single results (zigzag-sharded)
   oracles = {}   # per sequence: (selection, exact fp32 results on the host)
@@ -383,7 +399,9 @@ def main(argv=None) -> dict:
     s = row["seq"]
     if s not in state:
       state.clear()   # one sequence length's inputs at a time
-      wl = common.causal_workload(args.batch, s, hq, hk, d, args.dtype)
+      wl = dataclasses.replace(
+          common.causal_workload(args.batch, s, hq, hk, d, args.dtype),
+          window=None if args.window is None else (args.window, None))
       sets = [common.make_inputs(wl, seed) for seed in range(setup.sets)]
       zz = [tuple(jax.device_put(ga.zigzag_permute(x, world), spec) for x in st) for st in sets]
       state[s] = dict(wl=wl, sets=sets, zz=zz, ref={})
@@ -391,8 +409,8 @@ def main(argv=None) -> dict:
     try:
       if row["kind"] == "single":
         impl = "cudnn" if gpu else None
-        fn = (single_fn(row["backend"]) or (lambda q, k, v: jax.nn.dot_product_attention(
-            q, k, v, is_causal=True, implementation=impl)))
+        fn = (single_fn(row["backend"], setup) or (lambda q, k, v: jax.nn.dot_product_attention(
+            q, k, v, is_causal=True, implementation=impl, **window_kw(setup))))
         if row["backend"] == "cudnn" and not gpu:
           row["note"] = "no cuDNN here: jax.nn.dot_product_attention(implementation=None)"
         got = measure(row, fn, st["sets"], setup, keep=True)
@@ -421,7 +439,7 @@ def main(argv=None) -> dict:
         if row["kind"] == "heads":
           fn = heads_fn(mesh, setup, "cudnn" if gpu else None)
         else:
-          fn = cp_fn(mesh, row["strategy"], row["backend"])
+          fn = cp_fn(mesh, row["strategy"], row["backend"], window=args.window)
         hlo_path = None
         key = (row["strategy"], row["variant"])
         if args.dump_hlo and row["strategy"] == "ring" and key not in dumped:
@@ -492,7 +510,9 @@ def markdown(results) -> str:
            f"jax-triton {env['jax_triton']}, cuDNN {env['cudnn']}; {env['time']}; "
            f"XLA_FLAGS={env['xla_flags']!r}", ""]
   st = results["settings"]
-  lines += [f"Causal B{st['batch']} Hq{st['hq']} Hk{st['hk']} D{st['d']} {st['dtype']}; "
+  win = st.get("window")
+  lines += [f"Causal{'' if win is None else f' (sliding window {win})'} "
+            f"B{st['batch']} Hq{st['hq']} Hk{st['hk']} D{st['d']} {st['dtype']}; "
             f"{st['reps']} reps (+{st['warmup']} warmup), {st['sets']} input sets; "
             f"efficiency = 1-GPU time of the same backend / ({world} x time); "
             f"bwd = fwdbwd - fwd. Every cp row is checked against the 1-GPU result "

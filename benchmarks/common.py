@@ -66,6 +66,7 @@ class Workload:
   world: int = 0         # zigzag / contiguous: world size, rank, total seq
   rank: int = 0
   seq: int = 0
+  window: tuple | None = None   # Problem.window: (left, right), None = unbounded side
 
   @property
   def name(self) -> str:
@@ -238,11 +239,13 @@ def selection(wl: Workload, max_kv_heads: int = 2) -> Selection:
   return Selection(batches, kv, q_heads)
 
 
-def _oracle_impl(q, k, v, do, pos, kv_len, *, scale, causal, chunk, compute_dtype="float32"):
+def _oracle_impl(q, k, v, do, pos, kv_len, *, scale, causal, chunk, compute_dtype="float32",
+                 window=None):
   """Exact fp32 forward and backward, scanned over row chunks of ``chunk`` rows.
 
   q, do: [B, Tq, Hq, D] (Tq a multiple of chunk); k, v: [B, Tk, Hk, D];
-  pos, kv_len: [Tq] int32 (row position and kv prefix; kv_len 0 = padding).
+  pos, kv_len: [Tq] int32 (row position and kv prefix; kv_len 0 = padding);
+  window: Problem.window (None: none).
   Returns out, dq [B, Tq, Hq, D] and dk, dv [B, Tk, Hk, D], all fp32.
   ``compute_dtype`` other than float32: the plain low-precision attention
   whose error calibrates the tolerances (tests/tolerance.py): matmul operands
@@ -264,7 +267,7 @@ def _oracle_impl(q, k, v, do, pos, kv_len, *, scale, causal, chunk, compute_dtyp
     dk, dv = carry
     qi, doi, p_i, kv_i = xs
     s = mm("bqhgd,bkhd->bhgqk", qi, k) * scale
-    mask = visible(p_i[:, None], j[None, :], kv_i[:, None], causal=causal)
+    mask = visible(p_i[:, None], j[None, :], kv_i[:, None], causal=causal, window=window)
     s = jnp.where(mask, s, -jnp.inf)
     m = jnp.max(s, axis=-1, keepdims=True)
     m = jnp.where(jnp.isfinite(m), m, 0.0)
@@ -289,7 +292,8 @@ def _oracle_impl(q, k, v, do, pos, kv_len, *, scale, causal, chunk, compute_dtyp
   return merge(o), rnd(merge(dq)), rnd(dk), rnd(dv)
 
 
-_oracle_jit = jax.jit(_oracle_impl, static_argnames=("scale", "causal", "chunk", "compute_dtype"))
+_oracle_jit = jax.jit(_oracle_impl, static_argnames=("scale", "causal", "chunk", "compute_dtype",
+                                                    "window"))
 
 
 def oracle(wl: Workload, q, k, v, do, sel: Selection, *, max_elems: int = 1 << 26,
@@ -315,7 +319,8 @@ def oracle(wl: Workload, q, k, v, do, sel: Selection, *, max_elems: int = 1 << 2
   padrows = lambda x: jnp.pad(x, ((0, 0), (0, pad), (0, 0), (0, 0)))
   run = lambda cd: _oracle_jit(padrows(qs), ks, vs, padrows(dos), jnp.asarray(pos),
                                jnp.asarray(kv_len), scale=1.0 / math.sqrt(wl.d),
-                               causal=wl.causal, chunk=chunk, compute_dtype=cd)
+                               causal=wl.causal, chunk=chunk, compute_dtype=cd,
+                               window=wl.window)
   trim = lambda r: {"out": r[0][:, :wl.tq], "dq": r[1][:, :wl.tq], "dk": r[2], "dv": r[3]}
   res = trim(run("float32"))
   if lowp:

@@ -10,6 +10,7 @@ with ``shard_map`` (RoPE then takes each local token's ``zigzag_positions``).
   python benchmarks/llama.py --backend triton --context-parallel 2  # 2 GPUs
   python benchmarks/llama.py --preset 1b --seq 32768 --batch 4 --remat --backend triton \
       --compare dp,allgather,ring,ulysses,dp@jax-cudnn   # every GPU, one layout after another
+  python benchmarks/llama.py --window 4096 --seq 32768 --compare dp,ring   # sliding window
 
 Prints the training-step time, tokens/s (per device) and the compiled step's
 peak memory per device; ``--compare`` adds a table (same global batch and
@@ -36,8 +37,9 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from benchmarks.common import memory_stats
-from jax_grouped_attn import ContextParallel, registry
+from jax_grouped_attn import ContextParallel, QueryGroup, attention, registry
 from jax_grouped_attn.flax import make_attention_fn
+from jax_grouped_attn.groups import visible_pairs
 from jax_grouped_attn.zigzag import zigzag_order, zigzag_positions
 
 
@@ -274,11 +276,25 @@ def make_train_step(grad_fn, tx, return_grads: bool = False):
 JAX_BASELINES = ("jax-xla", "jax-cudnn")
 
 
-def baseline_attention_fn(name: str):
-  """Causal jax.nn.dot_product_attention (implementation "xla" or "cudnn")."""
+def baseline_attention_fn(name: str, window: int | None = None):
+  """Causal jax.nn.dot_product_attention (implementation "xla" or "cudnn"),
+  with a sliding window of ``window`` keys to the left if given."""
   impl = name.removeprefix("jax-")
+  kw = {} if window is None else {"local_window_size": (window, 0)}
   return lambda q, k, v: jax.nn.dot_product_attention(q, k, v, is_causal=True,
-                                                       implementation=impl)
+                                                       implementation=impl, **kw)
+
+
+def grouped_attention_fn(backend: str, backward: str, context_parallel=None,
+                         window: int | None = None):
+  """Causal attention of this package for the model: the flax attention_fn,
+  or with a sliding window (``window`` keys to the left of each token, its own
+  included as well) ``attention(..., local_window_size=(window, 0))``."""
+  if window is None:
+    return make_attention_fn(causal=True, backend=backend, context_parallel=context_parallel,
+                             backward=backward)
+  return functools.partial(attention, causal=True, backend=backend, backward=backward,
+                           context_parallel=context_parallel, local_window_size=(window, 0))
 
 
 def context_parallel_spec(axis_name: str, strategy: str | None):
@@ -346,12 +362,11 @@ def train_benchmark(args, mode: str, backend: str | None = None, log=print) -> d
                        f"and --seq {args.seq} by 2 * {cp}.")
     if cp > 1:
       spec = context_parallel_spec("cp", None if mode == "dp" else mode)
-      attn = make_attention_fn(causal=True, backend=backend, context_parallel=spec,
-                               backward=args.backward)
+      attn = grouped_attention_fn(backend, args.backward, spec, args.window)
       layout = f"mesh dp={mesh.shape['dp']} x cp={cp}, zigzag, strategy={spec.strategy}"
     else:   # data parallel: every device holds whole sequences
-      attn = (baseline_attention_fn(backend) if backend in JAX_BASELINES else
-              make_attention_fn(causal=True, backend=backend, backward=args.backward))
+      attn = (baseline_attention_fn(backend, args.window) if backend in JAX_BASELINES else
+              grouped_attention_fn(backend, args.backward, window=args.window))
       layout = f"mesh dp={mesh.shape['dp']}, data parallel"
     grad_fn = make_cp_grad_fn(graphdef, attn, mesh, args.batch * args.seq)
     replicated = NamedSharding(mesh, P())
@@ -360,8 +375,8 @@ def train_benchmark(args, mode: str, backend: str | None = None, log=print) -> d
     pos_sharding = NamedSharding(mesh, P("cp"))
     n_dev = mesh.size
   else:
-    attn = (baseline_attention_fn(backend) if backend in JAX_BASELINES else
-            make_attention_fn(causal=True, backend=backend, backward=args.backward))
+    attn = (baseline_attention_fn(backend, args.window) if backend in JAX_BASELINES else
+            grouped_attention_fn(backend, args.backward, window=args.window))
     grad_fn = make_grad_fn(graphdef, attn)
     layout = "single device"
     n_dev = 1
@@ -380,7 +395,8 @@ def train_benchmark(args, mode: str, backend: str | None = None, log=print) -> d
       f"dim={cfg.dim} heads={cfg.n_heads}/{cfg.n_kv_heads} head_dim={cfg.head_dim} "
       f"dtype={cfg.dtype}")
   log(f"backend={backend} backward={args.backward} batch={args.batch} "
-      f"seq={args.seq} {layout} devices={jax.devices()[0].device_kind} x{n_dev}")
+      f"seq={args.seq} window={args.window} {layout} "
+      f"devices={jax.devices()[0].device_kind} x{n_dev}")
   t0 = time.perf_counter()
   first = batch(0)
   compiled = step.lower(params, opt_state, *first).compile()
@@ -401,10 +417,14 @@ def train_benchmark(args, mode: str, backend: str | None = None, log=print) -> d
     times.append(time.perf_counter() - t0)
   t = float(np.median(times))
   tokens = args.batch * args.seq
-  # 6N per token for the matmuls, plus causal attention (fwd 2 + bwd 5 dots).
-  attn_flops = 3.5 * 2 * cfg.n_layers * args.batch * args.seq ** 2 * cfg.n_heads * cfg.head_dim
+  # 6N per token for the matmuls, plus attention: fwd 2 + bwd 5 dots, 2 flops
+  # each, per visible (query, key) pair (S^2 / 2 causal; fewer with a window).
+  pairs = (args.seq ** 2 / 2 if args.window is None else
+           visible_pairs((QueryGroup(0, args.seq, 0, args.seq),), True, (args.window, None)))
+  attn_flops = 14 * pairs * cfg.n_layers * args.batch * cfg.n_heads * cfg.head_dim
   flops = 6 * (n_params - cfg.vocab_size * cfg.dim) * tokens + attn_flops
   res = {"mode": mode, "backend": backend, "layout": layout, "devices": n_dev,
+         "window": args.window,
          "step_ms": t * 1e3, "min_step_ms": min(times) * 1e3, "tokens_per_s": tokens / t,
          "tokens_per_s_per_device": tokens / t / n_dev,
          "tflops_per_device": flops / t / n_dev / 1e12, "first_loss": first_loss,
@@ -463,8 +483,13 @@ def main(argv=None):
   ap.add_argument("--warmup", type=int, default=3)
   ap.add_argument("--lr", type=float, default=3e-4)
   ap.add_argument("--remat", action="store_true", help="rematerialise each layer")
+  ap.add_argument("--window", type=int, default=None, metavar="N",
+                  help="causal sliding window: each token sees the N tokens before it "
+                  "and itself (local_window_size=(N, 0)), in every mode")
   ap.add_argument("--seed", type=int, default=0)
   args = ap.parse_args(argv)
+  if args.window is not None and args.window < 0:
+    ap.error(f"--window must be >= 0, got {args.window}.")
   if args.compare:
     results = []
     for item in [x.strip() for x in args.compare.split(",") if x.strip()]:
@@ -482,7 +507,9 @@ def main(argv=None):
       jax.clear_caches()
     table = compare_table(results)
     print(f"\nglobal batch {args.batch} x seq {args.seq}, preset {args.preset}"
-          f"{' remat' if args.remat else ''}, {jax.devices()[0].device_kind} "
+          f"{' remat' if args.remat else ''}"
+          f"{'' if args.window is None else f', window {args.window}'}, "
+          f"{jax.devices()[0].device_kind} "
           f"x{args.devices or jax.device_count()}:\n{table}")
   else:
     if args.context_parallel and args.backend in JAX_BASELINES:

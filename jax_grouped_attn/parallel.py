@@ -11,8 +11,8 @@ Strategies (``ContextParallel.strategy``, over ``axis_name``):
     the grouped kernel's custom_vjp; the all-gather's transpose is a
     reduce-scatter of dK, dV back to the zigzag shards. Memory O(W * 2c) for
     the gathered K, V.
-  "ring": K, V circulate with ``ppermute`` for W steps; each step's partial
-    (out, lse) is merged in fp32 by log-sum-exp. A custom_vjp over the whole
+  "ring": K, V circulate with ``ppermute`` for W steps (fewer with a sliding
+    window); each step's partial (out, lse) is merged in fp32 by log-sum-exp. A custom_vjp over the whole
     ring circulates K, V and the dK, dV accumulators again. Memory O(2c). No
     ppermute inside a step depends on that step's kernel (the backward sends
     the previous step's dK, dV), so a latency-hiding scheduler can overlap them.
@@ -37,6 +37,15 @@ kernels (one per rank, ``zigzag_groups(r, W, c)``) and runs one; "ring"
 compiles 3 step kinds (``zigzag_ring_step``: diagonal, lower, higher source)
 and picks one per step. Non-causal attention needs no switch (nor Ulysses'
 unpermute: without a mask the token order does not matter).
+
+Sliding windows (``Problem.window``) compare global positions, like causal:
+"allgather" and "ulysses" run their kernels on true positions (natural order,
+a window forces the rank switch / unpermute also without causal), and the
+kernels skip the kv blocks outside the window. The ring's steps then depend
+on the distance between the local and visiting chunks (``zigzag_ring_calls``:
+one or two calls per step, possibly rank-dependent), and the steps where no
+rank sees a visiting key are skipped (``ring_steps``): with a causal window
+of left size L, min(W, 2 * ceil(L / c) + 1) of the W steps run.
 """
 
 from __future__ import annotations
@@ -56,8 +65,9 @@ from jax_grouped_attn.config import as_attention_config
 from jax_grouped_attn.groups import QueryGroup
 from jax_grouped_attn.plan import Problem
 from jax_grouped_attn.vma import pvary as _pvary
-from jax_grouped_attn.zigzag import (shuffle_shard, zigzag_groups, zigzag_permute,
-                                     zigzag_ring_step, zigzag_unpermute)
+from jax_grouped_attn.vma import union as vma_union
+from jax_grouped_attn.zigzag import (RingStep, shuffle_shard, zigzag_groups, zigzag_permute,
+                                     zigzag_ring_calls, zigzag_unpermute)
 
 STRATEGIES = ("allgather", "ring", "ulysses")
 
@@ -121,12 +131,6 @@ def axis_size_and_rank(axis_name):
   return int(world), rank
 
 
-def _ppermute(tree, axis_name, world):
-  """Sends every leaf of ``tree`` from rank i to rank i+1 (mod world)."""
-  perm = [(i, (i + 1) % world) for i in range(world)]
-  return jax.tree.map(lambda x: jax.lax.ppermute(x, axis_name, perm), tree)
-
-
 def merge_partials(out1, lse1, out2, lse2):
   """Exact fp32 merge of two partial attentions over disjoint key sets.
 
@@ -170,9 +174,6 @@ def local_attention(problem: Problem, cp: ContextParallel, backend, config,
   ``backward`` are resolved. Returns
   (out [B, 2c, Hq, D], lse [B, Hq, 2c] f32).
   """
-  if problem.window is not None:
-    raise NotImplementedError(
-        f"context_parallel does not take local_window_size yet (got {problem.window}).")
   run = _Run(backend, config, interpret, backward)
   inner = cp.ulysses_axes
   w_in = axis_size_and_rank(inner)[0] if inner is not None else 1
@@ -189,7 +190,7 @@ def _sequence_parallel(problem, strategy, axis_name, run, q, k, v, qs, ks):
   if strategy == "allgather":
     return _allgather_attention(problem, run, q, k, v, qs, ks, axis_name, world, rank)
   spec = _RingSpec(axis_name, world, problem.causal, problem.scale, run.backend,
-                   run.config, run.interpret, run.backward)
+                   run.config, run.interpret, run.backward, problem.window)
   return _ring_attention(spec, q, k, v, qs, ks)
 
 
@@ -204,31 +205,37 @@ def kv_head_repeats(hk: int, world: int) -> int:
   return world // math.gcd(hk, world)
 
 
-def ulysses_to_heads(x, axis_name, world: int, causal: bool):
+def ulysses_to_heads(x, axis_name, world: int, ordered: bool):
   """Local zigzag shard [B, 2c, H, D] -> [B, W*2c, H/W, D]: this device's head
-  slice over the 2W chunks of its group, in natural order when ``causal``."""
+  slice over the 2W chunks of its group, in natural order when ``ordered``."""
   x = jax.lax.all_to_all(x, axis_name, 2, 1, tiled=True)
-  return zigzag_unpermute(x, world, axis=1) if causal else x
+  return zigzag_unpermute(x, world, axis=1) if ordered else x
 
 
-def ulysses_to_sequence(x, axis_name, world: int, causal: bool, seq_axis=1, head_axis=2):
+def ulysses_to_sequence(x, axis_name, world: int, ordered: bool, seq_axis=1, head_axis=2):
   """Inverse of :func:`ulysses_to_heads` (``seq_axis=2, head_axis=1`` for lse)."""
-  if causal:
+  if ordered:
     x = zigzag_permute(x, world, axis=seq_axis)
   return jax.lax.all_to_all(x, axis_name, seq_axis, head_axis, tiled=True)
 
 
+def _positional(problem: Problem) -> bool:
+  """Whether the mask depends on token positions (else any order will do)."""
+  return problem.causal or problem.window is not None
+
+
 def _ulysses_attention(problem, cp, run, w_in, q, k, v, qs, ks):
-  axis, causal = cp.ulysses_axes, problem.causal
+  # Natural order inside (the window, like causal, compares positions).
+  axis, ordered = cp.ulysses_axes, _positional(problem)
   reps = kv_head_repeats(problem.hk, w_in)
   if reps > 1:   # GQA with Hk % W != 0: whole kv heads per query-head slice
     k, v = jnp.repeat(k, reps, axis=2), jnp.repeat(v, reps, axis=2)
-  heads = lambda x: ulysses_to_heads(x, axis, w_in, causal)
+  heads = lambda x: ulysses_to_heads(x, axis, w_in, ordered)
   q, k, v = heads(q), heads(k), heads(v)
 
   def gather(ids):
     ids = jax.lax.all_gather(ids, axis, axis=1, tiled=True)
-    return zigzag_unpermute(ids, w_in, axis=1) if causal else ids
+    return zigzag_unpermute(ids, w_in, axis=1) if ordered else ids
 
   if qs is not None:
     same = qs is ks   # segment_ids=: gather once
@@ -243,8 +250,8 @@ def _ulysses_attention(problem, cp, run, w_in, q, k, v, qs, ks):
   else:
     out, lse = _sequence_parallel(inner, cp.sequence_strategy, cp.axis_name, run,
                                   q, k, v, qs, ks)
-  out = ulysses_to_sequence(out, axis, w_in, causal)
-  lse = ulysses_to_sequence(lse, axis, w_in, causal, seq_axis=2, head_axis=1)
+  out = ulysses_to_sequence(out, axis, w_in, ordered)
+  lse = ulysses_to_sequence(lse, axis, w_in, ordered, seq_axis=2, head_axis=1)
   return out, lse
 
 
@@ -262,15 +269,24 @@ def _allgather_attention(problem, run, q, k, v, qs, ks, axis_name, world, rank):
     return autodiff.attention(grouped, run.backend, run.config, run.interpret, run.backward,
                               q, k, v, qs, ks)
 
-  if not problem.causal:
+  if not _positional(problem):
     # Every row sees every key: the gathered (zigzag) key order is as good as
     # the natural one, so skip the unpermute and the rank switch.
     return call((QueryGroup(0, t, 0, s),), q, k_all, v_all, qs, ks_all)
+  # The positions of the local rows differ by rank; the kernel skips the kv
+  # blocks outside each group's (causal, window) range itself. All of K, V is
+  # still gathered: the two local chunks need keys near both ends.
   unperm = lambda x: None if x is None else zigzag_unpermute(x, world, axis=1)
   k_all, v_all, ks_all = unperm(k_all), unperm(v_all), unperm(ks_all)
+
+  def groups(r):
+    g = zigzag_groups(r, world, c)
+    # Non-causal (with a window): every group may look past its chunk.
+    return g if problem.causal else tuple(dataclasses.replace(x, kv_len=s) for x in g)
+
   if world == 1:
-    return call(zigzag_groups(0, 1, c), q, k_all, v_all, qs, ks_all)
-  branches = [functools.partial(call, zigzag_groups(r, world, c)) for r in range(world)]
+    return call(groups(0), q, k_all, v_all, qs, ks_all)
+  branches = [functools.partial(call, groups(r)) for r in range(world)]
   return jax.lax.switch(rank, branches, q, k_all, v_all, qs, ks_all)
 
 
@@ -286,23 +302,74 @@ class _RingSpec:
   config: object
   interpret: bool
   backward: str
+  window: tuple | None = None
 
 
-def _step_kinds(spec: _RingSpec, c: int):
-  """The static RingSteps: [diagonal] + off-diagonal kinds (indexed by
-  ``source > rank`` when causal; one kind when not)."""
-  if not spec.causal:
-    step = zigzag_ring_step(0, 0, 1, c, causal=False)
-    return step, [step]
-  diag = zigzag_ring_step(0, 0, 2, c)
-  return diag, [zigzag_ring_step(1, 0, 2, c), zigzag_ring_step(0, 1, 2, c)]
+@dataclasses.dataclass(frozen=True)
+class RingSegment:
+  """Consecutive ring steps run alike (static). Step s is the visit of the
+  K,V shard of rank - s; rank r runs ``kinds[table[i][r]]`` (a tuple of
+  RingStep kernel calls, () for nothing) at ``steps[i]``.
+
+  loop: run as a ``fori_loop`` (then every step moves K,V by one rank).
+  arrival: ranks K,V moved to reach ``steps[0]`` (0 at step 0).
+  next_shift: ranks they move after ``steps[-1]`` (0: the ring is done).
+  """
+
+  steps: tuple[int, ...]
+  loop: bool
+  arrival: int
+  next_shift: int
+  kinds: tuple[tuple[RingStep, ...], ...]
+  table: tuple[tuple[int, ...], ...]
 
 
-def _step_problem(spec: _RingSpec, step, q, k, has_segments: bool) -> Problem:
+def ring_steps(world: int, chunk_len: int, causal: bool = True, window=None) -> tuple[int, ...]:
+  """The ring steps that run (static): those where some rank's local q sees
+  some key of the visiting shard. Without a window all ``world`` steps run.
+  With a causal window of left size L, n = ceil(L / chunk_len): steps 0..n
+  and world-n..world-1, i.e. min(world, 2n + 1) (non-causal (L, R): with
+  n = ceil(max(L, R) / chunk_len) at most the same). E.g. world 4, chunk
+  1024, window 512: steps (0, 1, 3); world 8: (0, 1, 7)."""
+  return tuple(s for seg in ring_schedule(world, chunk_len, causal, window)
+               for s in seg.steps)
+
+
+@functools.lru_cache(maxsize=64)
+def ring_schedule(world: int, chunk_len: int, causal: bool, window) -> tuple[RingSegment, ...]:
+  """The static plan of the ring: its segments (see RingSegment). Steps where
+  no rank sees any visiting key are skipped: K,V jump over them with one
+  ppermute (and the backward's dK, dV with them)."""
+  plans = [[zigzag_ring_calls(r, (r - s) % world, world, chunk_len, causal, window)
+            for r in range(world)] for s in range(world)]
+  active = [s for s in range(world) if any(plans[s])]
+  # Every row sees its own key (the window sides are >= 0), so step 0 has work.
+  assert active and active[0] == 0, active
+  arrival = [0] + [b - a for a, b in zip(active, active[1:])]
+  next_shift = arrival[1:] + [0]
+  segments, i = [], 0
+  while i < len(active):
+    j = i
+    # A loop iteration receives K,V (and dK, dV) from one rank back and sends
+    # them one rank on; the last step of a run stays outside (its send differs).
+    while j < len(active) and i > 0 and arrival[j] == 1 and next_shift[j] == 1:
+      j += 1
+    loop = j - i >= 2
+    j = j if loop else i + 1
+    steps = tuple(active[i:j])
+    kinds, table = {}, []
+    for s in steps:
+      table.append(tuple(kinds.setdefault(plans[s][r], len(kinds)) for r in range(world)))
+    segments.append(RingSegment(steps, loop, arrival[i], next_shift[j - 1],
+                                tuple(kinds), tuple(table)))
+    i = j
+  return tuple(segments)
+
+
+def _call_problem(spec: _RingSpec, call: RingStep, q, k, has_segments: bool) -> Problem:
   b, _, hq, d = q.shape
-  return Problem((step.group,), b, step.q_stop - step.q_start,
-                 step.kv_stop - step.kv_start, hq, k.shape[2], d, step.causal,
-                 spec.scale, has_segments)
+  return Problem(call.groups, b, call.q_stop - call.q_start, call.kv_stop - call.kv_start,
+                 hq, k.shape[2], d, call.causal, spec.scale, has_segments, call.window)
 
 
 def _rows(x, start, stop, axis=1):
@@ -318,75 +385,119 @@ def _embed(x, start, stop, length, axis, fill):
   return jnp.pad(x, pad, constant_values=fill)
 
 
-def _step_fwd(spec, step, q, k, v, qs, ks):
-  """Partial (out f32 [B, 2c, Hq, D], lse [B, Hq, 2c]) of one ring step."""
+def _merge_rows(acc, out, lse, start, stop, length, fresh=False):
+  """Merges the partial (out, lse) of rows [start, stop) into ``acc`` (None:
+  none yet); ``fresh``: acc has nothing on those rows yet (a copy will do)."""
+  if acc is None:
+    return (_embed(out, start, stop, length, 1, 0.0),
+            _embed(lse, start, stop, length, 2, -jnp.inf))
+  if not fresh:
+    if start == 0 and stop == length:
+      return merge_partials(*acc, out, lse)
+    out, lse = merge_partials(acc[0][:, start:stop], acc[1][:, :, start:stop], out, lse)
+  return acc[0].at[:, start:stop].set(out), acc[1].at[:, :, start:stop].set(lse)
+
+
+def _add_rows(acc, g, start, stop, length):
+  """acc (None: zeros) + g on rows [start, stop) along axis 1."""
+  if acc is None:
+    return _embed(g, start, stop, length, 1, 0.0)
+  if start == 0 and stop == length:
+    return acc + g
+  return acc.at[:, start:stop].add(g)
+
+
+def _calls_fwd(spec, calls, q, qs, kv):
+  """The partial (out f32 [B, 2c, Hq, D], lse [B, Hq, 2c]) of ``calls``
+  against the visiting ``kv`` (rows they skip: 0, -inf). It is merged into
+  the accumulator outside, so the kernels need not wait for the last merge."""
+  k, v, ks = kv
   t = q.shape[1]
-  problem = _step_problem(spec, step, q, k, qs is not None)
-  out, lse = autodiff.attention_fwd(
-      problem, spec.backend, spec.config, spec.interpret,
-      _rows(q, step.q_start, step.q_stop), _rows(k, step.kv_start, step.kv_stop),
-      _rows(v, step.kv_start, step.kv_stop), _rows(qs, step.q_start, step.q_stop),
-      _rows(ks, step.kv_start, step.kv_stop))
-  out = _embed(out.astype(jnp.float32), step.q_start, step.q_stop, t, 1, 0.0)
-  lse = _embed(lse.astype(jnp.float32), step.q_start, step.q_stop, t, 2, -jnp.inf)
-  return out, lse
+  acc, done = None, []
+  for call in calls:
+    problem = _call_problem(spec, call, q, k, qs is not None)
+    qr = lambda x: _rows(x, call.q_start, call.q_stop)
+    kr = lambda x: _rows(x, call.kv_start, call.kv_stop)
+    out, lse = autodiff.attention_fwd(problem, spec.backend, spec.config, spec.interpret,
+                                      qr(q), kr(k), kr(v), qr(qs), kr(ks))
+    fresh = all(call.q_start >= c.q_stop or call.q_stop <= c.q_start for c in done)
+    acc = _merge_rows(acc, out.astype(jnp.float32), lse.astype(jnp.float32),
+                      call.q_start, call.q_stop, t, fresh)
+    done.append(call)
+  if acc is None:   # no call: this rank sees nothing of this shard
+    b, _, hq, _ = q.shape
+    like = (q, qs, *kv)
+    acc = (_filled(q.shape, 0.0, like), _filled((b, hq, t), -jnp.inf, like))
+  return acc
 
 
-def _step_bwd(spec, step, q, k, v, qs, ks, out, lse, dout, dlse):
-  """(dq, dk, dv) float32, full local shapes, of one ring step given the
-  final merged out/lse."""
+def _filled(shape, value, like):
+  """An f32 constant varying like a kernel output computed from ``like``
+  (switch branches must agree on varying axes)."""
+  return _pvary(jnp.full(shape, value, jnp.float32), vma_union(*like))
+
+
+def _calls_bwd(spec, calls, local, kv, dq):
+  """(dq + this step's dq, (dk, dv) of the visiting shard) of ``calls``, given
+  the final merged out/lse; f32, dq None: zeros. The dk, dv are added to the
+  accumulators outside, so their ppermute need not precede the kernels."""
+  q, qs, out, lse, dout, dlse = local
+  k, v, ks = kv
   t = q.shape[1]
-  problem = _step_problem(spec, step, q, k, qs is not None)
-  qr = lambda x, axis=1: _rows(x, step.q_start, step.q_stop, axis)
-  kr = lambda x: _rows(x, step.kv_start, step.kv_stop)
-  dq, dk, dv = autodiff.attention_bwd(
-      problem, spec.backend, spec.config, spec.interpret, spec.backward,
-      qr(q), kr(k), kr(v), qr(qs), kr(ks), qr(out), qr(lse, 2), qr(dout),
-      qr(dlse, 2))
-  f32 = lambda x: x.astype(jnp.float32)
-  return (_embed(f32(dq), step.q_start, step.q_stop, t, 1, 0.0),
-          _embed(f32(dk), step.kv_start, step.kv_stop, t, 1, 0.0),
-          _embed(f32(dv), step.kv_start, step.kv_stop, t, 1, 0.0))
+  dk = dv = None
+  for call in calls:
+    problem = _call_problem(spec, call, q, k, qs is not None)
+    qr = lambda x, axis=1: _rows(x, call.q_start, call.q_stop, axis)
+    kr = lambda x: _rows(x, call.kv_start, call.kv_stop)
+    gq, gk, gv = autodiff.attention_bwd(
+        problem, spec.backend, spec.config, spec.interpret, spec.backward,
+        qr(q), kr(k), kr(v), qr(qs), kr(ks), qr(out), qr(lse, 2), qr(dout), qr(dlse, 2))
+    f32 = lambda x: x.astype(jnp.float32)
+    dq = _add_rows(dq, f32(gq), call.q_start, call.q_stop, t)
+    dk = _add_rows(dk, f32(gk), call.kv_start, call.kv_stop, t)
+    dv = _add_rows(dv, f32(gv), call.kv_start, call.kv_stop, t)
+  zeros = lambda x, shape: _filled(shape, 0.0, (*local, *kv)) if x is None else x
+  return zeros(dq, q.shape), (zeros(dk, k.shape), zeros(dv, v.shape))
 
 
-def _offdiag_index(spec, rank, s):
-  """Which off-diagonal kind step ``s`` (traced or static) is on ``rank``."""
-  if not spec.causal:
-    return 0
-  source = (rank - s) % spec.world
-  return (source > rank).astype(jnp.int32)
+def _ppermute(tree, axis_name, world, shift=1):
+  """Sends every leaf of ``tree`` from rank i to rank i+shift (mod world)."""
+  perm = [(i, (i + shift) % world) for i in range(world)]
+  return jax.tree.map(lambda x: jax.lax.ppermute(x, axis_name, perm), tree)
 
 
-def _choose(index, fns, *args):
-  if isinstance(index, int):
-    return fns[index](*args)
-  return jax.lax.switch(index, fns, *args)
+def _run(seg: RingSegment, row, rank, fns, *args):
+  """Runs this rank's kind of step ``seg.steps[row]`` (row static or traced)."""
+  if len(fns) == 1:
+    return fns[0](*args)
+  table = np.asarray(seg.table, np.int32)
+  if isinstance(row, int) and len(set(table[row])) == 1:
+    return fns[int(table[row][0])](*args)
+  return jax.lax.switch(jnp.asarray(table)[row, rank], fns, *args)
 
 
 def _ring_forward(spec: _RingSpec, q, k, v, qs, ks):
   axis, world = spec.axis_name, spec.world
-  c = q.shape[1] // 2
-  diag, kinds = _step_kinds(spec, c)
-  fwd = [lambda k, v, ks, kind=kind: _step_fwd(spec, kind, q, k, v, qs, ks)
-         for kind in kinds]
-  kv = (k, v, ks)
-  out, lse = _step_fwd(spec, diag, q, k, v, qs, ks)
-  if world == 1:
-    return out, lse
-  _, rank = axis_size_and_rank(axis)
-  out, lse = _pvary(out, axis), _pvary(lse, axis)
-  kv = _ppermute(kv, axis, world)
+  segments = ring_schedule(world, q.shape[1] // 2, spec.causal, spec.window)
+  rank = axis_size_and_rank(axis)[1] if world > 1 else 0
+  kv, acc = (k, v, ks), None
+  for seg in segments:
+    fns = [functools.partial(_calls_fwd, spec, calls, q, qs) for calls in seg.kinds]
+    if seg.loop:   # the visitor of step s is the shard of rank - s
+      def step(s, carry, seg=seg, fns=fns):
+        kv, acc = carry
+        nxt = _ppermute(kv, axis, world)   # independent of this step's kernel
+        return nxt, merge_partials(*acc, *_run(seg, s - seg.steps[0], rank, fns, kv))
 
-  def step(s, carry):   # kv of rank - s visits; send it on while computing
-    kv, out, lse = carry
-    nxt = _ppermute(kv, axis, world)   # independent of this step's kernel
-    o, l = _choose(_offdiag_index(spec, rank, s), fwd, *kv)
-    out, lse = merge_partials(out, lse, o, l)
-    return nxt, out, lse
-
-  kv, out, lse = jax.lax.fori_loop(1, world - 1, step, (kv, out, lse))
-  o, l = _choose(_offdiag_index(spec, rank, world - 1), fwd, *kv)
-  return merge_partials(out, lse, o, l)
+      kv, acc = jax.lax.fori_loop(seg.steps[0], seg.steps[-1] + 1, step, (kv, acc))
+    else:
+      nxt = _ppermute(kv, axis, world, seg.next_shift) if seg.next_shift else None
+      part = _run(seg, 0, rank, fns, kv)
+      acc = part if acc is None else merge_partials(*acc, *part)
+      kv = nxt
+    if seg.steps[0] == 0 and world > 1:
+      acc = tuple(_pvary(x, axis) for x in acc)
+  return acc
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
@@ -406,43 +517,42 @@ def _ring_bwd_rule(spec, res, cts):
   q, k, v, qs, ks, out, lse = res
   dout, dlse = cts
   axis, world = spec.axis_name, spec.world
-  c = q.shape[1] // 2
-  diag, kinds = _step_kinds(spec, c)
-  dout = dout.astype(q.dtype)
-  dlse = dlse.astype(jnp.float32)
-  local = (q, out, lse, dout, dlse)
+  segments = ring_schedule(world, q.shape[1] // 2, spec.causal, spec.window)
+  rank = axis_size_and_rank(axis)[1] if world > 1 else 0
+  local = (q, qs, out, lse, dout.astype(q.dtype), dlse.astype(jnp.float32))
+  kv, dq, pending = (k, v, ks), None, None
+  # Software-pipelined: step s receives the dK, dV accumulators of the kv it
+  # visits (they were at the rank that held that kv at the previous step) and
+  # sends on the K, V of the next step. Neither send depends on this step's
+  # kernel, so both can run while it computes.
+  for seg in segments:
+    fns = [functools.partial(_calls_bwd, spec, calls, local) for calls in seg.kinds]
+    if seg.loop:
+      def step(s, carry, seg=seg, fns=fns):
+        kv, pending, dq = carry
+        nxt = _ppermute(kv, axis, world)
+        pending = _ppermute(pending, axis, world)
+        dq, grads = _run(seg, s - seg.steps[0], rank, fns, kv, dq)
+        return nxt, _add(pending, grads), dq
 
-  def grads(kind, kv):
-    q, out, lse, dout, dlse = local
-    k, v, ks = kv
-    return _step_bwd(spec, kind, q, k, v, qs, ks, out, lse, dout, dlse)
-
-  bwd = [lambda kv, kind=kind: grads(kind, kv) for kind in kinds]
-  kv = (k, v, ks)
-  dq, dk, dv = grads(diag, kv)
-  if world > 1:
-    _, rank = axis_size_and_rank(axis)
-    dq, dk, dv = (_pvary(x, axis) for x in (dq, dk, dv))
-    kv = _ppermute(kv, axis, world)
-    pending = (dk, dv)   # dK, dV of the kv that visited last, not yet sent on
-
-    # Software-pipelined: step s sends on the accumulators of step s-1's kv
-    # (they meet kv = this step's visitor on the next rank) and the K, V of
-    # step s+1. Neither send depends on this step's kernel, so inside one
-    # loop body both can run while it computes.
-    def step(s, carry):
-      kv, pending, dq = carry
-      nxt = _ppermute(kv, axis, world)
-      dk, dv = _ppermute(pending, axis, world)
-      gq, gk, gv = _choose(_offdiag_index(spec, rank, s), bwd, kv)
-      return nxt, (dk + gk, dv + gv), dq + gq
-
-    kv, pending, dq = jax.lax.fori_loop(1, world - 1, step, (kv, pending, dq))
-    dk, dv = _ppermute(pending, axis, world)
-    gq, gk, gv = _choose(_offdiag_index(spec, rank, world - 1), bwd, kv)
-    dq = dq + gq
-    dk, dv = _ppermute((dk + gk, dv + gv), axis, world)   # home to their owner
+      kv, pending, dq = jax.lax.fori_loop(seg.steps[0], seg.steps[-1] + 1, step,
+                                          (kv, pending, dq))
+    else:
+      nxt = _ppermute(kv, axis, world, seg.next_shift) if seg.next_shift else None
+      if seg.arrival:
+        pending = _ppermute(pending, axis, world, seg.arrival)
+      dq, grads = _run(seg, 0, rank, fns, kv, dq)
+      pending = _add(pending, grads)
+      kv = nxt
+    if seg.steps[0] == 0 and world > 1:
+      dq, pending = _pvary(dq, axis), tuple(_pvary(x, axis) for x in pending)
+  home = (world - segments[-1].steps[-1]) % world
+  dk, dv = _ppermute(pending, axis, world, home) if home else pending   # to their owner
   return (dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype), None, None)
+
+
+def _add(pending, grads):
+  return grads if pending is None else jax.tree.map(jnp.add, pending, grads)
 
 
 _ring_attention.defvjp(_ring_fwd_rule, _ring_bwd_rule)
@@ -475,7 +585,7 @@ def context_parallel_attention(q, k, v, mesh, axis_name, *, strategy="allgather"
                                segment_ids=None, q_segment_ids=None, kv_segment_ids=None,
                                batch_axis_name=None, backend="auto",
                                return_lse=False, config=None, interpret=None,
-                               backward="kernel"):
+                               backward="kernel", local_window_size=None):
   """Zigzag context-parallel self-attention of GLOBAL arrays in natural order.
 
   Shards the sequence (axis 1) over mesh axes ``cp.sequence_axes`` (and the
@@ -496,6 +606,8 @@ def context_parallel_attention(q, k, v, mesh, axis_name, *, strategy="allgather"
       of the sizes of ``axis_name`` (and ``ulysses_axis_name``) on ``mesh``.
     strategy, ulysses_axis_name: as in :class:`ContextParallel`.
     segment_ids / q_segment_ids / kv_segment_ids: [B, S] int (as in ``attention``).
+    local_window_size: sliding window over sequence positions, as in
+      :func:`jax_grouped_attn.attention`.
     Other arguments as in :func:`jax_grouped_attn.attention`.
 
   Returns:
@@ -514,7 +626,8 @@ def context_parallel_attention(q, k, v, mesh, axis_name, *, strategy="allgather"
   s_len = q.shape[1]
   problem = validate.make_problem(
       q, k, v, (QueryGroup(0, s_len, 0, s_len),), causal=causal, softmax_scale=softmax_scale,
-      q_segment_ids=q_segment_ids, kv_segment_ids=kv_segment_ids)
+      q_segment_ids=q_segment_ids, kv_segment_ids=kv_segment_ids,
+      local_window_size=local_window_size)
   return_lse = validate.check_bool("return_lse", return_lse)
   backward = validate.check_backward_mode(backward)
   cfg = as_attention_config(config)

@@ -20,7 +20,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jax_grouped_attn.groups import QueryGroup
+from jax_grouped_attn.groups import QueryGroup, kv_range
 
 
 def _check_rank(rank: int, world_size: int) -> None:
@@ -251,20 +251,27 @@ def shuffle_shard(x, axis_name, world_size: int, axis: int = 1, *, inverse: bool
 
 @dataclasses.dataclass(frozen=True)
 class RingStep:
-  """What the local q shard of one rank computes against one visiting K,V shard.
+  """One kernel call of a ring step: the local q shard of one rank against one
+  visiting K,V shard.
 
   Local rows ``[q_start, q_stop)`` of q (local shard: 2*chunk_len rows) attend
-  to rows ``[kv_start, kv_stop)`` of the visiting K,V shard as ``group``
-  (indices relative to those slices) with ``causal``. Other local rows see
-  nothing of that shard.
+  to rows ``[kv_start, kv_stop)`` of the visiting K,V shard as ``groups`` (one
+  QueryGroup or a tuple of them; indices and positions relative to those
+  slices) with ``causal`` and ``window`` (``Problem.window``). Other local
+  rows see nothing of that slice.
   """
 
   q_start: int
   q_stop: int
   kv_start: int
   kv_stop: int
-  group: QueryGroup
+  groups: tuple[QueryGroup, ...]
   causal: bool
+  window: tuple | None = None
+
+  def __post_init__(self):
+    if isinstance(self.groups, QueryGroup):
+      object.__setattr__(self, "groups", (self.groups,))
 
 
 def zigzag_ring_step(rank: int, source: int, world_size: int, chunk_len: int,
@@ -290,3 +297,113 @@ def zigzag_ring_step(rank: int, source: int, world_size: int, chunk_len: int,
   if source < rank:
     return RingStep(0, 2 * c, 0, c, QueryGroup(0, 2 * c, 0, c), False)
   return RingStep(c, 2 * c, 0, 2 * c, QueryGroup(0, c, 0, 2 * c), False)
+
+
+# ------------------------------------------------ ring steps with a window --
+
+def zigzag_ring_calls(rank: int, source: int, world_size: int, chunk_len: int,
+                      causal: bool = True, window=None) -> tuple[RingStep, ...]:
+  """The kernel calls of ``rank``'s q against the K,V shard of ``source``
+  under ``window`` (``Problem.window``: None or (left, right)); () when no
+  local row sees any visiting key. Calls never share a (row, key) pair.
+
+  Without a window this is ``(zigzag_ring_step(...),)``: causality only
+  orders the chunks. A window compares distances, so the steps depend on the
+  actual chunk indices: every (local chunk, visiting chunk) pair is
+  classified (none / full / partial visible), and the pairs are covered by one
+  call over the whole visiting shard when one set of relative positions
+  reproduces every pair's mask, else by one call per visiting chunk.
+  """
+  if window is None:
+    return (zigzag_ring_step(rank, source, world_size, chunk_len, causal),)
+  _check_rank(rank, world_size)
+  _check_rank(source, world_size)
+  if isinstance(chunk_len, bool) or not isinstance(chunk_len, int) or chunk_len < 1:
+    raise ValueError(f"chunk_len must be a positive int, got {chunk_len=}.")
+  return _ring_calls(zigzag_chunks(rank, world_size), zigzag_chunks(source, world_size),
+                     chunk_len, causal, tuple(window))
+
+
+def _block_class(d: int, c: int, causal: bool, window) -> str:
+  """How rows at positions d..d+c-1 see keys 0..c-1: "none", "full" or "part"."""
+  start, end = kv_range(d, d + c - 1, c, causal, window)
+  if end <= start:
+    return "none"
+  # The first row has the smallest end (causal, right), the last the largest start (left).
+  if kv_range(d, d, c, causal, window)[1] == c and (
+      kv_range(d + c - 1, d + c - 1, c, causal, window)[0] == 0):
+    return "full"
+  return "part"
+
+
+def _full_position(n: int, c: int, causal: bool, window):
+  """The smallest position p (or, with none, the largest) from which c rows
+  p..p+c-1 see all of keys 0..n-1; None if no p does. Canonical positions make
+  calls of different ranks equal (fewer switch branches)."""
+  left, right = window
+  lows = ([n - 1] if causal else []) + ([n - 1 - right] if right is not None else [])
+  high = None if left is None else left - c + 1
+  p = max(lows) if lows else (high if high is not None else 0)
+  return None if high is not None and p > high else p
+
+
+def _ring_calls(a_chunks, b_chunks, c: int, causal: bool, window) -> tuple[RingStep, ...]:
+  dist = [[(a - b) * c for b in b_chunks] for a in a_chunks]
+  kind = [[_block_class(d, c, causal, window) for d in row] for row in dist]
+  seen = [a for a in (0, 1) if kind[a] != ["none", "none"]]
+  used = [b for b in (0, 1) if any(kind[a][b] != "none" for a in (0, 1))]
+  if not used:
+    return ()
+
+  def exact(a, p, kv_len):
+    # Visiting chunk 0 sits at relative keys [0, c), chunk 1 at [c, 2c).
+    got = (_block_class(p, c, causal, window),
+           _block_class(p - c, c, causal, window) if kv_len == 2 * c else "none")
+    return all(g == kind[a][b] and (g != "part" or p - b * c == dist[a][b])
+               for b, g in enumerate(got))
+
+  if len(used) == 2:   # try one call over the whole visiting shard
+    entries = []
+    for a in seen:
+      cands = [(p, n) for n in (2 * c, c)
+               for p in (_full_position(n, c, causal, window), dist[a][1] + c, dist[a][0])
+               if p is not None]
+      fit = next(((p, n) for p, n in cands if exact(a, p, n)), None)
+      if fit is None:
+        break
+      entries.append((a, *fit))
+    else:
+      # Without a mask a group sees exactly its prefix [0, kv_len).
+      prefix = lambda n: ["full", "full" if n == 2 * c else "none"]
+      masked = any(kind[a] != prefix(n) for a, _, n in entries)
+      return (_make_call(entries, 0, 2, c, masked, causal, window),)
+  calls = []
+  for b in used:   # one call per visiting chunk
+    entries = []
+    for a in (0, 1):
+      if kind[a][b] == "full":
+        entries.append((a, _full_position(c, c, causal, window), c))
+      elif kind[a][b] == "part":
+        entries.append((a, dist[a][b], c))
+    masked = any(kind[a][b] == "part" for a in (0, 1))
+    calls.append(_make_call(entries, b, b + 1, c, masked, causal, window))
+  return tuple(calls)
+
+
+def _make_call(entries, kv_lo: int, kv_hi: int, c: int, masked: bool, causal: bool,
+               window) -> RingStep:
+  """A RingStep from (local chunk, position, kv_len) entries over visiting
+  chunks [kv_lo, kv_hi); an unmasked call drops the positions and merges groups."""
+  q_start, q_stop = entries[0][0] * c, (entries[-1][0] + 1) * c
+  groups = []
+  for a, p, kv_len in entries:
+    p = p if masked else 0
+    prev = groups[-1] if groups else None
+    if prev is not None and prev.kv_len == kv_len and (
+        not masked or prev.q_pos + prev.q_len == p):
+      groups[-1] = QueryGroup(prev.q_start, prev.q_len + c, prev.q_pos, kv_len)
+    else:
+      groups.append(QueryGroup(a * c - q_start, c, p, kv_len))
+  return RingStep(q_start, q_stop, kv_lo * c, kv_hi * c, tuple(groups),
+                  causal if masked else False,
+                  window if masked and window != (None, None) else None)

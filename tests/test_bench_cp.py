@@ -43,6 +43,28 @@ def test_bench_cp_smoke_checks_every_row_and_reads_the_ring_schedule(tmp_path):
              and r["independent"] for r in loops), loops
 
 
+def test_bench_cp_smoke_with_a_sliding_window(tmp_path):
+  # Every row with local_window_size=(5, 0) (chunks of 8 tokens: the window
+  # crosses their borders): each cp row agrees with the windowed 1-device
+  # result, which agrees with the windowed fp32 oracle.
+  if common.on_gpu():
+    pytest.skip("smoke mode is the CPU path")
+  res = bench_cp.main(["--smoke", "--window", "5", "--out", str(tmp_path), "--passes",
+                       "fwdbwd", "--reps", "1", "--warmup", "0"])
+  rows = res["rows"]
+  bad = [(r["label"], r["status"], r.get("reason")) for r in rows if r["status"] != "ok"]
+  assert not bad, bad
+  assert res["settings"]["window"] == 5
+  assert {"allgather xla", "ring xla", "ulysses xla", "ring+ulysses xla"} <= {
+      r["label"] for r in rows}
+  for r in rows:
+    if r["kind"] == "single" and r["backend"] == "xla":
+      assert all(c["ok"] for c in r["oracle_check"].values()), r["oracle_check"]
+    elif r["kind"] != "single":
+      assert set(r["passes"]["fwdbwd"]["check"]) == {"out", "dq", "dk", "dv"}
+  assert "sliding window 5" in (tmp_path / "bench_cp.md").read_text()
+
+
 def test_hlo_overlap_reads_async_pairs():
   text = """HloModule m, is_scheduled=true
 
@@ -76,6 +98,22 @@ def test_llama_compare_data_vs_context_parallel_on_cpu(tmp_path):
   losses = [r["first_loss"] for r in res]
   assert max(losses) - min(losses) < 1e-4, losses
   assert json.loads(out.read_text())["results"][1]["layout"].endswith("strategy=ulysses")
+
+
+def test_llama_sliding_window_in_every_mode_on_cpu():
+  # --window reaches the attention in every layout: the same first-step loss
+  # everywhere (the sequence is 4 chunks of 8 tokens: the window of 5 crosses
+  # chunk borders), and not the loss without a window.
+  from benchmarks import llama  # noqa: PLC0415
+  common_args = ["--preset", "tiny", "--backend", "xla", "--batch", "2", "--seq", "32",
+                 "--steps", "1", "--warmup", "1", "--devices", "2"]
+  res = llama.main(common_args + ["--window", "5",
+                                  "--compare", "single,dp,allgather,ring,ulysses"])
+  assert all("error" not in r and r["window"] == 5 for r in res), res
+  losses = [r["first_loss"] for r in res]
+  assert max(losses) - min(losses) < 1e-4, losses
+  full = llama.main(common_args + ["--compare", "single"])[0]["first_loss"]
+  assert abs(full - losses[0]) > 1e-4, (full, losses)
 
 
 @pytest.mark.gpu

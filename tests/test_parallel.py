@@ -12,18 +12,20 @@ import subprocess
 import sys
 
 import jax
+import jax.extend
 import jax.numpy as jnp
 import numpy as np
 import pytest
 from jax.sharding import PartitionSpec as P
 
 import jax_grouped_attn as ga
-from jax_grouped_attn import autodiff, zigzag
-from jax_grouped_attn.groups import row_positions
-from jax_grouped_attn.parallel import ContextParallel, merge_partials
+from jax_grouped_attn import autodiff, registry, validate, zigzag
+from jax_grouped_attn.groups import row_positions, visible
+from jax_grouped_attn.parallel import ContextParallel, merge_partials, ring_steps
 from jax_grouped_attn.plan import Problem
 from jax_grouped_attn.vma import pvary, varying_axes
-from cases import KERNEL_BACKENDS, SMALL, Case, assert_matches, lowp_grads, lowp_reference
+from cases import (KERNEL_BACKENDS, SMALL, Case, assert_matches, lowp_grads, lowp_reference,
+                   problem_of)
 
 F32, BF16 = jnp.float32, jnp.bfloat16
 
@@ -92,7 +94,7 @@ def _out_lse_grads(fn, q, k, v, dout, dlse):
 
 def check_context_parallel(world, strategy, backend, *, causal=True, dtype=F32,
                            hq=4, hk=2, d=32, b=1, chunk=16, segments=None, seed=0,
-                           config="small"):
+                           config="small", window=None):
   """context_parallel_attention over a ``world``-device mesh == reference
   (config "small": ``_small(backend)``)."""
   mesh = _mesh(world)
@@ -102,26 +104,26 @@ def check_context_parallel(world, strategy, backend, *, causal=True, dtype=F32,
   cp = lambda q, k, v: ga.context_parallel_attention(
       q, k, v, mesh, "cp", strategy=strategy, causal=causal, backend=backend,
       return_lse=True, config=_small(backend) if config == "small" else config,
-      backward=_backward_mode(backend), **seg)
-  assert_cp_matches(f"W{world}-{strategy}-{backend}", cp, q, k, v, dout, dlse, seg,
-                    causal=causal)
+      backward=_backward_mode(backend), local_window_size=window, **seg)
+  assert_cp_matches(f"W{world}-{strategy}-{backend}-{window}", cp, q, k, v, dout, dlse, seg,
+                    causal=causal, window=window)
 
 
-def assert_cp_matches(name, fn, q, k, v, dout, dlse, seg, *, causal):
+def assert_cp_matches(name, fn, q, k, v, dout, dlse, seg, *, causal, window=None):
   """fn(q, k, v) -> (out, lse) (context parallel, global arrays) against the
-  single-device reference: out, lse and dq/dk/dv under (dout, dlse), each
-  calibrated by the same attention in q's dtype."""
+  single-device reference (with ``window`` as local_window_size): out, lse and
+  dq/dk/dv under (dout, dlse), each calibrated by the same attention in q's dtype."""
   b, s, hq, d = q.shape
   f32 = lambda x: x.astype(F32)
   ref = lambda q, k, v: ga.attention(q, k, v, causal=causal, backend="xla",
-                                     return_lse=True, **seg)
+                                     return_lse=True, local_window_size=window, **seg)
   want = jax.jit(lambda *a: _out_lse_grads(ref, *a))(f32(q), f32(k), f32(v), f32(dout), dlse)
   got = jax.jit(lambda *a: _out_lse_grads(fn, *a))(q, k, v, dout, dlse)
   assert got[0].dtype == q.dtype and got[0].shape == q.shape
   assert got[1].dtype == F32 and got[1].shape == (b, hq, s)
   # The low-precision reference: the same single-device attention in q's dtype.
   case = Case("cp", (ga.QueryGroup(0, s, 0, s),), s, hq=hq, hk=k.shape[2], d=d, batch=b,
-              causal=causal, segments=bool(seg), dtype=q.dtype)
+              causal=causal, segments=bool(seg), dtype=q.dtype, window=window)
   qs = seg.get("q_segment_ids", seg.get("segment_ids"))
   ks = seg.get("kv_segment_ids", seg.get("segment_ids"))
   lowp = (lowp_reference(case, q, k, v, qs, ks)
@@ -229,7 +231,7 @@ def test_ring_steps_match_the_global_mask(causal):
         k_pos = order[src * 2 * c:(src + 1) * 2 * c]
         want = (k_pos[None] <= q_pos[:, None]) if causal else np.ones((2 * c, 2 * c), bool)
         st = zigzag.zigzag_ring_step(r, src, world, c, causal=causal)
-        pos, kv_len = row_positions((st.group,), st.q_stop - st.q_start)
+        pos, kv_len = row_positions(st.groups, st.q_stop - st.q_start)
         j = np.arange(st.kv_stop - st.kv_start)
         m = j[None] < kv_len[:, None]
         if st.causal:
@@ -237,6 +239,111 @@ def test_ring_steps_match_the_global_mask(causal):
         got = np.zeros_like(want)
         got[st.q_start:st.q_stop, st.kv_start:st.kv_stop] = m
         np.testing.assert_array_equal(got, want, err_msg=f"{world=} {r=} {src=}")
+
+
+RING_WINDOWS = [(0, None), (1, None), (3, None), (4, None), (5, None), (9, None), (17, None),
+                (None, 0), (2, 0), (0, 2), (3, 5), (8, 1), (None, 7), (13, None)]
+
+
+@pytest.mark.parametrize("causal", [True, False])
+def test_ring_calls_match_the_global_mask_with_windows(causal):
+  # Each (rank, source) step's calls cover exactly the visible pairs of the
+  # global windowed mask, each pair once (their partials are merged). Without
+  # a window the general construction gives zigzag_ring_step's single call.
+  windows = [w for w in RING_WINDOWS if not causal or w[0] is not None]
+  for world in (1, 2, 3, 5, 8):
+    for c in (1, 4):
+      order = zigzag.zigzag_order(2 * world * c, world)
+      for window in windows + [None]:
+        w = validate.check_window(window, causal)
+        for r in range(world):
+          q_pos = order[r * 2 * c:(r + 1) * 2 * c]
+          for src in range(world):
+            k_pos = order[src * 2 * c:(src + 1) * 2 * c]
+            want = np.broadcast_to(visible(q_pos[:, None], k_pos[None], 2 * world * c,
+                                           causal=causal, window=w), (2 * c, 2 * c))
+            calls = zigzag.zigzag_ring_calls(r, src, world, c, causal=causal, window=w)
+            got = np.zeros((2 * c, 2 * c), int)
+            for st in calls:
+              pos, kv_len = row_positions(st.groups, st.q_stop - st.q_start)
+              j = np.arange(st.kv_stop - st.kv_start)
+              got[st.q_start:st.q_stop, st.kv_start:st.kv_stop] += visible(
+                  pos[:, None], j[None], kv_len[:, None], causal=st.causal, window=st.window)
+            err = f"{world=} {c=} {w=} {r=} {src=} {calls}"
+            assert got.max() <= 1, err
+            np.testing.assert_array_equal(got.astype(bool), want, err_msg=err)
+            general = zigzag._ring_calls(zigzag.zigzag_chunks(r, world),
+                                         zigzag.zigzag_chunks(src, world), c, causal,
+                                         w or (None, None))
+            if w is None:
+              assert general == calls, err
+            else:
+              assert general == calls and len(calls) <= 2, err
+
+
+def test_ring_skips_steps_outside_the_window():
+  # A causal window of left size L runs steps 0..n and W-n..W-1 only,
+  # n = ceil(L / c): min(W, 2n + 1) of W.
+  assert ring_steps(4, 1024, True, None) == (0, 1, 2, 3)
+  assert ring_steps(4, 1024, True, (512, None)) == (0, 1, 3)
+  assert ring_steps(8, 1024, True, (512, None)) == (0, 1, 7)
+  assert ring_steps(8, 1024, True, (2048, None)) == (0, 1, 2, 6, 7)
+  assert ring_steps(8, 1024, False, (100, 1500)) == (0, 1, 2, 6, 7)
+  assert ring_steps(8, 1024, False, (0, 0)) == (0,)   # only the own shard's diagonals
+  for world in (1, 2, 4, 8):
+    for left in (0, 1, 15, 16, 17, 40, 1000):
+      n = -(-left // 16)
+      steps = ring_steps(world, 16, True, (left, None))
+      assert len(steps) == min(world, 2 * n + 1), (world, left, steps)
+  # What runs: with W = 8, c = 16, window 16 (n = 1), K, V move by 1 (step 0 ->
+  # 1) and then by 6 (step 1 -> 7), with no loop; without a window a loop
+  # moves them by 1 per step. The backward sends dK, dV home by 1 at the end.
+  world, s = 8, 8 * 32
+  mesh = _mesh(world)
+  x = jax.ShapeDtypeStruct((1, s, 2, 32), F32)
+
+  def trace(window):
+    fn = lambda q, k, v: ga.context_parallel_attention(
+        q, k, v, mesh, "cp", strategy="ring", causal=True, backend="xla",
+        local_window_size=window)
+    fwd = jax.make_jaxpr(fn)(x, x, x)
+    bwd = jax.make_jaxpr(jax.grad(lambda *a: jnp.sum(fn(*a)), argnums=(0, 1, 2)))(x, x, x)
+    return _primitives(fwd.jaxpr), _primitives(bwd.jaxpr)
+
+  fwd, bwd = trace((16, None))
+  assert not LOOPS & (set(fwd) | set(bwd))
+  assert _ring_shifts(fwd, world) == [1, 1, 6, 6]   # k and v
+  assert sorted(set(_ring_shifts(bwd, world))) == [1, 6]
+  fwd, _ = trace(None)
+  assert LOOPS & set(fwd) and set(_ring_shifts(fwd, world)) == {1}
+
+
+LOOPS = {"while", "scan"}   # fori_loop with static bounds is a scan
+
+
+def _primitives(jaxpr):
+  """{primitive name: [eqn params]} of ``jaxpr`` and all its sub-jaxprs."""
+  found = {}
+
+  def walk(j):
+    for eqn in j.eqns:
+      found.setdefault(eqn.primitive.name, []).append(eqn.params)
+      for sub in jax.extend.core.jaxprs_in_params(eqn.params):
+        walk(sub)
+
+  walk(jaxpr)
+  return found
+
+
+def _ring_shifts(prims, world):
+  """How far each ring ppermute moves its data (the ones that rotate every rank
+  by the same shift; the zigzag shuffles are not rotations)."""
+  shifts = []
+  for params in prims.get("ppermute", []):
+    moves = {(dst - src) % world for src, dst in params["perm"]}
+    if len(params["perm"]) == world and len(moves) == 1:
+      shifts.append(moves.pop())
+  return sorted(shifts)
 
 
 def test_merge_partials_is_exact_and_nan_free():
@@ -293,6 +400,39 @@ XLA_MATRIX = [
 def test_xla_backend_matches_reference(world, causal, dtype, hq, hk, segments, strategy):
   check_context_parallel(world, strategy, "xla", causal=causal, dtype=dtype, hq=hq,
                          hk=hk, segments=segments, b=2, seed=world)
+
+
+WINDOW_MATRIX = [
+    # (world, causal, window, dtype, hq, hk, segments)
+    (2, True, (5, None), F32, 4, 2, None),          # a few rows of the neighbour chunk
+    (4, True, (40, None), BF16, 4, 1, "shared"),    # wider than two chunks; MQA; documents
+    (4, False, (3, 9), F32, 4, 2, None),            # both sides, non-causal
+    (4, False, (None, 20), F32, 2, 2, "split"),     # right side only; rows that see nothing
+    (8, True, (16, None), F32, 4, 2, None),         # one chunk: ring steps 0, 1, 7 of 8
+]
+
+
+@pytest.mark.parametrize("strategy", ["allgather", "ring"])
+@pytest.mark.parametrize("world,causal,window,dtype,hq,hk,segments", WINDOW_MATRIX,
+                         ids=lambda x: getattr(x, "__name__", str(x)))
+def test_sliding_window_matches_reference(world, causal, window, dtype, hq, hk, segments,
+                                          strategy):
+  check_context_parallel(world, strategy, "xla", causal=causal, dtype=dtype, hq=hq, hk=hk,
+                         segments=segments, b=2, seed=60 + world, window=window)
+
+
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
+@pytest.mark.parametrize("strategy", ["allgather", "ring"])
+def test_sliding_window_with_kernel_backends(strategy, backend):
+  # Runs once the backend has window kernels (supports() accepts the window).
+  world, chunk, window = 2, 16, (11, None)
+  case = Case("cp_window", (ga.QueryGroup(0, 2 * chunk, 0, 2 * chunk),), 2 * chunk, hq=4,
+              hk=2, d=32, batch=1, dtype=BF16, window=window)
+  why = registry.get(backend).supports(problem_of(case), BF16)
+  if why is not None:
+    pytest.skip(why)
+  check_context_parallel(world, strategy, backend, dtype=BF16, chunk=chunk,
+                         segments="split", seed=70, window=window)
 
 
 # ------------------------------------------ kernel backends (interpreted) --

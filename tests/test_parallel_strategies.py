@@ -32,7 +32,7 @@ def _mesh(shape, names):
 
 def check(mesh, axis_name, strategy, backend="xla", *, ulysses_axis_name=None, causal=True,
           dtype=F32, hq=4, hk=2, d=32, b=2, chunk=8, segments=None, seed=0,
-          batch_axis_name=None, config=SMALL):
+          batch_axis_name=None, config=SMALL, window=None):
   """context_parallel_attention on ``mesh`` == reference: out, lse, dq, dk, dv."""
   cp = ContextParallel(axis_name, strategy, ulysses_axis_name)
   world = int(np.prod([mesh.shape[n] for n in cp.sequence_axes]))
@@ -42,9 +42,9 @@ def check(mesh, axis_name, strategy, backend="xla", *, ulysses_axis_name=None, c
   fn = lambda q, k, v: ga.context_parallel_attention(
       q, k, v, mesh, axis_name, strategy=strategy, ulysses_axis_name=ulysses_axis_name,
       causal=causal, backend=backend, return_lse=True, batch_axis_name=batch_axis_name,
-      config=None if backend == "xla" else config, **seg)
-  assert_cp_matches(f"{dict(mesh.shape)}-{strategy}-{ulysses_axis_name}-{backend}", fn,
-                    q, k, v, dout, dlse, seg, causal=causal)
+      config=None if backend == "xla" else config, local_window_size=window, **seg)
+  assert_cp_matches(f"{dict(mesh.shape)}-{strategy}-{ulysses_axis_name}-{backend}-{window}",
+                    fn, q, k, v, dout, dlse, seg, causal=causal, window=window)
 
 
 # ------------------------------------------------------------ ulysses, 1-D --
@@ -97,6 +97,32 @@ def test_two_d_matches_reference(outer, inner, strategy, causal, dtype, hq, hk, 
   mesh = _mesh((outer, inner), ("node", "gpu"))
   check(mesh, "node", strategy, ulysses_axis_name="gpu", causal=causal, dtype=dtype, hq=hq,
         hk=hk, segments=segments, seed=40 + outer * inner)
+
+
+WINDOW_MATRIX = [
+    # (outer, inner, strategy, causal, window, hq, hk, segments); "ulysses":
+    # plain Ulysses over ``outer`` devices (inner unused)
+    (2, 1, "ulysses", True, (5, None), 4, 2, None),
+    (4, 1, "ulysses", False, (3, 9), 8, 2, "shared"),   # kv heads repeated; order matters now
+    (8, 1, "ulysses", True, (20, None), 8, 1, None),
+    (2, 2, "ring", True, (11, None), 4, 2, "shared"),
+    (2, 2, "allgather", False, (6, 2), 4, 2, None),
+    (2, 4, "ring", False, (None, 20), 8, 2, "split"),
+    (4, 2, "allgather", True, (40, None), 2, 1, None),
+]
+
+
+@pytest.mark.parametrize("outer,inner,strategy,causal,window,hq,hk,segments", WINDOW_MATRIX,
+                         ids=lambda x: getattr(x, "__name__", str(x)))
+def test_sliding_window_matches_reference(outer, inner, strategy, causal, window, hq, hk,
+                                          segments):
+  kw = dict(causal=causal, hq=hq, hk=hk, segments=segments, seed=80 + outer * inner,
+            window=window)
+  if strategy == "ulysses":
+    check(_mesh((outer,), ("cp",)), "cp", "ulysses", **kw)
+  else:
+    check(_mesh((outer, inner), ("node", "gpu")), "node", strategy, ulysses_axis_name="gpu",
+          **kw)
 
 
 def test_two_d_with_a_kernel_backend():
