@@ -11,9 +11,10 @@ Rows per S (B x S x Hq x Hk x D, bf16, causal, ``local_window_size=(window, 0)``
                     same window (GPU only)
 Every windowed row is checked before it is timed: its output on the first and
 last ``--check-rows`` rows against the exact fp32 reference of that slice (a
-window makes a slice of rows depend only on a slice of keys), and, at the
-smallest S, its gradients on four query heads against the reference's
-(calibrated tolerances, tests/tolerance.py). Linearity: ms per 1K tokens at
+window makes a slice of rows depend only on a slice of keys), and its
+gradients on four query heads of an S = ``--grad-check-seq`` problem against
+the reference's (calibrated tolerances, tests/tolerance.py). The JSON is
+rewritten after every row, so a run cut short keeps what it measured. Linearity: ms per 1K tokens at
 each S, and the least-squares fit time = a + b * S with its R^2, per row.
 Writes bench_window.json, bench_window.md and bench_window.png to --out.
 """
@@ -117,18 +118,32 @@ def _fit(seqs, times):
   return float(a), float(b), r2
 
 
-def run(args) -> dict:
+def run(args, on_row=lambda res: None) -> dict:
   env = common.environment()
   gpu = common.on_gpu()
   hq, hk, d = args.heads
   backends = args.backends or [b for b in ("pallas_mosaic", "triton")
                                if registry.get(b).unavailable(jax.default_backend()) is None]
   impls = _impls(backends, args.window, not args.no_full, gpu and not args.no_cudnn)
-  results = []
+  results, fits = [], {}
+  res = {"environment": env, "timings_meaningful": gpu and not args.smoke,
+         "settings": {"window": args.window, "heads": args.heads, "dtype": args.dtype,
+                      "seqs": args.seqs, "passes": args.passes, "reps": args.reps},
+         "rows": results, "fits": fits, "grad_checks": {}}
+  dt = jnp.dtype(args.dtype)
+  for label, fn, windowed in impls:   # gradients once per windowed row, on a small problem
+    if windowed:
+      ks = jax.random.split(jax.random.PRNGKey(1), 3)
+      t = args.grad_check_seq
+      q, k, v = (jax.random.normal(kk, (1, t, h, d), jnp.float32).astype(dt)
+                 for kk, h in zip(ks, (hq, hk, hk)))
+      try:
+        res["grad_checks"][label] = _grad_check(fn, q, k, v, args.window)
+      except Exception as e:  # noqa: BLE001 -- reported in the row
+        res["grad_checks"][label] = {"error": f"{type(e).__name__}: {e}"[:600]}
   for s in args.seqs:
     key = jax.random.PRNGKey(s)
     kq, kk, kv, kd = jax.random.split(key, 4)
-    dt = jnp.dtype(args.dtype)
     q = jax.random.normal(kq, (1, s, hq, d), jnp.float32).astype(dt)
     k = jax.random.normal(kk, (1, s, hk, d), jnp.float32).astype(dt)
     v = jax.random.normal(kv, (1, s, hk, d), jnp.float32).astype(dt)
@@ -146,9 +161,9 @@ def run(args) -> dict:
         if windowed:
           row["check"] = {f"out[{sl.start}:{sl.stop}]": _check("out", out[:, sl], *ref)
                           for sl, ref in zip(slices, refs)}
-          if s == min(args.seqs):
-            row["check"].update(_grad_check(fn, q, k, v, args.window))
-          bad = {n_: c["why"] for n_, c in row["check"].items() if not c["ok"]}
+          row["check"].update(res["grad_checks"][label])
+          bad = {n_: c.get("why", c.get("error")) for n_, c in row["check"].items()
+                 if not c.get("ok")}
           if bad:
             raise AssertionError(f"check failed: {bad}")
         del out
@@ -168,7 +183,7 @@ def run(args) -> dict:
       results.append(row)
       times = {p: f"{r['median_ms']:.3f} ms" for p, r in row["passes"].items()}
       log(f"S{s:<7} {label:<22} {row['status']:<6} {times} {row.get('reason', '')}")
-  fits = {}
+      on_row(res)
   for label, _, _ in impls:
     for pass_ in args.passes:
       pts = [(r["seq"], r["passes"][pass_]["median_ms"]) for r in results
@@ -177,10 +192,7 @@ def run(args) -> dict:
       if fit:
         fits[f"{label} {pass_}"] = {"intercept_ms": fit[0], "ms_per_1k_tokens": fit[1] * 1024,
                                     "r2": fit[2]}
-  return {"environment": env, "timings_meaningful": gpu and not args.smoke,
-          "settings": {"window": args.window, "heads": args.heads, "dtype": args.dtype,
-                       "seqs": args.seqs, "passes": args.passes, "reps": args.reps},
-          "rows": results, "fits": fits}
+  return res
 
 
 def markdown(res) -> str:
@@ -251,15 +263,17 @@ def parse_args(argv=None):
   ap.add_argument("--backends", default="", help="comma list (default: the GPU kernel backends)")
   ap.add_argument("--passes", default="fwd,fwdbwd")
   ap.add_argument("--check-rows", type=int, default=512)
+  ap.add_argument("--grad-check-seq", type=int, default=2048)
   ap.add_argument("--no-full", action="store_true", help="skip the unwindowed contrast rows")
   ap.add_argument("--no-cudnn", action="store_true")
-  ap.add_argument("--reps", type=int, default=20)
+  ap.add_argument("--reps", type=int, default=10)
   ap.add_argument("--warmup", type=int, default=3)
   ap.add_argument("--smoke", action="store_true", help="CPU: tiny shapes, backends xla,triton")
   ap.add_argument("--out", default="benchmarks/results/window")
   args = ap.parse_args(argv)
   if args.smoke:
     args.seqs, args.heads, args.window, args.check_rows = "64,128", "4,2,32", 16, 24
+    args.grad_check_seq = 64
     args.backends = args.backends or "xla,triton"
     args.reps, args.warmup = 1, 0
   args.seqs = [int(x) for x in args.seqs.split(",")]
@@ -277,9 +291,13 @@ def parse_args(argv=None):
 def main(argv=None) -> dict:
   args = parse_args(argv)
   os.makedirs(args.out, exist_ok=True)
-  res = run(args)
-  with open(os.path.join(args.out, "bench_window.json"), "w") as f:
-    json.dump(res, f, indent=1)
+
+  def write_json(res):
+    with open(os.path.join(args.out, "bench_window.json"), "w") as f:
+      json.dump(res, f, indent=1)
+
+  res = run(args, write_json)
+  write_json(res)
   with open(os.path.join(args.out, "bench_window.md"), "w") as f:
     f.write(markdown(res))
   plot(res, args.out)

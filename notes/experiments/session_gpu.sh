@@ -34,13 +34,17 @@ for mode in "${@:-tests}"; do
     rm -rf "$OUT/causal";;
   window)
     timeout ${WINDOW_S:-240} python3 -m benchmarks.bench_window --out "$OUT/window" \
-        --backends pallas_mosaic,triton 2>&1 | tail -40;;
+        --backends pallas_mosaic,triton 2>&1 | tail -40
+    cp "$OUT/window/bench_window.md" "$OUT/window.md" 2>/dev/null;;
   tune)   # Mosaic configs into (a copy of) the package's table: commit $OUT/tuned/*.json
     mkdir -p "$OUT/tuned" && cp jax_grouped_attn/tuned/*.json "$OUT/tuned/"
     timeout ${TUNE_S:-240} python3 -m benchmarks.tune --quick --backends pallas_mosaic \
-        --head-dims 128,64,256 --budget-s $(( ${TUNE_S:-240} - 30 )) --out "$OUT/tuned" 2>&1 | tail -25;;
+        --head-dims ${TUNE_DIMS:-128,64,256} --budget-s $(( ${TUNE_S:-240} - 30 )) --out "$OUT/tuned" 2>&1 | tail -25;;
   ncu)
+    # Only our Pallas kernels (*_kernel) and cuDNN's (sdpa): XLA's autotuning and
+    # fusion kernels are skipped.
     timeout ${NCU_S:-150} ncu --clock-control none --target-processes all \
+        -k 'regex:_kernel|sdpa|mosaic' --launch-count 10 \
         --section SpeedOfLight --section ComputeWorkloadAnalysis --section Occupancy \
         --section LaunchStats --section WarpStateStats \
         python3 notes/experiments/ncu_target.py pallas_mosaic cudnn > "$OUT/ncu.log" 2>&1

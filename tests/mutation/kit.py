@@ -76,8 +76,8 @@ MUTANTS = [
            ("tests/test_backward.py::test_lse_cotangent_only[triton]",
             f"{GRADS}[zigzag_r0w2c16-triton]")),
     Mutant("ring_skipped_step", "logic", "jax_grouped_attn/parallel.py",
-           "  kv, out, lse = jax.lax.fori_loop(1, world - 1, step, (kv, out, lse))",
-           "  kv, out, lse = jax.lax.fori_loop(2, world - 1, step, (kv, out, lse))",
+           "      kv, acc = jax.lax.fori_loop(seg.steps[0], seg.steps[-1] + 1, step, (kv, acc))",
+           "      kv, acc = jax.lax.fori_loop(seg.steps[0], seg.steps[-1], step, (kv, acc))",
            ("tests/test_parallel.py::test_xla_backend_matches_reference"
             "[4-True-float32-4-4-split-ring]",),
            why="one kv shard never visits (W >= 3)"),
@@ -266,7 +266,11 @@ def run_mutant(m: Mutant, timeout: int, gpu: bool = False) -> dict:
   with tempfile.TemporaryDirectory(prefix=f"jga-mutant-{m.name}-") as tmp:
     scratch_copy(tmp)
     apply(m, tmp)
-    env = dict(os.environ, PYTHONPATH=tmp, PYTHONDONTWRITEBYTECODE="1")
+    # The scratch copy first; the rest of PYTHONPATH stays (e.g. where the GPU
+    # machine's jax-triton wheel is installed).
+    path = os.pathsep.join([tmp] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep)
+                                    if p and os.path.abspath(p) != ROOT])
+    env = dict(os.environ, PYTHONPATH=path, PYTHONDONTWRITEBYTECODE="1")
     check = ("import jax_grouped_attn, jax_grouped_attn.pallas.kernels as k, sys; "
              f"sys.exit(0 if k.__file__.startswith({tmp!r}) else 3)")
     if subprocess.run([sys.executable, "-c", check], cwd=tmp, env=env).returncode:
@@ -284,7 +288,7 @@ def run_mutant(m: Mutant, timeout: int, gpu: bool = False) -> dict:
       elif failed:
         caught = failed[0]
       elif proc.returncode in (4, 5):   # usage error / no tests collected
-        raise SystemExit(f"{m.name}: pytest could not run {m.tests}:\n{log[-2000:]}")
+        raise SystemExit(f"{m.name}: pytest could not run {tests}:\n{log[-2000:]}")
       else:
         caught = f"(pytest exit {proc.returncode})"
     except subprocess.TimeoutExpired:
