@@ -184,15 +184,22 @@ def run(args, on_row=lambda res: None) -> dict:
       times = {p: f"{r['median_ms']:.3f} ms" for p, r in row["passes"].items()}
       log(f"S{s:<7} {label:<22} {row['status']:<6} {times} {row.get('reason', '')}")
       on_row(res)
-  for label, _, _ in impls:
-    for pass_ in args.passes:
-      pts = [(r["seq"], r["passes"][pass_]["median_ms"]) for r in results
+  add_fits(res)
+  return res
+
+
+def add_fits(res) -> None:
+  """res["fits"]: per row and pass, the least-squares line through its timings."""
+  fits = res["fits"]
+  rows = res["rows"]
+  for label in dict.fromkeys(r["impl"] for r in rows):
+    for pass_ in res["settings"]["passes"]:
+      pts = [(r["seq"], r["passes"][pass_]["median_ms"]) for r in rows
              if r["impl"] == label and r["status"] == "ok" and pass_ in r["passes"]]
       fit = _fit(*zip(*pts)) if len(pts) >= 2 else None
       if fit:
         fits[f"{label} {pass_}"] = {"intercept_ms": fit[0], "ms_per_1k_tokens": fit[1] * 1024,
-                                    "r2": fit[2]}
-  return res
+                                    "r2": fit[2], "points": len(pts)}
 
 
 def markdown(res) -> str:
@@ -216,11 +223,11 @@ def markdown(res) -> str:
                      else (r or {}).get("status", "-"))
       lines.append(f"| {s} | " + " | ".join(cells) + " |")
     lines.append("")
-  lines += ["## Linear fit time = a + b S", "", "| row | a (ms) | b (ms per 1K tokens) | R^2 |",
-            "|---|---|---|---|"]
+  lines += ["## Linear fit time = a + b S", "",
+            "| row | a (ms) | b (ms per 1K tokens) | R^2 | points |", "|---|---|---|---|---|"]
   for name, f in res["fits"].items():
     lines.append(f"| {name} | {f['intercept_ms']:.3f} | {f['ms_per_1k_tokens']:.4f} | "
-                 f"{f['r2']:.4f} |")
+                 f"{f['r2']:.4f} | {f.get('points', '')} |")
   return "\n".join(lines) + "\n"
 
 
@@ -270,6 +277,9 @@ def parse_args(argv=None):
   ap.add_argument("--warmup", type=int, default=3)
   ap.add_argument("--smoke", action="store_true", help="CPU: tiny shapes, backends xla,triton")
   ap.add_argument("--out", default="benchmarks/results/window")
+  ap.add_argument("--render", metavar="JSON",
+                  help="only rewrite the markdown and PNG (and fits) of a saved, possibly "
+                       "partial, bench_window.json into --out")
   args = ap.parse_args(argv)
   if args.smoke:
     args.seqs, args.heads, args.window, args.check_rows = "64,128", "4,2,32", 16, 24
@@ -291,6 +301,17 @@ def parse_args(argv=None):
 def main(argv=None) -> dict:
   args = parse_args(argv)
   os.makedirs(args.out, exist_ok=True)
+  if args.render:
+    with open(args.render) as f:
+      res = json.load(f)
+    res["fits"] = {}
+    add_fits(res)
+    with open(os.path.join(args.out, "bench_window.json"), "w") as f:
+      json.dump(res, f, indent=1)
+    with open(os.path.join(args.out, "bench_window.md"), "w") as f:
+      f.write(markdown(res))
+    plot(res, args.out)
+    return res
 
   def write_json(res):
     with open(os.path.join(args.out, "bench_window.json"), "w") as f:
