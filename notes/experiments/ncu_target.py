@@ -1,6 +1,7 @@
 """ncu target: one jitted fwd+bwd of each named implementation (default all),
-S8192 Hq32 Hk8 D128 bf16 causal:
+bf16 causal, B1 S8192 Hq32 Hk8 D128 unless NCU_SHAPE=SxHqxHkxD says otherwise:
   python3 notes/experiments/ncu_target.py [pallas_mosaic] [triton] [pallas_triton] [cudnn]"""
+import os
 import sys
 
 import jax
@@ -9,7 +10,7 @@ import numpy as np
 
 import jax_grouped_attn as ga
 
-S, HQ, HK, D = 8192, 32, 8, 128
+S, HQ, HK, D = (int(x) for x in os.environ.get("NCU_SHAPE", "8192x32x8x128").split("x"))
 rng = np.random.default_rng(0)
 mk = lambda *s: jnp.asarray(rng.standard_normal(s), jnp.bfloat16)
 q, k, v, do = mk(1, S, HQ, D), mk(1, S, HK, D), mk(1, S, HK, D), mk(1, S, HQ, D)

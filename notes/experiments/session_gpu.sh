@@ -44,10 +44,10 @@ for mode in "${@:-tests}"; do
     # Only our Pallas kernels (*_kernel) and cuDNN's (sdpa): XLA's autotuning and
     # fusion kernels are skipped.
     timeout ${NCU_S:-150} ncu --clock-control none --target-processes all \
-        -k 'regex:_kernel|sdpa|mosaic' --launch-count 10 \
+        -k "regex:${NCU_KERNELS:-_kernel|sdpa|mosaic}" --launch-count ${NCU_COUNT:-10} \
         --section SpeedOfLight --section ComputeWorkloadAnalysis --section Occupancy \
         --section LaunchStats --section WarpStateStats \
-        python3 notes/experiments/ncu_target.py pallas_mosaic cudnn > "$OUT/ncu.log" 2>&1
+        python3 notes/experiments/ncu_target.py ${NCU_IMPLS:-pallas_mosaic cudnn} > "$OUT/ncu.log" 2>&1
     echo "ncu exit $?"; grep -E "^  [a-zA-Z_].*\(|Duration|Compute \(SM\) Throughput|Registers Per|Achieved Occupancy" "$OUT/ncu.log" | head -60;;
   *) echo "unknown mode $mode";;
   esac
