@@ -89,12 +89,16 @@ def dtype_name(x) -> str:
   return name
 
 
-def check(got, want, lowp, *, name: str = "", dtype=None, factor: float = FACTOR) -> Check:
+def check(got, want, lowp, *, name: str = "", dtype=None, factor: float = FACTOR,
+          scale: float | None = None) -> Check:
   """Compares ``got`` (kernel) with ``want`` (fp32 reference) given ``lowp`` (the
   low-precision reference on the same inputs). Infinities must match exactly
   (lse = -inf on rows that see nothing); NaN fails. ``dtype`` (default
   ``got``'s) picks the floor; ``factor`` is FACTOR for every kernel of this
-  project (a benchmark baseline may declare its own)."""
+  project (a benchmark baseline may declare its own). ``scale``: a larger
+  natural scale of the tensor, when it is a cancelling sum of larger terms
+  (an fp32 gradient: see cases.cancellation_scales); it only raises the
+  floor's share."""
   floor_max, floor_mean = FLOOR[dtype_name(got if dtype is None else dtype)]
   g, w, l = _f32(got), _f32(want), _f32(lowp)
   fail = lambda why: Check(name, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, why)
@@ -111,7 +115,7 @@ def check(got, want, lowp, *, name: str = "", dtype=None, factor: float = FACTOR
   if not fin.any():
     return Check(name, 1.0, 0.0, 0.0, 0.0, 0.0, floor_max, floor_mean)
   w_f = w[fin]
-  scale = float(np.max(np.abs(w_f))) or 1.0
+  scale = max(float(np.max(np.abs(w_f))), scale or 0.0) or 1.0
   err = np.abs(g[fin] - w_f) / scale
   lerr = np.abs(np.where(np.isinf(l[fin]), w_f, l[fin]) - w_f) / scale
   lmax, lmean = float(lerr.max()), float(lerr.mean())
@@ -119,9 +123,10 @@ def check(got, want, lowp, *, name: str = "", dtype=None, factor: float = FACTOR
                factor * lmax + floor_max, factor * lmean + floor_mean)
 
 
-def assert_calibrated(name: str, got, want, lowp, *, what: str = "", dtype=None) -> Check:
+def assert_calibrated(name: str, got, want, lowp, *, what: str = "", dtype=None,
+                      scale: float | None = None) -> Check:
   """``check`` and assert; the message says where the largest error is."""
-  c = check(got, want, lowp, name=f"{name}{what}", dtype=dtype)
+  c = check(got, want, lowp, name=f"{name}{what}", dtype=dtype, scale=scale)
   if not c.ok:
     msg = str(c)
     if not c.why:

@@ -22,10 +22,10 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from jax_grouped_attn.triton.kernels import (E_KV_LEN, E_QPOS0, E_ROW0, ENTRY_WIDTH, FIRST,
-                                             FULL0, KV_BLOCK, KV_N_ENTRIES, KV_N_FULL, KV_START,
-                                             KV_TABLE_WIDTH, KV_LEN, LOG2E, N_BLOCKS, N_FULL,
-                                             QPOS0, ROW0, TABLE_WIDTH, visible)
+from jax_grouped_attn.triton.kernels import (E_KV_LEN, E_QPOS0, E_ROW0, ENTRY_WIDTH, KV_BLOCK,
+                                             KV_N_ENTRIES, KV_N_FULL, KV_START, KV_TABLE_WIDTH,
+                                             KV_LEN, LOG2E, QPOS0, ROW0, TABLE_WIDTH, kv_walk,
+                                             visible, walk_part)
 
 
 @triton.jit
@@ -199,15 +199,8 @@ def dq_kernel(table_ptr, q_ptr, k_ptr, v_ptr, dout_ptr, lse2_ptr, delta_ptr, qse
   row0 = tl.load(row_ptr + ROW0)
   q_pos0 = tl.load(row_ptr + QPOS0)
   kv_len = tl.load(row_ptr + KV_LEN)
-  n_full = tl.load(row_ptr + N_FULL)
-  n_blocks = tl.load(row_ptr + N_BLOCKS)
-  # As in the forward: only a left window skips leading blocks.
-  if WINDOW_LEFT >= 0:
-    first = tl.load(row_ptr + FIRST)
-    full0 = tl.load(row_ptr + FULL0)
-  else:
-    first = 0
-    full0 = 0
+  first, full0, n_full, n_blocks, kv_shift, key_first = kv_walk(row_ptr, BLOCK_K, SK_T,
+                                                                WINDOW_LEFT)
 
   offs_q = tl.arange(0, BLOCK_Q)
   offs_k = tl.arange(0, BLOCK_K)
@@ -224,40 +217,22 @@ def dq_kernel(table_ptr, q_ptr, k_ptr, v_ptr, dout_ptr, lse2_ptr, delta_ptr, qse
     qseg = tl.load(qseg_ptr + b * SSQ_B + rows)
   else:
     qseg = offs_q  # unused
-  kv_off = b * SK_B + hk * SK_H
-  kvseg_ptrs = kvseg_ptr + b * SSK_B + offs_k
-  if WINDOW_LEFT >= 0:
-    # Start at kv block ``first`` (int64: key * SK_T may pass 2^31).
-    key_first = first * BLOCK_K
-    kv_off += key_first.to(tl.int64) * SK_T
-    kvseg_ptrs += key_first
+  # k, v and kv segment pointers start at kv block ``first`` (kv_walk).
+  kv_off = b * SK_B + hk * SK_H + kv_shift
+  kvseg_ptrs = kvseg_ptr + b * SSK_B + key_first + offs_k
   tile_t = kv_off + offs_d[:, None] + offs_k[None, :] * SK_T
   kt_ptrs = k_ptr + tile_t
   vt_ptrs = v_ptr + tile_t
 
   dq = tl.zeros([BLOCK_Q, DP], dtype=tl.float32)
-  # Blocks [first, full0) and [n_full, n_blocks) need the mask, [full0,
-  # n_full) not; pointers advance one block per step through all three.
-  if WINDOW_LEFT >= 0:
-    for j in range(first, full0):
+  # The forward's walk (walk_part); pointers advance one block a step.
+  for part in tl.static_range(0 if WINDOW_LEFT >= 0 else 1, 3):
+    lo, hi = walk_part(part, first, full0, n_full, n_blocks)
+    for j in range(lo, hi):
       dq = _dq_step(dq, q, do, lse2, delta, q_pos, qseg, kv_len, kt_ptrs, vt_ptrs, kvseg_ptrs,
                     j * BLOCK_K, QK_SCALE, CAUSAL, HAS_SEGMENTS, WINDOW_LEFT, WINDOW_RIGHT,
-                    True, BLOCK_K, DOT_PRECISION)
+                    part != 1, BLOCK_K, DOT_PRECISION)
       kt_ptrs += BLOCK_K * SK_T
       vt_ptrs += BLOCK_K * SK_T
       kvseg_ptrs += BLOCK_K
-  for j in range(full0, n_full):
-    dq = _dq_step(dq, q, do, lse2, delta, q_pos, qseg, kv_len, kt_ptrs, vt_ptrs, kvseg_ptrs,
-                  j * BLOCK_K, QK_SCALE, CAUSAL, HAS_SEGMENTS, WINDOW_LEFT, WINDOW_RIGHT,
-                  False, BLOCK_K, DOT_PRECISION)
-    kt_ptrs += BLOCK_K * SK_T
-    vt_ptrs += BLOCK_K * SK_T
-    kvseg_ptrs += BLOCK_K
-  for j in range(n_full, n_blocks):
-    dq = _dq_step(dq, q, do, lse2, delta, q_pos, qseg, kv_len, kt_ptrs, vt_ptrs, kvseg_ptrs,
-                  j * BLOCK_K, QK_SCALE, CAUSAL, HAS_SEGMENTS, WINDOW_LEFT, WINDOW_RIGHT,
-                  True, BLOCK_K, DOT_PRECISION)
-    kt_ptrs += BLOCK_K * SK_T
-    vt_ptrs += BLOCK_K * SK_T
-    kvseg_ptrs += BLOCK_K
   tl.store(dq_ptr + tile, (dq * SCALE).to(dq_ptr.dtype.element_ty))

@@ -65,6 +65,38 @@ def visible(q_pos, keys, kv_len, qseg, kvseg, CAUSAL: tl.constexpr,
 
 
 @triton.jit
+def kv_walk(row_ptr, BLOCK_K: tl.constexpr, SK_T: tl.constexpr, WINDOW_LEFT: tl.constexpr):
+  """The kv blocks a forward-table row visits: (first, full0, n_full,
+  n_blocks) as in plan.py, and the shift (int64 elements of k/v; keys of the
+  segment ids) of kv block ``first``. Only a left window skips leading
+  blocks (FIRST = FULL0 = 0 otherwise): without one neither column is read
+  and the shift is a constant 0."""
+  n_full = tl.load(row_ptr + N_FULL)
+  n_blocks = tl.load(row_ptr + N_BLOCKS)
+  if WINDOW_LEFT >= 0:
+    first = tl.load(row_ptr + FIRST)
+    full0 = tl.load(row_ptr + FULL0)
+    key_first = first * BLOCK_K
+    kv_shift = key_first.to(tl.int64) * SK_T   # may pass 2^31
+  else:
+    first = 0
+    full0 = 0
+    key_first = 0
+    kv_shift = 0
+  return first, full0, n_full, n_blocks, kv_shift, key_first
+
+
+@triton.jit
+def walk_part(PART: tl.constexpr, first, full0, n_full, n_blocks):
+  """Bounds of part PART of a walk: 0 [first, full0) and 2 [n_full,
+  n_blocks) need the mask, 1 [full0, n_full) not. Kernels unroll
+  ``tl.static_range(FIRST_PART, 3)``, FIRST_PART 1 without a left window."""
+  lo = first if PART == 0 else (full0 if PART == 1 else n_full)
+  hi = full0 if PART == 0 else (n_full if PART == 1 else n_blocks)
+  return lo, hi
+
+
+@triton.jit
 def _attend_block(acc, m_i, l_i, q, k_ptrs, v_ptrs, kvseg_ptrs, q_pos, qseg, kv_len,
                   key0, QK_SCALE: tl.constexpr, CAUSAL: tl.constexpr,
                   HAS_SEGMENTS: tl.constexpr, WINDOW_LEFT: tl.constexpr,
@@ -127,16 +159,8 @@ def forward_kernel(table_ptr, q_ptr, k_ptr, v_ptr, qseg_ptr, kvseg_ptr, out_ptr,
   row0 = tl.load(row_ptr + ROW0)
   q_pos0 = tl.load(row_ptr + QPOS0)
   kv_len = tl.load(row_ptr + KV_LEN)
-  n_full = tl.load(row_ptr + N_FULL)
-  n_blocks = tl.load(row_ptr + N_BLOCKS)
-  # Only a left window skips leading blocks (FIRST = FULL0 = 0 otherwise): the
-  # unwindowed kernel reads neither column and has no leading masked loop.
-  if WINDOW_LEFT >= 0:
-    first = tl.load(row_ptr + FIRST)
-    full0 = tl.load(row_ptr + FULL0)
-  else:
-    first = 0
-    full0 = 0
+  first, full0, n_full, n_blocks, kv_shift, key_first = kv_walk(row_ptr, BLOCK_K, SK_T,
+                                                                WINDOW_LEFT)
 
   offs_q = tl.arange(0, BLOCK_Q)
   offs_k = tl.arange(0, BLOCK_K)
@@ -148,13 +172,9 @@ def forward_kernel(table_ptr, q_ptr, k_ptr, v_ptr, qseg_ptr, kvseg_ptr, out_ptr,
     qseg = tl.load(qseg_ptr + b * SSQ_B + row0 + offs_q)
   else:
     qseg = offs_q  # unused
-  kv_off = b * SK_B + hk * SK_H
-  kvseg_ptrs = kvseg_ptr + b * SSK_B + offs_k
-  if WINDOW_LEFT >= 0:
-    # Start at kv block ``first`` (int64: key * SK_T may pass 2^31).
-    key_first = first * BLOCK_K
-    kv_off += key_first.to(tl.int64) * SK_T
-    kvseg_ptrs += key_first
+  # k, v and kv segment pointers start at kv block ``first``.
+  kv_off = b * SK_B + hk * SK_H + kv_shift
+  kvseg_ptrs = kvseg_ptr + b * SSK_B + key_first + offs_k
   tile = offs_k[:, None] * SK_T + offs_d[None, :]
   k_ptrs = k_ptr + kv_off + tile
   v_ptrs = v_ptr + kv_off + tile
@@ -162,33 +182,17 @@ def forward_kernel(table_ptr, q_ptr, k_ptr, v_ptr, qseg_ptr, kvseg_ptr, out_ptr,
   acc = tl.zeros([BLOCK_Q, DP], dtype=tl.float32)
   m_i = tl.full([BLOCK_Q], float("-inf"), dtype=tl.float32)
   l_i = tl.zeros([BLOCK_Q], dtype=tl.float32)
-  # Blocks [first, full0) and [n_full, n_blocks) need the mask, [full0,
-  # n_full) not; pointers advance one block per step through all three.
-  if WINDOW_LEFT >= 0:
-    for j in range(first, full0):
+  # The walk's parts in order (walk_part); pointers advance one block a step.
+  for part in tl.static_range(0 if WINDOW_LEFT >= 0 else 1, 3):
+    lo, hi = walk_part(part, first, full0, n_full, n_blocks)
+    for j in range(lo, hi):
       acc, m_i, l_i = _attend_block(
           acc, m_i, l_i, q, k_ptrs, v_ptrs, kvseg_ptrs, q_pos, qseg, kv_len,
-          j * BLOCK_K, QK_SCALE, CAUSAL, HAS_SEGMENTS, WINDOW_LEFT, WINDOW_RIGHT, True,
+          j * BLOCK_K, QK_SCALE, CAUSAL, HAS_SEGMENTS, WINDOW_LEFT, WINDOW_RIGHT, part != 1,
           BLOCK_K, DOT_PRECISION)
       k_ptrs += BLOCK_K * SK_T
       v_ptrs += BLOCK_K * SK_T
       kvseg_ptrs += BLOCK_K
-  for j in range(full0, n_full):
-    acc, m_i, l_i = _attend_block(
-        acc, m_i, l_i, q, k_ptrs, v_ptrs, kvseg_ptrs, q_pos, qseg, kv_len,
-        j * BLOCK_K, QK_SCALE, CAUSAL, HAS_SEGMENTS, WINDOW_LEFT, WINDOW_RIGHT, False,
-        BLOCK_K, DOT_PRECISION)
-    k_ptrs += BLOCK_K * SK_T
-    v_ptrs += BLOCK_K * SK_T
-    kvseg_ptrs += BLOCK_K
-  for j in range(n_full, n_blocks):
-    acc, m_i, l_i = _attend_block(
-        acc, m_i, l_i, q, k_ptrs, v_ptrs, kvseg_ptrs, q_pos, qseg, kv_len,
-        j * BLOCK_K, QK_SCALE, CAUSAL, HAS_SEGMENTS, WINDOW_LEFT, WINDOW_RIGHT, True,
-        BLOCK_K, DOT_PRECISION)
-    k_ptrs += BLOCK_K * SK_T
-    v_ptrs += BLOCK_K * SK_T
-    kvseg_ptrs += BLOCK_K
 
   # Rows that saw no key: l == 0, out = 0, lse = -inf.
   seen = l_i > 0.0
