@@ -21,7 +21,7 @@ import numpy as np
 
 from jax_grouped_attn import registry, validate
 from jax_grouped_attn.api import grouped_attention
-from jax_grouped_attn.groups import QueryGroup
+from jax_grouped_attn.groups import QueryGroup, kv_range
 
 __all__ = ["dot_product_attention"]
 
@@ -69,17 +69,11 @@ def _segment_ids(q_lengths, kv_lengths, batch, tq, tk):
 
 
 def _some_row_sees_nothing(tq, tk, causal, window) -> bool:
-  """Whether some row (all Tk keys valid) sees no key: groups.kv_range's rule,
-  one row at a time, vectorised."""
-  pos = np.arange(tq)
-  left, right = window if window is not None else (None, None)
-  start = np.zeros_like(pos) if left is None else np.maximum(pos - left, 0)
-  end = np.full_like(pos, tk)
-  if causal:
-    end = np.minimum(end, pos + 1)
-  if right is not None:
-    end = np.minimum(end, pos + right + 1)
-  return bool((end <= start).any())
+  """Whether some row (all Tk keys valid) sees no key. Row p sees [max(p -
+  left, 0), min(Tk, p + 1 if causal, p + right + 1)): empty only once p - left
+  >= Tk, so the rows that see nothing are a suffix and the last row decides."""
+  start, end = kv_range(tq - 1, tq - 1, tk, causal, window)
+  return end <= start
 
 
 def dot_product_attention(query, key, value, bias=None, mask=None, *, scale=None,
