@@ -119,6 +119,17 @@ class _KvBlocks:
     say that it is a whole number of blocks (as ROW0 is, notes/mosaic.md)."""
     return pl.multiple_of(j * block_kv, block_kv) if self.late else j * block_kv
 
+  def stream(self, load, max_blocks: int):
+    """The memory warpgroup's side: ``load(block, slot, wait_free)`` of block
+    ``block(i)`` into slot i % stages; the first ``stages`` (at most
+    ``max_blocks``, a static bound) need not wait for a free slot."""
+    for i in range(min(self.stages, max_blocks)):
+      pl.when(i < self.n_steps)(lambda i=i: load(self.block(i), i, False))
+
+    @pl.loop(0, self.n_steps - self.stages)
+    def _(j):
+      load(self.block(j + self.stages), lax.rem(j, self.stages), True)
+
   def walk(self, step, carry):
     """step(j, carry, masked) over [FIRST, FULL0) masked, [FULL0, N_FULL)
     unmasked, [N_FULL, N_BLOCKS) masked."""
@@ -278,12 +289,7 @@ def forward_kernel(table_ref, q_ref, k_ref, v_ref, *refs, scale: float, causal: 
         plgpu.barrier_wait(v_free.at[slot])
       plgpu.copy_gmem_to_smem(v_ref.at[keys], v_smem.at[slot], v_ready.at[slot])
 
-    for i in range(min(stages, k_ref.shape[1] // block_kv)):
-      pl.when(i < blocks.n_steps)(lambda i=i: load(blocks.block(i), i, False))
-
-    @pl.loop(0, blocks.n_steps - stages)
-    def _(j):
-      load(blocks.block(j + stages), lax.rem(j, stages), True)
+    blocks.stream(load, k_ref.shape[1] // block_kv)
 
 
 # ------------------------------------------------------------------ backward --
@@ -541,9 +547,4 @@ def backward_dq_kernel(table_ref, q_ref, k_ref, v_ref, do_ref, lse2_ref, delta_r
       plgpu.copy_gmem_to_smem(k_ref.at[keys], k_smem.at[slot], k_ready.at[slot])
       plgpu.copy_gmem_to_smem(v_ref.at[keys], v_smem.at[slot], v_ready.at[slot])
 
-    for i in range(min(stages, k_ref.shape[1] // block_kv)):
-      pl.when(i < blocks.n_steps)(lambda i=i: load(blocks.block(i), i, False))
-
-    @pl.loop(0, blocks.n_steps - stages)
-    def _(j):
-      load(blocks.block(j + stages), lax.rem(j, stages), True)
+    blocks.stream(load, k_ref.shape[1] // block_kv)
