@@ -33,7 +33,7 @@ if __package__ in (None, ""):  # run as a script from a checkout
 import jax  # noqa: E402
 
 import jax_grouped_attn as ga  # noqa: E402
-from jax_grouped_attn import registry, tuning  # noqa: E402
+from jax_grouped_attn import platform, registry, tuning  # noqa: E402
 from jax_grouped_attn.config import AttentionConfig  # noqa: E402
 
 from benchmarks import common  # noqa: E402
@@ -193,6 +193,7 @@ def parse_args(argv=None):
 
 def main(argv=None) -> dict:
   args = parse_args(argv)
+  platform.warn_if_gpu_unused()
   gpu = common.on_gpu()
   mode = "smoke" if (args.smoke or not gpu) else ("quick" if args.quick else "full")
   if not gpu:
@@ -208,6 +209,10 @@ def main(argv=None) -> dict:
   env = common.environment()
   table.update(versions={k: env[k] for k in ("jax", "jaxlib", "triton", "jax_triton", "cudnn")},
                updated=env["time"])
+  this = tuning.this_gpu()
+  if this is not None and mode != "smoke":
+    # What the family fallback matches other GPUs on (jax_grouped_attn.tuning.find_table).
+    table.update(compute_capability=this.compute_capability, sm_count=this.sm_count)
   backends = [b for b in args.backends.split(",") if b]
   passes = [p for p in args.passes.split(",") if p]
   head_dims = [int(h) for h in args.head_dims.split(",") if h]

@@ -9,6 +9,7 @@ the reference elsewhere.
 
 from __future__ import annotations
 
+import dataclasses
 import warnings
 
 from jax_grouped_attn import tuning
@@ -16,7 +17,7 @@ from jax_grouped_attn.backend import Backend
 from jax_grouped_attn.config import PASSES, AttentionConfig
 from jax_grouped_attn.pallas.backend import PALLAS_TRITON
 from jax_grouped_attn.pallas.mosaic.backend import PALLAS_MOSAIC
-from jax_grouped_attn.platform import current_platform
+from jax_grouped_attn.platform import current_platform, warn_if_gpu_unused
 from jax_grouped_attn.plan import Problem
 from jax_grouped_attn.reference import XLA
 from jax_grouped_attn.triton.backend import TRITON
@@ -150,6 +151,7 @@ def resolve(backend, interpret, config: AttentionConfig | None = None,
   usable = lambda n: _usable(n, platform, config, problem, dtype, interpret)
   if backend == "auto":
     if platform != "gpu":
+      warn_if_gpu_unused()
       picks = ("xla", "xla")
     else:
       picks = []
@@ -192,27 +194,67 @@ def check_config(entries: tuple[Backend, Backend], config: AttentionConfig) -> N
           f"backend={entry.name!r}, which takes {takes} for the {pass_} pass.")
 
 
-def default_config(backend: str, pass_: str, head_dim: int, *, seq_len: int | None = None,
-                   dtype=None):
-  """The config entry ``backend`` uses for ``pass_`` when none is given: this
-  GPU's tuned entry (``seq_len``, the key length, picks its bucket), else the
-  backend's heuristic; None for a backend without configs."""
+@dataclasses.dataclass(frozen=True)
+class ConfigChoice:
+  """A pass's config and where it came from: ``source`` is "given" (the
+  caller's), "table" (this GPU's tuned table, or a family fallback: ``detail``
+  says which file), "derived" (the best config the shipped tables of this
+  GPU's family measured) or "heuristic" (the backend's own rule)."""
+
+  config: object
+  source: str
+  detail: str = ""
+
+
+def default_choice(backend: str, pass_: str, head_dim: int, *, seq_len: int | None = None,
+                   dtype=None) -> ConfigChoice:
+  """The config ``backend`` uses for ``pass_`` when none is given, and why: this
+  GPU's table (exact name, else the nearest of its family; ``seq_len``, the
+  key length, picks the bucket), else a default derived from its family's
+  tables, else the backend's heuristic. The config is None for a backend
+  without configs."""
   entry = get(backend)
   cls = entry.config_class(pass_)
   if cls is None:
-    return None
+    return ConfigChoice(None, "none", f"backend={backend!r} takes no {pass_} config")
   try:
-    tuned = tuning.tuned_config(pass_, entry.name, cls, head_dim, seq_len=seq_len, dtype=dtype)
+    table = tuning.find_table()
+    tuned = None if table is None else tuning.tuned_config(
+        pass_, entry.name, cls, head_dim, seq_len=seq_len, dtype=dtype)
+    if tuned is not None:
+      bucket = ("any length" if seq_len is None else
+                f"key-length bucket {tuning.seq_bucket(seq_len)}")
+      return ConfigChoice(tuned, "table", f"{table.describe()}; {bucket}")
+    gpu = tuning.this_gpu()
+    major = None if gpu is None else gpu.major
+    got = tuning.derived(pass_, entry.name, head_dim, dtype, major)
+    cfg = tuning.derived_config(pass_, entry.name, cls, head_dim, dtype, major)
+    if cfg is not None:
+      return ConfigChoice(cfg, "derived", (
+          f"no table entry for {gpu.name}; the config the shipped sm_{major}x tables timed "
+          f"within {got.worst_slowdown:.2f}x of the best in {len(got.slots)} measurement(s)"))
   except Exception as e:  # noqa: BLE001 -- a broken table must never break attention
     warnings.warn(f"tuned table lookup failed ({e}); using the heuristic", stacklevel=2)
-    tuned = None
-  return tuned if tuned is not None else entry.heuristic_config(pass_, head_dim, dtype)
+  return ConfigChoice(entry.heuristic_config(pass_, head_dim, dtype), "heuristic",
+                      f"{backend}'s heuristic for head_dim {head_dim}")
 
 
-def config_for(entry: Backend, pass_: str, problem: Problem, dtype, config: AttentionConfig):
-  """The user's config of ``entry``'s class for ``pass_``, else :func:`default_config`."""
+def default_config(backend: str, pass_: str, head_dim: int, *, seq_len: int | None = None,
+                   dtype=None):
+  """The config of :func:`default_choice` (None for a backend without configs)."""
+  return default_choice(backend, pass_, head_dim, seq_len=seq_len, dtype=dtype).config
+
+
+def config_choice(entry: Backend, pass_: str, problem: Problem, dtype,
+                  config: AttentionConfig) -> ConfigChoice:
+  """The user's config of ``entry``'s class for ``pass_``, else :func:`default_choice`."""
   cls = entry.config_class(pass_)
   given = None if cls is None else config.get(pass_, cls)
   if given is not None:
-    return given
-  return default_config(entry.name, pass_, problem.head_dim, seq_len=problem.tk, dtype=dtype)
+    return ConfigChoice(given, "given", "the config argument")
+  return default_choice(entry.name, pass_, problem.head_dim, seq_len=problem.tk, dtype=dtype)
+
+
+def config_for(entry: Backend, pass_: str, problem: Problem, dtype, config: AttentionConfig):
+  """The config of :func:`config_choice`."""
+  return config_choice(entry, pass_, problem, dtype, config).config

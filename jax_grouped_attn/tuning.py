@@ -10,13 +10,24 @@ with backend a registry entry's name, pass "forward" | "backward", head_dim
 as a string ("128"), seq_bucket the upper edge of a key-length bucket (see
 ``SEQ_BUCKETS``) or "any" (the best config across buckets, used when the
 length is unknown), and the fields those of the backend's config class for
-that pass (fields whose default is None may be left out).
+that pass (fields whose default is None may be left out). A bucket entry the
+tuner wrote also keeps every candidate it timed (``candidates``: config
+tuple in constructor order and ms, or why it was skipped).
 
-``registry.config_for`` asks :func:`tuned_config` first and falls back to
-the backend's heuristic for an unknown GPU, a missing entry, or an unusable
-one. Set ``JAX_GROUPED_ATTN_NO_TUNED=1``
-to ignore every table; ``JAX_GROUPED_ATTN_GPU_NAME`` pretends another GPU
-(tests, or trying a table from another machine).
+Which table a GPU uses (:func:`find_table`): the one named after it; else the
+nearest table of the same compute capability (closest multiprocessor count);
+else the nearest of the same major version; else none. A table says its
+GPU's ``compute_capability`` ("9.0") and ``sm_count``.
+
+Without a table entry, an sm_90-family GPU gets :func:`derived_config`: per
+(backend, pass, head_dim) the candidate that the shipped tables of that
+major version measured closest to each bucket's best (no hand-copied
+numbers); other GPUs and CPUs get the backend's own heuristic.
+
+``registry.default_choice`` walks that order. Set ``JAX_GROUPED_ATTN_NO_TUNED=1``
+to ignore every table (derived defaults included); ``JAX_GROUPED_ATTN_GPU_NAME``
+pretends another GPU and ``JAX_GROUPED_ATTN_GPU_ARCH`` ("9.0") its compute
+capability (tests, or trying a table from another machine).
 """
 
 from __future__ import annotations
@@ -35,6 +46,7 @@ FORMAT = 1
 ENV_DIR = "JAX_GROUPED_ATTN_TUNED_DIR"
 ENV_GPU = "JAX_GROUPED_ATTN_GPU_NAME"
 ENV_OFF = "JAX_GROUPED_ATTN_NO_TUNED"
+ENV_ARCH = "JAX_GROUPED_ATTN_GPU_ARCH"
 
 # Key-length buckets: a length n falls in the first edge >= n (the last edge
 # takes everything longer). The tuner measures at the edges.
@@ -66,18 +78,67 @@ def seq_bucket(n: int) -> int:
   return SEQ_BUCKETS[-1]
 
 
-def gpu_name() -> str | None:
-  """$JAX_GROUPED_ATTN_GPU_NAME, else the first device's kind on a GPU, else None."""
-  forced = os.environ.get(ENV_GPU)
-  if forced:
-    return forced
+@dataclasses.dataclass(frozen=True)
+class Gpu:
+  """The GPU configs are looked up for: its device kind, compute capability
+  ("9.0", or None when unknown) and multiprocessor count (or None)."""
+
+  name: str
+  compute_capability: str | None = None
+  sm_count: int | None = None
+
+  @property
+  def major(self) -> int | None:
+    return None if self.compute_capability is None else int(self.compute_capability.split(".")[0])
+
+
+def _device_gpu():
   try:
     import jax  # noqa: PLC0415
     if jax.default_backend() != "gpu":
       return None
-    return jax.devices()[0].device_kind
-  except Exception:  # noqa: BLE001 -- no backend: no table
+    dev = jax.devices()[0]
+  except Exception:  # noqa: BLE001 -- no backend: no GPU
     return None
+  cc = getattr(dev, "compute_capability", None)
+  sms = getattr(dev, "core_count", None)
+  return Gpu(dev.device_kind, None if cc is None else _cc(cc),
+             sms if isinstance(sms, int) else None)
+
+
+def _cc(value) -> str | None:
+  """'9.0' from '9.0', 9.0 or '90'; None for anything else."""
+  text = str(value).strip()
+  m = re.fullmatch(r"(\d+)\.(\d+)", text) or re.fullmatch(r"(\d)(\d)", text)
+  return f"{int(m.group(1))}.{int(m.group(2))}" if m else None
+
+
+def this_gpu() -> Gpu | None:
+  """This machine's GPU, with $JAX_GROUPED_ATTN_GPU_NAME / _GPU_ARCH applied;
+  None without a GPU (and nothing forced)."""
+  real = _device_gpu()
+  forced_name = os.environ.get(ENV_GPU)
+  forced_cc = os.environ.get(ENV_ARCH)
+  if forced_cc is not None and _cc(forced_cc) is None:
+    raise ValueError(f"${ENV_ARCH}={forced_cc!r} must be a compute capability like '9.0'.")
+  if not forced_name:
+    if real is None:
+      return None
+    return real if not forced_cc else dataclasses.replace(real, compute_capability=_cc(forced_cc))
+  cc, sms = (real.compute_capability, real.sm_count) if real else (None, None)
+  if forced_cc:
+    cc = _cc(forced_cc)
+  elif real is None:
+    # A forced name on a machine without a GPU: the arch its own table states.
+    meta = _exact_meta(forced_name)
+    cc, sms = (meta.compute_capability, meta.sm_count) if meta else (None, None)
+  return Gpu(forced_name, cc, sms)
+
+
+def gpu_name() -> str | None:
+  """$JAX_GROUPED_ATTN_GPU_NAME, else the first device's kind on a GPU, else None."""
+  gpu = this_gpu()
+  return None if gpu is None else gpu.name
 
 
 def table_dirs() -> list[str]:
@@ -85,18 +146,98 @@ def table_dirs() -> list[str]:
   return extra + [PACKAGE_DIR]
 
 
-def table_path(gpu: str | None = None) -> str | None:
-  """The table file for ``gpu`` (default: this machine's), or None."""
-  if os.environ.get(ENV_OFF, "").lower() in ("1", "true", "yes"):
+def tables_off() -> bool:
+  return os.environ.get(ENV_OFF, "").lower() in ("1", "true", "yes")
+
+
+@dataclasses.dataclass(frozen=True)
+class TableChoice:
+  """The table a GPU uses and why: ``match`` is "exact" (named after the GPU),
+  "compute capability" (the nearest table of the same one) or "major" (the
+  nearest of the same major version)."""
+
+  path: str
+  table_gpu: str
+  match: str
+
+  def describe(self) -> str:
+    how = {"exact": "tuned table", "compute capability": "family fallback: same compute "
+           "capability", "major": "family fallback: same major compute capability"}
+    return f"{how[self.match]}, {os.path.basename(self.path)} (measured on {self.table_gpu})"
+
+
+def table_files(dirs) -> list[str]:
+  out = []
+  for d in dirs:
+    if os.path.isdir(d):
+      out += [os.path.join(d, f) for f in sorted(os.listdir(d)) if f.endswith(".json")]
+  return out
+
+
+def _meta(path: str) -> Gpu | None:
+  table = _load_path(path)
+  if table is None or not isinstance(table.get("gpu"), str):
     return None
-  gpu = gpu or gpu_name()
-  if not gpu:
-    return None
+  sms = table.get("sm_count")
+  return Gpu(table["gpu"], _cc(table["compute_capability"]) if "compute_capability" in table
+             else None, sms if isinstance(sms, int) else None)
+
+
+def _exact_path(name: str) -> str | None:
   for d in table_dirs():
-    path = os.path.join(d, slug(gpu) + ".json")
+    path = os.path.join(d, slug(name) + ".json")
     if os.path.isfile(path):
       return path
   return None
+
+
+def _exact_meta(name: str) -> Gpu | None:
+  path = _exact_path(name)
+  return None if path is None else _meta(path)
+
+
+def find_table(gpu: Gpu | str | None = None) -> TableChoice | None:
+  """The table ``gpu`` (default: this machine's) uses, or None (see the module doc)."""
+  if tables_off():
+    return None
+  if gpu is None:
+    gpu = this_gpu()
+  elif isinstance(gpu, str):
+    gpu = Gpu(gpu, *(lambda m: (m.compute_capability, m.sm_count) if m else (None, None))(
+        _exact_meta(gpu)))
+  if gpu is None:
+    return None
+  path = _exact_path(gpu.name)
+  if path is not None and _load_path(path) is not None:
+    return TableChoice(path, gpu.name, "exact")
+  if gpu.compute_capability is None:
+    return None
+  metas = [(p, m) for p in table_files(table_dirs()) if (m := _meta(p)) and m.major]
+  for match, same in (("compute capability",
+                       lambda m: m.compute_capability == gpu.compute_capability),
+                      ("major", lambda m: m.major == gpu.major)):
+    pool = [(p, m) for p, m in metas if same(m)]
+    if pool:
+      minor = lambda m: abs(float(m.compute_capability) - float(gpu.compute_capability))
+      sms = lambda m: (abs(m.sm_count - gpu.sm_count) if m.sm_count and gpu.sm_count
+                       else 1 << 20)
+      path, meta = min(pool, key=lambda pm: (minor(pm[1]), sms(pm[1]), pm[1].name))
+      return TableChoice(path, meta.name, match)
+  return None
+
+
+def table_path(gpu: str | None = None) -> str | None:
+  """The path of the table ``gpu`` (default: this machine's) uses, or None."""
+  choice = find_table(gpu)
+  return None if choice is None else choice.path
+
+
+def _load_path(path: str) -> dict | None:
+  try:
+    mtime = os.path.getmtime(path)
+  except OSError:
+    return None
+  return _load(path, mtime)
 
 
 @functools.lru_cache(maxsize=32)
@@ -119,14 +260,13 @@ def _load(path: str, mtime: float) -> dict | None:
 
 
 def load_table(gpu: str | None = None) -> dict | None:
-  path = table_path(gpu)
-  if path is None:
-    return None
-  return _load(path, os.path.getmtime(path))
+  choice = find_table(gpu)
+  return None if choice is None else _load_path(choice.path)
 
 
 def clear_cache() -> None:
   _load.cache_clear()
+  _derived.cache_clear()
 
 
 def _dtype_keys(dtype) -> list[str]:
@@ -155,6 +295,16 @@ def _pick_bucket(by_bucket: dict, seq_len: int | None):
   return by_bucket.get("any")
 
 
+def _by_dim(table: dict, pass_: str, backend: str, head_dim: int, dtype):
+  """The ``{bucket: entry}`` maps of ``table`` for this key, most specific first."""
+  by_pass = table["entries"].get(backend, {}).get(pass_, {})
+  for dkey in _dtype_keys(dtype):
+    by_dim = by_pass.get(dkey, {})
+    for hkey in dict.fromkeys((str(head_dim), str(padded_head_dim(head_dim)))):
+      if isinstance(by_dim.get(hkey), dict):
+        yield by_dim[hkey]
+
+
 def lookup(pass_: str, backend: str, config_class, head_dim: int, *,
            seq_len: int | None = None, dtype=None, gpu: str | None = None) -> dict | None:
   """The raw table entry (a dict with ``config_class``'s fields) for this GPU, or None."""
@@ -164,15 +314,20 @@ def lookup(pass_: str, backend: str, config_class, head_dim: int, *,
   if table is None:
     return None
   need = required_fields(config_class)
-  by_pass = table["entries"].get(backend, {}).get(pass_, {})
-  for dkey in _dtype_keys(dtype):
-    by_dim = by_pass.get(dkey, {})
-    for hkey in dict.fromkeys((str(head_dim), str(padded_head_dim(head_dim)))):
-      if hkey in by_dim and isinstance(by_dim[hkey], dict):
-        entry = _pick_bucket(by_dim[hkey], seq_len)
-        if isinstance(entry, dict) and all(f in entry for f in need):
-          return entry
+  for by_bucket in _by_dim(table, pass_, backend, head_dim, dtype):
+    entry = _pick_bucket(by_bucket, seq_len)
+    if isinstance(entry, dict) and all(f in entry for f in need):
+      return entry
   return None
+
+
+def _instance(config_class, values: dict, what: str):
+  try:
+    return config_class(**{f: int(values[f]) for f in fields(config_class)
+                           if values.get(f) is not None})
+  except (TypeError, ValueError) as e:
+    warnings.warn(f"unusable {what} {values}: {e}; using the heuristic", stacklevel=3)
+    return None
 
 
 def tuned_config(pass_: str, backend: str, config_class, head_dim: int, *, seq_len=None,
@@ -181,10 +336,78 @@ def tuned_config(pass_: str, backend: str, config_class, head_dim: int, *, seq_l
   entry = lookup(pass_, backend, config_class, head_dim, seq_len=seq_len, dtype=dtype)
   if entry is None:
     return None
-  try:
-    return config_class(**{f: int(entry[f]) for f in fields(config_class)
-                           if entry.get(f) is not None})
-  except (TypeError, ValueError) as e:
-    warnings.warn(f"unusable tuned {pass_} entry {entry}: {e}; using the heuristic",
-                  stacklevel=2)
+  return _instance(config_class, entry, f"tuned {pass_} entry")
+
+
+# ------------------------------------------------- defaults derived from tables --
+
+@dataclasses.dataclass(frozen=True)
+class Derived:
+  """A config derived from the shipped tables of one GPU family, and how far
+  it was from each measured bucket's best (``worst_slowdown``: the largest
+  time / best-time ratio over ``slots`` (table GPU, key length) pairs)."""
+
+  config: tuple
+  worst_slowdown: float
+  slots: tuple[str, ...]
+
+
+def measured_slots(major: int, pass_: str, backend: str, head_dim: int, dtype,
+                   dirs=None) -> dict[str, dict[tuple, float]]:
+  """``{"<gpu> S<bucket>": {config tuple: ms}}`` from every shipped table of
+  compute-capability major ``major`` that timed candidates for this key."""
+  out = {}
+  for path in table_files(dirs or [PACKAGE_DIR]):
+    meta = _meta(path)
+    if meta is None or meta.major != major:
+      continue
+    table = _load_path(path)
+    for by_bucket in _by_dim(table, pass_, backend, head_dim, dtype):
+      for bucket, entry in by_bucket.items():
+        if not (bucket.isdigit() and isinstance(entry, dict)):
+          continue
+        times = {tuple(c["config"]): float(c["ms"]) for c in entry.get("candidates", ())
+                 if isinstance(c, dict) and isinstance(c.get("ms"), (int, float))}
+        if times:
+          out[f"{meta.name} S{bucket}"] = times
+      break   # the most specific (dtype, head_dim) key only
+  return out
+
+
+@functools.lru_cache(maxsize=256)
+def _derived(major: int, pass_: str, backend: str, head_dim: int, dtype_key: str,
+             stamp: tuple) -> Derived | None:
+  del stamp  # cache key only: shipped tables' mtimes
+  slots = measured_slots(major, pass_, backend, head_dim, dtype_key)
+  if not slots:
     return None
+  everywhere = set.intersection(*(set(t) for t in slots.values()))
+  if not everywhere:
+    return None
+  ratio = lambda c, t: t[c] / min(t.values())
+  # Fewest worst-case slowdown first, then the smallest summed log-slowdown.
+  score = lambda c: (max(ratio(c, t) for t in slots.values()),
+                     sum(math.log(ratio(c, t)) for t in slots.values()),
+                     tuple(-1 if x is None else x for x in c))
+  best = min(everywhere, key=score)
+  return Derived(best, max(ratio(best, t) for t in slots.values()), tuple(sorted(slots)))
+
+
+def derived(pass_: str, backend: str, head_dim: int, dtype, major: int | None) -> Derived | None:
+  """The derived default for GPUs of compute-capability ``major`` (None: none)."""
+  if major is None or tables_off():
+    return None
+  if _dtype_keys(dtype)[0] not in ("bfloat16", "float16"):
+    return None   # the tuner times 16-bit inputs only
+  stamp = tuple((p, os.path.getmtime(p)) for p in table_files([PACKAGE_DIR]))
+  return _derived(major, pass_, backend, int(head_dim), _dtype_keys(dtype)[0], stamp)
+
+
+def derived_config(pass_: str, backend: str, config_class, head_dim: int, dtype,
+                   major: int | None):
+  """A ``config_class`` instance of :func:`derived`, or None."""
+  got = derived(pass_, backend, head_dim, dtype, major)
+  if got is None:
+    return None
+  return _instance(config_class, dict(zip(fields(config_class), got.config)),
+                   f"derived {pass_} config")

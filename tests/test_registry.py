@@ -99,6 +99,7 @@ def test_given_config_reaches_the_kernel_and_matches_the_default():
 
 _LAYERS = {   # module -> rank; a module may import only modules of lower or equal rank
     "jax_grouped_attn.flax": 6, "jax_grouped_attn.api": 5, "jax_grouped_attn.dropin": 5,
+    "jax_grouped_attn.explain": 5, "jax_grouped_attn.info": 6,
     "jax_grouped_attn.parallel": 4,
     "jax_grouped_attn.autodiff": 3, "jax_grouped_attn.registry": 2,
     "jax_grouped_attn.tuning": 2,
