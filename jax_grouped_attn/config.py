@@ -79,6 +79,11 @@ class BackwardConfig:
     _check_blocks(type(self).__name__, self)
     _check_blocks(type(self).__name__, self.dq, prefix="dq_")
 
+  def normalized(self) -> "BackwardConfig":
+    """The same kernels' config with the dQ fields spelled out (None filled in)."""
+    return dataclasses.replace(self, **{f"dq_{k}": v for k, v in self.dq._asdict().items()
+                                        if k != "block_k"}, dq_block_k=self.dq.block_k)
+
   @property
   def dkdv(self) -> Tiles:
     """The dK/dV (and delta) kernels' tiles and launch parameters."""

@@ -227,10 +227,9 @@ def default_choice(backend: str, pass_: str, head_dim: int, *, seq_len: int | No
       return ConfigChoice(tuned, "table", f"{table.describe()}; {bucket}")
     gpu = tuning.this_gpu()
     major = None if gpu is None else gpu.major
-    got = tuning.derived(pass_, entry.name, head_dim, dtype, major)
-    cfg = tuning.derived_config(pass_, entry.name, cls, head_dim, dtype, major)
-    if cfg is not None:
-      return ConfigChoice(cfg, "derived", (
+    got = tuning.derived(pass_, entry.name, cls, head_dim, dtype, major)
+    if got is not None:
+      return ConfigChoice(got.config, "derived", (
           f"no table entry for {gpu.name}; the config the shipped sm_{major}x tables timed "
           f"within {got.worst_slowdown:.2f}x of the best in {len(got.slots)} measurement(s)"))
   except Exception as e:  # noqa: BLE001 -- a broken table must never break attention

@@ -345,29 +345,47 @@ def tuned_config(pass_: str, backend: str, config_class, head_dim: int, *, seq_l
 class Derived:
   """A config derived from the shipped tables of one GPU family, and how far
   it was from each measured bucket's best (``worst_slowdown``: the largest
-  time / best-time ratio over ``slots`` (table GPU, key length) pairs)."""
+  time / best-time ratio over ``slots``, the (table GPU, key length) pairs)."""
 
-  config: tuple
+  config: object
   worst_slowdown: float
   slots: tuple[str, ...]
 
 
-def measured_slots(major: int, pass_: str, backend: str, head_dim: int, dtype,
-                   dirs=None) -> dict[str, dict[tuple, float]]:
-  """``{"<gpu> S<bucket>": {config tuple: ms}}`` from every shipped table of
-  compute-capability major ``major`` that timed candidates for this key."""
+def normalized(config):
+  """``config`` in one spelling per kernel behaviour (e.g. BackwardConfig's
+  dQ fields filled in), so candidates written two ways compare equal."""
+  norm = getattr(config, "normalized", None)
+  return norm() if callable(norm) else config
+
+
+def candidate(config_class, values):
+  """The normalized ``config_class`` instance of a tuner candidate tuple, or None."""
+  try:
+    return normalized(config_class(*values))
+  except (TypeError, ValueError):
+    return None
+
+
+def measured_slots(major: int, pass_: str, backend: str, config_class, head_dim: int, dtype,
+                   dirs=None) -> dict[str, dict]:
+  """``{"<gpu> S<bucket>": {normalized config: ms}}`` from every table of
+  compute-capability major ``major`` in ``dirs`` (default: the shipped ones)
+  that timed candidates for this key."""
   out = {}
   for path in table_files(dirs or [PACKAGE_DIR]):
     meta = _meta(path)
     if meta is None or meta.major != major:
       continue
-    table = _load_path(path)
-    for by_bucket in _by_dim(table, pass_, backend, head_dim, dtype):
+    for by_bucket in _by_dim(_load_path(path), pass_, backend, head_dim, dtype):
       for bucket, entry in by_bucket.items():
         if not (bucket.isdigit() and isinstance(entry, dict)):
           continue
-        times = {tuple(c["config"]): float(c["ms"]) for c in entry.get("candidates", ())
-                 if isinstance(c, dict) and isinstance(c.get("ms"), (int, float))}
+        times = {}
+        for c in entry.get("candidates", ()):
+          cfg = candidate(config_class, c.get("config", ())) if isinstance(c, dict) else None
+          if cfg is not None and isinstance(c.get("ms"), (int, float)):
+            times[cfg] = min(float(c["ms"]), times.get(cfg, math.inf))
         if times:
           out[f"{meta.name} S{bucket}"] = times
       break   # the most specific (dtype, head_dim) key only
@@ -375,39 +393,32 @@ def measured_slots(major: int, pass_: str, backend: str, head_dim: int, dtype,
 
 
 @functools.lru_cache(maxsize=256)
-def _derived(major: int, pass_: str, backend: str, head_dim: int, dtype_key: str,
-             stamp: tuple) -> Derived | None:
+def _derived(major: int, pass_: str, backend: str, config_class, head_dim: int,
+             dtype_key: str, stamp: tuple) -> Derived | None:
   del stamp  # cache key only: shipped tables' mtimes
-  slots = measured_slots(major, pass_, backend, head_dim, dtype_key)
+  slots = measured_slots(major, pass_, backend, config_class, head_dim, dtype_key)
   if not slots:
     return None
   everywhere = set.intersection(*(set(t) for t in slots.values()))
   if not everywhere:
     return None
   ratio = lambda c, t: t[c] / min(t.values())
-  # Fewest worst-case slowdown first, then the smallest summed log-slowdown.
+  # Smallest worst-case slowdown first, then the smallest summed log-slowdown.
   score = lambda c: (max(ratio(c, t) for t in slots.values()),
                      sum(math.log(ratio(c, t)) for t in slots.values()),
-                     tuple(-1 if x is None else x for x in c))
+                     tuple(-1 if x is None else x for x in dataclasses.astuple(c)))
   best = min(everywhere, key=score)
   return Derived(best, max(ratio(best, t) for t in slots.values()), tuple(sorted(slots)))
 
 
-def derived(pass_: str, backend: str, head_dim: int, dtype, major: int | None) -> Derived | None:
-  """The derived default for GPUs of compute-capability ``major`` (None: none)."""
-  if major is None or tables_off():
+def derived(pass_: str, backend: str, config_class, head_dim: int, dtype,
+            major: int | None) -> Derived | None:
+  """The default for GPUs of compute-capability ``major`` derived from the
+  shipped tables (None: no GPU, no measurements, or tables turned off)."""
+  if major is None or config_class is None or tables_off():
     return None
   if _dtype_keys(dtype)[0] not in ("bfloat16", "float16"):
     return None   # the tuner times 16-bit inputs only
   stamp = tuple((p, os.path.getmtime(p)) for p in table_files([PACKAGE_DIR]))
-  return _derived(major, pass_, backend, int(head_dim), _dtype_keys(dtype)[0], stamp)
-
-
-def derived_config(pass_: str, backend: str, config_class, head_dim: int, dtype,
-                   major: int | None):
-  """A ``config_class`` instance of :func:`derived`, or None."""
-  got = derived(pass_, backend, head_dim, dtype, major)
-  if got is None:
-    return None
-  return _instance(config_class, dict(zip(fields(config_class), got.config)),
-                   f"derived {pass_} config")
+  return _derived(major, pass_, backend, config_class, int(head_dim), _dtype_keys(dtype)[0],
+                  stamp)
