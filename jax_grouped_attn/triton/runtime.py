@@ -268,6 +268,138 @@ def _patch_interpreter_bf16_dot():
   _BF16_DOT_PATCHED = True
 
 
+# --------------------------------------------------- GPU rounding of bf16 --
+
+def _f32_to_bf16_bits(x, round_to_nearest: bool = True) -> np.ndarray:
+  """fp32 values -> the uint16 bits of bf16, as the GPU's cvt.rn.bf16.f32
+  (nearest, ties to even) or cvt.rz.bf16.f32 (``round_to_nearest=False``,
+  toward zero). Infinities stay, a NaN becomes the quiet NaN of its sign."""
+  bits = np.asarray(x, np.float32).view(np.uint32)
+  nan = (bits & np.uint32(0x7FFFFFFF)) > np.uint32(0x7F800000)
+  quiet_nan = ((bits >> np.uint32(16)) & np.uint32(0x8000)) | np.uint32(0x7FC0)
+  # Zeroing NaNs first keeps the add below from carrying out of a payload.
+  number = np.where(nan, np.uint32(0), bits)
+  if round_to_nearest:
+    # + 0x7FFF rounds up what is past half; the kept LSB breaks ties to even.
+    # Past the largest bf16 the carry reaches the exponent: inf, as on the GPU.
+    number = number + np.uint32(0x7FFF) + ((number >> np.uint32(16)) & np.uint32(1))
+  return np.where(nan, quiet_nan, number >> np.uint32(16)).astype(np.uint16)
+
+
+# Every builder entry point an fp32 -> bf16 conversion reaches: x.to(bf16)
+# and a store into a bf16 pointer (create_fp_trunc -> cast_impl), bf16
+# constants (get_bf16 -> create_fp_trunc), fp16 -> bf16 (create_fp_to_fp ->
+# cast_impl via fp32) and an explicit rounding mode (create_fp_to_fp).
+_ROUNDED_METHODS = ("cast_impl", "create_fp_trunc", "create_fp_to_fp")
+
+# 1 + 2^-7 + 2^-8: halfway between two bf16, odd below: nearest-even gives
+# 1 + 2^-6, truncation 1 + 2^-7.
+_TIE_PROBE = np.float32(1 + 2 ** -7 + 2 ** -8)
+
+_UNSET = object()
+
+
+def _rounding_internals():
+  """(interpreter module, builder, RTNE, RTZ) that the rounding patch uses.
+
+  Raises RuntimeError naming what this Triton lacks, rather than let a
+  kernel run on truncated bf16 without saying so."""
+  try:
+    from triton._C.libtriton import ir
+    from triton.runtime import interpreter
+  except ImportError as e:
+    raise RuntimeError(f"Triton {triton.__version__}: cannot import its interpreter ({e}).") from e
+  builder = getattr(interpreter, "interpreter_builder", None)
+  modes = getattr(ir, "ROUNDING_MODE", None)
+  needed = [("interpreter.interpreter_builder", builder is not None),
+            ("interpreter.TensorHandle", hasattr(interpreter, "TensorHandle")),
+            ("ir.ROUNDING_MODE.RTNE/RTZ", hasattr(modes, "RTNE") and hasattr(modes, "RTZ"))]
+  needed += [(f"InterpreterBuilder.{m}", hasattr(builder, m)) for m in _ROUNDED_METHODS]
+  missing = [name for name, ok in needed if not ok]
+  if missing:
+    raise RuntimeError(
+        f"Triton {triton.__version__}'s interpreter lacks {', '.join(missing)}: runtime.py "
+        "cannot make its fp32 -> bf16 casts round to nearest even like the GPU (the "
+        "interpreter truncates), so interpreted results would not be the kernel's. The "
+        "interpreted path supports triton 3.2 to 3.9.")
+  return interpreter, builder, modes.RTNE, modes.RTZ
+
+
+def _check_rounding(interpreter, builder, rtne):
+  """Raises unless the cast a kernel's ``x.to(tl.bfloat16)`` makes rounds a
+  tie to even: a Triton whose cast reaches the builder some other way must
+  fail here, not truncate unseen."""
+  import triton.language as tl
+  probe = interpreter.TensorHandle(np.array([_TIE_PROBE], np.float32), tl.float32)
+  got = {"create_fp_to_fp(rtne)": builder.create_fp_to_fp(probe, tl.bfloat16, rtne)}
+  semantic = getattr(interpreter, "interpreter_semantic", None)  # Triton >= 3.4
+  if semantic is not None:
+    got["semantic.cast"] = semantic.cast(tl.tensor(probe, tl.float32), tl.bfloat16).handle
+  else:
+    got["create_fp_trunc"] = builder.create_fp_trunc(probe, tl.bfloat16)
+  want = int(_f32_to_bf16_bits(_TIE_PROBE))
+  wrong = {path: hex(int(np.asarray(h.data).view(np.uint16).reshape(-1)[0]))
+           for path, h in got.items()}
+  wrong = {path: bits for path, bits in wrong.items() if bits != hex(want)}
+  if wrong:
+    raise RuntimeError(
+        f"Triton {triton.__version__}'s interpreter converts fp32 -> bf16 its own way "
+        f"despite runtime.py's patch ({wrong}, want {hex(want)}): interpreted results "
+        "would not round like the GPU.")
+
+
+@contextlib.contextmanager
+def _interpreter_rounds_bf16_like_the_gpu():
+  """While a kernel is interpreted, fp32 -> bf16 rounds to nearest even (an
+  explicit ``rtz`` truncates) and NaN stays NaN, as the GPU's cvt does.
+
+  Triton's interpreter converts with ``_convert_float`` and no rounding mode
+  (cast_impl): it truncates, which doubles every bf16 rounding error of a
+  kernel. Patched on the interpreter's builder instance, restored afterwards;
+  checked with a tie first. Callers hold _INTERPRETER_LOCK.
+  """
+  import triton.language as tl
+  interpreter, builder, rtne, rtz = _rounding_internals()
+  stock = {name: getattr(builder, name) for name in _ROUNDED_METHODS}
+
+  def rounds(src, dst_type):
+    return src.dtype.scalar == tl.float32 and dst_type.scalar == tl.bfloat16
+
+  def rounded(src, dst_type, nearest):
+    return interpreter.TensorHandle(_f32_to_bf16_bits(src.data, nearest), dst_type.scalar)
+
+  def cast_impl(src, dst_type):
+    if rounds(src, dst_type):
+      return rounded(src, dst_type, True)
+    return stock["cast_impl"](src, dst_type)
+
+  def create_fp_trunc(src, dst_type):
+    if rounds(src, dst_type):
+      return rounded(src, dst_type, True)
+    return stock["create_fp_trunc"](src, dst_type)
+
+  def create_fp_to_fp(src, dst_type, rounding_mode):
+    if rounds(src, dst_type) and rounding_mode in (rtne, rtz):
+      return rounded(src, dst_type, rounding_mode == rtne)
+    return stock["create_fp_to_fp"](src, dst_type, rounding_mode)
+
+  patches = {"cast_impl": cast_impl, "create_fp_trunc": create_fp_trunc,
+             "create_fp_to_fp": create_fp_to_fp}
+  # Instance attributes: they shadow the class's methods for this builder only.
+  shadowed = {name: vars(builder).get(name, _UNSET) for name in patches}
+  try:
+    for name, fn in patches.items():
+      setattr(builder, name, fn)
+    _check_rounding(interpreter, builder, rtne)
+    yield
+  finally:
+    for name, old in shadowed.items():
+      if old is _UNSET:
+        vars(builder).pop(name, None)
+      else:
+        setattr(builder, name, old)
+
+
 _INDEX_PATCHED = False
 
 
@@ -338,7 +470,7 @@ def run_interpreted(kernel, grid, args, out_shapes, **constexprs) -> list[np.nda
   with _INTERPRETER_LOCK:
     _patch_interpreter_bf16_dot()
     _patch_interpreter_scalar_index()
-    with _interpreted_language():
+    with _interpreter_rounds_bf16_like_the_gpu(), _interpreted_language():
       fn[grid](*tensors, *[HostTensor(o) for o in outs], **constexprs)
   return outs
 
