@@ -199,6 +199,21 @@ MUTANTS = [
            (f"{PREC}test_sliced_forward_check_small[triton]",),
            gpu="tests/test_precision.py::test_gpu_more_than_2_31_elements[triton]",
            why="row * (H * D) in int32 wraps past 2^31 elements"),
+    # ---------------------------------------------- config lookup (tables) --
+    Mutant("tuning_no_family_fallback", "logic", "jax_grouped_attn/tuning.py",
+           "  if gpu.compute_capability is None:\n    return None\n  metas",
+           "  if True:\n    return None\n  metas",
+           ("tests/test_tuning.py::test_other_hopper_parts_get_a_family_table",
+            "tests/test_explain.py::test_explain_names_backend_config_and_family_table"),
+           why="an H200/H800 without its own table falls to the heuristics (the 0.13x cliff)"),
+    Mutant("tuning_derived_picks_slowest", "logic", "jax_grouped_attn/tuning.py",
+           "  best = min(everywhere, key=score)", "  best = max(everywhere, key=score)",
+           ("tests/test_tuning.py::test_derived_defaults_are_within_10_percent_of_every_"
+            "shipped_best",)),
+    Mutant("registry_skips_derived", "logic", "jax_grouped_attn/registry.py",
+           "    if got is not None:\n      return ConfigChoice(got.config, \"derived\"",
+           "    if False:\n      return ConfigChoice(got.config, \"derived\"",
+           ("tests/test_tuning.py::test_an_sm90_gpu_without_an_entry_gets_the_derived_default",)),
 ]
 
 
