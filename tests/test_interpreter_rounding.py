@@ -4,8 +4,8 @@ Triton's interpreter truncates fp32 -> bf16 (``_convert_float`` with no
 rounding mode); the GPU's cvt.rn.bf16.f32 rounds to nearest even. runtime.py
 makes the interpreted path round like the GPU while a kernel runs. These
 tests put Triton's own truncating cast back on the builder class first
-(``stock_cast``), whatever conftest.py installed there, so the rounding they
-see can only come from runtime.py.
+(``stock_cast``), whatever was installed there, so the rounding they see
+can only come from runtime.py.
 """
 
 import jax

@@ -214,6 +214,11 @@ MUTANTS = [
            "    if got is not None:\n      return ConfigChoice(got.config, \"derived\"",
            "    if False:\n      return ConfigChoice(got.config, \"derived\"",
            ("tests/test_tuning.py::test_an_sm90_gpu_without_an_entry_gets_the_derived_default",)),
+    Mutant("triton_interpreter_truncates_bf16", "precision", T + "runtime.py",
+           "    with _interpreter_rounds_bf16_like_the_gpu(), _interpreted_language():\n",
+           "    with _interpreted_language():\n",
+           ("tests/test_interpreter_rounding.py",),
+           why="interpreted Triton truncates fp32 -> bf16 (the GPU rounds to nearest even)"),
 ]
 
 
