@@ -8,6 +8,7 @@ problem without materialising T^2.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import importlib.metadata
 import math
@@ -294,17 +295,50 @@ def _oracle_impl(q, k, v, do, pos, kv_len, *, scale, causal, chunk, compute_dtyp
 
 _oracle_jit = jax.jit(_oracle_impl, static_argnames=("scale", "causal", "chunk", "compute_dtype",
                                                     "window"))
+# Compiled oracles by argument shapes and static arguments: ranks of one world
+# share one (their row positions are arguments). Bounded: each holds GPU code.
+_ORACLE_CACHE: dict = {}
+_ORACLE_CACHE_SIZE = 16
+# XLA's autotuner spent ~30 s of the ~31 s an oracle took per workload on an
+# H200 (timing dot algorithms for each new shape). An oracle runs once per
+# workload, so the untuned default algorithms cost less than tuning them.
+ORACLE_COMPILER_OPTIONS = {"xla_gpu_autotune_level": 0}
+
+
+def _run_oracle(args, statics: dict, timing: dict):
+  """``_oracle_jit(*args, **statics)`` through a cached AOT compile, adding the
+  seconds spent compiling and running to ``timing``."""
+  key = (tuple((a.shape, str(a.dtype)) for a in args), tuple(sorted(statics.items())))
+  exe = _ORACLE_CACHE.get(key)
+  if exe is None:
+    t0 = time.perf_counter()
+    lowered = _oracle_jit.lower(*args, **statics)
+    try:
+      exe = lowered.compile(compiler_options=dict(ORACLE_COMPILER_OPTIONS) or None)
+    except Exception:  # noqa: BLE001 -- an XLA without the option: its defaults
+      exe = lowered.compile()
+    timing["compile_s"] = timing.get("compile_s", 0.0) + time.perf_counter() - t0
+    if len(_ORACLE_CACHE) >= _ORACLE_CACHE_SIZE:
+      _ORACLE_CACHE.pop(next(iter(_ORACLE_CACHE)))
+    _ORACLE_CACHE[key] = exe
+  t0 = time.perf_counter()
+  out = jax.block_until_ready(exe(*args))
+  timing["run_s"] = timing.get("run_s", 0.0) + time.perf_counter() - t0
+  return out
 
 
 def oracle(wl: Workload, q, k, v, do, sel: Selection, *, max_elems: int = 1 << 26,
-           lowp: bool = True):
+           lowp: bool = True, timing: dict | None = None):
   """Exact fp32 out, dq (selected q heads) and dk, dv (selected kv heads), and
   under "lowp" the same from the plain attention in the workload's dtype (the
   calibration of :func:`compare`; for float32 the exact results themselves).
 
   Every row is checked; ``max_elems`` bounds one logits block (chunk rows x
   Tk x selected heads x batch rows) so memory stays ~5 such fp32 blocks.
+  ``timing``: a dict that gets the seconds spent compiling ("compile_s") and
+  running ("run_s") the oracle.
   """
+  timing = {} if timing is None else timing
   f32 = lambda x: jnp.asarray(x, jnp.float32)
   qs, dos = f32(sel.q(q)), f32(sel.q(do))
   ks, vs = f32(sel.kv(k)), f32(sel.kv(v))
@@ -317,10 +351,9 @@ def oracle(wl: Workload, q, k, v, do, sel: Selection, *, max_elems: int = 1 << 2
   pos = np.pad(pos, (0, pad)).astype(np.int32)
   kv_len = np.pad(kv_len, (0, pad)).astype(np.int32)   # padding rows see nothing
   padrows = lambda x: jnp.pad(x, ((0, 0), (0, pad), (0, 0), (0, 0)))
-  run = lambda cd: _oracle_jit(padrows(qs), ks, vs, padrows(dos), jnp.asarray(pos),
-                               jnp.asarray(kv_len), scale=1.0 / math.sqrt(wl.d),
-                               causal=wl.causal, chunk=chunk, compute_dtype=cd,
-                               window=wl.window)
+  args = (padrows(qs), ks, vs, padrows(dos), jnp.asarray(pos), jnp.asarray(kv_len))
+  statics = dict(scale=1.0 / math.sqrt(wl.d), causal=wl.causal, chunk=chunk, window=wl.window)
+  run = lambda cd: _run_oracle(args, dict(statics, compute_dtype=cd), timing)
   trim = lambda r: {"out": r[0][:, :wl.tq], "dq": r[1][:, :wl.tq], "dk": r[2], "dv": r[3]}
   res = trim(run("float32"))
   if lowp:
@@ -373,6 +406,16 @@ def time_calls(fn, arg_sets, *, reps: int, warmup: int) -> dict:
           "max_ms": max(times), "reps": reps}
 
 
+@contextlib.contextmanager
+def clock(phases: dict, name: str):
+  """Adds the seconds the ``with`` body takes to ``phases[name]`` (also when it raises)."""
+  t0 = time.perf_counter()
+  try:
+    yield
+  finally:
+    phases[name] = phases.get(name, 0.0) + time.perf_counter() - t0
+
+
 def memory_stats(compiled) -> dict | None:
   """Sizes from the compiled executable's memory analysis (bytes), if any."""
   try:
@@ -391,15 +434,24 @@ def memory_stats(compiled) -> dict | None:
 
 
 class Budget:
-  """Wall-clock budget: ``exhausted`` once ``seconds`` have passed (None = no limit)."""
+  """Wall-clock budget: ``exhausted`` once ``seconds`` have passed (None = no limit).
 
-  def __init__(self, seconds: float | None):
+  ``clock``: seconds from any origin (time.monotonic; tests pass a fake one).
+  """
+
+  def __init__(self, seconds: float | None, clock=time.monotonic):
     self.seconds = seconds
-    self.t0 = time.monotonic()
+    self.clock = clock
+    self.t0 = clock()
 
   @property
   def elapsed(self) -> float:
-    return time.monotonic() - self.t0
+    return self.clock() - self.t0
+
+  @property
+  def left(self) -> float | None:
+    """Seconds left (None = no limit)."""
+    return None if self.seconds is None else self.seconds - self.elapsed
 
   @property
   def exhausted(self) -> bool:

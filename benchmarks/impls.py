@@ -372,18 +372,23 @@ class Cudnn(Impl):
       return Built(fn, "jax.nn.dot_product_attention")
     n_calls = sum(len(s) for _, s in composition_parts(wl.groups, wl.causal))
     note = f"composition: {n_calls} cuDNN calls merged by lse"
+    # Each part's out (and dq, dk, dv) comes back rounded to the input dtype
+    # before the fp32 merge, so the composition rounds twice where plain
+    # attention rounds once: on an H200 (zigzag W8 S64K) it used 0.8-1.13x of
+    # the allowance our kernels get. A baseline, so a looser factor.
+    factor = 3.0
     try:
       parts = CudnnParts()
       fn = composed_attention(wl.groups, wl.causal, scale, parts)
       q = jax.ShapeDtypeStruct((wl.batch, wl.tq, wl.hq, wl.d), jnp.dtype(wl.dtype))
       kv = jax.ShapeDtypeStruct((wl.batch, wl.tk, wl.hk, wl.d), jnp.dtype(wl.dtype))
       jax.eval_shape(lambda q, k, v: jax.vjp(fn, q, k, v)[1](q.astype(q.dtype)), q, kv, kv)
-      return Built(fn, note + " (exact merged backward)")
+      return Built(fn, note + " (exact merged backward)", tolerance_factor=factor)
     except Exception as e:  # noqa: BLE001 -- jax internals moved: public API
       reason = f"{type(e).__name__}: {e}"[:160]
       fn = plain_composition(wl.groups, wl.causal, scale, _public_cudnn_part)
       return Built(fn, note + f" via jax.nn (bf16 lse, inexact grads; internals: {reason})",
-                   grad_exact=False)
+                   grad_exact=False, tolerance_factor=factor)
 
 
 class JaxPallasMha(Impl):

@@ -292,6 +292,18 @@ def markdown(results, stats, best, bal) -> str:
                [[k[0], k[1], k[2], ", ".join(f"{n} {v:.1e}" for n, v in e.items()),
                  "yes" if ok else "**NO**"] for k, (e, ok) in worst.items()])
 
+  phases = phase_totals(rows)
+  if phases:
+    md += ["## Where the time went (seconds)", ""]
+    md += ["Summed over each implementation's runs. inputs and oracle are paid once per "
+           "workload, by its first run; compile, check and time are per pass (fwd + fwdbwd).", ""]
+    cols = ("inputs_s", "oracle_s", "oracle_compile_s", "build_s", "compile_s", "check_s",
+            "time_s", "run_s")
+    md += _table(["impl", "runs", "inputs", "oracle", "of it compile", "build", "compile",
+                  "check", "time", "total"],
+                 [[impl, t["runs"]] + [_f(t.get(c, 0.0), "{:.1f}") for c in cols]
+                  for impl, t in phases.items()])
+
   skipped = collections.OrderedDict()
   for r in rows:
     if r["status"] in ("skipped", "error"):
@@ -303,6 +315,22 @@ def markdown(results, stats, best, bal) -> str:
       md.append(f"- **{impl}** {status}: {reason} ({n} workload{'s' if n > 1 else ''})")
     md.append("")
   return "\n".join(md)
+
+
+def phase_totals(rows) -> dict:
+  """impl -> runs and seconds per phase (bench rows' ``phases``), summed over
+  passes and runs; implementations in the order they first ran."""
+  out = {}
+  for r in rows:
+    ph = r.get("phases")
+    if not ph:
+      continue
+    t = out.setdefault(r["impl"], {"runs": 0})
+    if "run_s" in ph:
+      t["runs"] += 1
+    for k, v in ph.items():
+      t[k] = t.get(k, 0.0) + v
+  return out
 
 
 # ----------------------------------------------------------------- plots ---
