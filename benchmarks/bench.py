@@ -38,8 +38,10 @@ import jax  # noqa: E402
 
 from benchmarks import common, impls, report  # noqa: E402
 from benchmarks.common import Workload, log  # noqa: E402
-from jax_grouped_attn import platform as ga_platform  # noqa: E402
-from jax_grouped_attn import registry  # noqa: E402
+from jax_grouped_attn import (
+  platform as ga_platform,  # noqa: E402
+  registry,  # noqa: E402
+)
 
 DEFAULT_OUT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 WORKLOAD_KINDS = ("causal", "zigzag", "balance")

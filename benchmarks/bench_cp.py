@@ -47,9 +47,9 @@ import numpy as np  # noqa: E402
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P  # noqa: E402
 
 import jax_grouped_attn as ga  # noqa: E402
-from jax_grouped_attn import parallel, registry  # noqa: E402
 from benchmarks import common, hlo_overlap  # noqa: E402
 from benchmarks.common import log  # noqa: E402
+from jax_grouped_attn import parallel, registry  # noqa: E402
 
 STRATEGIES = ("allgather", "ring", "ulysses", "ring+ulysses", "allgather+ulysses")
 # Named sets of XLA options for --xla-variants (GPU flags; see the README).

@@ -35,13 +35,13 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 import jax_grouped_attn as ga  # noqa: E402
-from jax_grouped_attn import registry  # noqa: E402
-from jax_grouped_attn.groups import QueryGroup, visible_pairs  # noqa: E402
-from jax_grouped_attn.reference import reference_attention  # noqa: E402
-from jax_grouped_attn.validate import check_window  # noqa: E402
-from jax_grouped_attn.plan import Problem  # noqa: E402
 from benchmarks import common  # noqa: E402
 from benchmarks.common import log  # noqa: E402
+from jax_grouped_attn import registry  # noqa: E402
+from jax_grouped_attn.groups import QueryGroup, visible_pairs  # noqa: E402
+from jax_grouped_attn.plan import Problem  # noqa: E402
+from jax_grouped_attn.reference import reference_attention  # noqa: E402
+from jax_grouped_attn.validate import check_window  # noqa: E402
 
 PASSES = ("fwd", "fwdbwd")
 

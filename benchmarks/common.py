@@ -117,7 +117,8 @@ def zigzag_workload(world, seq, rank, hq=32, hk=8, d=128, batch=1, dtype="bfloat
                   dtype, world=world, rank=rank, seq=seq)
 
 
-def contiguous_workload(world, seq, rank, hq=32, hk=8, d=128, batch=1, dtype="bfloat16") -> Workload:
+def contiguous_workload(world, seq, rank, hq=32, hk=8, d=128, batch=1,
+                        dtype="bfloat16") -> Workload:
   """Rank ``rank`` of contiguous sharding: rows [r*c2, (r+1)*c2) with c2 = S/W."""
   if seq % world:
     raise ValueError(f"seq={seq} must be divisible by world={world}.")

@@ -29,22 +29,19 @@ to the public API (bf16 lse, inexact gradients) and says so in its note.
 from __future__ import annotations
 
 import dataclasses
-import functools
 import inspect
 import math
 import warnings
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 import jax_grouped_attn as ga
+from benchmarks.common import Workload
 from jax_grouped_attn import registry
 from jax_grouped_attn.groups import QueryGroup
 from jax_grouped_attn.plan import Problem
 from jax_grouped_attn.reference import reference_attention, reference_backward
-
-from benchmarks.common import Workload
 
 
 @dataclasses.dataclass

@@ -206,7 +206,8 @@ def markdown(results, stats, best, bal) -> str:
   md += ["Ratios are times relative to the fastest (2.00x = takes twice as long).", ""]
   md += _table(["workload", "pass", "fastest", "ms", "TF/s", "runner-up", "runner-up time",
                 "cuDNN time", "best two-launch time"],
-               [[b["series"], b["pass"], f"**{b['fastest']}**", _f(b["ms"]), _f(b["tflops"], "{:.1f}"),
+               [[b["series"], b["pass"], f"**{b['fastest']}**", _f(b["ms"]),
+                 _f(b["tflops"], "{:.1f}"),
                  b["runner_up"] or "–", _f(b["runner_up_ratio"], "{:.2f}x"),
                  _f(b["cudnn_ratio"], "{:.2f}x"), _f(b["two_launch_ratio"], "{:.2f}x")]
                 for b in best])
@@ -243,7 +244,8 @@ def markdown(results, stats, best, bal) -> str:
                    _f(cud[(s["series"], s["pass"])] / s["slowest_ms"]
                       if (s["series"], s["pass"]) in cud else None, "{:.2f}x"),
                    f"{s['ranks_timed']}/{s['world']}", "yes" if s["all_ok"] else "**NO**"]
-                  for s in sorted(zz, key=lambda s: (s["world"], s["seq"], _PASS_ORDER.get(s["pass"], 9),
+                  for s in sorted(zz, key=lambda s: (s["world"], s["seq"],
+                                                     _PASS_ORDER.get(s["pass"], 9),
                                                      _impl_order(s["impl"])))])
     md += ["Speed-ups > 1 mean the row is faster. The cuDNN composition is, per group, a "
            "non-causal call over the kv prefix plus a causal call over the diagonal chunk, "
@@ -255,16 +257,20 @@ def markdown(results, stats, best, bal) -> str:
     md += [f"Model (an assumption, not a measurement): each rank all-gathers K,V over NVLink "
            f"at **{bw:.0f} GB/s** one direction per GPU; bytes = 2·B·S·Hk·D·itemsize·(W−1)/W. "
            "fwd+bwd adds a reduce-scatter of dK,dV of the same size (gathered K,V kept for "
-           "the backward). Ideal per-device time = the smaller of the two schemes' mean rank times (same total work); efficiency = ideal / "
+           "the backward). Ideal per-device time = the smaller of the two schemes' mean "
+           "rank times (same total work); efficiency = ideal / "
            "step time, with the step = slowest rank + communication (no overlap) or "
            "max(slowest rank, communication) (perfect overlap).", ""]
     md += _table(["W", "S", "pass", "impl", "zigzag max/mean", "contiguous max/mean",
                   "zigzag slowest ms", "contiguous slowest ms", "comm ms", "comm/compute",
                   "eff zigzag (no overlap / overlap)", "eff contiguous (no overlap / overlap)"],
-                 [[e["world"], e["seq"], e["pass"], e["impl"], _f(e["zigzag_max_over_mean"], "{:.2f}"),
+                 [[e["world"], e["seq"], e["pass"], e["impl"],
+                   _f(e["zigzag_max_over_mean"], "{:.2f}"),
                    _f(e["contiguous_max_over_mean"], "{:.2f}"), _f(e["zigzag_max_ms"]),
-                   _f(e["contiguous_max_ms"]), _f(e["comm_ms"]), _f(e["comm_over_compute"], "{:.2f}"),
-                   f"{100 * e['zigzag_eff_no_overlap']:.0f}% / {100 * e['zigzag_eff_overlap']:.0f}%",
+                   _f(e["contiguous_max_ms"]), _f(e["comm_ms"]),
+                   _f(e["comm_over_compute"], "{:.2f}"),
+                   f"{100 * e['zigzag_eff_no_overlap']:.0f}% / "
+                   f"{100 * e['zigzag_eff_overlap']:.0f}%",
                    f"{100 * e['contiguous_eff_no_overlap']:.0f}% / "
                    f"{100 * e['contiguous_eff_overlap']:.0f}%"] for e in bal])
     for e in bal:
@@ -385,7 +391,8 @@ def plots(results, stats, out_dir) -> list[str]:
     series = sorted({s["series"] for s in zz}, key=lambda x: ([int(t[1:]) for t in x.split()[1:3]]))
     impl_names = [n for n in _IMPL_ORDER if n != "jax-pallas-mha"
                   and any(s["impl"] == n for s in zz)]
-    fig, axes = plt.subplots(1, len(passes), figsize=(max(6, 1.6 * len(series) + 3) * len(passes) / 1.5, 4.5),
+    fig, axes = plt.subplots(1, len(passes),
+                             figsize=(max(6, 1.6 * len(series) + 3) * len(passes) / 1.5, 4.5),
                              squeeze=False)
     width = 0.8 / max(1, len(impl_names))
     for ax, p in zip(axes[0], passes):
@@ -395,7 +402,8 @@ def plots(results, stats, out_dir) -> list[str]:
         ax.bar(np.arange(len(series)) + i * width, vals, width,
                label=name + (" (composition)" if name == "cudnn" else ""))
       ax.set_xticks(np.arange(len(series)) + width * (len(impl_names) - 1) / 2)
-      ax.set_xticklabels([se.split()[1] + " S" + _seq_label(int(se.split()[2][1:])) for se in series],
+      ax.set_xticklabels([se.split()[1] + " S" + _seq_label(int(se.split()[2][1:]))
+                          for se in series],
                          rotation=30, fontsize=8)
       ax.set_ylabel("TFLOP/s of the slowest rank")
       ax.set_title(f"zigzag {p}", fontsize=9)

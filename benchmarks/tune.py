@@ -25,7 +25,6 @@ import math
 import os
 import sys
 import time
-import traceback
 
 if __package__ in (None, ""):  # run as a script from a checkout
   sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -33,11 +32,10 @@ if __package__ in (None, ""):  # run as a script from a checkout
 import jax  # noqa: E402
 
 import jax_grouped_attn as ga  # noqa: E402
-from jax_grouped_attn import platform, registry, tuning  # noqa: E402
-from jax_grouped_attn.config import AttentionConfig  # noqa: E402
-
 from benchmarks import common  # noqa: E402
 from benchmarks.common import log  # noqa: E402
+from jax_grouped_attn import platform, registry, tuning  # noqa: E402
+from jax_grouped_attn.config import AttentionConfig  # noqa: E402
 
 PACKAGE_OUT = tuning.PACKAGE_DIR
 SMOKE_OUT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "tuned")
@@ -149,6 +147,42 @@ def _best_any(by_bucket: dict, fields: tuple) -> dict | None:
 def _entry_fields(fields: tuple, values) -> dict:
   """A table entry's config part: the fields that are set (None: the default)."""
   return {f: v for f, v in zip(fields, values) if v is not None}
+
+
+def sweep(bucket: Bucket, backend: str, pass_: str, cands: list, fwd_fixed, reps: int,
+          warmup: int, budget, bar) -> list[dict]:
+  """Measures ``cands`` in order (until the budget is spent); their results."""
+  wl, results = bucket.wl, []
+  for cand in cands:
+    if budget.exhausted:
+      break
+    bar.set_postfix_str(f"{backend} {pass_} D{wl.d} S{wl.tk} {cand}")
+    r = measure(bucket, backend, pass_, cand, fwd_fixed, reps, warmup)
+    bar.update(1)
+    results.append(r)
+    log(f"{backend:7} {pass_:8} D{wl.d:<4} S{wl.tk:<6} {str(as_tuple(cand)):34} "
+        + (f"{r['ms']:9.3f} ms" if "ms" in r else f"skipped: {r['status']}"))
+    if str(r.get("status", "")).startswith("not implemented"):
+      break
+  return results
+
+
+def table_entry(wl, pass_: str, fields: tuple, results: list, default, fwd_fixed) -> dict | None:
+  """The table entry of one (backend, pass, head_dim, bucket): the fastest timed
+  candidate's fields, its time, and every candidate's result; None if none ran."""
+  timed = [r for r in results if "ms" in r]
+  if not timed:
+    return None
+  best = min(timed, key=lambda r: r["ms"])
+  default_ms = next((r["ms"] for r in timed if tuple(r["config"]) == as_tuple(default)), None)
+  flops = wl.flops("fwd" if pass_ == "forward" else "fwdbwd")
+  return dict(_entry_fields(fields, best["config"]), ms=best["ms"],
+              tflops=flops / (best["ms"] * 1e-3) / 1e12,
+              timed_as="fwd" if pass_ == "forward" else "fwd+bwd, forward fixed at "
+              + str(as_tuple(fwd_fixed)),
+              default=list(as_tuple(default)), default_ms=default_ms,
+              speedup_vs_default=default_ms / best["ms"] if default_ms else None,
+              candidates=results, workload=wl.name)
 
 
 def load_existing(path: str, gpu: str) -> dict:
@@ -269,35 +303,15 @@ def main(argv=None) -> dict:
       default = (fwd_fixed if pass_ == "forward" else
                  registry.default_config(backend, "backward", hd, seq_len=seq, dtype=args.dtype))
       fields = tuning.fields(type(default))
-      results = []
-      for cand in candidates(backend, pass_, hd, mode, default):
-        if budget.exhausted:
-          break
-        bar.set_postfix_str(f"{backend} {pass_} D{hd} S{seq} {cand}")
-        r = measure(bucket, backend, pass_, cand, fwd_fixed, reps, warmup)
-        bar.update(1)
-        results.append(r)
-        log(f"{backend:7} {pass_:8} D{hd:<4} S{seq:<6} {str(as_tuple(cand)):34} "
-            + (f"{r['ms']:9.3f} ms" if "ms" in r else f"skipped: {r['status']}"))
-        if str(r.get("status", "")).startswith("not implemented"):
-          break
-      timed = [r for r in results if "ms" in r]
-      if not timed:
+      results = sweep(bucket, backend, pass_, candidates(backend, pass_, hd, mode, default),
+                      fwd_fixed, reps, warmup, budget, bar)
+      entry = table_entry(wl, pass_, fields, results, default, fwd_fixed)
+      if entry is None:
         continue
-      best = min(timed, key=lambda r: r["ms"])
-      default_ms = next((r["ms"] for r in timed
-                         if tuple(r["config"]) == as_tuple(default)), None)
-      flops = wl.flops("fwd" if pass_ == "forward" else "fwdbwd")
-      entry = dict(_entry_fields(fields, best["config"]), ms=best["ms"],
-                   tflops=flops / (best["ms"] * 1e-3) / 1e12,
-                   timed_as="fwd" if pass_ == "forward" else "fwd+bwd, forward fixed at "
-                   + str(as_tuple(fwd_fixed)),
-                   default=list(as_tuple(default)), default_ms=default_ms,
-                   speedup_vs_default=default_ms / best["ms"] if default_ms else None,
-                   candidates=results, workload=wl.name)
       (table["entries"].setdefault(backend, {}).setdefault(pass_, {})
        .setdefault(args.dtype, {}).setdefault(str(hd), {}))[str(tuning.seq_bucket(seq))] = entry
-      summary.append((backend, pass_, hd, seq, best["config"], best["ms"], default_ms))
+      summary.append((backend, pass_, hd, seq, tuple(entry.get(f) for f in fields),
+                      entry["ms"], entry["default_ms"]))
       write_table(table, path)
   bar.close()
   if summary:

@@ -24,15 +24,19 @@ import subprocess
 import tempfile
 
 import numpy as np
-
 import triton
 
 from jax_grouped_attn import plan as plan_lib
 from jax_grouped_attn.config import BackwardConfig, ForwardConfig, Tiles
 from jax_grouped_attn.groups import QueryGroup
-from jax_grouped_attn.triton import backward_kernels, common, kernels, launch
-from jax_grouped_attn.triton import backward as backward_launch
-from jax_grouped_attn.triton import heuristics
+from jax_grouped_attn.triton import (
+  backward as backward_launch,
+  backward_kernels,
+  common,
+  heuristics,
+  kernels,
+  launch,
+)
 
 H100_MAX_SHARED_BYTES = 232448        # opt-in dynamic shared memory per block (sm_90)
 HEAD_DIMS = (32, 64, 128, 256)        # supported padded head dims
@@ -79,7 +83,8 @@ class ResourceReport:
   def row(self) -> str:
     c = self.config
     win = "" if self.window is None else f" causal={int(self.causal)} window={self.window}"
-    return (f"{self.kernel:<7} d={self.head_dim:<3} {self.dtype:<8} seg={int(self.has_segments)}{win} "
+    return (f"{self.kernel:<7} d={self.head_dim:<3} {self.dtype:<8} "
+            f"seg={int(self.has_segments)}{win} "
             f"bq={self.block_q:<3} bk={self.block_k:<3} warps={c.num_warps} "
             f"stages={c.num_stages}: regs={self.registers:<3} spills={self.spills:<5} "
             f"(st {self.spill_stores}, ld {self.spill_loads}) stack={self.stack_frame:<4} "
@@ -102,9 +107,10 @@ def _target(capability: int):
 def _pointer_attrs(types: list[str], capability: int) -> dict:
   """16-byte alignment of every pointer, as jax_triton specialises arrays."""
   try:
+    import types as pytypes
+
     from triton._C.libtriton import native_specialize_impl
     from triton.backends.nvidia.compiler import CUDABackend
-    import types as pytypes
     backend = CUDABackend(_target(capability))
     attrs = {}
     for i, ty in enumerate(types):

@@ -132,7 +132,8 @@ def attention(q, k, v, *, causal=False, softmax_scale=None, segment_ids=None,
 
 
 def segment_ids_from_cu_seqlens(cu_seqlens, total_len: int):
-  """flash-attn varlen ``cu_seqlens`` [n+1] (or [B, n+1]) -> segment ids [total_len] (or [B, total_len]).
+  """flash-attn varlen ``cu_seqlens`` [n+1] (or [B, n+1]) -> segment ids [total_len]
+  (or [B, total_len]).
 
   Token t belongs to document i when cu_seqlens[i] <= t < cu_seqlens[i+1]. The
   padding tail t >= cu_seqlens[-1] gets id n, which matches no real document.

@@ -2,9 +2,10 @@
 
 :func:`attention` runs a registry entry's forward under a ``custom_vjp`` whose
 backward is an entry's backward (``backend``: one entry name for both passes,
-or a (forward, backward) pair -- they share the out/lse residual contract) (or, with ``backward="reference"``, the
-reference formula, for isolating kernel bugs). An entry whose forward JAX can
-differentiate exactly (``native_autodiff``, the reference) runs as is.
+or a (forward, backward) pair -- they share the out/lse residual contract)
+(or, with ``backward="reference"``, the reference formula, for isolating
+kernel bugs). An entry whose forward JAX can differentiate exactly
+(``native_autodiff``, the reference) runs as is.
 Residuals are q, k, v, out, lse (and segment ids): nothing O(T^2).
 """
 

@@ -26,10 +26,8 @@ import importlib
 import jax
 import jax.numpy as jnp
 
-from jax_grouped_attn import plan as plan_lib
-from jax_grouped_attn import vma
-from jax_grouped_attn.config import (BackwardConfig, ForwardConfig, padded_head_dim,
-                                     tile_candidates)
+from jax_grouped_attn import plan as plan_lib, vma
+from jax_grouped_attn.config import BackwardConfig, ForwardConfig, padded_head_dim, tile_candidates
 from jax_grouped_attn.plan import Problem
 
 

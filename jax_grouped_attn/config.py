@@ -108,7 +108,8 @@ def _check_blocks(name, cfg, prefix: str = "") -> None:
   if isinstance(cfg.num_warps, bool) or cfg.num_warps not in (1, 2, 4, 8, 16):
     raise ValueError(
         f"{name}.{prefix}num_warps={cfg.num_warps!r} must be one of 1, 2, 4, 8, 16.")
-  if isinstance(cfg.num_stages, bool) or not isinstance(cfg.num_stages, int) or not 1 <= cfg.num_stages <= 8:
+  if (isinstance(cfg.num_stages, bool) or not isinstance(cfg.num_stages, int)
+      or not 1 <= cfg.num_stages <= 8):
     raise ValueError(f"{name}.{prefix}num_stages={cfg.num_stages!r} must be an int in [1, 8].")
 
 

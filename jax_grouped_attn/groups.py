@@ -36,7 +36,8 @@ import numpy as np
 
 @dataclasses.dataclass(frozen=True)
 class QueryGroup:
-  """Rows ``[q_start, q_start + q_len)`` of q at positions ``q_pos + i``, seeing keys ``< kv_len``."""
+  """Rows ``[q_start, q_start + q_len)`` of q at positions ``q_pos + i``,
+  seeing keys ``< kv_len``."""
 
   q_start: int
   q_len: int

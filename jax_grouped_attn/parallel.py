@@ -12,10 +12,11 @@ Strategies (``ContextParallel.strategy``, over ``axis_name``):
     reduce-scatter of dK, dV back to the zigzag shards. Memory O(W * 2c) for
     the gathered K, V.
   "ring": K, V circulate with ``ppermute`` for W steps (fewer with a sliding
-    window); each step's partial (out, lse) is merged in fp32 by log-sum-exp. A custom_vjp over the whole
-    ring circulates K, V and the dK, dV accumulators again. Memory O(2c). No
-    ppermute inside a step depends on that step's kernel (the backward sends
-    the previous step's dK, dV), so a latency-hiding scheduler can overlap them.
+    window); each step's partial (out, lse) is merged in fp32 by log-sum-exp.
+    A custom_vjp over the whole ring circulates K, V and the dK, dV
+    accumulators again. Memory O(2c). No ppermute inside a step depends on
+    that step's kernel (the backward sends the previous step's dK, dV), so a
+    latency-hiding scheduler can overlap them.
   "ulysses": all-to-all from sequence to head sharding (each device gets the
     whole sequence for Hq/W query heads and their kv heads), ``zigzag_unpermute``
     to natural order, ONE causal kernel, and back. Needs Hq % W == 0; kv heads
@@ -64,10 +65,15 @@ from jax_grouped_attn import autodiff, registry, validate
 from jax_grouped_attn.config import as_attention_config
 from jax_grouped_attn.groups import QueryGroup
 from jax_grouped_attn.plan import Problem
-from jax_grouped_attn.vma import pvary as _pvary
-from jax_grouped_attn.vma import union as vma_union
-from jax_grouped_attn.zigzag import (RingStep, shuffle_shard, zigzag_groups, zigzag_permute,
-                                     zigzag_ring_calls, zigzag_unpermute)
+from jax_grouped_attn.vma import pvary as _pvary, union as vma_union
+from jax_grouped_attn.zigzag import (
+  RingStep,
+  shuffle_shard,
+  zigzag_groups,
+  zigzag_permute,
+  zigzag_ring_calls,
+  zigzag_unpermute,
+)
 
 STRATEGIES = ("allgather", "ring", "ulysses")
 

@@ -17,8 +17,8 @@ from jax_grouped_attn.backend import Backend
 from jax_grouped_attn.config import PASSES, AttentionConfig
 from jax_grouped_attn.pallas.backend import PALLAS_TRITON
 from jax_grouped_attn.pallas.mosaic.backend import PALLAS_MOSAIC
-from jax_grouped_attn.platform import current_platform, warn_if_gpu_unused
 from jax_grouped_attn.plan import Problem
+from jax_grouped_attn.platform import current_platform, warn_if_gpu_unused
 from jax_grouped_attn.reference import XLA
 from jax_grouped_attn.triton.backend import TRITON
 

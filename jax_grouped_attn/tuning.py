@@ -273,8 +273,8 @@ def _dtype_keys(dtype) -> list[str]:
   if dtype is None:
     return ["bfloat16", "float16"]
   try:
-    import numpy as np  # noqa: PLC0415
     import jax.numpy as jnp  # noqa: PLC0415,F401 -- registers bfloat16 with numpy
+    import numpy as np  # noqa: PLC0415
     name = np.dtype(dtype).name
   except TypeError:
     name = str(dtype)

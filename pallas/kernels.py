@@ -20,7 +20,6 @@ from jax.experimental.pallas import triton as plgpu
 from jax_grouped_attn import plan as plan_lib
 from jax_grouped_attn.plan import LN2, LOG2E
 
-
 # pl.dot moved to the triton namespace; older JAX only has pl.dot.
 _pl_dot = getattr(plgpu, "dot", None) or pl.dot
 

@@ -10,8 +10,8 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
 from jax_grouped_attn.config import BackwardConfig, ForwardConfig
-from jax_grouped_attn.plan import BackwardPlan, Plan, Problem
 from jax_grouped_attn.pallas import kernels
+from jax_grouped_attn.plan import BackwardPlan, Plan, Problem
 from jax_grouped_attn.vma import pvary, shape_struct, union
 
 

@@ -11,13 +11,13 @@ import numpy as np
 import pytest
 
 import jax_grouped_attn as ga
-from jax_grouped_attn import registry, validate
-from jax_grouped_attn.pallas.mosaic.config import MosaicBackwardConfig, MosaicForwardConfig
-from jax_grouped_attn import QueryGroup
+from jax_grouped_attn import QueryGroup, registry, validate
 from jax_grouped_attn.groups import normalize_groups
+from jax_grouped_attn.pallas.mosaic.config import MosaicBackwardConfig, MosaicForwardConfig
 from jax_grouped_attn.plan import Problem
 from jax_grouped_attn.reference import reference_attention, reference_backward, visible_mask
 from tolerance import assert_calibrated
+
 
 def _kernel_backends() -> list[str]:
   """Registry kernel entries that run here (compiled on a GPU, else interpreted)."""

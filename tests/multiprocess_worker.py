@@ -24,7 +24,6 @@ def main(process_id: int, num_processes: int, port: int) -> None:
   jax.config.update("jax_cpu_collectives_implementation", "gloo")
   jax.distributed.initialize(coordinator_address=f"localhost:{port}",
                              num_processes=num_processes, process_id=process_id)
-  import jax.numpy as jnp
   import numpy as np
   from jax.sharding import NamedSharding, PartitionSpec as P
 
@@ -71,7 +70,8 @@ def main(process_id: int, num_processes: int, port: int) -> None:
       err = float(np.max(np.abs(g - w)))
       tol = 1e-4 * max(1.0, float(np.max(np.abs(w))))
       if not err <= tol:
-        raise AssertionError(f"process {process_id} {strategy} {name}: max err {err:.3g} > {tol:.3g}")
+        raise AssertionError(
+            f"process {process_id} {strategy} {name}: max err {err:.3g} > {tol:.3g}")
   print(f"OK {process_id}", flush=True)
   jax.distributed.shutdown()
 

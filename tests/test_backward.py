@@ -10,11 +10,19 @@ import pytest
 from jax.test_util import check_grads as jax_check_grads
 
 import jax_grouped_attn as ga
-from jax_grouped_attn import autodiff, registry
-from jax_grouped_attn import plan as plan_lib
+from cases import (
+  CASES,
+  KERNEL_BACKENDS,
+  SMALL,
+  assert_matches,
+  case_by_name,
+  check_grads,
+  make_inputs,
+  problem_of,
+  seed_of,
+)
+from jax_grouped_attn import autodiff, plan as plan_lib, registry
 from jax_grouped_attn.reference import visible_mask
-from cases import (CASES, KERNEL_BACKENDS, SMALL, assert_matches, case_by_name, check_grads,
-                   make_inputs, problem_of, seed_of)
 
 # Backends whose backward kernels are under test.
 BACKWARD_BACKENDS = KERNEL_BACKENDS

@@ -16,8 +16,8 @@ def test_bench_cp_smoke_checks_every_row_and_reads_the_ring_schedule(tmp_path):
     pytest.skip("smoke mode is the CPU path")
   out = tmp_path / "cp"
   res = bench_cp.main(["--smoke", "--out", str(out), "--xla-variants", "default,lhs",
-                       "--variant-strategies", "ring", "--dump-hlo", "--passes", "fwdbwd", "--reps", "1",
-                       "--warmup", "0"])
+                       "--variant-strategies", "ring", "--dump-hlo", "--passes", "fwdbwd",
+                       "--reps", "1", "--warmup", "0"])
   rows = res["rows"]
   bad = [(r["label"], r["status"], r.get("reason")) for r in rows if r["status"] != "ok"]
   assert not bad, bad
@@ -73,7 +73,8 @@ def test_hlo_overlap_reads_async_pairs():
   %cp-start = (f32[8]{0}, f32[8]{0}) collective-permute-start(%p), source_target_pairs={{0,1},{1,0}}
   %k = f32[8]{0} custom-call(%p), custom_call_target="__gpu$xla.gpu.triton"
   %cp-done = f32[8]{0} collective-permute-done(%cp-start)
-  %late-start = (f32[8]{0}, f32[8]{0}) collective-permute-start(%k), source_target_pairs={{0,1},{1,0}}
+  %late-start = (f32[8]{0}, f32[8]{0}) collective-permute-start(%k), \
+source_target_pairs={{0,1},{1,0}}
   %late-done = f32[8]{0} collective-permute-done(%late-start)
   ROOT %add = f32[8]{0} add(%cp-done, %late-done)
 }

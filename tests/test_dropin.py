@@ -18,10 +18,10 @@ import numpy as np
 import pytest
 
 import jax_grouped_attn as ga
+from cases import seed_of
 from jax_grouped_attn import registry, validate
 from jax_grouped_attn.groups import QueryGroup
 from jax_grouped_attn.plan import Problem
-from cases import seed_of
 from tolerance import assert_calibrated
 
 BF16, F16, F32 = jnp.bfloat16, jnp.float16, jnp.float32

@@ -12,10 +12,9 @@ import pytest
 
 flax = pytest.importorskip("flax")
 optax = pytest.importorskip("optax")
-from flax import linen as nn  # noqa: E402
-from flax import nnx  # noqa: E402
+from flax import linen as nn, nnx
 
-from jax_grouped_attn import autodiff, registry  # noqa: E402
+from jax_grouped_attn import registry  # noqa: E402
 from jax_grouped_attn.flax import make_attention_fn  # noqa: E402
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(__file__)), "benchmarks"))

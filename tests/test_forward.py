@@ -6,9 +6,18 @@ import numpy as np
 import pytest
 
 import jax_grouped_attn as ga
+from cases import (
+  CASES,
+  KERNEL_BACKENDS,
+  SMALL,
+  assert_matches,
+  case_by_name,
+  check_forward,
+  make_inputs,
+  problem_of,
+  seed_of,
+)
 from jax_grouped_attn import autodiff
-from cases import (CASES, KERNEL_BACKENDS, SMALL, assert_matches, case_by_name, check_forward,
-                   make_inputs, problem_of, seed_of)
 
 
 @pytest.mark.parametrize("backend", KERNEL_BACKENDS)

@@ -16,11 +16,11 @@ import jax
 import jax.numpy as jnp
 import pytest
 
+from cases import KERNEL_BACKENDS, Case, check_forward, check_grads
 from jax_grouped_attn import validate
 from jax_grouped_attn.groups import QueryGroup
 from jax_grouped_attn.pallas.mosaic.backend import PALLAS_MOSAIC
 from jax_grouped_attn.plan import Problem
-from cases import KERNEL_BACKENDS, Case, check_forward, check_grads
 
 HEAD_DIMS = list(range(validate.MIN_HEAD_DIM, validate.MAX_HEAD_DIM + 1, 8))
 # Small, but two q blocks and two kv blocks of the SMALL tiles, causal with an

@@ -13,7 +13,6 @@ import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
 import pytest
-
 import triton
 import triton.language as tl
 from triton.runtime import interpreter

@@ -17,15 +17,14 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from jax_grouped_attn import plan as plan_lib, validate
 from jax_grouped_attn.backend import batch_folding
-from jax_grouped_attn.pallas.mosaic.backend import PALLAS_MOSAIC
-from jax_grouped_attn import plan as plan_lib
-from jax_grouped_attn import validate
 from jax_grouped_attn.groups import QueryGroup
+from jax_grouped_attn.pallas.mosaic import launch as ml
+from jax_grouped_attn.pallas.mosaic.backend import PALLAS_MOSAIC
+from jax_grouped_attn.pallas.mosaic.config import MosaicBackwardConfig, MosaicForwardConfig
 from jax_grouped_attn.plan import Problem
 from jax_grouped_attn.reference import reference_attention, reference_backward
-from jax_grouped_attn.pallas.mosaic import launch as ml
-from jax_grouped_attn.pallas.mosaic.config import MosaicBackwardConfig, MosaicForwardConfig
 from tolerance import assert_calibrated
 
 # name, groups (q_start, q_len, q_pos, kv_len), tq, tk, hq, hk, d, causal, segments
@@ -255,6 +254,7 @@ def test_registry_entry_lowers_with_grad_inside_check_vma_shard_map():
   # The path a user takes (autodiff's custom_vjp around the entry) inside
   # shard_map with check_vma=True: the kernels' outputs carry vma types.
   from jax.sharding import PartitionSpec as P
+
   from jax_grouped_attn import autodiff
   from jax_grouped_attn.config import AttentionConfig
   p = _problem(CASES[0])

@@ -19,13 +19,20 @@ import pytest
 from jax.sharding import PartitionSpec as P
 
 import jax_grouped_attn as ga
+from cases import (
+  KERNEL_BACKENDS,
+  SMALL,
+  Case,
+  assert_matches,
+  lowp_grads,
+  lowp_reference,
+  problem_of,
+)
 from jax_grouped_attn import autodiff, registry, validate, zigzag
 from jax_grouped_attn.groups import row_positions, visible
 from jax_grouped_attn.parallel import ContextParallel, merge_partials, ring_steps
 from jax_grouped_attn.plan import Problem
 from jax_grouped_attn.vma import pvary, varying_axes
-from cases import (KERNEL_BACKENDS, SMALL, Case, assert_matches, lowp_grads, lowp_reference,
-                   problem_of)
 
 F32, BF16 = jnp.float32, jnp.bfloat16
 

@@ -13,11 +13,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from jax.sharding import PartitionSpec as P
+from test_parallel import _inputs, assert_cp_matches
 
 import jax_grouped_attn as ga
-from jax_grouped_attn.parallel import ContextParallel, kv_head_repeats
 from cases import KERNEL_BACKENDS, SMALL, assert_matches
-from test_parallel import _inputs, assert_cp_matches
+from jax_grouped_attn.parallel import ContextParallel, kv_head_repeats
 
 F32, BF16 = jnp.float32, jnp.bfloat16
 

@@ -18,12 +18,25 @@ import numpy as np
 import pytest
 
 import jax_grouped_attn as ga
+import tolerance
+from cases import (
+  CASES,
+  KERNEL_BACKENDS,
+  Case,
+  assert_matches,
+  case_by_name,
+  check_forward,
+  check_grads,
+  lowp_grads,
+  lowp_reference,
+  make_inputs,
+  problem_of,
+  reference,
+  seed_of,
+)
 from jax_grouped_attn import QueryGroup, autodiff
 from jax_grouped_attn.pallas.mosaic.config import MosaicBackwardConfig, MosaicForwardConfig
 from jax_grouped_attn.reference import reference_backward
-from cases import (CASES, KERNEL_BACKENDS, Case, assert_matches, case_by_name, check_forward, check_grads,
-                   lowp_grads, lowp_reference, make_inputs, problem_of, reference, seed_of)
-import tolerance
 
 # ------------------------------------------------------------ long, on CPU --
 

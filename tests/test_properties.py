@@ -7,17 +7,15 @@ Fast fixed-seed profile in CI; the long profile runs with
 import dataclasses
 import os
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from hypothesis import HealthCheck, assume, given, settings
-from hypothesis import strategies as st
+from hypothesis import HealthCheck, assume, given, settings, strategies as st
 
 import jax_grouped_attn as ga
+from cases import KERNEL_BACKENDS, Case, assert_matches, check_grads, lowp_reference, problem_of
 from jax_grouped_attn import QueryGroup, plan as plan_lib, registry
 from jax_grouped_attn.pallas.mosaic.config import MosaicBackwardConfig, MosaicForwardConfig
-from cases import KERNEL_BACKENDS, Case, assert_matches, check_grads, lowp_reference, problem_of
 
 # Per backend: (forward, gradient) examples. "gpu": the GPU suite's profile
 # for the compiled kernels (each new shape compiles).

@@ -172,10 +172,11 @@ def test_no_import_cycles_and_layers_import_downward():
 
 
 def test_devtools_are_not_on_the_import_path():
-  import sys
   import subprocess
+  import sys
   code = ("import sys, jax_grouped_attn, jax_grouped_attn.registry; "
-          "print(any(m.startswith('devtools') or m.endswith('compile_check') for m in sys.modules))")
+          "print(any(m.startswith('devtools') or m.endswith('compile_check') "
+          "for m in sys.modules))")
   out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
   assert out.stdout.strip() == "False"
 
@@ -206,6 +207,7 @@ def test_forward_and_backward_may_come_from_different_entries():
 
 def test_auto_picks_each_pass_from_the_tuned_timings(tmp_path, monkeypatch):
   import json
+
   from jax_grouped_attn import tuning
   from jax_grouped_attn.groups import QueryGroup
   from jax_grouped_attn.plan import Problem

@@ -14,10 +14,19 @@ import numpy as np
 import pytest
 
 import jax_grouped_attn as ga
+from cases import (
+  KERNEL_BACKENDS,
+  SMALL,
+  Case,
+  assert_close,
+  assert_matches,
+  case_by_name,
+  lowp_reference,
+  make_inputs,
+  reference,
+)
 from jax_grouped_attn import QueryGroup
 from jax_grouped_attn.pallas.mosaic.config import MosaicForwardConfig
-from cases import (KERNEL_BACKENDS, SMALL, Case, assert_close, assert_matches, case_by_name,
-                   lowp_reference, make_inputs, reference)
 
 ALL_BACKENDS = ["xla"] + KERNEL_BACKENDS
 

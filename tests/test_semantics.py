@@ -7,12 +7,11 @@ import pytest
 from jax.test_util import check_grads
 
 import jax_grouped_attn as ga
-from jax_grouped_attn import QueryGroup
-from jax_grouped_attn import plan as plan_lib
-from jax_grouped_attn.groups import normalize_groups, visible_pairs
-from jax_grouped_attn.zigzag import zigzag_inverse_order, zigzag_order
 from cases import CASES, problem_of
+from jax_grouped_attn import QueryGroup, plan as plan_lib
+from jax_grouped_attn.groups import normalize_groups, visible_pairs
 from jax_grouped_attn.reference import visible_mask
+from jax_grouped_attn.zigzag import zigzag_inverse_order, zigzag_order
 
 
 @pytest.mark.parametrize("world", [1, 2, 3, 4, 8])
@@ -29,8 +28,9 @@ def test_zigzag_groups_cover_the_sequence_causally(world):
       assert g.kv_len == g.q_pos + c     # causal: kv prefix ends at the chunk end
     seen[perm] += 1
   assert (seen == 1).all()
-  np.testing.assert_array_equal(zigzag_order(2 * world * c, world)[zigzag_inverse_order(2 * world * c, world)],
-                                np.arange(2 * world * c))
+  np.testing.assert_array_equal(
+      zigzag_order(2 * world * c, world)[zigzag_inverse_order(2 * world * c, world)],
+      np.arange(2 * world * c))
 
 
 def test_zigzag_errors_name_the_argument():
@@ -77,7 +77,7 @@ def test_query_group_field_checks():
 def test_plan_covers_every_row_once_and_bounds_are_exact(case, blocks):
   problem = problem_of(case)
   plan = plan_lib.make_plan(problem, *blocks)
-  bq, bk = plan.block_q, plan.block_k
+  bk = plan.block_k
   t = plan.table
   work = t[:, plan_lib.N_BLOCKS] - t[:, plan_lib.FIRST]
   assert (np.diff(work) <= 0).all(), "heaviest q blocks first"

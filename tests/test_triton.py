@@ -13,11 +13,21 @@ import numpy as np
 import pytest
 
 import jax_grouped_attn as ga
+from cases import (
+  SMALL,
+  Case,
+  assert_close,
+  assert_matches,
+  case_by_name,
+  check_forward,
+  check_grads,
+  make_inputs,
+  problem_of,
+  reference,
+)
 from jax_grouped_attn import QueryGroup, autodiff, plan as plan_lib
-from jax_grouped_attn.triton.backend import TRITON
 from jax_grouped_attn.triton import kernels, launch, runtime
-from cases import (SMALL, Case, assert_close, assert_matches, case_by_name, check_forward,
-                   check_grads, make_inputs, problem_of, reference)
+from jax_grouped_attn.triton.backend import TRITON
 
 AGREE_CASES = ["zigzag_r0w2c16", "segments_zigzag_bf16", "gqa4_noncausal_groups"]
 # Same math and tile order in both kernels: fp32 agrees to rounding; 16-bit
@@ -97,7 +107,8 @@ def test_vmap_of_the_raw_launcher_runs_sequentially():
   padded = [TRITON._prepare(problem, plan, *d, None, None)[:3] for d in draws]
   stacked = [jnp.stack(xs) for xs in zip(*padded)]
   fwd = lambda q, k, v: launch.forward(q, k, v, None, None, problem=problem, plan=plan,
-                                       config=SMALL.get("forward", ga.ForwardConfig), interpret=True)
+                                       config=SMALL.get("forward", ga.ForwardConfig),
+                                       interpret=True)
   out, lse = jax.jit(jax.vmap(fwd))(*stacked)
   for i, p in enumerate(padded):
     o, l = fwd(*p)

@@ -110,7 +110,8 @@ def check(got, want, lowp, *, name: str = "", dtype=None, factor: float = FACTOR
     return fail("NaN in a reference")
   inf_g, inf_w = np.isinf(g), np.isinf(w)
   if not ((inf_g == inf_w).all() and (g[inf_g] == w[inf_w]).all()):
-    return fail(f"infinities differ at {np.argwhere((inf_g != inf_w) | (g != w) & inf_w)[:5].tolist()}")
+    return fail("infinities differ at "
+                f"{np.argwhere((inf_g != inf_w) | (g != w) & inf_w)[:5].tolist()}")
   fin = ~inf_w
   if not fin.any():
     return Check(name, 1.0, 0.0, 0.0, 0.0, 0.0, floor_max, floor_mean)

@@ -9,10 +9,8 @@ import jax.numpy as jnp
 
 from jax_grouped_attn.config import BackwardConfig
 from jax_grouped_attn.plan import LOG2E, BackwardPlan, Problem
-from jax_grouped_attn.triton import backward_kernels as kernels
-from jax_grouped_attn.triton import runtime
+from jax_grouped_attn.triton import backward_kernels as kernels, runtime
 from jax_grouped_attn.triton.common import contiguous_strides, dot_precision
-
 
 # The delta kernel is elementwise-light: few warps, nothing to pipeline.
 DELTA_NUM_WARPS, DELTA_NUM_STAGES = 4, 1

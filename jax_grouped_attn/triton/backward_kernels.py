@@ -22,10 +22,25 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from jax_grouped_attn.triton.kernels import (E_KV_LEN, E_QPOS0, E_ROW0, ENTRY_WIDTH, KV_BLOCK,
-                                             KV_N_ENTRIES, KV_N_FULL, KV_START, KV_TABLE_WIDTH,
-                                             KV_LEN, LOG2E, QPOS0, ROW0, TABLE_WIDTH, kv_walk,
-                                             visible, walk_part)
+from jax_grouped_attn.triton.kernels import (
+  E_KV_LEN,
+  E_QPOS0,
+  E_ROW0,
+  ENTRY_WIDTH,
+  KV_BLOCK,
+  KV_LEN,
+  KV_N_ENTRIES,
+  KV_N_FULL,
+  KV_START,
+  KV_TABLE_WIDTH,
+  LOG2E,
+  QPOS0,
+  ROW0,
+  TABLE_WIDTH,
+  kv_walk,
+  visible,
+  walk_part,
+)
 
 
 @triton.jit

@@ -51,21 +51,28 @@ def backward_config(head_dim: int, dtype=None) -> BackwardConfig:
   dp = padded_head_dim(head_dim)
   if _fp32(dtype):
     if dp <= 32:
-      return BackwardConfig(block_q=32, block_k=32, num_warps=8, num_stages=2)  # 68 / 86 (70 / 69)
+      # 68 / 86 (70 / 69)
+      return BackwardConfig(block_q=32, block_k=32, num_warps=8, num_stages=2)
     if dp <= 64:
-      return BackwardConfig(block_q=16, block_k=32, num_warps=4, num_stages=2)  # 108 / 168 (110 / 78)
+      # 108 / 168 (110 / 78)
+      return BackwardConfig(block_q=16, block_k=32, num_warps=4, num_stages=2)
     if dp <= 128:
-      return BackwardConfig(block_q=32, block_k=32, num_warps=8, num_stages=2)  # 106 / 244 (108 / 109)
-    return BackwardConfig(block_q=16, block_k=16, num_warps=8, num_stages=2)    # 100 / 175 (100 / 102)
+      # 106 / 244 (108 / 109)
+      return BackwardConfig(block_q=32, block_k=32, num_warps=8, num_stages=2)
+    # 100 / 175 (100 / 102)
+    return BackwardConfig(block_q=16, block_k=16, num_warps=8, num_stages=2)
   # dQ holds q rows and streams keys, dK/dV the reverse: dQ gets its own
   # tiles with the held side large (H100 D128, kernel alone, 2026-11-24:
   # dQ 64x32x4x3 1.62 ms vs 64x64x4x3 1.92 ms).
   if dp <= 64:
-    return BackwardConfig(block_q=64, block_k=64, num_warps=4, num_stages=3,    # 249 / 162 (243 / 132)
+    # 249 / 162 (243 / 132)
+    return BackwardConfig(block_q=64, block_k=64, num_warps=4, num_stages=3,
                           dq_block_q=128, dq_block_k=64, dq_num_warps=8, dq_num_stages=3)
   if dp <= 128:
     # dK/dV keeps 64-key tiles (wgmma needs 64 rows). 64x64x8x2 (all
     # wgmma) spills 72 B in dQ under 3.6.
-    return BackwardConfig(block_q=32, block_k=64, num_warps=8, num_stages=3,    # 204 / 250 (197 / 154)
+    # 204 / 250 (197 / 154)
+    return BackwardConfig(block_q=32, block_k=64, num_warps=8, num_stages=3,
                           dq_block_q=64, dq_block_k=32, dq_num_warps=4, dq_num_stages=3)
-  return BackwardConfig(block_q=16, block_k=32, num_warps=8, num_stages=2)      # 185 / 253 (172 / 127)
+  # 185 / 253 (172 / 127)
+  return BackwardConfig(block_q=16, block_k=32, num_warps=8, num_stages=2)

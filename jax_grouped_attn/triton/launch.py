@@ -58,7 +58,8 @@ def forward(q, k, v, q_seg, kv_seg, *, problem: Problem, plan: Plan,
   out_shape = [jax.ShapeDtypeStruct((b, tq_pad, hq, dp), q.dtype),
                jax.ShapeDtypeStruct((b, hq, tq_pad), jnp.float32)]
   if plan.n_work == 0:
-    return jnp.zeros(out_shape[0].shape, q.dtype), jnp.full(out_shape[1].shape, -np.inf, jnp.float32)
+    return (jnp.zeros(out_shape[0].shape, q.dtype),
+            jnp.full(out_shape[1].shape, -np.inf, jnp.float32))
   out, lse = runtime.call(
       table, q, k, v, q_seg, kv_seg, kernel=kernels.forward_kernel,
       out_shape=out_shape, grid=(plan.n_work, b * hq), name="grouped_attention_fwd",

@@ -20,7 +20,6 @@ import threading
 
 import jax
 import numpy as np
-
 import triton
 
 # One interpreter run at a time: the interpreter patches triton.language
@@ -209,9 +208,9 @@ def _interpreted_language():
   are compiled-only JITFunctions that an interpreted kernel cannot call.
   Callers hold _INTERPRETER_LOCK.
   """
+  import triton.language as tl
   from triton.runtime.interpreter import InterpretedFunction
   from triton.runtime.jit import JITFunction
-  import triton.language as tl
 
   def twin(value):
     key = id(value)
@@ -413,9 +412,10 @@ def _patch_interpreter_scalar_index():
   """The interpreter of Triton 3.2 to 3.6 makes ``range(n)`` over a loaded
   scalar call ``int(handle.data)`` on a shape-(1,) array, which NumPy >= 2.4
   rejects ("only 0-dimensional arrays can be converted to Python scalars";
-  with older NumPy it works). Triton 3.9 squeezes first. Wrap the interpreter's ``_patch_lang_tensor`` so the
-  ``__index__`` it installs (per kernel, restored with the interpreter's own
-  patch scope from 3.6 on; for good in 3.2-3.5, as Triton itself does)
+  with older NumPy it works). Triton 3.9 squeezes first. Wrap the
+  interpreter's ``_patch_lang_tensor`` so the ``__index__`` it installs (per
+  kernel, restored with the interpreter's own patch scope from 3.6 on; for
+  good in 3.2-3.5, as Triton itself does)
   reads the scalar with ``.item()`` on every version."""
   global _INDEX_PATCHED
   if _INDEX_PATCHED:

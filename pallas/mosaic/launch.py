@@ -8,16 +8,19 @@ from __future__ import annotations
 
 import functools
 
-import jax
 import jax.numpy as jnp
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from jax_grouped_attn import plan as plan_lib
-from jax_grouped_attn.plan import BackwardPlan, Plan, Problem
 from jax_grouped_attn.pallas.mosaic import kernels
-from jax_grouped_attn.pallas.mosaic.config import (MosaicBackwardConfig, MosaicForwardConfig,
-                                                   default_backward_config,
-                                                   default_forward_config, padded_head_dim)
+from jax_grouped_attn.pallas.mosaic.config import (
+  MosaicBackwardConfig,
+  MosaicForwardConfig,
+  default_backward_config,
+  default_forward_config,
+  padded_head_dim,
+)
+from jax_grouped_attn.plan import BackwardPlan, Plan, Problem
 from jax_grouped_attn.vma import shape_struct
 
 MIN_BLOCK = 64   # wgmma tiles are 64 rows: plans never shrink below this
