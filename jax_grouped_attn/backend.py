@@ -160,15 +160,6 @@ class KernelBackend(Backend):
   """
 
   launcher_module: str = ""
-  # Whether the kernels mask sliding windows (Problem.window) and skip the
-  # blocks outside them (the FIRST/FULL0 table columns).
-  supports_window: bool = False
-
-  def supports(self, problem: Problem, dtype) -> str | None:
-    if problem.window is not None and not self.supports_window:
-      return (f"backend={self.name!r} has no sliding-window kernels yet "
-              f"(local_window_size={problem.window}); use backend='xla' or one that has them.")
-    return None
 
   def launcher(self):
     return importlib.import_module(self.launcher_module)

@@ -63,17 +63,6 @@ class QueryGroup:
   def q_end(self) -> int:
     return self.q_start + self.q_len
 
-  def visible_kv_range(self, causal: bool, window=None) -> tuple[int, int]:
-    """[start, end) holding every key some row of this group can see (end <= start: none)."""
-    if self.q_len == 0:
-      return 0, 0
-    return kv_range(self.q_pos, self.q_pos + self.q_len - 1, self.kv_len, causal, window)
-
-  def visible_kv_end(self, causal: bool, window=None) -> int:
-    """One past the last key any row of this group can see (0 if none)."""
-    start, end = self.visible_kv_range(causal, window)
-    return end if end > start else 0
-
 
 def kv_range(pos_lo: int, pos_hi: int, kv_len: int, causal: bool,
              window=None) -> tuple[int, int]:

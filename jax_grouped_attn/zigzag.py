@@ -113,16 +113,15 @@ def zigzag_permute(x, world_size: int, axis: int = 1):
   another split gathers the axis first. Under jit on Auto axes, XLA picks the
   result's sharding.
   """
-  length = _check_seq_axis(x, world_size, axis)
-  return _permute(x, zigzag_order(length, world_size), world_size, axis % x.ndim, False)
+  _check_seq_axis(x, world_size, axis)
+  return _permute(x, world_size, axis % x.ndim, inverse=False)
 
 
 def zigzag_unpermute(x, world_size: int, axis: int = 1):
   """Inverse of :func:`zigzag_permute`: zigzag order -> natural order along
   ``axis``, keeping ``x``'s sharding as :func:`zigzag_permute` does."""
-  length = _check_seq_axis(x, world_size, axis)
-  return _permute(x, zigzag_inverse_order(length, world_size), world_size, axis % x.ndim,
-                  True)
+  _check_seq_axis(x, world_size, axis)
+  return _permute(x, world_size, axis % x.ndim, inverse=True)
 
 
 # ------------------------------------------------ permuting sharded arrays --
@@ -175,10 +174,9 @@ def _axis_names(sharding, axis: int):
   return names if all(isinstance(n, str) for n in names) else None
 
 
-def _permute(x, index: np.ndarray, world_size: int, axis: int, inverse: bool):
-  """``x`` taken at the static ``index`` along ``axis`` (the zigzag order, or
-  its inverse when ``inverse``), with the sharding ``zigzag_permute`` documents."""
-  del index   # the same permutation, applied by _reorder without a gather
+def _permute(x, world_size: int, axis: int, inverse: bool):
+  """``x`` in zigzag order along ``axis`` (natural order when ``inverse``),
+  with the sharding ``zigzag_permute`` documents (_reorder: no gather)."""
   take = lambda y: _reorder(y, world_size, axis, inverse)
   sharding = _known_sharding(x)
   names = None if sharding is None else _axis_names(sharding, axis)

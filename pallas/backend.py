@@ -14,7 +14,6 @@ class PallasTritonBackend(TileKernelBackend):
   heuristics = heuristics
   interpretable = True
   interpret_vma = False
-  supports_window = True
   launcher_module = "jax_grouped_attn.pallas.launch"
 
   def unavailable(self, platform: str) -> str | None:

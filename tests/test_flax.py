@@ -14,7 +14,6 @@ flax = pytest.importorskip("flax")
 optax = pytest.importorskip("optax")
 from flax import linen as nn, nnx
 
-from jax_grouped_attn import registry  # noqa: E402
 from jax_grouped_attn.flax import make_attention_fn  # noqa: E402
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(__file__)), "benchmarks"))
@@ -142,20 +141,10 @@ def window_mask(b, t, left, right=0):
   return jnp.asarray(np.broadcast_to((j >= i - left) & (j <= i + right), (b, 1, t, t)))
 
 
-def skip_without_window_kernels(backend):
-  """Skips until the entry ``backend`` stands for here has window kernels
-  (KernelBackend.supports_window; the reference has them)."""
-  names = registry.ALIASES.get(backend, (backend,))
-  entry = registry.get(next((n for n in names if registry.available(n)), names[0]))
-  if not getattr(entry, "supports_window", True):
-    pytest.skip(f"backend={entry.name!r} has no sliding-window kernels yet")
-
-
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_window_in_linen_and_nnx(backend):
   """make_attention_fn(local_window_size=...) equals Flax's own attention under
   the dense window mask, forward and gradients (linen) and in nnx (GQA)."""
-  skip_without_window_kernels(backend)
   b, t = 2, 24
   x = jax.random.normal(jax.random.key(5), (b, t, 48))
   mask = window_mask(b, t, 5)

@@ -10,7 +10,7 @@ import os
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from hypothesis import HealthCheck, assume, given, settings, strategies as st
+from hypothesis import HealthCheck, given, settings, strategies as st
 
 import jax_grouped_attn as ga
 from cases import KERNEL_BACKENDS, Case, assert_matches, check_grads, lowp_reference, problem_of
@@ -93,11 +93,8 @@ def _config(blocks):
 
 
 def _supported(case, backend):
-  """The drawn case in a dtype ``backend`` takes (Mosaic: float32 -> bfloat16).
-  A window ``backend`` has no kernels for skips the example (hypothesis draws
-  another, so the profile's count still holds)."""
+  """The drawn case in a dtype ``backend`` takes (Mosaic: float32 -> bfloat16)."""
   entry = registry.get(backend)
-  assume(case.window is None or getattr(entry, "supports_window", False))
   if entry.supports(problem_of(case), case.dtype) is None:
     return case
   return dataclasses.replace(case, dtype=jnp.bfloat16)
@@ -115,10 +112,9 @@ def _ran_all(ran: list, want: int, what: str, backend: str) -> None:
   print(f"{what}: {len(ran)} random problems passed ({len(windowed)} with a window, "
         f"{leading} of them with leading masked kv blocks)")
   assert len(ran) >= want, f"{what}: only {len(ran)} of {want} problems ran"
-  if getattr(registry.get(backend), "supports_window", False):
-    # (Leading masked blocks need a wide left window over a long enough
-    # unsegmented group: rare in the fast profile; test_triton.py pins them.)
-    assert windowed, f"{what}: no problem with a window ran"
+  # (Leading masked blocks need a wide left window over a long enough
+  # unsegmented group: rare in the fast profile; test_triton.py pins them.)
+  assert windowed, f"{what}: no problem with a window ran"
 
 
 @pytest.mark.parametrize("backend", KERNEL_BACKENDS)

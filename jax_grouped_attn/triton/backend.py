@@ -13,8 +13,6 @@ class TritonBackend(TileKernelBackend):
   heuristics = heuristics
   interpretable = True
   launcher_module = "jax_grouped_attn.triton.launch"
-  # Forward and backward kernels mask windows and skip blocks outside them.
-  supports_window = True
 
   def unavailable(self, platform: str) -> str | None:
     if not (module_available("triton") and module_available("jax_triton")):

@@ -1,4 +1,9 @@
-"""fwd+bwd time: deterministic default vs fused_dq candidates vs cuDNN, one run."""
+"""fwd+bwd time: deterministic default vs fused_dq candidates vs cuDNN, one run.
+
+A log, not code that runs today: ``BackwardConfig(fused_dq=True)`` existed only in the
+Triton fused-dQ experiment (commit dcff9dd, dropped as slower on the H100); check that
+commit out to re-run it.
+"""
 import json, os, jax, jax.numpy as jnp, numpy as np
 import jax_grouped_attn as ga
 from benchmarks import common

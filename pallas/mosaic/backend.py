@@ -29,7 +29,6 @@ class PallasMosaicBackend(KernelBackend):
   forward_config_class = MosaicForwardConfig
   backward_config_class = MosaicBackwardConfig
   interpretable = False
-  supports_window = True
   launcher_module = "jax_grouped_attn.pallas.mosaic.launch"
 
   def unavailable(self, platform: str) -> str | None:
