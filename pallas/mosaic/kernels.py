@@ -27,6 +27,21 @@ from jax_grouped_attn.plan import LN2, LOG2E
 
 NEG_INF = float("-inf")
 
+# Registers per thread after setmaxnreg, by compute warpgroups per CTA: the
+# compute warpgroups grow, the memory warpgroup (it only issues TMA) shrinks.
+# Two compute: (2 x 232 + 40) x 128 threads = 64512 of the SM's 65536; one
+# compute warpgroup is capped by setmaxnreg's 240 (multiple of 8, <= 256).
+COMPUTE_REGS = {1: 240, 2: 232}
+MEMORY_REGS = 40
+
+
+def _compute_registers(wgs: int):
+  plgpu.set_max_registers(COMPUTE_REGS[wgs], action="increase")
+
+
+def _memory_registers():
+  plgpu.set_max_registers(MEMORY_REGS, action="decrease")
+
 # plgpu.load(ref, idx, layout=) (jax 0.10) became plgpu.load(ref, layout=)
 # with idx optional and deprecated (jax 0.11).
 _LOAD_IDX_REQUIRED = (
@@ -187,7 +202,7 @@ def forward_kernel(table_ref, q_ref, k_ref, v_ref, *refs,  # noqa: C901
 
   @pl.when(wg < wgs)
   def _compute():
-    plgpu.set_max_registers(232 if wgs > 1 else 240, action="increase")
+    _compute_registers(wgs)
     q_smem = qo_smem.at[wg]
     my_row0 = pl.multiple_of(row0 + wg * block_q, block_q)
     my_pos0 = q_pos0 + wg * block_q
@@ -278,7 +293,7 @@ def forward_kernel(table_ref, q_ref, k_ref, v_ref, *refs,  # noqa: C901
 
   @pl.when(wg == wgs)
   def _memory():
-    plgpu.set_max_registers(40, action="decrease")
+    _memory_registers()
     kvh = lax.div(h, group_size)
 
     def load(j, slot, wait_free: bool):
@@ -350,7 +365,7 @@ def backward_dkdv_kernel(kv_table_ref, entries_ref, q_ref, k_ref, v_ref, do_ref,
 
   @pl.when(wg < wgs)
   def _compute():
-    plgpu.set_max_registers(232 if wgs > 1 else 240, action="increase")
+    _compute_registers(wgs)
     key0 = pl.multiple_of(kb * (wgs * block_kv) + wg * block_kv, block_kv)
     keys = (b, pl.ds(key0, block_kv), kvh)
     plgpu.copy_gmem_to_smem(k_ref.at[keys], k_smem.at[wg], kv_ready.at[wg])
@@ -418,7 +433,7 @@ def backward_dkdv_kernel(kv_table_ref, entries_ref, q_ref, k_ref, v_ref, do_ref,
 
   @pl.when(wg == wgs)
   def _memory():
-    plgpu.set_max_registers(40, action="decrease")
+    _memory_registers()
 
     def load(i, slot, wait_free: bool):
       h = lax.div(i, n_ent)
@@ -481,7 +496,7 @@ def backward_dq_kernel(table_ref, q_ref, k_ref, v_ref, do_ref, lse2_ref, delta_r
 
   @pl.when(wg < wgs)
   def _compute():
-    plgpu.set_max_registers(232 if wgs > 1 else 240, action="increase")
+    _compute_registers(wgs)
     my_row0 = pl.multiple_of(row0 + wg * block_q, block_q)
     my_pos0 = q_pos0 + wg * block_q
     rows = (b, pl.ds(my_row0, block_q), h)
@@ -539,7 +554,7 @@ def backward_dq_kernel(table_ref, q_ref, k_ref, v_ref, do_ref, lse2_ref, delta_r
 
   @pl.when(wg == wgs)
   def _memory():
-    plgpu.set_max_registers(40, action="decrease")
+    _memory_registers()
     kvh = lax.div(h, group_size)
 
     def load(j, slot, wait_free: bool):
