@@ -36,6 +36,7 @@ from jax_grouped_attn.triton import (
   heuristics,
   kernels,
   launch,
+  runtime,
 )
 
 H100_MAX_SHARED_BYTES = 232448        # opt-in dynamic shared memory per block (sm_90)
@@ -223,10 +224,11 @@ def compile_kernel(kernel: str, head_dim: int, dtype: str, has_segments: bool,
   signature = _pointer_types(kernel, dtype)
   attrs = _pointer_attrs(list(signature.values()), capability)
   src = _ast_source(fn, signature, constexprs, attrs)
-  compiled = triton.compile(src, target=_target(capability),
-                            options={"num_warps": launched.num_warps,
-                                     "num_stages": launched.num_stages, "num_ctas": 1,
-                                     "enable_fp_fusion": True})  # as jax_triton
+  with runtime.language_lock():   # never while a kernel is interpreted (tl patched)
+    compiled = triton.compile(src, target=_target(capability),
+                              options={"num_warps": launched.num_warps,
+                                       "num_stages": launched.num_stages, "num_ctas": 1,
+                                       "enable_fp_fusion": True})  # as jax_triton
   return compiled, plan, launched
 
 

@@ -27,6 +27,14 @@ import triton
 _INTERPRETER_LOCK = threading.RLock()
 
 
+def language_lock() -> threading.RLock:
+  """Held while triton.language is patched for an interpreted kernel. Compile
+  (``triton.compile``) under it in a process that may also interpret: an
+  interpreted run can still be going on in an XLA callback thread after the
+  call that started it returned, and a compile then sees patched tl members."""
+  return _INTERPRETER_LOCK
+
+
 # ------------------------------------------------------- host tensor adapter --
 
 class _HostStorage:
