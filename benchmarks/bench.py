@@ -230,6 +230,21 @@ def _measure(row, phases, compiled_of, args, check_of, arg_sets, st: Settings) -
   row["status"] = "ok" if row["ok"] else "wrong"
 
 
+def _guarded(row: dict, state, measure) -> None:
+  """``measure(phases)`` into ``row``: a skip or error becomes the row's status,
+  and the phase timings are kept either way. The oracle is computed (or taken
+  from the cache) first, so check_s is the check alone."""
+  phases = {}
+  try:
+    state.oracle  # noqa: B018
+    measure(phases)
+  except NotImplementedError as e:
+    row.update(status="skipped", reason=_error_text(e))
+  except Exception as e:  # noqa: BLE001
+    row.update(status="error", reason=_error_text(e), traceback=traceback.format_exc()[-2000:])
+  row["phases"] = _rounded(phases)
+
+
 def run_item(state: WorkloadState, impl: impls.Impl, st: Settings) -> list[dict]:
   """All passes of one implementation on one workload: check, then time.
 
@@ -258,23 +273,14 @@ def run_item(state: WorkloadState, impl: impls.Impl, st: Settings) -> list[dict]
   # Forward: for its own row and for bwd = fwdbwd - fwd.
   fwd_row = _row(wl, impl, "fwd", note=built.note)
   if "fwd" in st.passes or "bwd" in st.passes:
-    fwd_ph = {}
-    try:
-      state.oracle  # noqa: B018 -- computed (or cached) first, so check_s is the check alone
-      _measure(fwd_row, fwd_ph, lambda: jax.jit(fn).lower(q, k, v).compile(), (q, k, v),
-               lambda out: {"out": common.compare(state.sel.q(out), state.oracle, "out", factor)},
-               [s[:3] for s in state.inputs], st)
-    except NotImplementedError as e:
-      fwd_row.update(status="skipped", reason=_error_text(e))
-    except Exception as e:  # noqa: BLE001
-      fwd_row.update(status="error", reason=_error_text(e),
-                     traceback=traceback.format_exc()[-2000:])
-    fwd_row["phases"] = _rounded(fwd_ph)
+    _guarded(fwd_row, state, lambda ph: _measure(
+        fwd_row, ph, lambda: jax.jit(fn).lower(q, k, v).compile(), (q, k, v),
+        lambda out: {"out": common.compare(state.sel.q(out), state.oracle, "out", factor)},
+        [s[:3] for s in state.inputs], st))
     rows["fwd"] = fwd_row
 
   if want_grad:
     fb_row = _row(wl, impl, "fwdbwd", note=built.note)
-    fb_ph = {}
     fb = jax.jit(lambda q, k, v, do: jax.vjp(fn, q, k, v)[1](do))
 
     def grad_checks(grads):
@@ -285,18 +291,11 @@ def run_item(state: WorkloadState, impl: impls.Impl, st: Settings) -> list[dict]
           "dv": common.compare(state.sel.kv(grads[2]), want, "dv", factor),
       }
 
-    try:
-      state.oracle  # noqa: B018
-      _measure(fb_row, fb_ph, lambda: fb.lower(q, k, v, do).compile(), (q, k, v, do),
-               grad_checks, state.inputs, st)
-      if not built.grad_exact:
-        fb_row["note"] = built.note
-    except NotImplementedError as e:
-      fb_row.update(status="skipped", reason=_error_text(e))
-    except Exception as e:  # noqa: BLE001
-      fb_row.update(status="error", reason=_error_text(e),
-                    traceback=traceback.format_exc()[-2000:])
-    fb_row["phases"] = _rounded(fb_ph)
+    _guarded(fb_row, state, lambda ph: _measure(
+        fb_row, ph, lambda: fb.lower(q, k, v, do).compile(), (q, k, v, do), grad_checks,
+        state.inputs, st))
+    if fb_row.get("status") not in ("skipped", "error") and not built.grad_exact:
+      fb_row["note"] = built.note
     rows["fwdbwd"] = fb_row
     bwd_row = _row(wl, impl, "bwd", note=built.note)
     ms = None
