@@ -52,6 +52,9 @@ CASES = [
      False, False, (3, 17)),
 ]
 IDS = [c[0] for c in CASES]
+# The two compute warpgroups share a tile, each owning half of head_dim (D >= 128).
+SPLIT = MosaicBackwardConfig(compute_wgs=2, head_split=2)
+WIDE = [c for c in CASES if c[6] > 64]
 
 
 def _problem(case):
@@ -93,10 +96,27 @@ def test_forward_config_rejects(field, value):
 
 
 @pytest.mark.parametrize("field,value", [("block_kv", 48), ("dq_block_kv", 256),
-                                         ("compute_wgs", 0)])
+                                         ("compute_wgs", 0), ("head_split", 3)])
 def test_backward_config_rejects(field, value):
   with pytest.raises(ValueError, match=f"MosaicBackwardConfig.{field}"):
     MosaicBackwardConfig(**{field: value})
+
+
+def test_head_split_needs_two_warpgroups_and_wide_heads():
+  with pytest.raises(ValueError, match="head_split=2 .* needs compute_wgs=2"):
+    MosaicBackwardConfig(compute_wgs=1, head_split=2)
+  p = _problem(CASES[IDS.index("noncausal_odd_mqa")])   # D64: halves of 32 columns
+  _, bwd = _fwd_bwd(p, None, SPLIT)
+  q, k, v, qs, ks, dout, dlse = _inputs(p)
+  with pytest.raises(ValueError, match="head_split=2 needs a padded head_dim of 128 or 256"):
+    _lower(bwd, q, k, v, qs, ks, q, jnp.zeros((1, p.hq, p.tq)), dout, dlse)
+
+
+def test_head_split_plans_one_tile_per_cta():
+  p = _problem(CASES[IDS.index("causal_gqa")])
+  b = ml.backward_plan(p, SPLIT)
+  assert (b.block_k, b.plan.block_q) == (SPLIT.block_kv, SPLIT.dq_block_q)
+  assert SPLIT.kv_per_cta == 64 and MosaicBackwardConfig().kv_per_cta == 128
 
 
 def test_configs_hashable():
@@ -194,6 +214,17 @@ def test_forward_and_backward_lower_for_cuda(case, dtype):
   assert text.count("mosaic_gpu") >= 2
 
 
+@pytest.mark.parametrize("case", WIDE, ids=[c[0] for c in WIDE])
+def test_head_split_backward_lowers_for_cuda(case):
+  p = _problem(case)
+  _, bwd = _fwd_bwd(p, None, SPLIT)
+  q, k, v, qs, ks, dout, dlse = _inputs(p)
+  out = jax.ShapeDtypeStruct(q.shape, q.dtype)
+  lse = jax.ShapeDtypeStruct((p.batch, p.hq, p.tq), jnp.float32)
+  text = _lower(bwd, q, k, v, qs, ks, out, lse, dout, dlse)
+  assert text.count("mosaic_gpu") >= 2
+
+
 def test_vmapped_launchers_lower():
   """backend.batch_folding (how the registry entry calls launchers) under jax.vmap."""
   p = _problem(CASES[0])
@@ -225,8 +256,18 @@ def test_custom_configs_lower():
 @pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16], ids=["bf16", "f16"])
 @pytest.mark.parametrize("case", CASES, ids=IDS)
 def test_matches_reference_on_gpu(case, dtype):
+  _check_on_gpu(case, dtype, None)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("case", WIDE, ids=[c[0] for c in WIDE])
+def test_head_split_matches_reference_on_gpu(case):
+  _check_on_gpu(case, jnp.bfloat16, SPLIT)
+
+
+def _check_on_gpu(case, dtype, bcfg):
   p = _problem(case)
-  fwd, bwd = _fwd_bwd(p)
+  fwd, bwd = _fwd_bwd(p, None, bcfg)
   q, k, v, qs, ks, dout, dlse = _inputs(p, dtype, seed=zlib.crc32(case[0].encode()) % 1000)
   out, lse = jax.jit(fwd)(q, k, v, qs, ks)
   # Calibrated (tests/tolerance.py): the fp32 reference, and the same
@@ -234,7 +275,7 @@ def test_matches_reference_on_gpu(case, dtype):
   f32 = lambda x: x.astype(jnp.float32)
   ro, rl = reference_attention(p, f32(q), f32(k), f32(v), qs, ks)
   lo, ll = reference_attention(p, q, k, v, qs, ks, compute_dtype=dtype)
-  name = f"mosaic {case[0]} {jnp.dtype(dtype).name}"
+  name = f"mosaic {case[0]} {jnp.dtype(dtype).name} {bcfg}"
   assert_calibrated(name, out, ro, lo, what=" out")
   assert_calibrated(name, lse, rl, ll, what=" lse")
   # The backward on the same (rounded) out and lse for all three.

@@ -58,6 +58,11 @@ class MosaicBackwardConfig:
     (a CTA owns compute_wgs * dq_block_q rows) and keys per step.
   max_concurrent_steps: shared-memory ring depth of both kernels (>= 2).
   compute_wgs: compute warpgroups per CTA of both kernels (1 or 2).
+  head_split: 1: each compute warpgroup owns its own block_kv keys (dK/dV)
+    or dq_block_q rows (dQ); 2: the two compute warpgroups share one tile
+    and each owns half of head_dim's output columns (one computes S and P,
+    the other dP and dS, exchanged through shared memory). 2 is what fits
+    D256: one warpgroup cannot hold two 64x256 fp32 accumulators.
   """
 
   PASS: typing.ClassVar[str] = "backward"
@@ -68,6 +73,7 @@ class MosaicBackwardConfig:
   dq_block_kv: int = 64
   max_concurrent_steps: int = 2
   compute_wgs: int = 2
+  head_split: int = 1
 
   def __post_init__(self):
     name = type(self).__name__
@@ -75,6 +81,20 @@ class MosaicBackwardConfig:
       _check_tile(name, field, getattr(self, field), hi=128)
     _check_int(name, "max_concurrent_steps", self.max_concurrent_steps, 2, 8)
     _check_int(name, "compute_wgs", self.compute_wgs, 1, 2)
+    _check_int(name, "head_split", self.head_split, 1, 2)
+    if self.head_split == 2 and self.compute_wgs != 2:
+      raise ValueError(f"{name}.head_split=2 splits head_dim between two compute warpgroups: "
+                       f"it needs compute_wgs=2, got {self.compute_wgs=}.")
+
+  @property
+  def kv_per_cta(self) -> int:
+    """Keys of one dK/dV CTA."""
+    return self.block_kv * self.compute_wgs // self.head_split
+
+  @property
+  def dq_rows_per_cta(self) -> int:
+    """Rows of one dQ CTA."""
+    return self.dq_block_q * self.compute_wgs // self.head_split
 
 
 def default_forward_config(head_dim: int) -> MosaicForwardConfig:
@@ -94,12 +114,12 @@ def default_backward_config(head_dim: int) -> MosaicBackwardConfig:
   """Heuristic backward tiles for an H100.
 
   H100, D128 S=8192 fwd+bwd vs cuDNN (notes/mosaic.md): the default 0.913-0.922x;
-  block_q=128 0.75x, dq_block_kv=128 0.91x, 3 stages 0.90x. D256 needs one
-  compute warpgroup to fit shared memory.
+  block_q=128 0.75x, dq_block_kv=128 0.91x, 3 stages 0.90x. At D256 two
+  warpgroups fit shared memory only sharing one tile (head_split=2).
   """
   if head_dim <= 128:
     return MosaicBackwardConfig()
-  return MosaicBackwardConfig(compute_wgs=1)
+  return MosaicBackwardConfig(compute_wgs=2, head_split=2)
 
 
 def padded_head_dim(d: int) -> int:
@@ -120,13 +140,24 @@ def tuning_candidates(pass_: str, head_dim: int, mode: str) -> list:
     grid = [c for c in grid if not (head_dim >= 128 and c.block_kv == 128
                                     and c.max_concurrent_steps > 2)]
   else:
-    wgs = (2, 1) if head_dim <= 128 else (1,)
-    grid = [MosaicBackwardConfig(bq, 64, 64, dkv, stages, w) for bq in (64, 128)
-            for dkv in (64, 128) for stages in (2, 3) for w in wgs]
+    if head_dim <= 128:
+      grid = [MosaicBackwardConfig(bq, 64, 64, dkv, stages, w) for bq in (64, 128)
+              for dkv in (64, 128) for stages in (2, 3) for w in (2, 1)]
+      if head_dim == 128:   # halves of 64 columns: the 128-byte swizzle's width
+        grid += [MosaicBackwardConfig(bq, 64, 64, 64, stages, 2, 2) for bq in (64, 128)
+                 for stages in (2, 3)]
+    else:
+      # D256: 2 stages of 64-row tiles is all that fits with two warpgroups
+      # (K, V 64 KiB + Q, dO 128 KiB + P, dS 32 KiB); one warpgroup takes more.
+      grid = [MosaicBackwardConfig(64, 64, 64, 64, 2, 2, 2)]
+      grid += [MosaicBackwardConfig(bq, 64, 64, dkv, stages, 1) for bq in (64, 128)
+               for dkv in (64, 128) for stages in (2, 3)]
   if mode == "smoke":
     return grid[:1]
   if mode == "quick":
     # Two compute warpgroups only (one was 1.3-1.5x slower everywhere the
-    # H100 and H200 tuners measured it), both key tiles where they fit.
+    # H100 and H200 tuners measured it): both key tiles and both layouts.
+    if pass_ == "backward" and head_dim <= 128:
+      return [c for c in grid if c.compute_wgs == 2 and c.block_q == 64]
     return [c for c in grid if c.compute_wgs == 2 or head_dim > 128][:4]
   return grid

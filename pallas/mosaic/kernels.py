@@ -565,3 +565,310 @@ def backward_dq_kernel(table_ref, q_ref, k_ref, v_ref, do_ref, lse2_ref, delta_r
       plgpu.copy_gmem_to_smem(v_ref.at[keys], v_smem.at[slot], v_ready.at[slot])
 
     blocks.stream(load, k_ref.shape[1] // block_kv)
+
+
+# ------------------------------------------------ backward, head_dim split --
+#
+# head_split=2: the two compute warpgroups share one tile. Warpgroup 0 (the
+# "score" side) computes S and P and writes P to shared memory; warpgroup 1
+# (the "gradient" side) computes dP, reads P, and writes dS; each then adds
+# its half of head_dim's output columns (dK, dV or dQ) with P and dS as
+# shared-memory wgmma operands. Every D-wide tile is stored as two contiguous
+# column halves [2, rows, Dp/2], so each half is a plain wgmma operand and a
+# TMA box; a half-tile load is one TMA per half on a barrier that expects two
+# arrivals. Scratch and barriers are dicts whose keys the launcher
+# (launch._backward_split) and these kernels share.
+
+SCORE_WG, GRAD_WG = 0, 1
+
+
+def _cols(i: int, half: int):
+  return pl.ds(i * half, half)
+
+
+def _load_halves(src, dst, barrier, half: int):
+  """TMA src [rows, Dp] (a GMEM view) into dst [2, rows, Dp/2]: two arrivals on ``barrier``."""
+  for i in range(2):
+    plgpu.copy_gmem_to_smem(src(_cols(i, half)), dst.at[i], barrier)
+
+
+def _contract_halves(acc_shape, a, b_t):
+  """a[0] b_t[0]^T + a[1] b_t[1]^T: one D-wide product from column halves."""
+  def body(acc_ref):
+    for i in range(2):
+      plgpu.wgmma(acc_ref, a.at[i], _t(b_t.at[i]))
+    return acc_ref[...]
+  return pl.run_scoped(body, plgpu.ACC(acc_shape, jnp.float32))
+
+
+# One kernel, three warpgroup roles over shared buffers (as forward_kernel).
+def backward_dkdv_split_kernel(kv_table_ref, entries_ref, q_ref, k_ref, v_ref, do_ref,  # noqa: C901
+                               lse2_ref, delta_ref, *refs, scale: float, causal: bool,
+                               window: tuple[int, int], has_segments: bool, block_q: int,
+                               block_kv: int, stages: int, group_size: int):
+  """dK/dV with head_split=2: one CTA per (kv head, kv block t, batch) of block_kv keys.
+
+  Refs as :func:`backward_dkdv_kernel`. Per step (q head, entry), warpgroup
+  0: S^T = K Q^T, P^T -> smem; warpgroup 1: dP^T = V dO^T, dS^T = P^T (dP^T
+  - delta) -> smem; warpgroup i: dV[:, half i] += P^T dO[:, half i], dK[:,
+  half i] += dS^T Q[:, half i]. Scratch (``smem``): k, v [2, block_kv, Dp/2]
+  (K, V in; dK, dV out), q, do [stages, 2, block_q, Dp/2], lse, delta
+  [stages, block_q] f32, p, ds [stages, block_kv, block_q] (P^T, dS^T).
+  """
+  if has_segments:
+    qseg_ref, kvseg_ref, dk_ref, dv_ref, smem, bars = refs
+  else:
+    qseg_ref = kvseg_ref = None
+    dk_ref, dv_ref, smem, bars = refs
+  dtype = q_ref.dtype
+  half = q_ref.shape[-1] // 2
+
+  kvh = lax.axis_index("h")
+  t = lax.axis_index("t")
+  b = lax.axis_index("b")
+  wg = lax.axis_index("wg")
+  kb = kv_table_ref[t, plan_lib.KV_BLOCK]
+  start = kv_table_ref[t, plan_lib.KV_START]
+  n_full = kv_table_ref[t, plan_lib.KV_N_FULL]
+  n_ent = kv_table_ref[t, plan_lib.KV_N_ENTRIES]
+  n_steps = n_ent * group_size
+  c = scale * LOG2E
+  shape_t = (block_kv, block_q)
+  key0 = pl.multiple_of(kb * block_kv, block_kv)
+  keys = pl.ds(key0, block_kv)
+
+  def entry_row0(e):
+    return pl.multiple_of(entries_ref[start + e, plan_lib.E_ROW0], block_q)
+
+  def walk(step):
+    def head(h, carry):
+      base = h * n_ent
+      carry = lax.fori_loop(0, n_full, lambda e, cr: step(base + e, e, cr, False), carry)
+      return lax.fori_loop(n_full, n_ent, lambda e, cr: step(base + e, e, cr, True), carry)
+    zeros = _zeros((block_kv, half))
+    return lax.fori_loop(0, group_size, head, (zeros, zeros))
+
+  def accumulate(slot, i: int, dk, dv):
+    """dV[:, half i] += P^T dO_i, then (once dS^T is written) dK[:, half i] += dS^T Q_i."""
+    def body(refs):
+      dv_ref, dk_ref = refs
+      plgpu.wgmma(dv_ref, smem["p"].at[slot], smem["do"].at[slot, i])
+      if i == SCORE_WG:
+        plgpu.barrier_wait(bars["ds"].at[slot])
+      plgpu.wgmma(dk_ref, smem["ds"].at[slot], smem["q"].at[slot, i])
+    dv, dk = pl.run_state(body)((plgpu.ACC.init(dv), plgpu.ACC.init(dk)))
+    plgpu.barrier_arrive(bars["free"].at[slot])
+    return dk, dv
+
+  def finish(i: int, dk, dv):
+    smem["k"].at[i][...] = (dk * scale).astype(dtype)
+    smem["v"].at[i][...] = dv.astype(dtype)
+    plgpu.commit_smem()
+    plgpu.copy_smem_to_gmem(smem["k"].at[i], dk_ref.at[b, keys, kvh, _cols(i, half)])
+    plgpu.copy_smem_to_gmem(smem["v"].at[i], dv_ref.at[b, keys, kvh, _cols(i, half)])
+    plgpu.wait_smem_to_gmem(0)
+
+  @pl.when(wg == SCORE_WG)
+  def _score():
+    _compute_registers(2)
+    _load_halves(lambda cols: k_ref.at[b, keys, kvh, cols], smem["k"], bars["kv"].at[0], half)
+    kvseg = None
+    if has_segments:
+      kvseg = _load(kvseg_ref.at[b, keys], plgpu.Layout.WGMMA.reduce(1))
+    plgpu.barrier_wait(bars["kv"].at[0])
+
+    def step(i, e, carry, masked: bool):
+      slot = lax.rem(i, stages)
+      plgpu.barrier_wait(bars["q"].at[slot])
+      s_t = _contract_halves(shape_t, smem["k"], smem["q"].at[slot])   # [keys, rows]
+      plgpu.barrier_wait(bars["lse"].at[slot])
+      lse2 = _load(smem["lse"].at[slot], plgpu.Layout.WGMMA.reduce(0))
+      p_t = jnp.exp2(s_t * c - _col_vec(lse2, shape_t))
+      if masked:
+        qseg = None
+        if has_segments:
+          qseg = _load(qseg_ref.at[b, pl.ds(entry_row0(e), block_q)],
+                       plgpu.Layout.WGMMA.reduce(0))
+        vis = _visible(entries_ref[start + e, plan_lib.E_QPOS0], key0,
+                       entries_ref[start + e, plan_lib.E_KV_LEN], shape_t, causal=causal,
+                       window=window, qseg=qseg, kvseg=kvseg, transposed=True)
+        p_t = jnp.where(vis, p_t, 0.0)
+      smem["p"].at[slot][...] = p_t.astype(dtype)
+      plgpu.commit_smem()
+      plgpu.barrier_arrive(bars["p"].at[slot])
+      plgpu.barrier_wait(bars["do"].at[slot])
+      return accumulate(slot, SCORE_WG, *carry)
+
+    finish(SCORE_WG, *walk(step))
+
+  @pl.when(wg == GRAD_WG)
+  def _grad():
+    _compute_registers(2)
+    _load_halves(lambda cols: v_ref.at[b, keys, kvh, cols], smem["v"], bars["kv"].at[1], half)
+    plgpu.barrier_wait(bars["kv"].at[1])
+
+    def step(i, e, carry, masked: bool):
+      del e, masked   # P^T arrives masked
+      slot = lax.rem(i, stages)
+      plgpu.barrier_wait(bars["do"].at[slot])
+      dp_t = _contract_halves(shape_t, smem["v"], smem["do"].at[slot])
+      plgpu.barrier_wait(bars["delta"].at[slot])
+      delta = _load(smem["delta"].at[slot], plgpu.Layout.WGMMA.reduce(0))
+      plgpu.barrier_wait(bars["p"].at[slot])
+      p_t = _load(smem["p"].at[slot], plgpu.Layout.WGMMA).astype(jnp.float32)
+      smem["ds"].at[slot][...] = (p_t * (dp_t - _col_vec(delta, shape_t))).astype(dtype)
+      plgpu.commit_smem()
+      plgpu.barrier_arrive(bars["ds"].at[slot])
+      plgpu.barrier_wait(bars["q"].at[slot])
+      return accumulate(slot, GRAD_WG, *carry)
+
+    finish(GRAD_WG, *walk(step))
+
+  @pl.when(wg == 2)
+  def _memory():
+    _memory_registers()
+
+    def load(i, slot, wait_free: bool):
+      h = lax.div(i, n_ent)
+      e = i - h * n_ent
+      row0 = entry_row0(e)
+      qh = kvh * group_size + h
+      rows = pl.ds(row0, block_q)
+      if wait_free:
+        plgpu.barrier_wait(bars["free"].at[slot])
+      _load_halves(lambda cols: q_ref.at[b, rows, qh, cols], smem["q"].at[slot],
+                   bars["q"].at[slot], half)
+      plgpu.copy_gmem_to_smem(lse2_ref.at[b, qh, rows], smem["lse"].at[slot],
+                              bars["lse"].at[slot])
+      _load_halves(lambda cols: do_ref.at[b, rows, qh, cols], smem["do"].at[slot],
+                   bars["do"].at[slot], half)
+      plgpu.copy_gmem_to_smem(delta_ref.at[b, qh, rows], smem["delta"].at[slot],
+                              bars["delta"].at[slot])
+
+    for i in range(stages):
+      pl.when(i < n_steps)(lambda i=i: load(i, i, False))
+
+    @pl.loop(0, n_steps - stages)
+    def _(j):
+      load(j + stages, lax.rem(j, stages), True)
+
+
+def backward_dq_split_kernel(table_ref, q_ref, k_ref, v_ref, do_ref, lse2_ref, delta_ref, *refs,
+                             scale: float, causal: bool, window: tuple[int, int],
+                             has_segments: bool, block_q: int, block_kv: int, stages: int,
+                             group_size: int):
+  """dQ with head_split=2: one CTA per (q head, work row, batch) of block_q rows.
+
+  Refs as :func:`backward_dq_kernel`. Per kv block (_KvBlocks), warpgroup 0:
+  S = Q K^T, P -> smem; warpgroup 1: dP = dO V^T, dS = P (dP - delta) ->
+  smem; warpgroup i: dQ[:, half i] += dS K[:, half i]. Scratch (``smem``):
+  q, do [2, block_q, Dp/2] (q holds dQ at the end), k, v [stages, 2,
+  block_kv, Dp/2], lse, delta [block_q] f32, p, ds [stages, block_q,
+  block_kv].
+  """
+  if has_segments:
+    qseg_ref, kvseg_ref, dq_ref, smem, bars = refs
+  else:
+    qseg_ref = kvseg_ref = None
+    dq_ref, smem, bars = refs
+  dtype = q_ref.dtype
+  half = q_ref.shape[-1] // 2
+
+  h = lax.axis_index("h")
+  w = lax.axis_index("w")
+  b = lax.axis_index("b")
+  wg = lax.axis_index("wg")
+  row0 = pl.multiple_of(table_ref[w, plan_lib.ROW0], block_q)
+  q_pos0 = table_ref[w, plan_lib.QPOS0]
+  kv_len = table_ref[w, plan_lib.KV_LEN]
+  blocks = _KvBlocks(table_ref, w, window, stages)
+  c = scale * LOG2E
+  shape_s = (block_q, block_kv)
+  rows = pl.ds(row0, block_q)
+
+  def accumulate(slot, i: int, dq):
+    def body(acc_ref):
+      if i == SCORE_WG:
+        plgpu.barrier_wait(bars["ds"].at[slot])
+      plgpu.wgmma(acc_ref, smem["ds"].at[slot], smem["k"].at[slot, i])   # dQ_i += dS K_i
+    dq = pl.run_state(body)(plgpu.ACC.init(dq))
+    plgpu.barrier_arrive(bars["free"].at[slot])
+    return dq
+
+  def finish(i: int, dq):
+    smem["q"].at[i][...] = (dq * scale).astype(dtype)
+    plgpu.commit_smem()
+    plgpu.copy_smem_to_gmem(smem["q"].at[i], dq_ref.at[b, rows, h, _cols(i, half)])
+    plgpu.wait_smem_to_gmem(0)
+
+  @pl.when(wg == SCORE_WG)
+  def _score():
+    _compute_registers(2)
+    _load_halves(lambda cols: q_ref.at[b, rows, h, cols], smem["q"], bars["q"], half)
+    plgpu.copy_gmem_to_smem(lse2_ref.at[b, h, rows], smem["lse"], bars["lse"])
+    qseg = None
+    if has_segments:
+      qseg = _load(qseg_ref.at[b, rows], plgpu.Layout.WGMMA.reduce(1))
+    plgpu.barrier_wait(bars["q"])
+    plgpu.barrier_wait(bars["lse"])
+    lse2 = _load(smem["lse"], plgpu.Layout.WGMMA.reduce(1))
+
+    def step(j, dq, masked: bool):
+      slot = blocks.slot(j)
+      plgpu.barrier_wait(bars["k"].at[slot])
+      s = _contract_halves(shape_s, smem["q"], smem["k"].at[slot])
+      p = jnp.exp2(s * c - _row_vec(lse2, shape_s))
+      if masked:
+        kvseg = None
+        if has_segments:
+          kvseg = _load(kvseg_ref.at[b, pl.ds(j * block_kv, block_kv)],
+                        plgpu.Layout.WGMMA.reduce(0))
+        vis = _visible(q_pos0, j * block_kv, kv_len, shape_s, causal=causal, window=window,
+                       qseg=qseg, kvseg=kvseg)
+        p = jnp.where(vis, p, 0.0)
+      smem["p"].at[slot][...] = p.astype(dtype)
+      plgpu.commit_smem()
+      plgpu.barrier_arrive(bars["p"].at[slot])
+      return accumulate(slot, SCORE_WG, dq)
+
+    finish(SCORE_WG, blocks.walk(step, _zeros((block_q, half))))
+
+  @pl.when(wg == GRAD_WG)
+  def _grad():
+    _compute_registers(2)
+    _load_halves(lambda cols: do_ref.at[b, rows, h, cols], smem["do"], bars["do"], half)
+    plgpu.copy_gmem_to_smem(delta_ref.at[b, h, rows], smem["delta"], bars["delta"])
+    plgpu.barrier_wait(bars["do"])
+    plgpu.barrier_wait(bars["delta"])
+    delta = _load(smem["delta"], plgpu.Layout.WGMMA.reduce(1))
+
+    def step(j, dq, masked: bool):
+      del masked   # P arrives masked
+      slot = blocks.slot(j)
+      plgpu.barrier_wait(bars["v"].at[slot])
+      dpv = _contract_halves(shape_s, smem["do"], smem["v"].at[slot])
+      plgpu.barrier_wait(bars["p"].at[slot])
+      p = _load(smem["p"].at[slot], plgpu.Layout.WGMMA).astype(jnp.float32)
+      smem["ds"].at[slot][...] = (p * (dpv - _row_vec(delta, shape_s))).astype(dtype)
+      plgpu.commit_smem()
+      plgpu.barrier_arrive(bars["ds"].at[slot])
+      plgpu.barrier_wait(bars["k"].at[slot])
+      return accumulate(slot, GRAD_WG, dq)
+
+    finish(GRAD_WG, blocks.walk(step, _zeros((block_q, half))))
+
+  @pl.when(wg == 2)
+  def _memory():
+    _memory_registers()
+    kvh = lax.div(h, group_size)
+
+    def load(j, slot, wait_free: bool):
+      keys = pl.ds(blocks.key0(j, block_kv), block_kv)
+      if wait_free:
+        plgpu.barrier_wait(bars["free"].at[slot])
+      _load_halves(lambda cols: k_ref.at[b, keys, kvh, cols], smem["k"].at[slot],
+                   bars["k"].at[slot], half)
+      _load_halves(lambda cols: v_ref.at[b, keys, kvh, cols], smem["v"].at[slot],
+                   bars["v"].at[slot], half)
+
+    blocks.stream(load, k_ref.shape[1] // block_kv)

@@ -44,11 +44,11 @@ def forward_plan(problem: Problem, config: MosaicForwardConfig | None = None) ->
 
 
 def backward_plan(problem: Problem, config: MosaicBackwardConfig | None = None) -> BackwardPlan:
-  """dK/dV CTAs own compute_wgs * block_kv keys; dQ CTAs compute_wgs * dq_block_q rows."""
+  """dK/dV CTAs own kv_per_cta keys; dQ CTAs dq_rows_per_cta rows (config.py)."""
   cfg = backward_config(problem, config)
   return plan_lib.make_backward_plan(
-      problem, cfg.block_q, cfg.compute_wgs * cfg.block_kv,
-      cfg.compute_wgs * cfg.dq_block_q, cfg.dq_block_kv, min_block=MIN_BLOCK)
+      problem, cfg.block_q, cfg.kv_per_cta, cfg.dq_rows_per_cta, cfg.dq_block_kv,
+      min_block=MIN_BLOCK)
 
 
 def _table(table):
@@ -210,6 +210,11 @@ def backward(q, k, v, q_seg, kv_seg, out, lse, dout, dlse, *, problem: Problem,
   common = dict(scale=float(problem.scale), causal=problem.causal, window=_window(problem),
                 has_segments=has_segments, stages=stages, group_size=grp)
 
+  if cfg.head_split == 2:
+    return _backward_split(q, k, v, q_seg, kv_seg, dout, delta, lse2, problem=problem,
+                           plan=plan, cfg=cfg, d_in=d_in, common=common, params=params,
+                           interpret=interpret)
+
   # dK/dV: CTA (kv head, t, batch) owns kv block kv_table[t].
   wgs = _wgs(plan.block_k, cfg.block_kv, cfg.compute_wgs, "backward dK/dV")
   bq, bkv = plan.block_q, cfg.block_kv
@@ -272,6 +277,78 @@ def backward(q, k, v, q_seg, kv_seg, out, lse, dout, dlse, *, problem: Problem,
         grid=(hq, qplan.n_work, b),
         grid_names=("h", "w", "b"),
         num_threads=wgs + 1,
+        thread_name="wg",
+        compiler_params=params,
+        **_interpret_kwargs(interpret),
+    )(_table(qplan.table), q, k, v, dout, lse2, delta, *seg_args)
+  return dq[..., :d_in], dk[..., :d_in], dv[..., :d_in]
+
+
+def _backward_split(q, k, v, q_seg, kv_seg, dout, delta, lse2, *, problem, plan, cfg, d_in,
+                    common, params, interpret):
+  """The head_split=2 dK/dV and dQ kernels (kernels.backward_*_split_kernel); their
+  shared memory and barriers are dicts by the names the kernels use."""
+  b, tq_pad, hq, dp = q.shape
+  tk_pad, hk = k.shape[1], k.shape[2]
+  if dp < 128:
+    raise ValueError(f"MosaicBackwardConfig.head_split=2 needs a padded head_dim of 128 or 256 "
+                     f"(halves of 64+ columns for the 128-byte swizzle); got {d_in=}.")
+  qplan = plan.plan
+  stages = cfg.max_concurrent_steps
+  tiles = _tiling(q.dtype)
+  half = dp // 2
+  seg_args = [q_seg, kv_seg] if problem.has_segments else []
+
+  def halves(*shape):
+    return plgpu.SMEM((*shape[:-1], 2, shape[-1], half), q.dtype, transforms=tiles)
+
+  ring = lambda arrivals: plgpu.Barrier(num_arrivals=arrivals, num_barriers=stages)
+  if plan.block_k != cfg.block_kv or qplan.block_q != cfg.dq_block_q:
+    raise ValueError(f"backward: the plan's tiles ({plan.block_k=}, {qplan.block_q=}) must be "
+                     f"the config's ({cfg.block_kv=}, {cfg.dq_block_q=}) with head_split=2; "
+                     f"build the plan with this module's backward_plan.")
+
+  bq, bkv = plan.block_q, cfg.block_kv
+  smem = dict(k=halves(bkv), v=halves(bkv), q=halves(stages, bq), do=halves(stages, bq),
+              lse=plgpu.SMEM((stages, bq), jnp.float32),
+              delta=plgpu.SMEM((stages, bq), jnp.float32),
+              p=plgpu.SMEM((stages, bkv, bq), q.dtype, transforms=tiles),
+              ds=plgpu.SMEM((stages, bkv, bq), q.dtype, transforms=tiles))
+  bars = dict(kv=plgpu.Barrier(num_arrivals=2, num_barriers=2),   # K halves, V halves
+              q=ring(2), do=ring(2), lse=ring(1), delta=ring(1),
+              p=ring(1), ds=ring(1), free=ring(2))
+  dk, dv = plgpu.kernel(
+      functools.partial(kernels.backward_dkdv_split_kernel, block_q=bq, block_kv=bkv, **common),
+      out_type=(shape_struct((b, tk_pad, hk, dp), k.dtype, like=q),
+                shape_struct((b, tk_pad, hk, dp), v.dtype, like=q)),
+      scratch_types=(smem, bars),
+      grid=(hk, plan.n_kv_blocks, b),
+      grid_names=("h", "t", "b"),
+      num_threads=3,
+      thread_name="wg",
+      compiler_params=params,
+      **_interpret_kwargs(interpret),
+  )(_table(plan.kv_table), _table(plan.entries), q, k, v, dout, lse2, delta, *seg_args)
+
+  if qplan.n_work == 0:
+    dq = jnp.zeros_like(q)
+  else:
+    bq, bkv = cfg.dq_block_q, qplan.block_k
+    smem = dict(q=halves(bq), do=halves(bq), k=halves(stages, bkv), v=halves(stages, bkv),
+                lse=plgpu.SMEM((bq,), jnp.float32), delta=plgpu.SMEM((bq,), jnp.float32),
+                p=plgpu.SMEM((stages, bq, bkv), q.dtype, transforms=tiles),
+                ds=plgpu.SMEM((stages, bq, bkv), q.dtype, transforms=tiles))
+    # The CTA's rows: Q halves and lse2 (score warpgroup), dO halves and delta.
+    bars = dict(q=plgpu.Barrier(num_arrivals=2), lse=plgpu.Barrier(),
+                do=plgpu.Barrier(num_arrivals=2), delta=plgpu.Barrier(),
+                k=ring(2), v=ring(2), p=ring(1), ds=ring(1), free=ring(2))
+    dq = plgpu.kernel(
+        functools.partial(kernels.backward_dq_split_kernel, block_q=bq, block_kv=bkv, **common),
+        out_type=shape_struct((b, tq_pad, hq, dp), q.dtype, like=q),
+        scratch_types=(smem, bars),
+        grid=(hq, qplan.n_work, b),
+        grid_names=("h", "w", "b"),
+        num_threads=3,
         thread_name="wg",
         compiler_params=params,
         **_interpret_kwargs(interpret),
