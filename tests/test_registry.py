@@ -234,3 +234,25 @@ def test_auto_picks_each_pass_from_the_tuned_timings(tmp_path, monkeypatch):
     assert registry._fastest("forward", names + ("pallas_mosaic",), problem, "bfloat16") is None
   finally:
     tuning.clear_cache()
+
+
+def test_shipped_h200_table_takes_mosaics_split_backward_at_d256(monkeypatch):
+  """benchmarks/results/h200_2026-12-02b: the head_split=2 Mosaic backward is
+  2x Triton's at D256, so the H200 table makes it auto's backward there."""
+  from jax_grouped_attn import tuning
+  from jax_grouped_attn.groups import QueryGroup
+  from jax_grouped_attn.pallas.mosaic.config import MosaicBackwardConfig
+  from jax_grouped_attn.plan import Problem
+  monkeypatch.setenv(tuning.ENV_GPU, "NVIDIA H200")
+  monkeypatch.delenv(tuning.ENV_OFF, raising=False)
+  tuning.clear_cache()
+  try:
+    problem = Problem((QueryGroup(0, 8192, 0, 8192),), 1, 8192, 8192, 16, 16, 256, True,
+                      0.0625, False)
+    names = ("pallas_mosaic", "triton", "pallas_triton")
+    assert registry._fastest("backward", names, problem, "bfloat16") == "pallas_mosaic"
+    cfg = tuning.tuned_config("backward", "pallas_mosaic", MosaicBackwardConfig, 256,
+                              seq_len=8192, dtype="bfloat16")
+    assert cfg.head_split == 2 and cfg.compute_wgs == 2
+  finally:
+    tuning.clear_cache()

@@ -264,7 +264,9 @@ def test_derived_defaults_are_within_10_percent_of_every_shipped_best(monkeypatc
     limit = _KNOWN_SLOWER.get((backend, pass_, hd), 1.10)
     assert timed[got.config] <= limit * min(timed.values()), (where, got.config)
     seen += 1
-  assert seen >= 36   # 3 backends x 2 passes x 3 head_dims x 2 GPUs
+  # 3 backends x 2 passes x 3 head_dims x 2 GPUs, less the H100's Mosaic D256
+  # backward (its entry predated head_split=2 and was dropped, not re-measured).
+  assert seen >= 35
 
 
 def test_an_sm90_gpu_without_an_entry_gets_the_derived_default(forced, tmp_path):

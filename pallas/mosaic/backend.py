@@ -49,12 +49,6 @@ class PallasMosaicBackend(KernelBackend):
               "float32), 'triton' or 'xla'.")
     return super().supports(problem, dtype)
 
-  def auto_candidate(self, pass_, head_dim, dtype):
-    # H100, B1 S8192 H16 D256 bf16 causal (benchmarks/results/h100_2026-11-26):
-    # the D256 backward (one compute warpgroup to fit shared memory) runs
-    # 8.96 ms against triton's 7.36 ms; D64/D128 and every forward are faster.
-    return not (pass_ == "backward" and self.padded_head_dim(head_dim) > 128)
-
   def padded_head_dim(self, head_dim: int) -> int:
     return mosaic_config.padded_head_dim(head_dim)
 

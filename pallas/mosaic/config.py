@@ -115,7 +115,8 @@ def default_backward_config(head_dim: int) -> MosaicBackwardConfig:
 
   H100, D128 S=8192 fwd+bwd vs cuDNN (notes/mosaic.md): the default 0.913-0.922x;
   block_q=128 0.75x, dq_block_kv=128 0.91x, 3 stages 0.90x. At D256 two
-  warpgroups fit shared memory only sharing one tile (head_split=2).
+  warpgroups fit shared memory only sharing one tile: head_split=2, 2.02x the
+  one-warpgroup layout on the H200 tuner (notes/mosaic.md run 12).
   """
   if head_dim <= 128:
     return MosaicBackwardConfig()

@@ -572,8 +572,10 @@ def backward_dq_kernel(table_ref, q_ref, k_ref, v_ref, do_ref, lse2_ref, delta_r
 # head_split=2: the two compute warpgroups share one tile. Warpgroup 0 (the
 # "score" side) computes S and P and writes P to shared memory; warpgroup 1
 # (the "gradient" side) computes dP, reads P, and writes dS; each then adds
-# its half of head_dim's output columns (dK, dV or dQ) with P and dS as
-# shared-memory wgmma operands. Every D-wide tile is stored as two contiguous
+# its half of head_dim's output columns (dK, dV or dQ). P crosses in fp32,
+# one buffer (dS from a bf16-rounded P doubled the dQ and dK error at
+# S8192); dS crosses in dtype, a ring slot per step, as a shared-memory
+# wgmma operand. Every D-wide tile is stored as two contiguous
 # column halves [2, rows, Dp/2], so each half is a plain wgmma operand and a
 # TMA box; a half-tile load is one TMA per half on a barrier that expects two
 # arrivals. Scratch and barriers are dicts whose keys the launcher
@@ -613,7 +615,8 @@ def backward_dkdv_split_kernel(kv_table_ref, entries_ref, q_ref, k_ref, v_ref, d
   - delta) -> smem; warpgroup i: dV[:, half i] += P^T dO[:, half i], dK[:,
   half i] += dS^T Q[:, half i]. Scratch (``smem``): k, v [2, block_kv, Dp/2]
   (K, V in; dK, dV out), q, do [stages, 2, block_q, Dp/2], lse, delta
-  [stages, block_q] f32, p, ds [stages, block_kv, block_q] (P^T, dS^T).
+  [stages, block_q] f32, p [block_kv, block_q] f32 (P^T), ds [stages,
+  block_kv, block_q] (dS^T).
   """
   if has_segments:
     qseg_ref, kvseg_ref, dk_ref, dv_ref, smem, bars = refs
@@ -648,11 +651,11 @@ def backward_dkdv_split_kernel(kv_table_ref, entries_ref, q_ref, k_ref, v_ref, d
     zeros = _zeros((block_kv, half))
     return lax.fori_loop(0, group_size, head, (zeros, zeros))
 
-  def accumulate(slot, i: int, dk, dv):
+  def accumulate(slot, i: int, p16, dk, dv):
     """dV[:, half i] += P^T dO_i, then (once dS^T is written) dK[:, half i] += dS^T Q_i."""
     def body(refs):
       dv_ref, dk_ref = refs
-      plgpu.wgmma(dv_ref, smem["p"].at[slot], smem["do"].at[slot, i])
+      plgpu.wgmma(dv_ref, p16, smem["do"].at[slot, i])
       if i == SCORE_WG:
         plgpu.barrier_wait(bars["ds"].at[slot])
       plgpu.wgmma(dk_ref, smem["ds"].at[slot], smem["q"].at[slot, i])
@@ -693,11 +696,12 @@ def backward_dkdv_split_kernel(kv_table_ref, entries_ref, q_ref, k_ref, v_ref, d
                        entries_ref[start + e, plan_lib.E_KV_LEN], shape_t, causal=causal,
                        window=window, qseg=qseg, kvseg=kvseg, transposed=True)
         p_t = jnp.where(vis, p_t, 0.0)
-      smem["p"].at[slot][...] = p_t.astype(dtype)
+      pl.when(i > 0)(lambda: plgpu.barrier_wait(bars["p_free"]))   # step i - 1's P read
+      smem["p"][...] = p_t
       plgpu.commit_smem()
-      plgpu.barrier_arrive(bars["p"].at[slot])
+      plgpu.barrier_arrive(bars["p"])
       plgpu.barrier_wait(bars["do"].at[slot])
-      return accumulate(slot, SCORE_WG, *carry)
+      return accumulate(slot, SCORE_WG, p_t.astype(dtype), *carry)
 
     finish(SCORE_WG, *walk(step))
 
@@ -714,13 +718,14 @@ def backward_dkdv_split_kernel(kv_table_ref, entries_ref, q_ref, k_ref, v_ref, d
       dp_t = _contract_halves(shape_t, smem["v"], smem["do"].at[slot])
       plgpu.barrier_wait(bars["delta"].at[slot])
       delta = _load(smem["delta"].at[slot], plgpu.Layout.WGMMA.reduce(0))
-      plgpu.barrier_wait(bars["p"].at[slot])
-      p_t = _load(smem["p"].at[slot], plgpu.Layout.WGMMA).astype(jnp.float32)
+      plgpu.barrier_wait(bars["p"])
+      p_t = _load(smem["p"], plgpu.Layout.WGMMA)
+      plgpu.barrier_arrive(bars["p_free"])
       smem["ds"].at[slot][...] = (p_t * (dp_t - _col_vec(delta, shape_t))).astype(dtype)
       plgpu.commit_smem()
       plgpu.barrier_arrive(bars["ds"].at[slot])
       plgpu.barrier_wait(bars["q"].at[slot])
-      return accumulate(slot, GRAD_WG, *carry)
+      return accumulate(slot, GRAD_WG, p_t.astype(dtype), *carry)
 
     finish(GRAD_WG, *walk(step))
 
@@ -763,8 +768,8 @@ def backward_dq_split_kernel(table_ref, q_ref, k_ref, v_ref, do_ref, lse2_ref, d
   S = Q K^T, P -> smem; warpgroup 1: dP = dO V^T, dS = P (dP - delta) ->
   smem; warpgroup i: dQ[:, half i] += dS K[:, half i]. Scratch (``smem``):
   q, do [2, block_q, Dp/2] (q holds dQ at the end), k, v [stages, 2,
-  block_kv, Dp/2], lse, delta [block_q] f32, p, ds [stages, block_q,
-  block_kv].
+  block_kv, Dp/2], lse, delta [block_q] f32, p [block_q, block_kv] f32, ds
+  [stages, block_q, block_kv].
   """
   if has_segments:
     qseg_ref, kvseg_ref, dq_ref, smem, bars = refs
@@ -826,9 +831,11 @@ def backward_dq_split_kernel(table_ref, q_ref, k_ref, v_ref, do_ref, lse2_ref, d
         vis = _visible(q_pos0, j * block_kv, kv_len, shape_s, causal=causal, window=window,
                        qseg=qseg, kvseg=kvseg)
         p = jnp.where(vis, p, 0.0)
-      smem["p"].at[slot][...] = p.astype(dtype)
+      # The previous block's P must have been read.
+      pl.when(j > blocks.block(0))(lambda: plgpu.barrier_wait(bars["p_free"]))
+      smem["p"][...] = p
       plgpu.commit_smem()
-      plgpu.barrier_arrive(bars["p"].at[slot])
+      plgpu.barrier_arrive(bars["p"])
       return accumulate(slot, SCORE_WG, dq)
 
     finish(SCORE_WG, blocks.walk(step, _zeros((block_q, half))))
@@ -847,8 +854,9 @@ def backward_dq_split_kernel(table_ref, q_ref, k_ref, v_ref, do_ref, lse2_ref, d
       slot = blocks.slot(j)
       plgpu.barrier_wait(bars["v"].at[slot])
       dpv = _contract_halves(shape_s, smem["do"], smem["v"].at[slot])
-      plgpu.barrier_wait(bars["p"].at[slot])
-      p = _load(smem["p"].at[slot], plgpu.Layout.WGMMA).astype(jnp.float32)
+      plgpu.barrier_wait(bars["p"])
+      p = _load(smem["p"], plgpu.Layout.WGMMA)
+      plgpu.barrier_arrive(bars["p_free"])
       smem["ds"].at[slot][...] = (p * (dpv - _row_vec(delta, shape_s))).astype(dtype)
       plgpu.commit_smem()
       plgpu.barrier_arrive(bars["ds"].at[slot])

@@ -312,11 +312,11 @@ def _backward_split(q, k, v, q_seg, kv_seg, dout, delta, lse2, *, problem, plan,
   smem = dict(k=halves(bkv), v=halves(bkv), q=halves(stages, bq), do=halves(stages, bq),
               lse=plgpu.SMEM((stages, bq), jnp.float32),
               delta=plgpu.SMEM((stages, bq), jnp.float32),
-              p=plgpu.SMEM((stages, bkv, bq), q.dtype, transforms=tiles),
+              p=plgpu.SMEM((bkv, bq), jnp.float32),
               ds=plgpu.SMEM((stages, bkv, bq), q.dtype, transforms=tiles))
   bars = dict(kv=plgpu.Barrier(num_arrivals=2, num_barriers=2),   # K halves, V halves
               q=ring(2), do=ring(2), lse=ring(1), delta=ring(1),
-              p=ring(1), ds=ring(1), free=ring(2))
+              p=plgpu.Barrier(), p_free=plgpu.Barrier(), ds=ring(1), free=ring(2))
   dk, dv = plgpu.kernel(
       functools.partial(kernels.backward_dkdv_split_kernel, block_q=bq, block_kv=bkv, **common),
       out_type=(shape_struct((b, tk_pad, hk, dp), k.dtype, like=q),
@@ -336,12 +336,13 @@ def _backward_split(q, k, v, q_seg, kv_seg, dout, delta, lse2, *, problem, plan,
     bq, bkv = cfg.dq_block_q, qplan.block_k
     smem = dict(q=halves(bq), do=halves(bq), k=halves(stages, bkv), v=halves(stages, bkv),
                 lse=plgpu.SMEM((bq,), jnp.float32), delta=plgpu.SMEM((bq,), jnp.float32),
-                p=plgpu.SMEM((stages, bq, bkv), q.dtype, transforms=tiles),
+                p=plgpu.SMEM((bq, bkv), jnp.float32),
                 ds=plgpu.SMEM((stages, bq, bkv), q.dtype, transforms=tiles))
     # The CTA's rows: Q halves and lse2 (score warpgroup), dO halves and delta.
     bars = dict(q=plgpu.Barrier(num_arrivals=2), lse=plgpu.Barrier(),
                 do=plgpu.Barrier(num_arrivals=2), delta=plgpu.Barrier(),
-                k=ring(2), v=ring(2), p=ring(1), ds=ring(1), free=ring(2))
+                k=ring(2), v=ring(2), p=plgpu.Barrier(), p_free=plgpu.Barrier(), ds=ring(1),
+                free=ring(2))
     dq = plgpu.kernel(
         functools.partial(kernels.backward_dq_split_kernel, block_q=bq, block_kv=bkv, **common),
         out_type=shape_struct((b, tq_pad, hq, dp), q.dtype, like=q),
