@@ -165,16 +165,18 @@ def forward_kernel(table_ref, q_ref, k_ref, v_ref, *refs,  # noqa: C901
   warpgroups walk the same kv blocks (_KvBlocks): [FIRST, FULL0) masked,
   [FULL0, N_FULL) without a mask, then [N_FULL, N_BLOCKS) masked; FIRST =
   FULL0 = 0 without a left window. Scratch (after out_ref, lse_ref):
-    qo_smem [wgs, block_q, Dp] (Q in, then O out), k_smem, v_smem
-    [stages, block_kv, Dp], lse_smem [wgs, block_q] f32, and the barriers.
+    ``smem`` (launch.forward names it): qo [wgs, block_q, Dp] (Q in, then O
+    out), k, v [stages, block_kv, Dp], lse [wgs, block_q] f32; ``bars``
+    q_ready, k_ready, v_ready, k_free, v_free, sched.
   """
   if has_segments:
     qseg_ref, kvseg_ref, out_ref, lse_ref, smem, bars = refs
   else:
     qseg_ref = kvseg_ref = None
     out_ref, lse_ref, smem, bars = refs
-  qo_smem, k_smem, v_smem, lse_smem = smem
-  q_ready, k_ready, v_ready, k_free, v_free, sched = bars
+  qo_smem, k_smem, v_smem, lse_smem = smem["qo"], smem["k"], smem["v"], smem["lse"]
+  q_ready, k_ready, v_ready = bars["q_ready"], bars["k_ready"], bars["v_ready"]
+  k_free, v_free, sched = bars["k_free"], bars["v_free"], bars["sched"]
   dtype = q_ref.dtype
   dp = q_ref.shape[-1]
 
@@ -334,17 +336,21 @@ def backward_dkdv_kernel(kv_table_ref, entries_ref, q_ref, k_ref, v_ref, do_ref,
   wgs * block_kv + i * block_kv + [0, block_kv) and walks every (q head of
   this kv head, entry) step that the memory warpgroup streams (Q, dO tiles
   [block_q, Dp], lse2 and delta [block_q]); it sums over them in fp32
-  registers and writes its keys once: deterministic, no atomics. Scratch:
-  k_smem, v_smem [wgs, block_kv, Dp] (K, V in, then dK, dV out), q_smem,
-  do_smem [stages, block_q, Dp], lse_smem, delta_smem [stages, block_q] f32.
+  registers and writes its keys once: deterministic, no atomics. ``smem``
+  (launch.backward names it): k, v [wgs, block_kv, Dp] (K, V in, then dK,
+  dV out), q, do [stages, block_q, Dp], lse, delta [stages, block_q] f32;
+  ``bars``: kv_ready [2 * wgs] (K then V of each warpgroup), q_ready,
+  do_ready, lse_ready, delta_ready, free [stages].
   """
   if has_segments:
     qseg_ref, kvseg_ref, dk_ref, dv_ref, smem, bars = refs
   else:
     qseg_ref = kvseg_ref = None
     dk_ref, dv_ref, smem, bars = refs
-  k_smem, v_smem, q_smem, do_smem, lse_smem, delta_smem = smem
-  kv_ready, q_ready, do_ready, lse_ready, delta_ready, free = bars
+  k_smem, v_smem, q_smem, do_smem = smem["k"], smem["v"], smem["q"], smem["do"]
+  lse_smem, delta_smem = smem["lse"], smem["delta"]
+  kv_ready, q_ready, do_ready = bars["kv_ready"], bars["q_ready"], bars["do_ready"]
+  lse_ready, delta_ready, free = bars["lse_ready"], bars["delta_ready"], bars["free"]
   dtype = q_ref.dtype
   dp = q_ref.shape[-1]
 
@@ -469,17 +475,20 @@ def backward_dq_kernel(table_ref, q_ref, k_ref, v_ref, do_ref, lse2_ref, delta_r
   lse2_ref, delta_ref: [B, Hq, Tq_pad] f32; (segment ids as the forward);
   dq_ref: [B, Tq_pad, Hq, Dp]. Compute warpgroup i owns rows ROW0 + i *
   block_q + [0, block_q) and walks the forward's kv blocks (_KvBlocks),
-  streamed by the memory warpgroup. Scratch:
-  q_smem, do_smem [wgs, block_q, Dp] (q_smem holds dQ at the end), k_smem,
-  v_smem [stages, block_kv, Dp], lse_smem, delta_smem [wgs, block_q] f32.
+  streamed by the memory warpgroup. ``smem`` (launch.backward names it):
+  q, do [wgs, block_q, Dp] (q holds dQ at the end), k, v [stages,
+  block_kv, Dp], lse, delta [wgs, block_q] f32; ``bars``: rows_ready (a
+  dict q, do, lse, delta of [wgs] barriers), k_ready, v_ready, free.
   """
   if has_segments:
     qseg_ref, kvseg_ref, dq_ref, smem, bars = refs
   else:
     qseg_ref = kvseg_ref = None
     dq_ref, smem, bars = refs
-  q_smem, do_smem, k_smem, v_smem, lse_smem, delta_smem = smem
-  q_ready, k_ready, v_ready, free = bars
+  q_smem, do_smem, k_smem, v_smem = smem["q"], smem["do"], smem["k"], smem["v"]
+  lse_smem, delta_smem = smem["lse"], smem["delta"]
+  rows_ready = bars["rows_ready"]   # the CTA's own tiles, by name and warpgroup
+  k_ready, v_ready, free = bars["k_ready"], bars["v_ready"], bars["free"]
   dtype = q_ref.dtype
   dp = q_ref.shape[-1]
 
@@ -500,18 +509,17 @@ def backward_dq_kernel(table_ref, q_ref, k_ref, v_ref, do_ref, lse2_ref, delta_r
     my_row0 = pl.multiple_of(row0 + wg * block_q, block_q)
     my_pos0 = q_pos0 + wg * block_q
     rows = (b, pl.ds(my_row0, block_q), h)
-    # q_ready: 4 barriers per warpgroup (Q, dO, lse2, delta).
-    plgpu.copy_gmem_to_smem(q_ref.at[rows], q_smem.at[wg], q_ready.at[4 * wg])
-    plgpu.copy_gmem_to_smem(do_ref.at[rows], do_smem.at[wg], q_ready.at[4 * wg + 1])
+    plgpu.copy_gmem_to_smem(q_ref.at[rows], q_smem.at[wg], rows_ready["q"].at[wg])
+    plgpu.copy_gmem_to_smem(do_ref.at[rows], do_smem.at[wg], rows_ready["do"].at[wg])
     plgpu.copy_gmem_to_smem(lse2_ref.at[b, h, pl.ds(my_row0, block_q)], lse_smem.at[wg],
-                            q_ready.at[4 * wg + 2])
+                            rows_ready["lse"].at[wg])
     plgpu.copy_gmem_to_smem(delta_ref.at[b, h, pl.ds(my_row0, block_q)], delta_smem.at[wg],
-                            q_ready.at[4 * wg + 3])
+                            rows_ready["delta"].at[wg])
     qseg = None
     if has_segments:
       qseg = _load(qseg_ref.at[b, pl.ds(my_row0, block_q)], plgpu.Layout.WGMMA.reduce(1))
-    for i in range(4):
-      plgpu.barrier_wait(q_ready.at[4 * wg + i])
+    for name in ("q", "do", "lse", "delta"):
+      plgpu.barrier_wait(rows_ready[name].at[wg])
     lse2 = _load(lse_smem.at[wg], plgpu.Layout.WGMMA.reduce(1))
     delta = _load(delta_smem.at[wg], plgpu.Layout.WGMMA.reduce(1))
     q_tile, do_tile = q_smem.at[wg], do_smem.at[wg]

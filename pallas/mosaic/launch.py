@@ -119,19 +119,20 @@ def forward(q, k, v, q_seg, kv_seg, *, problem: Problem, plan: Plan,
   stages = cfg.max_concurrent_steps
   has_segments = problem.has_segments
   tiles = _tiling(q.dtype)
-  smem = (
-      plgpu.SMEM((wgs, cfg.block_q, dp), q.dtype, transforms=tiles),   # Q in, O out
-      plgpu.SMEM((stages, block_kv, dp), q.dtype, transforms=tiles),   # K ring
-      plgpu.SMEM((stages, block_kv, dp), q.dtype, transforms=tiles),   # V ring
-      plgpu.SMEM((wgs, cfg.block_q), jnp.float32),                     # lse out
+  # By the names kernels.forward_kernel reads.
+  smem = dict(
+      qo=plgpu.SMEM((wgs, cfg.block_q, dp), q.dtype, transforms=tiles),   # Q in, O out
+      k=plgpu.SMEM((stages, block_kv, dp), q.dtype, transforms=tiles),    # K ring
+      v=plgpu.SMEM((stages, block_kv, dp), q.dtype, transforms=tiles),    # V ring
+      lse=plgpu.SMEM((wgs, cfg.block_q), jnp.float32),                    # lse out
   )
-  bars = (
-      plgpu.Barrier(num_barriers=wgs),                                 # q_ready
-      plgpu.Barrier(num_barriers=stages),                              # k_ready
-      plgpu.Barrier(num_barriers=stages),                              # v_ready
-      plgpu.Barrier(num_arrivals=wgs, num_barriers=stages),            # k_free
-      plgpu.Barrier(num_arrivals=wgs, num_barriers=stages),            # v_free
-      plgpu.Barrier(num_arrivals=wgs),                                 # sched
+  bars = dict(
+      q_ready=plgpu.Barrier(num_barriers=wgs),
+      k_ready=plgpu.Barrier(num_barriers=stages),
+      v_ready=plgpu.Barrier(num_barriers=stages),
+      k_free=plgpu.Barrier(num_arrivals=wgs, num_barriers=stages),
+      v_free=plgpu.Barrier(num_arrivals=wgs, num_barriers=stages),
+      sched=plgpu.Barrier(num_arrivals=wgs),
   )
   body = functools.partial(
       kernels.forward_kernel, scale=float(problem.scale), causal=problem.causal,
@@ -218,22 +219,19 @@ def backward(q, k, v, q_seg, kv_seg, out, lse, dout, dlse, *, problem: Problem,
   # dK/dV: CTA (kv head, t, batch) owns kv block kv_table[t].
   wgs = _wgs(plan.block_k, cfg.block_kv, cfg.compute_wgs, "backward dK/dV")
   bq, bkv = plan.block_q, cfg.block_kv
-  smem = (
-      plgpu.SMEM((wgs, bkv, dp), q.dtype, transforms=tiles),      # K in, dK out
-      plgpu.SMEM((wgs, bkv, dp), q.dtype, transforms=tiles),      # V in, dV out
-      plgpu.SMEM((stages, bq, dp), q.dtype, transforms=tiles),    # Q ring
-      plgpu.SMEM((stages, bq, dp), q.dtype, transforms=tiles),    # dO ring
-      plgpu.SMEM((stages, bq), jnp.float32),                      # lse2 ring
-      plgpu.SMEM((stages, bq), jnp.float32),                      # delta ring
+  # By the names kernels.backward_dkdv_kernel reads.
+  smem = dict(
+      k=plgpu.SMEM((wgs, bkv, dp), q.dtype, transforms=tiles),      # K in, dK out
+      v=plgpu.SMEM((wgs, bkv, dp), q.dtype, transforms=tiles),      # V in, dV out
+      q=plgpu.SMEM((stages, bq, dp), q.dtype, transforms=tiles),    # Q ring
+      do=plgpu.SMEM((stages, bq, dp), q.dtype, transforms=tiles),   # dO ring
+      lse=plgpu.SMEM((stages, bq), jnp.float32),                    # lse2 ring
+      delta=plgpu.SMEM((stages, bq), jnp.float32),                  # delta ring
   )
-  bars = (
-      plgpu.Barrier(num_barriers=2 * wgs),                        # K, V of each warpgroup
-      plgpu.Barrier(num_barriers=stages),                         # q_ready
-      plgpu.Barrier(num_barriers=stages),                         # do_ready
-      plgpu.Barrier(num_barriers=stages),                         # lse_ready
-      plgpu.Barrier(num_barriers=stages),                         # delta_ready
-      plgpu.Barrier(num_arrivals=wgs, num_barriers=stages),       # free
-  )
+  ring = lambda: plgpu.Barrier(num_barriers=stages)
+  bars = dict(kv_ready=plgpu.Barrier(num_barriers=2 * wgs),         # K, V of each warpgroup
+              q_ready=ring(), do_ready=ring(), lse_ready=ring(), delta_ready=ring(),
+              free=plgpu.Barrier(num_arrivals=wgs, num_barriers=stages))
   dk, dv = plgpu.kernel(
       functools.partial(kernels.backward_dkdv_kernel, block_q=bq, block_kv=bkv, wgs=wgs,
                         **common),
@@ -255,20 +253,20 @@ def backward(q, k, v, q_seg, kv_seg, out, lse, dout, dlse, *, problem: Problem,
   else:
     wgs = _wgs(qplan.block_q, cfg.dq_block_q, cfg.compute_wgs, "backward dQ")
     bq, bkv = cfg.dq_block_q, qplan.block_k
-    smem = (
-        plgpu.SMEM((wgs, bq, dp), q.dtype, transforms=tiles),      # Q in, dQ out
-        plgpu.SMEM((wgs, bq, dp), q.dtype, transforms=tiles),      # dO
-        plgpu.SMEM((stages, bkv, dp), q.dtype, transforms=tiles),  # K ring
-        plgpu.SMEM((stages, bkv, dp), q.dtype, transforms=tiles),  # V ring
-        plgpu.SMEM((wgs, bq), jnp.float32),                        # lse2
-        plgpu.SMEM((wgs, bq), jnp.float32),                        # delta
+    # By the names kernels.backward_dq_kernel reads.
+    smem = dict(
+        q=plgpu.SMEM((wgs, bq, dp), q.dtype, transforms=tiles),      # Q in, dQ out
+        do=plgpu.SMEM((wgs, bq, dp), q.dtype, transforms=tiles),     # dO
+        k=plgpu.SMEM((stages, bkv, dp), q.dtype, transforms=tiles),  # K ring
+        v=plgpu.SMEM((stages, bkv, dp), q.dtype, transforms=tiles),  # V ring
+        lse=plgpu.SMEM((wgs, bq), jnp.float32),                      # lse2
+        delta=plgpu.SMEM((wgs, bq), jnp.float32),                    # delta
     )
-    bars = (
-        plgpu.Barrier(num_barriers=4 * wgs),                       # Q, dO, lse2, delta
-        plgpu.Barrier(num_barriers=stages),                        # k_ready
-        plgpu.Barrier(num_barriers=stages),                        # v_ready
-        plgpu.Barrier(num_arrivals=wgs, num_barriers=stages),      # free
-    )
+    own = lambda: plgpu.Barrier(num_barriers=wgs)
+    bars = dict(rows_ready=dict(q=own(), do=own(), lse=own(), delta=own()),
+                k_ready=plgpu.Barrier(num_barriers=stages),
+                v_ready=plgpu.Barrier(num_barriers=stages),
+                free=plgpu.Barrier(num_arrivals=wgs, num_barriers=stages))
     dq = plgpu.kernel(
         functools.partial(kernels.backward_dq_kernel, block_q=bq, block_kv=bkv, wgs=wgs,
                           **common),
