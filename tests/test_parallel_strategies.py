@@ -17,7 +17,7 @@ from test_parallel import _inputs, assert_cp_matches
 
 import jax_grouped_attn as ga
 from cases import KERNEL_BACKENDS, SMALL, assert_matches
-from jax_grouped_attn.parallel import ContextParallel, kv_head_repeats
+from jax_grouped_attn.cp import ContextParallel, kv_head_repeats
 
 F32, BF16 = jnp.float32, jnp.bfloat16
 
