@@ -33,7 +33,7 @@ def _check_seq_axis(x, world_size: int, axis: int) -> int:
 
 def zigzag_permute(x, world_size: int, axis: int = 1):
   """Natural order -> zigzag order along ``axis``: ``x`` taken at
-  :func:`zigzag_order`. Shard the result evenly over ``world_size`` devices:
+  ``layout.zigzag_order``. Shard the result evenly over ``world_size`` devices:
   device r gets chunks r and 2W-1-r. Use it for q, k, v and segment ids.
 
   The result keeps ``x``'s sharding where it is known: on a mesh with

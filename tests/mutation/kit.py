@@ -7,9 +7,9 @@
     python tests/mutation/kit.py --gpu           # on a GPU: the gpu= mutants vs their GPU tests
 
 Each mutant is a text replacement in a kernel, launcher, the autodiff or the
-parallel layer. The kit copies the checkout (tracked and untracked, not
-ignored files) to a scratch directory, applies ONE mutant, runs its relevant
-fast tests there (``pytest -x``, a timeout) and prints which test failed
+context-parallel package (cp/). The kit copies the checkout (tracked and
+untracked, not ignored files) to a scratch directory, applies ONE mutant, runs
+its relevant fast tests there (``pytest -x``, a timeout) and prints which test failed
 first, or SURVIVED. An anchor must occur exactly ``count`` times, else the
 kit stops with an error: a refactor cannot silently disable a mutant (and
 tests/test_mutation_anchors.py checks the anchors in CI).
@@ -173,7 +173,9 @@ MUTANTS = [
     Mutant("zigzag_late_source_sees_half", "mask", "jax_grouped_attn/cp/ring_schedule.py",
            "  return RingStep(c, 2 * c, 0, 2 * c, QueryGroup(0, c, 0, 2 * c), False)",
            "  return RingStep(c, 2 * c, 0, 2 * c, QueryGroup(0, c, 0, c), False)",
-           ("tests/test_parallel.py::test_ring_steps_match_the_global_mask[True]",)),
+           ("tests/test_parallel.py::test_ring_steps_match_the_global_mask[True]",
+            "tests/test_ring_schedule.py::test_every_visible_pair_is_computed_exactly_once"
+            "[4-5-True]")),
     # ---------------------------------- Mosaic GPU (no CPU interpreter) --
     Mutant("mosaic_causal_off_by_one", "logic", P + "mosaic/kernels.py",
            "    seen = seen & (kj <= pos)", "    seen = seen & (kj < pos)",
