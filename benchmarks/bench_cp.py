@@ -49,7 +49,14 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P  # noqa: E402
 import jax_grouped_attn as ga  # noqa: E402
 from benchmarks import common, hlo_overlap  # noqa: E402
 from benchmarks.common import log  # noqa: E402
-from jax_grouped_attn import parallel, registry  # noqa: E402
+from jax_grouped_attn import registry  # noqa: E402
+from jax_grouped_attn.cp import (  # noqa: E402
+  ContextParallel,
+  kv_head_repeats,
+  shard_map,
+  ulysses_to_heads,
+  ulysses_to_sequence,
+)
 
 STRATEGIES = ("allgather", "ring", "ulysses", "ring+ulysses", "allgather+ulysses")
 # Named sets of XLA options for --xla-variants (GPU flags; see the README).
@@ -115,11 +122,11 @@ def make_mesh(devices, inner: int) -> Mesh:
   return Mesh(np.array(devices).reshape(len(devices) // inner, inner), ("node", "gpu"))
 
 
-def context_parallel(strategy: str) -> parallel.ContextParallel:
+def context_parallel(strategy: str) -> ContextParallel:
   if "+" in strategy:   # 2-D: strategy over "node", Ulysses over "gpu"
     outer, _ = strategy.split("+")
-    return parallel.ContextParallel("node", outer, ulysses_axis_name="gpu")
-  return parallel.ContextParallel(("node", "gpu"), strategy)
+    return ContextParallel("node", outer, ulysses_axis_name="gpu")
+  return ContextParallel(("node", "gpu"), strategy)
 
 
 def cp_fn(mesh, strategy, backend, causal=True, window=None):
@@ -129,25 +136,25 @@ def cp_fn(mesh, strategy, backend, causal=True, window=None):
   kw = {} if window is None else {"local_window_size": (window, 0)}
   body = lambda q, k, v: ga.attention(q, k, v, causal=causal, backend=backend,
                                       context_parallel=cp, **kw)
-  return parallel.shard_map(body, mesh, (spec,) * 3, spec, check_vma=False)
+  return shard_map(body, mesh, (spec,) * 3, spec, check_vma=False)
 
 
 def heads_fn(mesh, setup: Setup, implementation):
   """Sequence-sharded input -> head sharding (all-to-all), jax.nn attention on
   the whole sequence, back: the heads-sharded cuDNN baseline."""
   axes, w = ("node", "gpu"), setup.world
-  reps = parallel.kv_head_repeats(setup.hk, w)
+  reps = kv_head_repeats(setup.hk, w)
   spec = P(None, axes)
 
   def body(q, k, v):
     if reps > 1:
       k, v = jnp.repeat(k, reps, axis=2), jnp.repeat(v, reps, axis=2)
-    q, k, v = (parallel.ulysses_to_heads(x, axes, w, True) for x in (q, k, v))
+    q, k, v = (ulysses_to_heads(x, axes, w, True) for x in (q, k, v))
     out = jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation=implementation,
                                        **window_kw(setup))
-    return parallel.ulysses_to_sequence(out, axes, w, True)
+    return ulysses_to_sequence(out, axes, w, True)
 
-  return parallel.shard_map(body, mesh, (spec,) * 3, spec, check_vma=False)
+  return shard_map(body, mesh, (spec,) * 3, spec, check_vma=False)
 
 
 def single_fn(backend, setup: Setup):

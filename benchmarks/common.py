@@ -22,8 +22,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jax_grouped_attn.cp import zigzag_groups
 from jax_grouped_attn.groups import QueryGroup, row_positions, visible, visible_pairs
-from jax_grouped_attn.zigzag import zigzag_groups
 
 PASSES = ("fwd", "bwd", "fwdbwd")
 # fwd+bwd of flash attention counts 3.5x the forward's flops (bwd = 2.5x).

@@ -38,9 +38,9 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from benchmarks.common import memory_stats
 from jax_grouped_attn import ContextParallel, QueryGroup, attention, registry
+from jax_grouped_attn.cp import zigzag_order, zigzag_positions
 from jax_grouped_attn.flax import make_attention_fn
 from jax_grouped_attn.groups import visible_pairs
-from jax_grouped_attn.zigzag import zigzag_order, zigzag_positions
 
 
 @dataclasses.dataclass(frozen=True)

@@ -2,16 +2,17 @@
 
 from jax_grouped_attn.api import attention, grouped_attention, segment_ids_from_cu_seqlens
 from jax_grouped_attn.config import AttentionConfig, BackwardConfig, ForwardConfig
+from jax_grouped_attn.cp import (
+  ContextParallel,
+  context_parallel_attention,
+  zigzag_groups,
+  zigzag_permute,
+  zigzag_positions,
+  zigzag_unpermute,
+)
 from jax_grouped_attn.dropin import dot_product_attention
 from jax_grouped_attn.explain import explain
 from jax_grouped_attn.groups import QueryGroup
-from jax_grouped_attn.parallel import ContextParallel, context_parallel_attention
-from jax_grouped_attn.zigzag import (
-                                  zigzag_groups,
-                                  zigzag_permute,
-                                  zigzag_positions,
-                                  zigzag_unpermute,
-)
 
 __all__ = [
     "AttentionConfig", "BackwardConfig", "ForwardConfig", "QueryGroup",

@@ -6,7 +6,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jax_grouped_attn import autodiff, parallel, registry, validate
+from jax_grouped_attn import autodiff, cp, registry, validate
 from jax_grouped_attn.config import as_attention_config
 from jax_grouped_attn.groups import QueryGroup
 
@@ -93,7 +93,7 @@ def attention(q, k, v, *, causal=False, softmax_scale=None, segment_ids=None,
 
   ``context_parallel=ContextParallel(axis_name, strategy)``: inside
   ``jax.shard_map``, q, k, v (and segment ids) are this device's zigzag shards
-  of one sequence sharded over ``axis_name`` (see ``jax_grouped_attn.parallel``);
+  of one sequence sharded over ``axis_name`` (see ``jax_grouped_attn.cp``);
   the result is this device's shard of the exact full-sequence attention.
   """
   for name, x in (("q", q), ("k", k)):
@@ -107,7 +107,7 @@ def attention(q, k, v, *, causal=False, softmax_scale=None, segment_ids=None,
           f"{k.shape=}; pass q_segment_ids and kv_segment_ids instead.")
     q_segment_ids = kv_segment_ids = segment_ids
   if context_parallel is not None:
-    if not isinstance(context_parallel, parallel.ContextParallel):
+    if not isinstance(context_parallel, cp.ContextParallel):
       raise TypeError(
           f"context_parallel must be None or a ContextParallel, got {context_parallel!r}.")
     t, tk = q.shape[1], k.shape[1]
@@ -118,7 +118,7 @@ def attention(q, k, v, *, causal=False, softmax_scale=None, segment_ids=None,
     return_lse = validate.check_bool("return_lse", return_lse)
     name, interp, cfg, backward = _resolve(backend, interpret, config, backward, problem,
                                            q.dtype)
-    out, lse = parallel.local_attention(
+    out, lse = cp.local_attention(
         problem, context_parallel, name, cfg, interp, backward,
         q, k, v, q_segment_ids, kv_segment_ids)
     return (out, lse) if return_lse else out

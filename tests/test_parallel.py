@@ -28,9 +28,9 @@ from cases import (
   lowp_reference,
   problem_of,
 )
-from jax_grouped_attn import autodiff, registry, validate, zigzag
+from jax_grouped_attn import autodiff, registry, validate
+from jax_grouped_attn.cp import ContextParallel, layout, merge_partials, ring_schedule, ring_steps
 from jax_grouped_attn.groups import row_positions, visible
-from jax_grouped_attn.parallel import ContextParallel, merge_partials, ring_steps
 from jax_grouped_attn.plan import Problem
 from jax_grouped_attn.vma import pvary, varying_axes
 
@@ -153,7 +153,7 @@ def test_zigzag_permute_roundtrip(world):
   c = 4
   for r in range(world):   # device r's shard is chunks r and 2W-1-r
     shard = np.asarray(z[0, r * 2 * c:(r + 1) * 2 * c, 0]) // 3
-    lo, hi = zigzag.zigzag_chunks(r, world)
+    lo, hi = layout.zigzag_chunks(r, world)
     np.testing.assert_array_equal(shard, np.r_[lo * c:(lo + 1) * c, hi * c:(hi + 1) * c])
   lse = jnp.arange(8 * world)[None, None]   # lse layout [B, H, S]: axis 2
   np.testing.assert_array_equal(
@@ -182,7 +182,7 @@ def test_zigzag_permute_keeps_the_sharding(spec, world, axis_type):
   rng = np.random.default_rng(world)
   x = jnp.asarray(rng.standard_normal((2, 16 * world, 3)), F32)
   xs = jax.device_put(x, jax.sharding.NamedSharding(mesh, spec))
-  want = x[:, zigzag.zigzag_order(16 * world, world)]
+  want = x[:, layout.zigzag_order(16 * world, world)]
   for mode, wrap in (("eager", lambda f: f), ("jit", jax.jit)):
     z = wrap(lambda x: ga.zigzag_permute(x, world))(xs)
     back = wrap(lambda x: ga.zigzag_unpermute(x, world))(z)
@@ -231,13 +231,13 @@ def test_ring_steps_match_the_global_mask(causal):
   # local queries and the visiting keys.
   for world in (1, 2, 3, 5):
     c = 3
-    order = zigzag.zigzag_order(2 * world * c, world)
+    order = layout.zigzag_order(2 * world * c, world)
     for r in range(world):
       q_pos = order[r * 2 * c:(r + 1) * 2 * c]
       for src in range(world):
         k_pos = order[src * 2 * c:(src + 1) * 2 * c]
         want = (k_pos[None] <= q_pos[:, None]) if causal else np.ones((2 * c, 2 * c), bool)
-        st = zigzag.zigzag_ring_step(r, src, world, c, causal=causal)
+        st = ring_schedule.zigzag_ring_step(r, src, world, c, causal=causal)
         pos, kv_len = row_positions(st.groups, st.q_stop - st.q_start)
         j = np.arange(st.kv_stop - st.kv_start)
         m = j[None] < kv_len[:, None]
@@ -260,7 +260,7 @@ def test_ring_calls_match_the_global_mask_with_windows(causal):
   windows = [w for w in RING_WINDOWS if not causal or w[0] is not None]
   for world in (1, 2, 3, 5, 8):
     for c in (1, 4):
-      order = zigzag.zigzag_order(2 * world * c, world)
+      order = layout.zigzag_order(2 * world * c, world)
       for window in windows + [None]:
         w = validate.check_window(window, causal)
         for r in range(world):
@@ -269,7 +269,7 @@ def test_ring_calls_match_the_global_mask_with_windows(causal):
             k_pos = order[src * 2 * c:(src + 1) * 2 * c]
             want = np.broadcast_to(visible(q_pos[:, None], k_pos[None], 2 * world * c,
                                            causal=causal, window=w), (2 * c, 2 * c))
-            calls = zigzag.zigzag_ring_calls(r, src, world, c, causal=causal, window=w)
+            calls = ring_schedule.zigzag_ring_calls(r, src, world, c, causal=causal, window=w)
             got = np.zeros((2 * c, 2 * c), int)
             for st in calls:
               pos, kv_len = row_positions(st.groups, st.q_stop - st.q_start)
@@ -279,8 +279,8 @@ def test_ring_calls_match_the_global_mask_with_windows(causal):
             err = f"{world=} {c=} {w=} {r=} {src=} {calls}"
             assert got.max() <= 1, err
             np.testing.assert_array_equal(got.astype(bool), want, err_msg=err)
-            general = zigzag._ring_calls(zigzag.zigzag_chunks(r, world),
-                                         zigzag.zigzag_chunks(src, world), c, causal,
+            general = ring_schedule._ring_calls(layout.zigzag_chunks(r, world),
+                                         layout.zigzag_chunks(src, world), c, causal,
                                          w or (None, None))
             if w is None:
               assert general == calls, err

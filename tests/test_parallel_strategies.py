@@ -17,7 +17,7 @@ from test_parallel import _inputs, assert_cp_matches
 
 import jax_grouped_attn as ga
 from cases import KERNEL_BACKENDS, SMALL, assert_matches
-from jax_grouped_attn.parallel import ContextParallel, kv_head_repeats
+from jax_grouped_attn.cp import ContextParallel, Strategy, TwoD, kv_head_repeats
 
 F32, BF16 = jnp.float32, jnp.bfloat16
 
@@ -171,6 +171,16 @@ def test_ulysses_communicates_with_all_to_all_only():
   hlo = fn.lower(sq, sq, sq, sq).compile().as_text()
   assert "all-gather" not in hlo and "collective-permute" not in hlo
   assert len(re.findall(r" all-to-all\(", hlo)) >= 6, re.findall(r" all-to-all\(", hlo)
+
+
+def test_the_spec_names_its_composition():
+  # The fields as users write them; .composition says what runs.
+  assert ContextParallel("cp").composition == Strategy("allgather", "cp")
+  assert ContextParallel(("a", "b"), "ulysses").composition == Strategy("ulysses", ("a", "b"))
+  two_d = ContextParallel("node", "ring", ulysses_axis_name=("gpu", "tp")).composition
+  assert two_d == TwoD(Strategy("ring", "node"), ("gpu", "tp"))
+  assert ContextParallel("node", "ring", ("gpu", "tp")).sequence_axes == ("node", "gpu", "tp")
+  assert ContextParallel("cp", "ulysses").sequence_axes == ("cp",)
 
 
 def test_errors_name_the_argument():

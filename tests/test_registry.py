@@ -100,7 +100,12 @@ def test_given_config_reaches_the_kernel_and_matches_the_default():
 _LAYERS = {   # module -> rank; a module may import only modules of lower or equal rank
     "jax_grouped_attn.flax": 6, "jax_grouped_attn.api": 5, "jax_grouped_attn.dropin": 5,
     "jax_grouped_attn.explain": 5, "jax_grouped_attn.info": 6,
-    "jax_grouped_attn.parallel": 4,
+    # Context parallelism: the front of cp/ over its strategies over the kernel
+    # choice (spec, layout, permute, ring_schedule, axes: rank 1, no kernels).
+    "jax_grouped_attn.cp": 4.3, "jax_grouped_attn.cp.global_arrays": 4.3,
+    "jax_grouped_attn.cp.local": 4.2, "jax_grouped_attn.cp.two_d": 4.1,
+    "jax_grouped_attn.cp.allgather": 4, "jax_grouped_attn.cp.ulysses": 4,
+    "jax_grouped_attn.cp.ring": 4, "jax_grouped_attn.cp.run": 3.5,
     "jax_grouped_attn.autodiff": 3, "jax_grouped_attn.registry": 2,
     "jax_grouped_attn.tuning": 2,
 }

@@ -9,9 +9,9 @@ from jax.test_util import check_grads
 import jax_grouped_attn as ga
 from cases import CASES, problem_of
 from jax_grouped_attn import QueryGroup, plan as plan_lib
+from jax_grouped_attn.cp.layout import zigzag_inverse_order, zigzag_order
 from jax_grouped_attn.groups import normalize_groups, visible_pairs
 from jax_grouped_attn.reference import visible_mask
-from jax_grouped_attn.zigzag import zigzag_inverse_order, zigzag_order
 
 
 @pytest.mark.parametrize("world", [1, 2, 3, 4, 8])

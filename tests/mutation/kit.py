@@ -7,9 +7,9 @@
     python tests/mutation/kit.py --gpu           # on a GPU: the gpu= mutants vs their GPU tests
 
 Each mutant is a text replacement in a kernel, launcher, the autodiff or the
-parallel layer. The kit copies the checkout (tracked and untracked, not
-ignored files) to a scratch directory, applies ONE mutant, runs its relevant
-fast tests there (``pytest -x``, a timeout) and prints which test failed
+context-parallel package (cp/). The kit copies the checkout (tracked and
+untracked, not ignored files) to a scratch directory, applies ONE mutant, runs
+its relevant fast tests there (``pytest -x``, a timeout) and prints which test failed
 first, or SURVIVED. An anchor must occur exactly ``count`` times, else the
 kit stops with an error: a refactor cannot silently disable a mutant (and
 tests/test_mutation_anchors.py checks the anchors in CI).
@@ -75,13 +75,13 @@ MUTANTS = [
            "  dlse = jnp.zeros_like(dlse, jnp.float32)\n  if backward",
            ("tests/test_backward.py::test_lse_cotangent_only[triton]",
             f"{GRADS}[zigzag_r0w2c16-triton]")),
-    Mutant("ring_skipped_step", "logic", "jax_grouped_attn/parallel.py",
+    Mutant("ring_skipped_step", "logic", "jax_grouped_attn/cp/ring.py",
            "      kv, acc = jax.lax.fori_loop(seg.steps[0], seg.steps[-1] + 1, step, (kv, acc))",
            "      kv, acc = jax.lax.fori_loop(seg.steps[0], seg.steps[-1], step, (kv, acc))",
            ("tests/test_parallel.py::test_xla_backend_matches_reference"
             "[4-True-float32-4-4-split-ring]",),
            why="one kv shard never visits (W >= 3)"),
-    Mutant("lse_merge_sign_flip", "logic", "jax_grouped_attn/parallel.py",
+    Mutant("lse_merge_sign_flip", "logic", "jax_grouped_attn/cp/ring.py",
            "  w1, w2 = jnp.exp(lse1 - m), jnp.exp(lse2 - m)",
            "  w1, w2 = jnp.exp(lse1 - m), jnp.exp(m - lse2)",
            ("tests/test_parallel.py::test_merge_partials_is_exact_and_nan_free",
@@ -170,10 +170,12 @@ MUTANTS = [
            ("tests/test_triton.py::test_window_walk_with_leading_masked_blocks"
             "[window_wide_left_causal]",),
            why="the [FIRST, FULL0) blocks skip the window mask"),
-    Mutant("zigzag_late_source_sees_half", "mask", "jax_grouped_attn/zigzag.py",
+    Mutant("zigzag_late_source_sees_half", "mask", "jax_grouped_attn/cp/ring_schedule.py",
            "  return RingStep(c, 2 * c, 0, 2 * c, QueryGroup(0, c, 0, 2 * c), False)",
            "  return RingStep(c, 2 * c, 0, 2 * c, QueryGroup(0, c, 0, c), False)",
-           ("tests/test_parallel.py::test_ring_steps_match_the_global_mask[True]",)),
+           ("tests/test_parallel.py::test_ring_steps_match_the_global_mask[True]",
+            "tests/test_ring_schedule.py::test_every_visible_pair_is_computed_exactly_once"
+            "[4-5-True]")),
     # ---------------------------------- Mosaic GPU (no CPU interpreter) --
     Mutant("mosaic_causal_off_by_one", "logic", P + "mosaic/kernels.py",
            "    seen = seen & (kj <= pos)", "    seen = seen & (kj < pos)",
