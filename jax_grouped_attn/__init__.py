@@ -1,10 +1,14 @@
 """jax_grouped_attn: exact flash attention for JAX with grouped (zigzag) queries."""
 
-from jax_grouped_attn.api import attention, grouped_attention, segment_ids_from_cu_seqlens
+from jax_grouped_attn.api import (
+  attention,
+  context_parallel_attention,
+  grouped_attention,
+  segment_ids_from_cu_seqlens,
+)
 from jax_grouped_attn.config import AttentionConfig, BackwardConfig, ForwardConfig
 from jax_grouped_attn.cp import (
   ContextParallel,
-  context_parallel_attention,
   zigzag_groups,
   zigzag_permute,
   zigzag_positions,

@@ -1,4 +1,9 @@
-"""Public entry points: grouped_attention, attention, segment_ids_from_cu_seqlens."""
+"""Public entry points: grouped_attention, attention, context_parallel_attention,
+segment_ids_from_cu_seqlens.
+
+Each validates its arguments once into a ``Problem`` and resolves the kernel
+choice once into a ``call.Kernels``; the layers below take those two.
+"""
 
 from __future__ import annotations
 
@@ -7,7 +12,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from jax_grouped_attn import autodiff, cp, registry, validate
+from jax_grouped_attn.call import Kernels
 from jax_grouped_attn.config import as_attention_config
+from jax_grouped_attn.cp.global_arrays import global_attention
 from jax_grouped_attn.groups import QueryGroup
 
 # Kept for callers that read the limits from here.
@@ -15,14 +22,13 @@ SUPPORTED_DTYPES = validate.SUPPORTED_DTYPES
 MIN_HEAD_DIM, MAX_HEAD_DIM = validate.MIN_HEAD_DIM, validate.MAX_HEAD_DIM
 
 
-def _resolve(backend, interpret, config, backward, problem, dtype):
-  """((forward, backward) entry names, interpret, AttentionConfig, backward
-  mode), all checked."""
+def _resolve(backend, interpret, config, backward, problem, dtype) -> Kernels:
+  """The kernel choice of one call, checked: entries per pass, config, interpret, mode."""
   cfg = as_attention_config(config)
-  backward = validate.check_backward_mode(backward)
+  mode = validate.check_backward_mode(backward)
   entries, interp = registry.resolve(backend, interpret, cfg, problem, dtype)
   registry.check_config(entries, cfg)
-  return tuple(e.name for e in entries), interp, cfg, backward
+  return Kernels(entries[0].name, entries[1].name, cfg, interp, mode)
 
 
 def grouped_attention(q, k, v, groups, *, causal=True, softmax_scale=None,
@@ -62,10 +68,8 @@ def grouped_attention(q, k, v, groups, *, causal=True, softmax_scale=None,
                                   kv_segment_ids=kv_segment_ids,
                                   local_window_size=local_window_size)
   return_lse = validate.check_bool("return_lse", return_lse)
-  name, interp, cfg, backward = _resolve(backend, interpret, config, backward, problem,
-                                         q.dtype)
-  out, lse = autodiff.attention(problem, name, cfg, interp, backward,
-                                q, k, v, q_segment_ids, kv_segment_ids)
+  kernels = _resolve(backend, interpret, config, backward, problem, q.dtype)
+  out, lse = autodiff.attention(problem, kernels, q, k, v, q_segment_ids, kv_segment_ids)
   return (out, lse) if return_lse else out
 
 
@@ -116,11 +120,9 @@ def attention(q, k, v, *, causal=False, softmax_scale=None, segment_ids=None,
         q_segment_ids=q_segment_ids, kv_segment_ids=kv_segment_ids,
         local_window_size=local_window_size)
     return_lse = validate.check_bool("return_lse", return_lse)
-    name, interp, cfg, backward = _resolve(backend, interpret, config, backward, problem,
-                                           q.dtype)
-    out, lse = cp.local_attention(
-        problem, context_parallel, name, cfg, interp, backward,
-        q, k, v, q_segment_ids, kv_segment_ids)
+    kernels = _resolve(backend, interpret, config, backward, problem, q.dtype)
+    out, lse = cp.local_attention(problem, context_parallel, kernels, q, k, v, q_segment_ids,
+                                  kv_segment_ids)
     return (out, lse) if return_lse else out
   tq, tk = q.shape[1], k.shape[1]
   group = QueryGroup(0, tq, tk - tq, tk)
@@ -129,6 +131,61 @@ def attention(q, k, v, *, causal=False, softmax_scale=None, segment_ids=None,
       q_segment_ids=q_segment_ids, kv_segment_ids=kv_segment_ids,
       backend=backend, return_lse=return_lse, config=config,
       interpret=interpret, backward=backward, local_window_size=local_window_size)
+
+
+def context_parallel_attention(q, k, v, mesh, axis_name, *, strategy="allgather",
+                               ulysses_axis_name=None, causal=False, softmax_scale=None,
+                               segment_ids=None, q_segment_ids=None, kv_segment_ids=None,
+                               batch_axis_name=None, backend="auto",
+                               return_lse=False, config=None, interpret=None,
+                               backward="kernel", local_window_size=None):
+  """Zigzag context-parallel self-attention of GLOBAL arrays in natural order.
+
+  Shards the sequence (axis 1) over mesh axes ``cp.sequence_axes`` (and the
+  batch over ``batch_axis_name`` if given) in natural order; inside
+  ``jax.shard_map`` moves each shard to zigzag order (two ``ppermute``s), runs
+  ``attention(..., context_parallel=cp)`` with ``cp = ContextParallel(axis_name,
+  strategy, ulysses_axis_name)`` and moves the result back.
+
+  Works on meshes with Auto or Explicit axes (``jax.make_mesh``'s default in
+  new JAX). On Explicit axes the inputs are resharded to
+  ``P(batch_axis_name, cp.sequence_axes)``, and ``out`` keeps that sharding
+  (``lse``: ``P(batch_axis_name, None, cp.sequence_axes)``). JAX itself wants eager
+  differentiation on Explicit axes inside ``with jax.set_mesh(mesh):``
+  (jitted code does not need it).
+
+  Args:
+    q: [B, S, Hq, D]; k, v: [B, S, Hk, D]; S divisible by 2 * W, W the product
+      of the sizes of ``axis_name`` (and ``ulysses_axis_name``) on ``mesh``.
+    strategy, ulysses_axis_name: as in :class:`ContextParallel`.
+    segment_ids / q_segment_ids / kv_segment_ids: [B, S] int (as in ``attention``).
+    local_window_size: sliding window over sequence positions, as in
+      :func:`jax_grouped_attn.attention`.
+    Other arguments as in :func:`jax_grouped_attn.attention`.
+
+  Returns:
+    out [B, S, Hq, D] (natural order), or (out, lse [B, Hq, S] f32).
+  """
+  spec = cp.ContextParallel(axis_name, strategy, ulysses_axis_name)
+  if not isinstance(mesh, jax.sharding.Mesh):
+    raise TypeError(f"mesh must be a jax.sharding.Mesh, got {type(mesh).__name__}.")
+  validate.check_context_parallel_global(q, k, v, mesh.shape, spec.sequence_axes,
+                                         batch_axis_name)
+  if segment_ids is not None:
+    if q_segment_ids is not None or kv_segment_ids is not None:
+      raise ValueError("pass segment_ids or q_segment_ids/kv_segment_ids, not both.")
+    q_segment_ids = kv_segment_ids = segment_ids
+  # Validated once, on the global arrays; the shard_map body trusts them.
+  s_len = q.shape[1]
+  problem = validate.make_problem(
+      q, k, v, (QueryGroup(0, s_len, 0, s_len),), causal=causal, softmax_scale=softmax_scale,
+      q_segment_ids=q_segment_ids, kv_segment_ids=kv_segment_ids,
+      local_window_size=local_window_size)
+  return_lse = validate.check_bool("return_lse", return_lse)
+  kernels = _resolve(backend, interpret, config, backward, problem, q.dtype)
+  out, lse = global_attention(problem, spec, kernels, mesh, batch_axis_name, q, k, v,
+                              q_segment_ids, kv_segment_ids)
+  return (out, lse) if return_lse else out
 
 
 def segment_ids_from_cu_seqlens(cu_seqlens, total_len: int):

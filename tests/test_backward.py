@@ -22,6 +22,7 @@ from cases import (
   seed_of,
 )
 from jax_grouped_attn import autodiff, plan as plan_lib, registry
+from jax_grouped_attn.call import Kernels
 from jax_grouped_attn.reference import visible_mask
 
 # Backends whose backward kernels are under test.
@@ -238,8 +239,7 @@ def test_pallas_backward_lowers_for_cuda_on_any_machine(name):
   problem = problem_of(case)
 
   def loss(q, k, v):
-    out, lse = autodiff.attention(problem, "pallas_triton", ga.AttentionConfig(), False,
-                                         "kernel", q, k, v, qs, ks)
+    out, lse = autodiff.attention(problem, Kernels.both("pallas_triton"), q, k, v, qs, ks)
     return jnp.sum(out.astype(jnp.float32)) + jnp.sum(jnp.where(jnp.isinf(lse), 0.0, lse))
 
   text = jax.jit(jax.grad(loss, argnums=(0, 1, 2))).trace(q, k, v).lower(

@@ -18,6 +18,7 @@ from cases import (
   seed_of,
 )
 from jax_grouped_attn import autodiff
+from jax_grouped_attn.call import Kernels
 
 
 @pytest.mark.parametrize("backend", KERNEL_BACKENDS)
@@ -66,8 +67,7 @@ def test_pallas_lowers_for_cuda_on_any_machine(name):
   case = case_by_name(name)
   q, k, v, qs, ks = make_inputs(case)
   problem = problem_of(case)
-  f = lambda *a: autodiff.attention(problem, "pallas_triton", ga.AttentionConfig(), False,
-                                           "kernel", *a)
+  f = lambda *a: autodiff.attention(problem, Kernels.both("pallas_triton"), *a)
   text = jax.jit(f).trace(q, k, v, qs, ks).lower(lowering_platforms=("cuda",)).as_text()
   assert "grouped_attention_fwd" in text
 

@@ -297,11 +297,11 @@ def test_registry_entry_lowers_with_grad_inside_check_vma_shard_map():
   from jax.sharding import PartitionSpec as P
 
   from jax_grouped_attn import autodiff
-  from jax_grouped_attn.config import AttentionConfig
+  from jax_grouped_attn.call import Kernels
   p = _problem(CASES[0])
   mesh = jax.sharding.Mesh(np.array(jax.devices()[:2]), ("dp",))
-  attn = lambda q, k, v: autodiff.attention(p, "pallas_mosaic", AttentionConfig(), False,
-                                            "kernel", q, k, v, None, None)[0]
+  attn = lambda q, k, v: autodiff.attention(p, Kernels.both("pallas_mosaic"), q, k, v, None,
+                                            None)[0]
   f = jax.shard_map(attn, mesh=mesh, in_specs=(P("dp"),) * 3, out_specs=P("dp"),
                     check_vma=True)
   q, k, v = _inputs(dataclasses.replace(p, batch=2))[:3]

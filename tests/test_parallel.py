@@ -29,6 +29,7 @@ from cases import (
   problem_of,
 )
 from jax_grouped_attn import autodiff, registry, validate
+from jax_grouped_attn.call import Kernels
 from jax_grouped_attn.cp import ContextParallel, layout, merge_partials, ring_schedule, ring_steps
 from jax_grouped_attn.groups import row_positions, visible
 from jax_grouped_attn.plan import Problem
@@ -739,8 +740,8 @@ def test_pallas_gpu_kernels_lower_in_check_vma_shard_map():
   mesh = jax.sharding.Mesh(np.array(jax.devices()[:2]), ("dp",))
   problem = Problem((ga.QueryGroup(0, 128, 0, 128),), 1, 128, 128, 2, 2, 64, True,
                              0.125, False)
-  attn = lambda q, k, v: autodiff.attention(problem, "pallas_triton", ga.AttentionConfig(),
-                                            False, "kernel", q, k, v, None, None)[0]
+  attn = lambda q, k, v: autodiff.attention(problem, Kernels.both("pallas_triton"), q, k, v,
+                                            None, None)[0]
   f = jax.shard_map(attn, mesh=mesh, in_specs=(P("dp"),) * 3, out_specs=P("dp"),
                     check_vma=True)
   q = jnp.ones((2, 128, 2, 64), jnp.bfloat16)

@@ -35,6 +35,7 @@ from cases import (
   seed_of,
 )
 from jax_grouped_attn import QueryGroup, autodiff
+from jax_grouped_attn.call import Kernels
 from jax_grouped_attn.pallas.mosaic.config import MosaicBackwardConfig, MosaicForwardConfig
 from jax_grouped_attn.reference import reference_backward
 
@@ -97,8 +98,7 @@ def _pallas_triton_modules(dtype, monkeypatch):
   problem = problem_of(case)
 
   def loss(q, k, v):
-    out, lse = autodiff.attention(problem, "pallas_triton", ga.AttentionConfig(), False,
-                                  "kernel", q, k, v, None, None)
+    out, lse = autodiff.attention(problem, Kernels.both("pallas_triton"), q, k, v, None, None)
     return jnp.sum(out.astype(jnp.float32)) + jnp.sum(jnp.where(jnp.isinf(lse), 0.0, lse))
 
   args = [x.astype(dtype) for x in (q, k, v)]

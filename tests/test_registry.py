@@ -103,6 +103,7 @@ _LAYERS = {   # module -> rank; a module may import only modules of lower or equ
     # Context parallelism: the front of cp/ over its strategies over the kernel
     # choice (spec, layout, permute, ring_schedule, axes: rank 1, no kernels).
     "jax_grouped_attn.cp": 4.3, "jax_grouped_attn.cp.global_arrays": 4.3,
+    # call.Kernels (rank 1, with config.py): the resolved choice every layer takes.
     "jax_grouped_attn.cp.local": 4.2, "jax_grouped_attn.cp.two_d": 4.1,
     "jax_grouped_attn.cp.allgather": 4, "jax_grouped_attn.cp.ulysses": 4,
     "jax_grouped_attn.cp.ring": 4, "jax_grouped_attn.cp.run": 3.5,
@@ -188,6 +189,7 @@ def test_devtools_are_not_on_the_import_path():
 
 def test_forward_and_backward_may_come_from_different_entries():
   from jax_grouped_attn import autodiff
+  from jax_grouped_attn.call import Kernels
   from jax_grouped_attn.groups import QueryGroup
   from jax_grouped_attn.plan import Problem
   q, kv = _inputs(2, t=40)
@@ -199,8 +201,9 @@ def test_forward_and_backward_may_come_from_different_entries():
 
   def grads(backend):
     interpret = backend != "xla"
-    f = lambda q, k, v: autodiff.attention(problem, backend, small, interpret, "kernel",
-                                           q, k, v, None, None)[0]
+    fwd, bwd = (backend, backend) if isinstance(backend, str) else backend
+    kernels = Kernels(fwd, bwd, small, interpret)
+    f = lambda q, k, v: autodiff.attention(problem, kernels, q, k, v, None, None)[0]
     out, vjp = jax.vjp(f, q, kv, kv)
     return (out,) + vjp(dout)
 

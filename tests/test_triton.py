@@ -26,6 +26,7 @@ from cases import (
   reference,
 )
 from jax_grouped_attn import QueryGroup, autodiff, plan as plan_lib
+from jax_grouped_attn.call import Kernels
 from jax_grouped_attn.triton import kernels, launch, runtime
 from jax_grouped_attn.triton.backend import TRITON
 
@@ -215,8 +216,7 @@ def test_gpu_launch_is_one_named_triton_call():
   case = case_by_name("segments_zigzag_bf16")
   q, k, v, qs, ks = make_inputs(case)
   problem = problem_of(case)
-  f = lambda *a: autodiff.attention(problem, "triton", ga.AttentionConfig(), False,
-                                           "kernel", *a)
+  f = lambda *a: autodiff.attention(problem, Kernels.both("triton"), *a)
   text = jax.jit(f).lower(q, k, v, qs, ks).as_text()
   assert text.count("triton_kernel_call") == 1, text
 

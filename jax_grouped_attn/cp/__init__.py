@@ -22,7 +22,6 @@ One module per room:
 """
 
 from jax_grouped_attn.cp.axes import axis_size_and_rank, shard_map
-from jax_grouped_attn.cp.global_arrays import context_parallel_attention
 from jax_grouped_attn.cp.layout import (
   zigzag_chunks,
   zigzag_groups,
@@ -46,7 +45,7 @@ from jax_grouped_attn.cp.ulysses import kv_head_repeats, ulysses_to_heads, ulyss
 
 __all__ = [
     "STRATEGIES", "ContextParallel", "RingSegment", "RingStep", "Run", "Strategy", "TwoD",
-    "axis_size_and_rank", "context_parallel_attention", "kv_head_repeats", "local_attention",
+    "axis_size_and_rank", "kv_head_repeats", "local_attention",
     "merge_partials", "ring_steps", "shard_map", "shuffle_shard",
     "ulysses_to_heads", "ulysses_to_sequence", "zigzag_chunks", "zigzag_groups",
     "zigzag_inverse_order", "zigzag_order", "zigzag_permute", "zigzag_positions",

@@ -9,6 +9,7 @@ one of them (``two_d``).
 from __future__ import annotations
 
 from jax_grouped_attn import validate
+from jax_grouped_attn.call import Kernels
 from jax_grouped_attn.cp.allgather import allgather_attention
 from jax_grouped_attn.cp.ring import ring_attention
 from jax_grouped_attn.cp.run import Run
@@ -21,19 +22,16 @@ STRATEGY_FNS = {"allgather": allgather_attention, "ring": ring_attention,
                 "ulysses": ulysses_attention}
 
 
-def local_attention(problem: Problem, cp: ContextParallel, backend, config,
-                    interpret: bool, backward: str, q, k, v, q_segment_ids,
-                    kv_segment_ids):
+def local_attention(problem: Problem, cp: ContextParallel, kernels: Kernels, q, k, v,
+                    q_segment_ids, kv_segment_ids):
   """Context-parallel attention of the local zigzag shards (inside shard_map).
 
   q: [B, 2c, Hq, D], k, v: [B, 2c, Hk, D], segment ids [B, 2c] int (or None):
   this device's shard, described (and validated) by ``problem`` as one
-  self-attention group; ``backend`` (an entry name, or a (forward, backward)
-  pair of them), ``config`` (an AttentionConfig), ``interpret`` and
-  ``backward`` are resolved. Returns
+  self-attention group; ``kernels`` is the API's resolved choice. Returns
   (out [B, 2c, Hq, D], lse [B, Hq, 2c] f32).
   """
-  run = Run(backend, config, interpret, backward)
+  run = Run(kernels)
   validate.check_context_parallel_shards(q, k, 1, None)   # Ulysses checks its heads itself
   comp = cp.composition
   if isinstance(comp, TwoD):
