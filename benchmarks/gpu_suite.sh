@@ -24,8 +24,6 @@
 set -u -o pipefail
 export PYTHONUNBUFFERED=1
 export PYTHONPATH="$(pwd)${PYTHONPATH:+:$PYTHONPATH}"
-# pallas/ is installed as jax_grouped_attn.pallas (pyproject); from a checkout, link it.
-[[ -e jax_grouped_attn/pallas ]] || ln -s ../pallas jax_grouped_attn/pallas
 export TF_CPP_MIN_LOG_LEVEL="${TF_CPP_MIN_LOG_LEVEL:-1}"
 
 OUT="${OUT:-benchmarks/results/gpu_suite}"

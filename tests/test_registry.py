@@ -114,7 +114,7 @@ _LAYERS = {   # module -> rank; a module may import only modules of lower or equ
 
 def _modules():
   mods = {}
-  for top, pkg in (("jax_grouped_attn", "jax_grouped_attn"), ("pallas", "jax_grouped_attn.pallas")):
+  for top, pkg in (("jax_grouped_attn", "jax_grouped_attn"),):
     for dirpath, _, files in os.walk(os.path.join(ROOT, top)):
       for f in files:
         if f.endswith(".py"):

@@ -1,6 +1,6 @@
 """Triton kernel bodies (no shapes, grids or launch logic here).
 
-The forward mirrors ``pallas/kernels.py``: one program per (work-table row w,
+The forward mirrors ``jax_grouped_attn/pallas/kernels.py``: one program per (work-table row w,
 batch * q head bh), grid ``(n_work, B * Hq)`` with axis 0 fastest.
 
 Pointer arguments of :func:`forward_kernel` (padded layouts of plan.py):

@@ -6,7 +6,6 @@
 # Expects the jax-triton wheel installed into PYTHONPATH (device README) and writes to $OUT.
 set -u -o pipefail
 export PYTHONUNBUFFERED=1 TF_CPP_MIN_LOG_LEVEL=1
-[[ -e jax_grouped_attn/pallas ]] || ln -s ../pallas jax_grouped_attn/pallas   # as pyproject installs it
 export PYTHONPATH="$(pwd)${PYTHONPATH:+:$PYTHONPATH}"
 { date -u; nvidia-smi --query-gpu=name,driver_version --format=csv,noheader
   python3 -c "import jax, triton; print('jax', jax.__version__, 'triton', triton.__version__, jax.devices())"
