@@ -156,13 +156,21 @@ class KernelBackend(Backend):
     backward(q, k, v, q_seg, kv_seg, out, lse, dout, dlse, *, problem, plan,
              config, interpret) -> (dq, dk, dv)   (padded; plan a BackwardPlan)
   Subclasses say how configs map to plans (``forward_plan`` /
-  ``backward_plan``) and how head_dim is padded.
+  ``backward_plan``) and how head_dim is padded; ``heuristics`` is their
+  module of ``forward_config(head_dim, dtype)`` and
+  ``backward_config(head_dim, dtype)`` (the defaults without a tuned entry).
   """
 
   launcher_module: str = ""
+  heuristics = None
 
   def launcher(self):
     return importlib.import_module(self.launcher_module)
+
+  def heuristic_config(self, pass_, head_dim, dtype):
+    if pass_ == "forward":
+      return self.heuristics.forward_config(head_dim, dtype)
+    return self.heuristics.backward_config(head_dim, dtype)
 
   def padded_head_dim(self, head_dim: int) -> int:
     return padded_head_dim(head_dim)
@@ -221,18 +229,10 @@ class KernelBackend(Backend):
 
 
 class TileKernelBackend(KernelBackend):
-  """A kernel family on Triton-style tiles (ForwardConfig / BackwardConfig):
-  ``heuristics`` is its module of ``forward_config(head_dim, dtype)`` and
-  ``backward_config(head_dim, dtype)``."""
+  """A kernel family on Triton-style tiles (ForwardConfig / BackwardConfig)."""
 
   forward_config_class = ForwardConfig
   backward_config_class = BackwardConfig
-  heuristics = None
 
   def tuning_candidates(self, pass_, head_dim, mode):
     return tile_candidates(pass_, head_dim, mode)
-
-  def heuristic_config(self, pass_, head_dim, dtype):
-    if pass_ == "forward":
-      return self.heuristics.forward_config(head_dim, dtype)
-    return self.heuristics.backward_config(head_dim, dtype)

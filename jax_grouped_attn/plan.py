@@ -72,6 +72,11 @@ class Problem:
     """Right window as a kernel constant: -1 when unbounded."""
     return -1 if self.window is None or self.window[1] is None else self.window[1]
 
+  @property
+  def kernel_window(self) -> tuple[int, int]:
+    """(window_left, window_right): the kernels' static window argument."""
+    return (self.window_left, self.window_right)
+
 
 def _next_pow2(x: int) -> int:
   p = 1

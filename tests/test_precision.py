@@ -122,10 +122,10 @@ def test_pallas_fp32_dots_carry_ieee_precision(monkeypatch):
 def test_launchers_choose_ieee_for_fp32_only():
   from jax_grouped_attn.pallas import launch as pallas_launch
   from jax_grouped_attn.triton import common as triton_launch
-  assert triton_launch.dot_precision(jnp.float32) == "ieee"
-  assert pallas_launch.dot_precision(jnp.float32) == jax.lax.Precision.HIGHEST
+  assert triton_launch.input_precision(jnp.float32) == "ieee"
+  assert pallas_launch.lax_precision(jnp.float32) == jax.lax.Precision.HIGHEST
   for dt in (jnp.bfloat16, jnp.float16):
-    assert pallas_launch.dot_precision(dt) is None
+    assert pallas_launch.lax_precision(dt) is None
 
 
 # ------------------------------------------------------------ calibration --

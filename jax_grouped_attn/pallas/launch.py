@@ -15,18 +15,13 @@ from jax_grouped_attn.plan import BackwardPlan, Plan, Problem
 from jax_grouped_attn.vma import pvary, shape_struct, union
 
 
-def dot_precision(dtype):
+def lax_precision(dtype):
   """fp32 inputs use IEEE fp32 dots (no silent tf32); 16-bit use the default."""
   return jax.lax.Precision.HIGHEST if dtype == jnp.float32 else None
 
 
 def _compiler_params(tiles):
   return plgpu.CompilerParams(num_warps=tiles.num_warps, num_stages=tiles.num_stages)
-
-
-def _window(problem: Problem) -> tuple[int, int]:
-  """The kernels' static window: (left, right), -1 = unbounded side."""
-  return (problem.window_left, problem.window_right)
 
 
 def _varying_like(table, q):
@@ -60,8 +55,8 @@ def forward(q, k, v, q_seg, kv_seg, *, problem: Problem, plan: Plan,
     args += [q_seg, kv_seg]
   kernel = functools.partial(
       kernels.forward_kernel, scale=problem.scale, causal=problem.causal,
-      window=_window(problem), has_segments=has_segments, block_q=plan.block_q,
-      block_k=plan.block_k, precision=dot_precision(q.dtype))
+      window=problem.kernel_window, has_segments=has_segments, block_q=plan.block_q,
+      block_k=plan.block_k, precision=lax_precision(q.dtype))
   return pl.pallas_call(
       kernel,
       grid=(plan.n_work, b * hq),
@@ -97,7 +92,7 @@ def backward(q, k, v, q_seg, kv_seg, out, lse, dout, dlse, *, problem: Problem,
     raise ValueError(f"backward: shapes {q.shape}, {k.shape} do not match the plan's layout "
                      f"({qplan.tq_pad}, {qplan.tk_pad}).")
   has_segments = problem.has_segments
-  precision = dot_precision(q.dtype)
+  precision = lax_precision(q.dtype)
   f32_rows = shape_struct((b, hq, tq_pad), jnp.float32, like=q)
 
   # delta = rowsum(dO * O) - dlse, and lse in base 2 with +inf on rows that
@@ -136,7 +131,7 @@ def backward(q, k, v, q_seg, kv_seg, out, lse, dout, dlse, *, problem: Problem,
   dk, dv = pl.pallas_call(
       functools.partial(
           kernels.backward_dkdv_kernel, scale=problem.scale, causal=problem.causal,
-          window=_window(problem), has_segments=has_segments, group_size=grp,
+          window=problem.kernel_window, has_segments=has_segments, group_size=grp,
           block_q=plan.block_q, block_k=plan.block_k, precision=precision),
       grid=(plan.n_kv_blocks, b * hk),
       in_specs=in_specs,
@@ -164,7 +159,7 @@ def backward(q, k, v, q_seg, kv_seg, out, lse, dout, dlse, *, problem: Problem,
   dq = pl.pallas_call(
       functools.partial(
           kernels.backward_dq_kernel, scale=problem.scale, causal=problem.causal,
-          window=_window(problem), has_segments=has_segments, block_q=qplan.block_q,
+          window=problem.kernel_window, has_segments=has_segments, block_q=qplan.block_q,
           block_k=qplan.block_k, precision=precision),
       grid=(qplan.n_work, b * hq),
       in_specs=in_specs,

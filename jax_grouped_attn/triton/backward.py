@@ -10,7 +10,7 @@ import jax.numpy as jnp
 from jax_grouped_attn.config import BackwardConfig
 from jax_grouped_attn.plan import LOG2E, BackwardPlan, Problem
 from jax_grouped_attn.triton import backward_kernels as kernels, runtime
-from jax_grouped_attn.triton.common import contiguous_strides, dot_precision
+from jax_grouped_attn.triton.common import contiguous_strides, input_precision
 
 # The delta kernel is elementwise-light: few warps, nothing to pipeline.
 DELTA_NUM_WARPS, DELTA_NUM_STAGES = 4, 1
@@ -32,7 +32,7 @@ def backward_constexprs(*, q_shape, kv_shape, problem: Problem, block_q: int, bl
       CAUSAL=bool(problem.causal), HAS_SEGMENTS=bool(problem.has_segments),
       WINDOW_LEFT=int(problem.window_left), WINDOW_RIGHT=int(problem.window_right),
       BLOCK_Q=block_q, BLOCK_K=block_k, DP=dp,
-      DOT_PRECISION=dot_precision(dtype))
+      DOT_PRECISION=input_precision(dtype))
 
 
 def backward(q, k, v, q_seg, kv_seg, out, lse, dout, dlse, *, problem: Problem,

@@ -5,8 +5,9 @@ from __future__ import annotations
 import jax.numpy as jnp
 
 
-def dot_precision(dtype) -> str:
-  """fp32 inputs use IEEE fp32 dots (no silent tf32); 16-bit dots ignore it."""
+def input_precision(dtype) -> str:
+  """tl.dot's input_precision: IEEE fp32 dots for fp32 inputs (no silent tf32);
+  16-bit dots ignore it."""
   return "ieee" if jnp.dtype(dtype) == jnp.float32 else "tf32"
 
 

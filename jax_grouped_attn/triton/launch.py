@@ -11,7 +11,7 @@ from jax_grouped_attn.config import ForwardConfig
 from jax_grouped_attn.plan import LOG2E, Plan, Problem
 from jax_grouped_attn.triton import kernels, runtime
 from jax_grouped_attn.triton.backward import backward  # noqa: F401  (the backend's launcher)
-from jax_grouped_attn.triton.common import contiguous_strides, dot_precision
+from jax_grouped_attn.triton.common import contiguous_strides, input_precision
 
 
 def forward_constexprs(*, q_shape, kv_shape, problem: Problem, plan: Plan, dtype) -> dict:
@@ -28,7 +28,7 @@ def forward_constexprs(*, q_shape, kv_shape, problem: Problem, plan: Plan, dtype
       CAUSAL=bool(problem.causal), HAS_SEGMENTS=bool(problem.has_segments),
       WINDOW_LEFT=int(problem.window_left), WINDOW_RIGHT=int(problem.window_right),
       BLOCK_Q=plan.block_q, BLOCK_K=plan.block_k, DP=dp,
-      DOT_PRECISION=dot_precision(dtype))
+      DOT_PRECISION=input_precision(dtype))
 
 
 def forward(q, k, v, q_seg, kv_seg, *, problem: Problem, plan: Plan,

@@ -9,7 +9,7 @@ import functools
 import jax
 
 from jax_grouped_attn.backend import KernelBackend
-from jax_grouped_attn.pallas.mosaic import config as mosaic_config
+from jax_grouped_attn.pallas.mosaic import config as mosaic_config, heuristics
 from jax_grouped_attn.pallas.mosaic.config import MosaicBackwardConfig, MosaicForwardConfig
 
 _DTYPES = ("bfloat16", "float16")
@@ -27,6 +27,7 @@ def _compute_capability() -> float | None:
 class PallasMosaicBackend(KernelBackend):
   name = "pallas_mosaic"
   forward_config_class = MosaicForwardConfig
+  heuristics = heuristics
   backward_config_class = MosaicBackwardConfig
   interpretable = False
   launcher_module = "jax_grouped_attn.pallas.mosaic.launch"
@@ -57,12 +58,6 @@ class PallasMosaicBackend(KernelBackend):
 
   def backward_plan(self, problem, config):
     return self.launcher().backward_plan(problem, config)
-
-  def heuristic_config(self, pass_, head_dim, dtype):
-    dp = self.padded_head_dim(head_dim)
-    if pass_ == "forward":
-      return mosaic_config.default_forward_config(dp)
-    return mosaic_config.default_backward_config(dp)
 
   def tuning_candidates(self, pass_, head_dim, mode):
     return mosaic_config.tuning_candidates(pass_, self.padded_head_dim(head_dim), mode)

@@ -12,12 +12,10 @@ import jax.numpy as jnp
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from jax_grouped_attn import plan as plan_lib
-from jax_grouped_attn.pallas.mosaic import kernels
+from jax_grouped_attn.pallas.mosaic import heuristics, kernels
 from jax_grouped_attn.pallas.mosaic.config import (
   MosaicBackwardConfig,
   MosaicForwardConfig,
-  default_backward_config,
-  default_forward_config,
   padded_head_dim,
 )
 from jax_grouped_attn.plan import BackwardPlan, Plan, Problem
@@ -29,12 +27,12 @@ _DTYPES = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
 
 def forward_config(problem: Problem, config: MosaicForwardConfig | None) -> MosaicForwardConfig:
   """``config``, or the heuristic default for the problem's head dim."""
-  return config or default_forward_config(padded_head_dim(problem.head_dim))
+  return config or heuristics.forward_config(problem.head_dim)
 
 
 def backward_config(problem: Problem, config: MosaicBackwardConfig | None) -> MosaicBackwardConfig:
   """``config``, or the heuristic default for the problem's head dim."""
-  return config or default_backward_config(padded_head_dim(problem.head_dim))
+  return config or heuristics.backward_config(problem.head_dim)
 
 
 def forward_plan(problem: Problem, config: MosaicForwardConfig | None = None) -> Plan:
@@ -56,11 +54,6 @@ def _table(table):
   inputs differ in shard_map varying axes; a varying table would make its
   scalars (loop bounds) varying inside the body, which fori_loop rejects."""
   return jnp.asarray(table)
-
-
-def _window(problem: Problem) -> tuple[int, int]:
-  """The kernels' static window: (left, right), -1 = unbounded side."""
-  return (problem.window_left, problem.window_right)
 
 
 def _check_inputs(q, k, v):
@@ -136,7 +129,7 @@ def forward(q, k, v, q_seg, kv_seg, *, problem: Problem, plan: Plan,
   )
   body = functools.partial(
       kernels.forward_kernel, scale=float(problem.scale), causal=problem.causal,
-      window=_window(problem), has_segments=has_segments, block_q=cfg.block_q,
+      window=problem.kernel_window, has_segments=has_segments, block_q=cfg.block_q,
       block_kv=block_kv, stages=stages, wgs=wgs, group_size=hq // hk)
   if plan.n_work == 0:   # no rows at all
     return (jnp.zeros((b, tq_pad, hq, d_in), q.dtype),
@@ -208,7 +201,7 @@ def backward(q, k, v, q_seg, kv_seg, out, lse, dout, dlse, *, problem: Problem,
   tiles = _tiling(q.dtype)
   delta, lse2 = backward_residuals(out, lse, dout, dlse.astype(jnp.float32), qplan.valid_rows)
   params = plgpu.CompilerParams(approx_math=True)
-  common = dict(scale=float(problem.scale), causal=problem.causal, window=_window(problem),
+  common = dict(scale=float(problem.scale), causal=problem.causal, window=problem.kernel_window,
                 has_segments=has_segments, stages=stages, group_size=grp)
 
   if cfg.head_split == 2:
