@@ -69,6 +69,11 @@ class Backend:
     """Config instances the tuner tries for ``pass_`` ("smoke" / "quick" / "full")."""
     return []
 
+  def small_configs(self) -> tuple:
+    """Its smallest (forward, backward) configs (None: takes none): the shared
+    test matrix runs them, so tiny problems still cross several blocks."""
+    return (None, None)
+
   def check_launchable(self, problem: Problem, dtype, interpret: bool, *arrays) -> None:
     """Raises ValueError (naming the argument) if this call cannot run here."""
 
@@ -236,3 +241,6 @@ class TileKernelBackend(KernelBackend):
 
   def tuning_candidates(self, pass_, head_dim, mode):
     return tile_candidates(pass_, head_dim, mode)
+
+  def small_configs(self):
+    return (ForwardConfig(block_q=16, block_k=16), BackwardConfig(block_q=16, block_k=16))

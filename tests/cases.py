@@ -13,7 +13,6 @@ import pytest
 import jax_grouped_attn as ga
 from jax_grouped_attn import QueryGroup, registry, validate
 from jax_grouped_attn.groups import normalize_groups
-from jax_grouped_attn.pallas.mosaic.config import MosaicBackwardConfig, MosaicForwardConfig
 from jax_grouped_attn.plan import Problem
 from jax_grouped_attn.reference import reference_attention, reference_backward, visible_mask
 from tolerance import assert_calibrated
@@ -29,13 +28,21 @@ def _kernel_backends() -> list[str]:
 # Kernel backends under test (the xla backend is the reference itself).
 KERNEL_BACKENDS = _kernel_backends()
 
-# Small tiles so the tiny test problems still span several q and kv blocks:
-# one config per kernel family (each backend takes its own class).
-SMALL = ga.AttentionConfig(
-    forward=(ga.ForwardConfig(block_q=16, block_k=16),
-             MosaicForwardConfig(block_q=64, block_kv=64, compute_wgs=1)),
-    backward=(ga.BackwardConfig(block_q=16, block_k=16),
-              MosaicBackwardConfig(compute_wgs=1)))
+
+
+def _small() -> ga.AttentionConfig:
+  """Each kernel family's smallest tiles (Backend.small_configs), one config
+  per class, so the tiny test problems still span several q and kv blocks."""
+  passes = ({}, {})
+  for entry in registry.kernel_entries():
+    for by_class, cfg in zip(passes, entry.small_configs()):
+      if cfg is not None:
+        by_class.setdefault(type(cfg), cfg)
+  return ga.AttentionConfig(forward=tuple(passes[0].values()),
+                            backward=tuple(passes[1].values()))
+
+
+SMALL = _small()
 
 
 def skip_unsupported(backend: str, case: "Case") -> None:

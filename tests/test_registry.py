@@ -264,3 +264,11 @@ def test_shipped_h200_table_takes_mosaics_split_backward_at_d256(monkeypatch):
     assert cfg.head_split == 2 and cfg.compute_wgs == 2
   finally:
     tuning.clear_cache()
+
+
+def test_every_kernel_entry_supplies_small_test_configs():
+  """tests/cases.SMALL is built from these: a new backend's tiny test
+  problems cross its block boundaries without an edit in tests/."""
+  for entry in registry.kernel_entries():
+    for pass_, cfg in zip(("forward", "backward"), entry.small_configs()):
+      assert isinstance(cfg, entry.config_class(pass_)), (entry.name, pass_, cfg)

@@ -59,6 +59,11 @@ class PallasMosaicBackend(KernelBackend):
   def backward_plan(self, problem, config):
     return self.launcher().backward_plan(problem, config)
 
+  def small_configs(self):
+    # 64-row tiles are a wgmma's minimum; one warpgroup keeps a CTA at 64 rows.
+    return (MosaicForwardConfig(block_q=64, block_kv=64, compute_wgs=1),
+            MosaicBackwardConfig(compute_wgs=1))
+
   def tuning_candidates(self, pass_, head_dim, mode):
     return mosaic_config.tuning_candidates(pass_, self.padded_head_dim(head_dim), mode)
 
