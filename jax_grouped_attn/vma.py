@@ -1,4 +1,4 @@
-"""shard_map's varying-axes types (``check_vma=True``), across JAX versions.
+"""shard_map's varying-axes types (``check_vma=True``).
 
 Inside ``jax.shard_map`` every value carries the set of mesh axes it varies
 over. Kernel launches (``pallas_call``, ``triton_call``, host callbacks) do not
@@ -9,14 +9,11 @@ all of this is a no-op.
 
 from __future__ import annotations
 
-import functools
-import inspect
-
 import jax
 
+from jax_grouped_attn import compat
 
-def _aval(x):
-  return jax.typeof(x) if hasattr(jax, "typeof") else jax.core.get_aval(x)
+_aval = jax.typeof
 
 
 def varying_axes(x):
@@ -51,24 +48,13 @@ def pvary(x, axis_name):
   missing = tuple(n for n in names if n not in vma)
   if not missing:
     return x
-  if hasattr(jax.lax, "pcast"):
-    return jax.lax.pcast(x, missing, to="varying")
-  return jax.lax.pvary(x, missing)
-
-
-@functools.lru_cache(maxsize=None)
-def _struct_keyword() -> str | None:
-  params = inspect.signature(jax.ShapeDtypeStruct.__init__).parameters
-  for keyword in ("manual_axis_type", "vma"):
-    if keyword in params:
-      return keyword
-  return None
+  return jax.lax.pcast(x, missing, to="varying")
 
 
 def shape_struct(shape, dtype, like) -> jax.ShapeDtypeStruct:
   """``jax.ShapeDtypeStruct(shape, dtype)`` varying like ``like`` (an array or
   tracer): what pallas_call needs for its outputs under check_vma."""
-  keyword = _struct_keyword()
+  keyword = compat.shape_struct_vma_keyword()
   aval = _aval(like)
   if keyword == "manual_axis_type" and getattr(aval, "mat", None) is not None:
     return jax.ShapeDtypeStruct(shape, dtype, manual_axis_type=aval.mat)

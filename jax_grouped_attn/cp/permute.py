@@ -73,15 +73,10 @@ def _reorder(x, world_size: int, axis: int, inverse: bool):
   return jnp.reshape(jnp.concatenate([lo, hi], axis=axis), x.shape)
 
 
-def _axis_type(name: str):
-  return getattr(getattr(jax.sharding, "AxisType", None), name, None)
-
-
 def has_axis_type(mesh, name: str) -> bool:
-  """Whether ``mesh`` has an axis of type ``name`` ("Explicit", "Manual", ...)
-  (False where this JAX has no axis types)."""
-  axis_type = _axis_type(name)
-  return axis_type is not None and axis_type in tuple(getattr(mesh, "axis_types", ()) or ())
+  """Whether ``mesh`` has an axis of type ``name`` ("Explicit", "Manual", ...)."""
+  axis_type = getattr(jax.sharding.AxisType, name)
+  return axis_type in tuple(getattr(mesh, "axis_types", ()) or ())
 
 
 def _known_sharding(x):
@@ -90,8 +85,6 @@ def _known_sharding(x):
   if isinstance(x, jax.Array) and not isinstance(x, jax.core.Tracer):
     sharding = getattr(x, "sharding", None)
     return sharding if isinstance(sharding, jax.sharding.NamedSharding) else None
-  if not hasattr(jax, "typeof"):
-    return None
   sharding = getattr(jax.typeof(x), "sharding", None)
   return sharding if has_axis_type(getattr(sharding, "mesh", None), "Explicit") else None
 
@@ -130,7 +123,7 @@ def _permute(x, world_size: int, axis: int, inverse: bool):
 
 def _can_shuffle(sharding, names, world_size: int) -> bool:
   mesh = sharding.mesh
-  return (hasattr(jax, "shard_map") and not has_axis_type(mesh, "Manual") and
+  return (not has_axis_type(mesh, "Manual") and
           int(np.prod([mesh.shape[n] for n in names])) == world_size)
 
 

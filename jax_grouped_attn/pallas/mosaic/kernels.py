@@ -15,14 +15,12 @@ Forward refs (GMEM, padded layouts of plan.py):
 
 from __future__ import annotations
 
-import inspect
-
 import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
-from jax_grouped_attn import plan as plan_lib
+from jax_grouped_attn import compat, plan as plan_lib
 from jax_grouped_attn.plan import LN2, LOG2E
 
 NEG_INF = float("-inf")
@@ -42,17 +40,7 @@ def _compute_registers(wgs: int):
 def _memory_registers():
   plgpu.set_max_registers(MEMORY_REGS, action="decrease")
 
-# plgpu.load(ref, idx, layout=) (jax 0.10) became plgpu.load(ref, layout=)
-# with idx optional and deprecated (jax 0.11).
-_LOAD_IDX_REQUIRED = (
-    inspect.signature(plgpu.load).parameters["idx"].default is inspect.Parameter.empty)
-
-
-def _load(ref, layout):
-  """ref[...] into registers with ``layout`` (works on jax 0.10 and 0.11)."""
-  if _LOAD_IDX_REQUIRED:
-    return plgpu.load(ref, (), layout=layout, optimized=False)
-  return plgpu.load(ref, layout=layout, optimized=False)
+_load = compat.mosaic_load   # ref[...] into registers with a layout
 
 
 def _t(ref):
