@@ -13,7 +13,7 @@ Every windowed row is checked before it is timed: its output on the first and
 last ``--check-rows`` rows against the exact fp32 reference of that slice (a
 window makes a slice of rows depend only on a slice of keys), and its
 gradients on four query heads of an S = ``--grad-check-seq`` problem against
-the reference's (calibrated tolerances, tests/tolerance.py). The JSON is
+the reference's (calibrated tolerances, jax_grouped_attn/testing.py). The JSON is
 rewritten after every row, so a run cut short keeps what it measured. Linearity: ms per 1K tokens at
 each S, and the least-squares fit time = a + b * S with its R^2, per row.
 Writes bench_window.json, bench_window.md and bench_window.png to --out.

@@ -22,6 +22,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jax_grouped_attn import testing as tolerance
 from jax_grouped_attn.cp import zigzag_groups
 from jax_grouped_attn.groups import QueryGroup, row_positions, visible, visible_pairs
 
@@ -31,21 +32,6 @@ PASS_FLOP_FACTOR = {"fwd": 1.0, "bwd": 2.5, "fwdbwd": 3.5}
 
 
 
-def _load_tolerance():
-  """tests/tolerance.py, the one calibrated comparison (kernel tests use it
-  too). Loaded by path: the benchmarks run from a checkout, next to tests/,
-  and tests/ is no package (a stray installed ``tests`` could shadow it)."""
-  import importlib.util  # noqa: PLC0415
-  path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tests",
-                      "tolerance.py")
-  spec = importlib.util.spec_from_file_location("jax_grouped_attn_tests_tolerance", path)
-  module = importlib.util.module_from_spec(spec)
-  sys.modules[spec.name] = module   # dataclasses look their module up there
-  spec.loader.exec_module(module)
-  return module
-
-
-tolerance = _load_tolerance()
 
 
 # ------------------------------------------------------------- workloads ---
@@ -250,7 +236,7 @@ def _oracle_impl(q, k, v, do, pos, kv_len, *, scale, causal, chunk, compute_dtyp
   window: Problem.window (None: none).
   Returns out, dq [B, Tq, Hq, D] and dk, dv [B, Tk, Hk, D], all fp32.
   ``compute_dtype`` other than float32: the plain low-precision attention
-  whose error calibrates the tolerances (tests/tolerance.py): matmul operands
+  whose error calibrates the tolerances (jax_grouped_attn/testing.py): matmul operands
   (q, k, v, dO, P, dS) rounded to it, fp32 accumulation and softmax, out
   rounded to it (as the kernels' delta sees it), and dq, dk, dv too.
   """
@@ -364,7 +350,7 @@ def oracle(wl: Workload, q, k, v, do, sel: Selection, *, max_elems: int = 1 << 2
 
 
 def compare(got, want: dict, name: str, factor: float | None = None) -> dict:
-  """Calibrated check (tests/tolerance.py) of ``got`` against ``want[name]``
+  """Calibrated check (jax_grouped_attn/testing.py) of ``got`` against ``want[name]``
   (an :func:`oracle` result: "out", "dq", "dk" or "dv"), given the
   low-precision oracle's error. Returns the numbers, ``ok`` and ``max_abs_err``."""
   got_np = np.asarray(jnp.asarray(got, jnp.float32))

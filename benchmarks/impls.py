@@ -55,7 +55,7 @@ class Built:
   fn: object                 # (q, k, v) -> out
   note: str = ""
   grad_exact: bool = True    # False: gradients known to be approximate
-  # Calibrated-tolerance factor (tests/tolerance.py); None: tolerance.FACTOR,
+  # Calibrated-tolerance factor (jax_grouped_attn/testing.py); None: tolerance.FACTOR,
   # what this project's kernels must meet. Only third-party baselines loosen it.
   tolerance_factor: float | None = None
 

@@ -8,7 +8,7 @@ fully masked rows (out 0, lse -inf, zero gradient).
 operand to that dtype, accumulating in fp32, as a flash kernel on 16-bit
 inputs does: P (and dS) are rounded before their dots, softmax stays fp32.
 Tests use it as the "plain low-precision attention" whose error calibrates
-the tolerances (tests/tolerance.py).
+the tolerances (jax_grouped_attn/testing.py).
 """
 
 from __future__ import annotations

@@ -15,7 +15,7 @@ from jax_grouped_attn import QueryGroup, registry, validate
 from jax_grouped_attn.groups import normalize_groups
 from jax_grouped_attn.plan import Problem
 from jax_grouped_attn.reference import reference_attention, reference_backward, visible_mask
-from tolerance import assert_calibrated
+from jax_grouped_attn.testing import assert_calibrated
 
 
 def _kernel_backends() -> list[str]:
@@ -53,7 +53,7 @@ def skip_unsupported(backend: str, case: "Case") -> None:
       pytest.skip(why)
 
 # Kernel results are compared with the fp32 reference under calibrated
-# tolerances (tolerance.py): at most twice the error of plain attention in the
+# tolerances (jax_grouped_attn/testing.py): at most twice the error of plain attention in the
 # input dtype, plus a small floor.
 
 
@@ -185,7 +185,7 @@ def lowp_grads(case: Case, q, k, v, qs, ks, dout, dlse):
 
 
 def assert_matches(name: str, got, want, lowp=None, *, what="", scale=None):
-  """Calibrated comparison (tolerance.py) of a kernel result with the fp32
+  """Calibrated comparison (jax_grouped_attn/testing.py) of a kernel result with the fp32
   reference ``want``; ``lowp`` is the low-precision reference (None: the
   comparison is in fp32, where the low-precision reference is ``want``);
   ``scale`` as in tolerance.check."""
@@ -214,7 +214,7 @@ def assert_close(name: str, got, want, tol, *, what=""):
 
 # (dtype name, tolerance.Check) of every passing calibrated check in this
 # process: JGA_CALIBRATION_REPORT=path writes them (conftest.py) and
-# ``python tests/tolerance.py path.*`` summarises the margins.
+# ``python -m jax_grouped_attn.testing path.*`` summarises the margins.
 CHECKS = []
 
 

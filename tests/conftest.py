@@ -32,7 +32,7 @@ def pytest_collection_modifyitems(config, items):
 def pytest_sessionfinish(session):
   """JGA_CALIBRATION_REPORT=prefix: every passing calibrated check of this
   process (cases.CHECKS) to prefix.<worker>.tsv; summarise them with
-  ``python tests/tolerance.py prefix.*.tsv``."""
+  ``python -m jax_grouped_attn.testing prefix.*.tsv``."""
   prefix = os.environ.get("JGA_CALIBRATION_REPORT")
   if not prefix or "cases" not in sys.modules:
     return

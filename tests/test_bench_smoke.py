@@ -42,7 +42,7 @@ def test_low_precision_oracle_is_the_reference_in_bf16():
   # compute_dtype path are the same computation: the calibration they give
   # agrees, and it is not the fp32 answer.
   from cases import Case, lowp_grads, lowp_reference
-  from tolerance import check
+  from jax_grouped_attn.testing import check
   wl = common.zigzag_workload(2, 96, 1, hq=4, hk=2, d=32, batch=1, dtype="bfloat16")
   q, k, v, do = common.make_inputs(wl, 4)
   sel = common.selection(wl)
@@ -135,7 +135,7 @@ def test_smoke_mode_writes_reports_with_small_errors(tmp_path, monkeypatch):
   checked = 0
   for r in ran:
     for name, c in (r.get("check") or {}).items():
-      # The calibrated check (tests/tolerance.py) against the oracle.
+      # The calibrated check (jax_grouped_attn/testing.py) against the oracle.
       assert c["ok"] and c["ratio"] <= 1.0 and c["max_abs_err"] < 5e-2, (
           r["workload"], r["impl"], name, c)
       checked += 1

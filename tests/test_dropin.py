@@ -2,7 +2,7 @@
 
 The ground truth is jax.nn's own xla implementation on float32 copies of the
 inputs; jax.nn on the inputs' dtype is the low-precision attention whose error
-calibrates the tolerance (tests/tolerance.py), forward and gradients. Every row
+calibrates the tolerance (jax_grouped_attn/testing.py), forward and gradients. Every row
 is compared, padding rows and rows that see no key included (jax.nn gives 0
 and the mean of value there).
 """
@@ -22,7 +22,7 @@ from cases import seed_of
 from jax_grouped_attn import registry, validate
 from jax_grouped_attn.groups import QueryGroup
 from jax_grouped_attn.plan import Problem
-from tolerance import assert_calibrated
+from jax_grouped_attn.testing import assert_calibrated
 
 BF16, F16, F32 = jnp.bfloat16, jnp.float16, jnp.float32
 

@@ -25,7 +25,7 @@ from jax_grouped_attn.pallas.mosaic.backend import PALLAS_MOSAIC
 from jax_grouped_attn.pallas.mosaic.config import MosaicBackwardConfig, MosaicForwardConfig
 from jax_grouped_attn.plan import Problem
 from jax_grouped_attn.reference import reference_attention, reference_backward
-from tolerance import assert_calibrated
+from jax_grouped_attn.testing import assert_calibrated
 
 # name, groups (q_start, q_len, q_pos, kv_len), tq, tk, hq, hk, d, causal, segments
 # [, local_window_size]
@@ -270,7 +270,7 @@ def _check_on_gpu(case, dtype, bcfg):
   fwd, bwd = _fwd_bwd(p, None, bcfg)
   q, k, v, qs, ks, dout, dlse = _inputs(p, dtype, seed=zlib.crc32(case[0].encode()) % 1000)
   out, lse = jax.jit(fwd)(q, k, v, qs, ks)
-  # Calibrated (tests/tolerance.py): the fp32 reference, and the same
+  # Calibrated (jax_grouped_attn/testing.py): the fp32 reference, and the same
   # attention in ``dtype`` whose error sets the budget.
   f32 = lambda x: x.astype(jnp.float32)
   ro, rl = reference_attention(p, f32(q), f32(k), f32(v), qs, ks)

@@ -6,7 +6,7 @@
   (Triton: PTX) and from the Pallas lowering (the Triton module it embeds):
   fp32 inputs must get IEEE fp32 dots, never tf32. The interpreters compute
   every dot in fp32 whatever the kernel asks, so no numeric test can see it.
-* The calibration itself (tolerance.py): real kernels pass with margin, a
+* The calibration itself (jax_grouped_attn/testing.py): real kernels pass with margin, a
   kernel returning zeros or carrying a lossy accumulator does not.
 """
 
@@ -18,7 +18,6 @@ import numpy as np
 import pytest
 
 import jax_grouped_attn as ga
-import tolerance
 from cases import (
   CASES,
   KERNEL_BACKENDS,
@@ -34,7 +33,7 @@ from cases import (
   reference,
   seed_of,
 )
-from jax_grouped_attn import QueryGroup, autodiff
+from jax_grouped_attn import QueryGroup, autodiff, testing as tolerance
 from jax_grouped_attn.call import Kernels
 from jax_grouped_attn.pallas.mosaic.config import MosaicBackwardConfig, MosaicForwardConfig
 from jax_grouped_attn.reference import reference_backward

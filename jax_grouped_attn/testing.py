@@ -1,5 +1,8 @@
 """Calibrated tolerances: the one comparison every kernel test and the benchmarks' oracle use.
 
+``python -m jax_grouped_attn.testing prefix.*.tsv`` summarises the margins a
+test run recorded (JGA_CALIBRATION_REPORT, tests/conftest.py).
+
 A kernel's error against the exact fp32 reference is compared with the error,
 against that same reference, of a *plain low-precision attention*: the
 reference computed with its matmul operands in the input dtype (fp32
@@ -14,12 +17,11 @@ row or tile) and the mean error (a systematic precision loss: a 16-bit
 accumulator, a tf32 dot, which raises every element's error a little). The
 floor covers what a comparison of two correctly rounded results can differ by
 (and, for fp32, where the low-precision reference *is* the reference, the
-kernel's own fp32 rounding). Calibration (tests/test_tolerance.py and the
+kernel's own fp32 rounding). Calibration (tests/test_precision.py and the
 mutation kit, tests/mutation/): real kernels use well under half of what this
 allows; the precision mutants exceed it.
 
-No pytest here: ``benchmarks/common.py`` imports this file too (by path; the
-benchmarks always run from a checkout, next to tests/).
+No pytest here: the benchmarks import this module too.
 """
 
 from __future__ import annotations
