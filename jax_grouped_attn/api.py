@@ -22,7 +22,7 @@ SUPPORTED_DTYPES = validate.SUPPORTED_DTYPES
 MIN_HEAD_DIM, MAX_HEAD_DIM = validate.MIN_HEAD_DIM, validate.MAX_HEAD_DIM
 
 
-def _resolve(backend, interpret, config, backward, problem, dtype) -> Kernels:
+def resolve(backend, interpret, config, backward, problem, dtype) -> Kernels:
   """The kernel choice of one call, checked: entries per pass, config, interpret, mode."""
   cfg = as_attention_config(config)
   mode = validate.check_backward_mode(backward)
@@ -67,9 +67,17 @@ def grouped_attention(q, k, v, groups, *, causal=True, softmax_scale=None,
                                   softmax_scale=softmax_scale, q_segment_ids=q_segment_ids,
                                   kv_segment_ids=kv_segment_ids,
                                   local_window_size=local_window_size)
+  return _single_device(problem, q, k, v, q_segment_ids, kv_segment_ids, backend=backend,
+                        interpret=interpret, config=config, backward=backward,
+                        return_lse=return_lse)
+
+
+def _single_device(problem, q, k, v, q_segment_ids, kv_segment_ids, *, backend, interpret,
+                   config, backward, return_lse):
+  """A validated problem on one device: resolve the kernels, run them."""
   return_lse = validate.check_bool("return_lse", return_lse)
-  kernels = _resolve(backend, interpret, config, backward, problem, q.dtype)
-  out, lse = autodiff.attention(problem, kernels, q, k, v, q_segment_ids, kv_segment_ids)
+  kernels = resolve(backend, interpret, config, backward, problem, q.dtype)
+  out, lse = autodiff.differentiable(problem, kernels, q, k, v, q_segment_ids, kv_segment_ids)
   return (out, lse) if return_lse else out
 
 
@@ -110,27 +118,27 @@ def attention(q, k, v, *, causal=False, softmax_scale=None, segment_ids=None,
           f"segment_ids is for self-attention (Tq == Tk) but {q.shape=}, "
           f"{k.shape=}; pass q_segment_ids and kv_segment_ids instead.")
     q_segment_ids = kv_segment_ids = segment_ids
-  if context_parallel is not None:
-    if not isinstance(context_parallel, cp.ContextParallel):
-      raise TypeError(
-          f"context_parallel must be None or a ContextParallel, got {context_parallel!r}.")
-    t, tk = q.shape[1], k.shape[1]
-    problem = validate.make_problem(
-        q, k, v, (QueryGroup(0, t, 0, tk),), causal=causal, softmax_scale=softmax_scale,
-        q_segment_ids=q_segment_ids, kv_segment_ids=kv_segment_ids,
-        local_window_size=local_window_size)
-    return_lse = validate.check_bool("return_lse", return_lse)
-    kernels = _resolve(backend, interpret, config, backward, problem, q.dtype)
-    out, lse = cp.local_attention(problem, context_parallel, kernels, q, k, v, q_segment_ids,
-                                  kv_segment_ids)
-    return (out, lse) if return_lse else out
+  if context_parallel is not None and not isinstance(context_parallel, cp.ContextParallel):
+    raise TypeError(
+        f"context_parallel must be None or a ContextParallel, got {context_parallel!r}.")
   tq, tk = q.shape[1], k.shape[1]
-  group = QueryGroup(0, tq, tk - tq, tk)
-  return grouped_attention(
+  # Under context parallelism the shards carry their positions (zigzag); the
+  # strategy draws the groups, so the local problem is plain self-attention.
+  group = QueryGroup(0, tq, 0, tk) if context_parallel is not None else QueryGroup(
+      0, tq, tk - tq, tk)
+  problem = validate.make_problem(
       q, k, v, (group,), causal=causal, softmax_scale=softmax_scale,
       q_segment_ids=q_segment_ids, kv_segment_ids=kv_segment_ids,
-      backend=backend, return_lse=return_lse, config=config,
-      interpret=interpret, backward=backward, local_window_size=local_window_size)
+      local_window_size=local_window_size)
+  if context_parallel is None:
+    return _single_device(problem, q, k, v, q_segment_ids, kv_segment_ids, backend=backend,
+                          interpret=interpret, config=config, backward=backward,
+                          return_lse=return_lse)
+  return_lse = validate.check_bool("return_lse", return_lse)
+  kernels = resolve(backend, interpret, config, backward, problem, q.dtype)
+  out, lse = cp.local_attention(problem, context_parallel, kernels, q, k, v, q_segment_ids,
+                                kv_segment_ids)
+  return (out, lse) if return_lse else out
 
 
 def context_parallel_attention(q, k, v, mesh, axis_name, *, strategy="allgather",
@@ -182,7 +190,7 @@ def context_parallel_attention(q, k, v, mesh, axis_name, *, strategy="allgather"
       q_segment_ids=q_segment_ids, kv_segment_ids=kv_segment_ids,
       local_window_size=local_window_size)
   return_lse = validate.check_bool("return_lse", return_lse)
-  kernels = _resolve(backend, interpret, config, backward, problem, q.dtype)
+  kernels = resolve(backend, interpret, config, backward, problem, q.dtype)
   out, lse = global_attention(problem, spec, kernels, mesh, batch_axis_name, q, k, v,
                               q_segment_ids, kv_segment_ids)
   return (out, lse) if return_lse else out

@@ -1,6 +1,6 @@
 """The one custom_vjp wiring shared by every kernel backend.
 
-:func:`attention` runs ``kernels.forward``'s forward under a ``custom_vjp``
+:func:`differentiable` runs ``kernels.forward``'s forward under a ``custom_vjp``
 whose backward is ``kernels.backward``'s (or, with ``kernels.mode ==
 "reference"``, the reference formula, for isolating kernel bugs). An entry
 whose forward JAX can differentiate exactly (``native_autodiff``, the
@@ -21,7 +21,7 @@ from jax_grouped_attn.plan import Problem
 from jax_grouped_attn.reference import reference_backward
 
 
-def attention_fwd(problem: Problem, kernels: Kernels, q, k, v, q_seg, kv_seg):
+def forward(problem: Problem, kernels: Kernels, q, k, v, q_seg, kv_seg):
   """(out [B, Tq, Hq, D], lse [B, Hq, Tq] f32) of the forward entry, no vjp."""
   entry = registry.get(kernels.forward)
   entry.check_launchable(problem, q.dtype, kernels.interpret, q, k, v, q_seg, kv_seg)
@@ -29,7 +29,7 @@ def attention_fwd(problem: Problem, kernels: Kernels, q, k, v, q_seg, kv_seg):
   return entry.forward(problem, cfg, kernels.interpret, q, k, v, q_seg, kv_seg)
 
 
-def attention_bwd(problem: Problem, kernels: Kernels, q, k, v, q_seg, kv_seg, out, lse, dout,
+def backward(problem: Problem, kernels: Kernels, q, k, v, q_seg, kv_seg, out, lse, dout,
                   dlse):
   """(dq, dk, dv) given out/lse -- which may be the merged result of several
   kv chunks (context-parallel ring): each chunk then gets its exact share."""
@@ -43,7 +43,7 @@ def attention_bwd(problem: Problem, kernels: Kernels, q, k, v, q_seg, kv_seg, ou
                         dout, dlse)
 
 
-def attention(problem: Problem, kernels: Kernels, q, k, v, q_seg, kv_seg):
+def differentiable(problem: Problem, kernels: Kernels, q, k, v, q_seg, kv_seg):
   """(out [B, Tq, Hq, D], lse [B, Hq, Tq] f32), differentiable.
 
   Inside shard_map, inputs are first marked varying over the union of their
@@ -52,27 +52,27 @@ def attention(problem: Problem, kernels: Kernels, q, k, v, q_seg, kv_seg):
   """
   if (kernels.forward == kernels.backward and kernels.mode == "kernel"
       and registry.get(kernels.forward).native_autodiff):
-    return attention_fwd(problem, kernels, q, k, v, q_seg, kv_seg)
+    return forward(problem, kernels, q, k, v, q_seg, kv_seg)
   axes = vma.union(q, k, v, q_seg, kv_seg)
   q, k, v, q_seg, kv_seg = (vma.pvary(x, axes) for x in (q, k, v, q_seg, kv_seg))
-  return _attention(problem, kernels, q, k, v, q_seg, kv_seg)
+  return _differentiable(problem, kernels, q, k, v, q_seg, kv_seg)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
-def _attention(problem, kernels, q, k, v, q_seg, kv_seg):
-  return attention_fwd(problem, kernels, q, k, v, q_seg, kv_seg)
+def _differentiable(problem, kernels, q, k, v, q_seg, kv_seg):
+  return forward(problem, kernels, q, k, v, q_seg, kv_seg)
 
 
 def _fwd_rule(problem, kernels, q, k, v, q_seg, kv_seg):
-  out, lse = attention_fwd(problem, kernels, q, k, v, q_seg, kv_seg)
+  out, lse = forward(problem, kernels, q, k, v, q_seg, kv_seg)
   return (out, lse), (q, k, v, q_seg, kv_seg, out, lse)
 
 
 def _bwd_rule(problem, kernels, res, cts):
   q, k, v, q_seg, kv_seg, out, lse = res
   dout, dlse = cts
-  dq, dk, dv = attention_bwd(problem, kernels, q, k, v, q_seg, kv_seg, out, lse, dout, dlse)
+  dq, dk, dv = backward(problem, kernels, q, k, v, q_seg, kv_seg, out, lse, dout, dlse)
   return dq, dk, dv, None, None
 
 
-_attention.defvjp(_fwd_rule, _bwd_rule)
+_differentiable.defvjp(_fwd_rule, _bwd_rule)

@@ -19,8 +19,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jax_grouped_attn import registry, validate
-from jax_grouped_attn.api import grouped_attention
+from jax_grouped_attn import autodiff, registry, validate
+from jax_grouped_attn.api import resolve
 from jax_grouped_attn.groups import QueryGroup, kv_range
 
 __all__ = ["dot_product_attention"]
@@ -126,29 +126,29 @@ def dot_product_attention(query, key, value, bias=None, mask=None, *, scale=None
   backend = "auto" if implementation is None else implementation
   out_shape = jnp.shape(query)
   q, k, v = _as_4d("query", query), _as_4d("key", key), _as_4d("value", value)
-  validate.check_qkv(q, k, v)
-  b, tq, hq, d = q.shape
-  tk, hk = k.shape[1], k.shape[2]
+  b, tq, tk = q.shape[0], q.shape[1], k.shape[1]
   causal = validate.check_bool("is_causal", is_causal)
   return_residual = validate.check_bool("return_residual", return_residual)
-  softmax_scale = validate.check_scale(scale, d, "scale")
   if mask is not None:
     if getattr(mask, "dtype", None) is not None and jnp.dtype(mask.dtype) != jnp.bool_:
       raise ValueError(f"mask must be a boolean array (as in jax.nn), got dtype {mask.dtype}.")
     m = mask if jnp.ndim(mask) >= 4 else jnp.reshape(
         mask, (1,) * (4 - jnp.ndim(mask)) + tuple(jnp.shape(mask)))
     causal = validate.check_dense_mask(m, q.shape, tk, causal, 0, hint=_MASK_HINT)
-  window = validate.check_window(local_window_size, causal)
   q_lengths = _seq_lengths("query_seq_lengths", query_seq_lengths, b)
   kv_lengths = _seq_lengths("key_value_seq_lengths", key_value_seq_lengths, b)
   q_seg = kv_seg = None
   if q_lengths is not None or kv_lengths is not None:
     q_seg, kv_seg = _segment_ids(q_lengths, kv_lengths, b, tq, tk)
-
-  out, lse = grouped_attention(
-      q, k, v, (QueryGroup(0, tq, 0, tk),), causal=causal, softmax_scale=softmax_scale,
-      q_segment_ids=q_seg, kv_segment_ids=kv_seg, backend=backend, return_lse=True,
-      local_window_size=window)
+  # The one validation of the arrays, scale and window (errors name jax.nn's arguments).
+  problem = validate.make_problem(
+      q, k, v, (QueryGroup(0, tq, 0, tk),), causal=causal, softmax_scale=scale,
+      q_segment_ids=q_seg, kv_segment_ids=kv_seg, local_window_size=local_window_size,
+      names={"softmax_scale": "scale", "causal": "is_causal"})
+  window = problem.window
+  hq, hk = problem.hq, problem.hk
+  kernels = resolve(backend, None, None, "kernel", problem, q.dtype)
+  out, lse = autodiff.differentiable(problem, kernels, q, k, v, q_seg, kv_seg)
 
   seen = jnp.isfinite(lse)                                     # [B, N, T]
   if kv_lengths is not None or _some_row_sees_nothing(tq, tk, causal, window):

@@ -194,15 +194,20 @@ def check_backward_mode(backward) -> str:
 
 
 def make_problem(q, k, v, groups, *, causal, softmax_scale, q_segment_ids,
-                 kv_segment_ids, local_window_size=None) -> Problem:
-  """Checks the arrays and arguments of one attention call; returns its Problem."""
+                 kv_segment_ids, local_window_size=None, names=None) -> Problem:
+  """Checks the arrays and arguments of one attention call; returns its Problem.
+
+  ``names``: the caller's argument names where they differ from these (the
+  drop-in's ``{"softmax_scale": "scale", "causal": "is_causal"}``), so errors
+  name what the user passed."""
+  names = names or {}
   check_qkv(q, k, v)
   b, tq, hq, d = q.shape
   tk, hk = k.shape[1], k.shape[2]
   groups = normalize_groups(groups, tq, tk)
-  causal = check_bool("causal", causal)
+  causal = check_bool(names.get("causal", "causal"), causal)
   has_segments = check_segments(q, k, q_segment_ids, kv_segment_ids)
-  scale = check_scale(softmax_scale, d)
+  scale = check_scale(softmax_scale, d, names.get("softmax_scale", "softmax_scale"))
   window = check_window(local_window_size, causal)
   return Problem(groups, b, tq, tk, hq, hk, d, causal, scale, has_segments, window)
 

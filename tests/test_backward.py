@@ -239,7 +239,7 @@ def test_pallas_backward_lowers_for_cuda_on_any_machine(name):
   problem = problem_of(case)
 
   def loss(q, k, v):
-    out, lse = autodiff.attention(problem, Kernels.both("pallas_triton"), q, k, v, qs, ks)
+    out, lse = autodiff.differentiable(problem, Kernels.both("pallas_triton"), q, k, v, qs, ks)
     return jnp.sum(out.astype(jnp.float32)) + jnp.sum(jnp.where(jnp.isinf(lse), 0.0, lse))
 
   text = jax.jit(jax.grad(loss, argnums=(0, 1, 2))).trace(q, k, v).lower(

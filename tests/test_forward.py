@@ -67,7 +67,7 @@ def test_pallas_lowers_for_cuda_on_any_machine(name):
   case = case_by_name(name)
   q, k, v, qs, ks = make_inputs(case)
   problem = problem_of(case)
-  f = lambda *a: autodiff.attention(problem, Kernels.both("pallas_triton"), *a)
+  f = lambda *a: autodiff.differentiable(problem, Kernels.both("pallas_triton"), *a)
   text = jax.jit(f).trace(q, k, v, qs, ks).lower(lowering_platforms=("cuda",)).as_text()
   assert "grouped_attention_fwd" in text
 

@@ -300,7 +300,7 @@ def test_registry_entry_lowers_with_grad_inside_check_vma_shard_map():
   from jax_grouped_attn.call import Kernels
   p = _problem(CASES[0])
   mesh = jax.sharding.Mesh(np.array(jax.devices()[:2]), ("dp",))
-  attn = lambda q, k, v: autodiff.attention(p, Kernels.both("pallas_mosaic"), q, k, v, None,
+  attn = lambda q, k, v: autodiff.differentiable(p, Kernels.both("pallas_mosaic"), q, k, v, None,
                                             None)[0]
   f = jax.shard_map(attn, mesh=mesh, in_specs=(P("dp"),) * 3, out_specs=P("dp"),
                     check_vma=True)

@@ -740,7 +740,7 @@ def test_pallas_gpu_kernels_lower_in_check_vma_shard_map():
   mesh = jax.sharding.Mesh(np.array(jax.devices()[:2]), ("dp",))
   problem = Problem((ga.QueryGroup(0, 128, 0, 128),), 1, 128, 128, 2, 2, 64, True,
                              0.125, False)
-  attn = lambda q, k, v: autodiff.attention(problem, Kernels.both("pallas_triton"), q, k, v,
+  attn = lambda q, k, v: autodiff.differentiable(problem, Kernels.both("pallas_triton"), q, k, v,
                                             None, None)[0]
   f = jax.shard_map(attn, mesh=mesh, in_specs=(P("dp"),) * 3, out_specs=P("dp"),
                     check_vma=True)

@@ -203,7 +203,7 @@ def test_forward_and_backward_may_come_from_different_entries():
     interpret = backend != "xla"
     fwd, bwd = (backend, backend) if isinstance(backend, str) else backend
     kernels = Kernels(fwd, bwd, small, interpret)
-    f = lambda q, k, v: autodiff.attention(problem, kernels, q, k, v, None, None)[0]
+    f = lambda q, k, v: autodiff.differentiable(problem, kernels, q, k, v, None, None)[0]
     out, vjp = jax.vjp(f, q, kv, kv)
     return (out,) + vjp(dout)
 

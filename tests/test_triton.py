@@ -216,7 +216,7 @@ def test_gpu_launch_is_one_named_triton_call():
   case = case_by_name("segments_zigzag_bf16")
   q, k, v, qs, ks = make_inputs(case)
   problem = problem_of(case)
-  f = lambda *a: autodiff.attention(problem, Kernels.both("triton"), *a)
+  f = lambda *a: autodiff.differentiable(problem, Kernels.both("triton"), *a)
   text = jax.jit(f).lower(q, k, v, qs, ks).as_text()
   assert text.count("triton_kernel_call") == 1, text
 

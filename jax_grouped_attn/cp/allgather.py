@@ -41,7 +41,7 @@ def allgather_attention(problem: Problem, axis_name, run: Run, q, k, v, qs, ks):
   k_all, v_all, ks_all = gather(k), gather(v), gather(ks)
 
   def call(groups, q, k, v, qs, ks):
-    return run.attention(dataclasses.replace(problem, groups=groups, tk=s), q, k, v, qs, ks)
+    return run.launch(dataclasses.replace(problem, groups=groups, tk=s), q, k, v, qs, ks)
 
   if not positional(problem.causal, problem.window):
     # Every row sees every key: the gathered (zigzag) key order is as good as

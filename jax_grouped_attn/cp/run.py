@@ -15,14 +15,14 @@ class Run:
 
   kernels: Kernels
 
-  def attention(self, problem: Problem, q, k, v, qs, ks):
+  def launch(self, problem: Problem, q, k, v, qs, ks):
     """(out, lse) of one grouped launch, differentiable (autodiff's custom_vjp)."""
-    return autodiff.attention(problem, self.kernels, q, k, v, qs, ks)
+    return autodiff.differentiable(problem, self.kernels, q, k, v, qs, ks)
 
   def forward(self, problem: Problem, q, k, v, qs, ks):
     """(out, lse) of the forward kernel alone (for a strategy's own custom_vjp)."""
-    return autodiff.attention_fwd(problem, self.kernels, q, k, v, qs, ks)
+    return autodiff.forward(problem, self.kernels, q, k, v, qs, ks)
 
   def gradients(self, problem: Problem, q, k, v, qs, ks, out, lse, dout, dlse):
     """(dq, dk, dv) of the backward kernel, given the (possibly merged) out, lse."""
-    return autodiff.attention_bwd(problem, self.kernels, q, k, v, qs, ks, out, lse, dout, dlse)
+    return autodiff.backward(problem, self.kernels, q, k, v, qs, ks, out, lse, dout, dlse)

@@ -83,7 +83,7 @@ def ulysses_attention(problem: Problem, axis_name, run: Run, q, k, v, qs, ks, in
   t = q.shape[1]
   gathered = dataclasses.replace(problem, groups=(QueryGroup(0, t, 0, t),), tq=t, tk=t,
                                  hq=q.shape[2], hk=k.shape[2])
-  out, lse = (inner or run.attention)(gathered, q, k, v, qs, ks)
+  out, lse = (inner or run.launch)(gathered, q, k, v, qs, ks)
   out = ulysses_to_sequence(out, axis_name, world, ordered)
   lse = ulysses_to_sequence(lse, axis_name, world, ordered, seq_axis=2, head_axis=1)
   return out, lse
