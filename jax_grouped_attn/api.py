@@ -67,17 +67,18 @@ def grouped_attention(q, k, v, groups, *, causal=True, softmax_scale=None,
                                   softmax_scale=softmax_scale, q_segment_ids=q_segment_ids,
                                   kv_segment_ids=kv_segment_ids,
                                   local_window_size=local_window_size)
-  return _single_device(problem, q, k, v, q_segment_ids, kv_segment_ids, backend=backend,
-                        interpret=interpret, config=config, backward=backward,
-                        return_lse=return_lse)
+  return _run(autodiff.differentiable, problem, q, k, v, q_segment_ids, kv_segment_ids,
+              backend=backend, interpret=interpret, config=config, backward=backward,
+              return_lse=return_lse)
 
 
-def _single_device(problem, q, k, v, q_segment_ids, kv_segment_ids, *, backend, interpret,
-                   config, backward, return_lse):
-  """A validated problem on one device: resolve the kernels, run them."""
+def _run(launch, problem, q, k, v, q_segment_ids, kv_segment_ids, *, backend, interpret,
+         config, backward, return_lse):
+  """A validated problem: resolve the kernels once, ``launch(problem, kernels, q, k, v,
+  q_segment_ids, kv_segment_ids) -> (out, lse)``, return out (and lse)."""
   return_lse = validate.check_bool("return_lse", return_lse)
   kernels = resolve(backend, interpret, config, backward, problem, q.dtype)
-  out, lse = autodiff.differentiable(problem, kernels, q, k, v, q_segment_ids, kv_segment_ids)
+  out, lse = launch(problem, kernels, q, k, v, q_segment_ids, kv_segment_ids)
   return (out, lse) if return_lse else out
 
 
@@ -130,15 +131,11 @@ def attention(q, k, v, *, causal=False, softmax_scale=None, segment_ids=None,
       q, k, v, (group,), causal=causal, softmax_scale=softmax_scale,
       q_segment_ids=q_segment_ids, kv_segment_ids=kv_segment_ids,
       local_window_size=local_window_size)
-  if context_parallel is None:
-    return _single_device(problem, q, k, v, q_segment_ids, kv_segment_ids, backend=backend,
-                          interpret=interpret, config=config, backward=backward,
-                          return_lse=return_lse)
-  return_lse = validate.check_bool("return_lse", return_lse)
-  kernels = resolve(backend, interpret, config, backward, problem, q.dtype)
-  out, lse = cp.local_attention(problem, context_parallel, kernels, q, k, v, q_segment_ids,
-                                kv_segment_ids)
-  return (out, lse) if return_lse else out
+  launch = autodiff.differentiable if context_parallel is None else (
+      lambda problem, kernels, *arrays: cp.local_attention(problem, context_parallel, kernels,
+                                                           *arrays))
+  return _run(launch, problem, q, k, v, q_segment_ids, kv_segment_ids, backend=backend,
+              interpret=interpret, config=config, backward=backward, return_lse=return_lse)
 
 
 def context_parallel_attention(q, k, v, mesh, axis_name, *, strategy="allgather",
@@ -189,11 +186,10 @@ def context_parallel_attention(q, k, v, mesh, axis_name, *, strategy="allgather"
       q, k, v, (QueryGroup(0, s_len, 0, s_len),), causal=causal, softmax_scale=softmax_scale,
       q_segment_ids=q_segment_ids, kv_segment_ids=kv_segment_ids,
       local_window_size=local_window_size)
-  return_lse = validate.check_bool("return_lse", return_lse)
-  kernels = resolve(backend, interpret, config, backward, problem, q.dtype)
-  out, lse = global_attention(problem, spec, kernels, mesh, batch_axis_name, q, k, v,
-                              q_segment_ids, kv_segment_ids)
-  return (out, lse) if return_lse else out
+  launch = lambda problem, kernels, *arrays: global_attention(
+      problem, spec, kernels, mesh, batch_axis_name, *arrays)
+  return _run(launch, problem, q, k, v, q_segment_ids, kv_segment_ids, backend=backend,
+              interpret=interpret, config=config, backward=backward, return_lse=return_lse)
 
 
 def segment_ids_from_cu_seqlens(cu_seqlens, total_len: int):

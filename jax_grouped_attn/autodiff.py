@@ -30,7 +30,7 @@ def forward(problem: Problem, kernels: Kernels, q, k, v, q_seg, kv_seg):
 
 
 def backward(problem: Problem, kernels: Kernels, q, k, v, q_seg, kv_seg, out, lse, dout,
-                  dlse):
+             dlse):
   """(dq, dk, dv) given out/lse -- which may be the merged result of several
   kv chunks (context-parallel ring): each chunk then gets its exact share."""
   dout = dout.astype(q.dtype)
