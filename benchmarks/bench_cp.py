@@ -33,8 +33,6 @@ import argparse
 import dataclasses
 import json
 import os
-import shutil
-import subprocess
 import sys
 import traceback
 
@@ -69,27 +67,6 @@ XLA_VARIANTS = {
                 "xla_gpu_enable_pipelined_p2p": True,
                 "xla_gpu_collective_permute_decomposer_threshold": 0},
 }
-
-
-# ------------------------------------------------------------ environment ---
-
-def _run(cmd) -> str | None:
-  if shutil.which(cmd[0]) is None:
-    return None
-  try:
-    return subprocess.run(cmd, capture_output=True, text=True, timeout=30).stdout.strip()
-  except (OSError, subprocess.SubprocessError):
-    return None
-
-
-def environment(devices) -> dict:
-  env = common.environment()
-  env["world"] = len(devices)
-  env["devices"] = [d.device_kind for d in devices]
-  env["nvidia_smi_topo"] = _run(["nvidia-smi", "topo", "-m"])
-  env["nvidia_smi_gpus"] = _run(["nvidia-smi", "-L"])
-  env["xla_flags"] = os.environ.get("XLA_FLAGS", "")
-  return env
 
 
 # ---------------------------------------------------------------- helpers ---
@@ -382,7 +359,7 @@ def main(argv=None) -> dict:
   mesh = make_mesh(devices, inner)
   spec = NamedSharding(mesh, P(None, ("node", "gpu")))
   os.makedirs(args.out, exist_ok=True)
-  env = environment(devices)
+  env = common.environment(devices)
   results = {"environment": env, "mode": "smoke" if smoke else "gpu",
              "timings_meaningful": not smoke,
              "settings": dict(dataclasses.asdict(setup), seqs=seqs, backends=backends,

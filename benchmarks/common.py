@@ -134,8 +134,21 @@ def device_name() -> str:
   return jax.devices()[0].device_kind
 
 
-def environment() -> dict:
-  """GPU name and the versions that decide the numbers."""
+def _run(cmd) -> str | None:
+  """stdout of ``cmd`` if it exists and runs, else None."""
+  import shutil  # noqa: PLC0415
+  import subprocess  # noqa: PLC0415
+  if shutil.which(cmd[0]) is None:
+    return None
+  try:
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=30).stdout.strip()
+  except (OSError, subprocess.SubprocessError):
+    return None
+
+
+def environment(devices=None) -> dict:
+  """GPU name and the versions that decide the numbers; with ``devices`` (a
+  multi-device run) also the world, each device and the interconnect."""
   info = {
       "device": device_name(),
       "platform": jax.default_backend(),
@@ -155,6 +168,12 @@ def environment() -> dict:
       info["cudnn"] = cuda_versions.cudnn_get_version()
   except Exception:  # noqa: BLE001 -- best effort, absent on CPU
     pass
+  if devices is not None:
+    info["world"] = len(devices)
+    info["devices"] = [d.device_kind for d in devices]
+    info["nvidia_smi_topo"] = _run(["nvidia-smi", "topo", "-m"])
+    info["nvidia_smi_gpus"] = _run(["nvidia-smi", "-L"])
+    info["xla_flags"] = os.environ.get("XLA_FLAGS", "")
   return info
 
 

@@ -91,8 +91,9 @@ class Grouped(Impl):
     return registry.get(self.backend).unavailable(jax.default_backend())
 
   def build(self, wl, ctx):
-    backend, groups, causal = self.backend, wl.groups, wl.causal
-    fn = lambda q, k, v: ga.grouped_attention(q, k, v, groups, causal=causal, backend=backend)
+    backend, groups, causal, window = self.backend, wl.groups, wl.causal, wl.window
+    fn = lambda q, k, v: ga.grouped_attention(q, k, v, groups, causal=causal, backend=backend,
+                                              local_window_size=window)
     return Built(fn, "T^2 reference" if registry.get(backend).native_autodiff else "one launch")
 
 
@@ -111,7 +112,7 @@ class TwoLaunch(Impl):
     return Grouped(self.backend).unavailable(wl, ctx)
 
   def build(self, wl, ctx):
-    backend, causal = self.backend, wl.causal
+    backend, causal, window = self.backend, wl.causal, wl.window
     groups = [g for g in wl.groups if g.q_len > 0]
 
     def fn(q, k, v):
@@ -120,7 +121,7 @@ class TwoLaunch(Impl):
         one = QueryGroup(0, g.q_len, g.q_pos, g.kv_len)
         outs.append(ga.grouped_attention(
             q[:, g.q_start:g.q_end], k[:, :g.kv_len], v[:, :g.kv_len], (one,),
-            causal=causal, backend=backend))
+            causal=causal, backend=backend, local_window_size=window))
       return jnp.concatenate(outs, axis=1)
 
     return Built(fn, f"{len(groups)} launches")
@@ -353,6 +354,11 @@ class Cudnn(Impl):
   def unavailable(self, wl, ctx):
     if not ctx.gpu:
       return "cuDNN flash attention needs an NVIDIA GPU"
+    if wl.window is not None:
+      if not wl.is_standard:
+        return "the lse composition has no window"
+      if wl.window[0] is None:
+        return "jax.nn's local_window_size needs a bounded left side"
     if wl.is_standard:
       return None
     try:
@@ -364,8 +370,9 @@ class Cudnn(Impl):
   def build(self, wl, ctx):
     scale = 1.0 / math.sqrt(wl.d)
     if wl.is_standard:
+      kw = {} if wl.window is None else {"local_window_size": (wl.window[0], wl.window[1] or 0)}
       fn = lambda q, k, v: jax.nn.dot_product_attention(
-          q, k, v, scale=scale, is_causal=True, implementation="cudnn")
+          q, k, v, scale=scale, is_causal=True, implementation="cudnn", **kw)
       return Built(fn, "jax.nn.dot_product_attention")
     n_calls = sum(len(s) for _, s in composition_parts(wl.groups, wl.causal))
     note = f"composition: {n_calls} cuDNN calls merged by lse"
@@ -393,8 +400,8 @@ class JaxPallasMha(Impl):
   kind = "other"
 
   def unavailable(self, wl, ctx):
-    if not wl.is_standard:
-      return "standard causal self-attention only"
+    if not wl.is_standard or wl.window is not None:
+      return "standard causal self-attention only (no window)"
     if wl.hq != wl.hk:
       return "needs Hq == Hk (no GQA)"
     if wl.tq > 128 and wl.tq % 128:

@@ -36,7 +36,7 @@ import optax
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from benchmarks.common import memory_stats
+from benchmarks.common import environment, memory_stats
 from jax_grouped_attn import ContextParallel, QueryGroup, attention, registry
 from jax_grouped_attn.cp import zigzag_order, zigzag_positions
 from jax_grouped_attn.flax import make_attention_fn
@@ -529,8 +529,9 @@ def write_json(args, results) -> None:
     return
   import json  # noqa: PLC0415
   with open(args.json_out, "w") as f:
-    json.dump({"args": vars(args), "device": jax.devices()[0].device_kind,
-               "device_count": jax.device_count(), "results": results}, f, indent=1)
+    json.dump({"args": vars(args), "environment": environment(jax.devices()),
+               "device": jax.devices()[0].device_kind, "device_count": jax.device_count(),
+               "results": results}, f, indent=1)
 
 
 if __name__ == "__main__":
