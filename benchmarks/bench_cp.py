@@ -9,16 +9,16 @@
 Rows, all on the same inputs (causal, B x S x Hq x Hk x D, bf16; with
 ``--window N`` every row takes ``local_window_size=(N, 0)``):
   single      one GPU on the whole sequence, per kernel backend, and cuDNN
-              (jax.nn.dot_product_attention); checked against the exact fp32
-              oracle (benchmarks.common.oracle: every row, two kv heads)
+              (jax.nn.dot_product_attention)
   cp          ContextParallel strategy x backend inside jax.shard_map on the
               zigzag-ordered sequence sharded over all W devices: "allgather",
               "ring", "ulysses", and 2-D "ring+ulysses" / "allgather+ulysses"
               (Ulysses over --inner devices, the strategy over W / inner)
   heads-cudnn the sequence-sharded input moved to head sharding by all-to-all,
               cuDNN on the whole sequence for Hq/W heads, all-to-all back
-Each cp / heads row is checked (out, dq, dk, dv) against the single-device
-result of the same backend before it is timed. Efficiency = single time of
+Every row is checked before it is timed, as in ``bench``: out, dq, dk, dv (the
+cp rows' put back in sequence order) on every query row of the first and last
+kv head against the exact fp32 oracle, with the calibrated rule. Efficiency = single time of
 the same backend / (W x time). ``--xla-variants`` compiles the rows of
 ``--variant-strategies`` once per set of XLA options (per executable, via
 ``Lowered.compile(compiler_options)``), so one run compares scheduler flags;
@@ -140,29 +140,17 @@ def single_fn(backend, setup: Setup):
   return lambda q, k, v: ga.attention(q, k, v, causal=True, backend=backend, **window_kw(setup))
 
 
-@jax.jit
-def _errors(got, want):
-  """(max |got - want|, max |want|) per tensor, on device."""
-  f = lambda x: x.astype(jnp.float32)
-  return [(jnp.max(jnp.abs(f(g) - f(w))), jnp.max(jnp.abs(f(w)))) for g, w in zip(got, want)]
+GRAD_NAMES = ("out", "dq", "dk", "dv")
 
 
-# A context-parallel row against the same backend on one device: both in the
-# same precision, so the difference is only summation order (per tensor:
-# |err| <= atol + rtol * max|ref|). The 1-GPU rows are checked against the
-# fp32 oracle with the calibrated comparison (common.compare).
-AGREE_TOL = {"bfloat16": ((1e-2, 1e-2), (0.0, 5e-2)), "float16": ((2e-3, 2e-3), (0.0, 1e-2)),
-             "float32": ((1e-4, 1e-4), (0.0, 1e-3))}
-
-
-def check(got, want, names, tols) -> dict:
-  out = {}
-  for name, (err, scale), tol in zip(names, jax.device_get(_errors(got, want)), tols):
-    err, scale = float(err), float(scale)
-    atol, rtol = tol
-    out[name] = {"max_abs_err": err, "ref_max_abs": scale,
-                 "ok": bool(np.isfinite(err) and err <= atol + rtol * scale)}
-  return out
+def oracle_checks(got, sel, want, world: int = 0) -> dict:
+  """``got`` = (out,) or (out, dq, dk, dv) against the fp32 oracle with the
+  calibrated rule (common.compare); ``world`` > 0: zigzag-ordered results,
+  put back in sequence order first."""
+  unperm = (lambda x: ga.zigzag_unpermute(x, world, axis=1)) if world else (lambda x: x)
+  picks = (sel.q, sel.q, sel.kv, sel.kv)
+  return {name: common.compare(pick(unperm(x)), want, name)
+          for name, pick, x in zip(GRAD_NAMES, picks, got)}
 
 
 def _error(e) -> str:
@@ -171,19 +159,15 @@ def _error(e) -> str:
 
 # ------------------------------------------------------------------ a row ---
 
-def measure(row, fn, arg_sets, setup: Setup, want=None, options=None, keep=False,
-            hlo_path=None):
-  """Compiles, checks (against ``want`` = (out, dq, dk, dv), if given) and
-  times fn's passes; fills ``row``. Returns the fwd+bwd results if ``keep``."""
+def measure(row, fn, arg_sets, setup: Setup, check_of, options=None, hlo_path=None):
+  """Compiles, checks (``check_of(results) -> {name: check}``, results = (out,)
+  or (out, dq, dk, dv)) and times fn's passes; fills ``row``."""
   q, k, v, do = arg_sets[0]
-  tol_f, tol_g = AGREE_TOL[setup.dtype]
-  kept = None
   row["passes"] = {}
   if "fwd" in setup.passes:
     compiled = jax.jit(fn).lower(q, k, v).compile(options or None)
     res = {"memory": common.memory_stats(compiled)}
-    if want is not None:
-      res["check"] = check([compiled(q, k, v)], want[:1], ["out"], [tol_f])
+    res["check"] = check_of((compiled(q, k, v),))
     res.update(common.time_calls(compiled, [s[:3] for s in arg_sets], reps=setup.reps,
                                  warmup=setup.warmup))
     row["passes"]["fwd"] = res
@@ -202,12 +186,7 @@ def measure(row, fn, arg_sets, setup: Setup, want=None, options=None, keep=False
           f.write("\n".join(x if len(x) <= 2000 else x[:2000] + " ...(cut)"
                             for x in text.splitlines()))
         res["hlo_file"] = os.path.basename(hlo_path)
-    got = compiled(q, k, v, do)
-    if want is not None:
-      res["check"] = check(got, want, ["out", "dq", "dk", "dv"], [tol_f] + [tol_g] * 3)
-    if keep:
-      kept = got
-    del got
+    res["check"] = check_of(compiled(q, k, v, do))
     res.update(common.time_calls(compiled, arg_sets, reps=setup.reps, warmup=setup.warmup))
     row["passes"]["fwdbwd"] = res
     del compiled
@@ -217,7 +196,6 @@ def measure(row, fn, arg_sets, setup: Setup, want=None, options=None, keep=False
                 "derived": "fwdbwd - fwd"}
   checks = [c for r in p.values() for c in (r.get("check") or {}).values()]
   row["status"] = "ok" if all(c["ok"] for c in checks) else "wrong"
-  return kept
 
 
 # ------------------------------------------------------------------- main ---
@@ -257,8 +235,6 @@ def parse_args(argv=None):
   ap.add_argument("--sets", type=int, default=None, help="input sets rotated while timing")
   ap.add_argument("--budget-s", type=float, default=None,
                   help="start no new row after this many seconds (GPU default 420)")
-  ap.add_argument("--no-oracle", action="store_true",
-                  help="skip the fp32 oracle check of the single-device rows")
   ap.add_argument("--window", type=int, default=None, metavar="N",
                   help="causal sliding window: each token sees the N before it and itself")
   ap.add_argument("--out", default="bench_cp_out")
@@ -295,7 +271,7 @@ def parse_variants(text: str) -> dict:
 
 def plan_rows(args, setup: Setup, seqs, backends, strategies, variants):
   """Row specs in run order (a time budget cuts the tail): per sequence length,
-  per backend: the single-device row (the reference of its cp rows) and the
+  per backend: the single-device row and the
   strategies; after the first backend, the cuDNN baselines and the XLA flag
   variants."""
   rows = []
@@ -370,8 +346,7 @@ def main(argv=None) -> dict:
       f"{dict(mesh.shape)}; Hq{hq} Hk{hk} D{d} B{args.batch} {args.dtype}; seqs {seqs}; "
       f"window {args.window}; "
       f"backends {backends}; strategies {strategies}; variants {list(variants)}")
-  state = {}   # the current sequence: inputs, per backend single results (zigzag-sharded)
-  oracles = {}   # per sequence: (selection, exact fp32 results on the host)
+  state = {}   # the current sequence: inputs (natural and zigzag-sharded), oracle
   dumped = set()
   for spec_row in plan_rows(args, setup, seqs, backends, strategies, variants):
     row = dict(spec_row, world=world, label=label(spec_row), hq=hq, hk=hk, d=d,
@@ -383,12 +358,14 @@ def main(argv=None) -> dict:
     s = row["seq"]
     if s not in state:
       state.clear()   # one sequence length's inputs at a time
-      wl = dataclasses.replace(
-          common.causal_workload(args.batch, s, hq, hk, d, args.dtype),
-          window=None if args.window is None else (args.window, None))
+      wl = common.causal_workload(args.batch, s, hq, hk, d, args.dtype,
+                                  window=None if args.window is None else (args.window, 0))
       sets = [common.make_inputs(wl, seed) for seed in range(setup.sets)]
       zz = [tuple(jax.device_put(ga.zigzag_permute(x, world), spec) for x in st) for st in sets]
-      state[s] = dict(wl=wl, sets=sets, zz=zz, ref={})
+      sel = common.selection(wl)
+      q, k, v, do = sets[0]
+      want = jax.device_get(common.oracle(wl, q, k, v, do, sel))   # host: shared by every row
+      state[s] = dict(sets=sets, zz=zz, sel=sel, want=want)
     st = state[s]
     try:
       if row["kind"] == "single":
@@ -397,29 +374,8 @@ def main(argv=None) -> dict:
             q, k, v, is_causal=True, implementation=impl, **window_kw(setup))))
         if row["backend"] == "cudnn" and not gpu:
           row["note"] = "no cuDNN here: jax.nn.dot_product_attention(implementation=None)"
-        got = measure(row, fn, st["sets"], setup, keep=True)
-        if not args.no_oracle:
-          if s not in oracles:   # host copies: every backend's single row reuses them
-            wl = st["wl"]
-            sel = common.selection(wl)
-            q, k, v, do = st["sets"][0]
-            oracles[s] = (sel, jax.device_get(common.oracle(wl, q, k, v, do, sel)))
-          sel, want = oracles[s]
-          row["oracle_check"] = {
-              name: common.compare(x, want, name)
-              for name, x in zip(("out", "dq", "dk", "dv"),
-                                 (sel.q(got[0]), sel.q(got[1]), sel.kv(got[2]), sel.kv(got[3])))}
-          if not all(c["ok"] for c in row["oracle_check"].values()):
-            row["status"] = "wrong"
-        if got is not None:
-          st["ref"][row["backend"]] = tuple(
-              jax.device_put(ga.zigzag_permute(x, world), spec) for x in got)
-        del got
+        measure(row, fn, st["sets"], setup, lambda got: oracle_checks(got, st["sel"], st["want"]))
       else:
-        ref = st["ref"].get(row["backend"])
-        if ref is None:
-          row["reason"] = f"no single-device {row['backend']} result to check against"
-          continue
         if row["kind"] == "heads":
           fn = heads_fn(mesh, setup, "cudnn" if gpu else None)
         else:
@@ -430,8 +386,9 @@ def main(argv=None) -> dict:
           dumped.add(key)
           hlo_path = os.path.join(args.out, f"hlo_ring_{row['backend']}_{row['variant']}_"
                                   f"S{s}.txt")
-        measure(row, fn, st["zz"], setup, want=ref, options=variants[row["variant"]],
-                hlo_path=hlo_path)
+        measure(row, fn, st["zz"], setup,
+                lambda got: oracle_checks(got, st["sel"], st["want"], world),
+                options=variants[row["variant"]], hlo_path=hlo_path)
     except Exception as e:  # noqa: BLE001 -- one row's failure must not end the run
       row.update(status="error", reason=_error(e), traceback=traceback.format_exc()[-2000:])
     log(status_line(row))
@@ -499,8 +456,8 @@ def markdown(results) -> str:
             f"B{st['batch']} Hq{st['hq']} Hk{st['hk']} D{st['d']} {st['dtype']}; "
             f"{st['reps']} reps (+{st['warmup']} warmup), {st['sets']} input sets; "
             f"efficiency = 1-GPU time of the same backend / ({world} x time); "
-            f"bwd = fwdbwd - fwd. Every cp row is checked against the 1-GPU result "
-            f"(out, dq, dk, dv) first; 1-GPU rows against the fp32 oracle.", ""]
+            f"bwd = fwdbwd - fwd. Every row is checked against the fp32 oracle "
+            f"(out, dq, dk, dv; calibrated tolerances) before it is timed.", ""]
   if not results["timings_meaningful"]:
     lines += ["**Smoke run (CPU host devices): timings here mean nothing; the checks do.**", ""]
   lines += ["| S | row | fwd ms | bwd ms | fwd+bwd ms | eff fwd | eff fwd+bwd | "

@@ -57,7 +57,7 @@ class Workload:
 
   @property
   def name(self) -> str:
-    heads = f"Hq{self.hq} Hk{self.hk} D{self.d}"
+    heads = f"Hq{self.hq} Hk{self.hk} D{self.d}{self._window_text}"
     if self.family in ("zigzag", "contiguous"):
       return f"{self.family} W{self.world} S{self.seq} r{self.rank} B{self.batch} {heads}"
     return f"{self.family} B{self.batch} S{self.tk} {heads}"
@@ -67,13 +67,20 @@ class Workload:
     """The name without the rank: what per-rank rows are summarised under."""
     if self.family in ("zigzag", "contiguous"):
       return (f"{self.family} W{self.world} S{self.seq} B{self.batch} "
-              f"Hq{self.hq} Hk{self.hk} D{self.d}")
+              f"Hq{self.hq} Hk{self.hk} D{self.d}{self._window_text}")
     return self.name
+
+  @property
+  def _window_text(self) -> str:
+    if self.window is None:
+      return ""
+    left, right = ("inf" if x is None else x for x in self.window)
+    return f" window ({left}, {right})"
 
   @property
   def pairs(self) -> int:
     """Visible (query, key) pairs per batch row and query head."""
-    return visible_pairs(self.groups, self.causal)
+    return visible_pairs(self.groups, self.causal, self.window)
 
   def flops(self, pass_: str = "fwd") -> float:
     """4 * pairs * D per (batch, head) forward; bwd 2.5x, fwd+bwd 3.5x."""
@@ -90,8 +97,11 @@ class Workload:
     return 4 * self.batch * self.hq * self.tq * self.tk
 
 
-def causal_workload(batch, seq, hq, hk, d, dtype="bfloat16", family="causal") -> Workload:
-  return Workload(family, batch, seq, seq, hq, hk, d, (QueryGroup(0, seq, 0, seq),), dtype)
+def causal_workload(batch, seq, hq, hk, d, dtype="bfloat16", family="causal",
+                    window=None) -> Workload:
+  """Causal self-attention; ``window`` is Problem.window ((left, right), None: unbounded)."""
+  return Workload(family, batch, seq, seq, hq, hk, d, (QueryGroup(0, seq, 0, seq),), dtype,
+                  window=window)
 
 
 def zigzag_workload(world, seq, rank, hq=32, hk=8, d=128, batch=1, dtype="bfloat16") -> Workload:

@@ -13,7 +13,7 @@ import pytest
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import jax_grouped_attn as ga  # noqa: E402
-from benchmarks import bench, common, impls  # noqa: E402
+from benchmarks import bench, common, harness, impls  # noqa: E402
 
 
 def _reference(wl, q, k, v):
@@ -263,13 +263,13 @@ class _FakeClock:
     return self.t
 
 
-class _FakeRunner(bench.Runner):
+class _FakeRunner(harness.Runner):
   """Every rank takes ``per_run`` seconds of a fake clock and comes out ok."""
 
   def __init__(self, plan_args, budget_s, per_run):
     self.clock = _FakeClock()
     args = bench.parse_args(plan_args)
-    st = bench.Settings(args.passes, 1, 0, 1, impls.Context(gpu=True))
+    st = harness.Settings(args.passes, 1, 0, 1, impls.Context(gpu=True))
     super().__init__(impls.all_impls(), st, common.Budget(budget_s, clock=self.clock))
     self.per_run = per_run
 
@@ -279,7 +279,7 @@ class _FakeRunner(bench.Runner):
   def run_one(self, item, wl):
     self.clock.t += self.per_run
     self.run_seconds.append(self.per_run)
-    return [bench._row(wl, self.registry[item.impl], p, status="ok", median_ms=1.0)
+    return [harness.blank_row(wl, self.registry[item.impl], p, status="ok", median_ms=1.0)
             for p in self.st.passes]
 
 

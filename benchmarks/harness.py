@@ -1,0 +1,448 @@
+"""The one benchmark harness: check every row against the fp32 oracle, then time it.
+
+``run_item`` runs all passes of one implementation on one workload: compile,
+check against :func:`benchmarks.common.oracle` with the calibrated rule, then
+time (median of warm, device-synchronised repeats over rotating input sets).
+``Runner`` runs a list of ``PlanItem`` (one implementation over the ranks of
+one series) unit by unit within a time budget; inputs and oracles are made
+once per workload and shared by every implementation. ``measure`` is the
+plain front door: every implementation on every workload, interleaved per
+workload. ``bench``, ``bench_window``, ``bench_cp`` and ``llama`` build their
+workloads and implementations and hand them here.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import statistics
+import time
+import traceback
+
+import jax
+
+from benchmarks import common, impls
+from benchmarks.common import Workload, log
+
+
+@dataclasses.dataclass
+class Settings:
+  passes: tuple
+  reps: int
+  warmup: int
+  sets: int
+  ctx: impls.Context
+
+
+class Inputs:
+  """Global inputs per world (shared by its ranks), per-rank views and oracles.
+
+  A workload is revisited once per implementation (later tiers of the plan
+  come back to it): its inputs and oracle are made once and kept until its
+  last item ran. ``made`` counts how often each was made (tests check it).
+  """
+
+  def __init__(self, sets: int):
+    self.sets = sets
+    self.globals = {}
+    self.local = {}
+    self.oracles = {}
+    self.pending = collections.Counter()
+    self.made = collections.Counter()
+
+  def reserve(self, wl: Workload) -> None:
+    self.pending[common.global_key(wl)] += 1
+
+  def release(self, wl: Workload) -> None:
+    key = common.global_key(wl)
+    self.pending[key] -= 1
+    if self.pending[key] <= 0:
+      self.globals.pop(key, None)
+      for d in (self.local, self.oracles):
+        for name in [n for n, w in d.items() if common.global_key(w[0]) == key]:
+          del d[name]
+
+  def inputs(self, wl: Workload, spent: dict | None = None):
+    """The input sets of ``wl``; seconds spent making them go to ``spent["inputs_s"]``."""
+    spent = {} if spent is None else spent
+    key = common.global_key(wl)
+    with common.clock(spent, "inputs_s"):
+      if key not in self.globals:
+        self.globals[key] = jax.block_until_ready(
+            [common.make_global_inputs(wl, seed) for seed in range(self.sets)])
+        self.made[("inputs", key)] += 1
+      if wl.name not in self.local:
+        self.local[wl.name] = (wl, jax.block_until_ready(
+            [common.local_inputs(wl, g) for g in self.globals[key]]))
+    return self.local[wl.name][1]
+
+  def oracle(self, wl: Workload, spent: dict | None = None):
+    """(selection, oracle) of ``wl`` on input set 0; seconds spent computing it go
+    to ``spent["oracle_s"]`` (of which compiling: ``spent["oracle_compile_s"]``)."""
+    spent = {} if spent is None else spent
+    if wl.name not in self.oracles:
+      sel = common.selection(wl)
+      q, k, v, do = self.inputs(wl, spent)[0]
+      timing = {}
+      with common.clock(spent, "oracle_s"):
+        want = jax.device_get(common.oracle(wl, q, k, v, do, sel, timing=timing))
+      spent["oracle_compile_s"] = spent.get("oracle_compile_s", 0.0) + timing.get("compile_s", 0.0)
+      self.oracles[wl.name] = (wl, sel, want)
+      self.made[("oracle", wl.name)] += 1
+    return self.oracles[wl.name][1:]
+
+
+class WorkloadState:
+  """What run_item needs for one workload: inputs, selection and (lazy) oracle,
+  from the shared store; ``spent`` holds the seconds this state's run paid
+  for them (0 when an earlier run of the workload already had)."""
+
+  def __init__(self, wl: Workload, store: Inputs):
+    self.wl = wl
+    self.store = store
+    self.spent = {"inputs_s": 0.0, "oracle_s": 0.0, "oracle_compile_s": 0.0}
+    self.inputs = store.inputs(wl, self.spent)
+    self.sel = common.selection(wl)
+
+  @property
+  def oracle(self):
+    return self.store.oracle(self.wl, self.spent)[1]
+
+
+def blank_row(wl: Workload, impl: impls.Impl, pass_: str, **kw) -> dict:
+  row = {
+      "workload": wl.name, "series": wl.series, "family": wl.family,
+      "world": wl.world, "rank": wl.rank, "seq": wl.seq, "batch": wl.batch,
+      "tq": wl.tq, "tk": wl.tk, "hq": wl.hq, "hk": wl.hk, "d": wl.d,
+      "dtype": wl.dtype, "window": wl.window and list(wl.window),
+      "groups": [list(dataclasses.astuple(g)) for g in wl.groups],
+      "impl": impl.name, "kind": impl.kind, "pass": pass_,
+      "flops": wl.flops(pass_), "status": "skipped", "median_ms": None, "tflops": None,
+  }
+  row.update(kw)
+  return row
+
+
+def _error_text(e: BaseException) -> str:
+  return f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"[:300]
+
+
+def _timed_row(row, timing):
+  row.update(timing)
+  row["tflops"] = row["flops"] / (timing["median_ms"] * 1e-3) / 1e12
+  return row
+
+
+def _measure(row, phases, compiled_of, args, check_of, arg_sets, st: Settings) -> None:
+  """One pass: compile once (the same executable gives the memory analysis, the
+  checked result and the timings), check against the oracle, then time.
+  ``check_of(result) -> {name: check}``; phases get compile_s, check_s, time_s."""
+  with common.clock(phases, "compile_s"):
+    compiled = compiled_of()
+  row["memory"] = common.memory_stats(compiled)
+  with common.clock(phases, "check_s"):
+    result = jax.block_until_ready(compiled(*args))
+    checks = check_of(result)
+    del result
+  row["check"] = checks
+  row["ok"] = all(c["ok"] for c in checks.values())
+  # The checked call above was the first; warm-up calls touch the other sets.
+  with common.clock(phases, "time_s"):
+    _timed_row(row, common.time_calls(compiled, arg_sets, reps=st.reps, warmup=st.warmup))
+  row["status"] = "ok" if row["ok"] else "wrong"
+
+
+def _guarded(row: dict, state, measure) -> None:
+  """``measure(phases)`` into ``row``: a skip or error becomes the row's status,
+  and the phase timings are kept either way. The oracle is computed (or taken
+  from the cache) first, so check_s is the check alone."""
+  phases = {}
+  try:
+    state.oracle  # noqa: B018
+    measure(phases)
+  except NotImplementedError as e:
+    row.update(status="skipped", reason=_error_text(e))
+  except Exception as e:  # noqa: BLE001
+    row.update(status="error", reason=_error_text(e), traceback=traceback.format_exc()[-2000:])
+  row["phases"] = _rounded(phases)
+
+
+def run_item(state: WorkloadState, impl: impls.Impl, st: Settings) -> list[dict]:
+  """All passes of one implementation on one workload: check, then time.
+
+  Rows carry ``phases`` (seconds): per measured pass compile_s, check_s and
+  time_s; the first row also build_s, inputs_s and oracle_s (what this run paid
+  for the shared inputs and oracle: 0 when cached) and run_s (the whole run).
+  """
+  t_run = time.perf_counter()
+  wl = state.wl
+  reason = impl.unavailable(wl, st.ctx)
+  want_grad = "bwd" in st.passes or "fwdbwd" in st.passes
+  if reason:
+    return [blank_row(wl, impl, p, reason=reason) for p in st.passes]
+  setup = {}
+  try:
+    with common.clock(setup, "build_s"):
+      built = impl.build(wl, st.ctx)
+  except Exception as e:  # noqa: BLE001
+    return [blank_row(wl, impl, p, status="error", reason=_error_text(e),
+                 traceback=traceback.format_exc()[-2000:]) for p in st.passes]
+  rows = {}
+  q, k, v, do = state.inputs[0]
+  factor = built.tolerance_factor
+  fn = built.fn
+
+  # Forward: for its own row and for bwd = fwdbwd - fwd.
+  fwd_row = blank_row(wl, impl, "fwd", note=built.note)
+  if "fwd" in st.passes or "bwd" in st.passes:
+    _guarded(fwd_row, state, lambda ph: _measure(
+        fwd_row, ph, lambda: jax.jit(fn).lower(q, k, v).compile(), (q, k, v),
+        lambda out: {"out": common.compare(state.sel.q(out), state.oracle, "out", factor)},
+        [s[:3] for s in state.inputs], st))
+    rows["fwd"] = fwd_row
+
+  if want_grad:
+    fb_row = blank_row(wl, impl, "fwdbwd", note=built.note)
+    fb = jax.jit(lambda q, k, v, do: jax.vjp(fn, q, k, v)[1](do))
+
+    def grad_checks(grads):
+      want = state.oracle
+      return {
+          "dq": common.compare(state.sel.q(grads[0]), want, "dq", factor),
+          "dk": common.compare(state.sel.kv(grads[1]), want, "dk", factor),
+          "dv": common.compare(state.sel.kv(grads[2]), want, "dv", factor),
+      }
+
+    _guarded(fb_row, state, lambda ph: _measure(
+        fb_row, ph, lambda: fb.lower(q, k, v, do).compile(), (q, k, v, do), grad_checks,
+        state.inputs, st))
+    if fb_row.get("status") not in ("skipped", "error") and not built.grad_exact:
+      fb_row["note"] = built.note
+    rows["fwdbwd"] = fb_row
+    bwd_row = blank_row(wl, impl, "bwd", note=built.note)
+    ms = None
+    if fb_row.get("median_ms") is not None and fwd_row.get("median_ms") is not None:
+      ms = fb_row["median_ms"] - fwd_row["median_ms"]
+    if ms is not None and ms <= 0.02 * fb_row["median_ms"]:
+      bwd_row.update(status=fb_row["status"], check=fb_row.get("check"), ok=fb_row.get("ok"),
+                     reason="fwdbwd - fwd is below the timing noise")
+    elif ms is not None:
+      bwd_row.update(status=fb_row["status"], check=fb_row.get("check"), ok=fb_row.get("ok"),
+                     median_ms=ms, derived="fwdbwd - fwd",
+                     tflops=bwd_row["flops"] / (ms * 1e-3) / 1e12)
+    else:
+      bwd_row.update(status=fb_row["status"] if fb_row["status"] != "ok" else "skipped",
+                     reason=fb_row.get("reason", "needs both fwd and fwdbwd timings"))
+    rows["bwd"] = bwd_row
+  out = [rows[p] for p in st.passes if p in rows]
+  if out:   # what the run as a whole paid goes to its first row
+    out[0]["phases"] = _rounded({**setup, **state.spent, **out[0].get("phases", {}),
+                                 "run_s": time.perf_counter() - t_run})
+  return out
+
+
+def _rounded(phases: dict) -> dict:
+  return {k: round(v, 3) for k, v in phases.items()}
+
+
+def _print_rows(rows: list[dict]) -> None:
+  """One line per pass; one line in all for an implementation skipped whole."""
+  reasons = {(r["status"], r.get("reason")) for r in rows}
+  if len(reasons) == 1 and rows[0]["status"] == "skipped":
+    r = rows[0]
+    log(f"{r['workload']:<46} {r['impl']:<16} {'*':<7} SKIPPED: {r.get('reason', '')}")
+    return
+  for r in rows:
+    log(_status_line(r))
+  line = phase_line(rows)
+  if line:
+    log(line)
+
+
+def phase_line(rows: list[dict]) -> str:
+  """Where one run's seconds went, in one line ("" when nothing ran)."""
+  first = next((r for r in rows if "run_s" in (r.get("phases") or {})), None)
+  if first is None:
+    return ""
+  ph = first["phases"]
+  parts = [f"inputs {ph.get('inputs_s', 0):.1f}",
+           f"oracle {ph.get('oracle_s', 0):.1f} (compile {ph.get('oracle_compile_s', 0):.1f})",
+           f"build {ph.get('build_s', 0):.1f}"]
+  for r in rows:
+    p = r.get("phases") or {}
+    if r["pass"] in ("fwd", "fwdbwd") and "compile_s" in p:
+      parts.append(f"{r['pass']}: compile {p['compile_s']:.1f}, check {p.get('check_s', 0):.1f}, "
+                   f"time {p.get('time_s', 0):.1f}")
+  return (f"{first['workload']:<46} {first['impl']:<16} {'phases':<7} " + "; ".join(parts)
+          + f"; run {ph.get('run_s', 0):.1f} s")
+
+
+def _status_line(row: dict) -> str:
+  def fmt_err(check):
+    if not check:
+      return ""
+    parts = [f"{k} {c['max_abs_err']:.2e}" for k, c in check.items()
+             if c.get("max_abs_err") is not None]
+    return "err " + ", ".join(parts)
+  head = f"{row['workload']:<46} {row['impl']:<16} {row['pass']:<7}"
+  if row["status"] in ("skipped", "error"):
+    return f"{head} {row['status'].upper()}: {row.get('reason', '')}"
+  ms = row.get("median_ms")
+  tf = row.get("tflops")
+  untimed = "(" + row.get("reason", "untimed") + ")"
+  timing = f"{ms:9.3f} ms {tf:8.2f} TF/s" if ms is not None else f"{untimed:<26}"
+  flag = "ok" if row["status"] == "ok" else "WRONG"
+  return f"{head} {timing}  {flag:5} {fmt_err(row.get('check'))}"
+
+
+
+@dataclasses.dataclass
+class PlanItem:
+  """One implementation over every rank of one series (a causal shape: one rank)."""
+
+  series: str
+  wls: list
+  impl: str
+  balance: bool = False    # contiguous rows: only the first implementation that works
+  tier: int = 0            # index into TIERS
+  unit: int = 0            # items of one unit start together or not at all (ours + cuDNN)
+  headline: bool = False  # a headline series (tiers 0 and 1)
+
+
+def plan_units(plan: list[PlanItem]) -> list[list[PlanItem]]:
+  """Consecutive items of one unit, grouped."""
+  out = []
+  for item in plan:
+    if out and out[-1][0].unit == item.unit:
+      out[-1].append(item)
+    else:
+      out.append([item])
+  return out
+
+
+class Runner:
+  """Runs a plan unit by unit within a time budget; rows collect in ``rows``.
+
+  A unit (our primary kernel + cuDNN on one series, else one item) starts only
+  if the budget is not spent and its estimate (mean seconds per run so far
+  times its runs) fits what is left; a started unit runs to its end unless it
+  overruns the budget by a quarter: so a budget cut leaves whole comparisons.
+  """
+
+  OVERRUN = 1.25
+
+  def __init__(self, registry_, st: Settings, budget: common.Budget, *, on_item=None, bar=None):
+    self.registry = registry_
+    self.st = st
+    self.budget = budget
+    self.store = Inputs(st.sets)
+    self.rows = []
+    self.run_seconds = []   # wall time of every run that got past its availability check
+    self.on_item = on_item or (lambda: None)
+    self.bar = bar
+
+  def runnable(self, item: PlanItem, wl: Workload) -> bool:
+    return self.registry[item.impl].unavailable(wl, self.st.ctx) is None
+
+  def estimate(self, unit: list[PlanItem]) -> float:
+    """Seconds the unit is expected to take (0 before anything ran)."""
+    if not self.run_seconds:
+      return 0.0
+    n = sum(self.runnable(it, wl) for it in unit for wl in it.wls)
+    return statistics.fmean(self.run_seconds) * n
+
+  def unit_skip_reason(self, unit: list[PlanItem]) -> str | None:
+    left = self.budget.left
+    if left is None:
+      return None
+    if left <= 0:
+      return f"time budget ({self.budget.seconds:.0f} s) spent"
+    need = self.estimate(unit)
+    if need > left:
+      return (f"time budget ({self.budget.seconds:.0f} s): this comparison needs ~{need:.0f} s, "
+              f"{left:.0f} s left")
+    return None
+
+  def overrun(self) -> bool:
+    b = self.budget
+    return b.seconds is not None and b.elapsed > self.OVERRUN * b.seconds
+
+  def run_one(self, item: PlanItem, wl: Workload) -> list[dict]:
+    """Checks and times one rank; prints its rows and where its time went."""
+    t0 = time.perf_counter()
+    rows = run_item(WorkloadState(wl, self.store), self.registry[item.impl], self.st)
+    if any(r["status"] != "skipped" or r.get("phases") for r in rows):
+      self.run_seconds.append(time.perf_counter() - t0)
+    _print_rows(rows)
+    return rows
+
+  def skipped(self, item: PlanItem, wl: Workload, reason: str) -> list[dict]:
+    return [blank_row(wl, self.registry[item.impl], p, reason=reason) for p in self.st.passes]
+
+  def run(self, plan: list[PlanItem]) -> list[dict]:
+    for item in plan:
+      for wl in item.wls:
+        self.store.reserve(wl)
+    chosen = {}   # balance series -> the implementation it settled on
+    for unit in plan_units(plan):
+      unit_reason = None
+      if not all(it.balance and it.series in chosen for it in unit):
+        unit_reason = self.unit_skip_reason(unit)
+        if unit_reason:
+          what = " + ".join(it.impl for it in unit)
+          log(f"{unit[0].series:<46} {what:<16} {'*':<7} SKIPPED: {unit_reason}")
+      for item in unit:
+        self._run_item(item, unit_reason, chosen)
+        self.on_item()
+    return self.rows
+
+  def _run_item(self, item: PlanItem, skip_reason: str | None, chosen: dict) -> None:
+    impl = self.registry[item.impl]
+    if item.balance and item.series in chosen:   # settled on an earlier implementation
+      for wl in item.wls:
+        self.store.release(wl)
+        self._tick()
+      return
+    for wl in item.wls:
+      if skip_reason is None and self.overrun():
+        skip_reason = f"time budget ({self.budget.seconds:.0f} s) overrun: rest of the unit cut"
+      if skip_reason is not None:
+        rows = self.skipped(item, wl, skip_reason)
+      else:
+        if self.bar is not None:
+          self.bar.set_postfix_str(f"{wl.name} {impl.name}")
+        rows = self.run_one(item, wl)
+        if wl is item.wls[0] and len(item.wls) > 1:
+          # The first rank decides for the others when nothing ran at all.
+          if all(r["status"] == "skipped" for r in rows):
+            skip_reason = rows[0].get("reason")
+          elif all(r["status"] == "error" for r in rows):
+            skip_reason = f"rank {wl.rank} failed: {rows[0].get('reason')}"
+          elif item.balance and not any(r["status"] == "ok" for r in rows):
+            skip_reason = f"rank {wl.rank} gave no correct result"
+          if skip_reason:
+            log(f"{item.series:<46} {impl.name:<16} other ranks skipped: {skip_reason}")
+        if item.balance and any(r["status"] == "ok" for r in rows):
+          chosen.setdefault(item.series, impl.name)
+      self.rows += rows
+      self.store.release(wl)
+      self._tick()
+
+  def _tick(self) -> None:
+    if self.bar is not None:
+      self.bar.update(1)
+
+
+
+
+def measure(items, st: Settings, *, rows=None, registry_=None, budget=None,
+            on_item=None) -> list[dict]:
+  """``items``: (workload, implementation name) pairs, run in that order, each
+  its own unit. Returns the rows of :func:`run_item`, every one checked,
+  appended to ``rows`` (a list the caller may save after each item)."""
+  registry_ = impls.all_impls() if registry_ is None else registry_
+  plan = [PlanItem(wl.series, [wl], name, unit=i) for i, (wl, name) in enumerate(items)]
+  runner = Runner(registry_, st, budget or common.Budget(None), on_item=on_item)
+  if rows is not None:
+    runner.rows = rows
+  return runner.run(plan)
