@@ -347,6 +347,14 @@ def _public_cudnn_part(q, k, v, causal, scale):
   return out, jnp.moveaxis(lse.astype(jnp.float32), 2, 1)     # BTN -> BNT
 
 
+def jax_nn_causal(implementation: str | None, window=None, scale: float | None = None):
+  """(q, k, v) -> causal jax.nn.dot_product_attention: the peer every front end
+  times. ``window``: Problem.window ((left, right); None: unbounded)."""
+  kw = {} if window is None else {"local_window_size": (window[0], window[1] or 0)}
+  return lambda q, k, v: jax.nn.dot_product_attention(
+      q, k, v, scale=scale, is_causal=True, implementation=implementation, **kw)
+
+
 class Cudnn(Impl):
   name = "cudnn"
   kind = "cudnn"
@@ -370,10 +378,7 @@ class Cudnn(Impl):
   def build(self, wl, ctx):
     scale = 1.0 / math.sqrt(wl.d)
     if wl.is_standard:
-      kw = {} if wl.window is None else {"local_window_size": (wl.window[0], wl.window[1] or 0)}
-      fn = lambda q, k, v: jax.nn.dot_product_attention(
-          q, k, v, scale=scale, is_causal=True, implementation="cudnn", **kw)
-      return Built(fn, "jax.nn.dot_product_attention")
+      return Built(jax_nn_causal("cudnn", wl.window, scale), "jax.nn.dot_product_attention")
     n_calls = sum(len(s) for _, s in composition_parts(wl.groups, wl.causal))
     note = f"composition: {n_calls} cuDNN calls merged by lse"
     # Each part's out (and dq, dk, dv) comes back rounded to the input dtype

@@ -36,6 +36,7 @@ import optax
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from benchmarks import impls
 from benchmarks.common import environment, memory_stats
 from jax_grouped_attn import ContextParallel, QueryGroup, attention, registry
 from jax_grouped_attn.cp import zigzag_order, zigzag_positions
@@ -279,10 +280,7 @@ JAX_BASELINES = ("jax-xla", "jax-cudnn")
 def baseline_attention_fn(name: str, window: int | None = None):
   """Causal jax.nn.dot_product_attention (implementation "xla" or "cudnn"),
   with a sliding window of ``window`` keys to the left if given."""
-  impl = name.removeprefix("jax-")
-  kw = {} if window is None else {"local_window_size": (window, 0)}
-  return lambda q, k, v: jax.nn.dot_product_attention(q, k, v, is_causal=True,
-                                                       implementation=impl, **kw)
+  return impls.jax_nn_causal(name.removeprefix("jax-"), None if window is None else (window, 0))
 
 
 def grouped_attention_fn(backend: str, backward: str, context_parallel=None,

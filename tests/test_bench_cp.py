@@ -138,3 +138,20 @@ def test_bench_cp_check_catches_a_wrong_cp_row(tmp_path, monkeypatch):
                        "--no-baselines", "--passes", "fwd", "--reps", "1", "--warmup", "0"])
   status = {r["label"]: r["status"] for r in res["rows"]}
   assert status == {"1 GPU xla": "ok", "ring xla": "wrong"}, status
+
+
+@pytest.mark.parametrize("window", [None, 5])
+def test_llama_jax_baseline_is_the_same_attention(window):
+  # The jax.nn baseline (impls.jax_nn_causal) and this package's attention on
+  # the same call agree, with and without a window.
+  import jax  # noqa: PLC0415
+  import numpy as np  # noqa: PLC0415
+
+  from benchmarks import llama  # noqa: PLC0415
+  ks = jax.random.split(jax.random.PRNGKey(3), 3)
+  q, k, v = (jax.random.normal(kk, (2, 32, h, 16)) for kk, h in zip(ks, (4, 2, 2)))
+  got = llama.baseline_attention_fn("jax-xla", window)(q, k, v)
+  want = llama.grouped_attention_fn("xla", "kernel", window=window)(q, k, v)
+  np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=1e-5, rtol=1e-5)
+  other = llama.baseline_attention_fn("jax-xla", None if window else 5)(q, k, v)
+  assert float(np.max(np.abs(np.asarray(other) - np.asarray(want)))) > 1e-3
