@@ -30,8 +30,6 @@ from jax_grouped_attn import plan as plan_lib
 from jax_grouped_attn.config import BackwardConfig, ForwardConfig, Tiles
 from jax_grouped_attn.groups import QueryGroup
 from jax_grouped_attn.triton import (
-  backward as backward_launch,
-  backward_kernels,
   common,
   heuristics,
   kernels,
@@ -179,7 +177,7 @@ def compile_kernel(kernel: str, head_dim: int, dtype: str, has_segments: bool,
                    config: ForwardConfig | BackwardConfig | None = None, *,
                    capability: int = 90, causal: bool = True, window=None):
   """Compiles one Triton kernel (``kernel`` in KERNELS) for sm_``capability``
-  exactly as launch.forward / backward.backward would configure it (for a
+  exactly as launch.forward / launch.backward would configure it (for a
   ``causal`` problem with sliding ``window``, a Problem.window).
   Returns (compiled kernel, plan with this kernel's tiles, tiles as launched)."""
   config = config or default_config(kernel, head_dim, dtype)
@@ -200,25 +198,25 @@ def compile_kernel(kernel: str, head_dim: int, dtype: str, has_segments: bool,
     fn, constexprs = kernels.forward_kernel, launch.forward_constexprs(plan=plan, **shared)
   elif kernel == "dkdv":
     plan = dataclasses.replace(plan, block_q=bplan.block_q, block_k=bplan.block_k)
-    constexprs = backward_launch.backward_constexprs(block_q=bplan.block_q,
+    constexprs = launch.backward_constexprs(block_q=bplan.block_q,
                                                      block_k=bplan.block_k, **shared)
-    fn, constexprs = backward_kernels.dkdv_kernel, dict(constexprs, HK=problem.hk)
+    fn, constexprs = kernels.dkdv_kernel, dict(constexprs, HK=problem.hk)
     launched = config.dkdv
   elif kernel == "dq":
-    constexprs = backward_launch.backward_constexprs(block_q=plan.block_q,
+    constexprs = launch.backward_constexprs(block_q=plan.block_q,
                                                      block_k=plan.block_k, **shared)
-    fn, constexprs = backward_kernels.dq_kernel, dict(constexprs, HQ=problem.hq)
+    fn, constexprs = kernels.dq_kernel, dict(constexprs, HQ=problem.hq)
     launched = dq_tiles
   elif kernel == "delta":
     sq = common.contiguous_strides(q_shape)
     sl = common.contiguous_strides((problem.batch, problem.hq, plan.tq_pad))
     rows = bplan.row_block
     plan = dataclasses.replace(plan, block_q=rows)
-    fn = backward_kernels.delta_kernel
+    fn = kernels.delta_kernel
     constexprs = dict(HQ=problem.hq, SQ_B=sq[0], SQ_T=sq[1], SQ_H=sq[2], SL_B=sl[0],
                       SL_H=sl[1], BLOCK_Q=rows, DP=dp)
-    launched = config.dkdv._replace(num_warps=backward_launch.DELTA_NUM_WARPS,
-                                    num_stages=backward_launch.DELTA_NUM_STAGES)
+    launched = config.dkdv._replace(num_warps=launch.DELTA_NUM_WARPS,
+                                    num_stages=launch.DELTA_NUM_STAGES)
   else:
     raise ValueError(f"unknown kernel {kernel!r}; expected one of {KERNELS}.")
   signature = _pointer_types(kernel, dtype)

@@ -163,6 +163,24 @@ def test_interpreted_twin_is_separate_from_compiled_kernel():
   assert isinstance(tl.standard.max, JITFunction)             # swap was undone
 
 
+def test_interpreted_runs_leave_triton_language_as_they_found_it():
+  # Triton's interpreter patches the builtins of each triton.language module a
+  # called function sees and, for device functions (tl.max, tl.sum, ...), never
+  # undoes it; a later compile in this process then fails with
+  # "InterpreterBuilder" (seen with a fresh Triton cache). runtime restores them.
+  import triton.language as tl
+  owners = [tl, tl.core, tl.math, tl.standard, tl.core.tensor, tl.dtype]
+  before = [dict(vars(o)) for o in owners]
+  case = case_by_name("zigzag_r0w2c16")
+  q, k, v, _, _ = make_inputs(case)
+  loss = lambda q, k, v: jnp.sum(_run(case, "triton", q, k, v, None, None, interpret=True)[0])
+  jax.block_until_ready(jax.grad(loss, argnums=(0, 1, 2))(q, k, v))
+  for owner, members in zip(owners, before):
+    now = vars(owner)
+    changed = [n for n in members if n != "__annotations__" and now.get(n) is not members[n]]
+    assert not changed, (owner, changed[:8])
+
+
 def test_interpreted_rejects_non_kernels():
   with pytest.raises(TypeError, match="@triton.jit"):
     runtime.interpreted(lambda x: x)

@@ -21,7 +21,7 @@ import triton.language as tl
 from jax_grouped_attn import plan as plan_lib
 
 # Table columns and constants as constexprs (a kernel may only read constexpr
-# globals); the backward kernels import them from here.
+# globals).
 ROW0 = tl.constexpr(plan_lib.ROW0)
 QPOS0 = tl.constexpr(plan_lib.QPOS0)
 KV_LEN = tl.constexpr(plan_lib.KV_LEN)
@@ -202,3 +202,232 @@ def forward_kernel(table_ptr, q_ptr, k_ptr, v_ptr, qseg_ptr, kvseg_ptr, out_ptr,
   tl.store(out_ptr + q_off + offs_q[:, None] * SQ_T + offs_d[None, :],
            out.to(out_ptr.dtype.element_ty))
   tl.store(lse_ptr + b * SL_B + h * SL_H + row0 + offs_q, lse)
+
+
+# ---------------------------------------------------------------- backward ---
+#
+# Three kernels, each launched once for all groups (see ``launch.py``):
+#   delta_kernel: grid (Tq_pad / BLOCK_Q, B * Hq)
+#   dkdv_kernel:  grid (n_kv_blocks, B * Hk)   kv table of plan.make_backward_plan
+#   dq_kernel:    grid (n_work, B * Hq)        forward work table of plan.make_plan
+#
+# Pointer arguments (padded layouts of plan.py, last axis contiguous):
+#   q_ptr, out_ptr, dout_ptr, dq_ptr: [B, Tq_pad, Hq, Dp]
+#   k_ptr, v_ptr, dk_ptr, dv_ptr:     [B, Tk_pad, Hk, Dp]
+#   lse_ptr, dlse_ptr, delta_ptr, lse2_ptr: [B, Hq, Tq_pad] float32
+#   valid_ptr: [Tq_pad] int32 (0 on padding rows)
+#   qseg_ptr: [B, Tq_pad], kvseg_ptr: [B, Tk_pad] int32 (read only if HAS_SEGMENTS)
+# ``lse2`` is lse * log2(e) with +inf on rows that must not contribute (lse =
+# -inf, padding rows): exp2(s - inf) = 0 gives P = 0 there without a NaN.
+# Strides are constexprs in elements, named as in the forward's; so are
+# WINDOW_LEFT / WINDOW_RIGHT (Problem.window_left / window_right, -1 = unbounded).
+
+
+@triton.jit
+def delta_kernel(valid_ptr, out_ptr, dout_ptr, lse_ptr, dlse_ptr, delta_ptr, lse2_ptr,
+                 HQ: tl.constexpr, SQ_B: tl.constexpr, SQ_T: tl.constexpr,
+                 SQ_H: tl.constexpr, SL_B: tl.constexpr, SL_H: tl.constexpr,
+                 BLOCK_Q: tl.constexpr, DP: tl.constexpr):
+  """delta = rowsum(dO * O) - dlse and lse2 for one q block of one (batch, q head)."""
+  i = tl.program_id(0)
+  bh = tl.program_id(1)
+  b = (bh // HQ).to(tl.int64)
+  h = (bh % HQ).to(tl.int64)
+  rows = i * BLOCK_Q + tl.arange(0, BLOCK_Q)
+  offs_d = tl.arange(0, DP)
+  tile = b * SQ_B + h * SQ_H + rows[:, None].to(tl.int64) * SQ_T + offs_d[None, :]
+  o = tl.load(out_ptr + tile).to(tl.float32)
+  do = tl.load(dout_ptr + tile).to(tl.float32)
+  vec = b * SL_B + h * SL_H + rows
+  lse = tl.load(lse_ptr + vec)
+  tl.store(delta_ptr + vec, tl.sum(o * do, 1) - tl.load(dlse_ptr + vec))
+  keep = (tl.load(valid_ptr + rows) != 0) & (lse != float("-inf"))
+  tl.store(lse2_ptr + vec, tl.where(keep, lse * LOG2E, float("inf")))
+
+
+@triton.jit
+def _dkdv_step(dk, dv, k, v, keys, kvseg, entry_ptr, q_base, do_base, lse2_base, delta_base,
+               qseg_base,
+               QK_SCALE: tl.constexpr, SQ_T: tl.constexpr, CAUSAL: tl.constexpr,
+               HAS_SEGMENTS: tl.constexpr, WINDOW_LEFT: tl.constexpr,
+               WINDOW_RIGHT: tl.constexpr, MASKED: tl.constexpr, BLOCK_Q: tl.constexpr,
+               DP: tl.constexpr, DOT_PRECISION: tl.constexpr):
+  """Adds one q block's share to dk, dv: [BLOCK_K, Dp] f32.
+
+  k, v: [BLOCK_K, Dp]; keys, kvseg: [BLOCK_K] int32; entry_ptr: this entry's
+  row of the entry table; q_base, do_base: q / dout pointers of (batch, head)
+  at row 0; lse2_base, delta_base: lse2 / delta of (batch, head) at row 0;
+  qseg_base: q segment ids of this batch at row 0.
+  Transposed tiles (keys x rows) avoid transposing computed values.
+  """
+  row0 = tl.load(entry_ptr + E_ROW0)
+  offs_q = tl.arange(0, BLOCK_Q)
+  offs_d = tl.arange(0, DP)
+  rows = row0 + offs_q
+  qt = tl.load(q_base + offs_d[:, None] + rows[None, :].to(tl.int64) * SQ_T)   # [Dp, BQ]
+  do = tl.load(do_base + rows[:, None].to(tl.int64) * SQ_T + offs_d[None, :])  # [BQ, Dp]
+  lse2 = tl.load(lse2_base + rows)
+  delta = tl.load(delta_base + rows)
+  st = tl.dot(k, qt, input_precision=DOT_PRECISION) * QK_SCALE                 # [BK, BQ]
+  pt = tl.math.exp2(st - lse2[None, :])
+  if MASKED:
+    q_pos = tl.load(entry_ptr + E_QPOS0) + offs_q
+    qseg = tl.load(qseg_base + rows) if HAS_SEGMENTS else q_pos
+    seen = visible(q_pos[None, :], keys[:, None], tl.load(entry_ptr + E_KV_LEN),
+                   qseg[None, :], kvseg[:, None], CAUSAL, HAS_SEGMENTS, WINDOW_LEFT,
+                   WINDOW_RIGHT)
+    pt = tl.where(seen, pt, 0.0)
+  # dV += P^T dO; dS^T = P^T (V dO^T - delta); dK += dS^T Q (scale applied once).
+  dv += tl.dot(pt.to(do.dtype), do, input_precision=DOT_PRECISION)
+  dpt = tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION)
+  dst = pt * (dpt - delta[None, :])
+  dk += tl.dot(dst.to(qt.dtype), tl.trans(qt), input_precision=DOT_PRECISION)
+  return dk, dv
+
+
+@triton.jit
+def dkdv_kernel(kv_table_ptr, entries_ptr, q_ptr, k_ptr, v_ptr, dout_ptr, lse2_ptr,
+                delta_ptr, qseg_ptr, kvseg_ptr, dk_ptr, dv_ptr,
+                QK_SCALE: tl.constexpr, SCALE: tl.constexpr, HK: tl.constexpr,
+                GROUP_SIZE: tl.constexpr,
+                SQ_B: tl.constexpr, SQ_T: tl.constexpr, SQ_H: tl.constexpr,
+                SK_B: tl.constexpr, SK_T: tl.constexpr, SK_H: tl.constexpr,
+                SL_B: tl.constexpr, SL_H: tl.constexpr,
+                SSQ_B: tl.constexpr, SSK_B: tl.constexpr,
+                CAUSAL: tl.constexpr, HAS_SEGMENTS: tl.constexpr,
+                WINDOW_LEFT: tl.constexpr, WINDOW_RIGHT: tl.constexpr,
+                BLOCK_Q: tl.constexpr, BLOCK_K: tl.constexpr, DP: tl.constexpr,
+                DOT_PRECISION: tl.constexpr):
+  """dK, dV of one kv block of one (batch, kv head), summed over its
+  GROUP_SIZE q heads and every q block (of any group) that sees it; fp32
+  accumulators, one write, no atomics."""
+  t = tl.program_id(0)
+  bh = tl.program_id(1)
+  b = (bh // HK).to(tl.int64)
+  hk = (bh % HK).to(tl.int64)
+  row_ptr = kv_table_ptr + t * KV_TABLE_WIDTH
+  kb = tl.load(row_ptr + KV_BLOCK)
+  start = tl.load(row_ptr + KV_START)
+  n_full = tl.load(row_ptr + KV_N_FULL)
+  n_entries = tl.load(row_ptr + KV_N_ENTRIES)
+
+  offs_k = tl.arange(0, BLOCK_K)
+  offs_d = tl.arange(0, DP)
+  keys = kb * BLOCK_K + offs_k
+  tile = b * SK_B + hk * SK_H + keys[:, None].to(tl.int64) * SK_T + offs_d[None, :]
+  k = tl.load(k_ptr + tile)
+  v = tl.load(v_ptr + tile)
+  if HAS_SEGMENTS:
+    kvseg = tl.load(kvseg_ptr + b * SSK_B + keys)
+  else:
+    kvseg = keys  # unused
+  qseg_base = qseg_ptr + b * SSQ_B
+
+  dk = tl.zeros([BLOCK_K, DP], dtype=tl.float32)
+  dv = tl.zeros([BLOCK_K, DP], dtype=tl.float32)
+  for g in range(0, GROUP_SIZE):
+    h = hk * GROUP_SIZE + g
+    q_base = q_ptr + b * SQ_B + h * SQ_H
+    do_base = dout_ptr + b * SQ_B + h * SQ_H
+    lse2_base = lse2_ptr + b * SL_B + h * SL_H
+    delta_base = delta_ptr + b * SL_B + h * SL_H
+    for e in range(start, start + n_full):
+      dk, dv = _dkdv_step(dk, dv, k, v, keys, kvseg, entries_ptr + e * ENTRY_WIDTH,
+                          q_base, do_base, lse2_base, delta_base, qseg_base, QK_SCALE, SQ_T, CAUSAL,
+                          HAS_SEGMENTS, WINDOW_LEFT, WINDOW_RIGHT, False, BLOCK_Q, DP,
+                          DOT_PRECISION)
+    for e in range(start + n_full, start + n_entries):
+      dk, dv = _dkdv_step(dk, dv, k, v, keys, kvseg, entries_ptr + e * ENTRY_WIDTH,
+                          q_base, do_base, lse2_base, delta_base, qseg_base, QK_SCALE, SQ_T, CAUSAL,
+                          HAS_SEGMENTS, WINDOW_LEFT, WINDOW_RIGHT, True, BLOCK_Q, DP,
+                          DOT_PRECISION)
+  tl.store(dk_ptr + tile, (dk * SCALE).to(dk_ptr.dtype.element_ty))
+  tl.store(dv_ptr + tile, dv.to(dv_ptr.dtype.element_ty))
+
+
+@triton.jit
+def _dq_step(dq, q, do, lse2, delta, q_pos, qseg, kv_len, kt_ptrs, vt_ptrs, kvseg_ptrs,
+             key0, QK_SCALE: tl.constexpr, CAUSAL: tl.constexpr,
+             HAS_SEGMENTS: tl.constexpr, WINDOW_LEFT: tl.constexpr,
+             WINDOW_RIGHT: tl.constexpr, MASKED: tl.constexpr, BLOCK_K: tl.constexpr,
+             DOT_PRECISION: tl.constexpr):
+  """Adds keys [key0, key0 + BLOCK_K) to dq: [BLOCK_Q, Dp] f32.
+
+  q, do: [BLOCK_Q, Dp]; lse2, delta, q_pos, qseg: [BLOCK_Q]; kt_ptrs /
+  vt_ptrs: [Dp, BLOCK_K] pointers (transposed tiles); kvseg_ptrs: [BLOCK_K].
+  """
+  kt = tl.load(kt_ptrs)
+  s = tl.dot(q, kt, input_precision=DOT_PRECISION) * QK_SCALE                  # [BQ, BK]
+  p = tl.math.exp2(s - lse2[:, None])
+  if MASKED:
+    keys = key0 + tl.arange(0, BLOCK_K)
+    kvseg = tl.load(kvseg_ptrs) if HAS_SEGMENTS else keys
+    seen = visible(q_pos[:, None], keys[None, :], kv_len, qseg[:, None], kvseg[None, :],
+                   CAUSAL, HAS_SEGMENTS, WINDOW_LEFT, WINDOW_RIGHT)
+    p = tl.where(seen, p, 0.0)
+  vt = tl.load(vt_ptrs)
+  dp = tl.dot(do, vt, input_precision=DOT_PRECISION)
+  ds = p * (dp - delta[:, None])
+  return dq + tl.dot(ds.to(kt.dtype), tl.trans(kt), input_precision=DOT_PRECISION)
+
+
+@triton.jit
+def dq_kernel(table_ptr, q_ptr, k_ptr, v_ptr, dout_ptr, lse2_ptr, delta_ptr, qseg_ptr,
+              kvseg_ptr, dq_ptr,
+              QK_SCALE: tl.constexpr, SCALE: tl.constexpr, HQ: tl.constexpr,
+              GROUP_SIZE: tl.constexpr,
+              SQ_B: tl.constexpr, SQ_T: tl.constexpr, SQ_H: tl.constexpr,
+              SK_B: tl.constexpr, SK_T: tl.constexpr, SK_H: tl.constexpr,
+              SL_B: tl.constexpr, SL_H: tl.constexpr,
+              SSQ_B: tl.constexpr, SSK_B: tl.constexpr,
+              CAUSAL: tl.constexpr, HAS_SEGMENTS: tl.constexpr,
+              WINDOW_LEFT: tl.constexpr, WINDOW_RIGHT: tl.constexpr,
+              BLOCK_Q: tl.constexpr, BLOCK_K: tl.constexpr, DP: tl.constexpr,
+              DOT_PRECISION: tl.constexpr):
+  """dQ of one q block (forward work-table row) of one (batch, q head)."""
+  w = tl.program_id(0)
+  bh = tl.program_id(1)
+  b = (bh // HQ).to(tl.int64)
+  h = (bh % HQ).to(tl.int64)
+  hk = h // GROUP_SIZE
+  row_ptr = table_ptr + w * TABLE_WIDTH
+  row0 = tl.load(row_ptr + ROW0)
+  q_pos0 = tl.load(row_ptr + QPOS0)
+  kv_len = tl.load(row_ptr + KV_LEN)
+  first, full0, n_full, n_blocks, kv_shift, key_first = kv_walk(row_ptr, BLOCK_K, SK_T,
+                                                                WINDOW_LEFT)
+
+  offs_q = tl.arange(0, BLOCK_Q)
+  offs_k = tl.arange(0, BLOCK_K)
+  offs_d = tl.arange(0, DP)
+  rows = row0 + offs_q
+  tile = b * SQ_B + h * SQ_H + rows[:, None].to(tl.int64) * SQ_T + offs_d[None, :]
+  q = tl.load(q_ptr + tile)
+  do = tl.load(dout_ptr + tile)
+  l_off = b * SL_B + h * SL_H + rows
+  lse2 = tl.load(lse2_ptr + l_off)
+  delta = tl.load(delta_ptr + l_off)
+  q_pos = q_pos0 + offs_q
+  if HAS_SEGMENTS:
+    qseg = tl.load(qseg_ptr + b * SSQ_B + rows)
+  else:
+    qseg = offs_q  # unused
+  # k, v and kv segment pointers start at kv block ``first`` (kv_walk).
+  kv_off = b * SK_B + hk * SK_H + kv_shift
+  kvseg_ptrs = kvseg_ptr + b * SSK_B + key_first + offs_k
+  tile_t = kv_off + offs_d[:, None] + offs_k[None, :] * SK_T
+  kt_ptrs = k_ptr + tile_t
+  vt_ptrs = v_ptr + tile_t
+
+  dq = tl.zeros([BLOCK_Q, DP], dtype=tl.float32)
+  # The forward's walk (walk_part); pointers advance one block a step.
+  for part in tl.static_range(0 if WINDOW_LEFT >= 0 else 1, 3):
+    lo, hi = walk_part(part, first, full0, n_full, n_blocks)
+    for j in range(lo, hi):
+      dq = _dq_step(dq, q, do, lse2, delta, q_pos, qseg, kv_len, kt_ptrs, vt_ptrs, kvseg_ptrs,
+                    j * BLOCK_K, QK_SCALE, CAUSAL, HAS_SEGMENTS, WINDOW_LEFT, WINDOW_RIGHT,
+                    part != 1, BLOCK_K, DOT_PRECISION)
+      kt_ptrs += BLOCK_K * SK_T
+      vt_ptrs += BLOCK_K * SK_T
+      kvseg_ptrs += BLOCK_K
+  tl.store(dq_ptr + tile, (dq * SCALE).to(dq_ptr.dtype.element_ty))

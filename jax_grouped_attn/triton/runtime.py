@@ -234,17 +234,32 @@ def _interpreted_language():
   owners = [m for name, m in list(sys.modules.items())
             if m is not None and (name == "triton.language" or name.startswith("triton.language."))]
   owners.append(tl.core.tensor)
-  saved = []
+  # Triton's interpreter patches the builtins of every triton.language module a
+  # called @triton.jit function sees, and for a device-function call (our twins
+  # of tl.max, tl.sum, ... see tl.core) never restores them: a later compile in
+  # this process would then build with the interpreter. Every member it may
+  # have replaced is put back.
+  classes = [tl.core.tensor, tl.dtype, getattr(tl.core, "tensor_descriptor_base", None)]
+  guarded = list(dict.fromkeys(owners + [c for c in classes if c is not None]))
+  before = [(owner, dict(vars(owner))) for owner in guarded]
   for owner in owners:
     for name, value in list(vars(owner).items()):
       if isinstance(value, JITFunction):
-        saved.append((owner, name, value))
         setattr(owner, name, twin(value))
   try:
     yield
   finally:
-    for owner, name, value in reversed(saved):
-      setattr(owner, name, value)
+    for owner, members in before:
+      _restore_members(owner, members)
+
+
+def _restore_members(owner, members: dict) -> None:
+  """Resets ``owner``'s attributes that differ from ``members`` (a copy of its
+  vars). Added ones stay: the interpreter copies its own globals into the
+  modules of the functions it rewrites, and its cached rewrites need them."""
+  for name, value in list(vars(owner).items()):
+    if name in members and value is not members[name]:
+      setattr(owner, name, members[name])
 
 
 _BF16_DOT_PATCHED = False

@@ -6,8 +6,8 @@ import jax_grouped_attn as ga
 from jax_grouped_attn import plan as plan_lib, autodiff
 from jax_grouped_attn.plan import Problem
 from jax_grouped_attn.groups import QueryGroup
-from jax_grouped_attn.triton import backward_kernels as K, runtime
-from jax_grouped_attn.triton.backward import backward_constexprs
+from jax_grouped_attn.triton import kernels as K, runtime
+from jax_grouped_attn.triton.launch import backward_constexprs
 
 S, HQ, HK, D = 8192, 32, 8, 128
 B = 1

@@ -66,7 +66,7 @@ MUTANTS = [
     Mutant("pallas_causal_off_by_one", "logic", P + "kernels.py",
            "    visible = visible & (kj <= q_pos)", "    visible = visible & (kj < q_pos)",
            (f"{FWD}[zigzag_r0w2c16-pallas_triton]", f"{GRADS}[zigzag_r0w2c16-pallas_triton]")),
-    Mutant("triton_bwd_gqa_head_mapping", "logic", T + "backward_kernels.py",
+    Mutant("triton_bwd_gqa_head_mapping", "logic", T + "kernels.py",
            "    h = hk * GROUP_SIZE + g", "    h = g * HK + hk",
            (f"{GRADS}[zigzag_r0w2c16-triton]", f"{GRADS}[gqa4_noncausal_groups-triton]"),
            why="dK/dV sum the wrong q heads"),
@@ -88,7 +88,7 @@ MUTANTS = [
             "tests/test_parallel.py::test_xla_backend_matches_reference"
             "[2-False-bfloat16-8-2-shared-ring]")),
     # -------------------------------------------------------- precision --
-    Mutant("triton_dkdv_bf16_accumulators", "precision", T + "backward_kernels.py",
+    Mutant("triton_dkdv_bf16_accumulators", "precision", T + "kernels.py",
            "  dv += tl.dot(pt.to(do.dtype), do, input_precision=DOT_PRECISION)\n"
            "  dpt = tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION)\n"
            "  dst = pt * (dpt - delta[None, :])\n"
@@ -155,13 +155,13 @@ MUTANTS = [
            (f"{FWD}[window_causal_left9-triton]", f"{GRADS}[window_causal_left9-triton]"),
            why="the oldest key of each row's window hidden (Triton's one mask helper)"),
     Mutant("triton_fwd_pointers_not_at_first", "offset", T + "kernels.py",
-           "  kv_off = b * SK_B + hk * SK_H + kv_shift",
-           "  kv_off = b * SK_B + hk * SK_H",
+           "block ``first``.\n  kv_off = b * SK_B + hk * SK_H + kv_shift",
+           "block ``first``.\n  kv_off = b * SK_B + hk * SK_H",
            (f"{FWD}[window_causal_left9-triton]", f"{FWD}[window_zigzag_gqa4-triton]"),
            why="k/v read from block 0 while the walk (and its mask) starts at FIRST"),
-    Mutant("triton_dq_pointers_not_at_first", "offset", T + "backward_kernels.py",
-           "  kv_off = b * SK_B + hk * SK_H + kv_shift",
-           "  kv_off = b * SK_B + hk * SK_H",
+    Mutant("triton_dq_pointers_not_at_first", "offset", T + "kernels.py",
+           "(kv_walk).\n  kv_off = b * SK_B + hk * SK_H + kv_shift",
+           "(kv_walk).\n  kv_off = b * SK_B + hk * SK_H",
            (f"{GRADS}[window_causal_left9-triton]",),
            why="dQ reads k/v from block 0 while its walk starts at FIRST"),
     Mutant("triton_fwd_leading_blocks_unmasked", "mask", T + "kernels.py",
@@ -232,6 +232,11 @@ MUTANTS = [
            "    with _interpreted_language():\n",
            ("tests/test_interpreter_rounding.py",),
            why="interpreted Triton truncates fp32 -> bf16 (the GPU rounds to nearest even)"),
+    Mutant("triton_interpreter_patches_left_behind", "logic", T + "runtime.py",
+           "    for owner, members in before:\n      _restore_members(owner, members)\n",
+           "    pass\n",
+           ("tests/test_triton.py::test_interpreted_runs_leave_triton_language_as_they_found_it",),
+           why="builtins the interpreter patched stay patched: a later compile fails"),
 ]
 
 
