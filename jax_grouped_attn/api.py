@@ -34,7 +34,7 @@ def resolve(backend, interpret, config, backward, problem, dtype) -> Kernels:
 def grouped_attention(q, k, v, groups, *, causal=True, softmax_scale=None,
                       q_segment_ids=None, kv_segment_ids=None, backend="auto",
                       return_lse=False, config=None, interpret=None,
-                      backward="kernel", local_window_size=None):
+                      backward="kernel", local_window_size=None, logits_soft_cap=None):
   """Attention of several query groups to one shared K,V, in one kernel launch.
 
   Args:
@@ -50,6 +50,9 @@ def grouped_attention(q, k, v, groups, *, causal=True, softmax_scale=None,
       or (left, right), a side None for unbounded; the row at position p then
       sees only keys j with p - left <= j <= p + right. Kernels skip the kv
       blocks outside the window (cost ~ Tq x window).
+    logits_soft_cap: None, or a static float c > 0: the scores s = scale * q.k
+      become c * tanh(s / c) before masking (Gemma 2). Backends "xla" and
+      "triton" ("auto" picks one of them).
     softmax_scale: static: a Python float or a concrete scalar (a traced one
       raises), default 1/sqrt(D).
     backend: "auto" | "xla" | "pallas" | "triton" (see README).
@@ -66,7 +69,8 @@ def grouped_attention(q, k, v, groups, *, causal=True, softmax_scale=None,
   problem = validate.make_problem(q, k, v, groups, causal=causal,
                                   softmax_scale=softmax_scale, q_segment_ids=q_segment_ids,
                                   kv_segment_ids=kv_segment_ids,
-                                  local_window_size=local_window_size)
+                                  local_window_size=local_window_size,
+                                  logits_soft_cap=logits_soft_cap)
   return _run(autodiff.differentiable, problem, q, k, v, q_segment_ids, kv_segment_ids,
               backend=backend, interpret=interpret, config=config, backward=backward,
               return_lse=return_lse)
@@ -85,7 +89,7 @@ def _run(launch, problem, q, k, v, q_segment_ids, kv_segment_ids, *, backend, in
 def attention(q, k, v, *, causal=False, softmax_scale=None, segment_ids=None,
               q_segment_ids=None, kv_segment_ids=None, backend="auto",
               return_lse=False, config=None, interpret=None, backward="kernel",
-              context_parallel=None, local_window_size=None):
+              context_parallel=None, local_window_size=None, logits_soft_cap=None):
   """Standard self/cross attention with this library's (bottom-right) causal alignment.
 
   One group ``QueryGroup(0, Tq, Tk - Tq, Tk)``: with ``causal`` and Tq != Tk
@@ -130,7 +134,7 @@ def attention(q, k, v, *, causal=False, softmax_scale=None, segment_ids=None,
   problem = validate.make_problem(
       q, k, v, (group,), causal=causal, softmax_scale=softmax_scale,
       q_segment_ids=q_segment_ids, kv_segment_ids=kv_segment_ids,
-      local_window_size=local_window_size)
+      local_window_size=local_window_size, logits_soft_cap=logits_soft_cap)
   launch = autodiff.differentiable if context_parallel is None else (
       lambda problem, kernels, *arrays: cp.local_attention(problem, context_parallel, kernels,
                                                            *arrays))
@@ -143,7 +147,8 @@ def context_parallel_attention(q, k, v, mesh, axis_name, *, strategy="allgather"
                                segment_ids=None, q_segment_ids=None, kv_segment_ids=None,
                                batch_axis_name=None, backend="auto",
                                return_lse=False, config=None, interpret=None,
-                               backward="kernel", local_window_size=None):
+                               backward="kernel", local_window_size=None,
+                               logits_soft_cap=None):
   """Zigzag context-parallel self-attention of GLOBAL arrays in natural order.
 
   Shards the sequence (axis 1) over mesh axes ``cp.sequence_axes`` (and the
@@ -185,7 +190,7 @@ def context_parallel_attention(q, k, v, mesh, axis_name, *, strategy="allgather"
   problem = validate.make_problem(
       q, k, v, (QueryGroup(0, s_len, 0, s_len),), causal=causal, softmax_scale=softmax_scale,
       q_segment_ids=q_segment_ids, kv_segment_ids=kv_segment_ids,
-      local_window_size=local_window_size)
+      local_window_size=local_window_size, logits_soft_cap=logits_soft_cap)
   launch = lambda problem, kernels, *arrays: global_attention(
       problem, spec, kernels, mesh, batch_axis_name, *arrays)
   return _run(launch, problem, q, k, v, q_segment_ids, kv_segment_ids, backend=backend,

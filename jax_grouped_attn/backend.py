@@ -44,6 +44,8 @@ class Backend:
   interpret_vma: bool = True
   # JAX autodiff of ``forward`` is exact (no custom_vjp needed).
   native_autodiff: bool = False
+  # Computes Problem.softcap (logit soft-capping) in both passes.
+  supports_softcap: bool = False
 
   def config_class(self, pass_: str) -> type | None:
     return self.forward_config_class if pass_ == "forward" else self.backward_config_class
@@ -59,6 +61,9 @@ class Backend:
 
   def supports(self, problem: Problem, dtype) -> str | None:
     """Why this backend cannot compute ``problem`` in ``dtype`` (None: it can)."""
+    if problem.softcap is not None and not self.supports_softcap:
+      return (f"logits_soft_cap={problem.softcap} is not supported by backend={self.name!r}; "
+              "use backend='triton' or 'xla' (or 'auto', which picks one that supports it).")
     return None
 
   def heuristic_config(self, pass_: str, head_dim: int, dtype):

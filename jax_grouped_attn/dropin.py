@@ -79,7 +79,7 @@ def _some_row_sees_nothing(tq, tk, causal, window) -> bool:
 def dot_product_attention(query, key, value, bias=None, mask=None, *, scale=None,
                           is_causal=False, query_seq_lengths=None,
                           key_value_seq_lengths=None, local_window_size=None,
-                          implementation=None, return_residual=False):
+                          implementation=None, return_residual=False, logits_soft_cap=None):
   """``jax.nn.dot_product_attention`` on this package's kernels (a drop-in).
 
   Args:
@@ -101,6 +101,8 @@ def dot_product_attention(query, key, value, bias=None, mask=None, *, scale=None
     implementation: None (= "auto") or a backend name of
       ``jax_grouped_attn.registry.names()`` ("xla", "triton", "pallas", ...).
       "cudnn" is jax.nn's, not one of ours.
+    logits_soft_cap: beyond jax.nn: None, or a static float c > 0 capping the
+      scores s = scale * q.k to c * tanh(s / c) before masking (Gemma 2).
     return_residual: also return the log-sum-exp, [B, T, N] (or [T, N]) in
       the input dtype, as jax.nn (no gradient flows through it).
 
@@ -144,7 +146,7 @@ def dot_product_attention(query, key, value, bias=None, mask=None, *, scale=None
   problem = validate.make_problem(
       q, k, v, (QueryGroup(0, tq, 0, tk),), causal=causal, softmax_scale=scale,
       q_segment_ids=q_seg, kv_segment_ids=kv_seg, local_window_size=local_window_size,
-      names={"softmax_scale": "scale", "causal": "is_causal"})
+      logits_soft_cap=logits_soft_cap, names={"softmax_scale": "scale", "causal": "is_causal"})
   window = problem.window
   hq, hk = problem.hq, problem.hk
   kernels = resolve(backend, None, None, "kernel", problem, q.dtype)

@@ -88,6 +88,7 @@ class FlaxAttentionFn:
   interpret: bool | None = None
   backward: str = "kernel"
   local_window_size: Any = None
+  logits_soft_cap: float | None = None
 
   def __call__(self, query, key, value, bias=None, mask=None,
                broadcast_dropout=True, dropout_rng=None, dropout_rate=0.0,
@@ -170,7 +171,8 @@ class FlaxAttentionFn:
     out = attention(q, k, v, causal=causal, softmax_scale=self.softmax_scale,
                     backend=self.backend, config=self.config,
                     interpret=self.interpret, backward=self.backward,
-                    local_window_size=local_window_size, **extra)
+                    local_window_size=local_window_size,
+                    logits_soft_cap=self.logits_soft_cap, **extra)
     return out.reshape(*batch, *out.shape[1:])
 
 
@@ -178,23 +180,25 @@ def make_attention_fn(causal: bool = False, backend: str = "auto", *,
                       context_parallel=None, softmax_scale: float | None = None,
                       config=None, interpret: bool | None = None,
                       backward: str = "kernel",
-                      local_window_size=None) -> FlaxAttentionFn:
+                      local_window_size=None, logits_soft_cap=None) -> FlaxAttentionFn:
   """An ``attention_fn`` for ``flax.linen.MultiHeadDotProductAttention`` and
   ``flax.nnx.MultiHeadAttention``.
 
   Args:
     causal: causal masking (bottom-right aligned when Tq != Tk), used when the
       module passes ``mask=None``; see the module docstring for masks.
-    backend, softmax_scale, config, interpret, backward, local_window_size: as
-      in :func:`jax_grouped_attn.attention` (the window is checked here).
+    backend, softmax_scale, config, interpret, backward, local_window_size,
+      logits_soft_cap: as in :func:`jax_grouped_attn.attention` (the window and
+      the cap are checked here).
     context_parallel: None, or a ``ContextParallel`` passed to
       :func:`jax_grouped_attn.attention` (inputs are then the local shards).
   """
   if not isinstance(causal, (bool, np.bool_)):
     raise TypeError(f"causal must be a bool, got {causal!r}.")
   window = validate.check_window(local_window_size, False)
+  softcap = validate.check_softcap(logits_soft_cap)
   return FlaxAttentionFn(causal=bool(causal), backend=backend,
                          context_parallel=context_parallel,
                          softmax_scale=softmax_scale, config=config,
                          interpret=interpret, backward=backward,
-                         local_window_size=window)
+                         local_window_size=window, logits_soft_cap=softcap)

@@ -57,6 +57,9 @@ class Problem:
   # (left, right): a row at position p sees keys in [p - left, p + right]; a
   # side that is None is unbounded; None: no window (validate.check_window).
   window: tuple[int | None, int | None] | None = None
+  # Logit soft-capping (Gemma 2): scores s = scale * q.k become c * tanh(s / c)
+  # before masking; None: off (validate.check_softcap).
+  softcap: float | None = None
 
   @property
   def group_size(self) -> int:

@@ -39,6 +39,11 @@ def _einsum(spec, a, b, dtype):
                     preferred_element_type=jnp.float32)
 
 
+def soft_cap(s, softcap: float | None):
+  """Gemma 2's logit soft-capping: c * tanh(s / c) (s itself when ``softcap`` is None)."""
+  return s if softcap is None else softcap * jnp.tanh(s / softcap)
+
+
 def reference_attention(problem: Problem, q, k, v, q_segment_ids=None,
                         kv_segment_ids=None, *, compute_dtype=jnp.float32):
   """Returns (out [B, Tq, Hq, D] in q.dtype, lse [B, Hq, Tq] float32)."""
@@ -49,7 +54,7 @@ def reference_attention(problem: Problem, q, k, v, q_segment_ids=None,
   qf = q.astype(cd).reshape(b, tq, hk, g, d)
   kf = k.astype(cd)
   vf = v.astype(cd)
-  s = _einsum("bqhgd,bkhd->bhgqk", qf, kf, cd) * problem.scale
+  s = soft_cap(_einsum("bqhgd,bkhd->bhgqk", qf, kf, cd) * problem.scale, problem.softcap)
   s = s.reshape(b, hq, tq, problem.tk)
   mask = visible_mask(problem, q_segment_ids, kv_segment_ids)
   s = jnp.where(mask, s, -jnp.inf)
@@ -74,7 +79,8 @@ def reference_backward(problem: Problem, q, k, v, q_segment_ids, kv_segment_ids,
 
   With P = exp(S - lse) on visible pairs:
     dV = P^T dO,  dP = dO V^T,  delta = rowsum(dO * O) - dlse,
-    dS = P * (dP - delta),  dQ = scale dS K,  dK = scale dS^T Q.
+    dS = P * (dP - delta),  dQ = scale dS K,  dK = scale dS^T Q
+  (with a soft cap, S = c tanh(scale q.k / c) and dS carries 1 - tanh^2).
   Passing the *merged* out/lse of several kv chunks gives each chunk's exact
   share of the gradient (what the context-parallel ring needs). fp32 math;
   returns dq, dk, dv in the input dtypes. dK/dV sum over query heads of a kv head.
@@ -88,6 +94,9 @@ def reference_backward(problem: Problem, q, k, v, q_segment_ids, kv_segment_ids,
   qf = q.astype(cd).reshape(b, tq, hk, g, d)
   kf, vf = k.astype(cd), v.astype(cd)
   s = _einsum("bqhgd,bkhd->bhgqk", qf, kf, cd) * problem.scale
+  if problem.softcap is not None:   # d(c tanh(s/c))/ds = 1 - tanh(s/c)^2
+    t = jnp.tanh(s / problem.softcap)
+    s, cap_grad = problem.softcap * t, 1.0 - t * t
   mask = visible_mask(problem, q_segment_ids, kv_segment_ids).reshape(
       (-1, 1, 1, tq, problem.tk))
   lse_g = lse.reshape(b, hk, g, tq)[..., None]
@@ -99,6 +108,8 @@ def reference_backward(problem: Problem, q, k, v, q_segment_ids, kv_segment_ids,
   delta = delta - f32(dlse).reshape(b, hk, g, tq)
   dp = _einsum("bqhgd,bkhd->bhgqk", do, vf, cd)
   ds = p * (dp - delta[..., None])
+  if problem.softcap is not None:
+    ds = ds * cap_grad
   dv = _einsum("bhgqk,bqhgd->bkhd", p, do, cd)
   dq = _einsum("bhgqk,bkhd->bqhgd", ds, kf, cd).reshape(b, tq, hq, d)
   dk = _einsum("bhgqk,bqhgd->bkhd", ds, qf, cd)
@@ -113,6 +124,7 @@ class XlaBackend(Backend):
   name = "xla"
   interpretable = True
   native_autodiff = True
+  supports_softcap = True
 
   def check_launchable(self, problem, dtype, interpret, *arrays):
     if interpret:

@@ -113,6 +113,25 @@ def check_scale(softmax_scale, d, name="softmax_scale", *, arrays=True) -> float
   return scale
 
 
+def check_softcap(logits_soft_cap, name="logits_soft_cap") -> float | None:
+  """None (off) or a static finite float c > 0: scores become c * tanh(s / c)."""
+  c = logits_soft_cap
+  if c is None:
+    return None
+  if isinstance(c, jax.core.Tracer):
+    raise ValueError(
+        f"{name} is a traced value; it must be static (a Python float), since the "
+        "kernels are compiled for one cap.")
+  if isinstance(c, (jax.Array, np.ndarray)) and c.size == 1:
+    c = c.item()
+  if isinstance(c, (bool, np.bool_)) or not isinstance(c, (int, float, np.floating, np.integer)):
+    raise TypeError(f"{name} must be None or a Python float > 0, got {type(c).__name__}.")
+  c = float(c)
+  if not (math.isfinite(c) and c > 0):
+    raise ValueError(f"{name} must be a finite float > 0 (or None: no cap), got {c!r}.")
+  return c
+
+
 def check_window(local_window_size, causal: bool):
   """jax.nn's ``local_window_size`` -> Problem.window: None, or (left, right)
   with ints >= 0 or None (unbounded). An int w means (w, w). With ``causal``
@@ -194,7 +213,8 @@ def check_backward_mode(backward) -> str:
 
 
 def make_problem(q, k, v, groups, *, causal, softmax_scale, q_segment_ids,
-                 kv_segment_ids, local_window_size=None, names=None) -> Problem:
+                 kv_segment_ids, local_window_size=None, logits_soft_cap=None,
+                 names=None) -> Problem:
   """Checks the arrays and arguments of one attention call; returns its Problem.
 
   ``names``: the caller's argument names where they differ from these (the
@@ -209,7 +229,8 @@ def make_problem(q, k, v, groups, *, causal, softmax_scale, q_segment_ids,
   has_segments = check_segments(q, k, q_segment_ids, kv_segment_ids)
   scale = check_scale(softmax_scale, d, names.get("softmax_scale", "softmax_scale"))
   window = check_window(local_window_size, causal)
-  return Problem(groups, b, tq, tk, hq, hk, d, causal, scale, has_segments, window)
+  softcap = check_softcap(logits_soft_cap)
+  return Problem(groups, b, tq, tk, hq, hk, d, causal, scale, has_segments, window, softcap)
 
 
 # ------------------------------------------------------ context parallelism --

@@ -102,7 +102,7 @@ def _out_lse_grads(fn, q, k, v, dout, dlse):
 
 def check_context_parallel(world, strategy, backend, *, causal=True, dtype=F32,
                            hq=4, hk=2, d=32, b=1, chunk=16, segments=None, seed=0,
-                           config="small", window=None):
+                           config="small", window=None, softcap=None):
   """context_parallel_attention over a ``world``-device mesh == reference
   (config "small": ``_small(backend)``)."""
   mesh = _mesh(world)
@@ -112,26 +112,29 @@ def check_context_parallel(world, strategy, backend, *, causal=True, dtype=F32,
   cp = lambda q, k, v: ga.context_parallel_attention(
       q, k, v, mesh, "cp", strategy=strategy, causal=causal, backend=backend,
       return_lse=True, config=_small(backend) if config == "small" else config,
-      backward=_backward_mode(backend), local_window_size=window, **seg)
+      backward=_backward_mode(backend), local_window_size=window, logits_soft_cap=softcap,
+      **seg)
   assert_cp_matches(f"W{world}-{strategy}-{backend}-{window}", cp, q, k, v, dout, dlse, seg,
-                    causal=causal, window=window)
+                    causal=causal, window=window, softcap=softcap)
 
 
-def assert_cp_matches(name, fn, q, k, v, dout, dlse, seg, *, causal, window=None):
+def assert_cp_matches(name, fn, q, k, v, dout, dlse, seg, *, causal, window=None,
+                      softcap=None):
   """fn(q, k, v) -> (out, lse) (context parallel, global arrays) against the
   single-device reference (with ``window`` as local_window_size): out, lse and
   dq/dk/dv under (dout, dlse), each calibrated by the same attention in q's dtype."""
   b, s, hq, d = q.shape
   f32 = lambda x: x.astype(F32)
   ref = lambda q, k, v: ga.attention(q, k, v, causal=causal, backend="xla",
-                                     return_lse=True, local_window_size=window, **seg)
+                                     return_lse=True, local_window_size=window,
+                                     logits_soft_cap=softcap, **seg)
   want = jax.jit(lambda *a: _out_lse_grads(ref, *a))(f32(q), f32(k), f32(v), f32(dout), dlse)
   got = jax.jit(lambda *a: _out_lse_grads(fn, *a))(q, k, v, dout, dlse)
   assert got[0].dtype == q.dtype and got[0].shape == q.shape
   assert got[1].dtype == F32 and got[1].shape == (b, hq, s)
   # The low-precision reference: the same single-device attention in q's dtype.
   case = Case("cp", (ga.QueryGroup(0, s, 0, s),), s, hq=hq, hk=k.shape[2], d=d, batch=b,
-              causal=causal, segments=bool(seg), dtype=q.dtype, window=window)
+              causal=causal, segments=bool(seg), dtype=q.dtype, window=window, softcap=softcap)
   qs = seg.get("q_segment_ids", seg.get("segment_ids"))
   ks = seg.get("kv_segment_ids", seg.get("segment_ids"))
   lowp = (lowp_reference(case, q, k, v, qs, ks)
@@ -441,6 +444,39 @@ def test_sliding_window_with_kernel_backends(strategy, backend):
     pytest.skip(why)
   check_context_parallel(world, strategy, backend, dtype=BF16, chunk=chunk,
                          segments="split", seed=70, window=window)
+
+
+# ------------------------------------------------- logit soft-capping --
+
+SOFTCAP_MATRIX = [
+    # (world, strategy, backend, causal, window)
+    (4, "ring", "xla", True, None),
+    (2, "ring", "triton", True, (11, None)),
+    (4, "allgather", "xla", True, (11, None)),
+    (2, "allgather", "triton", False, None),
+    (4, "ulysses", "xla", True, None),
+    (2, "ulysses", "triton", True, None),
+]
+
+
+@pytest.mark.parametrize("world,strategy,backend,causal,window", SOFTCAP_MATRIX)
+def test_soft_cap_in_every_strategy(world, strategy, backend, causal, window):
+  # The cap is per score, so each strategy's calls cap their own scores and
+  # the ring's lse merge of capped partials stays exact.
+  if backend not in KERNEL_BACKENDS + ["xla"]:
+    pytest.skip(f"{backend} does not run here")
+  check_context_parallel(world, strategy, backend, causal=causal, dtype=BF16, hq=4, hk=2,
+                         segments="split", seed=80 + world, window=window, softcap=0.8)
+
+
+def test_soft_cap_in_2d_context_parallelism():
+  mesh = _mesh(4, ("node", "gpu"), shape=(2, 2))
+  q, k, v, dout, dlse, seg = _inputs(85, b=1, s=64, hq=4, hk=2, d=32, dtype=F32,
+                                     segments=None)
+  cp = lambda q, k, v: ga.context_parallel_attention(
+      q, k, v, mesh, "node", strategy="ring", ulysses_axis_name="gpu", causal=True,
+      backend="xla", return_lse=True, logits_soft_cap=0.8)
+  assert_cp_matches("2d-ring-softcap", cp, q, k, v, dout, dlse, seg, causal=True, softcap=0.8)
 
 
 # ------------------------------------------ kernel backends (interpreted) --

@@ -42,6 +42,7 @@ class _Ring:
   causal: bool
   scale: float
   window: tuple | None
+  softcap: float | None
   run: Run
 
 
@@ -50,7 +51,8 @@ def ring_attention(problem: Problem, axis_name, run: Run, q, k, v, qs, ks):
   (segment ids [B, 2c] or None) over ``axis_name``: (out [B, 2c, Hq, D] in q's
   dtype, lse [B, Hq, 2c] f32)."""
   world = axis_size_and_rank(axis_name)[0]
-  ring = _Ring(axis_name, world, problem.causal, problem.scale, problem.window, run)
+  ring = _Ring(axis_name, world, problem.causal, problem.scale, problem.window,
+               problem.softcap, run)
   return _ring_attention(ring, q, k, v, qs, ks)
 
 
@@ -78,7 +80,8 @@ def merge_partials(out1, lse1, out2, lse2):
 def _call_problem(ring: _Ring, call: RingStep, q, k, has_segments: bool) -> Problem:
   b, _, hq, d = q.shape
   return Problem(call.groups, b, call.q_stop - call.q_start, call.kv_stop - call.kv_start,
-                 hq, k.shape[2], d, call.causal, ring.scale, has_segments, call.window)
+                 hq, k.shape[2], d, call.causal, ring.scale, has_segments, call.window,
+                 ring.softcap)
 
 
 def _rows(x, start, stop, axis=1):

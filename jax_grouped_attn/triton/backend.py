@@ -12,6 +12,7 @@ class TritonBackend(TileKernelBackend):
   name = "triton"
   heuristics = heuristics
   interpretable = True
+  supports_softcap = True
   launcher_module = "jax_grouped_attn.triton.launch"
 
   def unavailable(self, platform: str) -> str | None:

@@ -97,8 +97,28 @@ def walk_part(PART: tl.constexpr, first, full0, n_full, n_blocks):
 
 
 @triton.jit
+def _tanh(x):
+  """tanh from exp2: 1 - 2 / (e^2x + 1), which is exactly +-1 where e^2x over- or
+  underflows (tl has no tanh on every Triton this runs with)."""
+  return 1.0 - 2.0 / (tl.math.exp2(x * (2.0 * LOG2E)) + 1.0)
+
+
+@triton.jit
+def logits(raw, QK_SCALE: tl.constexpr, SOFTCAP: tl.constexpr):
+  """(base-2 logits, tanh) of the dots ``raw`` = q.k: raw * scale * log2 e, or
+  with a soft cap c = SOFTCAP > 0, c * tanh(raw * scale / c) * log2 e (Problem.
+  softcap) and that tanh, whose 1 - tanh^2 the backward multiplies into dS.
+  Without a cap the second value is ``raw`` (unused)."""
+  if SOFTCAP > 0:
+    t = _tanh(raw * (QK_SCALE / (SOFTCAP * LOG2E)))
+    return t * (SOFTCAP * LOG2E), t
+  else:
+    return raw * QK_SCALE, raw
+
+
+@triton.jit
 def _attend_block(acc, m_i, l_i, q, k_ptrs, v_ptrs, kvseg_ptrs, q_pos, qseg, kv_len,
-                  key0, QK_SCALE: tl.constexpr, CAUSAL: tl.constexpr,
+                  key0, QK_SCALE: tl.constexpr, SOFTCAP: tl.constexpr, CAUSAL: tl.constexpr,
                   HAS_SEGMENTS: tl.constexpr, WINDOW_LEFT: tl.constexpr,
                   WINDOW_RIGHT: tl.constexpr, MASKED: tl.constexpr,
                   BLOCK_K: tl.constexpr, DOT_PRECISION: tl.constexpr):
@@ -110,7 +130,7 @@ def _attend_block(acc, m_i, l_i, q, k_ptrs, v_ptrs, kvseg_ptrs, q_pos, qseg, kv_
   """
   k = tl.load(k_ptrs)
   # Logits in base 2: exp(x * scale) == exp2(x * scale * log2 e).
-  s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * QK_SCALE
+  s, _ = logits(tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION), QK_SCALE, SOFTCAP)
   if MASKED:
     keys = key0 + tl.arange(0, BLOCK_K)
     kvseg = tl.load(kvseg_ptrs) if HAS_SEGMENTS else keys
@@ -134,7 +154,8 @@ def _attend_block(acc, m_i, l_i, q, k_ptrs, v_ptrs, kvseg_ptrs, q_pos, qseg, kv_
 
 @triton.jit
 def forward_kernel(table_ptr, q_ptr, k_ptr, v_ptr, qseg_ptr, kvseg_ptr, out_ptr, lse_ptr,
-                   QK_SCALE: tl.constexpr, HQ: tl.constexpr, GROUP_SIZE: tl.constexpr,
+                   QK_SCALE: tl.constexpr, SOFTCAP: tl.constexpr, HQ: tl.constexpr,
+                   GROUP_SIZE: tl.constexpr,
                    SQ_B: tl.constexpr, SQ_T: tl.constexpr, SQ_H: tl.constexpr,
                    SK_B: tl.constexpr, SK_T: tl.constexpr, SK_H: tl.constexpr,
                    SL_B: tl.constexpr, SL_H: tl.constexpr,
@@ -145,8 +166,9 @@ def forward_kernel(table_ptr, q_ptr, k_ptr, v_ptr, qseg_ptr, kvseg_ptr, out_ptr,
                    DOT_PRECISION: tl.constexpr):
   """Grouped flash-attention forward of one q block of one (batch, q head).
 
-  QK_SCALE = softmax scale * log2(e). Strides: SQ_* of q and out, SK_* of k
-  and v, SL_* of lse, SSQ_B / SSK_B of the segment ids (batch axis).
+  QK_SCALE = softmax scale * log2(e); SOFTCAP: the soft cap c (0.0: none).
+  Strides: SQ_* of q and out, SK_* of k and v, SL_* of lse, SSQ_B / SSK_B of
+  the segment ids (batch axis).
   WINDOW_LEFT / WINDOW_RIGHT: Problem.window_left / window_right (-1 = unbounded).
   """
   w = tl.program_id(0)
@@ -188,8 +210,8 @@ def forward_kernel(table_ptr, q_ptr, k_ptr, v_ptr, qseg_ptr, kvseg_ptr, out_ptr,
     for j in range(lo, hi):
       acc, m_i, l_i = _attend_block(
           acc, m_i, l_i, q, k_ptrs, v_ptrs, kvseg_ptrs, q_pos, qseg, kv_len,
-          j * BLOCK_K, QK_SCALE, CAUSAL, HAS_SEGMENTS, WINDOW_LEFT, WINDOW_RIGHT, part != 1,
-          BLOCK_K, DOT_PRECISION)
+          j * BLOCK_K, QK_SCALE, SOFTCAP, CAUSAL, HAS_SEGMENTS, WINDOW_LEFT, WINDOW_RIGHT,
+          part != 1, BLOCK_K, DOT_PRECISION)
       k_ptrs += BLOCK_K * SK_T
       v_ptrs += BLOCK_K * SK_T
       kvseg_ptrs += BLOCK_K
@@ -247,8 +269,8 @@ def delta_kernel(valid_ptr, out_ptr, dout_ptr, lse_ptr, dlse_ptr, delta_ptr, lse
 
 @triton.jit
 def _dkdv_step(dk, dv, k, v, keys, kvseg, entry_ptr, q_base, do_base, lse2_base, delta_base,
-               qseg_base,
-               QK_SCALE: tl.constexpr, SQ_T: tl.constexpr, CAUSAL: tl.constexpr,
+               qseg_base, QK_SCALE: tl.constexpr, SOFTCAP: tl.constexpr,
+               SQ_T: tl.constexpr, CAUSAL: tl.constexpr,
                HAS_SEGMENTS: tl.constexpr, WINDOW_LEFT: tl.constexpr,
                WINDOW_RIGHT: tl.constexpr, MASKED: tl.constexpr, BLOCK_Q: tl.constexpr,
                DP: tl.constexpr, DOT_PRECISION: tl.constexpr):
@@ -268,7 +290,7 @@ def _dkdv_step(dk, dv, k, v, keys, kvseg, entry_ptr, q_base, do_base, lse2_base,
   do = tl.load(do_base + rows[:, None].to(tl.int64) * SQ_T + offs_d[None, :])  # [BQ, Dp]
   lse2 = tl.load(lse2_base + rows)
   delta = tl.load(delta_base + rows)
-  st = tl.dot(k, qt, input_precision=DOT_PRECISION) * QK_SCALE                 # [BK, BQ]
+  st, tt = logits(tl.dot(k, qt, input_precision=DOT_PRECISION), QK_SCALE, SOFTCAP)  # [BK, BQ]
   pt = tl.math.exp2(st - lse2[None, :])
   if MASKED:
     q_pos = tl.load(entry_ptr + E_QPOS0) + offs_q
@@ -281,6 +303,8 @@ def _dkdv_step(dk, dv, k, v, keys, kvseg, entry_ptr, q_base, do_base, lse2_base,
   dv += tl.dot(pt.to(do.dtype), do, input_precision=DOT_PRECISION)
   dpt = tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION)
   dst = pt * (dpt - delta[None, :])
+  if SOFTCAP > 0:   # through the cap: d(c tanh(x / c)) = (1 - tanh^2) dx
+    dst = dst * (1.0 - tt * tt)
   dk += tl.dot(dst.to(qt.dtype), tl.trans(qt), input_precision=DOT_PRECISION)
   return dk, dv
 
@@ -288,7 +312,8 @@ def _dkdv_step(dk, dv, k, v, keys, kvseg, entry_ptr, q_base, do_base, lse2_base,
 @triton.jit
 def dkdv_kernel(kv_table_ptr, entries_ptr, q_ptr, k_ptr, v_ptr, dout_ptr, lse2_ptr,
                 delta_ptr, qseg_ptr, kvseg_ptr, dk_ptr, dv_ptr,
-                QK_SCALE: tl.constexpr, SCALE: tl.constexpr, HK: tl.constexpr,
+                QK_SCALE: tl.constexpr, SOFTCAP: tl.constexpr, SCALE: tl.constexpr,
+                HK: tl.constexpr,
                 GROUP_SIZE: tl.constexpr,
                 SQ_B: tl.constexpr, SQ_T: tl.constexpr, SQ_H: tl.constexpr,
                 SK_B: tl.constexpr, SK_T: tl.constexpr, SK_H: tl.constexpr,
@@ -333,12 +358,14 @@ def dkdv_kernel(kv_table_ptr, entries_ptr, q_ptr, k_ptr, v_ptr, dout_ptr, lse2_p
     delta_base = delta_ptr + b * SL_B + h * SL_H
     for e in range(start, start + n_full):
       dk, dv = _dkdv_step(dk, dv, k, v, keys, kvseg, entries_ptr + e * ENTRY_WIDTH,
-                          q_base, do_base, lse2_base, delta_base, qseg_base, QK_SCALE, SQ_T, CAUSAL,
+                          q_base, do_base, lse2_base, delta_base, qseg_base, QK_SCALE,
+                          SOFTCAP, SQ_T, CAUSAL,
                           HAS_SEGMENTS, WINDOW_LEFT, WINDOW_RIGHT, False, BLOCK_Q, DP,
                           DOT_PRECISION)
     for e in range(start + n_full, start + n_entries):
       dk, dv = _dkdv_step(dk, dv, k, v, keys, kvseg, entries_ptr + e * ENTRY_WIDTH,
-                          q_base, do_base, lse2_base, delta_base, qseg_base, QK_SCALE, SQ_T, CAUSAL,
+                          q_base, do_base, lse2_base, delta_base, qseg_base, QK_SCALE,
+                          SOFTCAP, SQ_T, CAUSAL,
                           HAS_SEGMENTS, WINDOW_LEFT, WINDOW_RIGHT, True, BLOCK_Q, DP,
                           DOT_PRECISION)
   tl.store(dk_ptr + tile, (dk * SCALE).to(dk_ptr.dtype.element_ty))
@@ -347,7 +374,7 @@ def dkdv_kernel(kv_table_ptr, entries_ptr, q_ptr, k_ptr, v_ptr, dout_ptr, lse2_p
 
 @triton.jit
 def _dq_step(dq, q, do, lse2, delta, q_pos, qseg, kv_len, kt_ptrs, vt_ptrs, kvseg_ptrs,
-             key0, QK_SCALE: tl.constexpr, CAUSAL: tl.constexpr,
+             key0, QK_SCALE: tl.constexpr, SOFTCAP: tl.constexpr, CAUSAL: tl.constexpr,
              HAS_SEGMENTS: tl.constexpr, WINDOW_LEFT: tl.constexpr,
              WINDOW_RIGHT: tl.constexpr, MASKED: tl.constexpr, BLOCK_K: tl.constexpr,
              DOT_PRECISION: tl.constexpr):
@@ -357,7 +384,7 @@ def _dq_step(dq, q, do, lse2, delta, q_pos, qseg, kv_len, kt_ptrs, vt_ptrs, kvse
   vt_ptrs: [Dp, BLOCK_K] pointers (transposed tiles); kvseg_ptrs: [BLOCK_K].
   """
   kt = tl.load(kt_ptrs)
-  s = tl.dot(q, kt, input_precision=DOT_PRECISION) * QK_SCALE                  # [BQ, BK]
+  s, t = logits(tl.dot(q, kt, input_precision=DOT_PRECISION), QK_SCALE, SOFTCAP)  # [BQ, BK]
   p = tl.math.exp2(s - lse2[:, None])
   if MASKED:
     keys = key0 + tl.arange(0, BLOCK_K)
@@ -368,13 +395,16 @@ def _dq_step(dq, q, do, lse2, delta, q_pos, qseg, kv_len, kt_ptrs, vt_ptrs, kvse
   vt = tl.load(vt_ptrs)
   dp = tl.dot(do, vt, input_precision=DOT_PRECISION)
   ds = p * (dp - delta[:, None])
+  if SOFTCAP > 0:   # through the cap: d(c tanh(x / c)) = (1 - tanh^2) dx
+    ds = ds * (1.0 - t * t)
   return dq + tl.dot(ds.to(kt.dtype), tl.trans(kt), input_precision=DOT_PRECISION)
 
 
 @triton.jit
 def dq_kernel(table_ptr, q_ptr, k_ptr, v_ptr, dout_ptr, lse2_ptr, delta_ptr, qseg_ptr,
               kvseg_ptr, dq_ptr,
-              QK_SCALE: tl.constexpr, SCALE: tl.constexpr, HQ: tl.constexpr,
+              QK_SCALE: tl.constexpr, SOFTCAP: tl.constexpr, SCALE: tl.constexpr,
+              HQ: tl.constexpr,
               GROUP_SIZE: tl.constexpr,
               SQ_B: tl.constexpr, SQ_T: tl.constexpr, SQ_H: tl.constexpr,
               SK_B: tl.constexpr, SK_T: tl.constexpr, SK_H: tl.constexpr,
@@ -425,8 +455,8 @@ def dq_kernel(table_ptr, q_ptr, k_ptr, v_ptr, dout_ptr, lse2_ptr, delta_ptr, qse
     lo, hi = walk_part(part, first, full0, n_full, n_blocks)
     for j in range(lo, hi):
       dq = _dq_step(dq, q, do, lse2, delta, q_pos, qseg, kv_len, kt_ptrs, vt_ptrs, kvseg_ptrs,
-                    j * BLOCK_K, QK_SCALE, CAUSAL, HAS_SEGMENTS, WINDOW_LEFT, WINDOW_RIGHT,
-                    part != 1, BLOCK_K, DOT_PRECISION)
+                    j * BLOCK_K, QK_SCALE, SOFTCAP, CAUSAL, HAS_SEGMENTS, WINDOW_LEFT,
+                    WINDOW_RIGHT, part != 1, BLOCK_K, DOT_PRECISION)
       kt_ptrs += BLOCK_K * SK_T
       vt_ptrs += BLOCK_K * SK_T
       kvseg_ptrs += BLOCK_K

@@ -24,7 +24,8 @@ def forward_constexprs(*, q_shape, kv_shape, problem: Problem, plan: Plan, dtype
   sk = contiguous_strides(kv_shape)
   sl = contiguous_strides((b, hq, tq_pad))
   return dict(
-      QK_SCALE=float(problem.scale * LOG2E), HQ=hq, GROUP_SIZE=hq // hk,
+      QK_SCALE=float(problem.scale * LOG2E), SOFTCAP=float(problem.softcap or 0.0),
+      HQ=hq, GROUP_SIZE=hq // hk,
       SQ_B=sq[0], SQ_T=sq[1], SQ_H=sq[2], SK_B=sk[0], SK_T=sk[1], SK_H=sk[2],
       SL_B=sl[0], SL_H=sl[1], SSQ_B=tq_pad, SSK_B=tk_pad,
       CAUSAL=bool(problem.causal), HAS_SEGMENTS=bool(problem.has_segments),
@@ -83,8 +84,8 @@ def backward_constexprs(*, q_shape, kv_shape, problem: Problem, block_q: int, bl
   sk = contiguous_strides(kv_shape)
   sl = contiguous_strides((b, hq, tq_pad))
   return dict(
-      QK_SCALE=float(problem.scale * LOG2E), SCALE=float(problem.scale),
-      GROUP_SIZE=hq // hk,
+      QK_SCALE=float(problem.scale * LOG2E), SOFTCAP=float(problem.softcap or 0.0),
+      SCALE=float(problem.scale), GROUP_SIZE=hq // hk,
       SQ_B=sq[0], SQ_T=sq[1], SQ_H=sq[2], SK_B=sk[0], SK_T=sk[1], SK_H=sk[2],
       SL_B=sl[0], SL_H=sl[1], SSQ_B=tq_pad, SSK_B=tk_pad,
       CAUSAL=bool(problem.causal), HAS_SEGMENTS=bool(problem.has_segments),
