@@ -89,16 +89,9 @@ MUTANTS = [
             "[2-False-bfloat16-8-2-shared-ring]")),
     # -------------------------------------------------------- precision --
     Mutant("triton_dkdv_bf16_accumulators", "precision", T + "kernels.py",
-           "  dv += tl.dot(pt.to(do.dtype), do, input_precision=DOT_PRECISION)\n"
-           "  dpt = tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION)\n"
-           "  dst = pt * (dpt - delta[None, :])\n"
-           "  dk += tl.dot(dst.to(qt.dtype), tl.trans(qt), input_precision=DOT_PRECISION)",
+           "  dv += tl.dot(pt.to(do.dtype), do, input_precision=DOT_PRECISION)\n",
            "  dv = (dv + tl.dot(pt.to(do.dtype), do, input_precision=DOT_PRECISION))"
-           ".to(tl.bfloat16).to(tl.float32)\n"
-           "  dpt = tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION)\n"
-           "  dst = pt * (dpt - delta[None, :])\n"
-           "  dk = (dk + tl.dot(dst.to(qt.dtype), tl.trans(qt), input_precision=DOT_PRECISION))"
-           ".to(tl.bfloat16).to(tl.float32)",
+           ".to(tl.bfloat16).to(tl.float32)\n",
            (f"{PREC}test_long_grads_interpreted[triton]",),
            why="dK/dV rounded to bf16 after every q block"),
     Mutant("triton_tf32_fp32_dots", "precision", T + "common.py",
@@ -165,8 +158,8 @@ MUTANTS = [
            (f"{GRADS}[window_causal_left9-triton]",),
            why="dQ reads k/v from block 0 while its walk starts at FIRST"),
     Mutant("triton_fwd_leading_blocks_unmasked", "mask", T + "kernels.py",
-           "WINDOW_LEFT, WINDOW_RIGHT, part != 1,",
-           "WINDOW_LEFT, WINDOW_RIGHT, part == 2,",
+           "WINDOW_LEFT, WINDOW_RIGHT,\n          part != 1,",
+           "WINDOW_LEFT, WINDOW_RIGHT,\n          part == 2,",
            ("tests/test_triton.py::test_window_walk_with_leading_masked_blocks"
             "[window_wide_left_causal]",),
            why="the [FIRST, FULL0) blocks skip the window mask"),
@@ -232,6 +225,22 @@ MUTANTS = [
            "    with _interpreted_language():\n",
            ("tests/test_interpreter_rounding.py",),
            why="interpreted Triton truncates fp32 -> bf16 (the GPU rounds to nearest even)"),
+    Mutant("triton_softcap_dropped_in_dkdv", "logic", T + "kernels.py",
+           "    dst = dst * (1.0 - tt * tt)\n", "    dst = dst\n",
+           ("tests/test_softcap.py::test_soft_cap_grads[softcap_gqa_causal-triton]",),
+           why="dK without the soft cap's 1 - tanh^2"),
+    Mutant("triton_softcap_dropped_in_dq", "logic", T + "kernels.py",
+           "    ds = ds * (1.0 - t * t)\n", "    ds = ds\n",
+           ("tests/test_softcap.py::test_soft_cap_grads[softcap_gqa_causal-triton]",),
+           why="dQ without the soft cap's 1 - tanh^2"),
+    Mutant("reference_softcap_dropped_in_backward", "logic", "jax_grouped_attn/reference.py",
+           "    ds = ds * cap_grad\n", "    ds = ds\n",
+           ("tests/test_softcap.py::test_explicit_backward_carries_the_cap",),
+           why="the explicit backward (the ring's) without 1 - tanh^2"),
+    Mutant("ring_drops_the_soft_cap", "logic", "jax_grouped_attn/cp/ring.py",
+           "                 ring.softcap)", "                 None)",
+           ("tests/test_parallel.py::test_soft_cap_in_every_strategy",),
+           why="each ring step attends without the cap"),
     Mutant("triton_interpreter_patches_left_behind", "logic", T + "runtime.py",
            "    for owner, members in before:\n      _restore_members(owner, members)\n",
            "    pass\n",
