@@ -136,6 +136,9 @@ def plan_series(args, mode: str) -> list[Series]:
       rank = i if (args.shape or mode == "smoke") else (
           HEADLINE_CAUSAL.index(key) if key in HEADLINE_CAUSAL else None)
       out.append(Series(wl.series, [wl], names, headline=rank))
+      if args.softcap is not None:   # the same call with the cap, right after it
+        capped = dataclasses.replace(wl, softcap=args.softcap)
+        out.append(Series(capped.series, [capped], names, headline=rank))
   worlds = list(args.zigzag) if args.zigzag else zigzag_set(mode)
   heads = zigzag_heads(mode)
   zz = lambda w, s: [common.zigzag_workload(w, s, r, dtype=args.dtype, **heads) for r in range(w)]
@@ -235,6 +238,9 @@ def parse_args(argv=None):
                   help="your causal shape instead of the standard set (repeatable)")
   ap.add_argument("--zigzag", action="append", type=parse_world, metavar="WxS",
                   help="zigzag world size x total sequence instead of the default set")
+  ap.add_argument("--softcap", type=float, default=None, metavar="C",
+                  help="also run every causal shape with logits_soft_cap=C (beside the "
+                       "uncapped run: the cap's cost)")
   ap.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16"],
                   help="dtype of the zigzag/balance workloads (causal sets are bfloat16)")
   ap.add_argument("--reps", type=int, default=None, help="timed repeats (median reported)")
@@ -254,6 +260,8 @@ def parse_args(argv=None):
   args.passes = tuple(p for p in common.PASSES if p in args.passes.split(","))
   if not args.passes:
     ap.error("--passes: give at least one of fwd, bwd, fwdbwd")
+  if args.softcap is not None and not args.softcap > 0:
+    ap.error(f"--softcap must be > 0, got {args.softcap}")
   if args.budget_s is not None and args.budget_s <= 0:
     ap.error(f"--budget-s must be positive, got {args.budget_s}")
   args.impl_names = expand_impls([b.strip() for b in args.backends.split(",") if b.strip()])

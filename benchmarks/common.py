@@ -54,10 +54,11 @@ class Workload:
   rank: int = 0
   seq: int = 0
   window: tuple | None = None   # Problem.window: (left, right), None = unbounded side
+  softcap: float | None = None  # Problem.softcap: logits_soft_cap
 
   @property
   def name(self) -> str:
-    heads = f"Hq{self.hq} Hk{self.hk} D{self.d}{self._window_text}"
+    heads = f"Hq{self.hq} Hk{self.hk} D{self.d}{self._window_text}{self._softcap_text}"
     if self.family in ("zigzag", "contiguous"):
       return f"{self.family} W{self.world} S{self.seq} r{self.rank} B{self.batch} {heads}"
     return f"{self.family} B{self.batch} S{self.tk} {heads}"
@@ -67,7 +68,7 @@ class Workload:
     """The name without the rank: what per-rank rows are summarised under."""
     if self.family in ("zigzag", "contiguous"):
       return (f"{self.family} W{self.world} S{self.seq} B{self.batch} "
-              f"Hq{self.hq} Hk{self.hk} D{self.d}{self._window_text}")
+              f"Hq{self.hq} Hk{self.hk} D{self.d}{self._window_text}{self._softcap_text}")
     return self.name
 
   @property
@@ -76,6 +77,10 @@ class Workload:
       return ""
     left, right = ("inf" if x is None else x for x in self.window)
     return f" window ({left}, {right})"
+
+  @property
+  def _softcap_text(self) -> str:
+    return "" if self.softcap is None else f" softcap {self.softcap:g}"
 
   @property
   def pairs(self) -> int:
@@ -257,12 +262,12 @@ def selection(wl: Workload, max_kv_heads: int = 2) -> Selection:
 
 
 def _oracle_impl(q, k, v, do, pos, kv_len, *, scale, causal, chunk, compute_dtype="float32",
-                 window=None):
+                 window=None, softcap=None):
   """Exact fp32 forward and backward, scanned over row chunks of ``chunk`` rows.
 
   q, do: [B, Tq, Hq, D] (Tq a multiple of chunk); k, v: [B, Tk, Hk, D];
   pos, kv_len: [Tq] int32 (row position and kv prefix; kv_len 0 = padding);
-  window: Problem.window (None: none).
+  window: Problem.window (None: none); softcap: Problem.softcap (None: none).
   Returns out, dq [B, Tq, Hq, D] and dk, dv [B, Tk, Hk, D], all fp32.
   ``compute_dtype`` other than float32: the plain low-precision attention
   whose error calibrates the tolerances (jax_grouped_attn/testing.py): matmul operands
@@ -284,6 +289,9 @@ def _oracle_impl(q, k, v, do, pos, kv_len, *, scale, causal, chunk, compute_dtyp
     dk, dv = carry
     qi, doi, p_i, kv_i = xs
     s = mm("bqhgd,bkhd->bhgqk", qi, k) * scale
+    if softcap is not None:   # c tanh(s / c); dS then carries 1 - tanh^2
+      t = jnp.tanh(s / softcap)
+      s = softcap * t
     mask = visible(p_i[:, None], j[None, :], kv_i[:, None], causal=causal, window=window)
     s = jnp.where(mask, s, -jnp.inf)
     m = jnp.max(s, axis=-1, keepdims=True)
@@ -296,6 +304,8 @@ def _oracle_impl(q, k, v, do, pos, kv_len, *, scale, causal, chunk, compute_dtyp
     delta = jnp.einsum("bqhgd,bqhgd->bhgq", rnd(doi), o, precision=hi)
     dp = mm("bqhgd,bkhd->bhgqk", doi, v)
     ds = p * (dp - delta[..., None])
+    if softcap is not None:
+      ds = ds * (1.0 - t * t)
     dq = mm("bhgqk,bkhd->bqhgd", ds, k) * scale
     dk = dk + mm("bhgqk,bqhgd->bkhd", ds, qi) * scale
     dv = dv + mm("bhgqk,bqhgd->bkhd", p, doi)
@@ -310,7 +320,7 @@ def _oracle_impl(q, k, v, do, pos, kv_len, *, scale, causal, chunk, compute_dtyp
 
 
 _oracle_jit = jax.jit(_oracle_impl, static_argnames=("scale", "causal", "chunk", "compute_dtype",
-                                                    "window"))
+                                                    "window", "softcap"))
 # Compiled oracles by argument shapes and static arguments: ranks of one world
 # share one (their row positions are arguments). Bounded: each holds GPU code.
 _ORACLE_CACHE: dict = {}
@@ -368,7 +378,8 @@ def oracle(wl: Workload, q, k, v, do, sel: Selection, *, max_elems: int = 1 << 2
   kv_len = np.pad(kv_len, (0, pad)).astype(np.int32)   # padding rows see nothing
   padrows = lambda x: jnp.pad(x, ((0, 0), (0, pad), (0, 0), (0, 0)))
   args = (padrows(qs), ks, vs, padrows(dos), jnp.asarray(pos), jnp.asarray(kv_len))
-  statics = dict(scale=1.0 / math.sqrt(wl.d), causal=wl.causal, chunk=chunk, window=wl.window)
+  statics = dict(scale=1.0 / math.sqrt(wl.d), causal=wl.causal, chunk=chunk, window=wl.window,
+                 softcap=wl.softcap)
   run = lambda cd: _run_oracle(args, dict(statics, compute_dtype=cd), timing)
   trim = lambda r: {"out": r[0][:, :wl.tq], "dq": r[1][:, :wl.tq], "dk": r[2], "dv": r[3]}
   res = trim(run("float32"))

@@ -88,12 +88,15 @@ class Grouped(Impl):
         return (f"T^2 reference too large here ({wl.logits_bytes() / 2**30:.1f} GiB of "
                 f"fp32 logits > {ctx.xla_limit_bytes / 2**30:.0f} GiB)")
       return None
+    if wl.softcap is not None and not registry.get(self.backend).supports_softcap:
+      return f"backend {self.backend!r} has no logit soft cap"
     return registry.get(self.backend).unavailable(jax.default_backend())
 
   def build(self, wl, ctx):
     backend, groups, causal, window = self.backend, wl.groups, wl.causal, wl.window
     fn = lambda q, k, v: ga.grouped_attention(q, k, v, groups, causal=causal, backend=backend,
-                                              local_window_size=window)
+                                              local_window_size=window,
+                                              logits_soft_cap=wl.softcap)
     return Built(fn, "T^2 reference" if registry.get(backend).native_autodiff else "one launch")
 
 
@@ -121,7 +124,8 @@ class TwoLaunch(Impl):
         one = QueryGroup(0, g.q_len, g.q_pos, g.kv_len)
         outs.append(ga.grouped_attention(
             q[:, g.q_start:g.q_end], k[:, :g.kv_len], v[:, :g.kv_len], (one,),
-            causal=causal, backend=backend, local_window_size=window))
+            causal=causal, backend=backend, local_window_size=window,
+            logits_soft_cap=wl.softcap))
       return jnp.concatenate(outs, axis=1)
 
     return Built(fn, f"{len(groups)} launches")
@@ -362,6 +366,8 @@ class Cudnn(Impl):
   def unavailable(self, wl, ctx):
     if not ctx.gpu:
       return "cuDNN flash attention needs an NVIDIA GPU"
+    if wl.softcap is not None:
+      return "jax.nn's cuDNN path has no logit soft cap"
     if wl.window is not None:
       if not wl.is_standard:
         return "the lse composition has no window"
@@ -405,8 +411,8 @@ class JaxPallasMha(Impl):
   kind = "other"
 
   def unavailable(self, wl, ctx):
-    if not wl.is_standard or wl.window is not None:
-      return "standard causal self-attention only (no window)"
+    if not wl.is_standard or wl.window is not None or wl.softcap is not None:
+      return "standard causal self-attention only (no window, no soft cap)"
     if wl.hq != wl.hk:
       return "needs Hq == Hk (no GQA)"
     if wl.tq > 128 and wl.tq % 128:

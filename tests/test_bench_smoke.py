@@ -1,5 +1,6 @@
 """The benchmark's CPU smoke mode and its checking machinery (oracle, lse composition)."""
 
+import dataclasses
 import json
 import math
 import os
@@ -17,13 +18,17 @@ from benchmarks import bench, common, harness, impls  # noqa: E402
 
 
 def _reference(wl, q, k, v):
-  return ga.grouped_attention(q, k, v, wl.groups, causal=wl.causal, backend="xla")
+  return ga.grouped_attention(q, k, v, wl.groups, causal=wl.causal, backend="xla",
+                              local_window_size=wl.window, logits_soft_cap=wl.softcap)
 
 
 @pytest.mark.parametrize("wl", [
     common.zigzag_workload(2, 96, 1, hq=4, hk=2, d=32, batch=2, dtype="float32"),
     common.contiguous_workload(4, 64, 2, hq=2, hk=1, d=32, dtype="float32"),
     common.causal_workload(1, 40, 2, 2, 32, dtype="float32"),
+    common.causal_workload(1, 40, 2, 2, 32, dtype="float32", window=(7, 0)),
+    dataclasses.replace(common.zigzag_workload(2, 96, 1, hq=4, hk=2, d=32, dtype="float32"),
+                        softcap=0.7),
 ], ids=lambda wl: wl.name)
 def test_oracle_matches_reference_autodiff(wl):
   q, k, v, do = common.make_inputs(wl, 3)
