@@ -16,6 +16,7 @@ from cases import (
   KERNEL_BACKENDS,
   SMALL,
   SOFTCAP_CASES,
+  Case,
   case_by_name,
   check_forward,
   check_grads,
@@ -173,3 +174,20 @@ def test_rows_that_see_nothing_stay_zero_with_a_cap():
                                     **({} if backend == "xla" else {"config": SMALL}))
     assert (np.asarray(out[:, :4]) == 0).all() and np.isneginf(np.asarray(lse[..., :4])).all()
     assert np.isfinite(np.asarray(out[:, 4:])).all()
+
+
+GPU_CASES = SOFTCAP_CASES + [
+    Case("softcap_gemma_bf16", (QueryGroup(0, 1024, 0, 1024),), 1024, hq=8, hk=2, d=128,
+         batch=1, dtype=jnp.bfloat16, softcap=50.0 / 8.0),
+    Case("softcap_window_d256_f16", (QueryGroup(0, 512, 0, 512),), 512, hq=4, hk=4, d=256,
+         batch=1, dtype=jnp.float16, window=(100, 0), softcap=2.0),
+]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
+@pytest.mark.parametrize("case", GPU_CASES, ids=str)
+def test_soft_cap_on_gpu_default_tiles(case, backend):
+  # Compiled kernels at their default tiles (skipped where a backend has no cap).
+  check_forward(case, backend, seed=21, config=None)
+  check_grads(case, backend, seed=22, config=None)
