@@ -51,8 +51,8 @@ def grouped_attention(q, k, v, groups, *, causal=True, softmax_scale=None,
       sees only keys j with p - left <= j <= p + right. Kernels skip the kv
       blocks outside the window (cost ~ Tq x window).
     logits_soft_cap: None, or a static float c > 0: the scores s = scale * q.k
-      become c * tanh(s / c) before masking (Gemma 2). Backends "xla" and
-      "triton" ("auto" picks one of them).
+      become c * tanh(s / c) before masking (Gemma 2). Backends "xla",
+      "triton" and "pallas_triton" ("auto" and "pallas" pick one of them).
     softmax_scale: static: a Python float or a concrete scalar (a traced one
       raises), default 1/sqrt(D).
     backend: "auto" | "xla" | "pallas" | "triton" (see README).

@@ -63,7 +63,8 @@ class Backend:
     """Why this backend cannot compute ``problem`` in ``dtype`` (None: it can)."""
     if problem.softcap is not None and not self.supports_softcap:
       return (f"logits_soft_cap={problem.softcap} is not supported by backend={self.name!r}; "
-              "use backend='triton' or 'xla' (or 'auto', which picks one that supports it).")
+              "use backend='triton', 'pallas_triton' or 'xla' (or 'auto', which picks one that "
+              "supports it).")
     return None
 
   def heuristic_config(self, pass_: str, head_dim: int, dtype):

@@ -13,6 +13,7 @@ class PallasTritonBackend(TileKernelBackend):
   name = "pallas_triton"
   heuristics = heuristics
   interpretable = True
+  supports_softcap = True
   interpret_vma = False
   launcher_module = "jax_grouped_attn.pallas.launch"
 

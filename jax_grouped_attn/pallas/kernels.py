@@ -67,8 +67,19 @@ def _kv_loops(table_ref, step, carry, window):
   return jax.lax.fori_loop(n_full, n_blocks, lambda j, c: step(j, c, True), carry)
 
 
+def _logits(q, k, *, scale, softcap, precision):
+  """(base-2 logits [bq, bk] of q [bq, Dp] . k [bk, Dp], dS factor): s * log2 e
+  with s = scale q.k, or with a soft cap c, c tanh(s / c) * log2 e and its
+  1 - tanh^2 (None without a cap). tanh from exp2: exactly +-1 where it saturates."""
+  s = _dot(q, k, trans_b=True, precision=precision)
+  if softcap is None:
+    return s * (scale * LOG2E), None
+  t = 1.0 - 2.0 / (jnp.exp2(s * (2.0 * scale * LOG2E / softcap)) + 1.0)
+  return t * (softcap * LOG2E), 1.0 - t * t
+
+
 def forward_kernel(table_ref, q_ref, k_ref, v_ref, *refs, scale: float,
-                   causal: bool, window: tuple[int, int], has_segments: bool,
+                   softcap: float | None, causal: bool, window: tuple[int, int], has_segments: bool,
                    block_q: int, block_k: int, precision):
   if has_segments:
     qseg_ref, kvseg_ref, out_ref, lse_ref = refs
@@ -81,13 +92,13 @@ def forward_kernel(table_ref, q_ref, k_ref, v_ref, *refs, scale: float,
   dp = q.shape[-1]
   q_pos = q_pos0 + jax.lax.broadcasted_iota(jnp.int32, (block_q, 1), 0)
   qseg = qseg_ref[rows][:, None] if has_segments else None
-  qk_scale = scale * LOG2E  # logits in base 2: exp(x) == exp2(x * log2 e)
 
   def step(j, carry, masked):
     acc, m_prev, l_prev = carry
     keys = pl.ds(j * block_k, block_k)
     k = k_ref[keys, :]
-    s = _dot(q, k, trans_b=True, precision=precision) * qk_scale  # [bq, bk]
+    # Logits in base 2: exp(x) == exp2(x * log2 e).
+    s, _ = _logits(q, k, scale=scale, softcap=softcap, precision=precision)  # [bq, bk]
     if masked:
       kj = j * block_k + jax.lax.broadcasted_iota(jnp.int32, (1, block_k), 1)
       kvseg = kvseg_ref[keys][None, :] if has_segments else None
@@ -141,18 +152,20 @@ def backward_delta_kernel(valid_ref, out_ref, dout_ref, lse_ref, dlse_ref,
   lse2_ref[...] = jnp.where(keep, lse * LOG2E, jnp.inf)
 
 
-def _probs(q, k, lse2, *, qk_scale, precision, visible=None):
-  """P = exp(S - lse) [bq, bk] f32 from q [bq, Dp], k [bk, Dp], lse2 [bq]."""
-  s = _dot(q, k, trans_b=True, precision=precision) * qk_scale
+def _probs(q, k, lse2, *, scale, softcap, precision, visible=None):
+  """(P = exp(S - lse) [bq, bk] f32 from q [bq, Dp], k [bk, Dp], lse2 [bq], the
+  soft cap's dS factor or None: see _logits)."""
+  s, cap_grad = _logits(q, k, scale=scale, softcap=softcap, precision=precision)
   p = jnp.exp2(s - lse2[:, None])
   if visible is not None:
     p = jnp.where(visible, p, 0.0)
-  return p
+  return p, cap_grad
 
 
 def backward_dkdv_kernel(kv_table_ref, entries_ref, q_ref, k_ref, v_ref,
                          dout_ref, lse2_ref, delta_ref, *refs, scale: float,
-                         causal: bool, window: tuple[int, int], has_segments: bool,
+                         softcap: float | None, causal: bool, window: tuple[int, int],
+                         has_segments: bool,
                          group_size: int, block_q: int, block_k: int, precision):
   """One program per (kv block, batch, kv head): dK, dV of one kv block.
 
@@ -179,7 +192,6 @@ def backward_dkdv_kernel(kv_table_ref, entries_ref, q_ref, k_ref, v_ref,
   dp_ = k.shape[-1]
   kj = kb * block_k + jax.lax.broadcasted_iota(jnp.int32, (1, block_k), 1)
   kvseg = kvseg_ref[keys][None, :] if has_segments else None
-  qk_scale = scale * LOG2E
 
   def step(e, h, carry, masked):
     dk, dv = carry
@@ -195,12 +207,14 @@ def backward_dkdv_kernel(kv_table_ref, entries_ref, q_ref, k_ref, v_ref,
                          causal=causal, window=window,
                          qseg=qseg_ref[rows][:, None] if has_segments else None,
                          kvseg=kvseg)
-    p = _probs(q, k, lse2_ref[h, rows], qk_scale=qk_scale, precision=precision,
-               visible=visible)
+    p, cap_grad = _probs(q, k, lse2_ref[h, rows], scale=scale, softcap=softcap,
+                         precision=precision, visible=visible)
     # dV += P^T dO; dS = P (dO V^T - delta); dK += dS^T Q (scale applied once).
     dv = dv + _dot(p.astype(do.dtype), do, trans_a=True, precision=precision)
     dpv = _dot(do, v, trans_b=True, precision=precision)
     ds = p * (dpv - delta_ref[h, rows][:, None])
+    if cap_grad is not None:   # through the cap: d(c tanh(x / c)) = (1 - tanh^2) dx
+      ds = ds * cap_grad
     dk = dk + _dot(ds.astype(q.dtype), q, trans_a=True, precision=precision)
     return dk, dv
 
@@ -216,7 +230,7 @@ def backward_dkdv_kernel(kv_table_ref, entries_ref, q_ref, k_ref, v_ref,
 
 
 def backward_dq_kernel(table_ref, q_ref, k_ref, v_ref, dout_ref, lse2_ref,
-                       delta_ref, *refs, scale: float, causal: bool,
+                       delta_ref, *refs, scale: float, softcap: float | None, causal: bool,
                        window: tuple[int, int], has_segments: bool, block_q: int,
                        block_k: int, precision):
   """One program per (forward work row, batch, q head): dQ of one q block.
@@ -239,7 +253,6 @@ def backward_dq_kernel(table_ref, q_ref, k_ref, v_ref, dout_ref, lse2_ref,
   delta = delta_ref[rows][:, None]
   q_pos = q_pos0 + jax.lax.broadcasted_iota(jnp.int32, (block_q, 1), 0)
   qseg = qseg_ref[rows][:, None] if has_segments else None
-  qk_scale = scale * LOG2E
 
   def step(j, dq, masked):
     keys = pl.ds(j * block_k, block_k)
@@ -250,8 +263,11 @@ def backward_dq_kernel(table_ref, q_ref, k_ref, v_ref, dout_ref, lse2_ref,
       kj = j * block_k + jax.lax.broadcasted_iota(jnp.int32, (1, block_k), 1)
       visible = _visible(q_pos, kj, kv_len, causal=causal, window=window, qseg=qseg,
                          kvseg=kvseg_ref[keys][None, :] if has_segments else None)
-    p = _probs(q, k, lse2, qk_scale=qk_scale, precision=precision, visible=visible)
+    p, cap_grad = _probs(q, k, lse2, scale=scale, softcap=softcap, precision=precision,
+                         visible=visible)
     ds = p * (_dot(do, v, trans_b=True, precision=precision) - delta)
+    if cap_grad is not None:
+      ds = ds * cap_grad
     return dq + _dot(ds.astype(k.dtype), k, precision=precision)
 
   dq = jnp.zeros((block_q, q.shape[-1]), jnp.float32)

@@ -54,7 +54,8 @@ def forward(q, k, v, q_seg, kv_seg, *, problem: Problem, plan: Plan,
                  pl.BlockSpec((None, tk_pad), lambda w, bh: (bh // hq, 0))]
     args += [q_seg, kv_seg]
   kernel = functools.partial(
-      kernels.forward_kernel, scale=problem.scale, causal=problem.causal,
+      kernels.forward_kernel, scale=problem.scale, softcap=problem.softcap,
+      causal=problem.causal,
       window=problem.kernel_window, has_segments=has_segments, block_q=plan.block_q,
       block_k=plan.block_k, precision=lax_precision(q.dtype))
   return pl.pallas_call(
@@ -130,7 +131,8 @@ def backward(q, k, v, q_seg, kv_seg, out, lse, dout, dlse, *, problem: Problem,
     args += [q_seg, kv_seg]
   dk, dv = pl.pallas_call(
       functools.partial(
-          kernels.backward_dkdv_kernel, scale=problem.scale, causal=problem.causal,
+          kernels.backward_dkdv_kernel, scale=problem.scale, softcap=problem.softcap,
+          causal=problem.causal,
           window=problem.kernel_window, has_segments=has_segments, group_size=grp,
           block_q=plan.block_q, block_k=plan.block_k, precision=precision),
       grid=(plan.n_kv_blocks, b * hk),
@@ -158,7 +160,8 @@ def backward(q, k, v, q_seg, kv_seg, out, lse, dout, dlse, *, problem: Problem,
     args += [q_seg, kv_seg]
   dq = pl.pallas_call(
       functools.partial(
-          kernels.backward_dq_kernel, scale=problem.scale, causal=problem.causal,
+          kernels.backward_dq_kernel, scale=problem.scale, softcap=problem.softcap,
+          causal=problem.causal,
           window=problem.kernel_window, has_segments=has_segments, block_q=qplan.block_q,
           block_k=qplan.block_k, precision=precision),
       grid=(qplan.n_work, b * hq),
