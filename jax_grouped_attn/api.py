@@ -11,7 +11,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jax_grouped_attn import autodiff, cp, registry, validate
+from jax_grouped_attn import autodiff, cp, registry, sinks as sinks_lib, validate
 from jax_grouped_attn.call import Kernels
 from jax_grouped_attn.config import as_attention_config
 from jax_grouped_attn.cp.global_arrays import global_attention
@@ -34,7 +34,8 @@ def resolve(backend, interpret, config, backward, problem, dtype) -> Kernels:
 def grouped_attention(q, k, v, groups, *, causal=True, softmax_scale=None,
                       q_segment_ids=None, kv_segment_ids=None, backend="auto",
                       return_lse=False, config=None, interpret=None,
-                      backward="kernel", local_window_size=None, logits_soft_cap=None):
+                      backward="kernel", local_window_size=None, logits_soft_cap=None,
+                      sinks=None):
   """Attention of several query groups to one shared K,V, in one kernel launch.
 
   Args:
@@ -53,6 +54,11 @@ def grouped_attention(q, k, v, groups, *, causal=True, softmax_scale=None,
     logits_soft_cap: None, or a static float c > 0: the scores s = scale * q.k
       become c * tanh(s / c) before masking (Gemma 2). Backends "xla",
       "triton" and "pallas_triton" ("auto" and "pallas" pick one of them).
+    sinks: None, or [Hq] floating (learned, differentiable; gpt-oss): each query
+      head's softmax gets one extra logit sinks[h] with no value vector. The
+      returned lse includes it; a row that sees no key gets out 0 and lse
+      sinks[h]. Every backend and context-parallel strategy (applied once, to
+      the finished attention: jax_grouped_attn/sinks.py).
     softmax_scale: static: a Python float or a concrete scalar (a traced one
       raises), default 1/sqrt(D).
     backend: "auto" | "xla" | "pallas" | "triton" (see README).
@@ -73,23 +79,26 @@ def grouped_attention(q, k, v, groups, *, causal=True, softmax_scale=None,
                                   logits_soft_cap=logits_soft_cap)
   return _run(autodiff.differentiable, problem, q, k, v, q_segment_ids, kv_segment_ids,
               backend=backend, interpret=interpret, config=config, backward=backward,
-              return_lse=return_lse)
+              return_lse=return_lse, sinks=sinks)
 
 
 def _run(launch, problem, q, k, v, q_segment_ids, kv_segment_ids, *, backend, interpret,
-         config, backward, return_lse):
+         config, backward, return_lse, sinks):
   """A validated problem: resolve the kernels once, ``launch(problem, kernels, q, k, v,
-  q_segment_ids, kv_segment_ids) -> (out, lse)``, return out (and lse)."""
+  q_segment_ids, kv_segment_ids) -> (out, lse)``, add the sinks, return out (and lse)."""
   return_lse = validate.check_bool("return_lse", return_lse)
+  sinks = sinks_lib.check_sinks(sinks, problem.hq)
   kernels = resolve(backend, interpret, config, backward, problem, q.dtype)
   out, lse = launch(problem, kernels, q, k, v, q_segment_ids, kv_segment_ids)
+  out, lse = sinks_lib.with_sinks(out, lse, sinks)
   return (out, lse) if return_lse else out
 
 
 def attention(q, k, v, *, causal=False, softmax_scale=None, segment_ids=None,
               q_segment_ids=None, kv_segment_ids=None, backend="auto",
               return_lse=False, config=None, interpret=None, backward="kernel",
-              context_parallel=None, local_window_size=None, logits_soft_cap=None):
+              context_parallel=None, local_window_size=None, logits_soft_cap=None,
+              sinks=None):
   """Standard self/cross attention with this library's (bottom-right) causal alignment.
 
   One group ``QueryGroup(0, Tq, Tk - Tq, Tk)``: with ``causal`` and Tq != Tk
@@ -139,7 +148,8 @@ def attention(q, k, v, *, causal=False, softmax_scale=None, segment_ids=None,
       lambda problem, kernels, *arrays: cp.local_attention(problem, context_parallel, kernels,
                                                            *arrays))
   return _run(launch, problem, q, k, v, q_segment_ids, kv_segment_ids, backend=backend,
-              interpret=interpret, config=config, backward=backward, return_lse=return_lse)
+              interpret=interpret, config=config, backward=backward, return_lse=return_lse,
+              sinks=sinks)
 
 
 def context_parallel_attention(q, k, v, mesh, axis_name, *, strategy="allgather",
@@ -148,7 +158,7 @@ def context_parallel_attention(q, k, v, mesh, axis_name, *, strategy="allgather"
                                batch_axis_name=None, backend="auto",
                                return_lse=False, config=None, interpret=None,
                                backward="kernel", local_window_size=None,
-                               logits_soft_cap=None):
+                               logits_soft_cap=None, sinks=None):
   """Zigzag context-parallel self-attention of GLOBAL arrays in natural order.
 
   Shards the sequence (axis 1) over mesh axes ``cp.sequence_axes`` (and the
@@ -194,7 +204,8 @@ def context_parallel_attention(q, k, v, mesh, axis_name, *, strategy="allgather"
   launch = lambda problem, kernels, *arrays: global_attention(
       problem, spec, kernels, mesh, batch_axis_name, *arrays)
   return _run(launch, problem, q, k, v, q_segment_ids, kv_segment_ids, backend=backend,
-              interpret=interpret, config=config, backward=backward, return_lse=return_lse)
+              interpret=interpret, config=config, backward=backward, return_lse=return_lse,
+              sinks=sinks)
 
 
 def segment_ids_from_cu_seqlens(cu_seqlens, total_len: int):

@@ -19,7 +19,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jax_grouped_attn import autodiff, registry, validate
+from jax_grouped_attn import autodiff, registry, sinks as sinks_lib, validate
 from jax_grouped_attn.api import resolve
 from jax_grouped_attn.groups import QueryGroup, kv_range
 
@@ -79,7 +79,8 @@ def _some_row_sees_nothing(tq, tk, causal, window) -> bool:
 def dot_product_attention(query, key, value, bias=None, mask=None, *, scale=None,
                           is_causal=False, query_seq_lengths=None,
                           key_value_seq_lengths=None, local_window_size=None,
-                          implementation=None, return_residual=False, logits_soft_cap=None):
+                          implementation=None, return_residual=False, logits_soft_cap=None,
+                          sinks=None):
   """``jax.nn.dot_product_attention`` on this package's kernels (a drop-in).
 
   Args:
@@ -103,6 +104,10 @@ def dot_product_attention(query, key, value, bias=None, mask=None, *, scale=None
       "cudnn" is jax.nn's, not one of ours.
     logits_soft_cap: beyond jax.nn: None, or a static float c > 0 capping the
       scores s = scale * q.k to c * tanh(s / c) before masking (Gemma 2).
+    sinks: beyond jax.nn: None or [N] floating, one extra logit per query head
+      with no value (jax_grouped_attn.grouped_attention). With sinks a row that
+      sees no key gives 0 (softmax over the sink alone), not jax.nn's mean of
+      value.
     return_residual: also return the log-sum-exp, [B, T, N] (or [T, N]) in
       the input dtype, as jax.nn (no gradient flows through it).
 
@@ -150,10 +155,13 @@ def dot_product_attention(query, key, value, bias=None, mask=None, *, scale=None
   window = problem.window
   hq, hk = problem.hq, problem.hk
   kernels = resolve(backend, None, None, "kernel", problem, q.dtype)
+  sinks = sinks_lib.check_sinks(sinks, hq)
   out, lse = autodiff.differentiable(problem, kernels, q, k, v, q_seg, kv_seg)
+  out, lse = sinks_lib.with_sinks(out, lse, sinks)
 
   seen = jnp.isfinite(lse)                                     # [B, N, T]
-  if kv_lengths is not None or _some_row_sees_nothing(tq, tk, causal, window):
+  if sinks is None and (kv_lengths is not None
+                        or _some_row_sees_nothing(tq, tk, causal, window)):
     # jax.nn's rows without a visible key: softmax of equal (masked) logits,
     # the mean of value over all S keys; query padding rows stay 0.
     empty = ~seen

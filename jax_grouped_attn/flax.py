@@ -89,6 +89,7 @@ class FlaxAttentionFn:
   backward: str = "kernel"
   local_window_size: Any = None
   logits_soft_cap: float | None = None
+  sinks: Any = None
 
   def __call__(self, query, key, value, bias=None, mask=None,
                broadcast_dropout=True, dropout_rng=None, dropout_rate=0.0,
@@ -172,7 +173,7 @@ class FlaxAttentionFn:
                     backend=self.backend, config=self.config,
                     interpret=self.interpret, backward=self.backward,
                     local_window_size=local_window_size,
-                    logits_soft_cap=self.logits_soft_cap, **extra)
+                    logits_soft_cap=self.logits_soft_cap, sinks=self.sinks, **extra)
     return out.reshape(*batch, *out.shape[1:])
 
 
@@ -180,7 +181,8 @@ def make_attention_fn(causal: bool = False, backend: str = "auto", *,
                       context_parallel=None, softmax_scale: float | None = None,
                       config=None, interpret: bool | None = None,
                       backward: str = "kernel",
-                      local_window_size=None, logits_soft_cap=None) -> FlaxAttentionFn:
+                      local_window_size=None, logits_soft_cap=None,
+                      sinks=None) -> FlaxAttentionFn:
   """An ``attention_fn`` for ``flax.linen.MultiHeadDotProductAttention`` and
   ``flax.nnx.MultiHeadAttention``.
 
@@ -190,6 +192,9 @@ def make_attention_fn(causal: bool = False, backend: str = "auto", *,
     backend, softmax_scale, config, interpret, backward, local_window_size,
       logits_soft_cap: as in :func:`jax_grouped_attn.attention` (the window and
       the cap are checked here).
+    sinks: None or [heads] floating, as in :func:`jax_grouped_attn.attention`. To
+      learn them, make the function inside the module's call from a parameter
+      (``benchmarks/llama.py --sinks`` does).
     context_parallel: None, or a ``ContextParallel`` passed to
       :func:`jax_grouped_attn.attention` (inputs are then the local shards).
   """
@@ -201,4 +206,4 @@ def make_attention_fn(causal: bool = False, backend: str = "auto", *,
                          context_parallel=context_parallel,
                          softmax_scale=softmax_scale, config=config,
                          interpret=interpret, backward=backward,
-                         local_window_size=window, logits_soft_cap=softcap)
+                         local_window_size=window, logits_soft_cap=softcap, sinks=sinks)

@@ -479,6 +479,43 @@ def test_soft_cap_in_2d_context_parallelism():
   assert_cp_matches("2d-ring-softcap", cp, q, k, v, dout, dlse, seg, causal=True, softcap=0.8)
 
 
+# ------------------------------------------------------ attention sinks --
+
+@pytest.mark.parametrize("world,strategy,backend", [
+    (4, "ring", "xla"), (2, "ring", "triton"), (4, "allgather", "xla"),
+    (2, "ulysses", "triton"), (4, "ring+ulysses", "xla")])
+def test_sinks_in_every_strategy(world, strategy, backend):
+  # The sink enters each row's softmax once (applied to the merged result, not
+  # per ring step): out, lse and the gradients of q, k, v and the sinks against
+  # the formula.
+  from test_sinks import formula as sink_formula  # noqa: PLC0415
+  if backend not in KERNEL_BACKENDS + ["xla"]:
+    pytest.skip(f"{backend} does not run here")
+  two_d = "+" in strategy
+  mesh = _mesh(world, ("node", "gpu"), shape=(2, 2)) if two_d else _mesh(world)
+  q, k, v, dout, dlse, _ = _inputs(90 + world, b=1, s=2 * world * 16, hq=4, hk=2, d=32,
+                                   dtype=F32, segments=None)
+  sinks = jnp.asarray(np.random.default_rng(world).standard_normal(4), F32)
+  axis, kw = ("node", dict(ulysses_axis_name="gpu")) if two_d else ("cp", {})
+  cp = lambda q, k, v, s: ga.context_parallel_attention(
+      q, k, v, mesh, axis, strategy=strategy.split("+")[0], causal=True, backend=backend,
+      return_lse=True, config=_small(backend), sinks=s, **kw)
+  ref = sink_formula   # the softmax with the sink column, written out (test_sinks.py)
+
+  def all_of(fn, *a):
+    (out, lse), vjp = jax.vjp(fn, *a)
+    return (out, lse) + vjp((dout, dlse))
+
+  got = jax.jit(lambda *a: all_of(cp, *a))(q, k, v, sinks)
+  want = jax.jit(lambda *a: all_of(ref, *a))(q, k, v, sinks)
+  for name, g, w in zip(("out", "lse", "dq", "dk", "dv", "dsinks"), got, want):
+    g, w = np.asarray(g), np.asarray(w)
+    np.testing.assert_array_equal(np.isinf(g), np.isinf(w), err_msg=name)
+    fin = np.isfinite(w)
+    err = float(np.max(np.abs(g[fin] - w[fin])))
+    assert err <= 1e-4 * max(1.0, float(np.max(np.abs(w[fin])))), (name, err)
+
+
 # ------------------------------------------ kernel backends (interpreted) --
 
 KERNEL_MATRIX = [
