@@ -277,22 +277,34 @@ def make_train_step(grad_fn, tx, return_grads: bool = False):
 JAX_BASELINES = ("jax-xla", "jax-cudnn")
 
 
-def baseline_attention_fn(name: str, window: int | None = None):
+def baseline_attention_fn(name: str, window: int | None = None, softcap: float | None = None):
   """Causal jax.nn.dot_product_attention (implementation "xla" or "cudnn"),
-  with a sliding window of ``window`` keys to the left if given."""
-  return impls.jax_nn_causal(name.removeprefix("jax-"), None if window is None else (window, 0))
+  with a sliding window of ``window`` keys to the left if given. jax.nn has no
+  logit soft cap: with ``softcap``, "jax-xla" is the plain-XLA fallback users
+  write (this package's jnp reference, T^2 logits) and "jax-cudnn" raises."""
+  lw = None if window is None else (window, 0)
+  if softcap is None:
+    return impls.jax_nn_causal(name.removeprefix("jax-"), lw)
+  if name == "jax-cudnn":
+    raise ValueError("--backend jax-cudnn: jax.nn.dot_product_attention has no logit soft "
+                     "cap (--softcap); its plain-XLA fallback is --backend jax-xla.")
+  return functools.partial(attention, causal=True, backend="xla", local_window_size=lw,
+                           logits_soft_cap=softcap)
 
 
 def grouped_attention_fn(backend: str, backward: str, context_parallel=None,
-                         window: int | None = None):
+                         window: int | None = None, softcap: float | None = None):
   """Causal attention of this package for the model: the flax attention_fn,
   or with a sliding window (``window`` keys to the left of each token, its own
-  included as well) ``attention(..., local_window_size=(window, 0))``."""
-  if window is None:
+  included as well) and/or a logit soft cap ``attention(...,
+  local_window_size=(window, 0), logits_soft_cap=softcap)``."""
+  if window is None and softcap is None:
     return make_attention_fn(causal=True, backend=backend, context_parallel=context_parallel,
                              backward=backward)
   return functools.partial(attention, causal=True, backend=backend, backward=backward,
-                           context_parallel=context_parallel, local_window_size=(window, 0))
+                           context_parallel=context_parallel,
+                           local_window_size=None if window is None else (window, 0),
+                           logits_soft_cap=softcap)
 
 
 def context_parallel_spec(axis_name: str, strategy: str | None):
@@ -360,11 +372,13 @@ def train_benchmark(args, mode: str, backend: str | None = None, log=print) -> d
                        f"and --seq {args.seq} by 2 * {cp}.")
     if cp > 1:
       spec = context_parallel_spec("cp", None if mode == "dp" else mode)
-      attn = grouped_attention_fn(backend, args.backward, spec, args.window)
+      attn = grouped_attention_fn(backend, args.backward, spec, args.window, args.softcap)
       layout = f"mesh dp={mesh.shape['dp']} x cp={cp}, zigzag, strategy={spec.strategy}"
     else:   # data parallel: every device holds whole sequences
-      attn = (baseline_attention_fn(backend, args.window) if backend in JAX_BASELINES else
-              grouped_attention_fn(backend, args.backward, window=args.window))
+      attn = (baseline_attention_fn(backend, args.window, args.softcap)
+              if backend in JAX_BASELINES else
+              grouped_attention_fn(backend, args.backward, window=args.window,
+                                   softcap=args.softcap))
       layout = f"mesh dp={mesh.shape['dp']}, data parallel"
     grad_fn = make_cp_grad_fn(graphdef, attn, mesh, args.batch * args.seq)
     replicated = NamedSharding(mesh, P())
@@ -373,8 +387,10 @@ def train_benchmark(args, mode: str, backend: str | None = None, log=print) -> d
     pos_sharding = NamedSharding(mesh, P("cp"))
     n_dev = mesh.size
   else:
-    attn = (baseline_attention_fn(backend, args.window) if backend in JAX_BASELINES else
-            grouped_attention_fn(backend, args.backward, window=args.window))
+    attn = (baseline_attention_fn(backend, args.window, args.softcap)
+            if backend in JAX_BASELINES else
+            grouped_attention_fn(backend, args.backward, window=args.window,
+                                 softcap=args.softcap))
     grad_fn = make_grad_fn(graphdef, attn)
     layout = "single device"
     n_dev = 1
@@ -393,7 +409,7 @@ def train_benchmark(args, mode: str, backend: str | None = None, log=print) -> d
       f"dim={cfg.dim} heads={cfg.n_heads}/{cfg.n_kv_heads} head_dim={cfg.head_dim} "
       f"dtype={cfg.dtype}")
   log(f"backend={backend} backward={args.backward} batch={args.batch} "
-      f"seq={args.seq} window={args.window} {layout} "
+      f"seq={args.seq} window={args.window} softcap={args.softcap} {layout} "
       f"devices={jax.devices()[0].device_kind} x{n_dev}")
   t0 = time.perf_counter()
   first = batch(0)
@@ -422,7 +438,7 @@ def train_benchmark(args, mode: str, backend: str | None = None, log=print) -> d
   attn_flops = 14 * pairs * cfg.n_layers * args.batch * cfg.n_heads * cfg.head_dim
   flops = 6 * (n_params - cfg.vocab_size * cfg.dim) * tokens + attn_flops
   res = {"mode": mode, "backend": backend, "layout": layout, "devices": n_dev,
-         "window": args.window,
+         "window": args.window, "softcap": args.softcap,
          "step_ms": t * 1e3, "min_step_ms": min(times) * 1e3, "tokens_per_s": tokens / t,
          "tokens_per_s_per_device": tokens / t / n_dev,
          "tflops_per_device": flops / t / n_dev / 1e12, "first_loss": first_loss,
@@ -484,8 +500,13 @@ def main(argv=None):
   ap.add_argument("--window", type=int, default=None, metavar="N",
                   help="causal sliding window: each token sees the N tokens before it "
                   "and itself (local_window_size=(N, 0)), in every mode")
+  ap.add_argument("--softcap", type=float, default=None, metavar="C",
+                  help="logit soft cap (Gemma 2: 50): logits_soft_cap=C in every mode; with "
+                  "--backend jax-xla the plain-XLA fallback")
   ap.add_argument("--seed", type=int, default=0)
   args = ap.parse_args(argv)
+  if args.softcap is not None and not args.softcap > 0:
+    ap.error(f"--softcap must be > 0, got {args.softcap}.")
   if args.window is not None and args.window < 0:
     ap.error(f"--window must be >= 0, got {args.window}.")
   if args.compare:

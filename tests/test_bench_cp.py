@@ -155,3 +155,21 @@ def test_llama_jax_baseline_is_the_same_attention(window):
   np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=1e-5, rtol=1e-5)
   other = llama.baseline_attention_fn("jax-xla", None if window else 5)(q, k, v)
   assert float(np.max(np.abs(np.asarray(other) - np.asarray(want)))) > 1e-3
+
+
+def test_llama_soft_cap_in_every_mode_on_cpu():
+  # --softcap reaches the attention in every layout (with a window, as Gemma 2
+  # trains): the same first-step loss everywhere, the plain-XLA fallback
+  # included, and not the loss without the cap.
+  from benchmarks import llama  # noqa: PLC0415
+  common_args = ["--preset", "tiny", "--backend", "xla", "--batch", "2", "--seq", "32",
+                 "--steps", "1", "--warmup", "1", "--devices", "2", "--window", "5"]
+  res = llama.main(common_args + ["--softcap", "0.5",
+                                  "--compare", "single,dp,ring,ulysses,single@jax-xla"])
+  assert all("error" not in r and r["softcap"] == 0.5 for r in res), res
+  losses = [r["first_loss"] for r in res]
+  assert max(losses) - min(losses) < 1e-4, losses
+  plain = llama.main(common_args + ["--compare", "single"])[0]["first_loss"]
+  assert abs(plain - losses[0]) > 1e-4, (plain, losses)
+  with pytest.raises(ValueError, match="no logit soft"):
+    llama.baseline_attention_fn("jax-cudnn", None, 50.0)
