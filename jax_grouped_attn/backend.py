@@ -46,6 +46,8 @@ class Backend:
   native_autodiff: bool = False
   # Computes Problem.softcap (logit soft-capping) in both passes.
   supports_softcap: bool = False
+  # Takes a v head_dim other than q/k's (Problem.head_dim_v).
+  supports_head_dim_v: bool = False
 
   def config_class(self, pass_: str) -> type | None:
     return self.forward_config_class if pass_ == "forward" else self.backward_config_class
@@ -61,6 +63,9 @@ class Backend:
 
   def supports(self, problem: Problem, dtype) -> str | None:
     """Why this backend cannot compute ``problem`` in ``dtype`` (None: it can)."""
+    if problem.head_dim_v is not None and not self.supports_head_dim_v:
+      return (f"v's head_dim {problem.head_dim_v} != q/k's {problem.head_dim} is not supported "
+              f"by backend={self.name!r} yet; use backend='xla' (or 'auto', which picks it).")
     if problem.softcap is not None and not self.supports_softcap:
       return (f"logits_soft_cap={problem.softcap} is not supported by backend={self.name!r}; "
               "use backend='triton', 'pallas_triton' or 'xla' (or 'auto', which picks one that "

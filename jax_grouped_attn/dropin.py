@@ -170,7 +170,7 @@ def dot_product_attention(query, key, value, bias=None, mask=None, *, scale=None
     mean_v = jnp.mean(v.astype(jnp.float32), axis=1)            # [B, K, H]
     mean_v = jnp.repeat(mean_v, hq // hk, axis=1).astype(out.dtype)   # [B, N, H]
     out = jnp.where(jnp.moveaxis(empty, 1, 2)[..., None], mean_v[:, None], out)
-  out = out.reshape(out_shape)
+  out = out.reshape(out_shape[:-1] + out.shape[-1:])   # [.., Dv]: v's head_dim
   if not return_residual:
     return out
   residual = jnp.where(seen, lse, jnp.float32(_MASKED_LSE))

@@ -60,6 +60,13 @@ class Problem:
   # Logit soft-capping (Gemma 2): scores s = scale * q.k become c * tanh(s / c)
   # before masking; None: off (validate.check_softcap).
   softcap: float | None = None
+  # v's head_dim when it differs from q/k's (MLA: Dqk 192, Dv 128); None: the same.
+  head_dim_v: int | None = None
+
+  @property
+  def dv(self) -> int:
+    """v's (and out's) head_dim."""
+    return self.head_dim if self.head_dim_v is None else self.head_dim_v
 
   @property
   def group_size(self) -> int:

@@ -46,7 +46,7 @@ def soft_cap(s, softcap: float | None):
 
 def reference_attention(problem: Problem, q, k, v, q_segment_ids=None,
                         kv_segment_ids=None, *, compute_dtype=jnp.float32):
-  """Returns (out [B, Tq, Hq, D] in q.dtype, lse [B, Hq, Tq] float32)."""
+  """Returns (out [B, Tq, Hq, Dv] in q.dtype, lse [B, Hq, Tq] float32); v: [B, Tk, Hk, Dv]."""
   b, tq, hq, d = q.shape
   hk = k.shape[2]
   g = hq // hk
@@ -67,7 +67,7 @@ def reference_attention(problem: Problem, q, k, v, q_segment_ids=None,
   seen = l > 0
   l_safe = jnp.where(seen, l, 1.0)
   pv = _einsum("bhgqk,bkhd->bqhgd", p.reshape(b, hk, g, tq, problem.tk), vf,
-               cd).reshape(b, tq, hq, d)
+               cd).reshape(b, tq, hq, v.shape[3])
   out = pv / jnp.moveaxis(l_safe[..., 0], 1, 2)[..., None]
   lse = jnp.where(seen, m + jnp.log(l_safe), -jnp.inf)[..., 0]
   return out.astype(q.dtype), lse
@@ -102,8 +102,9 @@ def reference_backward(problem: Problem, q, k, v, q_segment_ids, kv_segment_ids,
   lse_g = lse.reshape(b, hk, g, tq)[..., None]
   finite = jnp.isfinite(lse_g)
   p = jnp.where(mask & finite, jnp.exp(s - jnp.where(finite, lse_g, 0.0)), 0.0)
-  do = dout.astype(cd).reshape(b, tq, hk, g, d)
-  o = f32(out).reshape(b, tq, hk, g, d)
+  dv_ = v.shape[3]
+  do = dout.astype(cd).reshape(b, tq, hk, g, dv_)
+  o = f32(out).reshape(b, tq, hk, g, dv_)
   delta = jnp.einsum("bqhgd,bqhgd->bhgq", f32(do), o, precision=hi)
   delta = delta - f32(dlse).reshape(b, hk, g, tq)
   dp = _einsum("bqhgd,bkhd->bhgqk", do, vf, cd)
@@ -125,6 +126,7 @@ class XlaBackend(Backend):
   interpretable = True
   native_autodiff = True
   supports_softcap = True
+  supports_head_dim_v = True
 
   def check_launchable(self, problem, dtype, interpret, *arrays):
     if interpret:

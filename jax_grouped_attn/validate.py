@@ -39,8 +39,9 @@ def check_qkv(q, k, v):
         "cast them first (out has q's dtype).")
   if q.dtype not in [jnp.dtype(d) for d in SUPPORTED_DTYPES]:
     raise ValueError(f"{q.dtype=} is not supported; use bfloat16, float16 or float32.")
-  if k.shape != v.shape:
-    raise ValueError(f"k and v must have the same shape, got {k.shape=}, {v.shape=}.")
+  if k.shape[:3] != v.shape[:3]:
+    raise ValueError(f"k and v must have the same batch, length and heads, got {k.shape=}, "
+                     f"{v.shape=} (v's head_dim, axis 3, may differ).")
   b, tq, hq, d = q.shape
   _, tk, hk, dk = k.shape
   if k.shape[0] != b:
@@ -50,6 +51,11 @@ def check_qkv(q, k, v):
   if d % 8 or not MIN_HEAD_DIM <= d <= MAX_HEAD_DIM:
     raise ValueError(
         f"head_dim={d} (q.shape[3]) is not supported: it must be a multiple of 8 "
+        f"in [{MIN_HEAD_DIM}, {MAX_HEAD_DIM}].")
+  dv = v.shape[3]
+  if dv % 8 or not MIN_HEAD_DIM <= dv <= MAX_HEAD_DIM:
+    raise ValueError(
+        f"v's head_dim={dv} (v.shape[3]) is not supported: it must be a multiple of 8 "
         f"in [{MIN_HEAD_DIM}, {MAX_HEAD_DIM}].")
   if hk == 0 or hq % hk:
     raise ValueError(
@@ -230,7 +236,9 @@ def make_problem(q, k, v, groups, *, causal, softmax_scale, q_segment_ids,
   scale = check_scale(softmax_scale, d, names.get("softmax_scale", "softmax_scale"))
   window = check_window(local_window_size, causal)
   softcap = check_softcap(logits_soft_cap)
-  return Problem(groups, b, tq, tk, hq, hk, d, causal, scale, has_segments, window, softcap)
+  dv = v.shape[3]
+  return Problem(groups, b, tq, tk, hq, hk, d, causal, scale, has_segments, window, softcap,
+                 None if dv == d else dv)
 
 
 # ------------------------------------------------------ context parallelism --

@@ -25,7 +25,7 @@ G = [QueryGroup(0, T, 0, T)]
     (dict(k=arr((B, T, 2, D), jnp.bfloat16)), ValueError, "share one dtype"),
     (dict(q=arr((B, T, H, D), jnp.int32), k=arr((B, T, 2, D), jnp.int32),
           v=arr((B, T, 2, D), jnp.int32)), ValueError, "not supported"),
-    (dict(v=arr((B, T + 1, 2, D))), ValueError, "same shape"),
+    (dict(v=arr((B, T + 1, 2, D))), ValueError, "same batch, length and heads"),
     (dict(k=arr((B + 1, T, 2, D)), v=arr((B + 1, T, 2, D))), ValueError, "batch"),
     (dict(q=arr((B, T, H, 36)), k=arr((B, T, 2, 36)), v=arr((B, T, 2, 36))),
      ValueError, "head_dim"),

@@ -43,6 +43,7 @@ class _Ring:
   scale: float
   window: tuple | None
   softcap: float | None
+  head_dim_v: int | None
   run: Run
 
 
@@ -52,7 +53,7 @@ def ring_attention(problem: Problem, axis_name, run: Run, q, k, v, qs, ks):
   dtype, lse [B, Hq, 2c] f32)."""
   world = axis_size_and_rank(axis_name)[0]
   ring = _Ring(axis_name, world, problem.causal, problem.scale, problem.window,
-               problem.softcap, run)
+               problem.softcap, problem.head_dim_v, run)
   return _ring_attention(ring, q, k, v, qs, ks)
 
 
@@ -81,7 +82,7 @@ def _call_problem(ring: _Ring, call: RingStep, q, k, has_segments: bool) -> Prob
   b, _, hq, d = q.shape
   return Problem(call.groups, b, call.q_stop - call.q_start, call.kv_stop - call.kv_start,
                  hq, k.shape[2], d, call.causal, ring.scale, has_segments, call.window,
-                 ring.softcap)
+                 ring.softcap, ring.head_dim_v)
 
 
 def _rows(x, start, stop, axis=1):
@@ -138,7 +139,8 @@ def _calls_fwd(ring, calls, q, qs, kv):
   if acc is None:   # no call: this rank sees nothing of this shard
     b, _, hq, _ = q.shape
     like = (q, qs, *kv)
-    acc = (_filled(q.shape, 0.0, like), _filled((b, hq, t), -jnp.inf, like))
+    acc = (_filled((*q.shape[:3], v.shape[3]), 0.0, like),
+           _filled((b, hq, t), -jnp.inf, like))
   return acc
 
 
