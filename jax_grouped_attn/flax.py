@@ -193,8 +193,7 @@ def make_attention_fn(causal: bool = False, backend: str = "auto", *,
       logits_soft_cap: as in :func:`jax_grouped_attn.attention` (the window and
       the cap are checked here).
     sinks: None or [heads] floating, as in :func:`jax_grouped_attn.attention`. To
-      learn them, make the function inside the module's call from a parameter
-      (``benchmarks/llama.py --sinks`` does).
+      learn them, make the function inside the module's call from a parameter.
     context_parallel: None, or a ``ContextParallel`` passed to
       :func:`jax_grouped_attn.attention` (inputs are then the local shards).
   """
