@@ -25,6 +25,7 @@ import numpy as np
 from jax_grouped_attn import testing as tolerance
 from jax_grouped_attn.cp import zigzag_groups
 from jax_grouped_attn.groups import QueryGroup, row_positions, visible, visible_pairs
+from jax_grouped_attn.reference import soft_cap
 
 PASSES = ("fwd", "bwd", "fwdbwd")
 # fwd+bwd of flash attention counts 3.5x the forward's flops (bwd = 2.5x).
@@ -289,9 +290,7 @@ def _oracle_impl(q, k, v, do, pos, kv_len, *, scale, causal, chunk, compute_dtyp
     dk, dv = carry
     qi, doi, p_i, kv_i = xs
     s = mm("bqhgd,bkhd->bhgqk", qi, k) * scale
-    if softcap is not None:   # c tanh(s / c); dS then carries 1 - tanh^2
-      t = jnp.tanh(s / softcap)
-      s = softcap * t
+    s, cap_grad = soft_cap(s, softcap)   # dS then carries 1 - tanh^2
     mask = visible(p_i[:, None], j[None, :], kv_i[:, None], causal=causal, window=window)
     s = jnp.where(mask, s, -jnp.inf)
     m = jnp.max(s, axis=-1, keepdims=True)
@@ -304,8 +303,8 @@ def _oracle_impl(q, k, v, do, pos, kv_len, *, scale, causal, chunk, compute_dtyp
     delta = jnp.einsum("bqhgd,bqhgd->bhgq", rnd(doi), o, precision=hi)
     dp = mm("bqhgd,bkhd->bhgqk", doi, v)
     ds = p * (dp - delta[..., None])
-    if softcap is not None:
-      ds = ds * (1.0 - t * t)
+    if cap_grad is not None:
+      ds = ds * cap_grad
     dq = mm("bhgqk,bkhd->bqhgd", ds, k) * scale
     dk = dk + mm("bhgqk,bqhgd->bkhd", ds, qi) * scale
     dv = dv + mm("bhgqk,bqhgd->bkhd", p, doi)

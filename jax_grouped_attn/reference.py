@@ -40,8 +40,12 @@ def _einsum(spec, a, b, dtype):
 
 
 def soft_cap(s, softcap: float | None):
-  """Gemma 2's logit soft-capping: c * tanh(s / c) (s itself when ``softcap`` is None)."""
-  return s if softcap is None else softcap * jnp.tanh(s / softcap)
+  """Gemma 2's logit soft-capping: (c * tanh(s / c), its derivative 1 - tanh^2),
+  or (s, None) when ``softcap`` is None."""
+  if softcap is None:
+    return s, None
+  t = jnp.tanh(s / softcap)
+  return softcap * t, 1.0 - t * t
 
 
 def reference_attention(problem: Problem, q, k, v, q_segment_ids=None,
@@ -54,7 +58,7 @@ def reference_attention(problem: Problem, q, k, v, q_segment_ids=None,
   qf = q.astype(cd).reshape(b, tq, hk, g, d)
   kf = k.astype(cd)
   vf = v.astype(cd)
-  s = soft_cap(_einsum("bqhgd,bkhd->bhgqk", qf, kf, cd) * problem.scale, problem.softcap)
+  s, _ = soft_cap(_einsum("bqhgd,bkhd->bhgqk", qf, kf, cd) * problem.scale, problem.softcap)
   s = s.reshape(b, hq, tq, problem.tk)
   mask = visible_mask(problem, q_segment_ids, kv_segment_ids)
   s = jnp.where(mask, s, -jnp.inf)
@@ -93,23 +97,20 @@ def reference_backward(problem: Problem, q, k, v, q_segment_ids, kv_segment_ids,
   f32 = lambda x: x.astype(jnp.float32)
   qf = q.astype(cd).reshape(b, tq, hk, g, d)
   kf, vf = k.astype(cd), v.astype(cd)
-  s = _einsum("bqhgd,bkhd->bhgqk", qf, kf, cd) * problem.scale
-  if problem.softcap is not None:   # d(c tanh(s/c))/ds = 1 - tanh(s/c)^2
-    t = jnp.tanh(s / problem.softcap)
-    s, cap_grad = problem.softcap * t, 1.0 - t * t
+  s, cap_grad = soft_cap(_einsum("bqhgd,bkhd->bhgqk", qf, kf, cd) * problem.scale,
+                         problem.softcap)
   mask = visible_mask(problem, q_segment_ids, kv_segment_ids).reshape(
       (-1, 1, 1, tq, problem.tk))
   lse_g = lse.reshape(b, hk, g, tq)[..., None]
   finite = jnp.isfinite(lse_g)
   p = jnp.where(mask & finite, jnp.exp(s - jnp.where(finite, lse_g, 0.0)), 0.0)
-  dv_ = v.shape[3]
-  do = dout.astype(cd).reshape(b, tq, hk, g, dv_)
-  o = f32(out).reshape(b, tq, hk, g, dv_)
+  do = dout.astype(cd).reshape(b, tq, hk, g, problem.dv)
+  o = f32(out).reshape(b, tq, hk, g, problem.dv)
   delta = jnp.einsum("bqhgd,bqhgd->bhgq", f32(do), o, precision=hi)
   delta = delta - f32(dlse).reshape(b, hk, g, tq)
   dp = _einsum("bqhgd,bkhd->bhgqk", do, vf, cd)
   ds = p * (dp - delta[..., None])
-  if problem.softcap is not None:
+  if cap_grad is not None:
     ds = ds * cap_grad
   dv = _einsum("bhgqk,bqhgd->bkhd", p, do, cd)
   dq = _einsum("bhgqk,bkhd->bqhgd", ds, kf, cd).reshape(b, tq, hq, d)

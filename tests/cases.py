@@ -269,8 +269,8 @@ def cancellation_scales(case: Case, q, k, v, qs, ks, dout, dlse):
   out, lse = reference(case, q, k, v, qs, ks)
   g = case.hq // case.hk
   kr, vr = jnp.repeat(f(k), g, axis=2), jnp.repeat(f(v), g, axis=2)
-  s = soft_cap(jnp.einsum("bqhd,bkhd->bhqk", f(q), kr, precision=hi) * problem.scale,
-               problem.softcap)
+  s, _ = soft_cap(jnp.einsum("bqhd,bkhd->bhqk", f(q), kr, precision=hi) * problem.scale,
+                  problem.softcap)
   lse_f = jnp.where(jnp.isfinite(lse), lse, 0.0)[..., None]
   p = jnp.where(visible_mask(problem, qs, ks), jnp.exp(s - lse_f), 0.0)
   dp = jnp.einsum("bqhd,bkhd->bhqk", f(dout), vr, precision=hi)

@@ -103,16 +103,23 @@ def test_llama_sliding_window_in_every_mode_on_cpu():
   # --window reaches the attention in every layout: the same first-step loss
   # everywhere (the sequence is 4 chunks of 8 tokens: the window of 5 crosses
   # chunk borders), and not the loss without a window.
+  losses = _llama_first_losses(["--window", "5"], "single,dp,allgather,ring,ulysses",
+                                key="window", value=5)
+  full = _llama_first_losses([], "single")[0]
+  assert abs(full - losses[0]) > 1e-4, (full, losses)
+
+
+def _llama_first_losses(extra, compare, key=None, value=None):
+  """First-step losses of the tiny Llama (2 devices) in each ``--compare`` layout;
+  asserts none failed, ``r[key] == value`` and that all layouts agree."""
   from benchmarks import llama  # noqa: PLC0415
-  common_args = ["--preset", "tiny", "--backend", "xla", "--batch", "2", "--seq", "32",
-                 "--steps", "1", "--warmup", "1", "--devices", "2"]
-  res = llama.main(common_args + ["--window", "5",
-                                  "--compare", "single,dp,allgather,ring,ulysses"])
-  assert all("error" not in r and r["window"] == 5 for r in res), res
+  res = llama.main(["--preset", "tiny", "--backend", "xla", "--batch", "2", "--seq", "32",
+                    "--steps", "1", "--warmup", "1", "--devices", "2", *extra,
+                    "--compare", compare])
+  assert all("error" not in r and (key is None or r[key] == value) for r in res), res
   losses = [r["first_loss"] for r in res]
   assert max(losses) - min(losses) < 1e-4, losses
-  full = llama.main(common_args + ["--compare", "single"])[0]["first_loss"]
-  assert abs(full - losses[0]) > 1e-4, (full, losses)
+  return losses
 
 
 @pytest.mark.gpu
@@ -162,14 +169,9 @@ def test_llama_soft_cap_in_every_mode_on_cpu():
   # trains): the same first-step loss everywhere, the plain-XLA fallback
   # included, and not the loss without the cap.
   from benchmarks import llama  # noqa: PLC0415
-  common_args = ["--preset", "tiny", "--backend", "xla", "--batch", "2", "--seq", "32",
-                 "--steps", "1", "--warmup", "1", "--devices", "2", "--window", "5"]
-  res = llama.main(common_args + ["--softcap", "0.5",
-                                  "--compare", "single,dp,ring,ulysses,single@jax-xla"])
-  assert all("error" not in r and r["softcap"] == 0.5 for r in res), res
-  losses = [r["first_loss"] for r in res]
-  assert max(losses) - min(losses) < 1e-4, losses
-  plain = llama.main(common_args + ["--compare", "single"])[0]["first_loss"]
+  losses = _llama_first_losses(["--window", "5", "--softcap", "0.5"],
+                               "single,dp,ring,ulysses,single@jax-xla", key="softcap", value=0.5)
+  plain = _llama_first_losses(["--window", "5"], "single")[0]
   assert abs(plain - losses[0]) > 1e-4, (plain, losses)
   with pytest.raises(ValueError, match="no logit soft"):
     llama.baseline_attention_fn("jax-cudnn", None, 50.0)
