@@ -55,6 +55,7 @@ class LlamaConfig:
   rope_theta: float = 500000.0
   norm_eps: float = 1e-5
   dtype: str = "bfloat16"   # compute dtype; parameters are float32
+  sinks: bool = False       # a learned attention sink per query head (gpt-oss), float32
 
   @property
   def head_dim(self) -> int:
@@ -119,6 +120,8 @@ class Attention(nnx.Module):
     self.wk = _linear(cfg.dim, cfg.n_kv_heads * hd, cfg, rngs)
     self.wv = _linear(cfg.dim, cfg.n_kv_heads * hd, cfg, rngs)
     self.wo = _linear(cfg.n_heads * hd, cfg.dim, cfg, rngs)
+    # [n_heads] sink logits, learned (attention(..., sinks=)); 0 = weight exp(0).
+    self.sinks = nnx.Param(jnp.zeros((cfg.n_heads,), jnp.float32)) if cfg.sinks else None
 
   def __call__(self, x, cos, sin, attention_fn):
     b, t, _ = x.shape
@@ -126,7 +129,8 @@ class Attention(nnx.Module):
     k = self.wk(x).reshape(b, t, self.n_kv_heads, self.head_dim)
     v = self.wv(x).reshape(b, t, self.n_kv_heads, self.head_dim)
     q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-    o = attention_fn(q, k, v)
+    o = (attention_fn(q, k, v) if self.sinks is None else
+         attention_fn(q, k, v, sinks=self.sinks[...]))
     return self.wo(o.reshape(b, t, self.n_heads * self.head_dim))
 
 
@@ -277,28 +281,32 @@ def make_train_step(grad_fn, tx, return_grads: bool = False):
 JAX_BASELINES = ("jax-xla", "jax-cudnn")
 
 
-def baseline_attention_fn(name: str, window: int | None = None, softcap: float | None = None):
+def baseline_attention_fn(name: str, window: int | None = None, softcap: float | None = None,
+                          sinks: bool = False):
   """Causal jax.nn.dot_product_attention (implementation "xla" or "cudnn"),
   with a sliding window of ``window`` keys to the left if given. jax.nn has no
-  logit soft cap: with ``softcap``, "jax-xla" is the plain-XLA fallback users
-  write (this package's jnp reference, T^2 logits) and "jax-cudnn" raises."""
+  logit soft cap and no sinks: with ``softcap`` or ``sinks`` (the model then
+  passes ``sinks=`` per call), "jax-xla" is the plain-XLA fallback users write
+  (this package's jnp reference, T^2 logits) and "jax-cudnn" raises."""
   lw = None if window is None else (window, 0)
-  if softcap is None:
+  if softcap is None and not sinks:
     return impls.jax_nn_causal(name.removeprefix("jax-"), lw)
   if name == "jax-cudnn":
     raise ValueError("--backend jax-cudnn: jax.nn.dot_product_attention has no logit soft "
-                     "cap (--softcap); its plain-XLA fallback is --backend jax-xla.")
+                     "cap (--softcap) and no sinks (--sinks); its plain-XLA fallback is "
+                     "--backend jax-xla.")
   return functools.partial(attention, causal=True, backend="xla", local_window_size=lw,
                            logits_soft_cap=softcap)
 
 
 def grouped_attention_fn(backend: str, backward: str, context_parallel=None,
-                         window: int | None = None, softcap: float | None = None):
+                         window: int | None = None, softcap: float | None = None,
+                         sinks: bool = False):
   """Causal attention of this package for the model: the flax attention_fn,
   or with a sliding window (``window`` keys to the left of each token, its own
-  included as well) and/or a logit soft cap ``attention(...,
-  local_window_size=(window, 0), logits_soft_cap=softcap)``."""
-  if window is None and softcap is None:
+  included as well), a logit soft cap and/or ``sinks`` (passed per call by the
+  model) ``attention(..., local_window_size=(window, 0), logits_soft_cap=softcap)``."""
+  if window is None and softcap is None and not sinks:
     return make_attention_fn(causal=True, backend=backend, context_parallel=context_parallel,
                              backward=backward)
   return functools.partial(attention, causal=True, backend=backend, backward=backward,
@@ -350,7 +358,7 @@ def train_benchmark(args, mode: str, backend: str | None = None, log=print) -> d
   rest). ``backend`` overrides ``args.backend``.
   """
   backend = backend or args.backend
-  cfg = PRESETS[args.preset]
+  cfg = dataclasses.replace(PRESETS[args.preset], sinks=args.sinks)
   graphdef, params = build(cfg, args.seed, args.remat)
   tx = make_optimizer(args.lr)
   opt_state = tx.init(params)
@@ -372,13 +380,14 @@ def train_benchmark(args, mode: str, backend: str | None = None, log=print) -> d
                        f"and --seq {args.seq} by 2 * {cp}.")
     if cp > 1:
       spec = context_parallel_spec("cp", None if mode == "dp" else mode)
-      attn = grouped_attention_fn(backend, args.backward, spec, args.window, args.softcap)
+      attn = grouped_attention_fn(backend, args.backward, spec, args.window, args.softcap,
+                                  args.sinks)
       layout = f"mesh dp={mesh.shape['dp']} x cp={cp}, zigzag, strategy={spec.strategy}"
     else:   # data parallel: every device holds whole sequences
-      attn = (baseline_attention_fn(backend, args.window, args.softcap)
+      attn = (baseline_attention_fn(backend, args.window, args.softcap, args.sinks)
               if backend in JAX_BASELINES else
               grouped_attention_fn(backend, args.backward, window=args.window,
-                                   softcap=args.softcap))
+                                   softcap=args.softcap, sinks=args.sinks))
       layout = f"mesh dp={mesh.shape['dp']}, data parallel"
     grad_fn = make_cp_grad_fn(graphdef, attn, mesh, args.batch * args.seq)
     replicated = NamedSharding(mesh, P())
@@ -387,10 +396,10 @@ def train_benchmark(args, mode: str, backend: str | None = None, log=print) -> d
     pos_sharding = NamedSharding(mesh, P("cp"))
     n_dev = mesh.size
   else:
-    attn = (baseline_attention_fn(backend, args.window, args.softcap)
+    attn = (baseline_attention_fn(backend, args.window, args.softcap, args.sinks)
             if backend in JAX_BASELINES else
             grouped_attention_fn(backend, args.backward, window=args.window,
-                                 softcap=args.softcap))
+                                 softcap=args.softcap, sinks=args.sinks))
     grad_fn = make_grad_fn(graphdef, attn)
     layout = "single device"
     n_dev = 1
@@ -409,7 +418,7 @@ def train_benchmark(args, mode: str, backend: str | None = None, log=print) -> d
       f"dim={cfg.dim} heads={cfg.n_heads}/{cfg.n_kv_heads} head_dim={cfg.head_dim} "
       f"dtype={cfg.dtype}")
   log(f"backend={backend} backward={args.backward} batch={args.batch} "
-      f"seq={args.seq} window={args.window} softcap={args.softcap} {layout} "
+      f"seq={args.seq} window={args.window} softcap={args.softcap} sinks={args.sinks} {layout} "
       f"devices={jax.devices()[0].device_kind} x{n_dev}")
   t0 = time.perf_counter()
   first = batch(0)
@@ -438,7 +447,7 @@ def train_benchmark(args, mode: str, backend: str | None = None, log=print) -> d
   attn_flops = 14 * pairs * cfg.n_layers * args.batch * cfg.n_heads * cfg.head_dim
   flops = 6 * (n_params - cfg.vocab_size * cfg.dim) * tokens + attn_flops
   res = {"mode": mode, "backend": backend, "layout": layout, "devices": n_dev,
-         "window": args.window, "softcap": args.softcap,
+         "window": args.window, "softcap": args.softcap, "sinks": args.sinks,
          "step_ms": t * 1e3, "min_step_ms": min(times) * 1e3, "tokens_per_s": tokens / t,
          "tokens_per_s_per_device": tokens / t / n_dev,
          "tflops_per_device": flops / t / n_dev / 1e12, "first_loss": first_loss,
@@ -502,6 +511,10 @@ def main(argv=None):
                   "and itself (local_window_size=(N, 0)), in every mode")
   ap.add_argument("--softcap", type=float, default=None, metavar="C",
                   help="logit soft cap (Gemma 2: 50): logits_soft_cap=C in every mode; with "
+                  "--backend jax-xla the plain-XLA fallback")
+  ap.add_argument("--sinks", action="store_true",
+                  help="a learned attention sink per query head (attention(..., sinks=), an "
+                  "nnx.Param [heads] per layer, initialised to 0) in every mode; with "
                   "--backend jax-xla the plain-XLA fallback")
   ap.add_argument("--seed", type=int, default=0)
   args = ap.parse_args(argv)

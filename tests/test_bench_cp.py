@@ -175,3 +175,30 @@ def test_llama_soft_cap_in_every_mode_on_cpu():
   assert abs(plain - losses[0]) > 1e-4, (plain, losses)
   with pytest.raises(ValueError, match="no logit soft"):
     llama.baseline_attention_fn("jax-cudnn", None, 50.0)
+
+
+def test_llama_sinks_in_every_mode_on_cpu():
+  # --sinks (an nnx.Param [heads] per layer) reaches the attention in every
+  # layout: the same first-step loss everywhere, the plain-XLA fallback
+  # included, and not the loss without sinks; the sinks get a gradient.
+  import jax  # noqa: PLC0415
+  import numpy as np  # noqa: PLC0415
+
+  from benchmarks import llama  # noqa: PLC0415
+  losses = _llama_first_losses(["--sinks", "--window", "5"],
+                               "single,dp,ring,ulysses,single@jax-xla", key="sinks", value=True)
+  plain = _llama_first_losses(["--window", "5"], "single")[0]
+  assert abs(plain - losses[0]) > 1e-4, (plain, losses)
+  with pytest.raises(ValueError, match="no sinks"):
+    llama.baseline_attention_fn("jax-cudnn", None, None, sinks=True)
+  cfg = llama.dataclasses.replace(llama.PRESETS["tiny"], sinks=True)
+  graphdef, params = llama.build(cfg)
+  sinks = [x for path, x in jax.tree_util.tree_leaves_with_path(params)
+           if "sinks" in jax.tree_util.keystr(path)]
+  assert len(sinks) == 1 and sinks[0].shape == (cfg.n_layers, cfg.n_heads), sinks
+  tokens, targets = llama.synthetic_batch(jax.random.key(0), 2, 16, cfg.vocab_size)
+  _, grads = llama.make_grad_fn(graphdef, llama.grouped_attention_fn("xla", "kernel", sinks=True))(
+      params, tokens, targets, jax.numpy.arange(16))
+  g = [x for path, x in jax.tree_util.tree_leaves_with_path(grads)
+       if "sinks" in jax.tree_util.keystr(path)]
+  assert len(g) == 1 and float(np.max(np.abs(np.asarray(g[0])))) > 0, g

@@ -225,6 +225,34 @@ def test_head_split_backward_lowers_for_cuda(case):
   assert text.count("mosaic_gpu") >= 2
 
 
+SOFTCAP_LOWER = ["causal_gqa", "noncausal_odd_mqa", "window_segments"]
+
+
+@pytest.mark.parametrize("name", SOFTCAP_LOWER)
+def test_soft_cap_lowers_for_cuda_and_reaches_every_kernel(name):
+  base = _problem(CASES[IDS.index(name)])
+  q, k, v, qs, ks, dout, dlse = _inputs(base)
+  out = jax.ShapeDtypeStruct(q.shape, q.dtype)
+  lse = jax.ShapeDtypeStruct((base.batch, base.hq, base.tq), jnp.float32)
+  tanhs = []
+  for p in (base, dataclasses.replace(base, softcap=30.0)):
+    fwd, bwd = _fwd_bwd(p)
+    texts = (_lower(fwd, q, k, v, qs, ks), _lower(bwd, q, k, v, qs, ks, out, lse, dout, dlse))
+    assert [t.count("mosaic_gpu") > 0 for t in texts] == [True, True]
+    tanhs.append([t.count("tanh") for t in texts])
+  # The forward, and both backward kernels (dK/dV, dQ), take the tanh; none without the cap.
+  (f0, b0), (f1, b1) = tanhs
+  assert f0 == b0 == 0 and f1 > 0 and b1 >= 2 * f1, tanhs
+
+
+def test_head_split_refuses_the_soft_cap_by_name():
+  p = dataclasses.replace(_problem(CASES[IDS.index("causal_gqa")]), softcap=30.0)
+  _, bwd = _fwd_bwd(p, None, SPLIT)
+  q, k, v, qs, ks, dout, dlse = _inputs(p)
+  with pytest.raises(ValueError, match="head_split=2 has no soft cap"):
+    _lower(bwd, q, k, v, qs, ks, q, jnp.zeros((1, p.hq, p.tq)), dout, dlse)
+
+
 def test_vmapped_launchers_lower():
   """backend.batch_folding (how the registry entry calls launchers) under jax.vmap."""
   p = _problem(CASES[0])

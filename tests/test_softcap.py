@@ -126,18 +126,24 @@ def test_traced_soft_cap_is_refused():
     jax.jit(lambda c: ga.attention(q, q, q, backend="xla", logits_soft_cap=c))(2.0)
 
 
-@pytest.mark.parametrize("backend", [b.name for b in registry.kernel_entries()
-                                     if not b.supports_softcap])
-def test_backends_without_a_cap_refuse_it_by_name(backend):
-  q = jnp.ones((1, 16, 2, 32), jnp.bfloat16)
+def test_every_kernel_backend_has_the_cap():
+  assert all(b.supports_softcap for b in registry.kernel_entries())
+
+
+@pytest.mark.parametrize("head_dim,refused", [(128, False), (136, True), (256, True)])
+def test_mosaic_refuses_the_cap_above_head_dim_128_by_name(head_dim, refused):
+  # Its head_split=2 backward (head_dim > 128) has no room for 1 - tanh^2.
+  q = jnp.ones((1, 16, 2, head_dim), jnp.bfloat16)
   problem = validate.make_problem(q, q, q, (QueryGroup(0, 16, 0, 16),), causal=True,
                                   softmax_scale=None, q_segment_ids=None,
                                   kv_segment_ids=None, logits_soft_cap=2.0)
-  msg = f"logits_soft_cap=2.0 is not supported by backend='{backend}'"
-  assert msg in registry.get(backend).supports(problem, q.dtype)
-  if registry.get(backend).unavailable(jax.default_backend()) is None:
+  why = registry.get("pallas_mosaic").supports(problem, q.dtype)
+  msg = (f"logits_soft_cap=2.0 with head_dim {head_dim} is not supported by "
+         "backend='pallas_mosaic'")
+  assert (why is not None and msg in why) if refused else why is None
+  if refused and registry.get("pallas_mosaic").unavailable(jax.default_backend()) is None:
     with pytest.raises(ValueError, match=msg):
-      ga.attention(q, q, q, causal=True, backend=backend, logits_soft_cap=2.0)
+      ga.attention(q, q, q, causal=True, backend="pallas_mosaic", logits_soft_cap=2.0)
 
 
 def test_auto_picks_a_backend_with_the_cap():
@@ -179,6 +185,9 @@ def test_rows_that_see_nothing_stay_zero_with_a_cap():
 GPU_CASES = SOFTCAP_CASES + [
     Case("softcap_gemma_bf16", (QueryGroup(0, 1024, 0, 1024),), 1024, hq=8, hk=2, d=128,
          batch=1, dtype=jnp.bfloat16, softcap=50.0 / 8.0),
+    Case("softcap_segments_groups_bf16",
+         (QueryGroup(0, 192, 0, 192), QueryGroup(192, 64, 100, 256)), 256, hq=4, hk=2,
+         d=128, batch=1, dtype=jnp.bfloat16, segments=True, softcap=4.0),
     Case("softcap_window_d256_f16", (QueryGroup(0, 512, 0, 512),), 512, hq=4, hk=4, d=256,
          batch=1, dtype=jnp.float16, window=(100, 0), softcap=2.0),
 ]

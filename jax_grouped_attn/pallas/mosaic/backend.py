@@ -31,6 +31,7 @@ class PallasMosaicBackend(KernelBackend):
   backward_config_class = MosaicBackwardConfig
   interpretable = False
   launcher_module = "jax_grouped_attn.pallas.mosaic.launch"
+  supports_softcap = True   # head_dim <= 128 (supports says why not above)
 
   def unavailable(self, platform: str) -> str | None:
     if platform != "gpu":
@@ -48,6 +49,12 @@ class PallasMosaicBackend(KernelBackend):
       return (f"backend={self.name!r} takes bfloat16/float16 (wgmma); got {dtype}. Use "
               "backend='pallas' (which falls back to the Triton-lowered Pallas kernels for "
               "float32), 'triton' or 'xla'.")
+    if problem.softcap is not None and self.padded_head_dim(problem.head_dim) > 128:
+      return (f"logits_soft_cap={problem.softcap} with head_dim {problem.head_dim} is not "
+              f"supported by backend={self.name!r}: above 128 its backward splits head_dim "
+              "between two warpgroups (head_split=2), which pass P through shared memory with "
+              "no room for the cap's 1 - tanh^2. Use 'triton', 'pallas_triton' or 'xla' (or "
+              "'auto', which picks one).")
     return super().supports(problem, dtype)
 
   def padded_head_dim(self, head_dim: int) -> int:

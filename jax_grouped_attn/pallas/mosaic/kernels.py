@@ -84,6 +84,17 @@ def _visible(q_pos0, k0, kv_len, shape, *, causal, window=(-1, -1), qseg=None, k
   return seen
 
 
+def _logits(s, scale: float, softcap: float | None):
+  """Raw scores s = q.k as (x, c, t): c * x are the base-2 logits. Without a cap
+  x = s and c = scale * log2(e), t None; with a soft cap (Problem.softcap)
+  x = t = tanh(s * scale / softcap) and c = softcap * log2(e) > 0: dS then
+  carries 1 - t^2. Every kernel scores its tiles through this."""
+  if softcap is None:
+    return s, scale * LOG2E, None
+  t = jnp.tanh(s * (scale / softcap))
+  return t, softcap * LOG2E, t
+
+
 class _KvBlocks:
   """The kv blocks a work-table row visits, as both sides of a ring walk them.
 
@@ -144,7 +155,7 @@ class _KvBlocks:
 # One kernel: its warpgroup roles are branches over shared buffers (splitting
 # them apart would hide which role touches what), hence its complexity.
 def forward_kernel(table_ref, q_ref, k_ref, v_ref, *refs,  # noqa: C901
-                   scale: float, causal: bool,
+                   scale: float, softcap: float | None, causal: bool,
                    window: tuple[int, int], has_segments: bool, block_q: int, block_kv: int,
                    stages: int, wgs: int, group_size: int):
   """One CTA per (q head, work row, batch): rows [ROW0, ROW0 + wgs * block_q).
@@ -179,8 +190,6 @@ def forward_kernel(table_ref, q_ref, k_ref, v_ref, *refs,  # noqa: C901
   blocks = _KvBlocks(table_ref, w, window, stages)
   n_blocks = blocks.n_blocks
 
-  # Logits go to base 2 inside exp2's FMA: p = exp2(s * c - m), m in base-2 units.
-  c = scale * LOG2E
   shape_s = (block_q, block_kv)
 
   def pingpong():
@@ -208,10 +217,10 @@ def forward_kernel(table_ref, q_ref, k_ref, v_ref, *refs,  # noqa: C901
 
     def softmax(s, m, l, j, masked: bool):
       """Online softmax of S_j: (P_j in dtype, m, l, alpha) with l rescaled."""
-      if c < 0:   # keep max() exact for a negative scale
-        s, cc = s * c, 1.0
-      else:
-        cc = c
+      # Logits go to base 2 inside exp2's FMA: p = exp2(s * cc - m), m in base-2 units.
+      s, cc, _ = _logits(s, scale, softcap)
+      if cc < 0:   # keep max() exact for a negative scale
+        s, cc = s * cc, 1.0
       if masked:
         kvseg = None
         if has_segments:
@@ -311,7 +320,7 @@ def _zeros(shape):
 
 
 def backward_dkdv_kernel(kv_table_ref, entries_ref, q_ref, k_ref, v_ref, do_ref, lse2_ref,
-                         delta_ref, *refs, scale: float, causal: bool,
+                         delta_ref, *refs, scale: float, softcap: float | None, causal: bool,
                          window: tuple[int, int], has_segments: bool, block_q: int,
                          block_kv: int, stages: int, wgs: int, group_size: int):
   """One CTA per (kv head, kv block t, batch): dK, dV of wgs * block_kv keys.
@@ -351,7 +360,6 @@ def backward_dkdv_kernel(kv_table_ref, entries_ref, q_ref, k_ref, v_ref, do_ref,
   n_full = kv_table_ref[t, plan_lib.KV_N_FULL]
   n_ent = kv_table_ref[t, plan_lib.KV_N_ENTRIES]
   n_steps = n_ent * group_size
-  c = scale * LOG2E
   shape_t = (block_kv, block_q)
 
   def entry_row0(e):
@@ -383,7 +391,8 @@ def backward_dkdv_kernel(kv_table_ref, entries_ref, q_ref, k_ref, v_ref, do_ref,
       s_t = pl.run_scoped(qk, plgpu.ACC(shape_t, jnp.float32))   # [keys, rows]
       plgpu.barrier_wait(lse_ready.at[slot])
       lse2 = _load(lse_smem.at[slot], plgpu.Layout.WGMMA.reduce(0))
-      p_t = jnp.exp2(s_t * c - _col_vec(lse2, shape_t))
+      x_t, c, cap_t = _logits(s_t, scale, softcap)
+      p_t = jnp.exp2(x_t * c - _col_vec(lse2, shape_t))
       if masked:
         qseg = None
         row0 = entry_row0(e)
@@ -394,16 +403,20 @@ def backward_dkdv_kernel(kv_table_ref, entries_ref, q_ref, k_ref, v_ref, do_ref,
                        window=window, qseg=qseg, kvseg=kvseg, transposed=True)
         p_t = jnp.where(vis, p_t, 0.0)
       plgpu.barrier_wait(do_ready.at[slot])
+      g_t, p16 = p_t, None   # dS^T = G^T (dP^T - delta), G = P (1 - t^2) with a cap
+      if cap_t is not None:   # fold the factor in now: P in fp32 need not live on
+        g_t, p16 = p_t * (1.0 - cap_t * cap_t), p_t.astype(dtype)
 
       def dv_dp(refs):
         dv_ref, dp_ref = refs
-        plgpu.wgmma(dv_ref, p_t.astype(dtype), do_smem.at[slot])    # dV += P^T dO
+        plgpu.wgmma(dv_ref, p_t.astype(dtype) if p16 is None else p16,   # dV += P^T dO
+                    do_smem.at[slot])
         plgpu.wgmma(dp_ref, v_tile, _t(do_smem.at[slot]))           # dP^T = V dO^T
 
       dv, dp_t = pl.run_state(dv_dp)((plgpu.ACC.init(dv), plgpu.ACC.init(_zeros(shape_t))))
       plgpu.barrier_wait(delta_ready.at[slot])
       delta = _load(delta_smem.at[slot], plgpu.Layout.WGMMA.reduce(0))
-      ds_t = p_t * (dp_t - _col_vec(delta, shape_t))
+      ds_t = g_t * (dp_t - _col_vec(delta, shape_t))
 
       def dk_step(acc_ref):
         plgpu.wgmma(acc_ref, ds_t.astype(dtype), q_smem.at[slot])   # dK += dS^T Q
@@ -453,7 +466,8 @@ def backward_dkdv_kernel(kv_table_ref, entries_ref, q_ref, k_ref, v_ref, do_ref,
 
 
 def backward_dq_kernel(table_ref, q_ref, k_ref, v_ref, do_ref, lse2_ref, delta_ref, *refs,
-                       scale: float, causal: bool, window: tuple[int, int],
+                       scale: float, softcap: float | None, causal: bool,
+                       window: tuple[int, int],
                        has_segments: bool, block_q: int, block_kv: int, stages: int, wgs: int,
                        group_size: int):
   """One CTA per (q head, work row, batch): dQ of wgs * block_q rows.
@@ -488,7 +502,6 @@ def backward_dq_kernel(table_ref, q_ref, k_ref, v_ref, do_ref, lse2_ref, delta_r
   q_pos0 = table_ref[w, plan_lib.QPOS0]
   kv_len = table_ref[w, plan_lib.KV_LEN]
   blocks = _KvBlocks(table_ref, w, window, stages)
-  c = scale * LOG2E
   shape_s = (block_q, block_kv)
 
   @pl.when(wg < wgs)
@@ -524,7 +537,8 @@ def backward_dq_kernel(table_ref, q_ref, k_ref, v_ref, do_ref, lse2_ref, delta_r
 
       s, dpv = pl.run_state(s_dp)((plgpu.ACC.init(_zeros(shape_s)),
                                    plgpu.ACC.init(_zeros(shape_s))))
-      p = jnp.exp2(s * c - _row_vec(lse2, shape_s))
+      x, c, cap = _logits(s, scale, softcap)
+      p = jnp.exp2(x * c - _row_vec(lse2, shape_s))
       if masked:
         kvseg = None
         if has_segments:
@@ -533,6 +547,8 @@ def backward_dq_kernel(table_ref, q_ref, k_ref, v_ref, do_ref, lse2_ref, delta_r
         vis = _visible(my_pos0, j * block_kv, kv_len, shape_s, causal=causal, window=window,
                        qseg=qseg, kvseg=kvseg)
         p = jnp.where(vis, p, 0.0)
+      if cap is not None:   # dS = P (1 - t^2) (dP - delta)
+        p = p * (1.0 - cap * cap)
       ds = p * (dpv - _row_vec(delta, shape_s))
 
       def dq_step(acc_ref):

@@ -128,7 +128,8 @@ def forward(q, k, v, q_seg, kv_seg, *, problem: Problem, plan: Plan,
       sched=plgpu.Barrier(num_arrivals=wgs),
   )
   body = functools.partial(
-      kernels.forward_kernel, scale=float(problem.scale), causal=problem.causal,
+      kernels.forward_kernel, scale=float(problem.scale), softcap=problem.softcap,
+      causal=problem.causal,
       window=problem.kernel_window, has_segments=has_segments, block_q=cfg.block_q,
       block_kv=block_kv, stages=stages, wgs=wgs, group_size=hq // hk)
   if plan.n_work == 0:   # no rows at all
@@ -205,6 +206,11 @@ def backward(q, k, v, q_seg, kv_seg, out, lse, dout, dlse, *, problem: Problem,
                 has_segments=has_segments, stages=stages, group_size=grp)
 
   if cfg.head_split == 2:
+    if problem.softcap is not None:
+      raise ValueError(
+          f"MosaicBackwardConfig.head_split=2 has no soft cap (logits_soft_cap="
+          f"{problem.softcap}): its warpgroups pass P through shared memory, which has no "
+          "room left for the 1 - tanh^2 factor. Use head_split=1 or backend='triton'.")
     return _backward_split(q, k, v, q_seg, kv_seg, dout, delta, lse2, problem=problem,
                            plan=plan, cfg=cfg, d_in=d_in, common=common, params=params,
                            interpret=interpret)
@@ -227,7 +233,7 @@ def backward(q, k, v, q_seg, kv_seg, out, lse, dout, dlse, *, problem: Problem,
               free=plgpu.Barrier(num_arrivals=wgs, num_barriers=stages))
   dk, dv = plgpu.kernel(
       functools.partial(kernels.backward_dkdv_kernel, block_q=bq, block_kv=bkv, wgs=wgs,
-                        **common),
+                        softcap=problem.softcap, **common),
       out_type=(shape_struct((b, tk_pad, hk, dp), k.dtype, like=q),
                 shape_struct((b, tk_pad, hk, dp), v.dtype, like=q)),
       scratch_types=(smem, bars),
@@ -262,7 +268,7 @@ def backward(q, k, v, q_seg, kv_seg, out, lse, dout, dlse, *, problem: Problem,
                 free=plgpu.Barrier(num_arrivals=wgs, num_barriers=stages))
     dq = plgpu.kernel(
         functools.partial(kernels.backward_dq_kernel, block_q=bq, block_kv=bkv, wgs=wgs,
-                          **common),
+                          softcap=problem.softcap, **common),
         out_type=shape_struct((b, tq_pad, hq, dp), q.dtype, like=q),
         scratch_types=(smem, bars),
         grid=(hq, qplan.n_work, b),
