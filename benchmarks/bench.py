@@ -139,6 +139,9 @@ def plan_series(args, mode: str) -> list[Series]:
       if args.softcap is not None:   # the same call with the cap, right after it
         capped = dataclasses.replace(wl, softcap=args.softcap)
         out.append(Series(capped.series, [capped], names, headline=rank))
+      if args.sinks:   # and with sinks
+        sunk = dataclasses.replace(wl, sinks=True)
+        out.append(Series(sunk.series, [sunk], names, headline=rank))
   worlds = list(args.zigzag) if args.zigzag else zigzag_set(mode)
   heads = zigzag_heads(mode)
   zz = lambda w, s: [common.zigzag_workload(w, s, r, dtype=args.dtype, **heads) for r in range(w)]
@@ -241,6 +244,9 @@ def parse_args(argv=None):
   ap.add_argument("--softcap", type=float, default=None, metavar="C",
                   help="also run every causal shape with logits_soft_cap=C (beside the "
                        "uncapped run: the cap's cost)")
+  ap.add_argument("--sinks", action="store_true",
+                  help="also run every causal shape with sinks=[Hq] (common.sink_logits; "
+                       "beside the run without: their cost)")
   ap.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16"],
                   help="dtype of the zigzag/balance workloads (causal sets are bfloat16)")
   ap.add_argument("--reps", type=int, default=None, help="timed repeats (median reported)")

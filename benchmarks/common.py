@@ -56,10 +56,11 @@ class Workload:
   seq: int = 0
   window: tuple | None = None   # Problem.window: (left, right), None = unbounded side
   softcap: float | None = None  # Problem.softcap: logits_soft_cap
+  sinks: bool = False           # sinks=sink_logits(self), one logit per query head
 
   @property
   def name(self) -> str:
-    heads = f"Hq{self.hq} Hk{self.hk} D{self.d}{self._window_text}{self._softcap_text}"
+    heads = f"Hq{self.hq} Hk{self.hk} D{self.d}{self._variant_text}"
     if self.family in ("zigzag", "contiguous"):
       return f"{self.family} W{self.world} S{self.seq} r{self.rank} B{self.batch} {heads}"
     return f"{self.family} B{self.batch} S{self.tk} {heads}"
@@ -69,7 +70,7 @@ class Workload:
     """The name without the rank: what per-rank rows are summarised under."""
     if self.family in ("zigzag", "contiguous"):
       return (f"{self.family} W{self.world} S{self.seq} B{self.batch} "
-              f"Hq{self.hq} Hk{self.hk} D{self.d}{self._window_text}{self._softcap_text}")
+              f"Hq{self.hq} Hk{self.hk} D{self.d}{self._variant_text}")
     return self.name
 
   @property
@@ -80,8 +81,9 @@ class Workload:
     return f" window ({left}, {right})"
 
   @property
-  def _softcap_text(self) -> str:
-    return "" if self.softcap is None else f" softcap {self.softcap:g}"
+  def _variant_text(self) -> str:
+    return (self._window_text + ("" if self.softcap is None else f" softcap {self.softcap:g}")
+            + (" sinks" if self.sinks else ""))
 
   @property
   def pairs(self) -> int:
@@ -253,6 +255,12 @@ class Selection:
     return x[np.asarray(self.batches)][:, :, np.asarray(self.kv_heads)]
 
 
+def sink_logits(wl: Workload) -> np.ndarray | None:
+  """The workload's ``sinks`` [Hq] float32 (None without): fixed, spread over
+  [-2, 2], so heads differ."""
+  return np.linspace(-2.0, 2.0, wl.hq, dtype=np.float32) if wl.sinks else None
+
+
 def selection(wl: Workload, max_kv_heads: int = 2) -> Selection:
   """First and last batch row and kv head (fewer when they coincide)."""
   batches = tuple(sorted({0, wl.batch - 1}))
@@ -263,12 +271,13 @@ def selection(wl: Workload, max_kv_heads: int = 2) -> Selection:
 
 
 def _oracle_impl(q, k, v, do, pos, kv_len, *, scale, causal, chunk, compute_dtype="float32",
-                 window=None, softcap=None):
+                 window=None, softcap=None, sinks=None):
   """Exact fp32 forward and backward, scanned over row chunks of ``chunk`` rows.
 
   q, do: [B, Tq, Hq, D] (Tq a multiple of chunk); k, v: [B, Tk, Hk, D];
   pos, kv_len: [Tq] int32 (row position and kv prefix; kv_len 0 = padding);
-  window: Problem.window (None: none); softcap: Problem.softcap (None: none).
+  window: Problem.window (None: none); softcap: Problem.softcap (None: none);
+  sinks: a tuple of q's heads' sink logits (None: none), one more softmax term each.
   Returns out, dq [B, Tq, Hq, D] and dk, dv [B, Tk, Hk, D], all fp32.
   ``compute_dtype`` other than float32: the plain low-precision attention
   whose error calibrates the tolerances (jax_grouped_attn/testing.py): matmul operands
@@ -285,6 +294,7 @@ def _oracle_impl(q, k, v, do, pos, kv_len, *, scale, causal, chunk, compute_dtyp
   n = tq // chunk
   split = lambda x: jnp.moveaxis(x.reshape(b, n, chunk, hk, g, d), 1, 0)
   j = jnp.arange(tk)
+  sink = None if sinks is None else jnp.asarray(sinks, jnp.float32).reshape(1, hk, g, 1, 1)
 
   def body(carry, xs):
     dk, dv = carry
@@ -294,9 +304,13 @@ def _oracle_impl(q, k, v, do, pos, kv_len, *, scale, causal, chunk, compute_dtyp
     mask = visible(p_i[:, None], j[None, :], kv_i[:, None], causal=causal, window=window)
     s = jnp.where(mask, s, -jnp.inf)
     m = jnp.max(s, axis=-1, keepdims=True)
+    if sink is not None:
+      m = jnp.maximum(m, sink)
     m = jnp.where(jnp.isfinite(m), m, 0.0)
     p = jnp.exp(s - m)
     l = jnp.sum(p, axis=-1, keepdims=True)
+    if sink is not None:   # the sink's term has no value: only the denominator grows
+      l = l + jnp.exp(sink - m)
     l = jnp.where(l > 0, l, 1.0)
     o = rnd(mm("bhgqk,bkhd->bqhgd", p, v) / jnp.moveaxis(l, (1, 2, 3), (2, 3, 1)))
     p = p / l
@@ -319,7 +333,7 @@ def _oracle_impl(q, k, v, do, pos, kv_len, *, scale, causal, chunk, compute_dtyp
 
 
 _oracle_jit = jax.jit(_oracle_impl, static_argnames=("scale", "causal", "chunk", "compute_dtype",
-                                                    "window", "softcap"))
+                                                    "window", "softcap", "sinks"))
 # Compiled oracles by argument shapes and static arguments: ranks of one world
 # share one (their row positions are arguments). Bounded: each holds GPU code.
 _ORACLE_CACHE: dict = {}
@@ -378,7 +392,9 @@ def oracle(wl: Workload, q, k, v, do, sel: Selection, *, max_elems: int = 1 << 2
   padrows = lambda x: jnp.pad(x, ((0, 0), (0, pad), (0, 0), (0, 0)))
   args = (padrows(qs), ks, vs, padrows(dos), jnp.asarray(pos), jnp.asarray(kv_len))
   statics = dict(scale=1.0 / math.sqrt(wl.d), causal=wl.causal, chunk=chunk, window=wl.window,
-                 softcap=wl.softcap)
+                 softcap=wl.softcap,
+                 sinks=None if not wl.sinks else tuple(float(x) for x in
+                                                       sink_logits(wl)[list(sel.q_heads)]))
   run = lambda cd: _run_oracle(args, dict(statics, compute_dtype=cd), timing)
   trim = lambda r: {"out": r[0][:, :wl.tq], "dq": r[1][:, :wl.tq], "dk": r[2], "dv": r[3]}
   res = trim(run("float32"))

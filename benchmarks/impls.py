@@ -37,6 +37,7 @@ import jax
 import jax.numpy as jnp
 
 import jax_grouped_attn as ga
+from benchmarks import common
 from benchmarks.common import Workload
 from jax_grouped_attn import registry
 from jax_grouped_attn.groups import QueryGroup
@@ -94,9 +95,10 @@ class Grouped(Impl):
 
   def build(self, wl, ctx):
     backend, groups, causal, window = self.backend, wl.groups, wl.causal, wl.window
+    sinks = common.sink_logits(wl)
     fn = lambda q, k, v: ga.grouped_attention(q, k, v, groups, causal=causal, backend=backend,
                                               local_window_size=window,
-                                              logits_soft_cap=wl.softcap)
+                                              logits_soft_cap=wl.softcap, sinks=sinks)
     return Built(fn, "T^2 reference" if registry.get(backend).native_autodiff else "one launch")
 
 
@@ -117,6 +119,7 @@ class TwoLaunch(Impl):
   def build(self, wl, ctx):
     backend, causal, window = self.backend, wl.causal, wl.window
     groups = [g for g in wl.groups if g.q_len > 0]
+    sinks = common.sink_logits(wl)   # per row: each group's call takes them whole
 
     def fn(q, k, v):
       outs = []
@@ -125,7 +128,7 @@ class TwoLaunch(Impl):
         outs.append(ga.grouped_attention(
             q[:, g.q_start:g.q_end], k[:, :g.kv_len], v[:, :g.kv_len], (one,),
             causal=causal, backend=backend, local_window_size=window,
-            logits_soft_cap=wl.softcap))
+            logits_soft_cap=wl.softcap, sinks=sinks))
       return jnp.concatenate(outs, axis=1)
 
     return Built(fn, f"{len(groups)} launches")
@@ -368,6 +371,8 @@ class Cudnn(Impl):
       return "cuDNN flash attention needs an NVIDIA GPU"
     if wl.softcap is not None:
       return "jax.nn's cuDNN path has no logit soft cap"
+    if wl.sinks:
+      return "jax.nn's cuDNN path has no attention sinks"
     if wl.window is not None:
       if not wl.is_standard:
         return "the lse composition has no window"
@@ -411,8 +416,8 @@ class JaxPallasMha(Impl):
   kind = "other"
 
   def unavailable(self, wl, ctx):
-    if not wl.is_standard or wl.window is not None or wl.softcap is not None:
-      return "standard causal self-attention only (no window, no soft cap)"
+    if not wl.is_standard or wl.window is not None or wl.softcap is not None or wl.sinks:
+      return "standard causal self-attention only (no window, no soft cap, no sinks)"
     if wl.hq != wl.hk:
       return "needs Hq == Hk (no GQA)"
     if wl.tq > 128 and wl.tq % 128:

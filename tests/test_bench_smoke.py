@@ -19,7 +19,8 @@ from benchmarks import bench, common, harness, impls  # noqa: E402
 
 def _reference(wl, q, k, v):
   return ga.grouped_attention(q, k, v, wl.groups, causal=wl.causal, backend="xla",
-                              local_window_size=wl.window, logits_soft_cap=wl.softcap)
+                              local_window_size=wl.window, logits_soft_cap=wl.softcap,
+                              sinks=common.sink_logits(wl))
 
 
 @pytest.mark.parametrize("wl", [
@@ -29,6 +30,8 @@ def _reference(wl, q, k, v):
     common.causal_workload(1, 40, 2, 2, 32, dtype="float32", window=(7, 0)),
     dataclasses.replace(common.zigzag_workload(2, 96, 1, hq=4, hk=2, d=32, dtype="float32"),
                         softcap=0.7),
+    # Sinks of the selected q heads only (kv heads 0 and 3 of 4).
+    dataclasses.replace(common.causal_workload(2, 40, 8, 4, 32, dtype="float32"), sinks=True),
 ], ids=lambda wl: wl.name)
 def test_oracle_matches_reference_autodiff(wl):
   q, k, v, do = common.make_inputs(wl, 3)
@@ -168,6 +171,30 @@ def test_smoke_mode_writes_reports_with_small_errors(tmp_path, monkeypatch):
   assert res["plots"], "no plots written"
   for png in res["plots"]:
     assert (out / png).stat().st_size > 1000
+
+
+def test_sinks_rows_are_checked_and_a_row_without_them_is_wrong(tmp_path, monkeypatch):
+  if common.on_gpu():
+    pytest.skip("smoke mode is the CPU path")
+  argv = ["--smoke", "--out", str(tmp_path), "--shape", "1x32x4x2x32", "--sinks",
+          "--workloads", "causal", "--backends", "pallas_triton,jax-pallas-mha", "--reps", "1",
+          "--warmup", "0"]
+
+  def statuses():
+    rows = bench.main(argv)["rows"]
+    return {(r["workload"], r["impl"], r["pass"]): (r["status"], r.get("reason"))
+            for r in rows}
+
+  got = statuses()
+  sunk = {k: v for k, v in got.items() if k[0].endswith(" sinks")}
+  assert {v[0] for k, v in sunk.items() if k[1] == "pallas_triton"} == {"ok"}, sunk
+  assert all("no sinks" in v[1] for k, v in sunk.items() if k[1] == "jax-pallas-mha"), sunk
+  real = impls.ga.grouped_attention
+  monkeypatch.setattr(impls.ga, "grouped_attention",
+                      lambda *a, sinks=None, **kw: real(*a, **kw))   # sinks dropped
+  got = statuses()
+  wrong = {v[0] for k, v in got.items() if k[0].endswith(" sinks") and k[1] == "pallas_triton"}
+  assert wrong == {"wrong"}, got
 
 
 @pytest.mark.gpu
