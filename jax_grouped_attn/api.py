@@ -85,13 +85,20 @@ def grouped_attention(q, k, v, groups, *, causal=True, softmax_scale=None,
 def _run(launch, problem, q, k, v, q_segment_ids, kv_segment_ids, *, backend, interpret,
          config, backward, return_lse, sinks):
   """A validated problem: resolve the kernels once, ``launch(problem, kernels, q, k, v,
-  q_segment_ids, kv_segment_ids) -> (out, lse)``, add the sinks, return out (and lse)."""
+  q_segment_ids, kv_segment_ids, sinks=) -> (out, lse)`` with the sinks, return out (and lse)."""
   return_lse = validate.check_bool("return_lse", return_lse)
   sinks = sinks_lib.check_sinks(sinks, problem.hq)
   kernels = resolve(backend, interpret, config, backward, problem, q.dtype)
-  out, lse = launch(problem, kernels, q, k, v, q_segment_ids, kv_segment_ids)
-  out, lse = sinks_lib.with_sinks(out, lse, sinks)
+  out, lse = launch(problem, kernels, q, k, v, q_segment_ids, kv_segment_ids, sinks=sinks)
   return (out, lse) if return_lse else out
+
+
+def _sinks_after(launch):
+  """A context-parallel launch with the sinks merged into its finished (out, lse):
+  once, after the strategy's own merge; JAX differentiates the merge."""
+  def run(problem, kernels, *arrays, sinks):
+    return sinks_lib.with_sinks(*launch(problem, kernels, *arrays), sinks)
+  return run
 
 
 def attention(q, k, v, *, causal=False, softmax_scale=None, segment_ids=None,
@@ -144,7 +151,7 @@ def attention(q, k, v, *, causal=False, softmax_scale=None, segment_ids=None,
       q, k, v, (group,), causal=causal, softmax_scale=softmax_scale,
       q_segment_ids=q_segment_ids, kv_segment_ids=kv_segment_ids,
       local_window_size=local_window_size, logits_soft_cap=logits_soft_cap)
-  launch = autodiff.differentiable if context_parallel is None else (
+  launch = autodiff.differentiable if context_parallel is None else _sinks_after(
       lambda problem, kernels, *arrays: cp.local_attention(problem, context_parallel, kernels,
                                                            *arrays))
   return _run(launch, problem, q, k, v, q_segment_ids, kv_segment_ids, backend=backend,
@@ -201,8 +208,8 @@ def context_parallel_attention(q, k, v, mesh, axis_name, *, strategy="allgather"
       q, k, v, (QueryGroup(0, s_len, 0, s_len),), causal=causal, softmax_scale=softmax_scale,
       q_segment_ids=q_segment_ids, kv_segment_ids=kv_segment_ids,
       local_window_size=local_window_size, logits_soft_cap=logits_soft_cap)
-  launch = lambda problem, kernels, *arrays: global_attention(
-      problem, spec, kernels, mesh, batch_axis_name, *arrays)
+  launch = _sinks_after(lambda problem, kernels, *arrays: global_attention(
+      problem, spec, kernels, mesh, batch_axis_name, *arrays))
   return _run(launch, problem, q, k, v, q_segment_ids, kv_segment_ids, backend=backend,
               interpret=interpret, config=config, backward=backward, return_lse=return_lse,
               sinks=sinks)

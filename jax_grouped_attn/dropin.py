@@ -156,8 +156,7 @@ def dot_product_attention(query, key, value, bias=None, mask=None, *, scale=None
   hq, hk = problem.hq, problem.hk
   kernels = resolve(backend, None, None, "kernel", problem, q.dtype)
   sinks = sinks_lib.check_sinks(sinks, hq)
-  out, lse = autodiff.differentiable(problem, kernels, q, k, v, q_seg, kv_seg)
-  out, lse = sinks_lib.with_sinks(out, lse, sinks)
+  out, lse = autodiff.differentiable(problem, kernels, q, k, v, q_seg, kv_seg, sinks)
 
   seen = jnp.isfinite(lse)                                     # [B, N, T]
   if sinks is None and (kv_lengths is not None

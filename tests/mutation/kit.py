@@ -242,10 +242,24 @@ MUTANTS = [
            ("tests/test_sinks.py::test_reference_is_the_sink_formula",),
            why="the sink enters the lse but out keeps the keys' normalisation"),
     Mutant("sinks_counted_twice", "logic", "jax_grouped_attn/api.py",
-           "  out, lse = sinks_lib.with_sinks(out, lse, sinks)\n",
-           "  out, lse = sinks_lib.with_sinks(*sinks_lib.with_sinks(out, lse, sinks), sinks)\n",
+           "    return sinks_lib.with_sinks(*launch(problem, kernels, *arrays), sinks)\n",
+           "    return sinks_lib.with_sinks(*sinks_lib.with_sinks(*launch(problem, kernels, "
+           "*arrays), sinks), sinks)\n",
            ("tests/test_parallel.py::test_sinks_in_every_strategy[4-ring-xla]",),
            why="the sink enters the denominator twice"),
+    Mutant("sinks_grad_sign_flipped", "logic", "jax_grouped_attn/autodiff.py",
+           "  dsinks = -jnp.sum(p_sink * delta, axis=(0, 2))",
+           "  dsinks = jnp.sum(p_sink * delta, axis=(0, 2))",
+           ("tests/test_sinks.py::test_kernel_backends_with_sinks[triton]",),
+           why="d sinks = +sum p_sink delta"),
+    Mutant("sinks_kernels_get_the_keys_only_out_and_lse", "logic", "jax_grouped_attn/autodiff.py",
+           "  out, lse = with_sinks(*forward(problem, kernels, q, k, v, q_seg, kv_seg), sinks)\n"
+           "  return (out, lse), (q, k, v, q_seg, kv_seg, out, lse, sinks)\n",
+           "  raw = forward(problem, kernels, q, k, v, q_seg, kv_seg)\n"
+           "  out, lse = with_sinks(*raw, sinks)\n"
+           "  return (out, lse), (q, k, v, q_seg, kv_seg, *raw, sinks)\n",
+           ("tests/test_sinks.py::test_kernel_backends_with_sinks[triton]",),
+           why="the kernels' backward without the sink in its out and lse"),
     Mutant("reference_softcap_dropped_in_backward", "logic", "jax_grouped_attn/reference.py",
            "    ds = ds * cap_grad\n", "    ds = ds\n",
            ("tests/test_softcap.py::test_explicit_backward_carries_the_cap",),
