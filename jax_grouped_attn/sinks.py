@@ -4,10 +4,11 @@
 is attention over the keys merged by log-sum-exp with a part whose lse is
 ``sinks[h]`` and whose output is 0. So the sink is applied once to the (out,
 lse) of a finished attention, whatever computed it (any backend, any
-context-parallel strategy: after the ring's merge, so exactly once), and its
-gradients come from JAX: d sinks[h] = sum over rows of p_sink (dlse - delta),
-delta = rowsum(dO * O), and the kernels' backward receives the lse cotangent it
-already takes. The cost is one elementwise pass over out.
+context-parallel strategy: after the ring's merge, so exactly once). On one
+device the kernels' backward is handed the merged out and lse
+(jax_grouped_attn/autodiff.py: exact dq, dk, dv; d sinks[h] = sum over rows of
+p_sink (dlse - delta), delta = rowsum(dO * O)); after a context-parallel
+strategy JAX differentiates the merge. The cost is one elementwise pass over out.
 """
 
 from __future__ import annotations

@@ -260,6 +260,14 @@ MUTANTS = [
            "  return (out, lse), (q, k, v, q_seg, kv_seg, *raw, sinks)\n",
            ("tests/test_sinks.py::test_kernel_backends_with_sinks[triton]",),
            why="the kernels' backward without the sink in its out and lse"),
+    Mutant("sinks_autodiff_through_the_merge", "precision", "jax_grouped_attn/autodiff.py",
+           "  if sinks is None:\n    return _differentiable(problem, kernels, q, k, v, q_seg, "
+           "kv_seg)\n",
+           "  if True:\n    return with_sinks(*_differentiable(problem, kernels, q, k, v, q_seg, "
+           "kv_seg), sinks)\n",
+           ("tests/test_sinks.py::test_the_kernels_backward_gets_the_callers_dout_and_the_lse_"
+            "with_the_sink",),
+           why="the kernels get dO * exp(lse - lse_sink), rounded to the input dtype"),
     Mutant("reference_softcap_dropped_in_backward", "logic", "jax_grouped_attn/reference.py",
            "    ds = ds * cap_grad\n", "    ds = ds\n",
            ("tests/test_softcap.py::test_explicit_backward_carries_the_cap",),
