@@ -1,6 +1,7 @@
 """ncu target: one jitted fwd+bwd of each named implementation (default all),
 bf16 causal, B1 S8192 Hq32 Hk8 D128 unless NCU_SHAPE=SxHqxHkxD says otherwise:
-  python3 notes/experiments/ncu_target.py [pallas_mosaic] [triton] [pallas_triton] [cudnn]"""
+  python3 notes/experiments/ncu_target.py [pallas_mosaic] [triton] [pallas_triton] [cudnn]
+(``<backend>+softcap``: the same with logits_soft_cap=NCU_SOFTCAP, default 50)"""
 import os
 import sys
 
@@ -17,6 +18,12 @@ q, k, v, do = mk(1, S, HQ, D), mk(1, S, HK, D), mk(1, S, HK, D), mk(1, S, HQ, D)
 IMPLS = {
     b: (lambda q, k, v, b=b: ga.attention(q, k, v, causal=True, backend=b))
     for b in ("pallas_mosaic", "triton", "pallas_triton")}
+# The same calls with Gemma 2's logit soft cap (NCU_SOFTCAP, default 50).
+CAP = float(os.environ.get("NCU_SOFTCAP", "50"))
+IMPLS.update({
+    f"{b}+softcap": (lambda q, k, v, b=b: ga.attention(q, k, v, causal=True, backend=b,
+                                                       logits_soft_cap=CAP))
+    for b in ("pallas_mosaic", "triton", "pallas_triton")})
 IMPLS["cudnn"] = lambda q, k, v: jax.nn.dot_product_attention(q, k, v, is_causal=True,
                                                               implementation="cudnn")
 for name in sys.argv[1:] or list(IMPLS):
