@@ -166,6 +166,9 @@ def from_q_layout(x, plan: plan_lib.Plan, axis: int = 1):
 class KernelBackend(Backend):
   """A kernel family on the padded layouts of ``plan.py``.
 
+  q, k and v reach its launchers padded to one head_dim (``padded_head_dim`` of
+  the larger of q/k's and v's), so a v head_dim of its own costs the padding.
+
   Its launcher module (``launcher_module``, imported on first use) provides
     forward(q, k, v, q_seg, kv_seg, *, problem, plan, config, interpret)
         -> (out [B, Tq_pad, Hq, Dp], lse [B, Hq, Tq_pad] f32)
@@ -179,6 +182,7 @@ class KernelBackend(Backend):
 
   launcher_module: str = ""
   heuristics = None
+  supports_head_dim_v = True   # zero-padded to q/k's width (_prepare)
 
   def launcher(self):
     return importlib.import_module(self.launcher_module)
@@ -200,7 +204,9 @@ class KernelBackend(Backend):
                                        dq.block_q, dq.block_k)
 
   def _prepare(self, problem: Problem, plan, q, k, v, q_seg, kv_seg):
-    dp = self.padded_head_dim(problem.head_dim)
+    # A v head_dim of its own (Problem.head_dim_v) is zero-padded with q and k
+    # to one padded width: the extra columns of out and dV are zeros, sliced off.
+    dp = self.padded_head_dim(problem.tile_head_dim)
     q = to_q_layout(pad_axis(q, 3, dp), plan)
     k = pad_axis(pad_axis(k, 3, dp), 1, plan.tk_pad)
     v = pad_axis(pad_axis(v, 3, dp), 1, plan.tk_pad)
@@ -217,7 +223,7 @@ class KernelBackend(Backend):
     out_p, lse_p = batch_folding(self.launcher().forward)(
         qp, kp, vp, qs, ks, problem=problem, plan=plan, config=config,
         interpret=interpret)
-    out = from_q_layout(out_p, plan)[..., :problem.head_dim]
+    out = from_q_layout(out_p, plan)[..., :problem.dv]
     lse = from_q_layout(lse_p, plan, axis=2)
     # Inside shard_map: a launch's outputs vary like its inputs.
     axes = vma.union(q, k, v, q_seg, kv_seg)
@@ -239,7 +245,7 @@ class KernelBackend(Backend):
     d = problem.head_dim
     dq = from_q_layout(dq_p, plan)[..., :d]
     dk = dk_p[:, :problem.tk, :, :d]
-    dv = dv_p[:, :problem.tk, :, :d]
+    dv = dv_p[:, :problem.tk, :, :problem.dv]
     axes = vma.union(q, k, v, q_seg, kv_seg, dout)
     return tuple(vma.pvary(g.astype(x.dtype), axes) for g, x in ((dq, q), (dk, k), (dv, v)))
 

@@ -69,6 +69,12 @@ class Problem:
     return self.head_dim if self.head_dim_v is None else self.head_dim_v
 
   @property
+  def tile_head_dim(self) -> int:
+    """The head_dim kernel tiles are sized (and configs looked up) for: the larger
+    of q/k's and v's (kernels zero-pad the other to it)."""
+    return max(self.head_dim, self.dv)
+
+  @property
   def group_size(self) -> int:
     return self.hq // self.hk
 

@@ -111,7 +111,7 @@ def _fastest(pass_: str, names, problem: Problem, dtype) -> str | None:
     cls = entry.config_class(pass_)
     if cls is None:
       continue
-    look = lambda p, c: tuning.lookup(p, name, c, problem.head_dim, seq_len=problem.tk,
+    look = lambda p, c: tuning.lookup(p, name, c, problem.tile_head_dim, seq_len=problem.tk,
                                       dtype=dtype)
     try:
       got = look(pass_, cls)
@@ -157,7 +157,7 @@ def resolve(backend, interpret, config: AttentionConfig | None = None,
       picks = []
       for p in PASSES:
         candidates = [n for n in AUTO_GPU if usable(n) and (
-            problem is None or get(n).auto_candidate(p, problem.head_dim, dtype))] or ["xla"]
+            problem is None or get(n).auto_candidate(p, problem.tile_head_dim, dtype))] or ["xla"]
         picks.append((_fastest(p, candidates, problem, dtype) if problem is not None else None)
                      or candidates[0])
       picks = tuple(picks)
@@ -251,7 +251,8 @@ def config_choice(entry: Backend, pass_: str, problem: Problem, dtype,
   given = None if cls is None else config.get(pass_, cls)
   if given is not None:
     return ConfigChoice(given, "given", "the config argument")
-  return default_choice(entry.name, pass_, problem.head_dim, seq_len=problem.tk, dtype=dtype)
+  return default_choice(entry.name, pass_, problem.tile_head_dim, seq_len=problem.tk,
+                        dtype=dtype)
 
 
 def config_for(entry: Backend, pass_: str, problem: Problem, dtype, config: AttentionConfig):

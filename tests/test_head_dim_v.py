@@ -1,8 +1,8 @@
 """A value head_dim of its own (MLA: q, k [..., Dqk], v [..., Dv], out [..., Dv]).
 
 The reference (the ``xla`` backend) computes it and is checked against the
-formula written out here, with every context-parallel strategy; the kernel
-backends refuse it with an error naming the shapes (not yet built).
+formula written out here, with every context-parallel strategy; every kernel
+backend against the reference (zero-padding v to q/k's width, or q/k to v's).
 """
 
 import jax
@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 import jax_grouped_attn as ga
+from cases import KERNEL_BACKENDS, SMALL
 from jax_grouped_attn import registry
 
 
@@ -77,17 +78,72 @@ def test_dropin_with_its_own_value_head_dim():
   _close((got,), (formula(q, k, v),))
 
 
-@pytest.mark.parametrize("backend", [b.name for b in registry.kernel_entries()])
-def test_kernel_backends_refuse_it_by_name(backend):
-  q, k, v, _ = _inputs(4)
-  problem = ga.validate.make_problem(q, k, v, (ga.QueryGroup(0, 32, 0, 32),), causal=True,
-                                     softmax_scale=None, q_segment_ids=None,
-                                     kv_segment_ids=None)
-  why = registry.get(backend).supports(problem, jnp.bfloat16)
-  assert why is not None and "v's head_dim 16 != q/k's 48" in why
-  if registry.get(backend).unavailable(jax.default_backend()) is None:
-    with pytest.raises(ValueError, match="v's head_dim 16 != q/k's 48"):
-      ga.attention(*(x.astype(jnp.bfloat16) for x in (q, k, v)), causal=True, backend=backend)
+def _grouped_vs_reference(backend, dqk, dv, dtype=jnp.float32, seed=6, config=None):
+  """(got, want) out, lse, dq, dk, dv of two zigzag groups (rank 0 of 2) with random
+  cotangents: ``backend`` against the reference."""
+  groups = ga.zigzag_groups(0, 2, 24)
+  q, k, v, _ = _inputs(seed, b=2, t=96, hq=4, hk=2, dqk=dqk, dv=dv)
+  q = q[:, :48]
+  rng = np.random.default_rng(seed + 1)
+  dout = jnp.asarray(rng.standard_normal(q.shape[:3] + (dv,)), jnp.float32)
+  dlse = jnp.asarray(rng.standard_normal((2, 4, 48)), jnp.float32)
+  q, k, v, dout = (x.astype(dtype) for x in (q, k, v, dout))
+
+  def run(backend, config, q, k, v):
+    fn = lambda q, k, v: ga.grouped_attention(q, k, v, groups, causal=True, backend=backend,
+                                              config=config, return_lse=True)
+    (out, lse), vjp = jax.vjp(fn, q, k, v)
+    return (out, lse, *vjp((dout.astype(out.dtype), dlse)))
+
+  f32 = lambda x: x.astype(jnp.float32)
+  got = jax.jit(lambda q, k, v: run(backend, config, q, k, v))(q, k, v)
+  want = run("xla", None, f32(q), f32(k), f32(v))
+  if dtype == jnp.float32:
+    return got, want
+  # The plain attention in ``dtype`` (matmul operands rounded): the calibration.
+  from jax_grouped_attn.reference import reference_attention, reference_backward  # noqa: PLC0415
+  problem = ga.validate.make_problem(q, k, v, groups, causal=True, softmax_scale=None,
+                                     q_segment_ids=None, kv_segment_ids=None)
+  out, lse = reference_attention(problem, q, k, v, compute_dtype=dtype)
+  grads = reference_backward(problem, q, k, v, None, None, out, lse, dout, dlse,
+                             compute_dtype=dtype)
+  return got, want, (out, lse, *grads)
+
+
+@pytest.mark.parametrize("dqk,dv", [(48, 16), (16, 40)])
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
+def test_kernel_backends_with_their_own_value_head_dim(backend, dqk, dv):
+  # Forward, lse and the three gradients, across block boundaries (small tiles).
+  why = registry.get(backend).supports(_problem(dqk, dv), jnp.float32)
+  if why is not None:
+    pytest.skip(why)
+  got, want = _grouped_vs_reference(backend, dqk, dv, config=SMALL)
+  assert got[0].shape == (2, 48, 4, dv) and got[4].shape == (2, 96, 2, dv)
+  _close(got, want, rel=2e-4)
+
+
+def _problem(dqk, dv):
+  q, k, v, _ = _inputs(4, dqk=dqk, dv=dv)
+  return ga.validate.make_problem(q, k, v, (ga.QueryGroup(0, 32, 0, 32),), causal=True,
+                                  softmax_scale=None, q_segment_ids=None, kv_segment_ids=None)
+
+
+def test_kernel_tiles_and_configs_follow_the_wider_head_dim():
+  assert _problem(48, 16).tile_head_dim == 48 and _problem(64, 256).tile_head_dim == 256
+  assert all(b.supports_head_dim_v for b in registry.kernel_entries())
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dqk,dv", [(192, 128), (128, 64), (64, 128)])
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
+def test_value_head_dim_on_gpu_bf16(backend, dqk, dv):
+  # Default tiles, bf16, calibrated against the same attention in bf16.
+  from jax_grouped_attn.testing import assert_calibrated  # noqa: PLC0415
+  if (why := registry.get(backend).supports(_problem(dqk, dv), jnp.bfloat16)) is not None:
+    pytest.skip(why)
+  got, want, lowp = _grouped_vs_reference(backend, dqk, dv, dtype=jnp.bfloat16)
+  for name, g, w, lp in zip(("out", "lse", "dq", "dk", "dv"), got, want, lowp):
+    assert_calibrated(f"{backend} Dqk {dqk} Dv {dv}", g, w, lp, what=f" {name}")
 
 
 @pytest.mark.parametrize("dv", [12, 264])

@@ -245,6 +245,24 @@ def test_soft_cap_lowers_for_cuda_and_reaches_every_kernel(name):
   assert f0 == b0 == 0 and f1 > 0 and b1 >= 2 * f1, tanhs
 
 
+@pytest.mark.parametrize("name,dv", [("causal_gqa", 64), ("noncausal_odd_mqa", 128),
+                                     ("d256", 128)])
+def test_a_value_head_dim_of_its_own_lowers_for_cuda(name, dv):
+  # v [..., Dv] != q/k's: zero-padded to one width before the launch.
+  p = dataclasses.replace(_problem(CASES[IDS.index(name)]), head_dim_v=dv)
+  q, k, _, qs, ks, _, dlse = _inputs(p)
+  v = jnp.ones(k.shape[:3] + (dv,), k.dtype)
+  dout = jnp.ones(q.shape[:3] + (dv,), q.dtype)
+  fwd, bwd = _fwd_bwd(p, None, SPLIT if p.head_dim > 128 else None)
+  out = jax.eval_shape(fwd, q, k, v, qs, ks)[0]
+  assert out.shape == q.shape[:3] + (dv,)
+  assert "mosaic_gpu" in _lower(fwd, q, k, v, qs, ks)
+  lse = jax.ShapeDtypeStruct((p.batch, p.hq, p.tq), jnp.float32)
+  text = _lower(bwd, q, k, v, qs, ks, jax.ShapeDtypeStruct(out.shape, out.dtype), lse, dout,
+                dlse)
+  assert text.count("mosaic_gpu") >= 2
+
+
 def test_head_split_refuses_the_soft_cap_by_name():
   p = dataclasses.replace(_problem(CASES[IDS.index("causal_gqa")]), softcap=30.0)
   _, bwd = _fwd_bwd(p, None, SPLIT)

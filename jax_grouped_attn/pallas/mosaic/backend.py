@@ -49,8 +49,8 @@ class PallasMosaicBackend(KernelBackend):
       return (f"backend={self.name!r} takes bfloat16/float16 (wgmma); got {dtype}. Use "
               "backend='pallas' (which falls back to the Triton-lowered Pallas kernels for "
               "float32), 'triton' or 'xla'.")
-    if problem.softcap is not None and self.padded_head_dim(problem.head_dim) > 128:
-      return (f"logits_soft_cap={problem.softcap} with head_dim {problem.head_dim} is not "
+    if problem.softcap is not None and self.padded_head_dim(problem.tile_head_dim) > 128:
+      return (f"logits_soft_cap={problem.softcap} with head_dim {problem.tile_head_dim} is not "
               f"supported by backend={self.name!r}: above 128 its backward splits head_dim "
               "between two warpgroups (head_split=2), which pass P through shared memory with "
               "no room for the cap's 1 - tanh^2. Use 'triton', 'pallas_triton' or 'xla' (or "

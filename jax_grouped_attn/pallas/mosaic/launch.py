@@ -27,12 +27,12 @@ _DTYPES = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
 
 def forward_config(problem: Problem, config: MosaicForwardConfig | None) -> MosaicForwardConfig:
   """``config``, or the heuristic default for the problem's head dim."""
-  return config or heuristics.forward_config(problem.head_dim)
+  return config or heuristics.forward_config(problem.tile_head_dim)
 
 
 def backward_config(problem: Problem, config: MosaicBackwardConfig | None) -> MosaicBackwardConfig:
   """``config``, or the heuristic default for the problem's head dim."""
-  return config or heuristics.backward_config(problem.head_dim)
+  return config or heuristics.backward_config(problem.tile_head_dim)
 
 
 def forward_plan(problem: Problem, config: MosaicForwardConfig | None = None) -> Plan:
