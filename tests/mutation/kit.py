@@ -247,6 +247,18 @@ MUTANTS = [
            "*arrays), sinks), sinks)\n",
            ("tests/test_parallel.py::test_sinks_in_every_strategy[4-ring-xla]",),
            why="the sink enters the denominator twice"),
+    Mutant("head_dim_v_dv_sliced_to_qk_width", "logic", "jax_grouped_attn/backend.py",
+           "    dv = dv_p[:, :problem.tk, :, :problem.dv]",
+           "    dv = dv_p[:, :problem.tk, :, :d]",
+           ("tests/test_head_dim_v.py::test_kernel_backends_with_their_own_value_head_dim"
+            "[triton-48-16]",),
+           why="dV sliced to q/k's head_dim instead of v's"),
+    Mutant("head_dim_v_tiles_for_qk_only", "logic", "jax_grouped_attn/backend.py",
+           "    dp = self.padded_head_dim(problem.tile_head_dim)",
+           "    dp = self.padded_head_dim(problem.head_dim)",
+           ("tests/test_head_dim_v.py::test_kernel_backends_with_their_own_value_head_dim"
+            "[triton-16-40]",),
+           why="v wider than q/k cut to q/k's padded width"),
     Mutant("sinks_grad_sign_flipped", "logic", "jax_grouped_attn/autodiff.py",
            "  dsinks = -jnp.sum(p_sink * delta, axis=(0, 2))",
            "  dsinks = jnp.sum(p_sink * delta, axis=(0, 2))",
