@@ -182,7 +182,7 @@ class KernelBackend(Backend):
 
   launcher_module: str = ""
   heuristics = None
-  supports_head_dim_v = True   # zero-padded to q/k's width (_prepare)
+  supports_head_dim_v = True   # q, k, v zero-padded to one width (_prepare)
 
   def launcher(self):
     return importlib.import_module(self.launcher_module)
