@@ -136,12 +136,11 @@ def plan_series(args, mode: str) -> list[Series]:
       rank = i if (args.shape or mode == "smoke") else (
           HEADLINE_CAUSAL.index(key) if key in HEADLINE_CAUSAL else None)
       out.append(Series(wl.series, [wl], names, headline=rank))
-      if args.softcap is not None:   # the same call with the cap, right after it
-        capped = dataclasses.replace(wl, softcap=args.softcap)
-        out.append(Series(capped.series, [capped], names, headline=rank))
-      if args.sinks:   # and with sinks
-        sunk = dataclasses.replace(wl, sinks=True)
-        out.append(Series(sunk.series, [sunk], names, headline=rank))
+      # The same call with each variant asked for, right after it (its cost).
+      variants = ([{"softcap": args.softcap}] if args.softcap is not None else []) + (
+          [{"sinks": True}] if args.sinks else [])
+      for twin in (dataclasses.replace(wl, **v) for v in variants):
+        out.append(Series(twin.series, [twin], names, headline=rank))
   worlds = list(args.zigzag) if args.zigzag else zigzag_set(mode)
   heads = zigzag_heads(mode)
   zz = lambda w, s: [common.zigzag_workload(w, s, r, dtype=args.dtype, **heads) for r in range(w)]

@@ -91,7 +91,7 @@ _differentiable.defvjp(_fwd_rule, _bwd_rule)
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
 def _differentiable_sinks(problem, kernels, q, k, v, q_seg, kv_seg, sinks):
-  return with_sinks(*forward(problem, kernels, q, k, v, q_seg, kv_seg), sinks)
+  return _sinks_fwd_rule(problem, kernels, q, k, v, q_seg, kv_seg, sinks)[0]
 
 
 def _sinks_fwd_rule(problem, kernels, q, k, v, q_seg, kv_seg, sinks):

@@ -193,12 +193,12 @@ def test_llama_sinks_in_every_mode_on_cpu():
     llama.baseline_attention_fn("jax-cudnn", None, None, sinks=True)
   cfg = llama.dataclasses.replace(llama.PRESETS["tiny"], sinks=True)
   graphdef, params = llama.build(cfg)
-  sinks = [x for path, x in jax.tree_util.tree_leaves_with_path(params)
-           if "sinks" in jax.tree_util.keystr(path)]
+  sinks_of = lambda tree: [x for path, x in jax.tree_util.tree_leaves_with_path(tree)
+                           if "sinks" in jax.tree_util.keystr(path)]
+  sinks = sinks_of(params)
   assert len(sinks) == 1 and sinks[0].shape == (cfg.n_layers, cfg.n_heads), sinks
   tokens, targets = llama.synthetic_batch(jax.random.key(0), 2, 16, cfg.vocab_size)
   _, grads = llama.make_grad_fn(graphdef, llama.grouped_attention_fn("xla", "kernel", sinks=True))(
       params, tokens, targets, jax.numpy.arange(16))
-  g = [x for path, x in jax.tree_util.tree_leaves_with_path(grads)
-       if "sinks" in jax.tree_util.keystr(path)]
+  g = sinks_of(grads)
   assert len(g) == 1 and float(np.max(np.abs(np.asarray(g[0])))) > 0, g
