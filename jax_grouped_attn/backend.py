@@ -72,8 +72,9 @@ class Backend:
               "supports it).")
     return None
 
-  def heuristic_config(self, pass_: str, head_dim: int, dtype):
-    """The default config of ``pass_`` when no tuned entry applies."""
+  def heuristic_config(self, pass_: str, head_dim: int, dtype, head_dim_v: int | None = None):
+    """The default config of ``pass_`` when no tuned entry applies (``head_dim_v``:
+    v's head_dim when it differs from q/k's ``head_dim``)."""
     return None
 
   def tuning_candidates(self, pass_: str, head_dim: int, mode: str) -> list:
@@ -166,8 +167,9 @@ def from_q_layout(x, plan: plan_lib.Plan, axis: int = 1):
 class KernelBackend(Backend):
   """A kernel family on the padded layouts of ``plan.py``.
 
-  q, k and v reach its launchers padded to one head_dim (``padded_head_dim`` of
-  the larger of q/k's and v's), so a v head_dim of its own costs the padding.
+  q and k reach its launchers padded to ``padded_head_dim`` of their head_dim
+  and v to that of its own (``head_dims``); a family whose kernels take one
+  width (``sizes_v_apart`` False) gets all three padded to the larger.
 
   Its launcher module (``launcher_module``, imported on first use) provides
     forward(q, k, v, q_seg, kv_seg, *, problem, plan, config, interpret)
@@ -182,18 +184,29 @@ class KernelBackend(Backend):
 
   launcher_module: str = ""
   heuristics = None
-  supports_head_dim_v = True   # q, k, v zero-padded to one width (_prepare)
+  supports_head_dim_v = True   # v's own width, or q, k, v zero-padded to one (_prepare)
+  # Its kernels size v's (and out's) tiles apart from q/k's.
+  sizes_v_apart: bool = False
 
   def launcher(self):
     return importlib.import_module(self.launcher_module)
 
-  def heuristic_config(self, pass_, head_dim, dtype):
-    if pass_ == "forward":
-      return self.heuristics.forward_config(head_dim, dtype)
-    return self.heuristics.backward_config(head_dim, dtype)
+  def heuristic_config(self, pass_, head_dim, dtype, head_dim_v=None):
+    make = (self.heuristics.forward_config if pass_ == "forward" else
+            self.heuristics.backward_config)
+    if self.sizes_v_apart:
+      return make(head_dim, dtype, head_dim_v=head_dim_v)
+    return make(head_dim if head_dim_v is None else max(head_dim, head_dim_v), dtype)
 
   def padded_head_dim(self, head_dim: int) -> int:
     return padded_head_dim(head_dim)
+
+  def head_dims(self, problem: Problem) -> tuple[int, int]:
+    """(q/k's, v's) padded head_dim at the launchers."""
+    if self.sizes_v_apart:
+      return self.padded_head_dim(problem.head_dim), self.padded_head_dim(problem.dv)
+    dp = self.padded_head_dim(problem.tile_head_dim)
+    return dp, dp
 
   def forward_plan(self, problem: Problem, config) -> plan_lib.Plan:
     return plan_lib.make_plan(problem, config.block_q, config.block_k)
@@ -204,12 +217,12 @@ class KernelBackend(Backend):
                                        dq.block_q, dq.block_k)
 
   def _prepare(self, problem: Problem, plan, q, k, v, q_seg, kv_seg):
-    # A v head_dim of its own (Problem.head_dim_v) is zero-padded with q and k
-    # to one padded width: the extra columns of out and dV are zeros, sliced off.
-    dp = self.padded_head_dim(problem.tile_head_dim)
-    q = to_q_layout(pad_axis(q, 3, dp), plan)
-    k = pad_axis(pad_axis(k, 3, dp), 1, plan.tk_pad)
-    v = pad_axis(pad_axis(v, 3, dp), 1, plan.tk_pad)
+    # Zero columns: padded q/k columns add 0 to scores; padded v columns give
+    # out and dV columns of zeros, sliced off.
+    dqk, dv = self.head_dims(problem)
+    q = to_q_layout(pad_axis(q, 3, dqk), plan)
+    k = pad_axis(pad_axis(k, 3, dqk), 1, plan.tk_pad)
+    v = pad_axis(pad_axis(v, 3, dv), 1, plan.tk_pad)
     if problem.has_segments:
       q_seg = to_q_layout(q_seg.astype(jnp.int32), plan)
       kv_seg = pad_axis(kv_seg.astype(jnp.int32), 1, plan.tk_pad)
@@ -234,9 +247,9 @@ class KernelBackend(Backend):
     bplan = self.backward_plan(problem, config)
     plan = bplan.plan
     qp, kp, vp, qs, ks = self._prepare(problem, plan, q, k, v, q_seg, kv_seg)
-    dp = qp.shape[-1]
-    out_p = to_q_layout(pad_axis(out, 3, dp), plan)
-    dout_p = to_q_layout_zero_padded(pad_axis(dout, 3, dp), plan)
+    dv = vp.shape[-1]
+    out_p = to_q_layout(pad_axis(out, 3, dv), plan)
+    dout_p = to_q_layout_zero_padded(pad_axis(dout, 3, dv), plan)
     lse_p = to_q_layout(lse, plan, axis=2)
     dlse_p = to_q_layout_zero_padded(dlse, plan, axis=2)
     dq_p, dk_p, dv_p = batch_folding(self.launcher().backward)(

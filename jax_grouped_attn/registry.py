@@ -111,8 +111,8 @@ def _fastest(pass_: str, names, problem: Problem, dtype) -> str | None:
     cls = entry.config_class(pass_)
     if cls is None:
       continue
-    look = lambda p, c: tuning.lookup(p, name, c, problem.tile_head_dim, seq_len=problem.tk,
-                                      dtype=dtype)
+    look = lambda p, c: tuning.lookup(p, name, c, problem.head_dim, seq_len=problem.tk,
+                                      dtype=dtype, head_dim_v=problem.head_dim_v)
     try:
       got = look(pass_, cls)
       if got is None or not isinstance(got.get("ms"), (int, float)):
@@ -207,12 +207,12 @@ class ConfigChoice:
 
 
 def default_choice(backend: str, pass_: str, head_dim: int, *, seq_len: int | None = None,
-                   dtype=None) -> ConfigChoice:
+                   dtype=None, head_dim_v: int | None = None) -> ConfigChoice:
   """The config ``backend`` uses for ``pass_`` when none is given, and why: this
   GPU's table (exact name, else the nearest of its family; ``seq_len``, the
   key length, picks the bucket), else a default derived from its family's
-  tables, else the backend's heuristic. The config is None for a backend
-  without configs."""
+  tables, else the backend's heuristic. ``head_dim`` is q/k's, ``head_dim_v``
+  v's where it differs. The config is None for a backend without configs."""
   entry = get(backend)
   cls = entry.config_class(pass_)
   if cls is None:
@@ -220,28 +220,31 @@ def default_choice(backend: str, pass_: str, head_dim: int, *, seq_len: int | No
   try:
     table = tuning.find_table()
     tuned = None if table is None else tuning.tuned_config(
-        pass_, entry.name, cls, head_dim, seq_len=seq_len, dtype=dtype)
+        pass_, entry.name, cls, head_dim, seq_len=seq_len, dtype=dtype, head_dim_v=head_dim_v)
     if tuned is not None:
       bucket = ("any length" if seq_len is None else
                 f"key-length bucket {tuning.seq_bucket(seq_len)}")
       return ConfigChoice(tuned, "table", f"{table.describe()}; {bucket}")
     gpu = tuning.this_gpu()
     major = None if gpu is None else gpu.major
-    got = tuning.derived(pass_, entry.name, cls, head_dim, dtype, major)
+    wide = head_dim if head_dim_v is None else max(head_dim, head_dim_v)
+    got = tuning.derived(pass_, entry.name, cls, wide, dtype, major)
     if got is not None:
       return ConfigChoice(got.config, "derived", (
           f"no table entry for {gpu.name}; the config the shipped sm_{major}x tables timed "
           f"within {got.worst_slowdown:.2f}x of the best in {len(got.slots)} measurement(s)"))
   except Exception as e:  # noqa: BLE001 -- a broken table must never break attention
     warnings.warn(f"tuned table lookup failed ({e}); using the heuristic", stacklevel=2)
-  return ConfigChoice(entry.heuristic_config(pass_, head_dim, dtype), "heuristic",
-                      f"{backend}'s heuristic for head_dim {head_dim}")
+  dims = head_dim if head_dim_v is None else f"{head_dim} (v {head_dim_v})"
+  return ConfigChoice(entry.heuristic_config(pass_, head_dim, dtype, head_dim_v=head_dim_v),
+                      "heuristic", f"{backend}'s heuristic for head_dim {dims}")
 
 
 def default_config(backend: str, pass_: str, head_dim: int, *, seq_len: int | None = None,
-                   dtype=None):
+                   dtype=None, head_dim_v: int | None = None):
   """The config of :func:`default_choice` (None for a backend without configs)."""
-  return default_choice(backend, pass_, head_dim, seq_len=seq_len, dtype=dtype).config
+  return default_choice(backend, pass_, head_dim, seq_len=seq_len, dtype=dtype,
+                        head_dim_v=head_dim_v).config
 
 
 def config_choice(entry: Backend, pass_: str, problem: Problem, dtype,
@@ -251,8 +254,8 @@ def config_choice(entry: Backend, pass_: str, problem: Problem, dtype,
   given = None if cls is None else config.get(pass_, cls)
   if given is not None:
     return ConfigChoice(given, "given", "the config argument")
-  return default_choice(entry.name, pass_, problem.tile_head_dim, seq_len=problem.tk,
-                        dtype=dtype)
+  return default_choice(entry.name, pass_, problem.head_dim, seq_len=problem.tk,
+                        dtype=dtype, head_dim_v=problem.head_dim_v)
 
 
 def config_for(entry: Backend, pass_: str, problem: Problem, dtype, config: AttentionConfig):

@@ -295,26 +295,37 @@ def _pick_bucket(by_bucket: dict, seq_len: int | None):
   return by_bucket.get("any")
 
 
-def _by_dim(table: dict, pass_: str, backend: str, head_dim: int, dtype):
+def head_dim_keys(head_dim: int, head_dim_v: int | None = None) -> list[str]:
+  """Table keys of a head dim, most specific first: "<Dqk>x<Dv>" when v's
+  differs (MLA), then the wider one as is and padded to a power of two."""
+  wide = head_dim if head_dim_v is None else max(head_dim, head_dim_v)
+  own = [] if head_dim_v in (None, head_dim) else [f"{head_dim}x{head_dim_v}"]
+  return list(dict.fromkeys(own + [str(wide), str(padded_head_dim(wide))]))
+
+
+def _by_dim(table: dict, pass_: str, backend: str, head_dim: int, dtype,
+            head_dim_v: int | None = None):
   """The ``{bucket: entry}`` maps of ``table`` for this key, most specific first."""
   by_pass = table["entries"].get(backend, {}).get(pass_, {})
   for dkey in _dtype_keys(dtype):
     by_dim = by_pass.get(dkey, {})
-    for hkey in dict.fromkeys((str(head_dim), str(padded_head_dim(head_dim)))):
+    for hkey in head_dim_keys(head_dim, head_dim_v):
       if isinstance(by_dim.get(hkey), dict):
         yield by_dim[hkey]
 
 
 def lookup(pass_: str, backend: str, config_class, head_dim: int, *,
-           seq_len: int | None = None, dtype=None, gpu: str | None = None) -> dict | None:
-  """The raw table entry (a dict with ``config_class``'s fields) for this GPU, or None."""
+           seq_len: int | None = None, dtype=None, gpu: str | None = None,
+           head_dim_v: int | None = None) -> dict | None:
+  """The raw table entry (a dict with ``config_class``'s fields) for this GPU, or
+  None; ``head_dim_v``: v's head_dim where it differs (head_dim_keys)."""
   if pass_ not in PASSES:
     raise ValueError(f"pass_={pass_!r} must be one of {PASSES}.")
   table = load_table(gpu)
   if table is None:
     return None
   need = required_fields(config_class)
-  for by_bucket in _by_dim(table, pass_, backend, head_dim, dtype):
+  for by_bucket in _by_dim(table, pass_, backend, head_dim, dtype, head_dim_v):
     entry = _pick_bucket(by_bucket, seq_len)
     if isinstance(entry, dict) and all(f in entry for f in need):
       return entry
@@ -331,9 +342,10 @@ def _instance(config_class, values: dict, what: str):
 
 
 def tuned_config(pass_: str, backend: str, config_class, head_dim: int, *, seq_len=None,
-                 dtype=None):
+                 dtype=None, head_dim_v: int | None = None):
   """A ``config_class`` instance from this GPU's table, or None (use the heuristic)."""
-  entry = lookup(pass_, backend, config_class, head_dim, seq_len=seq_len, dtype=dtype)
+  entry = lookup(pass_, backend, config_class, head_dim, seq_len=seq_len, dtype=dtype,
+                 head_dim_v=head_dim_v)
   if entry is None:
     return None
   return _instance(config_class, entry, f"tuned {pass_} entry")

@@ -22,7 +22,12 @@ from jax_grouped_attn.backend import batch_folding
 from jax_grouped_attn.groups import QueryGroup
 from jax_grouped_attn.pallas.mosaic import launch as ml
 from jax_grouped_attn.pallas.mosaic.backend import PALLAS_MOSAIC
-from jax_grouped_attn.pallas.mosaic.config import MosaicBackwardConfig, MosaicForwardConfig
+from jax_grouped_attn.pallas.mosaic.config import (
+  MosaicBackwardConfig,
+  MosaicForwardConfig,
+  fits_forward,
+  split_columns,
+)
 from jax_grouped_attn.plan import Problem
 from jax_grouped_attn.reference import reference_attention, reference_backward
 from jax_grouped_attn.testing import assert_calibrated
@@ -37,6 +42,7 @@ CASES = [
     ("segments", [(0, 192, 0, 192)], 192, 192, 2, 1, 128, True, True),
     ("d40_tiny", [(0, 10, 3, 7)], 10, 7, 2, 1, 40, True, False),
     ("d256", [(0, 128, 0, 128)], 128, 128, 2, 1, 256, True, False),
+    ("d192", [(0, 200, 0, 200)], 200, 200, 2, 1, 192, True, False),
     ("d16_padded_in_launcher", [(0, 64, 0, 64)], 64, 64, 2, 2, 16, False, False),
     # Sliding windows. Forward CTAs of 128 rows x 128 keys: rows 512..639 of
     # left300 walk kv blocks 1-2 masked, 3 unmasked, 4 masked (FIRST=1).
@@ -68,12 +74,12 @@ def _inputs(p, dtype=jnp.bfloat16, seed=0):
   ks = jax.random.split(jax.random.key(seed), 7)
   q = jax.random.normal(ks[0], (p.batch, p.tq, p.hq, p.head_dim), dtype)
   k = jax.random.normal(ks[1], (p.batch, p.tk, p.hk, p.head_dim), dtype)
-  v = jax.random.normal(ks[2], (p.batch, p.tk, p.hk, p.head_dim), dtype)
+  v = jax.random.normal(ks[2], (p.batch, p.tk, p.hk, p.dv), dtype)
   qs = ksg = None
   if p.has_segments:
     qs = jnp.sort(jax.random.randint(ks[3], (p.batch, p.tq), 0, 3), axis=1).astype(jnp.int32)
     ksg = jnp.sort(jax.random.randint(ks[4], (p.batch, p.tk), 0, 3), axis=1).astype(jnp.int32)
-  dout = jax.random.normal(ks[5], q.shape, dtype)
+  dout = jax.random.normal(ks[5], q.shape[:3] + (p.dv,), dtype)
   dlse = jax.random.normal(ks[6], (p.batch, p.hq, p.tq), jnp.float32)
   return q, k, v, qs, ksg, dout, dlse
 
@@ -108,7 +114,8 @@ def test_head_split_needs_two_warpgroups_and_wide_heads():
   p = _problem(CASES[IDS.index("noncausal_odd_mqa")])   # D64: halves of 32 columns
   _, bwd = _fwd_bwd(p, None, SPLIT)
   q, k, v, qs, ks, dout, dlse = _inputs(p)
-  with pytest.raises(ValueError, match="head_split=2 needs a padded head_dim of 128 or 256"):
+  with pytest.raises(ValueError, match="head_split=2 needs q/k and v padded head_dims of at "
+                                       "least 128"):
     _lower(bwd, q, k, v, qs, ks, q, jnp.zeros((1, p.hq, p.tq)), dout, dlse)
 
 
@@ -134,8 +141,9 @@ def test_float32_is_refused():
 
 
 def test_padded_head_dim():
-  assert [ml.padded_head_dim(d) for d in (8, 64, 65, 128, 129, 256)] == [64, 64, 128, 128, 256,
-                                                                         256]
+  # Multiples of 64 (the swizzle's width): MLA's 192 is not padded to 256.
+  assert [ml.padded_head_dim(d) for d in (8, 64, 65, 128, 129, 192, 193, 256)] == [
+      64, 64, 128, 128, 192, 192, 256, 256]
   with pytest.raises(ValueError, match="head_dim <= 256"):
     ml.padded_head_dim(512)
 
@@ -245,15 +253,21 @@ def test_soft_cap_lowers_for_cuda_and_reaches_every_kernel(name):
   assert f0 == b0 == 0 and f1 > 0 and b1 >= 2 * f1, tanhs
 
 
-@pytest.mark.parametrize("name,dv", [("causal_gqa", 64), ("noncausal_odd_mqa", 128),
-                                     ("d256", 128)])
+# (case, v's head_dim): MLA's 192/128 and the other width pairs the kernels
+# size apart (O in Q's first column part, or a tile of its own when wider).
+HEAD_DIM_V = [("causal_gqa", 64), ("noncausal_odd_mqa", 128), ("d256", 128), ("d192", 128),
+              ("segments", 192), ("window_causal_left300", 64)]
+
+
+def _with_dv(name, dv):
+  return dataclasses.replace(_problem(CASES[IDS.index(name)]), head_dim_v=dv)
+
+
+@pytest.mark.parametrize("name,dv", HEAD_DIM_V, ids=[f"{n}-dv{d}" for n, d in HEAD_DIM_V])
 def test_a_value_head_dim_of_its_own_lowers_for_cuda(name, dv):
-  # v [..., Dv] != q/k's: zero-padded to one width before the launch.
-  p = dataclasses.replace(_problem(CASES[IDS.index(name)]), head_dim_v=dv)
-  q, k, _, qs, ks, _, dlse = _inputs(p)
-  v = jnp.ones(k.shape[:3] + (dv,), k.dtype)
-  dout = jnp.ones(q.shape[:3] + (dv,), q.dtype)
-  fwd, bwd = _fwd_bwd(p, None, SPLIT if p.head_dim > 128 else None)
+  p = _with_dv(name, dv)
+  q, k, v, qs, ks, dout, dlse = _inputs(p)
+  fwd, bwd = _fwd_bwd(p)
   out = jax.eval_shape(fwd, q, k, v, qs, ks)[0]
   assert out.shape == q.shape[:3] + (dv,)
   assert "mosaic_gpu" in _lower(fwd, q, k, v, qs, ks)
@@ -261,6 +275,28 @@ def test_a_value_head_dim_of_its_own_lowers_for_cuda(name, dv):
   text = _lower(bwd, q, k, v, qs, ks, jax.ShapeDtypeStruct(out.shape, out.dtype), lse, dout,
                 dlse)
   assert text.count("mosaic_gpu") >= 2
+
+
+def test_tiles_are_sized_for_each_head_dim():
+  # MLA 192/128: 128-key forward tiles fit beside 192-wide Q/K and 128-wide V
+  # (not at 192/192), the backward splits both widths in 64-column parts.
+  fwd = lambda dqk, dv: ml.forward_config(_with_dv("d192", dv) if dqk == 192 else
+                                          _with_dv("causal_gqa", dv), None)
+  assert fwd(192, 128).block_kv == 128 and fwd(192, 192).block_kv == 64
+  assert fwd(128, 64).block_kv == 128
+  assert ml.backward_config(_with_dv("d192", 128), None).head_split == 2
+  assert ml.backward_config(_with_dv("causal_gqa", 64), None).head_split == 1
+  assert split_columns(192, 128) == ((64, 128), (64, 64), 64)
+  assert split_columns(256, 256) == ((128, 128), (128, 128), 128)
+  # Both warpgroups get the same wgmma work: S (dqk) + parts = dP (dv) + parts.
+  for dqk, dv in ((192, 128), (192, 192), (256, 128), (128, 256), (256, 256)):
+    (a, _), (b, _), c = split_columns(dqk, dv)
+    score, grad = dqk + a + b, dv + (dqk - a) + (dv - b)
+    assert abs(score - grad) <= 64, (dqk, dv)
+    # dQ: as even as parts of q/k's width allow (128/256: dQ's 64 | 64 vs dP's 256).
+    assert abs((dqk + c) - (dv + dqk - c)) <= max(64, dv - dqk), (dqk, dv)
+  for dqk, dv in ((192, 128), (128, 64), (64, 128), (256, 256)):
+    assert fits_forward(ml.heuristics.forward_config(dqk, head_dim_v=dv), dqk, dv)
 
 
 def test_head_split_refuses_the_soft_cap_by_name():
@@ -311,17 +347,27 @@ def test_head_split_matches_reference_on_gpu(case):
   _check_on_gpu(case, jnp.bfloat16, SPLIT)
 
 
-def _check_on_gpu(case, dtype, bcfg):
-  p = _problem(case)
+@pytest.mark.gpu
+@pytest.mark.parametrize("name,dv", HEAD_DIM_V, ids=[f"{n}-dv{d}" for n, d in HEAD_DIM_V])
+def test_value_head_dim_matches_reference_on_gpu(name, dv):
+  p = _with_dv(name, dv)
+  _check_on_gpu(name, jnp.bfloat16, None, problem=p)
+  if min(p.head_dim, dv) > 64:
+    _check_on_gpu(name, jnp.bfloat16, SPLIT, problem=p)
+
+
+def _check_on_gpu(case, dtype, bcfg, problem=None):
+  name = case if isinstance(case, str) else case[0]
+  p = problem or _problem(case)
   fwd, bwd = _fwd_bwd(p, None, bcfg)
-  q, k, v, qs, ks, dout, dlse = _inputs(p, dtype, seed=zlib.crc32(case[0].encode()) % 1000)
+  q, k, v, qs, ks, dout, dlse = _inputs(p, dtype, seed=zlib.crc32(name.encode()) % 1000)
   out, lse = jax.jit(fwd)(q, k, v, qs, ks)
   # Calibrated (jax_grouped_attn/testing.py): the fp32 reference, and the same
   # attention in ``dtype`` whose error sets the budget.
   f32 = lambda x: x.astype(jnp.float32)
   ro, rl = reference_attention(p, f32(q), f32(k), f32(v), qs, ks)
   lo, ll = reference_attention(p, q, k, v, qs, ks, compute_dtype=dtype)
-  name = f"mosaic {case[0]} {jnp.dtype(dtype).name} {bcfg}"
+  name = f"mosaic {name} Dqk {p.head_dim} Dv {p.dv} {jnp.dtype(dtype).name} {bcfg}"
   assert_calibrated(name, out, ro, lo, what=" out")
   assert_calibrated(name, lse, rl, ll, what=" lse")
   # The backward on the same (rounded) out and lse for all three.

@@ -32,6 +32,7 @@ class PallasMosaicBackend(KernelBackend):
   interpretable = False
   launcher_module = "jax_grouped_attn.pallas.mosaic.launch"
   supports_softcap = True   # head_dim <= 128 (supports says why not above)
+  sizes_v_apart = True      # tiles for q/k's width and v's (MLA: 192 and 128)
 
   def unavailable(self, platform: str) -> str | None:
     if platform != "gpu":

@@ -98,10 +98,57 @@ class MosaicBackwardConfig:
 
 
 def padded_head_dim(d: int) -> int:
-  """The head dim the kernels run at: 64, 128 or 256 (smaller dims pad to 64)."""
+  """The head dim the kernels run at: a multiple of 64 (the 128-byte swizzle's
+  width) up to 256, so 192 stays 192 (MLA's q/k) and smaller dims pad to 64."""
   if d > 256:
     raise ValueError(f"Mosaic GPU kernels take head_dim <= 256, got {d=}.")
-  return 64 if d <= 64 else 128 if d <= 128 else 256
+  return max(64, -(-d // 64) * 64)
+
+
+# Shared memory one CTA may take (sm_90: 227 KiB), less what Mosaic adds for
+# barriers and alignment (128-key forward tiles at D128 with 3 stages need
+# 229,376 B of tiles and were refused by 120 B).
+SMEM_BYTES = 232448 - 3 * 1024
+
+
+def forward_smem_bytes(config: MosaicForwardConfig, dqk: int, dv: int, itemsize: int = 2) -> int:
+  """Shared memory of the forward kernel at padded widths (dqk, dv): Q tiles
+  (O overwrites Q's first dv columns when dv <= dqk, else has its own), the
+  K and V rings and the lse rows."""
+  rows = config.rows_per_cta
+  tiles = rows * dqk + config.max_concurrent_steps * config.block_kv * (dqk + dv)
+  if dv > dqk:
+    tiles += rows * dv
+  return tiles * itemsize + rows * 4
+
+
+def fits_forward(config: MosaicForwardConfig, dqk: int, dv: int) -> bool:
+  return forward_smem_bytes(config, dqk, dv) <= SMEM_BYTES
+
+
+def column_parts(width: int, first: int) -> tuple[int, ...]:
+  """A ``width``-column tile as parts [0, first) and [first, width)."""
+  return (first, width - first) if 0 < first < width else (width,)
+
+
+def split_columns(dqk: int, dv: int) -> tuple[tuple[int, ...], tuple[int, ...], int]:
+  """head_split=2's column parts at padded widths (dqk, dv): (dK/dV kernel's
+  q/k parts, its v/dO parts, dQ kernel's first q/k part width).
+
+  Warpgroup 0 computes S (dqk wide), warpgroup 1 dP (dv wide); each then
+  accumulates its part of every output. The parts are multiples of 64 (the
+  swizzle) that give both warpgroups the same wgmma work: dK/dV, dqk + a + b
+  = dv + (dqk - a) + (dv - b); dQ, dqk + a = dv + (dqk - a). Ties go to the
+  evener split. (D256: halves of 128; MLA 192/128: 64 | 128 and 64 | 64.)"""
+  if min(dqk, dv) < 128:
+    raise ValueError(f"MosaicBackwardConfig.head_split=2 needs q/k and v padded head_dims of "
+                     f"at least 128 (two parts of 64+ columns for the 128-byte swizzle); got "
+                     f"{dqk=}, {dv=}.")
+  even = lambda a, w: abs(2 * a - w)
+  dkdv = min(((a, b) for a in range(64, dqk, 64) for b in range(64, dv, 64)),
+             key=lambda ab: (abs(2 * (ab[0] + ab[1]) - 2 * dv), even(ab[0], dqk) + even(ab[1], dv)))
+  dq = min(range(64, dqk, 64), key=lambda a: (abs(2 * a - dv), even(a, dqk)))
+  return column_parts(dqk, dkdv[0]), column_parts(dv, dkdv[1]), dq
 
 
 def tuning_candidates(pass_: str, head_dim: int, mode: str) -> list:

@@ -6,11 +6,16 @@ and one memory warpgroup (index ``wgs``) that streams tiles with TMA into a
 say a slot is full; free barriers (``wgs`` arrivals) say every compute
 warpgroup is done with it. Grid axes are named; ``wg`` is the warpgroup.
 
-Forward refs (GMEM, padded layouts of plan.py):
+Forward refs (GMEM, padded layouts of plan.py; Dqk and Dv multiples of 64):
   table_ref: [n_work, TABLE_WIDTH] int32   forward work table
-  q_ref:     [B, Tq_pad, Hq, Dp]           k_ref, v_ref: [B, Tk_pad, Hk, Dp]
+  q_ref:     [B, Tq_pad, Hq, Dqk]          k_ref: [B, Tk_pad, Hk, Dqk]
+  v_ref:     [B, Tk_pad, Hk, Dv]
   qseg_ref:  [B, Tq_pad] int32, kvseg_ref: [B, Tk_pad] int32  (with segments)
-  out_ref:   [B, Tq_pad, Hq, Dp]           lse_ref: [B, Hq, Tq_pad] float32
+  out_ref:   [B, Tq_pad, Hq, Dv]           lse_ref: [B, Hq, Tq_pad] float32
+
+A tile stored as column parts (a tuple of shared-memory refs, [..., rows,
+width_i]) is contracted part by part (:func:`_contract`) and loaded by one
+TMA per part on one barrier (:func:`_load_parts`).
 """
 
 from __future__ import annotations
@@ -82,6 +87,33 @@ def _visible(q_pos0, k0, kv_len, shape, *, causal, window=(-1, -1), qseg=None, k
     along = (_col_vec, _row_vec) if transposed else (_row_vec, _col_vec)
     seen = seen & (along[0](qseg, shape) == along[1](kvseg, shape))
   return seen
+
+
+def _part_cols(parts, i: int):
+  """The GMEM columns of part i of a tile stored as ``parts`` (refs [..., width])."""
+  return pl.ds(sum(r.shape[-1] for r in parts[:i]), parts[i].shape[-1])
+
+
+def _load_parts(view, parts, barrier):
+  """TMA of a tile into its column parts: ``view(cols)`` is the GMEM view of
+  columns ``cols`` (None: all of them); one arrival on ``barrier`` per part."""
+  if len(parts) == 1:
+    plgpu.copy_gmem_to_smem(view(None), parts[0], barrier)
+    return
+  for i, part in enumerate(parts):
+    plgpu.copy_gmem_to_smem(view(_part_cols(parts, i)), part, barrier)
+
+
+def _contract(acc_ref, a_parts, b_parts):
+  """acc += sum_i a_i b_i^T: a product over the columns of two tiles stored
+  in matching column parts."""
+  for a, b in zip(a_parts, b_parts, strict=True):
+    plgpu.wgmma(acc_ref, a, _t(b))
+
+
+def _gmem(ref, *idx):
+  """The ``view`` of :func:`_load_parts` for ``ref.at[idx]`` (head_dim last)."""
+  return lambda cols: ref.at[idx] if cols is None else ref.at[(*idx, cols)]
 
 
 def _logits(s, scale: float, softcap: float | None):
@@ -164,20 +196,22 @@ def forward_kernel(table_ref, q_ref, k_ref, v_ref, *refs,  # noqa: C901
   warpgroups walk the same kv blocks (_KvBlocks): [FIRST, FULL0) masked,
   [FULL0, N_FULL) without a mask, then [N_FULL, N_BLOCKS) masked; FIRST =
   FULL0 = 0 without a left window. Scratch (after out_ref, lse_ref):
-    ``smem`` (launch.forward names it): qo [wgs, block_q, Dp] (Q in, then O
-    out), k, v [stages, block_kv, Dp], lse [wgs, block_q] f32; ``bars``
-    q_ready, k_ready, v_ready, k_free, v_free, sched.
+    ``smem`` (launch.forward names it): q, a tuple of column parts [wgs,
+    block_q, w_i] (Q in; O out into q[0], Dv wide, unless there is an ``o``
+    [wgs, block_q, Dv]), k, parts [stages, block_kv, w_i] like q's, v
+    [stages, block_kv, Dv], lse [wgs, block_q] f32; ``bars`` q_ready and
+    k_ready (one arrival per part), v_ready, k_free, v_free, sched.
   """
   if has_segments:
     qseg_ref, kvseg_ref, out_ref, lse_ref, smem, bars = refs
   else:
     qseg_ref = kvseg_ref = None
     out_ref, lse_ref, smem, bars = refs
-  qo_smem, k_smem, v_smem, lse_smem = smem["qo"], smem["k"], smem["v"], smem["lse"]
+  q_parts, k_parts, v_smem, lse_smem = smem["q"], smem["k"], smem["v"], smem["lse"]
   q_ready, k_ready, v_ready = bars["q_ready"], bars["k_ready"], bars["v_ready"]
   k_free, v_free, sched = bars["k_free"], bars["v_free"], bars["sched"]
   dtype = q_ref.dtype
-  dp = q_ref.shape[-1]
+  dv = v_ref.shape[-1]
 
   h = lax.axis_index("h")
   w = lax.axis_index("w")
@@ -202,17 +236,18 @@ def forward_kernel(table_ref, q_ref, k_ref, v_ref, *refs,  # noqa: C901
   @pl.when(wg < wgs)
   def _compute():
     _compute_registers(wgs)
-    q_smem = qo_smem.at[wg]
+    q_tiles = tuple(part.at[wg] for part in q_parts)
+    o_smem = smem["o"].at[wg] if "o" in smem else q_tiles[0]   # [block_q, Dv]
     my_row0 = pl.multiple_of(row0 + wg * block_q, block_q)
     my_pos0 = q_pos0 + wg * block_q
-    plgpu.copy_gmem_to_smem(q_ref.at[b, pl.ds(my_row0, block_q), h], q_smem, q_ready.at[wg])
+    _load_parts(_gmem(q_ref, b, pl.ds(my_row0, block_q), h), q_tiles, q_ready.at[wg])
     qseg = None
     if has_segments:
       qseg = _load(qseg_ref.at[b, pl.ds(my_row0, block_q)], plgpu.Layout.WGMMA.reduce(1))
     m0 = plgpu.layout_cast(jnp.full((block_q,), NEG_INF, jnp.float32),
                            plgpu.Layout.WGMMA.reduce(1))
     l0 = plgpu.layout_cast(jnp.full((block_q,), 0.0, jnp.float32), plgpu.Layout.WGMMA.reduce(1))
-    acc0 = plgpu.layout_cast(jnp.full((block_q, dp), 0.0, jnp.float32), plgpu.Layout.WGMMA)
+    acc0 = plgpu.layout_cast(jnp.full((block_q, dv), 0.0, jnp.float32), plgpu.Layout.WGMMA)
     plgpu.barrier_wait(q_ready.at[wg])
 
     def softmax(s, m, l, j, masked: bool):
@@ -242,10 +277,10 @@ def forward_kernel(table_ref, q_ref, k_ref, v_ref, *refs,  # noqa: C901
       seen = l > 0.0
       l_safe = jnp.where(seen, l, 1.0)
       out = acc * _row_vec(1.0 / l_safe, acc.shape)
-      q_smem[...] = out.astype(dtype)
+      o_smem[...] = out.astype(dtype)
       lse_smem.at[wg][...] = jnp.where(seen, (m + jnp.log2(l_safe)) * LN2, NEG_INF)
       plgpu.commit_smem()
-      plgpu.copy_smem_to_gmem(q_smem, out_ref.at[b, pl.ds(my_row0, block_q), h])
+      plgpu.copy_smem_to_gmem(o_smem, out_ref.at[b, pl.ds(my_row0, block_q), h])
       plgpu.copy_smem_to_gmem(lse_smem.at[wg], lse_ref.at[b, h, pl.ds(my_row0, block_q)])
       plgpu.wait_smem_to_gmem(0)
 
@@ -260,7 +295,7 @@ def forward_kernel(table_ref, q_ref, k_ref, v_ref, *refs,  # noqa: C901
       slot = blocks.slot(j)
 
       def qk(s_ref):
-        plgpu.wgmma(s_ref, q_smem, _t(k_smem.at[slot]))
+        _contract(s_ref, q_tiles, [part.at[slot] for part in k_parts])
         pingpong()
         return s_ref[...]
 
@@ -300,7 +335,7 @@ def forward_kernel(table_ref, q_ref, k_ref, v_ref, *refs,  # noqa: C901
       # K is freed (after QK) before V (after PV): refill each as soon as it can.
       if wait_free:
         plgpu.barrier_wait(k_free.at[slot])
-      plgpu.copy_gmem_to_smem(k_ref.at[keys], k_smem.at[slot], k_ready.at[slot])
+      _load_parts(_gmem(k_ref, *keys), [part.at[slot] for part in k_parts], k_ready.at[slot])
       if wait_free:
         plgpu.barrier_wait(v_free.at[slot])
       plgpu.copy_gmem_to_smem(v_ref.at[keys], v_smem.at[slot], v_ready.at[slot])
@@ -326,16 +361,18 @@ def backward_dkdv_kernel(kv_table_ref, entries_ref, q_ref, k_ref, v_ref, do_ref,
   """One CTA per (kv head, kv block t, batch): dK, dV of wgs * block_kv keys.
 
   kv_table_ref: [n_kv_blocks, KV_TABLE_WIDTH], entries_ref: [n_entries,
-  ENTRY_WIDTH] int32 (plan.make_backward_plan); q_ref, do_ref: [B, Tq_pad, Hq,
-  Dp]; k_ref, v_ref: [B, Tk_pad, Hk, Dp]; lse2_ref, delta_ref: [B, Hq,
-  Tq_pad] f32; (qseg_ref [B, Tq_pad], kvseg_ref [B, Tk_pad] int32); dk_ref,
-  dv_ref: [B, Tk_pad, Hk, Dp]. Compute warpgroup i owns keys KV_BLOCK *
-  wgs * block_kv + i * block_kv + [0, block_kv) and walks every (q head of
-  this kv head, entry) step that the memory warpgroup streams (Q, dO tiles
-  [block_q, Dp], lse2 and delta [block_q]); it sums over them in fp32
-  registers and writes its keys once: deterministic, no atomics. ``smem``
-  (launch.backward names it): k, v [wgs, block_kv, Dp] (K, V in, then dK,
-  dV out), q, do [stages, block_q, Dp], lse, delta [stages, block_q] f32;
+  ENTRY_WIDTH] int32 (plan.make_backward_plan); q_ref: [B, Tq_pad, Hq, Dqk],
+  do_ref: [B, Tq_pad, Hq, Dv]; k_ref: [B, Tk_pad, Hk, Dqk], v_ref: [B,
+  Tk_pad, Hk, Dv]; lse2_ref, delta_ref: [B, Hq, Tq_pad] f32; (qseg_ref [B,
+  Tq_pad], kvseg_ref [B, Tk_pad] int32); dk_ref, dv_ref shaped like k_ref,
+  v_ref. Compute warpgroup i owns keys KV_BLOCK * wgs * block_kv + i *
+  block_kv + [0, block_kv) and walks every (q head of this kv head, entry)
+  step that the memory warpgroup streams (Q, dO tiles of block_q rows, lse2
+  and delta [block_q]); it sums over them in fp32 registers and writes its
+  keys once: deterministic, no atomics. ``smem`` (launch.backward names it):
+  k [wgs, block_kv, Dqk], v [wgs, block_kv, Dv] (K, V in, then dK, dV out),
+  q [stages, block_q, Dqk], do [stages, block_q, Dv], lse, delta [stages,
+  block_q] f32;
   ``bars``: kv_ready [2 * wgs] (K then V of each warpgroup), q_ready,
   do_ready, lse_ready, delta_ready, free [stages].
   """
@@ -349,7 +386,7 @@ def backward_dkdv_kernel(kv_table_ref, entries_ref, q_ref, k_ref, v_ref, do_ref,
   kv_ready, q_ready, do_ready = bars["kv_ready"], bars["q_ready"], bars["do_ready"]
   lse_ready, delta_ready, free = bars["lse_ready"], bars["delta_ready"], bars["free"]
   dtype = q_ref.dtype
-  dp = q_ref.shape[-1]
+  dqk, dv_width = q_ref.shape[-1], v_ref.shape[-1]
 
   kvh = lax.axis_index("h")
   t = lax.axis_index("t")
@@ -430,7 +467,8 @@ def backward_dkdv_kernel(kv_table_ref, entries_ref, q_ref, k_ref, v_ref, do_ref,
       carry = lax.fori_loop(0, n_full, lambda e, cr: step(base + e, e, cr, False), carry)
       return lax.fori_loop(n_full, n_ent, lambda e, cr: step(base + e, e, cr, True), carry)
 
-    dk, dv = lax.fori_loop(0, group_size, head, (_zeros((block_kv, dp)), _zeros((block_kv, dp))))
+    dk, dv = lax.fori_loop(0, group_size, head,
+                           (_zeros((block_kv, dqk)), _zeros((block_kv, dv_width))))
     k_tile[...] = (dk * scale).astype(dtype)
     v_tile[...] = dv.astype(dtype)
     plgpu.commit_smem()
@@ -473,14 +511,15 @@ def backward_dq_kernel(table_ref, q_ref, k_ref, v_ref, do_ref, lse2_ref, delta_r
   """One CTA per (q head, work row, batch): dQ of wgs * block_q rows.
 
   table_ref: [n_work, TABLE_WIDTH] int32 (the backward plan's dQ table);
-  q_ref, do_ref: [B, Tq_pad, Hq, Dp]; k_ref, v_ref: [B, Tk_pad, Hk, Dp];
-  lse2_ref, delta_ref: [B, Hq, Tq_pad] f32; (segment ids as the forward);
-  dq_ref: [B, Tq_pad, Hq, Dp]. Compute warpgroup i owns rows ROW0 + i *
-  block_q + [0, block_q) and walks the forward's kv blocks (_KvBlocks),
-  streamed by the memory warpgroup. ``smem`` (launch.backward names it):
-  q, do [wgs, block_q, Dp] (q holds dQ at the end), k, v [stages,
-  block_kv, Dp], lse, delta [wgs, block_q] f32; ``bars``: rows_ready (a
-  dict q, do, lse, delta of [wgs] barriers), k_ready, v_ready, free.
+  q_ref, k_ref, v_ref, do_ref as :func:`backward_dkdv_kernel`'s; lse2_ref,
+  delta_ref: [B, Hq, Tq_pad] f32; (segment ids as the forward); dq_ref
+  shaped like q_ref. Compute warpgroup i owns rows ROW0 + i * block_q + [0,
+  block_q) and walks the forward's kv blocks (_KvBlocks), streamed by the
+  memory warpgroup. ``smem`` (launch.backward names it): q [wgs, block_q,
+  Dqk] (holds dQ at the end), do [wgs, block_q, Dv], k [stages, block_kv,
+  Dqk], v [stages, block_kv, Dv], lse, delta [wgs, block_q] f32; ``bars``:
+  rows_ready (a dict q, do, lse, delta of [wgs] barriers), k_ready, v_ready,
+  free.
   """
   if has_segments:
     qseg_ref, kvseg_ref, dq_ref, smem, bars = refs
@@ -492,7 +531,7 @@ def backward_dq_kernel(table_ref, q_ref, k_ref, v_ref, do_ref, lse2_ref, delta_r
   rows_ready = bars["rows_ready"]   # the CTA's own tiles, by name and warpgroup
   k_ready, v_ready, free = bars["k_ready"], bars["v_ready"], bars["free"]
   dtype = q_ref.dtype
-  dp = q_ref.shape[-1]
+  dqk = q_ref.shape[-1]
 
   h = lax.axis_index("h")
   w = lax.axis_index("w")
@@ -558,7 +597,7 @@ def backward_dq_kernel(table_ref, q_ref, k_ref, v_ref, do_ref, lse2_ref, delta_r
       plgpu.barrier_arrive(free.at[slot])
       return dq
 
-    dq = blocks.walk(step, _zeros((block_q, dp)))
+    dq = blocks.walk(step, _zeros((block_q, dqk)))
     q_tile[...] = (dq * scale).astype(dtype)
     plgpu.commit_smem()
     plgpu.copy_smem_to_gmem(q_tile, dq_ref.at[rows])
@@ -584,35 +623,29 @@ def backward_dq_kernel(table_ref, q_ref, k_ref, v_ref, do_ref, lse2_ref, delta_r
 # head_split=2: the two compute warpgroups share one tile. Warpgroup 0 (the
 # "score" side) computes S and P and writes P to shared memory; warpgroup 1
 # (the "gradient" side) computes dP, reads P, and writes dS; each then adds
-# its half of head_dim's output columns (dK, dV or dQ). P crosses in fp32,
-# one buffer (dS from a bf16-rounded P doubled the dQ and dK error at
-# S8192); dS crosses in dtype, a ring slot per step, as a shared-memory
-# wgmma operand. Every D-wide tile is stored as two contiguous
-# column halves [2, rows, Dp/2], so each half is a plain wgmma operand and a
-# TMA box; a half-tile load is one TMA per half on a barrier that expects two
-# arrivals. Scratch and barriers are dicts whose keys the launcher
-# (launch._backward_split) and these kernels share.
+# its part of the output columns (dK, dV or dQ). P crosses in fp32, one
+# buffer (dS from a bf16-rounded P doubled the dQ and dK error at S8192); dS
+# crosses in dtype, a ring slot per step, as a shared-memory wgmma operand.
+# Every tile is stored as two column parts (launch._backward_split sizes
+# them with config.split_columns so that both warpgroups do the same wgmma
+# work), each a plain wgmma operand and a TMA box; a tile load is one TMA
+# per part on a barrier that expects two arrivals. Scratch and barriers are
+# dicts whose keys the launcher and these kernels share.
 
 SCORE_WG, GRAD_WG = 0, 1
 
 
-def _cols(i: int, half: int):
-  return pl.ds(i * half, half)
-
-
-def _load_halves(src, dst, barrier, half: int):
-  """TMA src [rows, Dp] (a GMEM view) into dst [2, rows, Dp/2]: two arrivals on ``barrier``."""
-  for i in range(2):
-    plgpu.copy_gmem_to_smem(src(_cols(i, half)), dst.at[i], barrier)
-
-
-def _contract_halves(acc_shape, a, b_t):
-  """a[0] b_t[0]^T + a[1] b_t[1]^T: one D-wide product from column halves."""
+def _contract_parts(acc_shape, a_parts, b_parts):
+  """sum_i a_i b_i^T in fp32 registers: one product over two tiles' columns."""
   def body(acc_ref):
-    for i in range(2):
-      plgpu.wgmma(acc_ref, a.at[i], _t(b_t.at[i]))
+    _contract(acc_ref, a_parts, b_parts)
     return acc_ref[...]
   return pl.run_scoped(body, plgpu.ACC(acc_shape, jnp.float32))
+
+
+def _at(parts, slot):
+  """Ring slot ``slot`` of every column part."""
+  return tuple(part.at[slot] for part in parts)
 
 
 # One kernel, three warpgroup roles over shared buffers (as forward_kernel).
@@ -624,11 +657,12 @@ def backward_dkdv_split_kernel(kv_table_ref, entries_ref, q_ref, k_ref, v_ref, d
 
   Refs as :func:`backward_dkdv_kernel`. Per step (q head, entry), warpgroup
   0: S^T = K Q^T, P^T -> smem; warpgroup 1: dP^T = V dO^T, dS^T = P^T (dP^T
-  - delta) -> smem; warpgroup i: dV[:, half i] += P^T dO[:, half i], dK[:,
-  half i] += dS^T Q[:, half i]. Scratch (``smem``): k, v [2, block_kv, Dp/2]
-  (K, V in; dK, dV out), q, do [stages, 2, block_q, Dp/2], lse, delta
-  [stages, block_q] f32, p [block_kv, block_q] f32 (P^T), ds [stages,
-  block_kv, block_q] (dS^T).
+  - delta) -> smem; warpgroup i: dV[:, part i] += P^T dO[:, part i], dK[:,
+  part i] += dS^T Q[:, part i]. Scratch (``smem``), tuples of two column
+  parts: k [block_kv, a_i], v [block_kv, b_i] (K, V in; dK, dV out), q
+  [stages, block_q, a_i], do [stages, block_q, b_i]; lse, delta [stages,
+  block_q] f32, p [block_kv, block_q] f32 (P^T), ds [stages, block_kv,
+  block_q] (dS^T).
   """
   if has_segments:
     qseg_ref, kvseg_ref, dk_ref, dv_ref, smem, bars = refs
@@ -636,7 +670,6 @@ def backward_dkdv_split_kernel(kv_table_ref, entries_ref, q_ref, k_ref, v_ref, d
     qseg_ref = kvseg_ref = None
     dk_ref, dv_ref, smem, bars = refs
   dtype = q_ref.dtype
-  half = q_ref.shape[-1] // 2
 
   kvh = lax.axis_index("h")
   t = lax.axis_index("t")
@@ -655,38 +688,38 @@ def backward_dkdv_split_kernel(kv_table_ref, entries_ref, q_ref, k_ref, v_ref, d
   def entry_row0(e):
     return pl.multiple_of(entries_ref[start + e, plan_lib.E_ROW0], block_q)
 
-  def walk(step):
+  def walk(step, i: int):
     def head(h, carry):
       base = h * n_ent
       carry = lax.fori_loop(0, n_full, lambda e, cr: step(base + e, e, cr, False), carry)
       return lax.fori_loop(n_full, n_ent, lambda e, cr: step(base + e, e, cr, True), carry)
-    zeros = _zeros((block_kv, half))
-    return lax.fori_loop(0, group_size, head, (zeros, zeros))
+    zeros = (_zeros((block_kv, smem["k"][i].shape[-1])), _zeros((block_kv, smem["v"][i].shape[-1])))
+    return lax.fori_loop(0, group_size, head, zeros)
 
   def accumulate(slot, i: int, p16, dk, dv):
-    """dV[:, half i] += P^T dO_i, then (once dS^T is written) dK[:, half i] += dS^T Q_i."""
+    """dV[:, part i] += P^T dO_i, then (once dS^T is written) dK[:, part i] += dS^T Q_i."""
     def body(refs):
       dv_ref, dk_ref = refs
-      plgpu.wgmma(dv_ref, p16, smem["do"].at[slot, i])
+      plgpu.wgmma(dv_ref, p16, smem["do"][i].at[slot])
       if i == SCORE_WG:
         plgpu.barrier_wait(bars["ds"].at[slot])
-      plgpu.wgmma(dk_ref, smem["ds"].at[slot], smem["q"].at[slot, i])
+      plgpu.wgmma(dk_ref, smem["ds"].at[slot], smem["q"][i].at[slot])
     dv, dk = pl.run_state(body)((plgpu.ACC.init(dv), plgpu.ACC.init(dk)))
     plgpu.barrier_arrive(bars["free"].at[slot])
     return dk, dv
 
   def finish(i: int, dk, dv):
-    smem["k"].at[i][...] = (dk * scale).astype(dtype)
-    smem["v"].at[i][...] = dv.astype(dtype)
+    smem["k"][i][...] = (dk * scale).astype(dtype)
+    smem["v"][i][...] = dv.astype(dtype)
     plgpu.commit_smem()
-    plgpu.copy_smem_to_gmem(smem["k"].at[i], dk_ref.at[b, keys, kvh, _cols(i, half)])
-    plgpu.copy_smem_to_gmem(smem["v"].at[i], dv_ref.at[b, keys, kvh, _cols(i, half)])
+    plgpu.copy_smem_to_gmem(smem["k"][i], dk_ref.at[b, keys, kvh, _part_cols(smem["k"], i)])
+    plgpu.copy_smem_to_gmem(smem["v"][i], dv_ref.at[b, keys, kvh, _part_cols(smem["v"], i)])
     plgpu.wait_smem_to_gmem(0)
 
   @pl.when(wg == SCORE_WG)
   def _score():
     _compute_registers(2)
-    _load_halves(lambda cols: k_ref.at[b, keys, kvh, cols], smem["k"], bars["kv"].at[0], half)
+    _load_parts(_gmem(k_ref, b, keys, kvh), smem["k"], bars["kv"].at[0])
     kvseg = None
     if has_segments:
       kvseg = _load(kvseg_ref.at[b, keys], plgpu.Layout.WGMMA.reduce(1))
@@ -695,7 +728,7 @@ def backward_dkdv_split_kernel(kv_table_ref, entries_ref, q_ref, k_ref, v_ref, d
     def step(i, e, carry, masked: bool):
       slot = lax.rem(i, stages)
       plgpu.barrier_wait(bars["q"].at[slot])
-      s_t = _contract_halves(shape_t, smem["k"], smem["q"].at[slot])   # [keys, rows]
+      s_t = _contract_parts(shape_t, smem["k"], _at(smem["q"], slot))   # [keys, rows]
       plgpu.barrier_wait(bars["lse"].at[slot])
       lse2 = _load(smem["lse"].at[slot], plgpu.Layout.WGMMA.reduce(0))
       p_t = jnp.exp2(s_t * c - _col_vec(lse2, shape_t))
@@ -715,19 +748,19 @@ def backward_dkdv_split_kernel(kv_table_ref, entries_ref, q_ref, k_ref, v_ref, d
       plgpu.barrier_wait(bars["do"].at[slot])
       return accumulate(slot, SCORE_WG, p_t.astype(dtype), *carry)
 
-    finish(SCORE_WG, *walk(step))
+    finish(SCORE_WG, *walk(step, SCORE_WG))
 
   @pl.when(wg == GRAD_WG)
   def _grad():
     _compute_registers(2)
-    _load_halves(lambda cols: v_ref.at[b, keys, kvh, cols], smem["v"], bars["kv"].at[1], half)
+    _load_parts(_gmem(v_ref, b, keys, kvh), smem["v"], bars["kv"].at[1])
     plgpu.barrier_wait(bars["kv"].at[1])
 
     def step(i, e, carry, masked: bool):
       del e, masked   # P^T arrives masked
       slot = lax.rem(i, stages)
       plgpu.barrier_wait(bars["do"].at[slot])
-      dp_t = _contract_halves(shape_t, smem["v"], smem["do"].at[slot])
+      dp_t = _contract_parts(shape_t, smem["v"], _at(smem["do"], slot))
       plgpu.barrier_wait(bars["delta"].at[slot])
       delta = _load(smem["delta"].at[slot], plgpu.Layout.WGMMA.reduce(0))
       plgpu.barrier_wait(bars["p"])
@@ -739,7 +772,7 @@ def backward_dkdv_split_kernel(kv_table_ref, entries_ref, q_ref, k_ref, v_ref, d
       plgpu.barrier_wait(bars["q"].at[slot])
       return accumulate(slot, GRAD_WG, p_t.astype(dtype), *carry)
 
-    finish(GRAD_WG, *walk(step))
+    finish(GRAD_WG, *walk(step, GRAD_WG))
 
   @pl.when(wg == 2)
   def _memory():
@@ -753,12 +786,10 @@ def backward_dkdv_split_kernel(kv_table_ref, entries_ref, q_ref, k_ref, v_ref, d
       rows = pl.ds(row0, block_q)
       if wait_free:
         plgpu.barrier_wait(bars["free"].at[slot])
-      _load_halves(lambda cols: q_ref.at[b, rows, qh, cols], smem["q"].at[slot],
-                   bars["q"].at[slot], half)
+      _load_parts(_gmem(q_ref, b, rows, qh), _at(smem["q"], slot), bars["q"].at[slot])
       plgpu.copy_gmem_to_smem(lse2_ref.at[b, qh, rows], smem["lse"].at[slot],
                               bars["lse"].at[slot])
-      _load_halves(lambda cols: do_ref.at[b, rows, qh, cols], smem["do"].at[slot],
-                   bars["do"].at[slot], half)
+      _load_parts(_gmem(do_ref, b, rows, qh), _at(smem["do"], slot), bars["do"].at[slot])
       plgpu.copy_gmem_to_smem(delta_ref.at[b, qh, rows], smem["delta"].at[slot],
                               bars["delta"].at[slot])
 
@@ -778,10 +809,11 @@ def backward_dq_split_kernel(table_ref, q_ref, k_ref, v_ref, do_ref, lse2_ref, d
 
   Refs as :func:`backward_dq_kernel`. Per kv block (_KvBlocks), warpgroup 0:
   S = Q K^T, P -> smem; warpgroup 1: dP = dO V^T, dS = P (dP - delta) ->
-  smem; warpgroup i: dQ[:, half i] += dS K[:, half i]. Scratch (``smem``):
-  q, do [2, block_q, Dp/2] (q holds dQ at the end), k, v [stages, 2,
-  block_kv, Dp/2], lse, delta [block_q] f32, p [block_q, block_kv] f32, ds
-  [stages, block_q, block_kv].
+  smem; warpgroup i: dQ[:, part i] += dS K[:, part i]. Scratch (``smem``),
+  tuples of two column parts: q [block_q, a_i] (holds dQ at the end), do
+  [block_q, b_i], k [stages, block_kv, a_i], v [stages, block_kv, b_i];
+  lse, delta [block_q] f32, p [block_q, block_kv] f32, ds [stages, block_q,
+  block_kv].
   """
   if has_segments:
     qseg_ref, kvseg_ref, dq_ref, smem, bars = refs
@@ -789,7 +821,6 @@ def backward_dq_split_kernel(table_ref, q_ref, k_ref, v_ref, do_ref, lse2_ref, d
     qseg_ref = kvseg_ref = None
     dq_ref, smem, bars = refs
   dtype = q_ref.dtype
-  half = q_ref.shape[-1] // 2
 
   h = lax.axis_index("h")
   w = lax.axis_index("w")
@@ -807,21 +838,24 @@ def backward_dq_split_kernel(table_ref, q_ref, k_ref, v_ref, do_ref, lse2_ref, d
     def body(acc_ref):
       if i == SCORE_WG:
         plgpu.barrier_wait(bars["ds"].at[slot])
-      plgpu.wgmma(acc_ref, smem["ds"].at[slot], smem["k"].at[slot, i])   # dQ_i += dS K_i
+      plgpu.wgmma(acc_ref, smem["ds"].at[slot], smem["k"][i].at[slot])   # dQ_i += dS K_i
     dq = pl.run_state(body)(plgpu.ACC.init(dq))
     plgpu.barrier_arrive(bars["free"].at[slot])
     return dq
 
   def finish(i: int, dq):
-    smem["q"].at[i][...] = (dq * scale).astype(dtype)
+    smem["q"][i][...] = (dq * scale).astype(dtype)
     plgpu.commit_smem()
-    plgpu.copy_smem_to_gmem(smem["q"].at[i], dq_ref.at[b, rows, h, _cols(i, half)])
+    plgpu.copy_smem_to_gmem(smem["q"][i], dq_ref.at[b, rows, h, _part_cols(smem["q"], i)])
     plgpu.wait_smem_to_gmem(0)
+
+  def zeros(i: int):
+    return _zeros((block_q, smem["q"][i].shape[-1]))
 
   @pl.when(wg == SCORE_WG)
   def _score():
     _compute_registers(2)
-    _load_halves(lambda cols: q_ref.at[b, rows, h, cols], smem["q"], bars["q"], half)
+    _load_parts(_gmem(q_ref, b, rows, h), smem["q"], bars["q"])
     plgpu.copy_gmem_to_smem(lse2_ref.at[b, h, rows], smem["lse"], bars["lse"])
     qseg = None
     if has_segments:
@@ -833,7 +867,7 @@ def backward_dq_split_kernel(table_ref, q_ref, k_ref, v_ref, do_ref, lse2_ref, d
     def step(j, dq, masked: bool):
       slot = blocks.slot(j)
       plgpu.barrier_wait(bars["k"].at[slot])
-      s = _contract_halves(shape_s, smem["q"], smem["k"].at[slot])
+      s = _contract_parts(shape_s, smem["q"], _at(smem["k"], slot))
       p = jnp.exp2(s * c - _row_vec(lse2, shape_s))
       if masked:
         kvseg = None
@@ -850,12 +884,12 @@ def backward_dq_split_kernel(table_ref, q_ref, k_ref, v_ref, do_ref, lse2_ref, d
       plgpu.barrier_arrive(bars["p"])
       return accumulate(slot, SCORE_WG, dq)
 
-    finish(SCORE_WG, blocks.walk(step, _zeros((block_q, half))))
+    finish(SCORE_WG, blocks.walk(step, zeros(SCORE_WG)))
 
   @pl.when(wg == GRAD_WG)
   def _grad():
     _compute_registers(2)
-    _load_halves(lambda cols: do_ref.at[b, rows, h, cols], smem["do"], bars["do"], half)
+    _load_parts(_gmem(do_ref, b, rows, h), smem["do"], bars["do"])
     plgpu.copy_gmem_to_smem(delta_ref.at[b, h, rows], smem["delta"], bars["delta"])
     plgpu.barrier_wait(bars["do"])
     plgpu.barrier_wait(bars["delta"])
@@ -865,7 +899,7 @@ def backward_dq_split_kernel(table_ref, q_ref, k_ref, v_ref, do_ref, lse2_ref, d
       del masked   # P arrives masked
       slot = blocks.slot(j)
       plgpu.barrier_wait(bars["v"].at[slot])
-      dpv = _contract_halves(shape_s, smem["do"], smem["v"].at[slot])
+      dpv = _contract_parts(shape_s, smem["do"], _at(smem["v"], slot))
       plgpu.barrier_wait(bars["p"])
       p = _load(smem["p"], plgpu.Layout.WGMMA)
       plgpu.barrier_arrive(bars["p_free"])
@@ -875,7 +909,7 @@ def backward_dq_split_kernel(table_ref, q_ref, k_ref, v_ref, do_ref, lse2_ref, d
       plgpu.barrier_wait(bars["k"].at[slot])
       return accumulate(slot, GRAD_WG, dq)
 
-    finish(GRAD_WG, blocks.walk(step, _zeros((block_q, half))))
+    finish(GRAD_WG, blocks.walk(step, zeros(GRAD_WG)))
 
   @pl.when(wg == 2)
   def _memory():
@@ -886,9 +920,7 @@ def backward_dq_split_kernel(table_ref, q_ref, k_ref, v_ref, do_ref, lse2_ref, d
       keys = pl.ds(blocks.key0(j, block_kv), block_kv)
       if wait_free:
         plgpu.barrier_wait(bars["free"].at[slot])
-      _load_halves(lambda cols: k_ref.at[b, keys, kvh, cols], smem["k"].at[slot],
-                   bars["k"].at[slot], half)
-      _load_halves(lambda cols: v_ref.at[b, keys, kvh, cols], smem["v"].at[slot],
-                   bars["v"].at[slot], half)
+      _load_parts(_gmem(k_ref, b, keys, kvh), _at(smem["k"], slot), bars["k"].at[slot])
+      _load_parts(_gmem(v_ref, b, keys, kvh), _at(smem["v"], slot), bars["v"].at[slot])
 
     blocks.stream(load, k_ref.shape[1] // block_kv)

@@ -16,7 +16,9 @@ from jax_grouped_attn.pallas.mosaic import heuristics, kernels
 from jax_grouped_attn.pallas.mosaic.config import (
   MosaicBackwardConfig,
   MosaicForwardConfig,
+  column_parts,
   padded_head_dim,
+  split_columns,
 )
 from jax_grouped_attn.plan import BackwardPlan, Plan, Problem
 from jax_grouped_attn.vma import shape_struct
@@ -26,13 +28,13 @@ _DTYPES = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
 
 
 def forward_config(problem: Problem, config: MosaicForwardConfig | None) -> MosaicForwardConfig:
-  """``config``, or the heuristic default for the problem's head dim."""
-  return config or heuristics.forward_config(problem.tile_head_dim)
+  """``config``, or the heuristic default for the problem's head dims."""
+  return config or heuristics.forward_config(problem.head_dim, head_dim_v=problem.dv)
 
 
 def backward_config(problem: Problem, config: MosaicBackwardConfig | None) -> MosaicBackwardConfig:
-  """``config``, or the heuristic default for the problem's head dim."""
-  return config or heuristics.backward_config(problem.tile_head_dim)
+  """``config``, or the heuristic default for the problem's head dims."""
+  return config or heuristics.backward_config(problem.head_dim, head_dim_v=problem.dv)
 
 
 def forward_plan(problem: Problem, config: MosaicForwardConfig | None = None) -> Plan:
@@ -61,9 +63,10 @@ def _check_inputs(q, k, v):
     raise ValueError(
         f"Mosaic GPU kernels take bf16/f16; use backend='triton' for float32 "
         f"(got {q.dtype=}, {k.dtype=}, {v.dtype=}).")
-  if q.ndim != 4 or k.shape != v.shape or k.shape[0] != q.shape[0] or q.shape[3] != k.shape[3]:
-    raise ValueError(f"expected q [B, Tq, Hq, D], k/v [B, Tk, Hk, D]: {q.shape=}, {k.shape=}, "
-                     f"{v.shape=}.")
+  if (q.ndim != 4 or k.shape[:3] != v.shape[:3] or k.shape[0] != q.shape[0]
+      or q.shape[3] != k.shape[3]):
+    raise ValueError(f"expected q [B, Tq, Hq, Dqk], k [B, Tk, Hk, Dqk], v [B, Tk, Hk, Dv]: "
+                     f"{q.shape=}, {k.shape=}, {v.shape=}.")
   if q.shape[2] % k.shape[2]:
     raise ValueError(f"Hq must be a multiple of Hk: {q.shape=}, {k.shape=}.")
 
@@ -88,40 +91,51 @@ def _wgs(rows: int, block: int, compute_wgs: int, what: str) -> int:
   return rows // block
 
 
+def _parts(widths, *shape, dtype):
+  """One swizzled shared-memory tile per column part: ``shape`` + (width,)."""
+  return tuple(plgpu.SMEM((*shape, w), dtype, transforms=_tiling(dtype)) for w in widths)
+
+
 def forward(q, k, v, q_seg, kv_seg, *, problem: Problem, plan: Plan,
             config: MosaicForwardConfig | None, interpret=False):
   """Grouped forward in ONE Mosaic GPU kernel.
 
-  q: [B, Tq_pad, Hq, Dp], k/v: [B, Tk_pad, Hk, Dp] (padded layouts, plan.py);
-  q_seg: [B, Tq_pad] int32 | None, kv_seg: [B, Tk_pad] int32 | None.
-  Returns out [B, Tq_pad, Hq, Dp] (q.dtype) and lse [B, Hq, Tq_pad] float32.
+  q: [B, Tq_pad, Hq, Dqk], k: [B, Tk_pad, Hk, Dqk], v: [B, Tk_pad, Hk, Dv]
+  (padded layouts, plan.py); q_seg: [B, Tq_pad] int32 | None, kv_seg: [B,
+  Tk_pad] int32 | None. Returns out [B, Tq_pad, Hq, Dv] (q.dtype) and lse [B,
+  Hq, Tq_pad] float32. Tiles are sized for each width (padded to 64s).
   """
   _check_inputs(q, k, v)
   cfg = forward_config(problem, config)
-  b, tq_pad, hq, d_in = q.shape
-  tk_pad, hk = k.shape[1], k.shape[2]
+  b, tq_pad, hq, dqk_in = q.shape
+  tk_pad, hk, dv_in = k.shape[1], k.shape[2], v.shape[3]
   if (tq_pad, tk_pad) != (plan.tq_pad, plan.tk_pad):
     raise ValueError(f"forward: {q.shape=}, {k.shape=} do not match the plan's layout "
                      f"({plan.tq_pad=}, {plan.tk_pad=}).")
-  dp = padded_head_dim(d_in)
-  q, k, v = (_pad_dim(x, dp) for x in (q, k, v))
+  dqk, dv = padded_head_dim(dqk_in), padded_head_dim(dv_in)
+  q, k, v = _pad_dim(q, dqk), _pad_dim(k, dqk), _pad_dim(v, dv)
   wgs = _wgs(plan.block_q, cfg.block_q, cfg.compute_wgs, "forward")
   block_kv = plan.block_k
   if block_kv % MIN_BLOCK:
     raise ValueError(f"forward: {plan.block_k=} must be a multiple of {MIN_BLOCK}.")
   stages = cfg.max_concurrent_steps
   has_segments = problem.has_segments
-  tiles = _tiling(q.dtype)
+  # Q and K as column parts, so that O (dv wide) overwrites Q's first part
+  # when dv < dqk: one part when the widths match or O has its own tile.
+  parts = column_parts(dqk, dv) if dv <= dqk else (dqk,)
   # By the names kernels.forward_kernel reads.
   smem = dict(
-      qo=plgpu.SMEM((wgs, cfg.block_q, dp), q.dtype, transforms=tiles),   # Q in, O out
-      k=plgpu.SMEM((stages, block_kv, dp), q.dtype, transforms=tiles),    # K ring
-      v=plgpu.SMEM((stages, block_kv, dp), q.dtype, transforms=tiles),    # V ring
-      lse=plgpu.SMEM((wgs, cfg.block_q), jnp.float32),                    # lse out
+      q=_parts(parts, wgs, cfg.block_q, dtype=q.dtype),         # Q in (O out: q[0] or o)
+      k=_parts(parts, stages, block_kv, dtype=q.dtype),         # K ring
+      v=_parts((dv,), stages, block_kv, dtype=q.dtype)[0],      # V ring
+      lse=plgpu.SMEM((wgs, cfg.block_q), jnp.float32),          # lse out
   )
+  if dv > dqk:
+    smem["o"] = _parts((dv,), wgs, cfg.block_q, dtype=q.dtype)[0]
+  n_parts = len(parts)   # TMA arrivals per Q / K tile
   bars = dict(
-      q_ready=plgpu.Barrier(num_barriers=wgs),
-      k_ready=plgpu.Barrier(num_barriers=stages),
+      q_ready=plgpu.Barrier(num_arrivals=n_parts, num_barriers=wgs),
+      k_ready=plgpu.Barrier(num_arrivals=n_parts, num_barriers=stages),
       v_ready=plgpu.Barrier(num_barriers=stages),
       k_free=plgpu.Barrier(num_arrivals=wgs, num_barriers=stages),
       v_free=plgpu.Barrier(num_arrivals=wgs, num_barriers=stages),
@@ -133,12 +147,12 @@ def forward(q, k, v, q_seg, kv_seg, *, problem: Problem, plan: Plan,
       window=problem.kernel_window, has_segments=has_segments, block_q=cfg.block_q,
       block_kv=block_kv, stages=stages, wgs=wgs, group_size=hq // hk)
   if plan.n_work == 0:   # no rows at all
-    return (jnp.zeros((b, tq_pad, hq, d_in), q.dtype),
+    return (jnp.zeros((b, tq_pad, hq, dv_in), q.dtype),
             jnp.full((b, hq, tq_pad), -jnp.inf, jnp.float32))
   args = [_table(plan.table), q, k, v] + ([q_seg, kv_seg] if has_segments else [])
   out, lse = plgpu.kernel(
       body,
-      out_type=(shape_struct((b, tq_pad, hq, dp), q.dtype, like=q),
+      out_type=(shape_struct((b, tq_pad, hq, dv), q.dtype, like=q),
                 shape_struct((b, hq, tq_pad), jnp.float32, like=q)),
       scratch_types=(smem, bars),
       grid=(hq, plan.n_work, b),
@@ -148,7 +162,7 @@ def forward(q, k, v, q_seg, kv_seg, *, problem: Problem, plan: Plan,
       compiler_params=plgpu.CompilerParams(approx_math=True),
       **_interpret_kwargs(interpret),
   )(*args)
-  return out[..., :d_in], lse
+  return out[..., :dv_in], lse
 
 
 def _interpret_kwargs(interpret):
@@ -179,27 +193,28 @@ def backward(q, k, v, q_seg, kv_seg, out, lse, dout, dlse, *, problem: Problem,
              plan: BackwardPlan, config: MosaicBackwardConfig | None, interpret=False):
   """Grouped backward: residuals (jnp), then one dK/dV and one dQ Mosaic GPU kernel.
 
-  q, out, dout: [B, Tq_pad, Hq, Dp]; k, v: [B, Tk_pad, Hk, Dp]; lse, dlse:
-  [B, Hq, Tq_pad] f32 (dout, dlse zero on padding rows); segment ids as in
-  :func:`forward`. ``plan`` is :func:`backward_plan`'s. Returns dq [B,
-  Tq_pad, Hq, Dp], dk, dv [B, Tk_pad, Hk, Dp] in the input dtypes;
-  deterministic (each output tile is written once by one CTA).
+  q: [B, Tq_pad, Hq, Dqk], out, dout: [B, Tq_pad, Hq, Dv]; k: [B, Tk_pad, Hk,
+  Dqk], v: [B, Tk_pad, Hk, Dv]; lse, dlse: [B, Hq, Tq_pad] f32 (dout, dlse
+  zero on padding rows); segment ids as in :func:`forward`. ``plan`` is
+  :func:`backward_plan`'s. Returns dq, dk, dv shaped like q, k, v, in the
+  input dtypes; deterministic (each output tile is written once by one CTA).
   """
   _check_inputs(q, k, v)
   cfg = backward_config(problem, config)
-  b, tq_pad, hq, d_in = q.shape
-  tk_pad, hk = k.shape[1], k.shape[2]
+  b, tq_pad, hq, dqk_in = q.shape
+  tk_pad, hk, dv_in = k.shape[1], k.shape[2], v.shape[3]
   qplan = plan.plan
   if (qplan.tq_pad, qplan.tk_pad) != (tq_pad, tk_pad):
     raise ValueError(f"backward: {q.shape=}, {k.shape=} do not match the plan's layout "
                      f"({qplan.tq_pad=}, {qplan.tk_pad=}).")
-  dp = padded_head_dim(d_in)
-  q, k, v, out, dout = (_pad_dim(x, dp) for x in (q, k, v, out, dout))
+  dqk, dv = padded_head_dim(dqk_in), padded_head_dim(dv_in)
+  q, k = _pad_dim(q, dqk), _pad_dim(k, dqk)
+  v, out, dout = (_pad_dim(x, dv) for x in (v, out, dout))
   grp = hq // hk
   stages = cfg.max_concurrent_steps
   has_segments = problem.has_segments
   seg_args = [q_seg, kv_seg] if has_segments else []
-  tiles = _tiling(q.dtype)
+  dtype = q.dtype
   delta, lse2 = backward_residuals(out, lse, dout, dlse.astype(jnp.float32), qplan.valid_rows)
   params = plgpu.CompilerParams(approx_math=True)
   common = dict(scale=float(problem.scale), causal=problem.causal, window=problem.kernel_window,
@@ -211,31 +226,32 @@ def backward(q, k, v, q_seg, kv_seg, out, lse, dout, dlse, *, problem: Problem,
           f"MosaicBackwardConfig.head_split=2 has no soft cap (logits_soft_cap="
           f"{problem.softcap}): its warpgroups pass P through shared memory, which has no "
           "room left for the 1 - tanh^2 factor. Use head_split=1 or backend='triton'.")
-    return _backward_split(q, k, v, q_seg, kv_seg, dout, delta, lse2, problem=problem,
-                           plan=plan, cfg=cfg, d_in=d_in, common=common, params=params,
-                           interpret=interpret)
+    dq, dk, dv_ = _backward_split(q, k, v, q_seg, kv_seg, dout, delta, lse2, problem=problem,
+                                  plan=plan, cfg=cfg, common=common, params=params,
+                                  interpret=interpret)
+    return dq[..., :dqk_in], dk[..., :dqk_in], dv_[..., :dv_in]
 
   # dK/dV: CTA (kv head, t, batch) owns kv block kv_table[t].
   wgs = _wgs(plan.block_k, cfg.block_kv, cfg.compute_wgs, "backward dK/dV")
   bq, bkv = plan.block_q, cfg.block_kv
   # By the names kernels.backward_dkdv_kernel reads.
   smem = dict(
-      k=plgpu.SMEM((wgs, bkv, dp), q.dtype, transforms=tiles),      # K in, dK out
-      v=plgpu.SMEM((wgs, bkv, dp), q.dtype, transforms=tiles),      # V in, dV out
-      q=plgpu.SMEM((stages, bq, dp), q.dtype, transforms=tiles),    # Q ring
-      do=plgpu.SMEM((stages, bq, dp), q.dtype, transforms=tiles),   # dO ring
-      lse=plgpu.SMEM((stages, bq), jnp.float32),                    # lse2 ring
-      delta=plgpu.SMEM((stages, bq), jnp.float32),                  # delta ring
+      k=_parts((dqk,), wgs, bkv, dtype=dtype)[0],       # K in, dK out
+      v=_parts((dv,), wgs, bkv, dtype=dtype)[0],        # V in, dV out
+      q=_parts((dqk,), stages, bq, dtype=dtype)[0],     # Q ring
+      do=_parts((dv,), stages, bq, dtype=dtype)[0],     # dO ring
+      lse=plgpu.SMEM((stages, bq), jnp.float32),        # lse2 ring
+      delta=plgpu.SMEM((stages, bq), jnp.float32),      # delta ring
   )
   ring = lambda: plgpu.Barrier(num_barriers=stages)
   bars = dict(kv_ready=plgpu.Barrier(num_barriers=2 * wgs),         # K, V of each warpgroup
               q_ready=ring(), do_ready=ring(), lse_ready=ring(), delta_ready=ring(),
               free=plgpu.Barrier(num_arrivals=wgs, num_barriers=stages))
-  dk, dv = plgpu.kernel(
+  dk, dv_ = plgpu.kernel(
       functools.partial(kernels.backward_dkdv_kernel, block_q=bq, block_kv=bkv, wgs=wgs,
                         softcap=problem.softcap, **common),
-      out_type=(shape_struct((b, tk_pad, hk, dp), k.dtype, like=q),
-                shape_struct((b, tk_pad, hk, dp), v.dtype, like=q)),
+      out_type=(shape_struct((b, tk_pad, hk, dqk), k.dtype, like=q),
+                shape_struct((b, tk_pad, hk, dv), v.dtype, like=q)),
       scratch_types=(smem, bars),
       grid=(hk, plan.n_kv_blocks, b),
       grid_names=("h", "t", "b"),
@@ -254,12 +270,12 @@ def backward(q, k, v, q_seg, kv_seg, out, lse, dout, dlse, *, problem: Problem,
     bq, bkv = cfg.dq_block_q, qplan.block_k
     # By the names kernels.backward_dq_kernel reads.
     smem = dict(
-        q=plgpu.SMEM((wgs, bq, dp), q.dtype, transforms=tiles),      # Q in, dQ out
-        do=plgpu.SMEM((wgs, bq, dp), q.dtype, transforms=tiles),     # dO
-        k=plgpu.SMEM((stages, bkv, dp), q.dtype, transforms=tiles),  # K ring
-        v=plgpu.SMEM((stages, bkv, dp), q.dtype, transforms=tiles),  # V ring
-        lse=plgpu.SMEM((wgs, bq), jnp.float32),                      # lse2
-        delta=plgpu.SMEM((wgs, bq), jnp.float32),                    # delta
+        q=_parts((dqk,), wgs, bq, dtype=dtype)[0],        # Q in, dQ out
+        do=_parts((dv,), wgs, bq, dtype=dtype)[0],        # dO
+        k=_parts((dqk,), stages, bkv, dtype=dtype)[0],    # K ring
+        v=_parts((dv,), stages, bkv, dtype=dtype)[0],     # V ring
+        lse=plgpu.SMEM((wgs, bq), jnp.float32),           # lse2
+        delta=plgpu.SMEM((wgs, bq), jnp.float32),         # delta
     )
     own = lambda: plgpu.Barrier(num_barriers=wgs)
     bars = dict(rows_ready=dict(q=own(), do=own(), lse=own(), delta=own()),
@@ -269,7 +285,7 @@ def backward(q, k, v, q_seg, kv_seg, out, lse, dout, dlse, *, problem: Problem,
     dq = plgpu.kernel(
         functools.partial(kernels.backward_dq_kernel, block_q=bq, block_kv=bkv, wgs=wgs,
                           softcap=problem.softcap, **common),
-        out_type=shape_struct((b, tq_pad, hq, dp), q.dtype, like=q),
+        out_type=shape_struct((b, tq_pad, hq, dqk), q.dtype, like=q),
         scratch_types=(smem, bars),
         grid=(hq, qplan.n_work, b),
         grid_names=("h", "w", "b"),
@@ -278,27 +294,23 @@ def backward(q, k, v, q_seg, kv_seg, out, lse, dout, dlse, *, problem: Problem,
         compiler_params=params,
         **_interpret_kwargs(interpret),
     )(_table(qplan.table), q, k, v, dout, lse2, delta, *seg_args)
-  return dq[..., :d_in], dk[..., :d_in], dv[..., :d_in]
+  return dq[..., :dqk_in], dk[..., :dqk_in], dv_[..., :dv_in]
 
 
-def _backward_split(q, k, v, q_seg, kv_seg, dout, delta, lse2, *, problem, plan, cfg, d_in,
-                    common, params, interpret):
-  """The head_split=2 dK/dV and dQ kernels (kernels.backward_*_split_kernel); their
-  shared memory and barriers are dicts by the names the kernels use."""
-  b, tq_pad, hq, dp = q.shape
-  tk_pad, hk = k.shape[1], k.shape[2]
-  if dp < 128:
-    raise ValueError(f"MosaicBackwardConfig.head_split=2 needs a padded head_dim of 128 or 256 "
-                     f"(halves of 64+ columns for the 128-byte swizzle); got {d_in=}.")
+def _backward_split(q, k, v, q_seg, kv_seg, dout, delta, lse2, *, problem, plan, cfg, common,
+                    params, interpret):
+  """The head_split=2 dK/dV and dQ kernels (kernels.backward_*_split_kernel):
+  every D-wide tile as two column parts (config.split_columns), one per
+  compute warpgroup's share of the output; shared memory and barriers are
+  dicts by the names the kernels use. Returns padded dq, dk, dv."""
+  b, tq_pad, hq, dqk = q.shape
+  tk_pad, hk, dv = k.shape[1], k.shape[2], v.shape[3]
+  dtype = q.dtype
+  qk_parts, v_parts, dq_first = split_columns(dqk, dv)
   qplan = plan.plan
   stages = cfg.max_concurrent_steps
-  tiles = _tiling(q.dtype)
-  half = dp // 2
+  tiles = _tiling(dtype)
   seg_args = [q_seg, kv_seg] if problem.has_segments else []
-
-  def halves(*shape):
-    return plgpu.SMEM((*shape[:-1], 2, shape[-1], half), q.dtype, transforms=tiles)
-
   ring = lambda arrivals: plgpu.Barrier(num_arrivals=arrivals, num_barriers=stages)
   if plan.block_k != cfg.block_kv or qplan.block_q != cfg.dq_block_q:
     raise ValueError(f"backward: the plan's tiles ({plan.block_k=}, {qplan.block_q=}) must be "
@@ -306,18 +318,20 @@ def _backward_split(q, k, v, q_seg, kv_seg, dout, delta, lse2, *, problem, plan,
                      f"build the plan with this module's backward_plan.")
 
   bq, bkv = plan.block_q, cfg.block_kv
-  smem = dict(k=halves(bkv), v=halves(bkv), q=halves(stages, bq), do=halves(stages, bq),
+  smem = dict(k=_parts(qk_parts, bkv, dtype=dtype), v=_parts(v_parts, bkv, dtype=dtype),
+              q=_parts(qk_parts, stages, bq, dtype=dtype),
+              do=_parts(v_parts, stages, bq, dtype=dtype),
               lse=plgpu.SMEM((stages, bq), jnp.float32),
               delta=plgpu.SMEM((stages, bq), jnp.float32),
               p=plgpu.SMEM((bkv, bq), jnp.float32),
-              ds=plgpu.SMEM((stages, bkv, bq), q.dtype, transforms=tiles))
-  bars = dict(kv=plgpu.Barrier(num_arrivals=2, num_barriers=2),   # K halves, V halves
+              ds=plgpu.SMEM((stages, bkv, bq), dtype, transforms=tiles))
+  bars = dict(kv=plgpu.Barrier(num_arrivals=2, num_barriers=2),   # K parts, V parts
               q=ring(2), do=ring(2), lse=ring(1), delta=ring(1),
               p=plgpu.Barrier(), p_free=plgpu.Barrier(), ds=ring(1), free=ring(2))
-  dk, dv = plgpu.kernel(
+  dk, dv_ = plgpu.kernel(
       functools.partial(kernels.backward_dkdv_split_kernel, block_q=bq, block_kv=bkv, **common),
-      out_type=(shape_struct((b, tk_pad, hk, dp), k.dtype, like=q),
-                shape_struct((b, tk_pad, hk, dp), v.dtype, like=q)),
+      out_type=(shape_struct((b, tk_pad, hk, dqk), k.dtype, like=q),
+                shape_struct((b, tk_pad, hk, dv), v.dtype, like=q)),
       scratch_types=(smem, bars),
       grid=(hk, plan.n_kv_blocks, b),
       grid_names=("h", "t", "b"),
@@ -331,18 +345,21 @@ def _backward_split(q, k, v, q_seg, kv_seg, dout, delta, lse2, *, problem, plan,
     dq = jnp.zeros_like(q)
   else:
     bq, bkv = cfg.dq_block_q, qplan.block_k
-    smem = dict(q=halves(bq), do=halves(bq), k=halves(stages, bkv), v=halves(stages, bkv),
+    dq_parts = column_parts(dqk, dq_first)
+    smem = dict(q=_parts(dq_parts, bq, dtype=dtype), do=_parts(v_parts, bq, dtype=dtype),
+                k=_parts(dq_parts, stages, bkv, dtype=dtype),
+                v=_parts(v_parts, stages, bkv, dtype=dtype),
                 lse=plgpu.SMEM((bq,), jnp.float32), delta=plgpu.SMEM((bq,), jnp.float32),
                 p=plgpu.SMEM((bq, bkv), jnp.float32),
-                ds=plgpu.SMEM((stages, bq, bkv), q.dtype, transforms=tiles))
-    # The CTA's rows: Q halves and lse2 (score warpgroup), dO halves and delta.
+                ds=plgpu.SMEM((stages, bq, bkv), dtype, transforms=tiles))
+    # The CTA's rows: Q parts and lse2 (score warpgroup), dO parts and delta.
     bars = dict(q=plgpu.Barrier(num_arrivals=2), lse=plgpu.Barrier(),
                 do=plgpu.Barrier(num_arrivals=2), delta=plgpu.Barrier(),
                 k=ring(2), v=ring(2), p=plgpu.Barrier(), p_free=plgpu.Barrier(), ds=ring(1),
                 free=ring(2))
     dq = plgpu.kernel(
         functools.partial(kernels.backward_dq_split_kernel, block_q=bq, block_kv=bkv, **common),
-        out_type=shape_struct((b, tq_pad, hq, dp), q.dtype, like=q),
+        out_type=shape_struct((b, tq_pad, hq, dqk), q.dtype, like=q),
         scratch_types=(smem, bars),
         grid=(hq, qplan.n_work, b),
         grid_names=("h", "w", "b"),
@@ -351,4 +368,4 @@ def _backward_split(q, k, v, q_seg, kv_seg, dout, delta, lse2, *, problem, plan,
         compiler_params=params,
         **_interpret_kwargs(interpret),
     )(_table(qplan.table), q, k, v, dout, lse2, delta, *seg_args)
-  return dq[..., :d_in], dk[..., :d_in], dv[..., :d_in]
+  return dq, dk, dv_
