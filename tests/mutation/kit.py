@@ -199,6 +199,23 @@ MUTANTS = [
            ("tests/test_mosaic.py::test_head_split_backward_lowers_for_cuda",),
            gpu="tests/test_mosaic.py::test_head_split_matches_reference_on_gpu",
            why="the head_split=2 dK/dV kernel's dS forgets delta = rowsum(dO * O)"),
+    Mutant("mosaic_dv_accumulator_at_qk_width", "logic", P + "mosaic/kernels.py",
+           "                           (_zeros((block_kv, dqk)), _zeros((block_kv, dv_width))))",
+           "                           (_zeros((block_kv, dqk)), _zeros((block_kv, dqk))))",
+           ("tests/test_mosaic.py::test_a_value_head_dim_of_its_own_lowers_for_cuda"
+            "[causal_gqa-dv64]",),
+           why="dV accumulated at q/k's width (Dv/Dqk swapped in the dK/dV kernel)"),
+    Mutant("mosaic_split_dk_at_v_columns", "offset", P + "mosaic/kernels.py",
+           '_part_cols(smem["k"], i)])', '_part_cols(smem["v"], i)])',
+           ("tests/test_mosaic.py::test_a_value_head_dim_of_its_own_lowers_for_cuda"
+            "[d192-dv128]",),
+           why="head_split=2 writes dK's part at v's column offsets"),
+    Mutant("mosaic_out_in_qs_last_part", "offset", P + "mosaic/kernels.py",
+           '    o_smem = smem["o"].at[wg] if "o" in smem else q_tiles[0]',
+           '    o_smem = smem["o"].at[wg] if "o" in smem else q_tiles[-1]',
+           ("tests/test_mosaic.py::test_a_value_head_dim_of_its_own_lowers_for_cuda"
+            "[d192-dv128]",),
+           why="the forward writes O (Dv wide) into Q's second column part"),
     Mutant("triton_row_offset_int32", "offset", T + "kernels.py",
            "  q_off = b * SQ_B + h * SQ_H + row0.to(tl.int64) * SQ_T",
            "  q_off = b * SQ_B + h * SQ_H + row0 * SQ_T",
