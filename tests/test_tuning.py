@@ -88,6 +88,21 @@ def test_table_entry_is_picked_for_the_fake_gpu(fake_table):
   assert tuple(shared.dq) == tuple(shared.dkdv) == (32, 128, 8, 1)
 
 
+def test_a_value_head_dim_of_its_own_has_its_own_key_first(fake_table):
+  assert tuning.head_dim_keys(192, 128) == ["192x128", "192", "256"]
+  assert tuning.head_dim_keys(64, 128) == ["64x128", "128"]
+  assert tuning.head_dim_keys(128) == tuning.head_dim_keys(128, 128) == ["128"]
+  table = json.loads(fake_table.read_text())
+  table["entries"]["triton"]["forward"]["bfloat16"]["128x64"] = {"any": _entry(32, 32, 4, 2)}
+  fake_table.write_text(json.dumps(table))
+  tuning.clear_cache()
+  got = lambda dv: registry.default_config("triton", "forward", 128, seq_len=8192,
+                                           dtype="bfloat16", head_dim_v=dv)
+  assert got(64) == ForwardConfig(32, 32, 4, 2)
+  # Without an entry of its own: the wider dim's (128 here, then its power of two).
+  assert got(96) == got(None) == ForwardConfig(64, 32, 4, 5)
+
+
 def test_missing_entries_fall_back_to_the_heuristic(fake_table, monkeypatch):
   for fn, args in [(fwd, (64, "triton")),        # no such head_dim
                    (bwd, (256, "triton")),      # no such pass entry
