@@ -3,6 +3,7 @@
   python -m benchmarks.bench                  # full GPU sweep (or CPU smoke)
   python -m benchmarks.bench --quick          # headline shapes, ~3 min on an H200
   python -m benchmarks.bench --shape 1x8192x32x8x128 --zigzag 8x65536
+  python -m benchmarks.bench --shape 1x8192x16x16x192 --dv 128   # MLA: v head_dim 128
   python benchmarks/bench.py --workloads causal --backends triton,cudnn
 
 All implementations run in one process on the same inputs. Every row is first
@@ -10,8 +11,9 @@ checked against an exact fp32 oracle (every query row; the first/last batch row
 and kv head with all their query heads), then timed: median of warm,
 device-synchronised repeats over rotating input sets. Passes: fwd, fwdbwd
 (grads of q, k, v under a random cotangent, via jax.vjp) and bwd = fwdbwd - fwd.
-TFLOP/s count visible (query, key) pairs only: 4 * pairs * D per (batch, head)
-forward, 3.5x that for fwd+bwd.
+TFLOP/s count visible (query, key) pairs only: 2 * pairs * head_dim per matmul
+per (batch, head), each matmul at its own head_dim (q/k's D or v's Dv): 2 matmuls
+forward (4 * pairs * D at Dv = D), 7 for fwd+bwd (3.5x).
 
 Without a GPU the same command runs tiny shapes in interpret mode: a
 correctness check of every code path. Its timings mean nothing.
@@ -120,6 +122,11 @@ class Series:
   headline: int | None = None   # run-order rank among the headline series; None: not one
 
 
+def offered(names: list[str], dv: int | None) -> list[str]:
+  """``names`` less the padded-v workarounds where v has q/k's head_dim (``dv`` None)."""
+  return names if dv is not None else [n for n in names if not n.endswith("+padv")]
+
+
 def plan_series(args, mode: str) -> list[Series]:
   """Every series of the run: the headline ones first, in headline order.
 
@@ -135,18 +142,21 @@ def plan_series(args, mode: str) -> list[Series]:
       key = (wl.batch, wl.tk, wl.hq, wl.hk, wl.d)
       rank = i if (args.shape or mode == "smoke") else (
           HEADLINE_CAUSAL.index(key) if key in HEADLINE_CAUSAL else None)
-      out.append(Series(wl.series, [wl], names, headline=rank))
-      # The same call with each variant asked for, right after it (its cost).
+      out.append(Series(wl.series, [wl], offered(names, wl.dv), headline=rank))
+      # The same call with each variant asked for, right after it (its cost);
+      # a v head_dim equal to D is the call itself.
       variants = ([{"softcap": args.softcap}] if args.softcap is not None else []) + (
-          [{"sinks": True}] if args.sinks else [])
+          [{"sinks": True}] if args.sinks else []) + (
+          [{"dv": args.dv}] if args.dv not in (None, wl.d) else [])
       for twin in (dataclasses.replace(wl, **v) for v in variants):
-        out.append(Series(twin.series, [twin], names, headline=rank))
+        out.append(Series(twin.series, [twin], offered(names, twin.dv), headline=rank))
   worlds = list(args.zigzag) if args.zigzag else zigzag_set(mode)
   heads = zigzag_heads(mode)
   zz = lambda w, s: [common.zigzag_workload(w, s, r, dtype=args.dtype, **heads) for r in range(w)]
   ct = lambda w, s: [common.contiguous_workload(w, s, r, dtype=args.dtype, **heads)
                      for r in range(w)]
   best = [n for n in BALANCE_PREFERENCE if n in names]
+  names = offered(names, None)   # zigzag and balance workloads: one head_dim
   for i, (w, s) in enumerate(worlds):
     rank = i if (args.zigzag or mode == "smoke") else (
         HEADLINE_ZIGZAG.index((w, s)) if (w, s) in HEADLINE_ZIGZAG else None)
@@ -174,7 +184,8 @@ def build_plan(args, mode: str, usable=None) -> list[PlanItem]:
 
   Our primary kernel is the first of ``report.GROUPED`` (the registry's
   preference order) asked for and ``usable(name)`` (default: it runs on this
-  platform); on every series it forms one unit with cuDNN, right after it.
+  platform); on every series it forms one unit with cuDNN, right after it
+  (with a v head_dim of its own: both with their padded-v workarounds).
   """
   names = args.impl_names
   usable = usable or _usable_here
@@ -191,7 +202,7 @@ def build_plan(args, mode: str, usable=None) -> list[PlanItem]:
     if s.balance:   # in preference order: the first that works settles the series
       keyed += [((2, si, i), item(s, n, 2, next(units))) for i, n in enumerate(s.impls)]
       continue
-    pair = [n for n in (primary, "cudnn") if n in s.impls]
+    pair = [n for n in (primary, f"{primary}+padv", "cudnn", "cudnn+padv") if n in s.impls]
     unit = next(units)
     tier = 0 if head else 2
     keyed += [((tier, si, i), item(s, n, tier, unit)) for i, n in enumerate(pair)]
@@ -211,10 +222,13 @@ def expand_impls(backends: list[str]) -> list[str]:
   for b in backends:
     if b == "two-launch":
       out += [f"{k}-2launch" for k in report.GROUPED if k in backends]
+    elif b == "padv":
+      out += [f"{k}+padv" for k in report.GROUPED + ("cudnn",) if k in backends]
     elif b in known:
       out.append(b)
     else:
-      raise SystemExit(f"--backends: unknown {b!r}; known: {', '.join(known)}, two-launch")
+      raise SystemExit(f"--backends: unknown {b!r}; known: {', '.join(known)}, two-launch, "
+                       "padv")
   return list(dict.fromkeys(out))
 
 
@@ -230,11 +244,13 @@ def parse_args(argv=None):
                   help=f"comma list of {', '.join(WORKLOAD_KINDS)}")
   ap.add_argument("--backends",
                   default=",".join(report.GROUPED
-                                   + ("xla", "cudnn", "jax-pallas-mha", "two-launch")),
+                                   + ("xla", "cudnn", "jax-pallas-mha", "two-launch", "padv")),
                   help="comma list of implementations: registry entries ("
                        + ", ".join(report.GROUPED) + ", xla), cudnn, jax-pallas-mha, two-launch "
-                       "(per-group launches of each kernel backend listed), or explicit "
-                       "<backend>-2launch")
+                       "(per-group launches of each kernel backend listed), padv (v zero-padded "
+                       "to q/k's head_dim, out sliced, for each kernel backend and cudnn listed; "
+                       "run only where --dv gives v its own head_dim), or explicit "
+                       "<backend>-2launch, <backend>+padv, cudnn+padv")
   ap.add_argument("--passes", default="fwd,bwd,fwdbwd", help="comma list of fwd, bwd, fwdbwd")
   ap.add_argument("--shape", action="append", type=parse_shape, metavar="BxSxHqxHkxD",
                   help="your causal shape instead of the standard set (repeatable)")
@@ -246,6 +262,10 @@ def parse_args(argv=None):
   ap.add_argument("--sinks", action="store_true",
                   help="also run every causal shape with sinks=[Hq] (common.sink_logits; "
                        "beside the run without: their cost)")
+  ap.add_argument("--dv", type=int, default=None, metavar="DV",
+                  help="also run every causal shape as its MLA twin: q, k keep D, v and out "
+                       "get head_dim DV (beside the run at D, like --softcap and --sinks; a "
+                       "shape with D == DV has none), with the padded-v rows (see --backends)")
   ap.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16"],
                   help="dtype of the zigzag/balance workloads (causal sets are bfloat16)")
   ap.add_argument("--reps", type=int, default=None, help="timed repeats (median reported)")
@@ -267,6 +287,8 @@ def parse_args(argv=None):
     ap.error("--passes: give at least one of fwd, bwd, fwdbwd")
   if args.softcap is not None and not args.softcap > 0:
     ap.error(f"--softcap must be > 0, got {args.softcap}")
+  if args.dv is not None and not args.dv > 0:
+    ap.error(f"--dv must be > 0, got {args.dv}")
   if args.budget_s is not None and args.budget_s <= 0:
     ap.error(f"--budget-s must be positive, got {args.budget_s}")
   args.impl_names = expand_impls([b.strip() for b in args.backends.split(",") if b.strip()])

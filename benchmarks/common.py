@@ -28,8 +28,10 @@ from jax_grouped_attn.groups import QueryGroup, row_positions, visible, visible_
 from jax_grouped_attn.reference import soft_cap
 
 PASSES = ("fwd", "bwd", "fwdbwd")
-# fwd+bwd of flash attention counts 3.5x the forward's flops (bwd = 2.5x).
-PASS_FLOP_FACTOR = {"fwd": 1.0, "bwd": 2.5, "fwdbwd": 3.5}
+# Matmuls per pass (at q/k's head_dim, at v's): the forward's S = QK^T and PV;
+# the backward recomputes S and forms dQ = dS K, dK = dS^T Q (q/k's) and
+# dP = dO V^T, dV = P^T dO (v's). With one head_dim: bwd 2.5x, fwd+bwd 3.5x the forward.
+PASS_MATMULS = {"fwd": (1, 1), "bwd": (3, 2), "fwdbwd": (4, 3)}
 
 
 
@@ -39,7 +41,8 @@ PASS_FLOP_FACTOR = {"fwd": 1.0, "bwd": 2.5, "fwdbwd": 3.5}
 
 @dataclasses.dataclass(frozen=True)
 class Workload:
-  """One attention call: q [B, Tq, Hq, D] against k, v [B, Tk, Hk, D]."""
+  """One attention call: q [B, Tq, Hq, D] against k [B, Tk, Hk, D] and
+  v [B, Tk, Hk, Dv] (Dv = ``dv``, else D)."""
 
   family: str            # "causal" | "zigzag" | "contiguous" | "custom"
   batch: int
@@ -57,6 +60,7 @@ class Workload:
   window: tuple | None = None   # Problem.window: (left, right), None = unbounded side
   softcap: float | None = None  # Problem.softcap: logits_soft_cap
   sinks: bool = False           # sinks=sink_logits(self), one logit per query head
+  dv: int | None = None         # v's head_dim (MLA); None: D, q/k's
 
   @property
   def name(self) -> str:
@@ -82,7 +86,8 @@ class Workload:
 
   @property
   def _variant_text(self) -> str:
-    return (self._window_text + ("" if self.softcap is None else f" softcap {self.softcap:g}")
+    return (("" if self.dv is None else f" Dv{self.dv}") + self._window_text
+            + ("" if self.softcap is None else f" softcap {self.softcap:g}")
             + (" sinks" if self.sinks else ""))
 
   @property
@@ -90,9 +95,17 @@ class Workload:
     """Visible (query, key) pairs per batch row and query head."""
     return visible_pairs(self.groups, self.causal, self.window)
 
+  @property
+  def v_head_dim(self) -> int:
+    """v's (and out's) head_dim: ``dv``, else D."""
+    return self.d if self.dv is None else self.dv
+
   def flops(self, pass_: str = "fwd") -> float:
-    """4 * pairs * D per (batch, head) forward; bwd 2.5x, fwd+bwd 3.5x."""
-    return 4.0 * self.pairs * self.d * self.batch * self.hq * PASS_FLOP_FACTOR[pass_]
+    """2 * pairs * head_dim per matmul per (batch, head), each matmul at its own
+    head_dim (PASS_MATMULS): forward 2 * pairs * (D + Dv), = 4 * pairs * D at Dv = D."""
+    n_qk, n_v = PASS_MATMULS[pass_]
+    per_pair = 2.0 * (n_qk * self.d + n_v * self.v_head_dim)
+    return per_pair * self.pairs * self.batch * self.hq
 
   @property
   def is_standard(self) -> bool:
@@ -204,24 +217,26 @@ def gpu_slug(name: str) -> str:
 # ----------------------------------------------------------------- inputs ---
 
 def make_inputs(wl: Workload, seed: int):
-  """Random normal q, k, v and output cotangent in the workload's dtype."""
+  """Random normal q, k [.., D], v and output cotangent [.., Dv] in the workload's dtype."""
   key = jax.random.PRNGKey(seed)
   kq, kk, kv, kd = jax.random.split(key, 4)
   dt = jnp.dtype(wl.dtype)
+  dv = wl.v_head_dim
   q = jax.random.normal(kq, (wl.batch, wl.tq, wl.hq, wl.d), jnp.float32).astype(dt)
   k = jax.random.normal(kk, (wl.batch, wl.tk, wl.hk, wl.d), jnp.float32).astype(dt)
-  v = jax.random.normal(kv, (wl.batch, wl.tk, wl.hk, wl.d), jnp.float32).astype(dt)
-  do = jax.random.normal(kd, (wl.batch, wl.tq, wl.hq, wl.d), jnp.float32).astype(dt)
+  v = jax.random.normal(kv, (wl.batch, wl.tk, wl.hk, dv), jnp.float32).astype(dt)
+  do = jax.random.normal(kd, (wl.batch, wl.tq, wl.hq, dv), jnp.float32).astype(dt)
   return q, k, v, do
 
 
 def global_key(wl: Workload) -> tuple:
   """Workloads with equal keys share one global q, k, v, do (ranks of one world)."""
-  return (wl.batch, wl.tk, wl.hq, wl.hk, wl.d, wl.dtype)
+  return (wl.batch, wl.tk, wl.hq, wl.hk, wl.d, wl.dv, wl.dtype)
 
 
 def make_global_inputs(wl: Workload, seed: int):
-  """q, do over the full sequence ([B, Tk, Hq, D]) and k, v: what every rank shares."""
+  """q, do over the full sequence ([B, Tk, Hq, D], [B, Tk, Hq, Dv]) and k, v: what
+  every rank shares."""
   full = dataclasses.replace(wl, tq=wl.tk, groups=(QueryGroup(0, wl.tk, 0, wl.tk),))
   return make_inputs(full, seed)
 
@@ -248,10 +263,10 @@ class Selection:
   kv_heads: tuple
   q_heads: tuple
 
-  def q(self, x):   # [B, Tq, Hq, D] -> selected
+  def q(self, x):   # [B, Tq, Hq, D or Dv] -> selected
     return x[np.asarray(self.batches)][:, :, np.asarray(self.q_heads)]
 
-  def kv(self, x):  # [B, Tk, Hk, D] -> selected
+  def kv(self, x):  # [B, Tk, Hk, D or Dv] -> selected
     return x[np.asarray(self.batches)][:, :, np.asarray(self.kv_heads)]
 
 
@@ -274,11 +289,13 @@ def _oracle_impl(q, k, v, do, pos, kv_len, *, scale, causal, chunk, compute_dtyp
                  window=None, softcap=None, sinks=None):
   """Exact fp32 forward and backward, scanned over row chunks of ``chunk`` rows.
 
-  q, do: [B, Tq, Hq, D] (Tq a multiple of chunk); k, v: [B, Tk, Hk, D];
+  q: [B, Tq, Hq, D], do: [B, Tq, Hq, Dv] (Tq a multiple of chunk); k: [B, Tk, Hk, D],
+  v: [B, Tk, Hk, Dv];
   pos, kv_len: [Tq] int32 (row position and kv prefix; kv_len 0 = padding);
   window: Problem.window (None: none); softcap: Problem.softcap (None: none);
   sinks: a tuple of q's heads' sink logits (None: none), one more softmax term each.
-  Returns out, dq [B, Tq, Hq, D] and dk, dv [B, Tk, Hk, D], all fp32.
+  Returns out [B, Tq, Hq, Dv], dq [B, Tq, Hq, D], dk [B, Tk, Hk, D] and
+  dv [B, Tk, Hk, Dv], all fp32.
   ``compute_dtype`` other than float32: the plain low-precision attention
   whose error calibrates the tolerances (jax_grouped_attn/testing.py): matmul operands
   (q, k, v, dO, P, dS) rounded to it, fp32 accumulation and softmax, out
@@ -288,11 +305,11 @@ def _oracle_impl(q, k, v, do, pos, kv_len, *, scale, causal, chunk, compute_dtyp
   cd = jnp.dtype(compute_dtype)
   rnd = lambda x: x.astype(cd).astype(jnp.float32)
   mm = lambda spec, a, b: jnp.einsum(spec, rnd(a), rnd(b), precision=hi)
-  b, tq, hq, d = q.shape
+  b, tq, hq, _ = q.shape
   tk, hk = k.shape[1], k.shape[2]
   g = hq // hk
   n = tq // chunk
-  split = lambda x: jnp.moveaxis(x.reshape(b, n, chunk, hk, g, d), 1, 0)
+  split = lambda x: jnp.moveaxis(x.reshape(b, n, chunk, hk, g, x.shape[-1]), 1, 0)
   j = jnp.arange(tk)
   sink = None if sinks is None else jnp.asarray(sinks, jnp.float32).reshape(1, hk, g, 1, 1)
 
@@ -324,10 +341,10 @@ def _oracle_impl(q, k, v, do, pos, kv_len, *, scale, causal, chunk, compute_dtyp
     dv = dv + mm("bhgqk,bqhgd->bkhd", p, doi)
     return (dk, dv), (o, dq)
 
-  zeros = jnp.zeros((b, tk, hk, d), jnp.float32)
+  zeros = lambda x: jnp.zeros(x.shape, jnp.float32)   # dk like k, dv like v
   xs = (split(q), split(do), pos.reshape(n, chunk), kv_len.reshape(n, chunk))
-  (dk, dv), (o, dq) = jax.lax.scan(body, (zeros, zeros), xs)
-  merge = lambda x: jnp.moveaxis(x, 0, 1).reshape(b, tq, hq, d)
+  (dk, dv), (o, dq) = jax.lax.scan(body, (zeros(k), zeros(v)), xs)
+  merge = lambda x: jnp.moveaxis(x, 0, 1).reshape(b, tq, hq, x.shape[-1])
   # (Low precision: results in the input dtype, as a kernel returns them.)
   return merge(o), rnd(merge(dq)), rnd(dk), rnd(dv)
 

@@ -114,7 +114,7 @@ def blank_row(wl: Workload, impl: impls.Impl, pass_: str, **kw) -> dict:
       "workload": wl.name, "series": wl.series, "family": wl.family,
       "world": wl.world, "rank": wl.rank, "seq": wl.seq, "batch": wl.batch,
       "tq": wl.tq, "tk": wl.tk, "hq": wl.hq, "hk": wl.hk, "d": wl.d,
-      "dtype": wl.dtype, "window": wl.window and list(wl.window),
+      "dv": wl.dv, "dtype": wl.dtype, "window": wl.window and list(wl.window),
       "groups": [list(dataclasses.astuple(g)) for g in wl.groups],
       "impl": impl.name, "kind": impl.kind, "pass": pass_,
       "flops": wl.flops(pass_), "status": "skipped", "median_ms": None, "tflops": None,

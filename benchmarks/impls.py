@@ -9,6 +9,8 @@ q, k, v. Rows:
   cudnn                   jax.nn.dot_product_attention(implementation="cudnn");
                           for grouped workloads the lse-merged composition below
   jax-pallas-mha          jax.experimental.pallas.ops.gpu.attention.mha
+  triton+padv, ...,       a v head_dim of its own (Workload.dv) as users run it where
+  cudnn+padv              an implementation takes one: v zero-padded to q/k's, out sliced
 
 The cuDNN composition. Group g (rows at positions q_pos.., keys < kv_len with
 kv_len = q_pos + q_len, as in zigzag and contiguous sharding) is exactly
@@ -91,6 +93,8 @@ class Grouped(Impl):
       return None
     if wl.softcap is not None and not registry.get(self.backend).supports_softcap:
       return f"backend {self.backend!r} has no logit soft cap"
+    if wl.dv is not None and not registry.get(self.backend).supports_head_dim_v:
+      return f"backend {self.backend!r} has no v head_dim of its own"
     return registry.get(self.backend).unavailable(jax.default_backend())
 
   def build(self, wl, ctx):
@@ -369,6 +373,8 @@ class Cudnn(Impl):
   def unavailable(self, wl, ctx):
     if not ctx.gpu:
       return "cuDNN flash attention needs an NVIDIA GPU"
+    if wl.dv is not None:
+      return "jax.nn.dot_product_attention needs v shaped like k (one head_dim): see cudnn+padv"
     if wl.softcap is not None:
       return "jax.nn's cuDNN path has no logit soft cap"
     if wl.sinks:
@@ -416,8 +422,10 @@ class JaxPallasMha(Impl):
   kind = "other"
 
   def unavailable(self, wl, ctx):
-    if not wl.is_standard or wl.window is not None or wl.softcap is not None or wl.sinks:
-      return "standard causal self-attention only (no window, no soft cap, no sinks)"
+    if (not wl.is_standard or wl.window is not None or wl.softcap is not None or wl.sinks
+        or wl.dv is not None):
+      return ("standard causal self-attention only (no window, no soft cap, no sinks, "
+              "one head_dim)")
     if wl.hq != wl.hk:
       return "needs Hq == Hk (no GQA)"
     if wl.tq > 128 and wl.tq % 128:
@@ -446,12 +454,44 @@ class JaxPallasMha(Impl):
     return Built(fn, "jax.experimental.pallas.ops.gpu.attention.mha", tolerance_factor=4.0)
 
 
+# ----------------------------------------------------- padded-v workaround ---
+
+def pad_v(fn, d: int, dv: int):
+  """fn(q, k, v) -> out at one head_dim ``d`` as fn(q, k, v [.., dv]) -> out [.., dv]:
+  v zero-padded to ``d``, out sliced back. Out's padded columns are P @ 0 and
+  never reach the slice; autodiff slices dv's and pads dout with zeros."""
+  pad = ((0, 0), (0, 0), (0, 0), (0, d - dv))
+  return lambda q, k, v: fn(q, k, jnp.pad(v, pad))[..., :dv]
+
+
+class PadV(Impl):
+  """``inner`` on a workload with v's own head_dim (Workload.dv < D), the way
+  users run an implementation that takes one head_dim: v zero-padded to q/k's."""
+
+  def __init__(self, inner: Impl):
+    self.inner = inner
+    self.name = f"{inner.name}+padv"
+    self.kind = inner.kind
+
+  def unavailable(self, wl, ctx):
+    if wl.dv is None:
+      return "v has q/k's head_dim: nothing to pad"
+    if wl.dv > wl.d:
+      return f"v's head_dim {wl.dv} > q/k's {wl.d}: padding v cannot make them one"
+    return self.inner.unavailable(dataclasses.replace(wl, dv=None), ctx)
+
+  def build(self, wl, ctx):
+    built = self.inner.build(dataclasses.replace(wl, dv=None), ctx)
+    note = f"v zero-padded to D{wl.d}, out sliced to Dv{wl.dv}; {built.note}"
+    return dataclasses.replace(built, fn=pad_v(built.fn, wl.d, wl.dv), note=note)
+
+
 def all_impls() -> dict[str, Impl]:
   """This project's rows (one per registry entry, and per kernel entry its
-  one-launch-per-group baseline), then the peers."""
+  one-launch-per-group baseline and its padded-v workaround), then the peers."""
   kernels = [b.name for b in registry.kernel_entries()]
   impls = ([Grouped(n) for n in kernels] + [Grouped("xla")] + [TwoLaunch(n) for n in kernels]
-           + [Cudnn(), JaxPallasMha()])
+           + [PadV(Grouped(n)) for n in kernels] + [Cudnn(), PadV(Cudnn()), JaxPallasMha()])
   return {i.name: i for i in impls}
 
 

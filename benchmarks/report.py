@@ -17,7 +17,16 @@ MIB = 1 << 20
 GROUPED = tuple(b.name for b in registry.kernel_entries())
 _PASS_ORDER = {"fwd": 0, "bwd": 1, "fwdbwd": 2}
 _IMPL_ORDER = (GROUPED + tuple(f"{n}-2launch" for n in GROUPED)
-               + ("cudnn", "jax-pallas-mha", "xla"))
+               + tuple(f"{n}+padv" for n in GROUPED)
+               + ("cudnn", "cudnn+padv", "jax-pallas-mha", "xla"))
+# The cuDNN row a row is compared with: plain, else (v with a head_dim of its
+# own, which jax.nn's cuDNN refuses) v zero-padded, the way users run it.
+CUDNN_ROWS = ("cudnn", "cudnn+padv")
+
+
+def _cudnn_ms(ms: dict):
+  """The first of CUDNN_ROWS in ``ms`` ({impl: ms}), else None."""
+  return next((ms[n] for n in CUDNN_ROWS if n in ms), None)
 
 
 def _impl_order(name: str) -> int:
@@ -55,16 +64,18 @@ def write_json(results: dict, out_dir: str) -> str:
 
 def kernel_configs(plan) -> dict:
   """The default (tuned or heuristic) kernel configs the kernel rows ran with
-  (looked up as jax_grouped_attn.autodiff does: head_dim, backend, dtype)."""
+  (looked up as jax_grouped_attn.autodiff does: head_dims, backend, dtype)."""
   from jax_grouped_attn import registry, tuning  # noqa: PLC0415
   out = {"tuned_table": tuning.table_path(), "gpu": tuning.gpu_name()}
   for item in plan:
     wl = item.wls[0]
     for backend in GROUPED:
-      key = f"{backend} D{wl.d} {wl.dtype}"
+      dims = f"D{wl.d}" + ("" if wl.dv is None else f" Dv{wl.dv}")
+      key = f"{backend} {dims} {wl.dtype}"
       if key in out:
         continue
-      cfgs = {p: registry.default_config(backend, p, wl.d, seq_len=wl.tk, dtype=wl.dtype)
+      cfgs = {p: registry.default_config(backend, p, wl.d, seq_len=wl.tk, dtype=wl.dtype,
+                                         head_dim_v=wl.dv)
               for p in ("forward", "backward")}
       out[key] = {p: None if c is None else dataclasses.asdict(c) for p, c in cfgs.items()}
   return out
@@ -116,7 +127,7 @@ def fastest(stats) -> list[dict]:
       continue
     best = good[0]
     ms = {s["impl"]: s["slowest_ms"] for s in good}
-    cudnn = ms.get("cudnn")
+    cudnn = _cudnn_ms(ms)
     two = min((v for k, v in ms.items() if k.endswith("-2launch")), default=None)
     out.append({
         "series": series, "pass": pass_, "fastest": best["impl"], "ms": best["slowest_ms"],
@@ -145,7 +156,8 @@ def balance(results, stats) -> list[dict]:
     sample = next(r for r in rows if r["series"] == series)
     w, s = sample["world"], sample["seq"]
     itemsize = 2 if sample["dtype"] in ("bfloat16", "float16") else 4
-    kv_bytes = 2 * sample["batch"] * s * sample["hk"] * sample["d"] * itemsize * (w - 1) / w
+    dims = sample["d"] + (sample.get("dv") or sample["d"])   # k's and v's head_dims
+    kv_bytes = sample["batch"] * s * sample["hk"] * dims * itemsize * (w - 1) / w
     # fwd: all-gather K,V; fwd+bwd: plus reduce-scatter of dK,dV (same bytes),
     # gathered K,V kept from the forward for the backward.
     comm_ms = kv_bytes / bw * 1e3 * (2 if pass_ == "fwdbwd" else 1)
@@ -198,7 +210,8 @@ def markdown(results, stats, best, bal) -> str:
     md += ["> **No GPU: timings here mean nothing** (tiny shapes, interpret mode). "
            "The error columns are the point of this run.", ""]
   md += ["TF/s count visible (query, key) pairs only (4·pairs·D per batch·head forward; "
-         "bwd 2.5x, fwd+bwd 3.5x). bwd = fwdbwd − fwd. Zigzag rows: the slowest rank. "
+         "bwd 2.5x, fwd+bwd 3.5x; with v's own head_dim Dv each matmul at its own: "
+         "forward 2·pairs·(D + Dv)). bwd = fwdbwd − fwd. Zigzag rows: the slowest rank. "
          "Errors: max |x − exact fp32| over every query row of the first/last batch row "
          "and kv head.", ""]
 
@@ -215,8 +228,11 @@ def markdown(results, stats, best, bal) -> str:
   standard = [r for r in rows if r["family"] in ("causal", "custom")]
   if standard:
     md += ["## Standard causal attention", ""]
-    cud = {(r["workload"], r["pass"]): r["median_ms"] for r in _timed(standard)
-           if r["impl"] == "cudnn" and r["status"] == "ok"}
+    by_pass = collections.defaultdict(dict)
+    for r in _timed(standard):
+      if r["impl"] in CUDNN_ROWS and r["status"] == "ok":
+        by_pass[(r["workload"], r["pass"])][r["impl"]] = r["median_ms"]
+    cud = {k: _cudnn_ms(ms) for k, ms in by_pass.items()}
     md += _table(["workload", "impl", "pass", "ms", "TF/s", "speed-up vs cuDNN", "status",
                   "errors", "peak MiB"],
                  [[r["workload"], r["impl"], r["pass"], _f(r.get("median_ms")),
@@ -228,6 +244,9 @@ def markdown(results, stats, best, bal) -> str:
                    _f((r.get("memory") or {}).get("peak_memory_bytes", None) and
                       r["memory"]["peak_memory_bytes"] / MIB, "{:.0f}")]
                   for r in standard if r["status"] != "skipped"])
+    if any(r.get("dv") for r in standard):
+      md += ["Rows named Dv: v's head_dim of its own; jax.nn's cuDNN refuses it, so their "
+             "cuDNN is cudnn+padv (v zero-padded to q/k's head_dim, out sliced).", ""]
 
   zz = [s for s in stats.values() if s["family"] == "zigzag"]
   if zz:
@@ -363,7 +382,8 @@ def plots(results, stats, out_dir) -> list[str]:
       lines = collections.defaultdict(list)
       for r in std:
         if r["pass"] == p:
-          lines[(r["impl"], f"B{r['batch']} Hq{r['hq']} Hk{r['hk']} D{r['d']}")].append(
+          dv = f" Dv{r['dv']}" if r.get("dv") else ""
+          lines[(r["impl"], f"B{r['batch']} Hq{r['hq']} Hk{r['hk']} D{r['d']}{dv}")].append(
               (r["tk"], r["tflops"]))
       for (impl, heads), pts in sorted(lines.items()):
         pts.sort()

@@ -32,6 +32,10 @@ def _reference(wl, q, k, v):
                         softcap=0.7),
     # Sinks of the selected q heads only (kv heads 0 and 3 of 4).
     dataclasses.replace(common.causal_workload(2, 40, 8, 4, 32, dtype="float32"), sinks=True),
+    # A v head_dim of its own (MLA): out, dv [.., Dv], dq, dk [.., D].
+    dataclasses.replace(common.causal_workload(2, 40, 4, 2, 48, dtype="float32"), dv=16),
+    dataclasses.replace(common.zigzag_workload(2, 96, 1, hq=4, hk=2, d=32, dtype="float32"),
+                        dv=64),
 ], ids=lambda wl: wl.name)
 def test_oracle_matches_reference_autodiff(wl):
   q, k, v, do = common.make_inputs(wl, 3)
@@ -43,6 +47,45 @@ def test_oracle_matches_reference_autodiff(wl):
   for name, g, w in [("out", got["out"], sel.q(out)), ("dq", got["dq"], sel.q(dq)),
                      ("dk", got["dk"], sel.kv(dk)), ("dv", got["dv"], sel.kv(dv))]:
     np.testing.assert_allclose(np.asarray(g), np.asarray(w), atol=2e-5, rtol=2e-5, err_msg=name)
+
+
+def _mla_formula(q, k, v):
+  """Causal softmax(q k^T / sqrt(Dqk)) v, written out (kv heads repeated per group)."""
+  g = q.shape[2] // k.shape[2]
+  kr, vr = jnp.repeat(k, g, axis=2), jnp.repeat(v, g, axis=2)
+  s = jnp.einsum("bqhd,bkhd->bhqk", q, kr, precision="highest") / np.sqrt(q.shape[-1])
+  t = q.shape[1]
+  s = jnp.where(np.tril(np.ones((t, t), bool)), s, -jnp.inf)
+  return jnp.einsum("bhqk,bkhd->bqhd", jax.nn.softmax(s, axis=-1), vr, precision="highest")
+
+
+def test_oracle_with_its_own_value_head_dim_is_the_formula():
+  wl = dataclasses.replace(common.causal_workload(2, 40, 4, 2, 48, dtype="float32"), dv=16)
+  q, k, v, do = common.make_inputs(wl, 7)
+  assert v.shape == (2, 40, 2, 16) and do.shape == (2, 40, 4, 16) and k.shape[-1] == 48
+  sel = common.selection(wl)
+  got = common.oracle(wl, q, k, v, do, sel, max_elems=8 * wl.tk * len(sel.q_heads))
+  out, vjp = jax.vjp(_mla_formula, q, k, v)
+  dq, dk, dv = vjp(do)
+  for name, g, w in [("out", got["out"], sel.q(out)), ("dq", got["dq"], sel.q(dq)),
+                     ("dk", got["dk"], sel.kv(dk)), ("dv", got["dv"], sel.kv(dv))]:
+    assert g.shape == w.shape, (name, g.shape, w.shape)
+    np.testing.assert_allclose(np.asarray(g), np.asarray(w), atol=2e-5, rtol=2e-5, err_msg=name)
+  assert got["out"].shape[-1] == got["dv"].shape[-1] == 16 and got["dq"].shape[-1] == 48
+
+
+def test_flops_count_each_matmul_at_its_own_head_dim():
+  base = common.causal_workload(1, 8192, 16, 16, 192)
+  mla = dataclasses.replace(base, dv=128)
+  per = base.pairs * base.batch * base.hq
+  # fwd: QK^T at 192, PV at 128; bwd: QK^T, dQ, dK at 192, dP, dV at 128.
+  assert mla.flops("fwd") == 2 * per * (192 + 128)
+  assert mla.flops("bwd") == 2 * per * (3 * 192 + 2 * 128)
+  assert mla.flops("fwdbwd") == mla.flops("fwd") + mla.flops("bwd")
+  for p, factor in [("fwd", 1.0), ("bwd", 2.5), ("fwdbwd", 3.5)]:   # one head_dim
+    assert base.flops(p) == 4 * per * 192 * factor
+  assert mla.name == "causal B1 S8192 Hq16 Hk16 D192 Dv128"
+  assert common.global_key(mla) != common.global_key(base)   # inputs of their own
 
 
 def test_low_precision_oracle_is_the_reference_in_bf16():
@@ -197,6 +240,84 @@ def test_sinks_rows_are_checked_and_a_row_without_them_is_wrong(tmp_path, monkey
   assert wrong == {"wrong"}, got
 
 
+def test_mla_rows_are_checked_with_their_padded_v_workarounds(tmp_path):
+  if common.on_gpu():
+    pytest.skip("smoke mode is the CPU path")
+  kernels = [b.name for b in impls.registry.kernel_entries() if b.interpretable]
+  res = bench.main(["--smoke", "--out", str(tmp_path), "--shape", "1x32x4x2x48", "--dv", "16",
+                    "--workloads", "causal", "--backends", ",".join(kernels + ["xla", "cudnn",
+                                                                              "padv"]),
+                    "--passes", "fwd,fwdbwd", "--reps", "1", "--warmup", "0"])
+  rows = res["rows"]
+  mla = "custom B1 S32 Hq4 Hk2 D48 Dv16"
+  status = {(r["workload"], r["impl"], r["pass"]): r["status"] for r in rows}
+  ours = kernels + ["xla"] + [f"{n}+padv" for n in kernels]
+  assert {status[(mla, n, p)] for n in ours for p in ("fwd", "fwdbwd")} == {"ok"}, status
+  # Their checks are the oracle's real shapes: out and dv at Dv, dq and dk at D.
+  for r in rows:
+    if r["workload"] == mla and r["status"] == "ok":
+      assert r["dv"] == 16 and set(r["check"]) == ({"out"} if r["pass"] == "fwd"
+                                                   else {"dq", "dk", "dv"}), r
+      assert all(c["ok"] for c in r["check"].values()), r
+  assert all("GPU" in r["reason"] for r in rows if r["impl"] in ("cudnn", "cudnn+padv"))
+  # The workarounds are offered only where v has a head_dim of its own.
+  assert not [r for r in rows if r["workload"] != mla and r["impl"].endswith("+padv")]
+  assert {r["dv"] for r in rows if r["workload"] != mla} == {None}
+
+
+def _measure_padv(monkeypatch, pad_v):
+  """fwd and fwdbwd rows of the xla backend's padded-v workaround (``pad_v``
+  standing in for impls.pad_v) on a tiny MLA workload: {pass: row}."""
+  monkeypatch.setattr(impls, "pad_v", pad_v)
+  wl = dataclasses.replace(common.causal_workload(1, 32, 4, 2, 48, dtype="float32"), dv=16)
+  st = harness.Settings(("fwd", "fwdbwd"), 1, 0, 1, impls.Context(gpu=False))
+  rows = harness.measure([(wl, "xla+padv")], st,
+                         registry_={"xla+padv": impls.PadV(impls.Grouped("xla"))})
+  return {r["pass"]: r for r in rows}
+
+
+def test_a_wrong_padded_v_row_is_caught(monkeypatch):
+  real = impls.pad_v
+  rows = _measure_padv(monkeypatch, real)
+  assert rows["fwd"]["status"] == rows["fwdbwd"]["status"] == "ok", rows
+  pad = lambda d, dv: ((0, 0), (0, 0), (0, 0), (0, d - dv))
+  # The padding not sliced off: out [.., D] against the oracle's [.., Dv].
+  unsliced = lambda fn, d, dv: lambda q, k, v: fn(q, k, jnp.pad(v, pad(d, dv)))
+  rows = _measure_padv(monkeypatch, unsliced)
+  assert rows["fwd"]["status"] == "wrong" and "shapes" in rows["fwd"]["check"]["out"]["why"]
+  assert rows["fwdbwd"]["status"] != "ok", rows["fwdbwd"]
+  # Sliced at the wrong end: the right shapes, padded (zero) columns.
+  misplaced = lambda fn, d, dv: lambda q, k, v: fn(q, k, jnp.pad(v, pad(d, dv)))[..., d - dv:]
+  rows = _measure_padv(monkeypatch, misplaced)
+  assert rows["fwd"]["status"] == rows["fwdbwd"]["status"] == "wrong", rows
+  assert not any(c["ok"] for c in rows["fwdbwd"]["check"].values()), rows["fwdbwd"]["check"]
+
+
+def test_cudnn_says_why_it_cannot_take_dv_and_its_padded_v_row_traces(monkeypatch):
+  wl = dataclasses.replace(common.causal_workload(1, 256, 4, 2, 192), dv=128)
+  gpu = impls.Context(gpu=True)
+  assert "cudnn+padv" in impls.Cudnn().unavailable(wl, gpu)
+  padv = impls.all_impls()["cudnn+padv"]
+  assert padv.unavailable(wl, gpu) is None
+  assert "nothing to pad" in padv.unavailable(dataclasses.replace(wl, dv=None), gpu)
+  assert "> q/k's" in padv.unavailable(dataclasses.replace(wl, dv=256), gpu)
+  fa = pytest.importorskip("jax._src.cudnn.fused_attention_stablehlo")
+  for name, stub in [("check_cudnn_version", lambda: 91000),
+                     ("check_compute_capability", lambda c: True),
+                     ("is_cuda_compute_capability_equal", lambda c: False)]:
+    if not hasattr(fa, name):
+      pytest.skip(f"jax internals moved ({name})")
+    monkeypatch.setattr(fa, name, stub)
+  built = padv.build(wl, gpu)
+  assert "v zero-padded to D192" in built.note
+  q, k, v, do = common.make_inputs(wl, 0)
+  assert jax.eval_shape(built.fn, q, k, v).shape == (1, 256, 4, 128)
+  grads = lambda q, k, v, do: jax.vjp(built.fn, q, k, v)[1](do)
+  assert [g.shape for g in jax.eval_shape(grads, q, k, v, do)] == [q.shape, k.shape, v.shape]
+  text = jax.jit(grads).trace(q, k, v, do).lower(lowering_platforms=("cuda",)).as_text()
+  assert "cudnn" in text
+
+
 @pytest.mark.gpu
 def test_cudnn_composition_matches_oracle_on_gpu():
   # The composition calls jax's cuDNN custom_vjp rules directly: check that
@@ -274,6 +395,24 @@ def test_full_plan_puts_the_headline_workloads_first():
   for i, it in enumerate(plan):
     if it.impl == "cudnn" and not it.balance:
       assert plan[i - 1].series == it.series and plan[i - 1].unit == it.unit, (i, it.series)
+
+
+def test_dv_plan_pairs_ours_and_cudnn_with_their_padded_v_rows():
+  args = ["--shape", "1x8192x16x16x192", "--dv", "128", "--workloads", "causal",
+          "--backends", "pallas_mosaic,cudnn,padv", "--passes", "fwd,fwdbwd"]
+  plan = _gpu_plan(args)
+  base, mla = "custom B1 S8192 Hq16 Hk16 D192", "custom B1 S8192 Hq16 Hk16 D192 Dv128"
+  assert [(it.series, it.impl) for it in plan] == [
+      (base, "pallas_mosaic"), (base, "cudnn"), (mla, "pallas_mosaic"),
+      (mla, "pallas_mosaic+padv"), (mla, "cudnn"), (mla, "cudnn+padv")]
+  assert len({it.unit for it in plan[:2]}) == len({it.unit for it in plan[2:]}) == 1
+  assert all(it.tier == 0 for it in plan)
+  assert plan[2].wls[0].dv == 128 and plan[0].wls[0].dv is None
+  # A shape whose D is DV has no twin: it would be the same call.
+  plan = _gpu_plan(args[:3] + ["192"] + args[4:])
+  assert {it.series for it in plan} == {base}
+  with pytest.raises(SystemExit):
+    bench.parse_args(["--dv", "0"])
 
 
 def test_primary_kernel_is_the_first_usable_one():
