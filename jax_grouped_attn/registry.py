@@ -112,7 +112,8 @@ def _fastest(pass_: str, names, problem: Problem, dtype) -> str | None:
     if cls is None:
       continue
     look = lambda p, c: tuning.lookup(p, name, c, problem.head_dim, seq_len=problem.tk,
-                                      dtype=dtype, head_dim_v=problem.head_dim_v)
+                                      dtype=dtype, head_dim_v=problem.head_dim_v,
+                                      padded=_padded(entry))
     try:
       got = look(pass_, cls)
       if got is None or not isinstance(got.get("ms"), (int, float)):
@@ -206,6 +207,12 @@ class ConfigChoice:
   detail: str = ""
 
 
+def _padded(entry: Backend):
+  """The width ``entry``'s kernels run a head_dim at (the table key after the
+  exact one), or None (the power-of-two default)."""
+  return getattr(entry, "padded_head_dim", None)
+
+
 def default_choice(backend: str, pass_: str, head_dim: int, *, seq_len: int | None = None,
                    dtype=None, head_dim_v: int | None = None) -> ConfigChoice:
   """The config ``backend`` uses for ``pass_`` when none is given, and why: this
@@ -220,15 +227,16 @@ def default_choice(backend: str, pass_: str, head_dim: int, *, seq_len: int | No
   try:
     table = tuning.find_table()
     tuned = None if table is None else tuning.tuned_config(
-        pass_, entry.name, cls, head_dim, seq_len=seq_len, dtype=dtype, head_dim_v=head_dim_v)
+        pass_, entry.name, cls, head_dim, seq_len=seq_len, dtype=dtype, head_dim_v=head_dim_v,
+        padded=_padded(entry))
     if tuned is not None:
       bucket = ("any length" if seq_len is None else
                 f"key-length bucket {tuning.seq_bucket(seq_len)}")
       return ConfigChoice(tuned, "table", f"{table.describe()}; {bucket}")
     gpu = tuning.this_gpu()
     major = None if gpu is None else gpu.major
-    wide = head_dim if head_dim_v is None else max(head_dim, head_dim_v)
-    got = tuning.derived(pass_, entry.name, cls, wide, dtype, major)
+    got = tuning.derived(pass_, entry.name, cls, head_dim, dtype, major, head_dim_v=head_dim_v,
+                         padded=_padded(entry))
     if got is not None:
       return ConfigChoice(got.config, "derived", (
           f"no table entry for {gpu.name}; the config the shipped sm_{major}x tables timed "

@@ -295,37 +295,40 @@ def _pick_bucket(by_bucket: dict, seq_len: int | None):
   return by_bucket.get("any")
 
 
-def head_dim_keys(head_dim: int, head_dim_v: int | None = None) -> list[str]:
+def head_dim_keys(head_dim: int, head_dim_v: int | None = None, padded=None) -> list[str]:
   """Table keys of a head dim, most specific first: "<Dqk>x<Dv>" when v's
-  differs (MLA), then the wider one as is and padded to a power of two."""
+  differs (MLA), then the wider one as is and at the width the backend's
+  kernels pad it to (``padded``, a backend's ``padded_head_dim``; default:
+  the next power of two, the Triton-style kernels' width)."""
   wide = head_dim if head_dim_v is None else max(head_dim, head_dim_v)
   own = [] if head_dim_v in (None, head_dim) else [f"{head_dim}x{head_dim_v}"]
-  return list(dict.fromkeys(own + [str(wide), str(padded_head_dim(wide))]))
+  return list(dict.fromkeys(own + [str(wide), str((padded or padded_head_dim)(wide))]))
 
 
 def _by_dim(table: dict, pass_: str, backend: str, head_dim: int, dtype,
-            head_dim_v: int | None = None):
+            head_dim_v: int | None = None, padded=None):
   """The ``{bucket: entry}`` maps of ``table`` for this key, most specific first."""
   by_pass = table["entries"].get(backend, {}).get(pass_, {})
   for dkey in _dtype_keys(dtype):
     by_dim = by_pass.get(dkey, {})
-    for hkey in head_dim_keys(head_dim, head_dim_v):
+    for hkey in head_dim_keys(head_dim, head_dim_v, padded):
       if isinstance(by_dim.get(hkey), dict):
         yield by_dim[hkey]
 
 
 def lookup(pass_: str, backend: str, config_class, head_dim: int, *,
            seq_len: int | None = None, dtype=None, gpu: str | None = None,
-           head_dim_v: int | None = None) -> dict | None:
+           head_dim_v: int | None = None, padded=None) -> dict | None:
   """The raw table entry (a dict with ``config_class``'s fields) for this GPU, or
-  None; ``head_dim_v``: v's head_dim where it differs (head_dim_keys)."""
+  None; ``head_dim_v`` (v's head_dim where it differs) and ``padded`` pick the
+  keys (head_dim_keys)."""
   if pass_ not in PASSES:
     raise ValueError(f"pass_={pass_!r} must be one of {PASSES}.")
   table = load_table(gpu)
   if table is None:
     return None
   need = required_fields(config_class)
-  for by_bucket in _by_dim(table, pass_, backend, head_dim, dtype, head_dim_v):
+  for by_bucket in _by_dim(table, pass_, backend, head_dim, dtype, head_dim_v, padded):
     entry = _pick_bucket(by_bucket, seq_len)
     if isinstance(entry, dict) and all(f in entry for f in need):
       return entry
@@ -342,10 +345,10 @@ def _instance(config_class, values: dict, what: str):
 
 
 def tuned_config(pass_: str, backend: str, config_class, head_dim: int, *, seq_len=None,
-                 dtype=None, head_dim_v: int | None = None):
+                 dtype=None, head_dim_v: int | None = None, padded=None):
   """A ``config_class`` instance from this GPU's table, or None (use the heuristic)."""
   entry = lookup(pass_, backend, config_class, head_dim, seq_len=seq_len, dtype=dtype,
-                 head_dim_v=head_dim_v)
+                 head_dim_v=head_dim_v, padded=padded)
   if entry is None:
     return None
   return _instance(config_class, entry, f"tuned {pass_} entry")
@@ -380,7 +383,7 @@ def candidate(config_class, values):
 
 
 def measured_slots(major: int, pass_: str, backend: str, config_class, head_dim: int, dtype,
-                   dirs=None) -> dict[str, dict]:
+                   dirs=None, head_dim_v: int | None = None, padded=None) -> dict[str, dict]:
   """``{"<gpu> S<bucket>": {normalized config: ms}}`` from every table of
   compute-capability major ``major`` in ``dirs`` (default: the shipped ones)
   that timed candidates for this key."""
@@ -389,7 +392,8 @@ def measured_slots(major: int, pass_: str, backend: str, config_class, head_dim:
     meta = _meta(path)
     if meta is None or meta.major != major:
       continue
-    for by_bucket in _by_dim(_load_path(path), pass_, backend, head_dim, dtype):
+    for by_bucket in _by_dim(_load_path(path), pass_, backend, head_dim, dtype, head_dim_v,
+                             padded):
       for bucket, entry in by_bucket.items():
         if not (bucket.isdigit() and isinstance(entry, dict)):
           continue
@@ -406,9 +410,10 @@ def measured_slots(major: int, pass_: str, backend: str, config_class, head_dim:
 
 @functools.lru_cache(maxsize=256)
 def _derived(major: int, pass_: str, backend: str, config_class, head_dim: int,
-             dtype_key: str, stamp: tuple) -> Derived | None:
+             dtype_key: str, stamp: tuple, head_dim_v: int | None, padded) -> Derived | None:
   del stamp  # cache key only: shipped tables' mtimes
-  slots = measured_slots(major, pass_, backend, config_class, head_dim, dtype_key)
+  slots = measured_slots(major, pass_, backend, config_class, head_dim, dtype_key,
+                         head_dim_v=head_dim_v, padded=padded)
   if not slots:
     return None
   everywhere = set.intersection(*(set(t) for t in slots.values()))
@@ -424,13 +429,14 @@ def _derived(major: int, pass_: str, backend: str, config_class, head_dim: int,
 
 
 def derived(pass_: str, backend: str, config_class, head_dim: int, dtype,
-            major: int | None) -> Derived | None:
+            major: int | None, *, head_dim_v: int | None = None, padded=None) -> Derived | None:
   """The default for GPUs of compute-capability ``major`` derived from the
-  shipped tables (None: no GPU, no measurements, or tables turned off)."""
+  shipped tables (None: no GPU, no measurements, or tables turned off); keys
+  as :func:`lookup`'s."""
   if major is None or config_class is None or tables_off():
     return None
   if _dtype_keys(dtype)[0] not in ("bfloat16", "float16"):
     return None   # the tuner times 16-bit inputs only
   stamp = tuple((p, os.path.getmtime(p)) for p in table_files([PACKAGE_DIR]))
   return _derived(major, pass_, backend, config_class, int(head_dim), _dtype_keys(dtype)[0],
-                  stamp)
+                  stamp, head_dim_v, padded)

@@ -268,8 +268,12 @@ def test_derived_defaults_are_within_10_percent_of_every_shipped_best(monkeypatc
   tuning.clear_cache()
   seen = 0
   for gpu, major, backend, pass_, dtype, hd, bucket, entry in _shipped_entries():
-    cls = registry.get(backend).config_class(pass_)
-    got = tuning.derived(pass_, backend, cls, int(hd), dtype, major)
+    entry_ = registry.get(backend)
+    cls = entry_.config_class(pass_)
+    dims = [int(x) for x in hd.split("x")]   # "<Dqk>x<Dv>": a v head_dim of its own
+    got = tuning.derived(pass_, backend, cls, dims[0], dtype, major,
+                         head_dim_v=dims[1] if len(dims) > 1 else None,
+                         padded=getattr(entry_, "padded_head_dim", None))
     where = (gpu, backend, pass_, dtype, hd, bucket)
     assert got is not None and isinstance(got.config, cls), where
     timed = {tuning.candidate(cls, c["config"]): c["ms"] for c in entry["candidates"]
