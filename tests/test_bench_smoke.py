@@ -124,9 +124,8 @@ def test_lse_composition_has_exact_forward_and_gradients():
     impls.composition_parts((ga.QueryGroup(0, 8, 0, 16),), True)
 
 
-def test_cudnn_composition_traces_and_lowers_for_cuda(monkeypatch):
-  # CPU check of the plumbing into jax's cuDNN rules (GPU-only checks stubbed):
-  # 4 forward and 4 backward cuDNN calls, each backward fed the merged lse/out.
+def _stub_cudnn_gpu_checks(monkeypatch):
+  """jax's cuDNN rules check the GPU and cuDNN version: stubbed so they lower on CPU."""
   fa = pytest.importorskip("jax._src.cudnn.fused_attention_stablehlo")
   for name, stub in [("check_cudnn_version", lambda: 91000),
                      ("check_compute_capability", lambda c: True),
@@ -134,6 +133,12 @@ def test_cudnn_composition_traces_and_lowers_for_cuda(monkeypatch):
     if not hasattr(fa, name):
       pytest.skip(f"jax internals moved ({name}); the GPU test covers the fallback")
     monkeypatch.setattr(fa, name, stub)
+
+
+def test_cudnn_composition_traces_and_lowers_for_cuda(monkeypatch):
+  # CPU check of the plumbing into jax's cuDNN rules (GPU-only checks stubbed):
+  # 4 forward and 4 backward cuDNN calls, each backward fed the merged lse/out.
+  _stub_cudnn_gpu_checks(monkeypatch)
   wl = common.zigzag_workload(4, 1024, 1, hq=8, hk=2, d=64)
   built = impls.Cudnn().build(wl, impls.Context(gpu=True))
   assert "exact merged backward" in built.note, built.note
@@ -301,13 +306,7 @@ def test_cudnn_says_why_it_cannot_take_dv_and_its_padded_v_row_traces(monkeypatc
   assert padv.unavailable(wl, gpu) is None
   assert "nothing to pad" in padv.unavailable(dataclasses.replace(wl, dv=None), gpu)
   assert "> q/k's" in padv.unavailable(dataclasses.replace(wl, dv=256), gpu)
-  fa = pytest.importorskip("jax._src.cudnn.fused_attention_stablehlo")
-  for name, stub in [("check_cudnn_version", lambda: 91000),
-                     ("check_compute_capability", lambda c: True),
-                     ("is_cuda_compute_capability_equal", lambda c: False)]:
-    if not hasattr(fa, name):
-      pytest.skip(f"jax internals moved ({name})")
-    monkeypatch.setattr(fa, name, stub)
+  _stub_cudnn_gpu_checks(monkeypatch)
   built = padv.build(wl, gpu)
   assert "v zero-padded to D192" in built.note
   q, k, v, do = common.make_inputs(wl, 0)

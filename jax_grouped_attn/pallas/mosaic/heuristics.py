@@ -10,6 +10,11 @@ from jax_grouped_attn.pallas.mosaic.config import (
 )
 
 
+def _widths(head_dim: int, head_dim_v: int | None) -> tuple[int, int]:
+  """The padded (q/k, v) widths the kernels run at."""
+  return padded_head_dim(head_dim), padded_head_dim(head_dim_v or head_dim)
+
+
 def forward_config(head_dim: int, dtype=None, head_dim_v: int | None = None
                    ) -> MosaicForwardConfig:
   """Heuristic forward tiles for an H100: 128-key tiles where two stages of
@@ -20,8 +25,7 @@ def forward_config(head_dim: int, dtype=None, head_dim_v: int | None = None
   exceeds shared memory by 120 B; D64 0.965x; D256 (64, 64, 2, 2) 0.981x.
   """
   del dtype   # bf16 and f16 only, one tiling
-  dqk = padded_head_dim(head_dim)
-  dv = padded_head_dim(head_dim if head_dim_v is None else head_dim_v)
+  dqk, dv = _widths(head_dim, head_dim_v)
   wide = MosaicForwardConfig(block_q=64, block_kv=128, max_concurrent_steps=2, compute_wgs=2)
   if fits_forward(wide, dqk, dv):
     return wide
@@ -40,8 +44,7 @@ def backward_config(head_dim: int, dtype=None, head_dim_v: int | None = None
   one-warpgroup layout on the H200 tuner (notes/mosaic.md run 12).
   """
   del dtype
-  dqk = padded_head_dim(head_dim)
-  dv = padded_head_dim(head_dim if head_dim_v is None else head_dim_v)
+  dqk, dv = _widths(head_dim, head_dim_v)
   if max(dqk, dv) <= 128 or min(dqk, dv) < 128:
     return MosaicBackwardConfig()
   return MosaicBackwardConfig(compute_wgs=2, head_split=2)

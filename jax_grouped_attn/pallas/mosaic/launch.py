@@ -91,9 +91,14 @@ def _wgs(rows: int, block: int, compute_wgs: int, what: str) -> int:
   return rows // block
 
 
+def _tile(*shape, dtype):
+  """A swizzled shared-memory tile (a wgmma operand and TMA box) of ``shape``."""
+  return plgpu.SMEM(shape, dtype, transforms=_tiling(dtype))
+
+
 def _parts(widths, *shape, dtype):
-  """One swizzled shared-memory tile per column part: ``shape`` + (width,)."""
-  return tuple(plgpu.SMEM((*shape, w), dtype, transforms=_tiling(dtype)) for w in widths)
+  """One tile per column part: ``shape`` + (width,)."""
+  return tuple(_tile(*shape, w, dtype=dtype) for w in widths)
 
 
 def forward(q, k, v, q_seg, kv_seg, *, problem: Problem, plan: Plan,
@@ -127,11 +132,11 @@ def forward(q, k, v, q_seg, kv_seg, *, problem: Problem, plan: Plan,
   smem = dict(
       q=_parts(parts, wgs, cfg.block_q, dtype=q.dtype),         # Q in (O out: q[0] or o)
       k=_parts(parts, stages, block_kv, dtype=q.dtype),         # K ring
-      v=_parts((dv,), stages, block_kv, dtype=q.dtype)[0],      # V ring
+      v=_tile(stages, block_kv, dv, dtype=q.dtype),             # V ring
       lse=plgpu.SMEM((wgs, cfg.block_q), jnp.float32),          # lse out
   )
   if dv > dqk:
-    smem["o"] = _parts((dv,), wgs, cfg.block_q, dtype=q.dtype)[0]
+    smem["o"] = _tile(wgs, cfg.block_q, dv, dtype=q.dtype)
   n_parts = len(parts)   # TMA arrivals per Q / K tile
   bars = dict(
       q_ready=plgpu.Barrier(num_arrivals=n_parts, num_barriers=wgs),
@@ -236,10 +241,10 @@ def backward(q, k, v, q_seg, kv_seg, out, lse, dout, dlse, *, problem: Problem,
   bq, bkv = plan.block_q, cfg.block_kv
   # By the names kernels.backward_dkdv_kernel reads.
   smem = dict(
-      k=_parts((dqk,), wgs, bkv, dtype=dtype)[0],       # K in, dK out
-      v=_parts((dv,), wgs, bkv, dtype=dtype)[0],        # V in, dV out
-      q=_parts((dqk,), stages, bq, dtype=dtype)[0],     # Q ring
-      do=_parts((dv,), stages, bq, dtype=dtype)[0],     # dO ring
+      k=_tile(wgs, bkv, dqk, dtype=dtype),       # K in, dK out
+      v=_tile(wgs, bkv, dv, dtype=dtype),        # V in, dV out
+      q=_tile(stages, bq, dqk, dtype=dtype),     # Q ring
+      do=_tile(stages, bq, dv, dtype=dtype),     # dO ring
       lse=plgpu.SMEM((stages, bq), jnp.float32),        # lse2 ring
       delta=plgpu.SMEM((stages, bq), jnp.float32),      # delta ring
   )
@@ -270,10 +275,10 @@ def backward(q, k, v, q_seg, kv_seg, out, lse, dout, dlse, *, problem: Problem,
     bq, bkv = cfg.dq_block_q, qplan.block_k
     # By the names kernels.backward_dq_kernel reads.
     smem = dict(
-        q=_parts((dqk,), wgs, bq, dtype=dtype)[0],        # Q in, dQ out
-        do=_parts((dv,), wgs, bq, dtype=dtype)[0],        # dO
-        k=_parts((dqk,), stages, bkv, dtype=dtype)[0],    # K ring
-        v=_parts((dv,), stages, bkv, dtype=dtype)[0],     # V ring
+        q=_tile(wgs, bq, dqk, dtype=dtype),        # Q in, dQ out
+        do=_tile(wgs, bq, dv, dtype=dtype),        # dO
+        k=_tile(stages, bkv, dqk, dtype=dtype),    # K ring
+        v=_tile(stages, bkv, dv, dtype=dtype),     # V ring
         lse=plgpu.SMEM((wgs, bq), jnp.float32),           # lse2
         delta=plgpu.SMEM((wgs, bq), jnp.float32),         # delta
     )
@@ -309,7 +314,6 @@ def _backward_split(q, k, v, q_seg, kv_seg, dout, delta, lse2, *, problem, plan,
   qk_parts, v_parts, dq_first = split_columns(dqk, dv)
   qplan = plan.plan
   stages = cfg.max_concurrent_steps
-  tiles = _tiling(dtype)
   seg_args = [q_seg, kv_seg] if problem.has_segments else []
   ring = lambda arrivals: plgpu.Barrier(num_arrivals=arrivals, num_barriers=stages)
   if plan.block_k != cfg.block_kv or qplan.block_q != cfg.dq_block_q:
@@ -324,7 +328,7 @@ def _backward_split(q, k, v, q_seg, kv_seg, dout, delta, lse2, *, problem, plan,
               lse=plgpu.SMEM((stages, bq), jnp.float32),
               delta=plgpu.SMEM((stages, bq), jnp.float32),
               p=plgpu.SMEM((bkv, bq), jnp.float32),
-              ds=plgpu.SMEM((stages, bkv, bq), dtype, transforms=tiles))
+              ds=_tile(stages, bkv, bq, dtype=dtype))
   bars = dict(kv=plgpu.Barrier(num_arrivals=2, num_barriers=2),   # K parts, V parts
               q=ring(2), do=ring(2), lse=ring(1), delta=ring(1),
               p=plgpu.Barrier(), p_free=plgpu.Barrier(), ds=ring(1), free=ring(2))
@@ -351,7 +355,7 @@ def _backward_split(q, k, v, q_seg, kv_seg, dout, delta, lse2, *, problem, plan,
                 v=_parts(v_parts, stages, bkv, dtype=dtype),
                 lse=plgpu.SMEM((bq,), jnp.float32), delta=plgpu.SMEM((bq,), jnp.float32),
                 p=plgpu.SMEM((bq, bkv), jnp.float32),
-                ds=plgpu.SMEM((stages, bq, bkv), dtype, transforms=tiles))
+                ds=_tile(stages, bq, bkv, dtype=dtype))
     # The CTA's rows: Q parts and lse2 (score warpgroup), dO parts and delta.
     bars = dict(q=plgpu.Barrier(num_arrivals=2), lse=plgpu.Barrier(),
                 do=plgpu.Barrier(num_arrivals=2), delta=plgpu.Barrier(),
