@@ -5,6 +5,7 @@
   python -m benchmarks.bench --shape 1x8192x32x8x128 --zigzag 8x65536
   python -m benchmarks.bench --shape 1x8192x16x16x192 --dv 128   # MLA: v head_dim 128
   python benchmarks/bench.py --workloads causal --backends triton,cudnn
+  python -m benchmarks.bench --workloads window --window 1024 --window-seqs 8192,32768
 
 All implementations run in one process on the same inputs. Every row is first
 checked against an exact fp32 oracle (every query row; the first/last batch row
@@ -14,6 +15,11 @@ device-synchronised repeats over rotating input sets. Passes: fwd, fwdbwd
 TFLOP/s count visible (query, key) pairs only: 2 * pairs * head_dim per matmul
 per (batch, head), each matmul at its own head_dim (q/k's D or v's Dv): 2 matmuls
 forward (4 * pairs * D at Dv = D), 7 for fwd+bwd (3.5x).
+
+``--workloads window`` (not run by default): is sliding-window attention linear
+in S? Per S, ours and cuDNN with a left window, and our primary kernel
+without it (quadratic, for contrast); bench.md gets their times per S and
+least-squares fits time = a + b * S, and bench_window.png the curves.
 
 Without a GPU the same command runs tiny shapes in interpret mode: a
 correctness check of every code path. Its timings mean nothing.
@@ -42,8 +48,13 @@ from jax_grouped_attn import (
 )
 
 DEFAULT_OUT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
-WORKLOAD_KINDS = ("causal", "zigzag", "balance")
+WORKLOAD_KINDS = ("causal", "zigzag", "balance", "window")
+DEFAULT_WORKLOADS = ("causal", "zigzag", "balance")
 BALANCE_PREFERENCE = report.GROUPED + ("cudnn", "xla")
+DEFAULT_BACKENDS = report.GROUPED + ("xla", "cudnn", "jax-pallas-mha", "two-launch", "padv")
+# The CPU smoke run checks our kernels, the reference and the plan in about a
+# minute; the baselines' CPU paths have tests of their own (tests/test_bench_smoke.py).
+SMOKE_BACKENDS = report.GROUPED + ("xla", "cudnn")
 
 
 # ------------------------------------------------------------- workloads ---
@@ -58,7 +69,7 @@ HEADLINE_ZIGZAG = ((8, 65536),)
 def standard_set(mode: str) -> list[Workload]:
   cw = common.causal_workload
   if mode == "smoke":
-    return [cw(1, 64, 2, 2, 32), cw(2, 48, 4, 2, 64)]
+    return [cw(2, 48, 4, 2, 32)]
   headline = [cw(*shape) for shape in HEADLINE_CAUSAL]
   if mode == "quick":
     return headline + [cw(1, 8192, 32, 32, 128)]
@@ -69,7 +80,7 @@ def standard_set(mode: str) -> list[Workload]:
 def zigzag_set(mode: str) -> list[tuple[int, int]]:
   """(world size, total sequence) pairs."""
   if mode == "smoke":
-    return [(2, 128), (4, 128)]
+    return [(2, 128)]
   if mode == "quick":
     return list(HEADLINE_ZIGZAG)
   # Weak scaling (8K local tokens per rank) plus a sequence sweep at W=8.
@@ -80,6 +91,31 @@ def zigzag_heads(mode: str) -> dict:
   return dict(hq=4, hk=2, d=32) if mode == "smoke" else dict(hq=32, hk=8, d=128)
 
 
+# The window family: S sweep at the headline GQA shape's heads (B1), window 1024.
+WINDOW_SEQS = (8192, 16384, 32768, 65536)
+WINDOW_LEFT = 1024
+WINDOW_SMOKE = dict(seqs=(64, 128), left=16, heads=(4, 2, 32))
+
+
+def window_params(args, mode: str) -> tuple[int, list[int]]:
+  """(left window, sequence lengths) of the window family: the flags, else the
+  mode's defaults."""
+  smoke = mode == "smoke"
+  left = args.window if args.window is not None else (
+      WINDOW_SMOKE["left"] if smoke else WINDOW_LEFT)
+  seqs = args.window_seqs or list(WINDOW_SMOKE["seqs"] if smoke else WINDOW_SEQS)
+  return left, seqs
+
+
+def window_set(args, mode: str) -> list[tuple[Workload, Workload]]:
+  """Per S: (the causal workload with the left window, the same without it)."""
+  left, seqs = window_params(args, mode)
+  hq, hk, d = WINDOW_SMOKE["heads"] if mode == "smoke" else HEADLINE_CAUSAL[0][2:]
+  cw = lambda s, window: common.causal_workload(1, s, hq, hk, d, args.dtype, family="window",
+                                                window=window)
+  return [(cw(s, (left, 0)), cw(s, None)) for s in seqs]
+
+
 def parse_shape(text: str) -> Workload:
   try:
     b, s, hq, hk, d = (int(x) for x in text.lower().split("x"))
@@ -87,6 +123,17 @@ def parse_shape(text: str) -> Workload:
     raise argparse.ArgumentTypeError(
         f"--shape {text!r}: expected BxSxHqxHkxD, e.g. 1x8192x32x8x128") from None
   return common.causal_workload(b, s, hq, hk, d, family="custom")
+
+
+def parse_seqs(text: str) -> list[int]:
+  try:
+    seqs = [int(x) for x in text.split(",") if x.strip()]
+  except ValueError:
+    seqs = []
+  if not seqs or min(seqs) < 1:
+    raise argparse.ArgumentTypeError(
+        f"--window-seqs {text!r}: expected positive sequence lengths, e.g. 8192,16384")
+  return seqs
 
 
 def parse_world(text: str) -> tuple[int, int]:
@@ -120,6 +167,7 @@ class Series:
   impls: list
   balance: bool = False
   headline: int | None = None   # run-order rank among the headline series; None: not one
+  primary_only: bool = False    # only our primary kernel (the window family's contrast)
 
 
 def offered(names: list[str], dv: int | None) -> list[str]:
@@ -168,6 +216,10 @@ def plan_series(args, mode: str) -> list[Series]:
       out.append(Series(zz(w, s)[0].series, zz(w, s), best, balance=True))
     if "balance" in kinds:
       out.append(Series(ct(w, s)[0].series, ct(w, s), best, balance=True))
+  if "window" in kinds:
+    for windowed, full in window_set(args, mode):
+      out.append(Series(windowed.series, [windowed], names))
+      out.append(Series(full.series, [full], names, primary_only=True))
   order = {id(s): i for i, s in enumerate(out)}
   return sorted(out, key=lambda s: (s.headline is None, s.headline or 0, order[id(s)]))
 
@@ -202,9 +254,13 @@ def build_plan(args, mode: str, usable=None) -> list[PlanItem]:
     if s.balance:   # in preference order: the first that works settles the series
       keyed += [((2, si, i), item(s, n, 2, next(units))) for i, n in enumerate(s.impls)]
       continue
+    tier = 0 if head else 2
+    if s.primary_only:
+      if primary in s.impls:
+        keyed.append(((tier, si, 0), item(s, primary, tier, next(units))))
+      continue
     pair = [n for n in (primary, f"{primary}+padv", "cudnn", "cudnn+padv") if n in s.impls]
     unit = next(units)
-    tier = 0 if head else 2
     keyed += [((tier, si, i), item(s, n, tier, unit)) for i, n in enumerate(pair)]
     for i, n in enumerate(n for n in s.impls if n not in pair):
       if n in ours:
@@ -240,17 +296,17 @@ def parse_args(argv=None):
                        "then S8192 MHA (~3 min on an H200)")
   ap.add_argument("--smoke", action="store_true",
                   help="tiny shapes (the default without a GPU): a correctness check")
-  ap.add_argument("--workloads", default="causal,zigzag,balance",
-                  help=f"comma list of {', '.join(WORKLOAD_KINDS)}")
-  ap.add_argument("--backends",
-                  default=",".join(report.GROUPED
-                                   + ("xla", "cudnn", "jax-pallas-mha", "two-launch", "padv")),
+  ap.add_argument("--workloads", default=",".join(DEFAULT_WORKLOADS),
+                  help=f"comma list of {', '.join(WORKLOAD_KINDS)} (window: not by default)")
+  ap.add_argument("--backends", default=None,
                   help="comma list of implementations: registry entries ("
                        + ", ".join(report.GROUPED) + ", xla), cudnn, jax-pallas-mha, two-launch "
                        "(per-group launches of each kernel backend listed), padv (v zero-padded "
                        "to q/k's head_dim, out sliced, for each kernel backend and cudnn listed; "
                        "run only where --dv gives v its own head_dim), or explicit "
-                       "<backend>-2launch, <backend>+padv, cudnn+padv")
+                       "<backend>-2launch, <backend>+padv, cudnn+padv. Default: "
+                       + ",".join(DEFAULT_BACKENDS) + " (smoke: " + ",".join(SMOKE_BACKENDS)
+                       + ")")
   ap.add_argument("--passes", default="fwd,bwd,fwdbwd", help="comma list of fwd, bwd, fwdbwd")
   ap.add_argument("--shape", action="append", type=parse_shape, metavar="BxSxHqxHkxD",
                   help="your causal shape instead of the standard set (repeatable)")
@@ -266,9 +322,19 @@ def parse_args(argv=None):
                   help="also run every causal shape as its MLA twin: q, k keep D, v and out "
                        "get head_dim DV (beside the run at D, like --softcap and --sinks; a "
                        "shape with D == DV has none), with the padded-v rows (see --backends)")
+  ap.add_argument("--window", type=int, default=None, metavar="W",
+                  help=f"--workloads window: left window (local_window_size=(W, 0); default "
+                       f"{WINDOW_LEFT}, smoke {WINDOW_SMOKE['left']})")
+  ap.add_argument("--window-seqs", type=parse_seqs, default=None, metavar="S1,S2,...",
+                  help="--workloads window: sequence lengths (default "
+                       + ",".join(map(str, WINDOW_SEQS)) + "; smoke "
+                       + ",".join(map(str, WINDOW_SMOKE["seqs"])) + ")")
   ap.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16"],
-                  help="dtype of the zigzag/balance workloads (causal sets are bfloat16)")
-  ap.add_argument("--reps", type=int, default=None, help="timed repeats (median reported)")
+                  help="dtype of the zigzag/balance/window workloads (causal sets are bfloat16)")
+  ap.add_argument("--rounds", type=int, default=None,
+                  help="timed rounds of back-to-back calls, one sync each (median reported)")
+  ap.add_argument("--calls", type=int, default=None,
+                  help="calls per round (default: enough for a ~25 ms round)")
   ap.add_argument("--warmup", type=int, default=None)
   ap.add_argument("--sets", type=int, default=None, help="input sets rotated while timing")
   ap.add_argument("--budget-s", type=float, default=None,
@@ -277,11 +343,20 @@ def parse_args(argv=None):
   ap.add_argument("--nvlink-gbps", type=float, default=450.0,
                   help="assumed NVLink bandwidth per GPU, one direction (GB/s) for the model")
   ap.add_argument("--out", default=DEFAULT_OUT, help="output directory")
+  ap.add_argument("--verbose", action="store_true",
+                  help="print every row as it is measured and where each run's time went")
   args = ap.parse_args(argv)
   args.workloads = [w.strip() for w in args.workloads.split(",") if w.strip()]
   for w in args.workloads:
     if w not in WORKLOAD_KINDS:
       ap.error(f"--workloads: unknown {w!r}; use {', '.join(WORKLOAD_KINDS)}")
+  if "window" not in args.workloads:
+    given = [f for f, v in (("--window", args.window), ("--window-seqs", args.window_seqs))
+             if v is not None]
+    if given:
+      ap.error(f"{' and '.join(given)} need --workloads window")
+  if args.window is not None and args.window < 0:
+    ap.error(f"--window must be >= 0, got {args.window}")
   args.passes = tuple(p for p in common.PASSES if p in args.passes.split(","))
   if not args.passes:
     ap.error("--passes: give at least one of fwd, bwd, fwdbwd")
@@ -291,7 +366,12 @@ def parse_args(argv=None):
     ap.error(f"--dv must be > 0, got {args.dv}")
   if args.budget_s is not None and args.budget_s <= 0:
     ap.error(f"--budget-s must be positive, got {args.budget_s}")
-  args.impl_names = expand_impls([b.strip() for b in args.backends.split(",") if b.strip()])
+  for name in ("rounds", "calls"):
+    if getattr(args, name) is not None and getattr(args, name) < 1:
+      ap.error(f"--{name} must be >= 1, got {getattr(args, name)}")
+  args.backends_given = args.backends is not None
+  backends = args.backends.split(",") if args.backends_given else DEFAULT_BACKENDS
+  args.impl_names = expand_impls([b.strip() for b in backends if b.strip()])
   if args.shape:
     args.shape = [dataclasses.replace(s, dtype=args.dtype) for s in args.shape]
   return args
@@ -303,6 +383,21 @@ def _warn_if_gpu_unused() -> None:
   warn = getattr(ga_platform, "warn_if_gpu_unused", None)
   if warn is not None:
     warn()
+
+
+def headlines(plan: list[PlanItem]) -> list[dict]:
+  """The headline comparisons of a plan: per tier-0 series our primary kernel and
+  its cuDNN row (plain, else padded v)."""
+  out = {}
+  for it in plan:
+    if it.tier != 0:
+      continue
+    h = out.setdefault(it.series, {"series": it.series, "primary": None, "cudnn": None})
+    if it.impl in report.CUDNN_ROWS:
+      h["cudnn"] = h["cudnn"] or it.impl
+    elif not it.impl.endswith("+padv"):
+      h["primary"] = h["primary"] or it.impl
+  return list(out.values())
 
 
 def main(argv=None) -> dict:
@@ -317,46 +412,64 @@ def main(argv=None) -> dict:
       log("(--shape/--zigzag are kept: keep them tiny on CPU.)")
   else:
     mode = "smoke" if args.smoke else ("quick" if args.quick else "full")
+  if mode == "smoke" and not args.backends_given:
+    args.impl_names = expand_impls(list(SMOKE_BACKENDS))
   pick = lambda given, default: default if given is None else given
-  reps = max(1, pick(args.reps, {"smoke": 2, "quick": 10, "full": 25}[mode]))
-  warmup = max(0, pick(args.warmup, {"smoke": 1, "quick": 1, "full": 3}[mode]))
+  rounds = pick(args.rounds, {"smoke": 2, "quick": 5, "full": 9}[mode])
+  warmup = max(0, pick(args.warmup, {"smoke": 0, "quick": 1, "full": 2}[mode]))
+  calls = pick(args.calls, 1 if mode == "smoke" else None)
   sets = max(1, pick(args.sets, 1 if mode == "smoke" else 2))
-  st = Settings(args.passes, reps, warmup, sets, impls.Context(gpu=gpu))
+  st = Settings(args.passes, rounds, warmup, sets, impls.Context(gpu=gpu), calls=calls)
   registry_ = impls.all_impls()
   plan = build_plan(args, mode)
   env = common.environment()
   os.makedirs(args.out, exist_ok=True)
-  log(f"device: {env['device']} ({env['platform']}); jax {env['jax']}, jaxlib {env['jaxlib']}, "
-      f"triton {env['triton']}, jax-triton {env['jax_triton']}, cudnn {env['cudnn']}")
-  log(f"mode {mode}: {len({it.series for it in plan})} series, impls "
-      f"{', '.join(args.impl_names)}, passes {', '.join(args.passes)}, {reps} reps "
-      f"(+{warmup} warmup), {sets} input set(s)")
-  heads = [f"{it.series} {it.impl}" for it in plan if it.tier == 0]
-  if heads:
-    log(f"headline comparisons first: {'; '.join(heads)}")
+  log(report.environment_text(env))
+  log(f"mode {mode}: {len({it.series for it in plan})} series, {len(args.impl_names)} "
+      f"implementations, passes {', '.join(args.passes)}; {report.timing_text(vars(st))}")
+  window = (dict(zip(("window", "window_seqs"), window_params(args, mode)))
+            if "window" in args.workloads else {})
   results = {
       "environment": env, "mode": mode, "timings_meaningful": gpu and mode != "smoke",
-      "settings": {"passes": list(args.passes), "reps": reps, "warmup": warmup, "sets": sets,
-                   "impls": args.impl_names, "workloads": args.workloads,
-                   "budget_s": args.budget_s, "nvlink_gbps": args.nvlink_gbps},
+      "settings": {"passes": list(args.passes), "rounds": rounds, "calls": calls,
+                   "warmup": warmup, "sets": sets, "impls": args.impl_names,
+                   "workloads": args.workloads, "budget_s": args.budget_s,
+                   "nvlink_gbps": args.nvlink_gbps, **window},
       "configs": report.kernel_configs(plan),
       "plan": [{"series": it.series, "impl": it.impl, "tier": TIERS[it.tier], "unit": it.unit,
                 "ranks": len(it.wls)} for it in plan],
+      "headlines": headlines(plan),
       "rows": [],
   }
   budget = common.Budget(args.budget_s)
-  bar = common.progress(total=sum(len(item.wls) for item in plan), desc="bench", unit="run")
-  runner = Runner(registry_, st, budget, bar=bar,
+  tty = sys.stderr.isatty()
+  bar = (common.progress(total=sum(len(item.wls) for item in plan), desc="bench", unit="run")
+         if tty else None)
+  runner = Runner(registry_, st, budget, bar=bar, verbose=args.verbose,
                   on_item=lambda: report.write_json(results, args.out))
+  estimates = runner.headline_estimates(plan)
+  results["headline_estimates_s"] = dict(estimates)
+  total = sum(s for _, s in estimates)
+  if estimates:
+    log(f"headline comparisons first ({len(estimates)}, ~{total:.0f} s estimated"
+        + (f" of the {args.budget_s:.0f} s budget" if args.budget_s else "") + "):")
+  for what, sec in estimates:
+    log(f"  ~{sec:4.0f} s  {what}")
+  if args.budget_s is not None and total > args.budget_s:
+    log(f"WARNING: the budget ({args.budget_s:.0f} s) cannot hold every headline comparison "
+        f"(~{total:.0f} s estimated): the last will be skipped, and nothing runs in their place.")
   results["rows"] = runner.rows
   runner.run(plan)
-  bar.close()
+  if bar is not None:
+    bar.close()
   results["elapsed_s"] = budget.elapsed
   report.finish(results, args.out)
-  log(f"wrote {os.path.join(args.out, 'bench.json')}, bench.md and plots "
+  for line in report.console_summary(results):
+    log(line)
+  log(f"wrote {os.path.join(args.out, 'bench.md')} (tables), bench.json and plots "
       f"({budget.elapsed:.0f} s)")
   if not results["timings_meaningful"]:
-    log("Reminder: no GPU -- the timings above mean nothing; the errors do.")
+    log("No GPU: the timings above mean nothing; the errors do.")
   return results
 
 

@@ -17,9 +17,10 @@ Rows, all on the same inputs (causal, B x S x Hq x Hk x D, bf16; with
   heads-cudnn the sequence-sharded input moved to head sharding by all-to-all,
               cuDNN on the whole sequence for Hq/W heads, all-to-all back
 Every row is checked before it is timed, as in ``bench``: out, dq, dk, dv (the
-cp rows' put back in sequence order) on every query row of the first and last
-kv head against the exact fp32 oracle, with the calibrated rule. Efficiency = single time of
-the same backend / (W x time). ``--xla-variants`` compiles the rows of
+cp rows' gathered onto the oracle's device and put back in sequence order),
+whole tensors, against the exact fp32 oracle with the calibrated rule. Timed
+as ``bench`` times (common.time_calls): rounds of back-to-back calls, one sync
+per round. Efficiency = single time of the same backend / (W x time). ``--xla-variants`` compiles the rows of
 ``--variant-strategies`` once per set of XLA options (per executable, via
 ``Lowered.compile(compiler_options)``), so one run compares scheduler flags;
 every cp fwd+bwd row records which collectives overlap a kernel in the
@@ -45,7 +46,7 @@ import numpy as np  # noqa: E402
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P  # noqa: E402
 
 import jax_grouped_attn as ga  # noqa: E402
-from benchmarks import common, hlo_overlap  # noqa: E402
+from benchmarks import common, harness, hlo_overlap, report  # noqa: E402
 from benchmarks.common import log  # noqa: E402
 from jax_grouped_attn import registry  # noqa: E402
 from jax_grouped_attn.cp import (  # noqa: E402
@@ -81,7 +82,8 @@ class Setup:
   world: int
   inner: int          # Ulysses axis size of the 2-D rows (1: none)
   passes: tuple
-  reps: int
+  rounds: int         # timed rounds of back-to-back calls (common.time_calls)
+  calls: int | None   # calls per round; None: enough for a ~25 ms round
   warmup: int
   sets: int
   gpu: bool
@@ -143,14 +145,21 @@ def single_fn(backend, setup: Setup):
 GRAD_NAMES = ("out", "dq", "dk", "dv")
 
 
-def oracle_checks(got, sel, want, world: int = 0) -> dict:
-  """``got`` = (out,) or (out, dq, dk, dv) against the fp32 oracle with the
-  calibrated rule (common.compare); ``world`` > 0: zigzag-ordered results,
-  put back in sequence order first."""
+def oracle_device(want: dict):
+  """The device an :func:`common.oracle` result lives on (host arrays: the default one)."""
+  out = want["out"]
+  return next(iter(out.devices())) if isinstance(out, jax.Array) else jax.devices()[0]
+
+
+def oracle_checks(got, want, world: int = 0) -> dict:
+  """``got`` = (out,) or (out, dq, dk, dv), whole tensors, against the fp32
+  oracle with the calibrated rule (common.compare), each first gathered onto
+  the oracle's device (cp rows are sharded over the mesh); ``world`` > 0:
+  zigzag-ordered results, put back in sequence order."""
+  dev = oracle_device(want)
   unperm = (lambda x: ga.zigzag_unpermute(x, world, axis=1)) if world else (lambda x: x)
-  picks = (sel.q, sel.q, sel.kv, sel.kv)
-  return {name: common.compare(pick(unperm(x)), want, name)
-          for name, pick, x in zip(GRAD_NAMES, picks, got)}
+  return {name: common.compare(unperm(jax.device_put(x, dev)), want, name)
+          for name, x in zip(GRAD_NAMES, got)}
 
 
 def _error(e) -> str:
@@ -168,8 +177,8 @@ def measure(row, fn, arg_sets, setup: Setup, check_of, options=None, hlo_path=No
     compiled = jax.jit(fn).lower(q, k, v).compile(options or None)
     res = {"memory": common.memory_stats(compiled)}
     res["check"] = check_of((compiled(q, k, v),))
-    res.update(common.time_calls(compiled, [s[:3] for s in arg_sets], reps=setup.reps,
-                                 warmup=setup.warmup))
+    res.update(common.time_calls(compiled, [s[:3] for s in arg_sets], rounds=setup.rounds,
+                                 warmup=setup.warmup, calls=setup.calls))
     row["passes"]["fwd"] = res
     del compiled
   if "fwdbwd" in setup.passes:
@@ -187,7 +196,8 @@ def measure(row, fn, arg_sets, setup: Setup, check_of, options=None, hlo_path=No
                             for x in text.splitlines()))
         res["hlo_file"] = os.path.basename(hlo_path)
     res["check"] = check_of(compiled(q, k, v, do))
-    res.update(common.time_calls(compiled, arg_sets, reps=setup.reps, warmup=setup.warmup))
+    res.update(common.time_calls(compiled, arg_sets, rounds=setup.rounds, warmup=setup.warmup,
+                                 calls=setup.calls))
     row["passes"]["fwdbwd"] = res
     del compiled
   p = row["passes"]
@@ -230,7 +240,11 @@ def parse_args(argv=None):
   ap.add_argument("--dump-hlo", action="store_true",
                   help="write the scheduled HLO of the ring fwd+bwd rows (first sequence "
                   "length, each variant) as hlo_<row>.txt")
-  ap.add_argument("--reps", type=int, default=None)
+  ap.add_argument("--rounds", type=int, default=None,
+                  help="timed rounds of back-to-back calls, one sync each (median reported; "
+                  "GPU default 5, smoke 2)")
+  ap.add_argument("--calls", type=int, default=None,
+                  help="calls per round (default: enough for a ~25 ms round; smoke 1)")
   ap.add_argument("--warmup", type=int, default=None)
   ap.add_argument("--sets", type=int, default=None, help="input sets rotated while timing")
   ap.add_argument("--budget-s", type=float, default=None,
@@ -241,6 +255,9 @@ def parse_args(argv=None):
   args = ap.parse_args(argv)
   if args.window is not None and args.window < 0:
     ap.error(f"--window must be >= 0, got {args.window}.")
+  for name in ("rounds", "calls"):
+    if getattr(args, name) is not None and getattr(args, name) < 1:
+      ap.error(f"--{name} must be >= 1, got {getattr(args, name)}.")
   return args
 
 
@@ -328,7 +345,7 @@ def main(argv=None) -> dict:
   passes = tuple(p for p in ("fwd", "fwdbwd") if p in args.passes.split(","))
   pick = lambda given, default: default if given is None else given
   setup = Setup(args.batch, hq, hk, d, args.dtype, world, inner, passes,
-                max(1, pick(args.reps, 2 if smoke else 5)),
+                pick(args.rounds, 2 if smoke else 5), pick(args.calls, 1 if smoke else None),
                 max(0, pick(args.warmup, 1 if smoke else 2)),
                 max(1, pick(args.sets, 1 if smoke else 2)), gpu, args.window)
   budget = common.Budget(pick(args.budget_s, None if smoke else 420.0))
@@ -342,10 +359,10 @@ def main(argv=None) -> dict:
                               strategies=strategies, variants=variants,
                               budget_s=budget.seconds),
              "rows": []}
-  log(f"{env['device']} x{world} ({env['platform']}), jax {env['jax']}; mesh "
-      f"{dict(mesh.shape)}; Hq{hq} Hk{hk} D{d} B{args.batch} {args.dtype}; seqs {seqs}; "
-      f"window {args.window}; "
-      f"backends {backends}; strategies {strategies}; variants {list(variants)}")
+  log(f"{report.environment_text(env)}; x{world}")
+  log(f"mesh {dict(mesh.shape)}; Hq{hq} Hk{hk} D{d} B{args.batch} {args.dtype}; seqs {seqs}; "
+      f"window {args.window}; backends {backends}; strategies {strategies}; "
+      f"variants {list(variants)}; {report.timing_text(results['settings'])}")
   state = {}   # the current sequence: inputs (natural and zigzag-sharded), oracle
   dumped = set()
   for spec_row in plan_rows(args, setup, seqs, backends, strategies, variants):
@@ -362,10 +379,11 @@ def main(argv=None) -> dict:
                                   window=None if args.window is None else (args.window, 0))
       sets = [common.make_inputs(wl, seed) for seed in range(setup.sets)]
       zz = [tuple(jax.device_put(ga.zigzag_permute(x, world), spec) for x in st) for st in sets]
-      sel = common.selection(wl)
       q, k, v, do = sets[0]
-      want = jax.device_get(common.oracle(wl, q, k, v, do, sel))   # host: shared by every row
-      state[s] = dict(sets=sets, zz=zz, sel=sel, want=want)
+      want = common.oracle(wl, q, k, v, do)   # whole tensors, shared by every row
+      if sum(x.nbytes for x in jax.tree_util.tree_leaves(want)) > harness.Inputs.DEVICE_BYTES:
+        want = jax.device_get(want)   # too big to keep beside the rows: wait on the host
+      state[s] = dict(sets=sets, zz=zz, want=want)
     st = state[s]
     try:
       if row["kind"] == "single":
@@ -374,7 +392,7 @@ def main(argv=None) -> dict:
             q, k, v, is_causal=True, implementation=impl, **window_kw(setup))))
         if row["backend"] == "cudnn" and not gpu:
           row["note"] = "no cuDNN here: jax.nn.dot_product_attention(implementation=None)"
-        measure(row, fn, st["sets"], setup, lambda got: oracle_checks(got, st["sel"], st["want"]))
+        measure(row, fn, st["sets"], setup, lambda got: oracle_checks(got, st["want"]))
       else:
         if row["kind"] == "heads":
           fn = heads_fn(mesh, setup, "cudnn" if gpu else None)
@@ -387,7 +405,7 @@ def main(argv=None) -> dict:
           hlo_path = os.path.join(args.out, f"hlo_ring_{row['backend']}_{row['variant']}_"
                                   f"S{s}.txt")
         measure(row, fn, st["zz"], setup,
-                lambda got: oracle_checks(got, st["sel"], st["want"], world),
+                lambda got: oracle_checks(got, st["want"], world),
                 options=variants[row["variant"]], hlo_path=hlo_path)
     except Exception as e:  # noqa: BLE001 -- one row's failure must not end the run
       row.update(status="error", reason=_error(e), traceback=traceback.format_exc()[-2000:])
@@ -454,10 +472,10 @@ def markdown(results) -> str:
   win = st.get("window")
   lines += [f"Causal{'' if win is None else f' (sliding window {win})'} "
             f"B{st['batch']} Hq{st['hq']} Hk{st['hk']} D{st['d']} {st['dtype']}; "
-            f"{st['reps']} reps (+{st['warmup']} warmup), {st['sets']} input sets; "
+            f"{report.timing_text(st)} (+{st['warmup']} warmup), {st['sets']} input sets; "
             f"efficiency = 1-GPU time of the same backend / ({world} x time); "
-            f"bwd = fwdbwd - fwd. Every row is checked against the fp32 oracle "
-            f"(out, dq, dk, dv; calibrated tolerances) before it is timed.", ""]
+            "bwd = fwdbwd - fwd. Every row is checked against the exact fp32 oracle "
+            "(out, dq, dk, dv, whole tensors; calibrated tolerances) before it is timed.", ""]
   if not results["timings_meaningful"]:
     lines += ["**Smoke run (CPU host devices): timings here mean nothing; the checks do.**", ""]
   lines += ["| S | row | fwd ms | bwd ms | fwd+bwd ms | eff fwd | eff fwd+bwd | "

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import importlib.metadata
 import math
 import os
@@ -218,15 +219,17 @@ def gpu_slug(name: str) -> str:
 
 def make_inputs(wl: Workload, seed: int):
   """Random normal q, k [.., D], v and output cotangent [.., Dv] in the workload's dtype."""
-  key = jax.random.PRNGKey(seed)
-  kq, kk, kv, kd = jax.random.split(key, 4)
-  dt = jnp.dtype(wl.dtype)
   dv = wl.v_head_dim
-  q = jax.random.normal(kq, (wl.batch, wl.tq, wl.hq, wl.d), jnp.float32).astype(dt)
-  k = jax.random.normal(kk, (wl.batch, wl.tk, wl.hk, wl.d), jnp.float32).astype(dt)
-  v = jax.random.normal(kv, (wl.batch, wl.tk, wl.hk, dv), jnp.float32).astype(dt)
-  do = jax.random.normal(kd, (wl.batch, wl.tq, wl.hq, dv), jnp.float32).astype(dt)
-  return q, k, v, do
+  shapes = ((wl.batch, wl.tq, wl.hq, wl.d), (wl.batch, wl.tk, wl.hk, wl.d),
+            (wl.batch, wl.tk, wl.hk, dv), (wl.batch, wl.tq, wl.hq, dv))
+  return _random_inputs(jax.random.PRNGKey(seed), shapes, jnp.dtype(wl.dtype).name)
+
+
+@functools.partial(jax.jit, static_argnums=(1, 2))
+def _random_inputs(key, shapes, dtype):
+  """One compile per workload's shapes (not one per array)."""
+  return tuple(jax.random.normal(k, s, jnp.float32).astype(dtype)
+               for k, s in zip(jax.random.split(key, len(shapes)), shapes))
 
 
 def global_key(wl: Workload) -> tuple:
@@ -255,68 +258,55 @@ def local_inputs(wl: Workload, global_set):
 
 # ----------------------------------------------------------------- oracle ---
 
-@dataclasses.dataclass(frozen=True)
-class Selection:
-  """Which batch rows and kv heads (with all their q heads) are checked."""
-
-  batches: tuple
-  kv_heads: tuple
-  q_heads: tuple
-
-  def q(self, x):   # [B, Tq, Hq, D or Dv] -> selected
-    return x[np.asarray(self.batches)][:, :, np.asarray(self.q_heads)]
-
-  def kv(self, x):  # [B, Tk, Hk, D or Dv] -> selected
-    return x[np.asarray(self.batches)][:, :, np.asarray(self.kv_heads)]
-
-
 def sink_logits(wl: Workload) -> np.ndarray | None:
   """The workload's ``sinks`` [Hq] float32 (None without): fixed, spread over
   [-2, 2], so heads differ."""
   return np.linspace(-2.0, 2.0, wl.hq, dtype=np.float32) if wl.sinks else None
 
 
-def selection(wl: Workload, max_kv_heads: int = 2) -> Selection:
-  """First and last batch row and kv head (fewer when they coincide)."""
-  batches = tuple(sorted({0, wl.batch - 1}))
-  kv = tuple(sorted({0, wl.hk - 1}))[:max_kv_heads]
-  g = wl.hq // wl.hk
-  q_heads = tuple(h for j in kv for h in range(j * g, (j + 1) * g))
-  return Selection(batches, kv, q_heads)
-
-
-def _oracle_impl(q, k, v, do, pos, kv_len, *, scale, causal, chunk, compute_dtype="float32",
+def _oracle_impl(q, k, v, do, pos, kv_len, *, scale, causal, chunk, lowp_dtype=None,
                  window=None, softcap=None, sinks=None):
-  """Exact fp32 forward and backward, scanned over row chunks of ``chunk`` rows.
+  """Exact fp32 forward and backward over whole tensors, scanned over row
+  chunks of ``chunk`` rows (one [chunk, Tk] block of logits per head at a time).
 
   q: [B, Tq, Hq, D], do: [B, Tq, Hq, Dv] (Tq a multiple of chunk); k: [B, Tk, Hk, D],
-  v: [B, Tk, Hk, Dv];
+  v: [B, Tk, Hk, Dv], all in the inputs' dtype;
   pos, kv_len: [Tq] int32 (row position and kv prefix; kv_len 0 = padding);
   window: Problem.window (None: none); softcap: Problem.softcap (None: none);
-  sinks: a tuple of q's heads' sink logits (None: none), one more softmax term each.
-  Returns out [B, Tq, Hq, Dv], dq [B, Tq, Hq, D], dk [B, Tk, Hk, D] and
-  dv [B, Tk, Hk, Dv], all fp32.
-  ``compute_dtype`` other than float32: the plain low-precision attention
-  whose error calibrates the tolerances (jax_grouped_attn/testing.py): matmul operands
-  (q, k, v, dO, P, dS) rounded to it, fp32 accumulation and softmax, out
-  rounded to it (as the kernels' delta sees it), and dq, dk, dv too.
+  sinks: a tuple of the query heads' sink logits (None: none), one more softmax term each.
+  Returns {"out", "lse", "dq", "dk", "dv"} in fp32 (lse [B, Hq, Tq]), and with
+  ``lowp_dtype`` also "lowp": the same from the plain attention in that dtype
+  (what calibrates the tolerances, jax_grouped_attn/testing.py): P and dS
+  rounded to it before their dots, fp32 accumulation and softmax, out rounded
+  (as the kernels' delta sees it), and dq, dk, dv too.
+
+  S = QK^T and dP = dO V^T have operands exact in the input dtype, so both
+  precisions share them, computed with the input dtype's operands and fp32
+  accumulation (the tensor cores on a GPU: exact products, fp32 sums); the
+  other fp32 dots have fp32 operands and run at full fp32 precision.
   """
   hi = jax.lax.Precision.HIGHEST
-  cd = jnp.dtype(compute_dtype)
-  rnd = lambda x: x.astype(cd).astype(jnp.float32)
-  mm = lambda spec, a, b: jnp.einsum(spec, rnd(a), rnd(b), precision=hi)
+  f32 = jnp.float32
+  in_dt = q.dtype
+  exact = lambda spec, a, b: jnp.einsum(spec, a.astype(in_dt), b.astype(in_dt), precision=hi,
+                                        preferred_element_type=f32)
+  full = lambda spec, a, b: jnp.einsum(spec, a.astype(f32), b.astype(f32), precision=hi)
   b, tq, hq, _ = q.shape
   tk, hk = k.shape[1], k.shape[2]
   g = hq // hk
   n = tq // chunk
   split = lambda x: jnp.moveaxis(x.reshape(b, n, chunk, hk, g, x.shape[-1]), 1, 0)
   j = jnp.arange(tk)
-  sink = None if sinks is None else jnp.asarray(sinks, jnp.float32).reshape(1, hk, g, 1, 1)
+  sink = None if sinks is None else jnp.asarray(sinks, f32).reshape(1, hk, g, 1, 1)
+  lowp = lowp_dtype is not None
+  rnd = (lambda x: x.astype(lowp_dtype).astype(f32)) if lowp else None
+  low = ((lambda spec, a, b: jnp.einsum(spec, a.astype(lowp_dtype), b.astype(lowp_dtype),
+                                        precision=hi, preferred_element_type=f32))
+         if lowp else None)
 
   def body(carry, xs):
-    dk, dv = carry
     qi, doi, p_i, kv_i = xs
-    s = mm("bqhgd,bkhd->bhgqk", qi, k) * scale
+    s = exact("bqhgd,bkhd->bhgqk", qi, k) * scale
     s, cap_grad = soft_cap(s, softcap)   # dS then carries 1 - tanh^2
     mask = visible(p_i[:, None], j[None, :], kv_i[:, None], causal=causal, window=window)
     s = jnp.where(mask, s, -jnp.inf)
@@ -328,28 +318,57 @@ def _oracle_impl(q, k, v, do, pos, kv_len, *, scale, causal, chunk, compute_dtyp
     l = jnp.sum(p, axis=-1, keepdims=True)
     if sink is not None:   # the sink's term has no value: only the denominator grows
       l = l + jnp.exp(sink - m)
-    l = jnp.where(l > 0, l, 1.0)
-    o = rnd(mm("bhgqk,bkhd->bqhgd", p, v) / jnp.moveaxis(l, (1, 2, 3), (2, 3, 1)))
-    p = p / l
-    delta = jnp.einsum("bqhgd,bqhgd->bhgq", rnd(doi), o, precision=hi)
-    dp = mm("bqhgd,bkhd->bhgqk", doi, v)
-    ds = p * (dp - delta[..., None])
-    if cap_grad is not None:
-      ds = ds * cap_grad
-    dq = mm("bhgqk,bkhd->bqhgd", ds, k) * scale
-    dk = dk + mm("bhgqk,bqhgd->bkhd", ds, qi) * scale
-    dv = dv + mm("bhgqk,bqhgd->bkhd", p, doi)
-    return (dk, dv), (o, dq)
+    seen = l > 0
+    l = jnp.where(seen, l, 1.0)
+    lse = jnp.where(seen, m + jnp.log(l), -jnp.inf)[..., 0]          # [b, hk, g, chunk]
+    dp = exact("bqhgd,bkhd->bhgqk", doi, v)
+    l_rows = jnp.moveaxis(l, (1, 2, 3), (2, 3, 1))   # [b, chunk, hk, g, 1]
+    doi_f = doi.astype(f32)
 
-  zeros = lambda x: jnp.zeros(x.shape, jnp.float32)   # dk like k, dv like v
+    def grads(mm, p_un, o_rnd, cast):
+      """(out, dq, dk, dv) of one precision from the unnormalised P."""
+      o = o_rnd(mm("bhgqk,bkhd->bqhgd", p_un, v) / l_rows)
+      pn = p_un / l
+      delta = jnp.einsum("bqhgd,bqhgd->bhgq", doi_f, o, precision=hi)
+      ds = pn * (dp - delta[..., None])
+      if cap_grad is not None:
+        ds = ds * cap_grad
+      dq = cast(mm("bhgqk,bkhd->bqhgd", ds, k) * scale)
+      dk = mm("bhgqk,bqhgd->bkhd", ds, qi) * scale
+      dv = mm("bhgqk,bqhgd->bkhd", pn, doi)
+      return o, dq, dk, dv
+
+    ident = lambda x: x
+    o, dq, dk, dv = grads(full, p, ident, ident)
+    outs = {"out": o, "dq": dq, "lse": lse}
+    new = {"dk": carry["dk"] + dk, "dv": carry["dv"] + dv}
+    if lowp:
+      o_l, dq_l, dk_l, dv_l = grads(low, p, rnd, rnd)
+      outs["lowp"] = {"out": o_l, "dq": dq_l}
+      new["lowp"] = {"dk": carry["lowp"]["dk"] + dk_l, "dv": carry["lowp"]["dv"] + dv_l}
+    return new, outs
+
+  zeros = lambda x: jnp.zeros(x.shape, f32)   # dk like k, dv like v
+  init = {"dk": zeros(k), "dv": zeros(v)}
+  if lowp:
+    init["lowp"] = {"dk": zeros(k), "dv": zeros(v)}
   xs = (split(q), split(do), pos.reshape(n, chunk), kv_len.reshape(n, chunk))
-  (dk, dv), (o, dq) = jax.lax.scan(body, (zeros(k), zeros(v)), xs)
+  acc, outs = jax.lax.scan(body, init, xs)
   merge = lambda x: jnp.moveaxis(x, 0, 1).reshape(b, tq, hq, x.shape[-1])
-  # (Low precision: results in the input dtype, as a kernel returns them.)
-  return merge(o), rnd(merge(dq)), rnd(dk), rnd(dv)
+  # lse chunks [n, b, hk, g, chunk] -> [b, hq, tq]
+  merge_lse = lambda x: jnp.moveaxis(x, 0, 3).reshape(b, hq, tq)
+  res = {"out": merge(outs["out"]), "lse": merge_lse(outs["lse"]), "dq": merge(outs["dq"]),
+         "dk": acc["dk"], "dv": acc["dv"]}
+  if lowp:
+    # Low precision: results in the input dtype, as a kernel returns them; its
+    # lse is the fp32 one (S is exact in both).
+    res["lowp"] = {"out": merge(outs["lowp"]["out"]), "lse": res["lse"],
+                   "dq": merge(outs["lowp"]["dq"]), "dk": rnd(acc["lowp"]["dk"]),
+                   "dv": rnd(acc["lowp"]["dv"])}
+  return res
 
 
-_oracle_jit = jax.jit(_oracle_impl, static_argnames=("scale", "causal", "chunk", "compute_dtype",
+_oracle_jit = jax.jit(_oracle_impl, static_argnames=("scale", "causal", "chunk", "lowp_dtype",
                                                     "window", "softcap", "sinks"))
 # Compiled oracles by argument shapes and static arguments: ranks of one world
 # share one (their row positions are arguments). Bounded: each holds GPU code.
@@ -383,60 +402,98 @@ def _run_oracle(args, statics: dict, timing: dict):
   return out
 
 
-def oracle(wl: Workload, q, k, v, do, sel: Selection, *, max_elems: int = 1 << 26,
-           lowp: bool = True, timing: dict | None = None):
-  """Exact fp32 out, dq (selected q heads) and dk, dv (selected kv heads), and
+def oracle_chunk(wl: Workload, max_elems: int) -> int:
+  """Rows per scan step: a power of two with one logits block (chunk x Tk x Hq
+  x B) at most ``max_elems``, and no more rows than Tq needs."""
+  per_row = max(1, wl.batch * wl.hq * wl.tk)
+  chunk = 1 << max(0, int(math.floor(math.log2(max(1, max_elems // per_row)))))
+  return int(min(chunk, 1 << math.ceil(math.log2(wl.tq))))
+
+
+def oracle(wl: Workload, q, k, v, do, *, max_elems: int = 1 << 26, lowp: bool = True,
+           timing: dict | None = None) -> dict:
+  """Exact fp32 out, lse, dq, dk, dv over the whole tensors, on the device, and
   under "lowp" the same from the plain attention in the workload's dtype (the
   calibration of :func:`compare`; for float32 the exact results themselves).
 
-  Every row is checked; ``max_elems`` bounds one logits block (chunk rows x
-  Tk x selected heads x batch rows) so memory stays ~5 such fp32 blocks.
+  Every row of every batch row and head is checked; ``max_elems`` bounds one
+  logits block (chunk rows x Tk x Hq x B), so memory stays ~10 such fp32 blocks.
   ``timing``: a dict that gets the seconds spent compiling ("compile_s") and
   running ("run_s") the oracle.
   """
   timing = {} if timing is None else timing
-  f32 = lambda x: jnp.asarray(x, jnp.float32)
-  qs, dos = f32(sel.q(q)), f32(sel.q(do))
-  ks, vs = f32(sel.kv(k)), f32(sel.kv(v))
-  per_row = max(1, len(sel.batches) * len(sel.q_heads) * wl.tk)
-  chunk = 1 << max(0, int(math.floor(math.log2(max(1, max_elems // per_row)))))
-  chunk = int(min(chunk, 1 << math.ceil(math.log2(wl.tq))))
+  chunk = oracle_chunk(wl, max_elems)
   tq_pad = -(-wl.tq // chunk) * chunk
   pos, kv_len = row_positions(wl.groups, wl.tq)
   pad = tq_pad - wl.tq
   pos = np.pad(pos, (0, pad)).astype(np.int32)
   kv_len = np.pad(kv_len, (0, pad)).astype(np.int32)   # padding rows see nothing
   padrows = lambda x: jnp.pad(x, ((0, 0), (0, pad), (0, 0), (0, 0)))
-  args = (padrows(qs), ks, vs, padrows(dos), jnp.asarray(pos), jnp.asarray(kv_len))
+  args = (padrows(q), k, v, padrows(do), jnp.asarray(pos), jnp.asarray(kv_len))
+  low_dt = jnp.dtype(wl.dtype)
   statics = dict(scale=1.0 / math.sqrt(wl.d), causal=wl.causal, chunk=chunk, window=wl.window,
                  softcap=wl.softcap,
-                 sinks=None if not wl.sinks else tuple(float(x) for x in
-                                                       sink_logits(wl)[list(sel.q_heads)]))
-  run = lambda cd: _run_oracle(args, dict(statics, compute_dtype=cd), timing)
-  trim = lambda r: {"out": r[0][:, :wl.tq], "dq": r[1][:, :wl.tq], "dk": r[2], "dv": r[3]}
-  res = trim(run("float32"))
+                 lowp_dtype=None if (not lowp or low_dt == jnp.float32) else low_dt.name,
+                 sinks=None if not wl.sinks else tuple(float(x) for x in sink_logits(wl)))
+  r = _run_oracle(args, statics, timing)
+  trim = lambda r: {"out": r["out"][:, :wl.tq], "lse": r["lse"][:, :, :wl.tq],
+                    "dq": r["dq"][:, :wl.tq], "dk": r["dk"], "dv": r["dv"]}
+  res = trim(r)
   if lowp:
-    res["lowp"] = (dict(res) if jnp.dtype(wl.dtype) == jnp.float32
-                   else trim(run(jnp.dtype(wl.dtype).name)))
+    res["lowp"] = trim(r["lowp"]) if "lowp" in r else dict(res)
   return res
 
 
+@jax.jit
+def _error_stats(got, want, lowp):
+  """The numbers of jax_grouped_attn.testing.check, on the device: whole
+  tensors stay there, only scalars come back."""
+  f32 = jnp.float32
+  g, w, l = got.astype(f32), want.astype(f32), lowp.astype(f32)
+  inf_w = jnp.isinf(w)
+  fin = ~inf_w
+  n = jnp.maximum(jnp.sum(fin), 1)
+  scale = jnp.max(jnp.where(fin, jnp.abs(w), 0.0))
+  safe = jnp.where(scale > 0, scale, 1.0)
+  err = jnp.where(fin, jnp.abs(g - w), 0.0) / safe
+  lerr = jnp.where(fin, jnp.abs(jnp.where(jnp.isinf(l), w, l) - w), 0.0) / safe
+  return {
+      "nan_got": jnp.sum(jnp.isnan(g)), "nan_ref": jnp.sum(jnp.isnan(w) | jnp.isnan(l)),
+      "inf_differ": jnp.sum((jnp.isinf(g) != inf_w) | (inf_w & (g != w))),
+      "finite": jnp.sum(fin), "scale": safe, "max_err": jnp.max(err),
+      "mean_err": jnp.sum(err) / n, "lowp_max_err": jnp.max(lerr),
+      "lowp_mean_err": jnp.sum(lerr) / n,
+      "worst": jnp.argmax(err),
+  }
+
+
 def compare(got, want: dict, name: str, factor: float | None = None) -> dict:
-  """Calibrated check (jax_grouped_attn/testing.py) of ``got`` against ``want[name]``
-  (an :func:`oracle` result: "out", "dq", "dk" or "dv"), given the
-  low-precision oracle's error. Returns the numbers, ``ok`` and ``max_abs_err``."""
-  got_np = np.asarray(jnp.asarray(got, jnp.float32))
-  ref = np.asarray(want[name], np.float32)
-  lowp = np.asarray(want["lowp"][name], np.float32)
-  check = tolerance.check(got_np, ref, lowp, name=name, dtype=jnp.dtype(got.dtype),
+  """Calibrated check (jax_grouped_attn/testing.py) of the whole tensor ``got``
+  against ``want[name]`` (an :func:`oracle` result: "out", "lse", "dq", "dk"
+  or "dv"), given the low-precision oracle's error, measured on the device.
+  Returns the check's numbers (``max_err``: max |got - exact| / max |exact|),
+  ``ok``, ``max_abs_err`` and ``worst`` (index of the largest error)."""
+  ref, lowp = want[name], want["lowp"][name]
+  fail = lambda why: {"name": name, "why": why, "ok": False, "ratio": None,
+                      "max_err": None, "max_abs_err": None}
+  if tuple(got.shape) != tuple(ref.shape):
+    return fail(f"shapes got {tuple(got.shape)}, reference {tuple(ref.shape)}")
+  st = {k: v.item() for k, v in jax.device_get(_error_stats(got, ref, lowp)).items()}
+  if st["nan_got"]:
+    return fail(f"{st['nan_got']} NaN")
+  if st["nan_ref"]:
+    return fail("NaN in a reference")
+  if st["inf_differ"]:
+    return fail(f"infinities differ at {st['inf_differ']} elements")
+  check = tolerance.judge(name, scale=st["scale"], max_err=st["max_err"],
+                          mean_err=st["mean_err"], lowp_max_err=st["lowp_max_err"],
+                          lowp_mean_err=st["lowp_mean_err"], dtype=got.dtype,
                           factor=tolerance.FACTOR if factor is None else factor)
   res = check.as_dict()
-  finite = bool(np.isfinite(got_np).all())
-  if not finite and not res["why"]:
-    res["why"], res["ok"] = "non-finite values", False
-  same = got_np.shape == ref.shape
-  res["max_abs_err"] = float(np.max(np.abs(got_np - ref))) if same and got_np.size else None
-  res["ref_max_abs"] = float(np.max(np.abs(ref))) if ref.size else 0.0
+  res["max_abs_err"] = st["max_err"] * st["scale"]
+  res["ref_max_abs"] = st["scale"]
+  res["worst"] = list(np.unravel_index(st["worst"], ref.shape)) if st["finite"] else None
+  res["elements"] = int(np.prod(ref.shape))
   return res
 
 
@@ -446,23 +503,50 @@ def block(x):
   return jax.block_until_ready(x)
 
 
-def time_calls(fn, arg_sets, *, reps: int, warmup: int) -> dict:
-  """Median wall time of ``fn(*args)`` in ms, each call device-synchronised.
+# One round of back-to-back calls should last at least this long, so the one
+# sync ending it (~0.1-0.3 ms of launch and sync latency) stays under ~1%.
+ROUND_TARGET_MS = 25.0
+MAX_CALLS = 64
 
-  Input sets rotate so consecutive calls do not reuse the same (L2-warm)
-  buffers.
+
+def time_calls(fn, arg_sets, *, rounds: int, warmup: int, calls: int | None = None,
+               clock=time.perf_counter, sync=None) -> dict:
+  """Device time per call of ``fn(*args)``, in ms: ``rounds`` rounds of ``calls``
+  back-to-back calls each, one device sync per round (a training step's
+  calls are not synced one by one either); per-call time = round time / calls.
+
+  Returns the median over rounds (``median_ms``), ``min_ms``, ``max_ms``,
+  ``spread`` ((max - min) / median), ``rounds``, ``calls`` and ``method``.
+  ``calls`` None: enough that a round lasts ROUND_TARGET_MS (at least 2, at
+  most MAX_CALLS), from one synced warm call. Input sets rotate from call to
+  call, so consecutive calls do not reuse the same (L2-warm) buffers.
+  ``clock`` and ``sync`` (default jax.block_until_ready) are for tests.
   """
+  sync = block if sync is None else sync
   n = len(arg_sets)
   for i in range(warmup):
-    block(fn(*arg_sets[i % n]))
-  times = []
-  for i in range(reps):
-    args = arg_sets[i % n]
-    t0 = time.perf_counter()
-    block(fn(*args))
-    times.append((time.perf_counter() - t0) * 1e3)
-  return {"median_ms": statistics.median(times), "min_ms": min(times),
-          "max_ms": max(times), "reps": reps}
+    sync(fn(*arg_sets[i % n]))
+  if calls is None:
+    t0 = clock()
+    sync(fn(*arg_sets[warmup % n]))
+    one_ms = max((clock() - t0) * 1e3, 1e-6)
+    calls = int(min(MAX_CALLS, max(2, math.ceil(ROUND_TARGET_MS / one_ms))))
+  per_call = []
+  i = 0
+  for _ in range(rounds):
+    outs = []
+    t0 = clock()
+    for _ in range(calls):
+      outs.append(fn(*arg_sets[i % n]))
+      i += 1
+    sync(outs)
+    per_call.append((clock() - t0) * 1e3 / calls)
+    del outs
+  med = statistics.median(per_call)
+  return {"median_ms": med, "min_ms": min(per_call), "max_ms": max(per_call),
+          "spread": (max(per_call) - min(per_call)) / med if med else 0.0,
+          "rounds": rounds, "calls": calls, "method": "back-to-back",
+          "round_ms": [round(t, 4) for t in per_call]}
 
 
 @contextlib.contextmanager

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import collections
 import dataclasses
-import statistics
 import time
 import traceback
 
@@ -28,10 +27,11 @@ from benchmarks.common import Workload, log
 @dataclasses.dataclass
 class Settings:
   passes: tuple
-  reps: int
+  rounds: int              # timed rounds of back-to-back calls (common.time_calls)
   warmup: int
   sets: int
   ctx: impls.Context
+  calls: int | None = None   # calls per round; None: sized to the kernel's time
 
 
 class Inputs:
@@ -42,8 +42,13 @@ class Inputs:
   last item ran. ``made`` counts how often each was made (tests check it).
   """
 
+  # Oracles (whole fp32 tensors, both precisions) stay on the device up to
+  # this many bytes in all; beyond, they wait in host memory.
+  DEVICE_BYTES = 12 << 30
+
   def __init__(self, sets: int):
     self.sets = sets
+    self.device_bytes = 0
     self.globals = {}
     self.local = {}
     self.oracles = {}
@@ -60,6 +65,9 @@ class Inputs:
       self.globals.pop(key, None)
       for d in (self.local, self.oracles):
         for name in [n for n, w in d.items() if common.global_key(w[0]) == key]:
+          if d is self.oracles and isinstance(jax.tree_util.tree_leaves(d[name][1])[0],
+                                              jax.Array):
+            self.device_bytes -= sum(x.nbytes for x in jax.tree_util.tree_leaves(d[name][1]))
           del d[name]
 
   def inputs(self, wl: Workload, spent: dict | None = None):
@@ -76,37 +84,40 @@ class Inputs:
             [common.local_inputs(wl, g) for g in self.globals[key]]))
     return self.local[wl.name][1]
 
-  def oracle(self, wl: Workload, spent: dict | None = None):
-    """(selection, oracle) of ``wl`` on input set 0; seconds spent computing it go
-    to ``spent["oracle_s"]`` (of which compiling: ``spent["oracle_compile_s"]``)."""
+  def oracle(self, wl: Workload, spent: dict | None = None) -> dict:
+    """The whole-tensor oracle of ``wl`` on input set 0; seconds spent computing it
+    go to ``spent["oracle_s"]`` (of which compiling: ``spent["oracle_compile_s"]``)."""
     spent = {} if spent is None else spent
     if wl.name not in self.oracles:
-      sel = common.selection(wl)
       q, k, v, do = self.inputs(wl, spent)[0]
       timing = {}
       with common.clock(spent, "oracle_s"):
-        want = jax.device_get(common.oracle(wl, q, k, v, do, sel, timing=timing))
+        want = common.oracle(wl, q, k, v, do, timing=timing)
+        size = sum(x.nbytes for x in jax.tree_util.tree_leaves(want))
+        if self.device_bytes + size > self.DEVICE_BYTES:
+          want = jax.device_get(want)
+        else:
+          self.device_bytes += size
       spent["oracle_compile_s"] = spent.get("oracle_compile_s", 0.0) + timing.get("compile_s", 0.0)
-      self.oracles[wl.name] = (wl, sel, want)
+      self.oracles[wl.name] = (wl, want)
       self.made[("oracle", wl.name)] += 1
-    return self.oracles[wl.name][1:]
+    return self.oracles[wl.name][1]
 
 
 class WorkloadState:
-  """What run_item needs for one workload: inputs, selection and (lazy) oracle,
-  from the shared store; ``spent`` holds the seconds this state's run paid
-  for them (0 when an earlier run of the workload already had)."""
+  """What run_item needs for one workload: inputs and (lazy) oracle, from the
+  shared store; ``spent`` holds the seconds this state's run paid for them (0
+  when an earlier run of the workload already had)."""
 
   def __init__(self, wl: Workload, store: Inputs):
     self.wl = wl
     self.store = store
     self.spent = {"inputs_s": 0.0, "oracle_s": 0.0, "oracle_compile_s": 0.0}
     self.inputs = store.inputs(wl, self.spent)
-    self.sel = common.selection(wl)
 
   @property
-  def oracle(self):
-    return self.store.oracle(self.wl, self.spent)[1]
+  def oracle(self) -> dict:
+    return self.store.oracle(self.wl, self.spent)
 
 
 def blank_row(wl: Workload, impl: impls.Impl, pass_: str, **kw) -> dict:
@@ -148,7 +159,8 @@ def _measure(row, phases, compiled_of, args, check_of, arg_sets, st: Settings) -
   row["ok"] = all(c["ok"] for c in checks.values())
   # The checked call above was the first; warm-up calls touch the other sets.
   with common.clock(phases, "time_s"):
-    _timed_row(row, common.time_calls(compiled, arg_sets, reps=st.reps, warmup=st.warmup))
+    _timed_row(row, common.time_calls(compiled, arg_sets, rounds=st.rounds, warmup=st.warmup,
+                                      calls=st.calls))
   row["status"] = "ok" if row["ok"] else "wrong"
 
 
@@ -192,13 +204,22 @@ def run_item(state: WorkloadState, impl: impls.Impl, st: Settings) -> list[dict]
   factor = built.tolerance_factor
   fn = built.fn
 
-  # Forward: for its own row and for bwd = fwdbwd - fwd.
+  # Forward: for its own row and for bwd = fwdbwd - fwd. It returns the lse too
+  # where the implementation's API gives it in fp32 (Built.fwd_fn).
   fwd_row = blank_row(wl, impl, "fwd", note=built.note)
+  fwd_fn = built.fwd_fn or fn
+
+  def fwd_checks(result):
+    out, lse = result if isinstance(result, tuple) else (result, None)
+    checks = {"out": common.compare(out, state.oracle, "out", factor)}
+    if lse is not None:
+      checks["lse"] = common.compare(lse, state.oracle, "lse", factor)
+    return checks
+
   if "fwd" in st.passes or "bwd" in st.passes:
     _guarded(fwd_row, state, lambda ph: _measure(
-        fwd_row, ph, lambda: jax.jit(fn).lower(q, k, v).compile(), (q, k, v),
-        lambda out: {"out": common.compare(state.sel.q(out), state.oracle, "out", factor)},
-        [s[:3] for s in state.inputs], st))
+        fwd_row, ph, lambda: jax.jit(fwd_fn).lower(q, k, v).compile(), (q, k, v),
+        fwd_checks, [s[:3] for s in state.inputs], st))
     rows["fwd"] = fwd_row
 
   if want_grad:
@@ -206,12 +227,8 @@ def run_item(state: WorkloadState, impl: impls.Impl, st: Settings) -> list[dict]
     fb = jax.jit(lambda q, k, v, do: jax.vjp(fn, q, k, v)[1](do))
 
     def grad_checks(grads):
-      want = state.oracle
-      return {
-          "dq": common.compare(state.sel.q(grads[0]), want, "dq", factor),
-          "dk": common.compare(state.sel.kv(grads[1]), want, "dk", factor),
-          "dv": common.compare(state.sel.kv(grads[2]), want, "dv", factor),
-      }
+      return {name: common.compare(g, state.oracle, name, factor)
+              for name, g in zip(("dq", "dk", "dv"), grads)}
 
     _guarded(fb_row, state, lambda ph: _measure(
         fb_row, ph, lambda: fb.lower(q, k, v, do).compile(), (q, k, v, do), grad_checks,
@@ -245,8 +262,14 @@ def _rounded(phases: dict) -> dict:
   return {k: round(v, 3) for k, v in phases.items()}
 
 
-def _print_rows(rows: list[dict]) -> None:
-  """One line per pass; one line in all for an implementation skipped whole."""
+def _print_rows(rows: list[dict], verbose: bool = True) -> None:
+  """One line per pass (one in all for an implementation skipped whole) and
+  where the run's time went; not ``verbose``: only rows that are wrong or failed."""
+  if not verbose:
+    for r in rows:
+      if r["status"] in ("wrong", "error"):
+        log(_status_line(r))
+    return
   reasons = {(r["status"], r.get("reason")) for r in rows}
   if len(reasons) == 1 and rows[0]["status"] == "skipped":
     r = rows[0]
@@ -281,19 +304,19 @@ def _status_line(row: dict) -> str:
   def fmt_err(check):
     if not check:
       return ""
-    parts = [f"{k} {c['max_abs_err']:.2e}" for k, c in check.items()
-             if c.get("max_abs_err") is not None]
-    return "err " + ", ".join(parts)
+    parts = [f"{k} {c['max_err']:.1e}" for k, c in check.items() if c.get("max_err") is not None]
+    parts += [f"{k}: {c['why']}" for k, c in check.items() if c.get("why")]
+    return "max err/scale " + ", ".join(parts)
   head = f"{row['workload']:<46} {row['impl']:<16} {row['pass']:<7}"
   if row["status"] in ("skipped", "error"):
     return f"{head} {row['status'].upper()}: {row.get('reason', '')}"
   ms = row.get("median_ms")
   tf = row.get("tflops")
   untimed = "(" + row.get("reason", "untimed") + ")"
-  timing = f"{ms:9.3f} ms {tf:8.2f} TF/s" if ms is not None else f"{untimed:<26}"
+  timing = (f"{ms:9.3f} ms {tf:7.1f} TF/s ±{100 * row.get('spread', 0):.0f}%"
+            if ms is not None else f"{untimed:<30}")
   flag = "ok" if row["status"] == "ok" else "WRONG"
   return f"{head} {timing}  {flag:5} {fmt_err(row.get('check'))}"
-
 
 
 @dataclasses.dataclass
@@ -320,38 +343,97 @@ def plan_units(plan: list[PlanItem]) -> list[list[PlanItem]]:
   return out
 
 
+# Seconds one run (one implementation, one rank, every pass) takes before any
+# run of this process calibrates them: on an H100/H200 (2026-12), a Mosaic or
+# Triton kernel ~8 s (compiles dominate), cuDNN ~2 s, per-group launches as
+# many kernels; plus, for the first run of a workload, its oracle: ~4 s of
+# compile and ~1 s per 2^33 logit-head-batch elements (Tq x Tk x Hq x B).
+PRIOR_RUN_S = {"grouped": 8.0, "two-launch": 8.0, "cudnn": 2.0, "reference": 3.0, "other": 2.0}
+PRIOR_ORACLE_S = (4.0, 1.0 / (1 << 33))
+
+
+def prior_seconds(impl: impls.Impl, wl: Workload, with_oracle: bool) -> float:
+  """A priori seconds of one run of ``impl`` on ``wl`` (PRIOR_RUN_S), with its
+  workload's oracle (:func:`prior_oracle_seconds`) if ``with_oracle``."""
+  run = PRIOR_RUN_S.get(impl.kind, PRIOR_RUN_S["other"])
+  if impl.kind == "two-launch":
+    run *= max(1, sum(g.q_len > 0 for g in wl.groups))
+  return run + (prior_oracle_seconds(wl) if with_oracle else 0.0)
+
+
+def prior_oracle_seconds(wl: Workload) -> float:
+  base, per_elem = PRIOR_ORACLE_S
+  return base + per_elem * wl.tq * wl.tk * wl.hq * wl.batch
+
+
 class Runner:
   """Runs a plan unit by unit within a time budget; rows collect in ``rows``.
 
   A unit (our primary kernel + cuDNN on one series, else one item) starts only
-  if the budget is not spent and its estimate (mean seconds per run so far
-  times its runs) fits what is left; a started unit runs to its end unless it
-  overruns the budget by a quarter: so a budget cut leaves whole comparisons.
+  if the budget is not spent and its estimate fits what is left; a started unit
+  runs to its end unless it overruns the budget by a quarter: so a budget cut
+  leaves whole comparisons. The estimate is :func:`prior_seconds` per run,
+  scaled by what the runs so far took against their priors (per kind of
+  implementation once one of that kind ran). Headline comparisons (tier 0)
+  come first; once one of them is cut, nothing of a later tier starts: no
+  other row runs in a headline's place.
   """
 
   OVERRUN = 1.25
 
-  def __init__(self, registry_, st: Settings, budget: common.Budget, *, on_item=None, bar=None):
+  def __init__(self, registry_, st: Settings, budget: common.Budget, *, on_item=None, bar=None,
+               verbose: bool = False):
     self.registry = registry_
     self.st = st
     self.budget = budget
     self.store = Inputs(st.sets)
     self.rows = []
     self.run_seconds = []   # wall time of every run that got past its availability check
+    self.observed = collections.defaultdict(lambda: [0.0, 0.0])   # kind -> [seconds, prior]
+    self.oracled = set()    # workloads whose oracle a run has paid for (or will)
+    self.headline_cut = None
+    self.units_cut = 0      # non-headline units the budget cut (printed as one count)
     self.on_item = on_item or (lambda: None)
     self.bar = bar
+    self.verbose = verbose
 
   def runnable(self, item: PlanItem, wl: Workload) -> bool:
     return self.registry[item.impl].unavailable(wl, self.st.ctx) is None
 
-  def estimate(self, unit: list[PlanItem]) -> float:
-    """Seconds the unit is expected to take (0 before anything ran)."""
-    if not self.run_seconds:
-      return 0.0
-    n = sum(self.runnable(it, wl) for it in unit for wl in it.wls)
-    return statistics.fmean(self.run_seconds) * n
+  def _calibration(self, kind: str) -> float:
+    seconds, prior = self.observed.get(kind, (0.0, 0.0))
+    if prior > 0:
+      return seconds / prior
+    total_s = sum(v[0] for v in self.observed.values())
+    total_p = sum(v[1] for v in self.observed.values())
+    return total_s / total_p if total_p > 0 else 1.0
+
+  def estimate(self, unit: list[PlanItem], oracled: set | None = None) -> float:
+    """Seconds the unit is expected to take. ``oracled``: workloads whose oracle
+    is already paid for (default: this runner's), updated with the unit's."""
+    oracled = set(self.oracled) if oracled is None else oracled
+    total = 0.0
+    for it in unit:
+      impl = self.registry[it.impl]
+      for wl in it.wls:
+        if not self.runnable(it, wl):
+          continue
+        total += prior_seconds(impl, wl, False) * self._calibration(impl.kind)
+        if wl.name not in oracled:
+          total += prior_oracle_seconds(wl) * self._calibration("oracle")
+          oracled.add(wl.name)
+    return total
+
+  def headline_estimates(self, plan: list[PlanItem]) -> list[tuple[str, float]]:
+    """(what, estimated seconds) of every headline comparison (tier-0 unit), a priori."""
+    oracled = set(self.oracled)
+    return [(f"{u[0].series}: {' + '.join(it.impl for it in u)}", self.estimate(u, oracled))
+            for u in plan_units(plan) if u[0].tier == 0]
 
   def unit_skip_reason(self, unit: list[PlanItem]) -> str | None:
+    if unit[0].tier > 0 and self.headline_cut:
+      return (f"a headline comparison ({self.headline_cut}) did not fit the time budget: "
+              "nothing else runs in its place")
     left = self.budget.left
     if left is None:
       return None
@@ -368,13 +450,29 @@ class Runner:
     return b.seconds is not None and b.elapsed > self.OVERRUN * b.seconds
 
   def run_one(self, item: PlanItem, wl: Workload) -> list[dict]:
-    """Checks and times one rank; prints its rows and where its time went."""
-    t0 = time.perf_counter()
+    """Checks and times one rank; prints its rows (``verbose``: and where its time
+    went, else only rows that are wrong or failed)."""
+    t0 = self.budget.clock()
     rows = run_item(WorkloadState(wl, self.store), self.registry[item.impl], self.st)
     if any(r["status"] != "skipped" or r.get("phases") for r in rows):
-      self.run_seconds.append(time.perf_counter() - t0)
-    _print_rows(rows)
+      ph = next((r["phases"] for r in rows if "run_s" in (r.get("phases") or {})), {})
+      self.record(item, wl, self.budget.clock() - t0,
+                  oracle_s=ph.get("oracle_s", 0.0) + ph.get("inputs_s", 0.0))
+    _print_rows(rows, self.verbose)
     return rows
+
+  def record(self, item: PlanItem, wl: Workload, seconds: float, oracle_s: float = 0.0) -> None:
+    """A run that took ``seconds``, ``oracle_s`` of them for its workload's inputs
+    and oracle: it calibrates the estimates of later ones."""
+    impl = self.registry[item.impl]
+    obs = self.observed[impl.kind]
+    obs[0] += seconds - oracle_s
+    obs[1] += prior_seconds(impl, wl, False)
+    if wl.name not in self.oracled:
+      self.observed["oracle"][0] += oracle_s
+      self.observed["oracle"][1] += prior_oracle_seconds(wl)
+      self.oracled.add(wl.name)
+    self.run_seconds.append(seconds)
 
   def skipped(self, item: PlanItem, wl: Workload, reason: str) -> list[dict]:
     return [blank_row(wl, self.registry[item.impl], p, reason=reason) for p in self.st.passes]
@@ -389,11 +487,19 @@ class Runner:
       if not all(it.balance and it.series in chosen for it in unit):
         unit_reason = self.unit_skip_reason(unit)
         if unit_reason:
-          what = " + ".join(it.impl for it in unit)
-          log(f"{unit[0].series:<46} {what:<16} {'*':<7} SKIPPED: {unit_reason}")
+          if unit[0].tier == 0 and self.headline_cut is None:
+            self.headline_cut = unit[0].series
+          if unit[0].tier == 0 or self.verbose:
+            what = " + ".join(it.impl for it in unit)
+            log(f"SKIPPED {unit[0].series} {what}: {unit_reason}")
+          else:
+            self.units_cut += 1
       for item in unit:
         self._run_item(item, unit_reason, chosen)
         self.on_item()
+    if self.units_cut:
+      log(f"SKIPPED {self.units_cut} other comparisons for the time budget "
+          + ("(a headline did not fit) " if self.headline_cut else "") + "; bench.md lists them")
     return self.rows
 
   def _run_item(self, item: PlanItem, skip_reason: str | None, chosen: dict) -> None:
@@ -420,7 +526,7 @@ class Runner:
             skip_reason = f"rank {wl.rank} failed: {rows[0].get('reason')}"
           elif item.balance and not any(r["status"] == "ok" for r in rows):
             skip_reason = f"rank {wl.rank} gave no correct result"
-          if skip_reason:
+          if skip_reason and self.verbose:
             log(f"{item.series:<46} {impl.name:<16} other ranks skipped: {skip_reason}")
         if item.balance and any(r["status"] == "ok" for r in rows):
           chosen.setdefault(item.series, impl.name)

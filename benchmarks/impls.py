@@ -57,6 +57,9 @@ class Context:
 class Built:
   fn: object                 # (q, k, v) -> out
   note: str = ""
+  # The forward pass's function: (q, k, v) -> (out, lse [B, Hq, Tq] fp32) where
+  # the implementation's API gives the lse in fp32 (checked too); None: ``fn``.
+  fwd_fn: object = None
   grad_exact: bool = True    # False: gradients known to be approximate
   # Calibrated-tolerance factor (jax_grouped_attn/testing.py); None: tolerance.FACTOR,
   # what this project's kernels must meet. Only third-party baselines loosen it.
@@ -100,10 +103,12 @@ class Grouped(Impl):
   def build(self, wl, ctx):
     backend, groups, causal, window = self.backend, wl.groups, wl.causal, wl.window
     sinks = common.sink_logits(wl)
-    fn = lambda q, k, v: ga.grouped_attention(q, k, v, groups, causal=causal, backend=backend,
-                                              local_window_size=window,
-                                              logits_soft_cap=wl.softcap, sinks=sinks)
-    return Built(fn, "T^2 reference" if registry.get(backend).native_autodiff else "one launch")
+    call = lambda q, k, v, lse: ga.grouped_attention(
+        q, k, v, groups, causal=causal, backend=backend, local_window_size=window,
+        logits_soft_cap=wl.softcap, sinks=sinks, return_lse=lse)
+    return Built(lambda q, k, v: call(q, k, v, False),
+                 "T^2 reference" if registry.get(backend).native_autodiff else "one launch",
+                 fwd_fn=lambda q, k, v: call(q, k, v, True))
 
 
 class TwoLaunch(Impl):
@@ -483,7 +488,15 @@ class PadV(Impl):
   def build(self, wl, ctx):
     built = self.inner.build(dataclasses.replace(wl, dv=None), ctx)
     note = f"v zero-padded to D{wl.d}, out sliced to Dv{wl.dv}; {built.note}"
-    return dataclasses.replace(built, fn=pad_v(built.fn, wl.d, wl.dv), note=note)
+    fwd_fn = None
+    if built.fwd_fn is not None:
+      pad = ((0, 0), (0, 0), (0, 0), (0, wl.d - wl.dv))
+      inner_fwd, dv = built.fwd_fn, wl.dv
+
+      def fwd_fn(q, k, v):
+        out, lse = inner_fwd(q, k, jnp.pad(v, pad))
+        return out[..., :dv], lse
+    return dataclasses.replace(built, fn=pad_v(built.fn, wl.d, wl.dv), note=note, fwd_fn=fwd_fn)
 
 
 def all_impls() -> dict[str, Impl]:

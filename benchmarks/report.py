@@ -113,16 +113,36 @@ def series_stats(rows) -> dict:
   return stats
 
 
-def fastest(stats) -> list[dict]:
-  """Per (series, pass): implementations ranked (correct and all ranks timed)."""
+def _missing(headline: dict, good: list[dict]) -> list[str]:
+  """The implementations of a headline pair without a correct, complete timing."""
+  have = {s["impl"] for s in good}
+  return [headline[k] for k in ("primary", "cudnn") if headline.get(k) and headline[k] not in have]
+
+
+def fastest(stats, headlines=()) -> list[dict]:
+  """Per (series, pass): implementations ranked (correct and all ranks timed).
+  A headline series (``headlines``: bench's {"series", "primary", "cudnn"})
+  whose pair is not both there names no winner: it is marked incomplete."""
   by = collections.defaultdict(list)
   for s in stats.values():
     if s["family"] == "contiguous":
       continue
     by[(s["series"], s["pass"])].append(s)
+  heads = {h["series"]: h for h in headlines}
+  for h in heads.values():
+    for p in _PASS_ORDER:
+      if any(k[1] == p for k in by) and (h["series"], p) not in by:
+        by[(h["series"], p)] = []
   out = []
   for (series, pass_), ss in by.items():
     good = sorted((s for s in ss if s["all_ok"] and s["complete"]), key=lambda s: s["slowest_ms"])
+    missing = _missing(heads[series], good) if series in heads else []
+    if missing:
+      out.append({"series": series, "pass": pass_, "fastest": None, "incomplete": missing,
+                  "ms": None, "tflops": None, "runner_up": None, "runner_up_ratio": None,
+                  "ranking": [(s["impl"], s["slowest_ms"]) for s in good], "cudnn_ratio": None,
+                  "two_launch_ratio": None})
+      continue
     if not good:
       continue
     best = good[0]
@@ -179,6 +199,99 @@ def balance(results, stats) -> list[dict]:
   return out
 
 
+# -------------------------------------------------------- sliding window ---
+
+def window_label(row: dict) -> str:
+  """A window-family row's curve: its implementation, "<impl> full" for the
+  contrast without the window."""
+  return row["impl"] if row.get("window") else f"{row['impl']} full"
+
+
+def _window_rows(rows) -> list[dict]:
+  return [r for r in rows if r["family"] == "window"]
+
+
+def _window_curves(rows) -> list[str]:
+  """The curves of window rows: the windowed implementations, then the contrasts."""
+  first = {}
+  for r in rows:
+    first.setdefault(window_label(r), (not r.get("window"), _impl_order(r["impl"])))
+  return sorted(first, key=first.get)
+
+
+def linear_fit(seqs, times):
+  """Least squares time = a + b * S: (a, b, R^2); None with fewer than two S."""
+  s, t = np.asarray(seqs, float), np.asarray(times, float)
+  if len(set(s.tolist())) < 2:
+    return None
+  b, a = np.polyfit(s, t, 1)
+  ss = float(((t - t.mean()) ** 2).sum())
+  r2 = 1.0 - float(((t - (a + b * s)) ** 2).sum()) / ss if ss > 0 else 1.0
+  return float(a), float(b), r2
+
+
+def window_fits(rows, passes) -> dict:
+  """"<curve> <pass>" -> the least-squares line through the window family's
+  correct timings: row (the curve, window_label), pass, intercept_ms,
+  ms_per_1k_tokens (the slope), r2 and points."""
+  ok = [r for r in _timed(_window_rows(rows)) if r["status"] == "ok"]
+  fits = {}
+  for name in _window_curves(ok):
+    for p in passes:
+      pts = [(r["tk"], r["median_ms"]) for r in ok if window_label(r) == name and r["pass"] == p]
+      fit = linear_fit(*zip(*pts)) if pts else None
+      if fit:
+        fits[f"{name} {p}"] = {"row": name, "pass": p, "intercept_ms": fit[0],
+                               "ms_per_1k_tokens": fit[1] * 1024, "r2": fit[2],
+                               "points": len(pts)}
+  return fits
+
+
+def _window_cell(rows, seq: int, name: str, pass_: str) -> str:
+  r = next((r for r in rows if r["tk"] == seq and window_label(r) == name
+            and r["pass"] == pass_), None)
+  if r is None:
+    return "–"
+  if r["status"] != "ok":
+    return "**WRONG**" if r["status"] == "wrong" else r["status"]
+  if r.get("median_ms") is None:
+    return "untimed"
+  return f"{r['median_ms']:.3f} ({r['median_ms'] / (seq / 1024):.4f})"
+
+
+def _window_section(rows, fits: dict, passes) -> list[str]:
+  """bench.md's window-family section: ms per S, the contrast, the fits."""
+  win = _window_rows(rows)
+  if not win:
+    return []
+  lefts = sorted({r["window"][0] for r in win if r.get("window")})
+  shapes = sorted({f"B{r['batch']} Hq{r['hq']} Hk{r['hk']} D{r['d']} {r['dtype']}"
+                   for r in win})
+  md = ["## Sliding window: time vs S", "",
+        f"Causal with a left window of {', '.join(map(str, lefts))} keys "
+        f"(local_window_size=(W, 0)), {'; '.join(shapes)}. Rows named \"full\": the same call "
+        "without the window (quadratic in S), for contrast. Cells: ms (ms per 1K tokens). "
+        "Linear in S: ms per 1K tokens flat, the fit's R² near 1.", ""]
+  bad = [r for r in win if r["status"] in ("wrong", "error") and r["pass"] != "bwd"]
+  for r in bad:
+    md.append(f"- **{r['status'].upper()}** S{r['tk']} {window_label(r)} {r['pass']}: "
+              f"{r.get('reason') or _err_text(r.get('check'))}")
+  if bad:
+    md.append("")
+  names = _window_curves(win)
+  seqs = sorted({r["tk"] for r in win})
+  for p in passes:
+    md += [f"### {p}: ms (ms per 1K tokens)", ""]
+    md += _table(["S"] + names, [[s] + [_window_cell(win, s, n, p) for n in names]
+                                 for s in seqs])
+  if fits:
+    md += ["### Linear fit time = a + b·S (correct rows)", ""]
+    md += _table(["row", "pass", "a (ms)", "b (ms per 1K tokens)", "R²", "points"],
+                 [[f["row"], f["pass"], _f(f["intercept_ms"]), _f(f["ms_per_1k_tokens"], "{:.4f}"),
+                   _f(f["r2"], "{:.4f}"), f["points"]] for f in fits.values()])
+  return md
+
+
 # -------------------------------------------------------------- markdown ---
 
 def _f(x, fmt="{:.3f}", none="–"):
@@ -192,10 +305,37 @@ def _table(header, rows) -> list[str]:
 
 
 def _err_text(check) -> str:
+  """Each tensor's max |x - exact| / max |exact| (whole tensors)."""
   if not check:
     return "–"
-  return ", ".join(f"{k} {c['max_abs_err']:.1e}" for k, c in check.items()
-                   if c.get("max_abs_err") is not None)
+  return ", ".join(f"{k} {_rel_err(c):.1e}" if _rel_err(c) is not None else f"{k} {c.get('why')}"
+                   for k, c in check.items())
+
+
+def _rel_err(c: dict):
+  """max |x - exact| / max |exact| of one check (older files: absolute / scale)."""
+  if c.get("max_err") is not None:
+    return c["max_err"]
+  if c.get("max_abs_err") is not None and c.get("ref_max_abs"):
+    return c["max_abs_err"] / c["ref_max_abs"]
+  return None
+
+
+def environment_text(env: dict) -> str:
+  """The device and the versions that decide the numbers (common.environment), one line."""
+  return (f"device: {env['device']} ({env['platform']}); jax {env['jax']}, "
+          f"jaxlib {env['jaxlib']}, triton {env['triton']}, jax-triton {env['jax_triton']}, "
+          f"cudnn {env['cudnn']}")
+
+
+def timing_text(settings: dict) -> str:
+  """How the run timed its calls."""
+  if "rounds" not in settings:
+    return (f"median of {settings.get('reps')} calls, each synchronised on its own "
+            "(per-call timing)")
+  calls = settings.get("calls") or "enough for ~25 ms"
+  return (f"device time per call: median over {settings['rounds']} rounds of {calls} "
+          "back-to-back calls, one sync per round")
 
 
 def markdown(results, stats, best, bal) -> str:
@@ -203,8 +343,8 @@ def markdown(results, stats, best, bal) -> str:
   rows = results["rows"]
   md = [f"# Attention benchmark: {env['device']}", ""]
   md.append(f"jax {env['jax']}, jaxlib {env['jaxlib']}, triton {env['triton']}, "
-            f"jax-triton {env['jax_triton']}, cuDNN {env['cudnn']}; mode **{results['mode']}**, "
-            f"{results['settings']['reps']} timed reps (median), {env['time']}.")
+            f"jax-triton {env['jax_triton']}, cuDNN {env['cudnn']}; mode **{results['mode']}**; "
+            f"{timing_text(results['settings'])}; {env['time']}.")
   md.append("")
   if not results["timings_meaningful"]:
     md += ["> **No GPU: timings here mean nothing** (tiny shapes, interpret mode). "
@@ -212,14 +352,16 @@ def markdown(results, stats, best, bal) -> str:
   md += ["TF/s count visible (query, key) pairs only (4·pairs·D per batch·head forward; "
          "bwd 2.5x, fwd+bwd 3.5x; with v's own head_dim Dv each matmul at its own: "
          "forward 2·pairs·(D + Dv)). bwd = fwdbwd − fwd. Zigzag rows: the slowest rank. "
-         "Errors: max |x − exact fp32| over every query row of the first/last batch row "
-         "and kv head.", ""]
+         "Errors: max |x − exact fp32| / max |exact| over the whole tensor (every batch row, "
+         "head and query row); lse where the implementation returns it in fp32.", ""]
 
   md += ["## Which implementation is fastest", ""]
   md += ["Ratios are times relative to the fastest (2.00x = takes twice as long).", ""]
   md += _table(["workload", "pass", "fastest", "ms", "TF/s", "runner-up", "runner-up time",
                 "cuDNN time", "best two-launch time"],
-               [[b["series"], b["pass"], f"**{b['fastest']}**", _f(b["ms"]),
+               [[b["series"], b["pass"],
+                 f"**{b['fastest']}**" if b["fastest"] else
+                 "incomplete: no " + ", ".join(b["incomplete"]), _f(b["ms"]),
                  _f(b["tflops"], "{:.1f}"),
                  b["runner_up"] or "–", _f(b["runner_up_ratio"], "{:.2f}x"),
                  _f(b["cudnn_ratio"], "{:.2f}x"), _f(b["two_launch_ratio"], "{:.2f}x")]
@@ -247,6 +389,10 @@ def markdown(results, stats, best, bal) -> str:
     if any(r.get("dv") for r in standard):
       md += ["Rows named Dv: v's head_dim of its own; jax.nn's cuDNN refuses it, so their "
              "cuDNN is cudnn+padv (v zero-padded to q/k's head_dim, out sliced).", ""]
+
+  passes = sorted(results["settings"]["passes"], key=lambda p: _PASS_ORDER.get(p, 9))
+  fits = results.get("window_fits")
+  md += _window_section(rows, window_fits(rows, passes) if fits is None else fits, passes)
 
   zz = [s for s in stats.values() if s["family"] == "zigzag"]
   if zz:
@@ -307,13 +453,13 @@ def markdown(results, stats, best, bal) -> str:
       continue
     key = (r["series"], r["impl"], r["pass"])
     prev = worst.get(key)
-    errs = {k: c.get("max_abs_err") or 0.0 for k, c in r["check"].items()}
+    errs = {k: _rel_err(c) or 0.0 for k, c in r["check"].items()}
     if prev is None:
       worst[key] = (errs, r["status"] == "ok")
     else:
       worst[key] = ({k: max(v, prev[0].get(k, 0.0)) for k, v in errs.items()},
                     prev[1] and r["status"] == "ok")
-  md += _table(["series", "impl", "pass", "max abs error", "within tolerance"],
+  md += _table(["series", "impl", "pass", "max |error| / max |exact|", "within tolerance"],
                [[k[0], k[1], k[2], ", ".join(f"{n} {v:.1e}" for n, v in e.items()),
                  "yes" if ok else "**NO**"] for k, (e, ok) in worst.items()])
 
@@ -458,16 +604,73 @@ def plots(results, stats, out_dir) -> list[str]:
     fig.savefig(path, dpi=110)
     plt.close(fig)
     written.append(path)
+
+  # 4) The window family: ms vs S per curve (log-log; slope 1 = linear), the
+  # contrast without the window dashed.
+  win = [r for r in _timed(_window_rows(results["rows"])) if r["status"] == "ok"]
+  if win:
+    lefts = ", ".join(str(x) for x in sorted({r["window"][0] for r in win if r.get("window")}))
+    fig, axes = plt.subplots(1, len(passes), figsize=(6 * len(passes), 4.5), squeeze=False)
+    for ax, p in zip(axes[0], passes):
+      for name in _window_curves(win):
+        pts = sorted((r["tk"], r["median_ms"], bool(r.get("window"))) for r in win
+                     if window_label(r) == name and r["pass"] == p)
+        if pts:
+          ax.plot([x for x, _, _ in pts], [y for _, y, _ in pts], marker="o", label=name,
+                  linestyle="-" if pts[0][2] else "--")
+      ax.set_xscale("log", base=2)
+      ax.set_yscale("log", base=2)
+      xs = sorted({r["tk"] for r in win})
+      ax.set_xticks(xs)
+      ax.set_xticklabels([_seq_label(x) for x in xs])
+      ax.minorticks_off()
+      ax.set_xlabel("sequence length S")
+      ax.set_ylabel("ms")
+      ax.set_title(f"{p}, window {lefts}")
+      ax.grid(True, alpha=0.3)
+      ax.legend(fontsize=8)
+    fig.suptitle(f"Sliding window: time vs S{suffix}", fontsize=10)
+    fig.tight_layout()
+    path = os.path.join(out_dir, "bench_window.png")
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    written.append(path)
   return written
+
+
+def console_summary(results) -> list[str]:
+  """A few lines for the terminal: per headline series, ours and cuDNN per pass,
+  the ratio and whether both were correct; then what was skipped or wrong."""
+  stats = {k: v for k, v in series_stats(results["rows"]).items()}
+  lines = [f"{'workload':<40} {'pass':<6} {'ours':<14} {'ms':>9} {'cuDNN ms':>9} "
+           f"{'cuDNN/ours':>10}  check"]
+  for h in results.get("headlines", ()):
+    for p in ("fwd", "fwdbwd"):
+      if p not in results["settings"]["passes"]:
+        continue
+      ours = stats.get((h["series"], p, h["primary"]))
+      cud = stats.get((h["series"], p, h.get("cudnn") or ""))
+      ms = lambda s: f"{s['slowest_ms']:.3f}" if s else "–"
+      ratio = (f"{cud['slowest_ms'] / ours['slowest_ms']:.2f}x" if ours and cud else "–")
+      check = ("ok" if ours and ours["all_ok"] and (cud is None or cud["all_ok"])
+               else "WRONG" if (ours and not ours["all_ok"]) or (cud and not cud["all_ok"])
+               else "missing")
+      lines.append(f"{h['series'][:40]:<40} {p:<6} {h['primary'][:14]:<14} {ms(ours):>9} "
+                   f"{ms(cud):>9} {ratio:>10}  {check}")
+  counts = collections.Counter(r["status"] for r in results["rows"])
+  lines.append("rows: " + ", ".join(f"{n} {k}" for k, n in sorted(counts.items()))
+               + f"; timing: {timing_text(results['settings'])}")
+  return lines
 
 
 def finish(results, out_dir) -> None:
   """Summaries into the JSON, then bench.md and the plots."""
   stats = series_stats(results["rows"])
-  best = fastest(stats)
+  best = fastest(stats, results.get("headlines", ()))
   bal = balance(results, stats)
   results["summary"] = {"series": list(stats.values()), "fastest": best}
   results["balance"] = bal
+  results["window_fits"] = window_fits(results["rows"], results["settings"]["passes"])
   with open(os.path.join(out_dir, "bench.md"), "w") as f:
     f.write(markdown(results, stats, best, bal))
   results["plots"] = [os.path.basename(p) for p in plots(results, stats, out_dir)]

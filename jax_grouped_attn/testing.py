@@ -91,6 +91,16 @@ def dtype_name(x) -> str:
   return name
 
 
+def judge(name: str, *, scale: float, max_err: float, mean_err: float, lowp_max_err: float,
+          lowp_mean_err: float, dtype, factor: float = FACTOR) -> Check:
+  """The calibrated rule on errors already measured (relative to ``scale``):
+  ``err <= factor * low-precision err + floor`` for the max and the mean.
+  ``check`` measures them in numpy; the benchmarks measure them on the device."""
+  floor_max, floor_mean = FLOOR[dtype_name(dtype)]
+  return Check(name, scale, max_err, mean_err, lowp_max_err, lowp_mean_err,
+               factor * lowp_max_err + floor_max, factor * lowp_mean_err + floor_mean)
+
+
 def check(got, want, lowp, *, name: str = "", dtype=None, factor: float = FACTOR,
           scale: float | None = None) -> Check:
   """Compares ``got`` (kernel) with ``want`` (fp32 reference) given ``lowp`` (the
@@ -101,7 +111,8 @@ def check(got, want, lowp, *, name: str = "", dtype=None, factor: float = FACTOR
   natural scale of the tensor, when it is a cancelling sum of larger terms
   (an fp32 gradient: see cases.cancellation_scales); it only raises the
   floor's share."""
-  floor_max, floor_mean = FLOOR[dtype_name(got if dtype is None else dtype)]
+  dtype = got if dtype is None else dtype
+  floor_max, floor_mean = FLOOR[dtype_name(dtype)]
   g, w, l = _f32(got), _f32(want), _f32(lowp)
   fail = lambda why: Check(name, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, why)
   if g.shape != w.shape or l.shape != w.shape:
@@ -121,9 +132,9 @@ def check(got, want, lowp, *, name: str = "", dtype=None, factor: float = FACTOR
   scale = max(float(np.max(np.abs(w_f))), scale or 0.0) or 1.0
   err = np.abs(g[fin] - w_f) / scale
   lerr = np.abs(np.where(np.isinf(l[fin]), w_f, l[fin]) - w_f) / scale
-  lmax, lmean = float(lerr.max()), float(lerr.mean())
-  return Check(name, scale, float(err.max()), float(err.mean()), lmax, lmean,
-               factor * lmax + floor_max, factor * lmean + floor_mean)
+  return judge(name, scale=scale, max_err=float(err.max()), mean_err=float(err.mean()),
+               lowp_max_err=float(lerr.max()), lowp_mean_err=float(lerr.mean()), dtype=dtype,
+               factor=factor)
 
 
 def assert_calibrated(name: str, got, want, lowp, *, what: str = "", dtype=None,

@@ -17,7 +17,7 @@ def test_bench_cp_smoke_checks_every_row_and_reads_the_ring_schedule(tmp_path):
   out = tmp_path / "cp"
   res = bench_cp.main(["--smoke", "--out", str(out), "--xla-variants", "default,lhs",
                        "--variant-strategies", "ring", "--dump-hlo", "--passes", "fwdbwd",
-                       "--reps", "1", "--warmup", "0"])
+                       "--rounds", "1", "--warmup", "0"])
   rows = res["rows"]
   bad = [(r["label"], r["status"], r.get("reason")) for r in rows if r["status"] != "ok"]
   assert not bad, bad
@@ -51,7 +51,7 @@ def test_bench_cp_smoke_with_a_sliding_window(tmp_path):
   if common.on_gpu():
     pytest.skip("smoke mode is the CPU path")
   res = bench_cp.main(["--smoke", "--window", "5", "--out", str(tmp_path), "--passes",
-                       "fwdbwd", "--reps", "1", "--warmup", "0"])
+                       "fwdbwd", "--rounds", "1", "--warmup", "0"])
   rows = res["rows"]
   bad = [(r["label"], r["status"], r.get("reason")) for r in rows if r["status"] != "ok"]
   assert not bad, bad
@@ -128,7 +128,7 @@ def test_bench_cp_runs_on_every_gpu(tmp_path):
   if jax.device_count() < 2:
     pytest.skip("needs >= 2 GPUs")
   res = bench_cp.main(["--out", str(tmp_path), "--seqs", "8192", "--heads", "8x4x64",
-                       "--backends", "triton", "--reps", "2", "--warmup", "1", "--sets", "1"])
+                       "--backends", "triton", "--rounds", "2", "--warmup", "1", "--sets", "1"])
   bad = [(r["label"], r["status"], r.get("reason")) for r in res["rows"]
          if r["status"] in ("wrong", "error")]
   assert not bad, bad
@@ -142,7 +142,7 @@ def test_bench_cp_check_catches_a_wrong_cp_row(tmp_path, monkeypatch):
   real = bench_cp.cp_fn
   monkeypatch.setattr(bench_cp, "cp_fn", lambda *a, window=None, **kw: real(*a, window=3, **kw))
   res = bench_cp.main(["--smoke", "--out", str(tmp_path), "--strategies", "ring",
-                       "--no-baselines", "--passes", "fwd", "--reps", "1", "--warmup", "0"])
+                       "--no-baselines", "--passes", "fwd", "--rounds", "1", "--warmup", "0"])
   status = {r["label"]: r["status"] for r in res["rows"]}
   assert status == {"1 GPU xla": "ok", "ring xla": "wrong"}, status
 

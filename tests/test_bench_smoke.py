@@ -39,13 +39,18 @@ def _reference(wl, q, k, v):
 ], ids=lambda wl: wl.name)
 def test_oracle_matches_reference_autodiff(wl):
   q, k, v, do = common.make_inputs(wl, 3)
-  sel = common.selection(wl)
   # A tiny logits budget forces several row chunks plus padding rows.
-  got = common.oracle(wl, q, k, v, do, sel, max_elems=8 * wl.tk * len(sel.q_heads))
-  out, vjp = jax.vjp(lambda q, k, v: _reference(wl, q, k, v), q, k, v)
-  dq, dk, dv = vjp(do)
-  for name, g, w in [("out", got["out"], sel.q(out)), ("dq", got["dq"], sel.q(dq)),
-                     ("dk", got["dk"], sel.kv(dk)), ("dv", got["dv"], sel.kv(dv))]:
+  max_elems = 8 * wl.tk * wl.hq * wl.batch
+  assert common.oracle_chunk(wl, max_elems) < wl.tq
+  got = common.oracle(wl, q, k, v, do, max_elems=max_elems)
+  (out, lse), vjp = jax.vjp(lambda q, k, v: ga.grouped_attention(
+      q, k, v, wl.groups, causal=wl.causal, backend="xla", local_window_size=wl.window,
+      logits_soft_cap=wl.softcap, sinks=common.sink_logits(wl), return_lse=True), q, k, v)
+  dq, dk, dv = vjp((do, jnp.zeros_like(lse)))
+  # Whole tensors: every batch row, head and query row.
+  for name, g, w in [("out", got["out"], out), ("lse", got["lse"], lse), ("dq", got["dq"], dq),
+                     ("dk", got["dk"], dk), ("dv", got["dv"], dv)]:
+    assert g.shape == w.shape, (name, g.shape, w.shape)
     np.testing.assert_allclose(np.asarray(g), np.asarray(w), atol=2e-5, rtol=2e-5, err_msg=name)
 
 
@@ -63,12 +68,11 @@ def test_oracle_with_its_own_value_head_dim_is_the_formula():
   wl = dataclasses.replace(common.causal_workload(2, 40, 4, 2, 48, dtype="float32"), dv=16)
   q, k, v, do = common.make_inputs(wl, 7)
   assert v.shape == (2, 40, 2, 16) and do.shape == (2, 40, 4, 16) and k.shape[-1] == 48
-  sel = common.selection(wl)
-  got = common.oracle(wl, q, k, v, do, sel, max_elems=8 * wl.tk * len(sel.q_heads))
+  got = common.oracle(wl, q, k, v, do, max_elems=8 * wl.tk * wl.hq * wl.batch)
   out, vjp = jax.vjp(_mla_formula, q, k, v)
   dq, dk, dv = vjp(do)
-  for name, g, w in [("out", got["out"], sel.q(out)), ("dq", got["dq"], sel.q(dq)),
-                     ("dk", got["dk"], sel.kv(dk)), ("dv", got["dv"], sel.kv(dv))]:
+  for name, g, w in [("out", got["out"], out), ("dq", got["dq"], dq),
+                     ("dk", got["dk"], dk), ("dv", got["dv"], dv)]:
     assert g.shape == w.shape, (name, g.shape, w.shape)
     np.testing.assert_allclose(np.asarray(g), np.asarray(w), atol=2e-5, rtol=2e-5, err_msg=name)
   assert got["out"].shape[-1] == got["dv"].shape[-1] == 16 and got["dq"].shape[-1] == 48
@@ -96,16 +100,16 @@ def test_low_precision_oracle_is_the_reference_in_bf16():
   from jax_grouped_attn.testing import check
   wl = common.zigzag_workload(2, 96, 1, hq=4, hk=2, d=32, batch=1, dtype="bfloat16")
   q, k, v, do = common.make_inputs(wl, 4)
-  sel = common.selection(wl)
-  got = common.oracle(wl, q, k, v, do, sel, max_elems=8 * wl.tk * len(sel.q_heads))
+  got = common.oracle(wl, q, k, v, do, max_elems=8 * wl.tk * wl.hq * wl.batch)
   case = Case("wl", wl.groups, wl.tk, hq=wl.hq, hk=wl.hk, d=wl.d, batch=wl.batch,
               dtype=jnp.bfloat16)
   out, lse = lowp_reference(case, q, k, v, None, None)
   grads = lowp_grads(case, q, k, v, None, None, do, jnp.zeros_like(lse))
   for name, lp in zip(["out", "dq", "dk", "dv"], [out, *grads]):
-    lp = sel.q(lp) if name in ("out", "dq") else sel.kv(lp)
     c = check(got["lowp"][name], got[name], lp, name=name)
     assert c.ok and c.max_err > 0 and c.lowp_max_err > 0, str(c)
+  # S is exact in the input dtype, so the lse is the same in both precisions.
+  np.testing.assert_allclose(np.asarray(got["lowp"]["lse"]), np.asarray(lse), rtol=1e-5)
 
 
 def test_lse_composition_has_exact_forward_and_gradients():
@@ -173,7 +177,7 @@ def test_smoke_mode_writes_reports_with_small_errors(tmp_path, monkeypatch):
   out = tmp_path / "bench"
   res = bench.main(["--smoke", "--out", str(out), "--shape", "1x32x2x2x32", "--zigzag", "2x64",
                     "--backends", "pallas_triton,xla,cudnn,jax-pallas-mha,two-launch",
-                    "--reps", "1", "--warmup", "0"])
+                    "--rounds", "1", "--warmup", "0"])
   data = json.loads((out / "bench.json").read_text())
   md = (out / "bench.md").read_text()
   assert data["mode"] == "smoke" and data["timings_meaningful"] is False
@@ -225,7 +229,7 @@ def test_sinks_rows_are_checked_and_a_row_without_them_is_wrong(tmp_path, monkey
   if common.on_gpu():
     pytest.skip("smoke mode is the CPU path")
   argv = ["--smoke", "--out", str(tmp_path), "--shape", "1x32x4x2x32", "--sinks",
-          "--workloads", "causal", "--backends", "pallas_triton,jax-pallas-mha", "--reps", "1",
+          "--workloads", "causal", "--backends", "pallas_triton,jax-pallas-mha", "--rounds", "1",
           "--warmup", "0"]
 
   def statuses():
@@ -252,7 +256,7 @@ def test_mla_rows_are_checked_with_their_padded_v_workarounds(tmp_path):
   res = bench.main(["--smoke", "--out", str(tmp_path), "--shape", "1x32x4x2x48", "--dv", "16",
                     "--workloads", "causal", "--backends", ",".join(kernels + ["xla", "cudnn",
                                                                               "padv"]),
-                    "--passes", "fwd,fwdbwd", "--reps", "1", "--warmup", "0"])
+                    "--passes", "fwd,fwdbwd", "--rounds", "1", "--warmup", "0"])
   rows = res["rows"]
   mla = "custom B1 S32 Hq4 Hk2 D48 Dv16"
   status = {(r["workload"], r["impl"], r["pass"]): r["status"] for r in rows}
@@ -261,7 +265,7 @@ def test_mla_rows_are_checked_with_their_padded_v_workarounds(tmp_path):
   # Their checks are the oracle's real shapes: out and dv at Dv, dq and dk at D.
   for r in rows:
     if r["workload"] == mla and r["status"] == "ok":
-      assert r["dv"] == 16 and set(r["check"]) == ({"out"} if r["pass"] == "fwd"
+      assert r["dv"] == 16 and set(r["check"]) == ({"out", "lse"} if r["pass"] == "fwd"
                                                    else {"dq", "dk", "dv"}), r
       assert all(c["ok"] for c in r["check"].values()), r
   assert all("GPU" in r["reason"] for r in rows if r["impl"] in ("cudnn", "cudnn+padv"))
@@ -325,14 +329,13 @@ def test_cudnn_composition_matches_oracle_on_gpu():
   built = impls.Cudnn().build(wl, impls.Context(gpu=True))
   assert "exact merged backward" in built.note, built.note
   q, k, v, do = common.make_inputs(wl, 0)
-  sel = common.selection(wl)
-  want = common.oracle(wl, q, k, v, do, sel)
+  want = common.oracle(wl, q, k, v, do)
   out, vjp = jax.vjp(jax.jit(built.fn), q, k, v)
   dq, dk, dv = jax.jit(vjp)(do)
   # The factor the benchmark checks this baseline with (it rounds twice).
-  res = common.compare(sel.q(out), want, "out", built.tolerance_factor)
+  res = common.compare(out, want, "out", built.tolerance_factor)
   assert res["ok"], ("out", res)
-  for name, got in [("dq", sel.q(dq)), ("dk", sel.kv(dk)), ("dv", sel.kv(dv))]:
+  for name, got in [("dq", dq), ("dk", dk), ("dv", dv)]:
     res = common.compare(got, want, name, built.tolerance_factor)
     assert res["ok"], (name, res)
 
@@ -340,7 +343,7 @@ def test_cudnn_composition_matches_oracle_on_gpu():
 @pytest.mark.gpu
 def test_bench_baselines_run_on_gpu(tmp_path):
   res = bench.main(["--out", str(tmp_path), "--shape", "1x1024x4x4x64", "--zigzag", "2x2048",
-                    "--backends", "cudnn,jax-pallas-mha", "--reps", "2", "--warmup", "1",
+                    "--backends", "cudnn,jax-pallas-mha", "--rounds", "2", "--warmup", "1",
                     "--sets", "1"])
   rows = res["rows"]
   bad = [(r["workload"], r["impl"], r["pass"], r.get("reason")) for r in rows
@@ -442,13 +445,15 @@ class _FakeRunner(harness.Runner):
     st = harness.Settings(args.passes, 1, 0, 1, impls.Context(gpu=True))
     super().__init__(impls.all_impls(), st, common.Budget(budget_s, clock=self.clock))
     self.per_run = per_run
+    self.ran = []
 
   def runnable(self, item, wl):
     return True
 
   def run_one(self, item, wl):
     self.clock.t += self.per_run
-    self.run_seconds.append(self.per_run)
+    self.record(item, wl, self.per_run)
+    self.ran.append(item)
     return [harness.blank_row(wl, self.registry[item.impl], p, status="ok", median_ms=1.0)
             for p in self.st.passes]
 
@@ -477,20 +482,126 @@ def test_budget_cut_leaves_only_complete_headline_comparisons(budget_s):
   assert runner.clock.t <= budget_s + 16 * 10.0
   skipped = [r for r in rows if r["status"] == "skipped"]
   assert all("time budget" in r["reason"] for r in skipped)
-  # Causal pairs take 20 s each (the first starts with no estimate); the zigzag
-  # pair (16 runs, 160 s) fits only the largest budget, else it is skipped whole.
+  # Causal pairs take 20 s each (the first starts on its a-priori estimate);
+  # the zigzag pair (16 runs, 160 s) fits only the largest budget, else it is
+  # skipped whole, and then nothing of a later tier runs in its place.
   assert complete == (4 if budget_s >= 220 else max(1, min(3, int(budget_s // 20))))
+  if complete < 4:
+    assert all(it.tier == 0 for it in runner.ran), [(it.series, it.impl) for it in runner.ran]
+    later = [r for r in rows if r["series"] not in HEADLINE_SERIES or r["impl"] not in
+             (primary, "cudnn")]
+    assert later and all("did not fit" in r["reason"] or "spent" in r["reason"] for r in later)
+
+
+def test_a_budget_that_fits_only_the_headlines_runs_only_the_headlines():
+  plan = _gpu_plan(["--quick"])
+  runner = _FakeRunner(["--quick"], 221.0, per_run=10.0)   # the headlines take 220 s
+  rows = runner.run(plan)
+  primary = plan[0].impl
+  assert [(it.series, it.impl) for it in runner.ran] == [
+      (s, i) for s in HEADLINE_SERIES for i in (primary, "cudnn") for _ in
+      range(8 if s.startswith("zigzag") else 1)]
+  ok = {(r["series"], r["impl"]) for r in rows if r["status"] == "ok"}
+  assert ok == {(s, i) for s in HEADLINE_SERIES for i in (primary, "cudnn")}
+  # The rest says why it did not run.
+  assert all("time budget" in r["reason"] for r in rows if r["status"] == "skipped")
+
+
+def test_headline_estimates_are_stated_before_anything_runs():
+  plan = _gpu_plan(["--quick"])
+  runner = _FakeRunner(["--quick"], 100.0, per_run=10.0)
+  est = dict(runner.headline_estimates(plan))
+  assert len(est) == 4 and not runner.ran
+  zz = next(v for k, v in est.items() if k.startswith("zigzag"))
+  one = next(v for k, v in est.items() if k.startswith(HEADLINE_SERIES[0]))
+  # 8 ranks of ours and of cuDNN, and each rank's oracle.
+  wl = plan[6].wls[0]
+  prior, oracle = harness.prior_seconds, harness.prior_oracle_seconds
+  ours, cudnn = runner.registry[plan[6].impl], runner.registry["cudnn"]
+  assert zz == pytest.approx(8 * (prior(ours, wl, True) + prior(cudnn, wl, False)))
+  assert 0 < one < zz
+  # Runs so far scale the estimates, per kind: ours took 3x its prior, the
+  # oracle half of its own; cuDNN, not run yet, by all runs together.
+  first = plan[0]
+  wl0 = first.wls[0]
+  p0, o0 = prior(ours, wl0, False), oracle(wl0)
+  runner.record(first, wl0, 3 * p0 + 0.5 * o0, oracle_s=0.5 * o0)
+  est2 = dict(runner.headline_estimates(plan))
+  later = next(k for k in est if k.startswith(HEADLINE_SERIES[1]))
+  wl1 = plan[2].wls[0]
+  overall = (3 * p0 + 0.5 * o0) / (p0 + o0)
+  assert est2[later] == pytest.approx(3 * prior(ours, wl1, False) + 0.5 * oracle(wl1)
+                                      + overall * prior(cudnn, wl1, False))
 
 
 def test_budget_overrun_cuts_a_unit_that_was_misjudged():
-  # The first unit has no estimate: a 16-run zigzag pair of 10 s runs under a
-  # 40 s budget stops at 1.25 x 40 s instead of running 160 s.
+  # The zigzag pair's a-priori estimate fits a 150 s budget, but its 16 runs
+  # take 25 s each: the unit stops at 1.25 x 150 s instead of running 400 s.
   plan = [it for it in _gpu_plan(["--quick"]) if it.series == HEADLINE_SERIES[3]]
-  runner = _FakeRunner(["--quick"], 40.0, per_run=10.0)
+  runner = _FakeRunner(["--quick"], 150.0, per_run=25.0)
   rows = runner.run(plan)
   fwd_ok = [r for r in rows if r["pass"] == "fwd" and r["status"] == "ok"]
-  assert len(fwd_ok) == 6 and runner.clock.t == 60.0
+  assert len(fwd_ok) == 8 and runner.clock.t == 200.0
   assert any("overrun" in r.get("reason", "") for r in rows)
+
+
+class _FakeDevice:
+  """A GPU queue on a fake clock: each call queues ``device_ms`` of work; a sync
+  waits for the queue and costs ``latency_ms`` of launch and sync latency."""
+
+  def __init__(self, device_ms, latency_ms):
+    self.t = 0.0
+    self.device_ms, self.latency_ms = device_ms, latency_ms
+    self.queued = 0
+    self.args = []
+
+  def clock(self):
+    return self.t
+
+  def fn(self, *args):
+    self.queued += 1
+    self.args.append(args)
+    return len(self.args)
+
+  def sync(self, _):
+    self.t += (self.queued * self.device_ms + self.latency_ms) * 1e-3
+    self.queued = 0
+
+
+@pytest.mark.parametrize("device_ms", [0.05, 1.0, 31.0])
+def test_time_calls_reports_device_time_per_call(device_ms):
+  dev = _FakeDevice(device_ms, latency_ms=0.25)
+  sets = [("a",), ("b",), ("c",)]
+  t = common.time_calls(dev.fn, sets, rounds=5, warmup=2, clock=dev.clock, sync=dev.sync)
+  # A round lasts ~25 ms (at least 2 calls), so one sync adds ~1% at most.
+  want = min(common.MAX_CALLS, max(2, math.ceil(25 / (device_ms + 0.25))))
+  assert t["calls"] in (want, min(want + 1, common.MAX_CALLS))   # (fp rounding of the clock)
+  assert t["median_ms"] == pytest.approx(device_ms + 0.25 / t["calls"])
+  if device_ms >= 1.0:
+    assert t["median_ms"] <= 1.02 * device_ms
+  assert t["method"] == "back-to-back" and t["rounds"] == 5 and t["spread"] < 1e-9
+  # Input sets rotate from call to call.
+  assert [a[0] for a in dev.args[:7]] == ["a", "b", "c", "a", "b", "c", "a"]
+  # One call per sync (the old per-call timer) reads the latency into every call.
+  one = common.time_calls(dev.fn, sets, rounds=5, warmup=0, calls=1, clock=dev.clock,
+                          sync=dev.sync)
+  assert one["median_ms"] == pytest.approx(device_ms + 0.25)
+
+
+def test_time_calls_median_and_spread_over_rounds():
+  dev = _FakeDevice(1.0, latency_ms=0.0)
+  per_round = iter([1.0, 1.2, 0.9, 1.0, 1.1])
+  real_sync = dev.sync
+
+  def sync(x):
+    if dev.queued == 4:   # a timed round: this round's device time per call
+      dev.device_ms = next(per_round)
+    real_sync(x)
+
+  t = common.time_calls(dev.fn, [()], rounds=5, warmup=0, calls=4, clock=dev.clock, sync=sync)
+  assert t["median_ms"] == pytest.approx(1.0)
+  assert t["min_ms"] == pytest.approx(0.9) and t["max_ms"] == pytest.approx(1.2)
+  assert t["spread"] == pytest.approx(0.3)
 
 
 def test_main_warns_when_a_gpu_is_visible_but_unused(monkeypatch):
