@@ -8,9 +8,10 @@
   python -m benchmarks.bench --workloads window --window 1024 --window-seqs 8192,32768
 
 All implementations run in one process on the same inputs. Every row is first
-checked against an exact fp32 oracle (every query row; the first/last batch row
-and kv head with all their query heads), then timed: median of warm,
-device-synchronised repeats over rotating input sets. Passes: fwd, fwdbwd
+checked against an exact fp32 oracle over whole tensors (every batch row, head
+and query row), then timed (common.time_calls): per-call time, the median over
+rounds of back-to-back calls with one device sync per round, over rotating
+input sets. Passes: fwd, fwdbwd
 (grads of q, k, v under a random cotangent, via jax.vjp) and bwd = fwdbwd - fwd.
 TFLOP/s count visible (query, key) pairs only: 2 * pairs * head_dim per matmul
 per (batch, head), each matmul at its own head_dim (q/k's D or v's Dv): 2 matmuls
@@ -148,6 +149,13 @@ def parse_world(text: str) -> tuple[int, int]:
 
 
 # ------------------------------------------------------------------- main ---
+
+# common.time_calls per mode: rounds of back-to-back calls (calls None: sized
+# to ~25 ms a round), warm-up calls first. tests/test_bench_timer_gpu.py pins
+# the quick setting against an independent measure of device time.
+TIMING = {"smoke": {"rounds": 2, "warmup": 0, "calls": 1},
+          "quick": {"rounds": 5, "warmup": 1, "calls": None},
+          "full": {"rounds": 9, "warmup": 2, "calls": None}}
 
 # Run order, by tier (a time budget cuts the last first): per headline
 # workload our primary kernel and then cuDNN; our other kernels on the
@@ -415,9 +423,10 @@ def main(argv=None) -> dict:
   if mode == "smoke" and not args.backends_given:
     args.impl_names = expand_impls(list(SMOKE_BACKENDS))
   pick = lambda given, default: default if given is None else given
-  rounds = pick(args.rounds, {"smoke": 2, "quick": 5, "full": 9}[mode])
-  warmup = max(0, pick(args.warmup, {"smoke": 0, "quick": 1, "full": 2}[mode]))
-  calls = pick(args.calls, 1 if mode == "smoke" else None)
+  timing = TIMING[mode]
+  rounds = pick(args.rounds, timing["rounds"])
+  warmup = max(0, pick(args.warmup, timing["warmup"]))
+  calls = pick(args.calls, timing["calls"])
   sets = max(1, pick(args.sets, 1 if mode == "smoke" else 2))
   st = Settings(args.passes, rounds, warmup, sets, impls.Context(gpu=gpu), calls=calls)
   registry_ = impls.all_impls()

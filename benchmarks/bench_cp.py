@@ -20,12 +20,13 @@ Every row is checked before it is timed, as in ``bench``: out, dq, dk, dv (the
 cp rows' gathered onto the oracle's device and put back in sequence order),
 whole tensors, against the exact fp32 oracle with the calibrated rule. Timed
 as ``bench`` times (common.time_calls): rounds of back-to-back calls, one sync
-per round. Efficiency = single time of the same backend / (W x time). ``--xla-variants`` compiles the rows of
-``--variant-strategies`` once per set of XLA options (per executable, via
-``Lowered.compile(compiler_options)``), so one run compares scheduler flags;
-every cp fwd+bwd row records which collectives overlap a kernel in the
-scheduled HLO (benchmarks.hlo_overlap); ``--dump-hlo`` also writes those
-modules. Writes bench_cp.json, bench_cp.md and bench_cp.png to --out.
+per round. Efficiency = single time of the same backend / (W x time).
+``--xla-variants`` compiles the rows of ``--variant-strategies`` once per set
+of XLA options (per executable, via ``Lowered.compile(compiler_options)``), so
+one run compares scheduler flags; every cp fwd+bwd row records which
+collectives overlap a kernel in the scheduled HLO (benchmarks.hlo_overlap);
+``--dump-hlo`` also writes those modules. Writes bench_cp.json, bench_cp.md
+and bench_cp.png to --out.
 """
 
 from __future__ import annotations
@@ -359,7 +360,7 @@ def main(argv=None) -> dict:
                               strategies=strategies, variants=variants,
                               budget_s=budget.seconds),
              "rows": []}
-  log(f"{report.environment_text(env)}; x{world}")
+  log(f"{report.environment_text(env)}; world {world}")
   log(f"mesh {dict(mesh.shape)}; Hq{hq} Hk{hk} D{d} B{args.batch} {args.dtype}; seqs {seqs}; "
       f"window {args.window}; backends {backends}; strategies {strategies}; "
       f"variants {list(variants)}; {report.timing_text(results['settings'])}")
@@ -540,7 +541,8 @@ def plot(results, out_dir) -> list[str]:
     ax.grid(alpha=0.3)
   ax1.set_yscale("log")
   ax2.axhline(1.0, color="gray", lw=0.8)
-  ax2.legend(fontsize=7)
+  if ax2.get_legend_handles_labels()[0]:   # no cp row timed: no efficiency curve
+    ax2.legend(fontsize=7)
   fig.tight_layout()
   path = os.path.join(out_dir, "bench_cp.png")
   fig.savefig(path, dpi=110)

@@ -512,7 +512,7 @@ MAX_CALLS = 64
 def time_calls(fn, arg_sets, *, rounds: int, warmup: int, calls: int | None = None,
                clock=time.perf_counter, sync=None) -> dict:
   """Device time per call of ``fn(*args)``, in ms: ``rounds`` rounds of ``calls``
-  back-to-back calls each, one device sync per round (a training step's
+  back-to-back calls each (after one untimed round), one device sync per round (a training step's
   calls are not synced one by one either); per-call time = round time / calls.
 
   Returns the median over rounds (``median_ms``), ``min_ms``, ``max_ms``,
@@ -533,7 +533,9 @@ def time_calls(fn, arg_sets, *, rounds: int, warmup: int, calls: int | None = No
     calls = int(min(MAX_CALLS, max(2, math.ceil(ROUND_TARGET_MS / one_ms))))
   per_call = []
   i = 0
-  for _ in range(rounds):
+  # One untimed round first: the clocks and queues settle at what the timed
+  # rounds see (an H100's first round after a synced call ran ~10% slow).
+  for _ in range(rounds + (1 if rounds > 1 else 0)):
     outs = []
     t0 = clock()
     for _ in range(calls):
@@ -542,6 +544,7 @@ def time_calls(fn, arg_sets, *, rounds: int, warmup: int, calls: int | None = No
     sync(outs)
     per_call.append((clock() - t0) * 1e3 / calls)
     del outs
+  per_call = per_call[-rounds:]
   med = statistics.median(per_call)
   return {"median_ms": med, "min_ms": min(per_call), "max_ms": max(per_call),
           "spread": (max(per_call) - min(per_call)) / med if med else 0.0,

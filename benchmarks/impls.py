@@ -490,12 +490,16 @@ class PadV(Impl):
     note = f"v zero-padded to D{wl.d}, out sliced to Dv{wl.dv}; {built.note}"
     fwd_fn = None
     if built.fwd_fn is not None:
-      pad = ((0, 0), (0, 0), (0, 0), (0, wl.d - wl.dv))
-      inner_fwd, dv = built.fwd_fn, wl.dv
+      inner_fwd, d, dv = built.fwd_fn, wl.d, wl.dv
 
-      def fwd_fn(q, k, v):
-        out, lse = inner_fwd(q, k, jnp.pad(v, pad))
-        return out[..., :dv], lse
+      def fwd_fn(q, k, v):   # the same pad_v, the lse passed beside it
+        lse = []
+
+        def out_only(q, k, v):
+          out, l = inner_fwd(q, k, v)
+          lse.append(l)
+          return out
+        return pad_v(out_only, d, dv)(q, k, v), lse[0]
     return dataclasses.replace(built, fn=pad_v(built.fn, wl.d, wl.dv), note=note, fwd_fn=fwd_fn)
 
 

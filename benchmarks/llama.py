@@ -12,8 +12,11 @@ with ``shard_map`` (RoPE then takes each local token's ``zigzag_positions``).
       --compare dp,allgather,ring,ulysses,dp@jax-cudnn   # every GPU, one layout after another
   python benchmarks/llama.py --window 4096 --seq 32768 --compare dp,ring   # sliding window
 
-Prints the training-step time, tokens/s (per device) and the compiled step's
-peak memory per device; ``--compare`` adds a table (same global batch and
+Prints the device and versions (as ``bench`` does), then the training-step time
+(``bench``'s timer, common.time_calls: rounds of ``--calls`` back-to-back steps,
+each feeding the next its parameters, one sync per round; the median per-step
+time over rounds), tokens/s (per device) and the compiled step's peak memory
+per device; ``--compare`` adds a table (same global batch and
 sequence in each layout; "dp" = data parallel: whole sequences per device).
 """
 
@@ -36,8 +39,8 @@ import optax
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from benchmarks import impls
-from benchmarks.common import environment, memory_stats
+from benchmarks import impls, report
+from benchmarks.common import environment, memory_stats, time_calls
 from jax_grouped_attn import ContextParallel, QueryGroup, attention, registry
 from jax_grouped_attn.cp import zigzag_order, zigzag_positions
 from jax_grouped_attn.flax import make_attention_fn
@@ -337,6 +340,26 @@ def to_zigzag(tokens, targets, cp: int):
   return tokens[:, perm], targets[:, perm], jnp.asarray(zigzag_positions(seq, cp))
 
 
+class StepChain:
+  """A training step as common.time_calls' ``fn``: each call takes the
+  parameters and optimizer state the previous call returned (the step donates
+  them), so back-to-back calls are consecutive training steps. ``sync`` waits
+  for the round's losses and the latest state."""
+
+  def __init__(self, step, params, opt_state):
+    self.step = step
+    self.state = (params, opt_state)
+    self.loss = None
+
+  def __call__(self, tokens, targets, positions):
+    params, opt_state, self.loss = self.step(*self.state, tokens, targets, positions)
+    self.state = (params, opt_state)
+    return self.loss
+
+  def sync(self, losses):
+    return jax.block_until_ready((losses, self.state))
+
+
 def build(cfg: LlamaConfig, seed: int = 0, remat: bool = False):
   """(graphdef, params) of a freshly initialised model."""
   model = Llama(cfg, rngs=nnx.Rngs(seed), remat=remat)
@@ -350,7 +373,8 @@ PARALLEL_MODES = ("single", "dp", "allgather", "ring", "ulysses")
 
 
 def train_benchmark(args, mode: str, backend: str | None = None, log=print) -> dict:
-  """Trains ``args.steps`` timed steps in one layout and returns its numbers.
+  """Trains ``args.steps`` timed steps (rounds of ``args.calls``) in one layout
+and returns its numbers.
 
   mode: "single" (one device), "dp" (batch over every device, whole sequences),
   or a ContextParallel strategy (sequence over every device in zigzag order;
@@ -427,18 +451,16 @@ def train_benchmark(args, mode: str, backend: str | None = None, log=print) -> d
   params, opt_state, loss = compiled(params, opt_state, *first)
   first_loss = float(loss)
   log(f"compile + first step: {time.perf_counter() - t0:.1f}s, loss {first_loss:.4f}")
-  for i in range(1, args.warmup):
-    params, opt_state, loss = compiled(params, opt_state, *batch(i))
-  jax.block_until_ready(params)
-  batches = [batch(args.warmup + i) for i in range(min(args.steps, 4))]
-  jax.block_until_ready(batches)
-  times = []
-  for i in range(args.steps):
-    t0 = time.perf_counter()
-    params, opt_state, loss = compiled(params, opt_state, *batches[i % len(batches)])
-    jax.block_until_ready(loss)
-    times.append(time.perf_counter() - t0)
-  t = float(np.median(times))
+  calls = min(args.calls, args.steps)
+  rounds = max(1, args.steps // calls)
+  batches = jax.block_until_ready([batch(1 + i) for i in range(min(rounds * calls, 4))])
+  chain = StepChain(compiled, params, opt_state)
+  # The first step above was the first warm-up step.
+  timing = time_calls(chain, batches, rounds=rounds, warmup=max(0, args.warmup - 1), calls=calls,
+                      sync=chain.sync)
+  params, opt_state = chain.state
+  loss = chain.loss
+  t = timing["median_ms"] * 1e-3
   tokens = args.batch * args.seq
   # 6N per token for the matmuls, plus attention: fwd 2 + bwd 5 dots, 2 flops
   # each, per visible (query, key) pair (S^2 / 2 causal; fewer with a window).
@@ -448,12 +470,15 @@ def train_benchmark(args, mode: str, backend: str | None = None, log=print) -> d
   flops = 6 * (n_params - cfg.vocab_size * cfg.dim) * tokens + attn_flops
   res = {"mode": mode, "backend": backend, "layout": layout, "devices": n_dev,
          "window": args.window, "softcap": args.softcap, "sinks": args.sinks,
-         "step_ms": t * 1e3, "min_step_ms": min(times) * 1e3, "tokens_per_s": tokens / t,
+         "step_ms": t * 1e3, "min_step_ms": timing["min_ms"],
+         "timing": {k: timing[k] for k in ("rounds", "calls", "spread", "method", "round_ms")},
+         "tokens_per_s": tokens / t,
          "tokens_per_s_per_device": tokens / t / n_dev,
          "tflops_per_device": flops / t / n_dev / 1e12, "first_loss": first_loss,
          "final_loss": float(loss), "memory": memory}
   peak = (memory or {}).get("peak_memory_bytes")
-  log(f"step time {t * 1e3:.1f} ms (median of {args.steps}, min {min(times) * 1e3:.1f}) | "
+  log(f"step time {t * 1e3:.1f} ms (median over {rounds} rounds of {calls} back-to-back "
+      f"steps, one sync per round; min {timing['min_ms']:.1f}) | "
       f"{tokens / t:,.0f} tokens/s | {tokens / t / n_dev:,.0f} tokens/s/device | "
       f"~{flops / t / n_dev / 1e12:.1f} TFLOP/s/device | "
       f"peak {'?' if peak is None else f'{peak / 2**30:.2f} GiB'}/device (compiled) | "
@@ -502,8 +527,12 @@ def main(argv=None):
   ap.add_argument("--preset", default="small", choices=sorted(PRESETS))
   ap.add_argument("--batch", type=int, default=4, help="global batch")
   ap.add_argument("--seq", type=int, default=4096)
-  ap.add_argument("--steps", type=int, default=20)
-  ap.add_argument("--warmup", type=int, default=3)
+  ap.add_argument("--steps", type=int, default=20,
+                  help="timed steps, in rounds of --calls back-to-back steps")
+  ap.add_argument("--calls", type=int, default=2,
+                  help="back-to-back steps per timed round (one sync per round)")
+  ap.add_argument("--warmup", type=int, default=3,
+                  help="untimed steps, the compiled first step included")
   ap.add_argument("--lr", type=float, default=3e-4)
   ap.add_argument("--remat", action="store_true", help="rematerialise each layer")
   ap.add_argument("--window", type=int, default=None, metavar="N",
@@ -522,6 +551,10 @@ def main(argv=None):
     ap.error(f"--softcap must be > 0, got {args.softcap}.")
   if args.window is not None and args.window < 0:
     ap.error(f"--window must be >= 0, got {args.window}.")
+  for name in ("steps", "calls"):
+    if getattr(args, name) < 1:
+      ap.error(f"--{name} must be >= 1, got {getattr(args, name)}.")
+  print(report.environment_text(environment()))
   if args.compare:
     results = []
     for item in [x.strip() for x in args.compare.split(",") if x.strip()]:

@@ -646,16 +646,16 @@ def console_summary(results) -> list[str]:
            f"{'cuDNN/ours':>10}  check"]
   for h in results.get("headlines", ()):
     for p in ("fwd", "fwdbwd"):
-      if p not in results["settings"]["passes"]:
+      if p not in results["settings"]["passes"] or not (h["primary"] or h.get("cudnn")):
         continue
-      ours = stats.get((h["series"], p, h["primary"]))
+      ours = stats.get((h["series"], p, h["primary"] or ""))
       cud = stats.get((h["series"], p, h.get("cudnn") or ""))
       ms = lambda s: f"{s['slowest_ms']:.3f}" if s else "–"
       ratio = (f"{cud['slowest_ms'] / ours['slowest_ms']:.2f}x" if ours and cud else "–")
       check = ("ok" if ours and ours["all_ok"] and (cud is None or cud["all_ok"])
                else "WRONG" if (ours and not ours["all_ok"]) or (cud and not cud["all_ok"])
                else "missing")
-      lines.append(f"{h['series'][:40]:<40} {p:<6} {h['primary'][:14]:<14} {ms(ours):>9} "
+      lines.append(f"{h['series'][:40]:<40} {p:<6} {(h['primary'] or '–')[:14]:<14} {ms(ours):>9} "
                    f"{ms(cud):>9} {ratio:>10}  {check}")
   counts = collections.Counter(r["status"] for r in results["rows"])
   lines.append("rows: " + ", ".join(f"{n} {k}" for k, n in sorted(counts.items()))

@@ -590,7 +590,7 @@ def test_time_calls_reports_device_time_per_call(device_ms):
 
 def test_time_calls_median_and_spread_over_rounds():
   dev = _FakeDevice(1.0, latency_ms=0.0)
-  per_round = iter([1.0, 1.2, 0.9, 1.0, 1.1])
+  per_round = iter([2.0, 1.0, 1.2, 0.9, 1.0, 1.1])   # the first, untimed round is slow
   real_sync = dev.sync
 
   def sync(x):
@@ -601,6 +601,7 @@ def test_time_calls_median_and_spread_over_rounds():
   t = common.time_calls(dev.fn, [()], rounds=5, warmup=0, calls=4, clock=dev.clock, sync=sync)
   assert t["median_ms"] == pytest.approx(1.0)
   assert t["min_ms"] == pytest.approx(0.9) and t["max_ms"] == pytest.approx(1.2)
+  assert len(t["round_ms"]) == 5
   assert t["spread"] == pytest.approx(0.3)
 
 

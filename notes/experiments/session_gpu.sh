@@ -32,9 +32,9 @@ for mode in "${@:-tests}"; do
     for f in bench.md bench.json; do [[ -f $OUT/causal/$f ]] && mv "$OUT/causal/$f" "$OUT/causal_$f"; done
     rm -rf "$OUT/causal";;
   window)
-    timeout ${WINDOW_S:-240} python3 -m benchmarks.bench_window --out "$OUT/window" \
-        --backends pallas_mosaic,triton 2>&1 | tail -40
-    cp "$OUT/window/bench_window.md" "$OUT/window.md" 2>/dev/null;;
+    timeout ${WINDOW_S:-240} python3 -m benchmarks.bench --workloads window --out "$OUT/window" \
+        --backends pallas_mosaic,triton,cudnn --budget-s $(( ${WINDOW_S:-240} - 30 )) 2>&1 | tail -40
+    cp "$OUT/window/bench.md" "$OUT/window.md" 2>/dev/null;;
   tune)   # Mosaic configs into (a copy of) the package's table: commit $OUT/tuned/*.json
     mkdir -p "$OUT/tuned" && cp jax_grouped_attn/tuned/*.json "$OUT/tuned/"
     timeout ${TUNE_S:-240} python3 -m benchmarks.tune --quick --backends pallas_mosaic \
