@@ -344,6 +344,10 @@ def parse_args(argv=None):
   ap.add_argument("--calls", type=int, default=None,
                   help="calls per round (default: enough for a ~25 ms round)")
   ap.add_argument("--warmup", type=int, default=None)
+  ap.add_argument("--compile-threads", type=int, default=None,
+                  help="threads compiling a comparison's runs ahead while earlier runs check "
+                       "and time on the GPU (no timing overlaps a compile); 0: compile each "
+                       "run when it starts (default: 2 on a GPU, 0 in smoke mode)")
   ap.add_argument("--sets", type=int, default=None, help="input sets rotated while timing")
   ap.add_argument("--budget-s", type=float, default=None,
                   help="start no comparison (ours + cuDNN on one workload, else one row) "
@@ -377,6 +381,8 @@ def parse_args(argv=None):
   for name in ("rounds", "calls"):
     if getattr(args, name) is not None and getattr(args, name) < 1:
       ap.error(f"--{name} must be >= 1, got {getattr(args, name)}")
+  if args.compile_threads is not None and args.compile_threads < 0:
+    ap.error(f"--compile-threads must be >= 0, got {args.compile_threads}")
   args.backends_given = args.backends is not None
   backends = args.backends.split(",") if args.backends_given else DEFAULT_BACKENDS
   args.impl_names = expand_impls([b.strip() for b in backends if b.strip()])
@@ -428,7 +434,9 @@ def main(argv=None) -> dict:
   warmup = max(0, pick(args.warmup, timing["warmup"]))
   calls = pick(args.calls, timing["calls"])
   sets = max(1, pick(args.sets, 1 if mode == "smoke" else 2))
-  st = Settings(args.passes, rounds, warmup, sets, impls.Context(gpu=gpu), calls=calls)
+  threads = pick(args.compile_threads, 0 if mode == "smoke" else 2)
+  st = Settings(args.passes, rounds, warmup, sets, impls.Context(gpu=gpu), calls=calls,
+                compile_threads=threads)
   registry_ = impls.all_impls()
   plan = build_plan(args, mode)
   env = common.environment()
@@ -441,7 +449,8 @@ def main(argv=None) -> dict:
   results = {
       "environment": env, "mode": mode, "timings_meaningful": gpu and mode != "smoke",
       "settings": {"passes": list(args.passes), "rounds": rounds, "calls": calls,
-                   "warmup": warmup, "sets": sets, "impls": args.impl_names,
+                   "warmup": warmup, "sets": sets, "compile_threads": threads,
+                   "impls": args.impl_names,
                    "workloads": args.workloads, "budget_s": args.budget_s,
                    "nvlink_gbps": args.nvlink_gbps, **window},
       "configs": report.kernel_configs(plan),

@@ -217,11 +217,18 @@ def gpu_slug(name: str) -> str:
 
 # ----------------------------------------------------------------- inputs ---
 
+def input_shapes(wl: Workload):
+  """q, k, v, do of ``wl`` as jax.ShapeDtypeStruct (what compiling needs)."""
+  dt = jnp.dtype(wl.dtype)
+  dv = wl.v_head_dim
+  return tuple(jax.ShapeDtypeStruct(s, dt) for s in (
+      (wl.batch, wl.tq, wl.hq, wl.d), (wl.batch, wl.tk, wl.hk, wl.d),
+      (wl.batch, wl.tk, wl.hk, dv), (wl.batch, wl.tq, wl.hq, dv)))
+
+
 def make_inputs(wl: Workload, seed: int):
   """Random normal q, k [.., D], v and output cotangent [.., Dv] in the workload's dtype."""
-  dv = wl.v_head_dim
-  shapes = ((wl.batch, wl.tq, wl.hq, wl.d), (wl.batch, wl.tk, wl.hk, wl.d),
-            (wl.batch, wl.tk, wl.hk, dv), (wl.batch, wl.tq, wl.hq, dv))
+  shapes = tuple(x.shape for x in input_shapes(wl))
   return _random_inputs(jax.random.PRNGKey(seed), shapes, jnp.dtype(wl.dtype).name)
 
 

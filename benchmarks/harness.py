@@ -14,7 +14,10 @@ workloads and implementations and hand them here.
 from __future__ import annotations
 
 import collections
+import concurrent.futures
+import contextlib
 import dataclasses
+import threading
 import time
 import traceback
 
@@ -32,6 +35,7 @@ class Settings:
   sets: int
   ctx: impls.Context
   calls: int | None = None   # calls per round; None: sized to the kernel's time
+  compile_threads: int = 0   # threads compiling a unit's runs ahead of them (0: inline)
 
 
 class Inputs:
@@ -144,12 +148,14 @@ def _timed_row(row, timing):
   return row
 
 
-def _measure(row, phases, compiled_of, args, check_of, arg_sets, st: Settings) -> None:
-  """One pass: compile once (the same executable gives the memory analysis, the
-  checked result and the timings), check against the oracle, then time.
-  ``check_of(result) -> {name: check}``; phases get compile_s, check_s, time_s."""
-  with common.clock(phases, "compile_s"):
-    compiled = compiled_of()
+def _measure(row, phases, compiled_of, args, check_of, arg_sets, st: Settings, gate: Gate,
+             compile_s: float) -> None:
+  """One pass: the compiled executable (``compiled_of()``; ``compile_s`` it took)
+  gives the memory analysis, the checked result and the timings: check against
+  the oracle, then time. ``check_of(result) -> {name: check}``; phases get
+  compile_s, check_s, time_s."""
+  phases["compile_s"] = compile_s
+  compiled = compiled_of()
   row["memory"] = common.memory_stats(compiled)
   with common.clock(phases, "check_s"):
     result = jax.block_until_ready(compiled(*args))
@@ -158,7 +164,7 @@ def _measure(row, phases, compiled_of, args, check_of, arg_sets, st: Settings) -
   row["check"] = checks
   row["ok"] = all(c["ok"] for c in checks.values())
   # The checked call above was the first; warm-up calls touch the other sets.
-  with common.clock(phases, "time_s"):
+  with common.clock(phases, "time_s"), gate.time():
     _timed_row(row, common.time_calls(compiled, arg_sets, rounds=st.rounds, warmup=st.warmup,
                                       calls=st.calls))
   row["status"] = "ok" if row["ok"] else "wrong"
@@ -179,35 +185,124 @@ def _guarded(row: dict, state, measure) -> None:
   row["phases"] = _rounded(phases)
 
 
-def run_item(state: WorkloadState, impl: impls.Impl, st: Settings) -> list[dict]:
+class Gate:
+  """Compiles may run side by side; timing runs alone. A compile on another
+  thread is CPU work, but XLA may autotune on the GPU while compiling: a
+  timing round never overlaps one (it waits for those in flight, and new ones
+  wait for it)."""
+
+  def __init__(self):
+    self.cv = threading.Condition()
+    self.compiling = 0
+    self.timing = False
+
+  @contextlib.contextmanager
+  def compile(self):
+    with self.cv:
+      self.cv.wait_for(lambda: not self.timing)
+      self.compiling += 1
+    try:
+      yield
+    finally:
+      with self.cv:
+        self.compiling -= 1
+        self.cv.notify_all()
+
+  @contextlib.contextmanager
+  def time(self):
+    with self.cv:
+      self.cv.wait_for(lambda: not self.timing)
+      self.timing = True
+      self.cv.wait_for(lambda: self.compiling == 0)
+    try:
+      yield
+    finally:
+      with self.cv:
+        self.timing = False
+        self.cv.notify_all()
+
+
+class Compiled:
+  """One run's implementation built and its executables compiled (fwd, fwdbwd):
+  each an executable or the exception compiling it raised; ``seconds`` per step."""
+
+  def __init__(self):
+    self.built = None
+    self.error = None        # impl.build raised
+    self.exes = {}
+    self.seconds = {}
+
+  def exe(self, pass_: str):
+    exe = self.exes[pass_]
+    if isinstance(exe, BaseException):
+      raise exe
+    return exe
+
+
+def compile_run(wl: Workload, impl: impls.Impl, st: Settings, gate: Gate | None = None) -> Compiled:
+  """Builds ``impl`` on ``wl`` and compiles the passes ``st`` asks for, from the
+  workload's shapes alone (so another thread can do it ahead of the run)."""
+  c = Compiled()
+  gate = gate or Gate()
+  try:
+    with common.clock(c.seconds, "build_s"):
+      c.built = impl.build(wl, st.ctx)
+  except Exception as e:  # noqa: BLE001 -- reported by run_item
+    c.error = (e, traceback.format_exc()[-2000:])
+    return c
+  q, k, v, do = common.input_shapes(wl)
+  fn, fwd_fn = c.built.fn, c.built.fwd_fn or c.built.fn
+  jobs = {}
+  if "fwd" in st.passes or "bwd" in st.passes:
+    jobs["fwd"] = lambda: jax.jit(fwd_fn).lower(q, k, v).compile()
+  if "bwd" in st.passes or "fwdbwd" in st.passes:
+    jobs["fwdbwd"] = lambda: jax.jit(
+        lambda q, k, v, do: jax.vjp(fn, q, k, v)[1](do)).lower(q, k, v, do).compile()
+  for pass_, job in jobs.items():
+    try:
+      with gate.compile(), common.clock(c.seconds, f"{pass_}_compile_s"):
+        c.exes[pass_] = job()
+    except Exception as e:  # noqa: BLE001 -- raised again where the pass is measured
+      c.exes[pass_] = e
+  return c
+
+
+def run_item(state: WorkloadState, impl: impls.Impl, st: Settings, compiled=None,
+             gate: Gate | None = None) -> list[dict]:
   """All passes of one implementation on one workload: check, then time.
 
-  Rows carry ``phases`` (seconds): per measured pass compile_s, check_s and
-  time_s; the first row also build_s, inputs_s and oracle_s (what this run paid
-  for the shared inputs and oracle: 0 when cached) and run_s (the whole run).
+  ``compiled``: a future of :func:`compile_run` started ahead (else it is
+  compiled here). Rows carry ``phases`` (seconds): per measured pass
+  compile_s (spent compiling, maybe on another thread, ahead), check_s and
+  time_s; the first row also build_s, compile_wait_s (what this run waited for
+  a compile started ahead), inputs_s and oracle_s (what this run paid for the
+  shared inputs and oracle: 0 when cached) and run_s (the whole run).
   """
   t_run = time.perf_counter()
   wl = state.wl
+  gate = gate or Gate()
   reason = impl.unavailable(wl, st.ctx)
-  want_grad = "bwd" in st.passes or "fwdbwd" in st.passes
   if reason:
     return [blank_row(wl, impl, p, reason=reason) for p in st.passes]
   setup = {}
-  try:
-    with common.clock(setup, "build_s"):
-      built = impl.build(wl, st.ctx)
-  except Exception as e:  # noqa: BLE001
-    return [blank_row(wl, impl, p, status="error", reason=_error_text(e),
-                 traceback=traceback.format_exc()[-2000:]) for p in st.passes]
+  with common.clock(setup, "compile_wait_s"):
+    c = compiled.result() if compiled is not None else compile_run(wl, impl, st, gate)
+  setup["build_s"] = c.seconds.get("build_s", 0.0)
+  if compiled is None:
+    setup.pop("compile_wait_s")
+  if c.error is not None:
+    e, tb = c.error
+    return [blank_row(wl, impl, p, status="error", reason=_error_text(e), traceback=tb)
+            for p in st.passes]
+  built = c.built
+  want_grad = "bwd" in st.passes or "fwdbwd" in st.passes
   rows = {}
   q, k, v, do = state.inputs[0]
   factor = built.tolerance_factor
-  fn = built.fn
 
   # Forward: for its own row and for bwd = fwdbwd - fwd. It returns the lse too
   # where the implementation's API gives it in fp32 (Built.fwd_fn).
   fwd_row = blank_row(wl, impl, "fwd", note=built.note)
-  fwd_fn = built.fwd_fn or fn
 
   def fwd_checks(result):
     out, lse = result if isinstance(result, tuple) else (result, None)
@@ -218,21 +313,20 @@ def run_item(state: WorkloadState, impl: impls.Impl, st: Settings) -> list[dict]
 
   if "fwd" in st.passes or "bwd" in st.passes:
     _guarded(fwd_row, state, lambda ph: _measure(
-        fwd_row, ph, lambda: jax.jit(fwd_fn).lower(q, k, v).compile(), (q, k, v),
-        fwd_checks, [s[:3] for s in state.inputs], st))
+        fwd_row, ph, lambda: c.exe("fwd"), (q, k, v), fwd_checks,
+        [s[:3] for s in state.inputs], st, gate, c.seconds.get("fwd_compile_s", 0.0)))
     rows["fwd"] = fwd_row
 
   if want_grad:
     fb_row = blank_row(wl, impl, "fwdbwd", note=built.note)
-    fb = jax.jit(lambda q, k, v, do: jax.vjp(fn, q, k, v)[1](do))
 
     def grad_checks(grads):
       return {name: common.compare(g, state.oracle, name, factor)
               for name, g in zip(("dq", "dk", "dv"), grads)}
 
     _guarded(fb_row, state, lambda ph: _measure(
-        fb_row, ph, lambda: fb.lower(q, k, v, do).compile(), (q, k, v, do), grad_checks,
-        state.inputs, st))
+        fb_row, ph, lambda: c.exe("fwdbwd"), (q, k, v, do), grad_checks, state.inputs, st,
+        gate, c.seconds.get("fwdbwd_compile_s", 0.0)))
     if fb_row.get("status") not in ("skipped", "error") and not built.grad_exact:
       fb_row["note"] = built.note
     rows["fwdbwd"] = fb_row
@@ -396,6 +490,10 @@ class Runner:
     self.on_item = on_item or (lambda: None)
     self.bar = bar
     self.verbose = verbose
+    self.gate = Gate()
+    self.pool = (concurrent.futures.ThreadPoolExecutor(st.compile_threads)
+                 if st.compile_threads > 0 else None)
+    self.compiles = {}      # (impl, workload) -> future of compile_run, started ahead
 
   def runnable(self, item: PlanItem, wl: Workload) -> bool:
     return self.registry[item.impl].unavailable(wl, self.st.ctx) is None
@@ -453,13 +551,26 @@ class Runner:
     """Checks and times one rank; prints its rows (``verbose``: and where its time
     went, else only rows that are wrong or failed)."""
     t0 = self.budget.clock()
-    rows = run_item(WorkloadState(wl, self.store), self.registry[item.impl], self.st)
+    rows = run_item(WorkloadState(wl, self.store), self.registry[item.impl], self.st,
+                    compiled=self.compiles.pop((item.impl, wl.name), None), gate=self.gate)
     if any(r["status"] != "skipped" or r.get("phases") for r in rows):
       ph = next((r["phases"] for r in rows if "run_s" in (r.get("phases") or {})), {})
       self.record(item, wl, self.budget.clock() - t0,
                   oracle_s=ph.get("oracle_s", 0.0) + ph.get("inputs_s", 0.0))
     _print_rows(rows, self.verbose)
     return rows
+
+  def compile_ahead(self, unit: list[PlanItem]) -> None:
+    """Starts compiling every run of ``unit`` on the pool (in run order), so each
+    compiles while earlier runs check and time on the GPU."""
+    if self.pool is None:
+      return
+    for it in unit:
+      impl = self.registry[it.impl]
+      for wl in it.wls:
+        key = (it.impl, wl.name)
+        if key not in self.compiles and impl.unavailable(wl, self.st.ctx) is None:
+          self.compiles[key] = self.pool.submit(compile_run, wl, impl, self.st, self.gate)
 
   def record(self, item: PlanItem, wl: Workload, seconds: float, oracle_s: float = 0.0) -> None:
     """A run that took ``seconds``, ``oracle_s`` of them for its workload's inputs
@@ -494,9 +605,16 @@ class Runner:
             log(f"SKIPPED {unit[0].series} {what}: {unit_reason}")
           else:
             self.units_cut += 1
+      if unit_reason is None:
+        self.compile_ahead(unit)
       for item in unit:
         self._run_item(item, unit_reason, chosen)
         self.on_item()
+    for fut in self.compiles.values():   # a unit cut short: its compiles are not needed
+      fut.cancel()
+    self.compiles.clear()
+    if self.pool is not None:
+      self.pool.shutdown(wait=True)
     if self.units_cut:
       log(f"SKIPPED {self.units_cut} other comparisons for the time budget "
           + ("(a headline did not fit) " if self.headline_cut else "") + "; bench.md lists them")

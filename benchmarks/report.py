@@ -467,11 +467,13 @@ def markdown(results, stats, best, bal) -> str:
   if phases:
     md += ["## Where the time went (seconds)", ""]
     md += ["Summed over each implementation's runs. inputs and oracle are paid once per "
-           "workload, by its first run; compile, check and time are per pass (fwd + fwdbwd).", ""]
-    cols = ("inputs_s", "oracle_s", "oracle_compile_s", "build_s", "compile_s", "check_s",
-            "time_s", "run_s")
+           "workload, by its first run; compile, check and time are per pass (fwd + fwdbwd); "
+           "a compile started ahead on another thread (--compile-threads) overlaps earlier "
+           "runs, and the run waited only for what was left of it.", ""]
+    cols = ("inputs_s", "oracle_s", "oracle_compile_s", "build_s", "compile_s",
+            "compile_wait_s", "check_s", "time_s", "run_s")
     md += _table(["impl", "runs", "inputs", "oracle", "of it compile", "build", "compile",
-                  "check", "time", "total"],
+                  "waited for it", "check", "time", "total"],
                  [[impl, t["runs"]] + [_f(t.get(c, 0.0), "{:.1f}") for c in cols]
                   for impl, t in phases.items()])
 

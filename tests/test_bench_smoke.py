@@ -5,6 +5,7 @@ import json
 import math
 import os
 import sys
+import time
 
 import jax
 import jax.numpy as jnp
@@ -615,3 +616,45 @@ def test_main_warns_when_a_gpu_is_visible_but_unused(monkeypatch):
   monkeypatch.delattr(bench.ga_platform, "warn_if_gpu_unused")
   bench._warn_if_gpu_unused()
   assert calls == [1]
+
+
+def test_gate_never_times_while_compiling():
+  import threading
+  gate = harness.Gate()
+  log, started = [], threading.Event()
+
+  def compile_job(name, hold):
+    with gate.compile():
+      log.append(f"{name} start")
+      started.set()
+      time.sleep(hold)
+      log.append(f"{name} end")
+
+  t = threading.Thread(target=compile_job, args=("c1", 0.3))
+  t.start()
+  started.wait()
+  with gate.time():   # waits for c1; c2, asked for meanwhile, waits for the timing
+    log.append("time start")
+    t2 = threading.Thread(target=compile_job, args=("c2", 0.0))
+    t2.start()
+    time.sleep(0.2)
+    log.append("time end")
+  t.join()
+  t2.join()
+  assert log == ["c1 start", "c1 end", "time start", "time end", "c2 start", "c2 end"], log
+
+
+def test_compiles_ahead_on_threads_give_the_same_checked_rows(tmp_path):
+  if common.on_gpu():
+    pytest.skip("smoke mode is the CPU path")
+  args = ["--smoke", "--shape", "1x32x4x2x32", "--zigzag", "2x64", "--workloads", "causal,zigzag",
+          "--backends", "pallas_triton,xla", "--passes", "fwd,fwdbwd", "--rounds", "1"]
+  rows = {}
+  for threads in ("0", "2"):
+    res = bench.main(args + ["--out", str(tmp_path / threads), "--compile-threads", threads])
+    rows[threads] = {(r["workload"], r["impl"], r["pass"]): (r["status"], sorted(r.get("check")
+                     or {})) for r in res["rows"]}
+    firsts = [r for r in res["rows"] if "run_s" in (r.get("phases") or {})]
+    assert firsts and all(("compile_wait_s" in r["phases"]) == (threads != "0") for r in firsts)
+  assert rows["0"] == rows["2"]
+  assert {v[0] for v in rows["2"].values()} == {"ok"}, rows["2"]
