@@ -1,9 +1,9 @@
 """Shared benchmark pieces: workloads, inputs, an exact chunked oracle, timing.
 
-The oracle is exact fp32 attention (forward and backward) for a few heads and
-batch rows, scanned over query-row chunks so it never holds more than one
-[chunk, Tk] block of logits per head: it checks every row of a 128K-token
-problem without materialising T^2.
+The oracle is exact fp32 attention (forward and backward) over whole tensors,
+scanned over query-row chunks so it never holds more than one [chunk, Tk]
+block of logits per head: it checks every row of a 128K-token problem without
+materialising T^2.
 """
 
 from __future__ import annotations
@@ -45,7 +45,7 @@ class Workload:
   """One attention call: q [B, Tq, Hq, D] against k [B, Tk, Hk, D] and
   v [B, Tk, Hk, Dv] (Dv = ``dv``, else D)."""
 
-  family: str            # "causal" | "zigzag" | "contiguous" | "custom"
+  family: str            # "causal" | "zigzag" | "contiguous" | "custom" | "window"
   batch: int
   tq: int
   tk: int

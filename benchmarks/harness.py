@@ -1,14 +1,16 @@
 """The one benchmark harness: check every row against the fp32 oracle, then time it.
 
-``run_item`` runs all passes of one implementation on one workload: compile,
-check against :func:`benchmarks.common.oracle` with the calibrated rule, then
-time (median of warm, device-synchronised repeats over rotating input sets).
-``Runner`` runs a list of ``PlanItem`` (one implementation over the ranks of
-one series) unit by unit within a time budget; inputs and oracles are made
-once per workload and shared by every implementation. ``measure`` is the
-plain front door: every implementation on every workload, interleaved per
-workload. ``bench``, ``bench_window``, ``bench_cp`` and ``llama`` build their
-workloads and implementations and hand them here.
+``run_item`` runs all passes of one implementation on one workload: compile
+(or take the compile started ahead, :func:`compile_run`), check whole tensors
+against :func:`benchmarks.common.oracle` with the calibrated rule, then time
+(:func:`benchmarks.common.time_calls`: rounds of back-to-back calls over
+rotating input sets). ``Runner`` runs a list of ``PlanItem`` (one
+implementation over the ranks of one series) unit by unit within a time
+budget; inputs and oracles are made once per workload and shared by every
+implementation. ``measure`` is the plain front door: every implementation on
+every workload, interleaved per workload. ``bench`` builds its workloads and
+implementations and hands them here; ``tune``, ``bench_cp`` and ``llama`` use
+the same timer and oracle from ``common``.
 """
 
 from __future__ import annotations
