@@ -440,26 +440,32 @@ def plan_units(plan: list[PlanItem]) -> list[list[PlanItem]]:
 
 
 # Seconds one run (one implementation, one rank, every pass) takes before any
-# run of this process calibrates them: on an H100/H200 (2026-12), a Mosaic or
-# Triton kernel ~8 s (compiles dominate), cuDNN ~2 s, per-group launches as
-# many kernels; plus, for the first run of a workload, its oracle: ~4 s of
-# compile and ~1 s per 2^33 logit-head-batch elements (Tq x Tk x Hq x B).
-PRIOR_RUN_S = {"grouped": 8.0, "two-launch": 8.0, "cudnn": 2.0, "reference": 3.0, "other": 2.0}
-PRIOR_ORACLE_S = (4.0, 1.0 / (1 << 33))
+# run of this process calibrates them: on an H100 (2026-12-07), a Mosaic
+# kernel's run ~8 s (its compiles dominate), cuDNN's ~3 s, per-group launches
+# as many kernels. The first run of a workload also pays its oracle: ~2 s to
+# compile one per shape (ranks of a world share it) and ~2.5e-12 s per logit
+# element and unit of head_dim (Tq x Tk x Hq x B x D; 0.67 s at S8192 Hq32 D128).
+PRIOR_RUN_S = {"grouped": 8.0, "two-launch": 8.0, "cudnn": 3.0, "reference": 3.0, "other": 2.0}
+PRIOR_ORACLE_S = (2.0, 2.5e-12)
 
 
 def prior_seconds(impl: impls.Impl, wl: Workload, with_oracle: bool) -> float:
   """A priori seconds of one run of ``impl`` on ``wl`` (PRIOR_RUN_S), with its
-  workload's oracle (:func:`prior_oracle_seconds`) if ``with_oracle``."""
+  workload's oracle (:func:`prior_oracle_seconds`, compiled anew) if ``with_oracle``."""
   run = PRIOR_RUN_S.get(impl.kind, PRIOR_RUN_S["other"])
   if impl.kind == "two-launch":
     run *= max(1, sum(g.q_len > 0 for g in wl.groups))
-  return run + (prior_oracle_seconds(wl) if with_oracle else 0.0)
+  return run + (prior_oracle_seconds(wl, True) if with_oracle else 0.0)
 
 
-def prior_oracle_seconds(wl: Workload) -> float:
+def prior_oracle_seconds(wl: Workload, compile: bool) -> float:
   base, per_elem = PRIOR_ORACLE_S
-  return base + per_elem * wl.tq * wl.tk * wl.hq * wl.batch
+  return (base if compile else 0.0) + per_elem * wl.tq * wl.tk * wl.hq * wl.batch * wl.d
+
+
+def oracle_shape(wl: Workload) -> tuple:
+  """What one compiled oracle serves: workloads that differ only in their groups."""
+  return common.global_key(wl) + (wl.tq, wl.causal, wl.window, wl.softcap, wl.sinks)
 
 
 class Runner:
@@ -486,7 +492,7 @@ class Runner:
     self.rows = []
     self.run_seconds = []   # wall time of every run that got past its availability check
     self.observed = collections.defaultdict(lambda: [0.0, 0.0])   # kind -> [seconds, prior]
-    self.oracled = set()    # workloads whose oracle a run has paid for (or will)
+    self.oracled = set()    # workloads (and oracle shapes) a run has paid the oracle of
     self.headline_cut = None
     self.units_cut = 0      # non-headline units the budget cut (printed as one count)
     self.on_item = on_item or (lambda: None)
@@ -520,8 +526,9 @@ class Runner:
           continue
         total += prior_seconds(impl, wl, False) * self._calibration(impl.kind)
         if wl.name not in oracled:
-          total += prior_oracle_seconds(wl) * self._calibration("oracle")
-          oracled.add(wl.name)
+          fresh = oracle_shape(wl) not in oracled
+          total += prior_oracle_seconds(wl, fresh) * self._calibration("oracle")
+          oracled.update((wl.name, oracle_shape(wl)))
     return total
 
   def headline_estimates(self, plan: list[PlanItem]) -> list[tuple[str, float]]:
@@ -583,8 +590,8 @@ class Runner:
     obs[1] += prior_seconds(impl, wl, False)
     if wl.name not in self.oracled:
       self.observed["oracle"][0] += oracle_s
-      self.observed["oracle"][1] += prior_oracle_seconds(wl)
-      self.oracled.add(wl.name)
+      self.observed["oracle"][1] += prior_oracle_seconds(wl, oracle_shape(wl) not in self.oracled)
+      self.oracled.update((wl.name, oracle_shape(wl)))
     self.run_seconds.append(seconds)
 
   def skipped(self, item: PlanItem, wl: Workload, reason: str) -> list[dict]:

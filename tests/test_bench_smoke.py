@@ -515,23 +515,25 @@ def test_headline_estimates_are_stated_before_anything_runs():
   assert len(est) == 4 and not runner.ran
   zz = next(v for k, v in est.items() if k.startswith("zigzag"))
   one = next(v for k, v in est.items() if k.startswith(HEADLINE_SERIES[0]))
-  # 8 ranks of ours and of cuDNN, and each rank's oracle.
+  # 8 ranks of ours and of cuDNN, and each rank's oracle (compiled once: the
+  # ranks differ only in their groups).
   wl = plan[6].wls[0]
   prior, oracle = harness.prior_seconds, harness.prior_oracle_seconds
   ours, cudnn = runner.registry[plan[6].impl], runner.registry["cudnn"]
-  assert zz == pytest.approx(8 * (prior(ours, wl, True) + prior(cudnn, wl, False)))
+  assert zz == pytest.approx(8 * (prior(ours, wl, False) + prior(cudnn, wl, False)
+                                  + oracle(wl, False)) + harness.PRIOR_ORACLE_S[0])
   assert 0 < one < zz
   # Runs so far scale the estimates, per kind: ours took 3x its prior, the
   # oracle half of its own; cuDNN, not run yet, by all runs together.
   first = plan[0]
   wl0 = first.wls[0]
-  p0, o0 = prior(ours, wl0, False), oracle(wl0)
+  p0, o0 = prior(ours, wl0, False), oracle(wl0, True)
   runner.record(first, wl0, 3 * p0 + 0.5 * o0, oracle_s=0.5 * o0)
   est2 = dict(runner.headline_estimates(plan))
   later = next(k for k in est if k.startswith(HEADLINE_SERIES[1]))
   wl1 = plan[2].wls[0]
   overall = (3 * p0 + 0.5 * o0) / (p0 + o0)
-  assert est2[later] == pytest.approx(3 * prior(ours, wl1, False) + 0.5 * oracle(wl1)
+  assert est2[later] == pytest.approx(3 * prior(ours, wl1, False) + 0.5 * oracle(wl1, True)
                                       + overall * prior(cudnn, wl1, False))
 
 
