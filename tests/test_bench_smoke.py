@@ -660,3 +660,59 @@ def test_compiles_ahead_on_threads_give_the_same_checked_rows(tmp_path):
     assert firsts and all(("compile_wait_s" in r["phases"]) == (threads != "0") for r in firsts)
   assert rows["0"] == rows["2"]
   assert {v[0] for v in rows["2"].values()} == {"ok"}, rows["2"]
+
+
+def test_fastest_table_names_no_winner_where_a_headline_pair_is_missing():
+  from benchmarks import report
+  def row(series, impl, pass_, ms, status="ok", family="causal"):
+    return {"series": series, "workload": series, "impl": impl, "pass": pass_, "median_ms": ms,
+            "status": status, "family": family, "world": 0, "rank": 0, "seq": 0, "tk": 8192,
+            "flops": 1e12}
+  a, b = "causal B1 S8192 Hq32 Hk8 D128", "zigzag W8 S65536 B1 Hq32 Hk8 D128"
+  rows = [row(a, "pallas_mosaic", "fwd", 1.0), row(a, "cudnn", "fwd", 1.1),
+          row(b, "triton", "fwd", 30.0, family="zigzag")]   # b: only a baseline ran
+  heads = [{"series": a, "primary": "pallas_mosaic", "cudnn": "cudnn"},
+           {"series": b, "primary": "pallas_mosaic", "cudnn": "cudnn"}]
+  best = {x["series"]: x for x in report.fastest(report.series_stats(rows), heads)}
+  assert best[a]["fastest"] == "pallas_mosaic" and best[a]["cudnn_ratio"] == pytest.approx(1.1)
+  assert best[b]["fastest"] is None and best[b]["incomplete"] == ["pallas_mosaic", "cudnn"]
+  # A wrong primary row is missing too.
+  rows[0]["status"] = "wrong"
+  best = {x["series"]: x for x in report.fastest(report.series_stats(rows), heads)}
+  assert best[a]["fastest"] is None and best[a]["incomplete"] == ["pallas_mosaic"]
+  md = report.markdown({"environment": {"device": "x", "jax": "", "jaxlib": "", "triton": "",
+                                        "jax_triton": "", "cudnn": "", "time": ""},
+                        "mode": "quick", "timings_meaningful": True, "rows": rows,
+                        "settings": {"rounds": 5, "calls": None, "passes": ["fwd"]}},
+                       report.series_stats(rows), list(best.values()), [])
+  assert "incomplete: no pallas_mosaic, cudnn" in md and "incomplete: no pallas_mosaic |" in md
+
+
+class _LastHeadOff(impls.Impl):
+  """The reference with the last query head's q scaled by 1.05, in the last
+  batch row only: wrong somewhere no sample of the first heads or rows sees."""
+
+  name = "last-head-off"
+  kind = "grouped"
+
+  def build(self, wl, ctx):
+    inner = impls.Grouped("xla").build(wl, ctx).fn
+
+    def fn(q, k, v):
+      scale = jnp.ones((q.shape[0], q.shape[2]), q.dtype).at[-1, -1].set(1.05)[:, None, :, None]
+      return inner(q * scale, k, v)
+    return impls.Built(fn, "test")
+
+
+def test_a_wrong_head_is_caught_anywhere():
+  wl = common.causal_workload(2, 32, 4, 2, 32, dtype="float32")
+  st = harness.Settings(("fwd", "fwdbwd"), 1, 0, 1, impls.Context(gpu=False), calls=1)
+  rows = {r["pass"]: r for r in harness.measure([(wl, "last-head-off")], st,
+                                                 registry_={"last-head-off": _LastHeadOff()})}
+  assert rows["fwd"]["status"] == rows["fwdbwd"]["status"] == "wrong", rows
+  # Whole tensors: the worst element is in the last batch row and query head
+  # (dk, dv: its kv head).
+  assert rows["fwd"]["check"]["out"]["worst"][0] == 1
+  assert rows["fwd"]["check"]["out"]["worst"][2] == 3
+  assert not rows["fwdbwd"]["check"]["dq"]["ok"] and rows["fwdbwd"]["check"]["dq"]["worst"][2] == 3
+  assert not rows["fwdbwd"]["check"]["dk"]["ok"] and rows["fwdbwd"]["check"]["dk"]["worst"][2] == 1

@@ -311,6 +311,37 @@ MUTANTS = [
            "    pass\n",
            ("tests/test_triton.py::test_interpreted_runs_leave_triton_language_as_they_found_it",),
            why="builtins the interpreter patched stay patched: a later compile fails"),
+    # The benchmark's timer, planner and oracle (issue 32).
+    Mutant("bench_timer_syncs_every_call", "logic", "benchmarks/common.py",
+           "      outs.append(fn(*arg_sets[i % n]))\n",
+           "      outs.append(fn(*arg_sets[i % n]))\n      sync(outs[-1])\n",
+           ("tests/test_bench_smoke.py::test_time_calls_reports_device_time_per_call",),
+           why="each call synchronised on its own: launch and sync latency in every call"),
+    Mutant("bench_timer_keeps_the_untimed_round", "logic", "benchmarks/common.py",
+           "  per_call = per_call[-rounds:]\n", "",
+           ("tests/test_bench_smoke.py::test_time_calls_median_and_spread_over_rounds",),
+           why="the warm-up round's time is one of the rounds"),
+    Mutant("bench_baselines_run_in_a_cut_headlines_place", "logic", "benchmarks/harness.py",
+           "    if unit[0].tier > 0 and self.headline_cut:\n",
+           "    if False:\n",
+           ("tests/test_bench_smoke.py::test_budget_cut_leaves_only_complete_headline_comparisons",),
+           why="after a headline comparison is cut, cheaper rows fill its time"),
+    Mutant("bench_fastest_names_a_winner_without_the_pair", "logic", "benchmarks/report.py",
+           "    missing = _missing(heads[series], good) if series in heads else []\n",
+           "    missing = []\n",
+           ("tests/test_bench_smoke.py::test_fastest_table_names_no_winner_where_a_headline_"
+            "pair_is_missing",),
+           why="a baseline is named fastest on a headline workload whose pair is missing"),
+    Mutant("bench_oracle_checks_a_sample_of_heads", "logic", "benchmarks/harness.py",
+           "      return {name: common.compare(g, state.oracle, name, factor)\n",
+           "      return {name: common.compare(g[:, :, :1], {name: state.oracle[name][:, :, :1], "
+           "'lowp': {name: state.oracle['lowp'][name][:, :, :1]}}, name, factor)\n",
+           ("tests/test_bench_smoke.py::test_a_wrong_head_is_caught_anywhere",),
+           why="gradients checked on the first head only: a wrong other head passes"),
+    Mutant("bench_timing_overlaps_a_compile", "logic", "benchmarks/harness.py",
+           "      self.cv.wait_for(lambda: self.compiling == 0)\n", "",
+           ("tests/test_bench_smoke.py::test_gate_never_times_while_compiling",),
+           why="a timing round runs while another thread compiles (XLA may autotune on the GPU)"),
 ]
 
 
