@@ -508,6 +508,29 @@ def phase_totals(rows) -> dict:
 
 # ----------------------------------------------------------------- plots ---
 
+def _seq_axes(ax, seqs, xlabel, ylabel, title, legend) -> None:
+  """A log2 sequence-length x axis labelled 8K, 16K, ..., and the rest of the frame."""
+  ax.set_xscale("log", base=2)
+  xs = sorted(seqs)
+  ax.set_xticks(xs)
+  ax.set_xticklabels([_seq_label(x) for x in xs])
+  ax.minorticks_off()
+  ax.set_xlabel(xlabel)
+  ax.set_ylabel(ylabel)
+  ax.set_title(title)
+  ax.grid(True, alpha=0.3)
+  ax.legend(fontsize=legend)
+
+
+def _save(plt, fig, out_dir, name, title) -> str:
+  fig.suptitle(title, fontsize=10)
+  fig.tight_layout()
+  path = os.path.join(out_dir, name)
+  fig.savefig(path, dpi=110)
+  plt.close(fig)
+  return path
+
+
 def plots(results, stats, out_dir) -> list[str]:
   """PNG plots; returns the files written (none without matplotlib)."""
   try:
@@ -536,22 +559,10 @@ def plots(results, stats, out_dir) -> list[str]:
       for (impl, heads), pts in sorted(lines.items()):
         pts.sort()
         ax.plot([x for x, _ in pts], [y for _, y in pts], marker="o", label=f"{impl} {heads}")
-      ax.set_xscale("log", base=2)
-      xs = sorted({r["tk"] for r in std})
-      ax.set_xticks(xs)
-      ax.set_xticklabels([_seq_label(x) for x in xs])
-      ax.minorticks_off()
-      ax.set_xlabel("sequence length")
-      ax.set_ylabel("TFLOP/s (visible pairs)")
-      ax.set_title(f"causal {p}")
-      ax.grid(True, alpha=0.3)
-      ax.legend(fontsize=7)
-    fig.suptitle(f"TF/s vs sequence length{suffix}", fontsize=10)
-    fig.tight_layout()
-    path = os.path.join(out_dir, "bench_tflops_vs_seq.png")
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    written.append(path)
+      _seq_axes(ax, {r["tk"] for r in std}, "sequence length", "TFLOP/s (visible pairs)",
+                f"causal {p}", legend=7)
+    written.append(_save(plt, fig, out_dir, "bench_tflops_vs_seq.png",
+                         f"TF/s vs sequence length{suffix}"))
 
   # 2) Grouped vs two-launch vs cuDNN composition (zigzag, slowest rank).
   zz = [s for s in stats.values() if s["family"] == "zigzag" and s["all_ok"]]
@@ -620,23 +631,11 @@ def plots(results, stats, out_dir) -> list[str]:
         if pts:
           ax.plot([x for x, _, _ in pts], [y for _, y, _ in pts], marker="o", label=name,
                   linestyle="-" if pts[0][2] else "--")
-      ax.set_xscale("log", base=2)
       ax.set_yscale("log", base=2)
-      xs = sorted({r["tk"] for r in win})
-      ax.set_xticks(xs)
-      ax.set_xticklabels([_seq_label(x) for x in xs])
-      ax.minorticks_off()
-      ax.set_xlabel("sequence length S")
-      ax.set_ylabel("ms")
-      ax.set_title(f"{p}, window {lefts}")
-      ax.grid(True, alpha=0.3)
-      ax.legend(fontsize=8)
-    fig.suptitle(f"Sliding window: time vs S{suffix}", fontsize=10)
-    fig.tight_layout()
-    path = os.path.join(out_dir, "bench_window.png")
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    written.append(path)
+      _seq_axes(ax, {r["tk"] for r in win}, "sequence length S", "ms", f"{p}, window {lefts}",
+                legend=8)
+    written.append(_save(plt, fig, out_dir, "bench_window.png",
+                         f"Sliding window: time vs S{suffix}"))
   return written
 
 
