@@ -472,8 +472,9 @@ class Runner:
   """Runs a plan unit by unit within a time budget; rows collect in ``rows``.
 
   A unit (our primary kernel + cuDNN on one series, else one item) starts only
-  if the budget is not spent and its estimate fits what is left; a started unit
-  runs to its end unless it overruns the budget by a quarter: so a budget cut
+  if the budget is not spent and its estimate fits what is left (a headline
+  comparison: what is left plus the overrun allowance); a started unit runs
+  to its end unless it overruns the budget by a quarter: so a budget cut
   leaves whole comparisons. The estimate is :func:`prior_seconds` per run,
   scaled by what the runs so far took against their priors (per kind of
   implementation once one of that kind ran). Headline comparisons (tier 0)
@@ -547,7 +548,10 @@ class Runner:
     if left <= 0:
       return f"time budget ({self.budget.seconds:.0f} s) spent"
     need = self.estimate(unit)
-    if need > left:
+    # A headline comparison may also use the overrun allowance (it is what the
+    # run is for); anything else must fit what is left of the budget itself.
+    allowed = left + ((self.OVERRUN - 1.0) * self.budget.seconds if unit[0].tier == 0 else 0.0)
+    if need > allowed:
       return (f"time budget ({self.budget.seconds:.0f} s): this comparison needs ~{need:.0f} s, "
               f"{left:.0f} s left")
     return None
