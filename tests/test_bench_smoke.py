@@ -718,3 +718,23 @@ def test_a_wrong_head_is_caught_anywhere():
   assert rows["fwd"]["check"]["out"]["worst"][2] == 3
   assert not rows["fwdbwd"]["check"]["dq"]["ok"] and rows["fwdbwd"]["check"]["dq"]["worst"][2] == 3
   assert not rows["fwdbwd"]["check"]["dk"]["ok"] and rows["fwdbwd"]["check"]["dk"]["worst"][2] == 1
+
+
+def test_a_compile_that_failed_on_a_thread_is_compiled_again_inline(monkeypatch):
+  import concurrent.futures
+  wl = common.causal_workload(1, 32, 2, 2, 32, dtype="float32")
+  st = harness.Settings(("fwd", "fwdbwd"), 1, 0, 1, impls.Context(gpu=False), calls=1)
+  impl = impls.Grouped("xla")
+  bad = harness.Compiled()
+  bad.built = impl.build(wl, st.ctx)
+  bad.exes = {"fwd": RuntimeError("not thread-safe"), "fwdbwd": RuntimeError("not thread-safe")}
+  fut = concurrent.futures.Future()
+  fut.set_result(bad)
+  store = harness.Inputs(1)
+  store.reserve(wl)
+  rows = harness.run_item(harness.WorkloadState(wl, store), impl, st, compiled=fut)
+  assert [r["status"] for r in rows] == ["ok", "ok"], rows
+  assert rows[0]["phases"]["compiled_again"] == 1.0
+  # A refusal (NotImplementedError) is not compiled again: it is the answer.
+  bad.exes = {"fwd": NotImplementedError("no"), "fwdbwd": NotImplementedError("no")}
+  assert not bad.failed
