@@ -11,6 +11,9 @@
 #   BENCH_FULL=1          full benchmark sweep instead of --quick; runs the
 #                         benchmark alone (no tests/tuner/llama) to fit the time
 #   BENCH_ARGS="..."      extra benchmark flags, e.g. "--zigzag 16x131072 --workloads zigzag"
+#                         or "--budget-s 180" (the last --budget-s given wins)
+#   BENCH_MAX_S=200       the benchmark step's limit (--quick); a budget's headline pairs
+#                         may run to 1.25x the budget, so give it room
 #   TUNE_ARGS="..."       extra tuner flags, e.g. "--backends triton --head-dims 128"
 #   SUITE_TESTS=gpu|all|none   which pytest selection runs (default gpu: -m gpu)
 #   SUITE_SECONDS=510     overall deadline; every step gets what is left of it
@@ -165,7 +168,7 @@ main() {
     fresh="$WORK/tuned"
     echo "benchmark uses the table just tuned: $(ls "$WORK"/tuned/*.json)"
   fi
-  local bmax=200
+  local bmax=${BENCH_MAX_S:-200}
   [[ -z "$bench_mode" ]] && bmax=520
   step "benchmark ${bench_mode:-full}" "$bmax" env ${fresh:+JAX_GROUPED_ATTN_TUNED_DIR="$fresh"} \
       python3 -m benchmarks.bench $bench_mode --out "$WORK/bench" \
