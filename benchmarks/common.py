@@ -209,12 +209,6 @@ def environment(devices=None) -> dict:
   return info
 
 
-def gpu_slug(name: str) -> str:
-  """'NVIDIA H100 80GB HBM3' -> 'nvidia_h100_80gb_hbm3'."""
-  from jax_grouped_attn.tuning import slug  # noqa: PLC0415
-  return slug(name)
-
-
 # ----------------------------------------------------------------- inputs ---
 
 def input_shapes(wl: Workload):
@@ -641,7 +635,3 @@ def log(msg: str) -> None:
   except ImportError:
     print(msg)
   sys.stdout.flush()
-
-
-def env_flag(name: str) -> bool:
-  return os.environ.get(name, "").lower() in ("1", "true", "yes", "on")

@@ -503,7 +503,6 @@ class Runner:
     self.budget = budget
     self.store = Inputs(st.sets)
     self.rows = []
-    self.run_seconds = []   # wall time of every run that got past its availability check
     self.observed = collections.defaultdict(lambda: [0.0, 0.0])   # kind -> [seconds, prior]
     self.oracled = set()    # workloads (and oracle shapes) a run has paid the oracle of
     self.headline_cut = None
@@ -608,7 +607,6 @@ class Runner:
       self.observed["oracle"][0] += oracle_s
       self.observed["oracle"][1] += prior_oracle_seconds(wl, oracle_shape(wl) not in self.oracled)
       self.oracled.update((wl.name, oracle_shape(wl)))
-    self.run_seconds.append(seconds)
 
   def skipped(self, item: PlanItem, wl: Workload, reason: str) -> list[dict]:
     return [blank_row(wl, self.registry[item.impl], p, reason=reason) for p in self.st.passes]
