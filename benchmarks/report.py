@@ -308,16 +308,19 @@ def _err_text(check) -> str:
   """Each tensor's max |x - exact| / max |exact| (whole tensors)."""
   if not check:
     return "–"
-  return ", ".join(f"{k} {_rel_err(c):.1e}" if _rel_err(c) is not None else f"{k} {c.get('why')}"
+  return ", ".join(f"{k} {rel_err(c):.1e}" if rel_err(c) is not None else f"{k} {c.get('why')}"
                    for k, c in check.items())
 
 
-def _rel_err(c: dict):
-  """max |x - exact| / max |exact| of one check (older files: absolute / scale)."""
-  if c.get("max_err") is not None:
-    return c["max_err"]
-  if c.get("max_abs_err") is not None and c.get("ref_max_abs"):
-    return c["max_abs_err"] / c["ref_max_abs"]
+def rel_err(entry: dict | None) -> float | None:
+  """A check entry's max error relative to the tensor's scale (max |reference|);
+  older files kept only the absolute error and the reference's max |x|."""
+  if not entry:
+    return None
+  if entry.get("max_err") is not None:
+    return entry["max_err"]
+  if entry.get("max_abs_err") is not None and entry.get("ref_max_abs"):
+    return entry["max_abs_err"] / entry["ref_max_abs"]
   return None
 
 
@@ -453,7 +456,7 @@ def markdown(results, stats, best, bal) -> str:
       continue
     key = (r["series"], r["impl"], r["pass"])
     prev = worst.get(key)
-    errs = {k: _rel_err(c) or 0.0 for k, c in r["check"].items()}
+    errs = {k: rel_err(c) or 0.0 for k, c in r["check"].items()}
     if prev is None:
       worst[key] = (errs, r["status"] == "ok")
     else:

@@ -22,6 +22,8 @@ import re
 import sys
 import textwrap
 
+from benchmarks.report import rel_err  # the one reading of a check entry
+
 # Our kernels in the registry's preference order ("pallas": its name in older runs);
 # a run without headlines or plan takes the first of these that has rows.
 OURS = ("pallas_mosaic", "triton", "pallas_triton", "pallas")
@@ -58,18 +60,6 @@ def timing_method(run: dict) -> str:
   if len(methods) > 1:
     return "mixed"
   return methods.pop() if methods else PER_CALL
-
-
-def rel_err(entry: dict | None) -> float | None:
-  """A check entry's max error relative to the tensor's scale (max |reference|)."""
-  if not entry:
-    return None
-  if entry.get("max_err") is not None:
-    return entry["max_err"]
-  # Older files kept only absolute errors; the scale is the reference's max |x|.
-  if entry.get("max_abs_err") is not None and entry.get("ref_max_abs"):
-    return entry["max_abs_err"] / entry["ref_max_abs"]
-  return None
 
 
 def _worst(statuses) -> str:
