@@ -22,20 +22,22 @@ SUPPORTED_DTYPES = validate.SUPPORTED_DTYPES
 MIN_HEAD_DIM, MAX_HEAD_DIM = validate.MIN_HEAD_DIM, validate.MAX_HEAD_DIM
 
 
-def resolve(backend, interpret, config, backward, problem, dtype) -> Kernels:
-  """The kernel choice of one call, checked: entries per pass, config, interpret, mode."""
+def resolve(backend, interpret, config, backward, problem, dtype, deterministic=True) -> Kernels:
+  """The kernel choice of one call, checked: entries per pass, config, interpret,
+  mode, determinism."""
   cfg = as_attention_config(config)
   mode = validate.check_backward_mode(backward)
+  deterministic = validate.check_bool("deterministic", deterministic)
   entries, interp = registry.resolve(backend, interpret, cfg, problem, dtype)
-  registry.check_config(entries, cfg)
-  return Kernels(entries[0].name, entries[1].name, cfg, interp, mode)
+  registry.check_config(entries, cfg, deterministic)
+  return Kernels(entries[0].name, entries[1].name, cfg, interp, mode, deterministic)
 
 
 def grouped_attention(q, k, v, groups, *, causal=True, softmax_scale=None,
                       q_segment_ids=None, kv_segment_ids=None, backend="auto",
                       return_lse=False, config=None, interpret=None,
                       backward="kernel", local_window_size=None, logits_soft_cap=None,
-                      sinks=None):
+                      sinks=None, deterministic=True):
   """Attention of several query groups to one shared K,V, in one kernel launch.
 
   Args:
@@ -67,6 +69,10 @@ def grouped_attention(q, k, v, groups, *, causal=True, softmax_scale=None,
     interpret: None (interpret only without a GPU) or a bool override.
     backward: "kernel" (the backend's backward kernels) or "reference" (the
       reference's autodiff; for isolating kernel bugs).
+    deterministic: True (default): gradients are bitwise equal run to run.
+      False allows a faster backward whose fp32 dQ adds run in a varying order
+      (pallas_mosaic's fused backward, at q/k head_dim <= 128 and v's <= 128;
+      elsewhere the deterministic kernels run).
 
   Returns:
     out [B, Tq, Hq, D] in q's dtype, or (out, lse). A row that sees no key
@@ -79,16 +85,16 @@ def grouped_attention(q, k, v, groups, *, causal=True, softmax_scale=None,
                                   logits_soft_cap=logits_soft_cap)
   return _run(autodiff.differentiable, problem, q, k, v, q_segment_ids, kv_segment_ids,
               backend=backend, interpret=interpret, config=config, backward=backward,
-              return_lse=return_lse, sinks=sinks)
+              return_lse=return_lse, sinks=sinks, deterministic=deterministic)
 
 
 def _run(launch, problem, q, k, v, q_segment_ids, kv_segment_ids, *, backend, interpret,
-         config, backward, return_lse, sinks):
+         config, backward, return_lse, sinks, deterministic):
   """A validated problem: resolve the kernels once, ``launch(problem, kernels, q, k, v,
   q_segment_ids, kv_segment_ids, sinks=) -> (out, lse)`` with the sinks, return out (and lse)."""
   return_lse = validate.check_bool("return_lse", return_lse)
   sinks = sinks_lib.check_sinks(sinks, problem.hq)
-  kernels = resolve(backend, interpret, config, backward, problem, q.dtype)
+  kernels = resolve(backend, interpret, config, backward, problem, q.dtype, deterministic)
   out, lse = launch(problem, kernels, q, k, v, q_segment_ids, kv_segment_ids, sinks=sinks)
   return (out, lse) if return_lse else out
 
@@ -105,7 +111,7 @@ def attention(q, k, v, *, causal=False, softmax_scale=None, segment_ids=None,
               q_segment_ids=None, kv_segment_ids=None, backend="auto",
               return_lse=False, config=None, interpret=None, backward="kernel",
               context_parallel=None, local_window_size=None, logits_soft_cap=None,
-              sinks=None):
+              sinks=None, deterministic=True):
   """Standard self/cross attention with this library's (bottom-right) causal alignment.
 
   One group ``QueryGroup(0, Tq, Tk - Tq, Tk)``: with ``causal`` and Tq != Tk
@@ -156,7 +162,7 @@ def attention(q, k, v, *, causal=False, softmax_scale=None, segment_ids=None,
                                                            *arrays))
   return _run(launch, problem, q, k, v, q_segment_ids, kv_segment_ids, backend=backend,
               interpret=interpret, config=config, backward=backward, return_lse=return_lse,
-              sinks=sinks)
+              sinks=sinks, deterministic=deterministic)
 
 
 def context_parallel_attention(q, k, v, mesh, axis_name, *, strategy="allgather",
@@ -165,7 +171,7 @@ def context_parallel_attention(q, k, v, mesh, axis_name, *, strategy="allgather"
                                batch_axis_name=None, backend="auto",
                                return_lse=False, config=None, interpret=None,
                                backward="kernel", local_window_size=None,
-                               logits_soft_cap=None, sinks=None):
+                               logits_soft_cap=None, sinks=None, deterministic=True):
   """Zigzag context-parallel self-attention of GLOBAL arrays in natural order.
 
   Shards the sequence (axis 1) over mesh axes ``cp.sequence_axes`` (and the
@@ -212,7 +218,7 @@ def context_parallel_attention(q, k, v, mesh, axis_name, *, strategy="allgather"
       problem, spec, kernels, mesh, batch_axis_name, *arrays))
   return _run(launch, problem, q, k, v, q_segment_ids, kv_segment_ids, backend=backend,
               interpret=interpret, config=config, backward=backward, return_lse=return_lse,
-              sinks=sinks)
+              sinks=sinks, deterministic=deterministic)
 
 
 def segment_ids_from_cu_seqlens(cu_seqlens, total_len: int):

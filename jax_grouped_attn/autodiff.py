@@ -46,7 +46,8 @@ def backward(problem: Problem, kernels: Kernels, q, k, v, q_seg, kv_seg, out, ls
   if kernels.mode == "reference":
     return reference_backward(problem, q, k, v, q_seg, kv_seg, out, lse, dout, dlse)
   entry = registry.get(kernels.backward)
-  cfg = registry.config_for(entry, "backward", problem, q.dtype, kernels.config)
+  cfg = registry.config_for(entry, "backward", problem, q.dtype, kernels.config,
+                            deterministic=kernels.deterministic)
   return entry.backward(problem, cfg, kernels.interpret, q, k, v, q_seg, kv_seg, out, lse,
                         dout, dlse)
 

@@ -77,6 +77,15 @@ class Backend:
     v's head_dim when it differs from q/k's ``head_dim``)."""
     return None
 
+  def nondeterministic(self, config) -> str | None:
+    """Why ``config`` gives results that vary run to run (None: it does not)."""
+    return None
+
+  def nondeterministic_config(self, pass_: str, problem: Problem, dtype):
+    """The config of ``pass_`` to use under ``deterministic=False`` when the
+    caller gave none (None: the deterministic default stays)."""
+    return None
+
   def tuning_candidates(self, pass_: str, head_dim: int, mode: str) -> list:
     """Config instances the tuner tries for ``pass_`` ("smoke" / "quick" / "full")."""
     return []

@@ -20,17 +20,21 @@ class Kernels:
   residual contract); config: the AttentionConfig the entries take their
   configs from; interpret: run interpreted; mode: "kernel" (the backward
   entry's kernels) or "reference" (the reference formula, for isolating
-  kernel bugs)."""
+  kernel bugs); deterministic: False lets the backward take kernels whose
+  float adds run in a varying order (the caller's opt-in, never a default)."""
 
   forward: str
   backward: str
   config: AttentionConfig = AttentionConfig()
   interpret: bool = False
   mode: str = "kernel"
+  deterministic: bool = True
 
   def __post_init__(self):
     if self.mode not in MODES:
       raise ValueError(f"Kernels.mode={self.mode!r} must be one of {MODES}.")
+    if not isinstance(self.deterministic, bool):
+      raise ValueError(f"Kernels.deterministic={self.deterministic!r} must be a bool.")
 
   @classmethod
   def both(cls, name: str, **kw) -> "Kernels":

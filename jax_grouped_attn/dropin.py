@@ -80,7 +80,7 @@ def dot_product_attention(query, key, value, bias=None, mask=None, *, scale=None
                           is_causal=False, query_seq_lengths=None,
                           key_value_seq_lengths=None, local_window_size=None,
                           implementation=None, return_residual=False, logits_soft_cap=None,
-                          sinks=None):
+                          sinks=None, deterministic=True):
   """``jax.nn.dot_product_attention`` on this package's kernels (a drop-in).
 
   Args:
@@ -108,6 +108,9 @@ def dot_product_attention(query, key, value, bias=None, mask=None, *, scale=None
       with no value (jax_grouped_attn.grouped_attention). With sinks a row that
       sees no key gives 0 (softmax over the sink alone), not jax.nn's mean of
       value.
+    deterministic: beyond jax.nn: True (default) keeps gradients bitwise equal
+      run to run; False allows a faster backward whose fp32 adds vary in order
+      (jax_grouped_attn.grouped_attention).
     return_residual: also return the log-sum-exp, [B, T, N] (or [T, N]) in
       the input dtype, as jax.nn (no gradient flows through it).
 
@@ -154,7 +157,7 @@ def dot_product_attention(query, key, value, bias=None, mask=None, *, scale=None
       logits_soft_cap=logits_soft_cap, names={"softmax_scale": "scale", "causal": "is_causal"})
   window = problem.window
   hq, hk = problem.hq, problem.hk
-  kernels = resolve(backend, None, None, "kernel", problem, q.dtype)
+  kernels = resolve(backend, None, None, "kernel", problem, q.dtype, deterministic)
   sinks = sinks_lib.check_sinks(sinks, hq)
   out, lse = autodiff.differentiable(problem, kernels, q, k, v, q_seg, kv_seg, sinks)
 

@@ -64,7 +64,8 @@ class Explanation:
 
 def explain(q, k, v, groups=None, *, causal=None, softmax_scale=None, segment_ids=None,
             q_segment_ids=None, kv_segment_ids=None, backend="auto", config=None,
-            interpret=None, backward="kernel", local_window_size=None) -> Explanation:
+            interpret=None, backward="kernel", local_window_size=None,
+            deterministic=True) -> Explanation:
   """Which backend and config each pass of this call would use, and why.
 
   Args as :func:`jax_grouped_attn.attention` (``groups=None``; ``causal``
@@ -89,11 +90,12 @@ def explain(q, k, v, groups=None, *, causal=None, softmax_scale=None, segment_id
                                   local_window_size=local_window_size)
   cfg = as_attention_config(config)
   backward = validate.check_backward_mode(backward)
+  deterministic = validate.check_bool("deterministic", deterministic)
   entries, interp = registry.resolve(backend, interpret, cfg, problem, q.dtype)
-  registry.check_config(entries, cfg)
+  registry.check_config(entries, cfg, deterministic)
   plans = []
   for pass_, entry in zip(PASSES, entries):
-    choice = registry.config_choice(entry, pass_, problem, q.dtype, cfg)
+    choice = registry.config_choice(entry, pass_, problem, q.dtype, cfg, deterministic)
     plans.append(PassPlan(pass_, entry.name, choice.config, choice.source, choice.detail))
   return Explanation(current_platform(), tuning.this_gpu(), tuning.find_table(), interp,
                      tuple(plans), backward)

@@ -90,6 +90,7 @@ class FlaxAttentionFn:
   local_window_size: Any = None
   logits_soft_cap: float | None = None
   sinks: Any = None
+  deterministic_backward: bool = True
 
   def __call__(self, query, key, value, bias=None, mask=None,
                broadcast_dropout=True, dropout_rng=None, dropout_rate=0.0,
@@ -173,7 +174,8 @@ class FlaxAttentionFn:
                     backend=self.backend, config=self.config,
                     interpret=self.interpret, backward=self.backward,
                     local_window_size=local_window_size,
-                    logits_soft_cap=self.logits_soft_cap, sinks=self.sinks, **extra)
+                    logits_soft_cap=self.logits_soft_cap, sinks=self.sinks,
+                    deterministic=self.deterministic_backward, **extra)
     return out.reshape(*batch, *out.shape[1:])
 
 
@@ -182,7 +184,7 @@ def make_attention_fn(causal: bool = False, backend: str = "auto", *,
                       config=None, interpret: bool | None = None,
                       backward: str = "kernel",
                       local_window_size=None, logits_soft_cap=None,
-                      sinks=None) -> FlaxAttentionFn:
+                      sinks=None, deterministic: bool = True) -> FlaxAttentionFn:
   """An ``attention_fn`` for ``flax.linen.MultiHeadDotProductAttention`` and
   ``flax.nnx.MultiHeadAttention``.
 
@@ -196,13 +198,18 @@ def make_attention_fn(causal: bool = False, backend: str = "auto", *,
       learn them, make the function inside the module's call from a parameter.
     context_parallel: None, or a ``ContextParallel`` passed to
       :func:`jax_grouped_attn.attention` (inputs are then the local shards).
+    deterministic: as in :func:`jax_grouped_attn.attention` (False: a faster
+      backward whose fp32 adds vary in order). Not Flax's per-call
+      ``deterministic``, which is about dropout.
   """
   if not isinstance(causal, (bool, np.bool_)):
     raise TypeError(f"causal must be a bool, got {causal!r}.")
   window = validate.check_window(local_window_size, False)
   softcap = validate.check_softcap(logits_soft_cap)
+  deterministic = validate.check_bool("deterministic", deterministic)
   return FlaxAttentionFn(causal=bool(causal), backend=backend,
                          context_parallel=context_parallel,
                          softmax_scale=softmax_scale, config=config,
                          interpret=interpret, backward=backward,
-                         local_window_size=window, logits_soft_cap=softcap, sinks=sinks)
+                         local_window_size=window, logits_soft_cap=softcap, sinks=sinks,
+                         deterministic_backward=deterministic)

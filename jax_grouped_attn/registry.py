@@ -179,9 +179,11 @@ def resolve(backend, interpret, config: AttentionConfig | None = None,
   return entries, bool(interp)
 
 
-def check_config(entries: tuple[Backend, Backend], config: AttentionConfig) -> None:
-  """Raises if a config was given for a pass that its kernel entry cannot use.
-  (The reference has no tiles: code that switches to backend="xla" keeps its
+def check_config(entries: tuple[Backend, Backend], config: AttentionConfig,
+                 deterministic: bool = True) -> None:
+  """Raises if a config was given for a pass that its kernel entry cannot use,
+  or one whose results vary run to run without ``deterministic=False``. (The
+  reference has no tiles: code that switches to backend="xla" keeps its
   config argument, as it always could.)"""
   for pass_, entry in zip(PASSES, entries):
     given = config.given(pass_)
@@ -193,6 +195,11 @@ def check_config(entries: tuple[Backend, Backend], config: AttentionConfig) -> N
       raise ValueError(
           f"config.{pass_}={given if len(given) > 1 else given[0]!r} cannot be used by "
           f"backend={entry.name!r}, which takes {takes} for the {pass_} pass.")
+    for c in given if deterministic else ():
+      why = entry.nondeterministic(c) if type(c) is cls else None
+      if why is not None:
+        raise ValueError(f"config.{pass_}={c!r} is not deterministic: {why}. Pass "
+                         "deterministic=False to allow it.")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -256,16 +263,23 @@ def default_config(backend: str, pass_: str, head_dim: int, *, seq_len: int | No
 
 
 def config_choice(entry: Backend, pass_: str, problem: Problem, dtype,
-                  config: AttentionConfig) -> ConfigChoice:
-  """The user's config of ``entry``'s class for ``pass_``, else :func:`default_choice`."""
+                  config: AttentionConfig, deterministic: bool = True) -> ConfigChoice:
+  """The user's config of ``entry``'s class for ``pass_``; else, under
+  ``deterministic=False``, the entry's non-deterministic config if it has one
+  for ``problem``; else :func:`default_choice`."""
   cls = entry.config_class(pass_)
   given = None if cls is None else config.get(pass_, cls)
   if given is not None:
     return ConfigChoice(given, "given", "the config argument")
+  if not deterministic:
+    fast = entry.nondeterministic_config(pass_, problem, dtype)
+    if fast is not None:
+      return ConfigChoice(fast, "deterministic=False", entry.nondeterministic(fast) or "")
   return default_choice(entry.name, pass_, problem.head_dim, seq_len=problem.tk,
                         dtype=dtype, head_dim_v=problem.head_dim_v)
 
 
-def config_for(entry: Backend, pass_: str, problem: Problem, dtype, config: AttentionConfig):
+def config_for(entry: Backend, pass_: str, problem: Problem, dtype, config: AttentionConfig,
+               deterministic: bool = True):
   """The config of :func:`config_choice`."""
-  return config_choice(entry, pass_, problem, dtype, config).config
+  return config_choice(entry, pass_, problem, dtype, config, deterministic).config

@@ -61,6 +61,9 @@ IDS = [c[0] for c in CASES]
 # The two compute warpgroups share a tile, each owning half of head_dim (D >= 128).
 SPLIT = MosaicBackwardConfig(compute_wgs=2, head_split=2)
 WIDE = [c for c in CASES if c[6] > 64]
+# dQ inside the dK/dV kernel, TMA-added (q/k padded to 64 or 128).
+FUSED = MosaicBackwardConfig(fused_dq=True)
+NARROW = [c for c in CASES if c[6] <= 128]
 
 
 def _problem(case):
@@ -222,6 +225,17 @@ def test_forward_and_backward_lower_for_cuda(case, dtype):
   assert text.count("mosaic_gpu") >= 2
 
 
+@pytest.mark.parametrize("case", NARROW, ids=[c[0] for c in NARROW])
+def test_fused_backward_lowers_for_cuda(case):
+  p = _problem(case)
+  _, bwd = _fwd_bwd(p, None, FUSED)
+  q, k, v, qs, ks, dout, dlse = _inputs(p)
+  out = jax.ShapeDtypeStruct(q.shape, q.dtype)
+  lse = jax.ShapeDtypeStruct((p.batch, p.hq, p.tq), jnp.float32)
+  text = _lower(bwd, q, k, v, qs, ks, out, lse, dout, dlse)
+  assert text.count("custom_call @mosaic_gpu") == 1   # one kernel: dQ inside dK/dV
+
+
 @pytest.mark.parametrize("case", WIDE, ids=[c[0] for c in WIDE])
 def test_head_split_backward_lowers_for_cuda(case):
   p = _problem(case)
@@ -348,12 +362,28 @@ def test_head_split_matches_reference_on_gpu(case):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("case", NARROW, ids=[c[0] for c in NARROW])
+def test_fused_backward_matches_reference_on_gpu(case):
+  _check_on_gpu(case, jnp.bfloat16, FUSED)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("name", SOFTCAP_LOWER)
+def test_fused_backward_with_soft_cap_matches_reference_on_gpu(name):
+  case = next(c for c in CASES if c[0] == name)
+  _check_on_gpu(case, jnp.bfloat16, FUSED,
+                problem=dataclasses.replace(_problem(case), softcap=30.0))
+
+
+@pytest.mark.gpu
 @pytest.mark.parametrize("name,dv", HEAD_DIM_V, ids=[f"{n}-dv{d}" for n, d in HEAD_DIM_V])
 def test_value_head_dim_matches_reference_on_gpu(name, dv):
   p = _with_dv(name, dv)
   _check_on_gpu(name, jnp.bfloat16, None, problem=p)
   if min(p.head_dim, dv) > 64:
     _check_on_gpu(name, jnp.bfloat16, SPLIT, problem=p)
+  if max(p.head_dim, dv) <= 128:
+    _check_on_gpu(name, jnp.bfloat16, FUSED, problem=p)
 
 
 def _check_on_gpu(case, dtype, bcfg, problem=None):
@@ -377,9 +407,10 @@ def _check_on_gpu(case, dtype, bcfg, problem=None):
   lowp = reference_backward(p, q, k, v, qs, ks, ro16, rl, dout, dlse, compute_dtype=dtype)
   for n, g, w, lp in zip(("dq", "dk", "dv"), got, want, lowp):
     assert_calibrated(name, g, w, lp, what=f" {n}")
-  # Deterministic: a second run is bitwise equal.
+  # Deterministic: a second run is bitwise equal (the fused backward: dK, dV).
   again = jax.jit(bwd)(q, k, v, qs, ks, ro16, rl, dout, dlse)
-  for g, h in zip(got, again):
+  fused = bcfg is not None and bcfg.fused_dq
+  for g, h in list(zip(got, again))[1 if fused else 0:]:
     np.testing.assert_array_equal(np.asarray(g), np.asarray(h))
 
 

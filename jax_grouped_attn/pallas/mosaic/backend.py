@@ -58,6 +58,19 @@ class PallasMosaicBackend(KernelBackend):
               "'auto', which picks one).")
     return super().supports(problem, dtype)
 
+  def nondeterministic(self, config) -> str | None:
+    if isinstance(config, MosaicBackwardConfig) and config.fused_dq:
+      return "fused_dq=True adds dQ in fp32 in an order that varies run to run"
+    return None
+
+  def nondeterministic_config(self, pass_, problem, dtype):
+    # The fused backward (config.fused_dq) where its dQ shares and shared
+    # memory fit: q/k padded to 64 or 128, v to at most 128.
+    dqk, dv = self.head_dims(problem)
+    if pass_ != "backward" or dqk not in (64, 128) or dv > 128:
+      return None
+    return MosaicBackwardConfig(fused_dq=True)
+
   def padded_head_dim(self, head_dim: int) -> int:
     return mosaic_config.padded_head_dim(head_dim)
 

@@ -63,6 +63,12 @@ class MosaicBackwardConfig:
     and each owns half of head_dim's output columns (one computes S and P,
     the other dP and dS, exchanged through shared memory). 2 is what fits
     D256: one warpgroup cannot hold two 64x256 fp32 accumulators.
+  fused_dq: False: dQ has its own kernel, each output written once (bitwise
+    deterministic). True: the dK/dV kernel also computes dQ = dS K and
+    TMA-adds it into an fp32 accumulator (five matmuls instead of seven; the
+    order of the adds varies, so it needs ``deterministic=False``). Takes
+    block_q 64, head_split 1 and q/k head_dim padded to 64 or 128; the dq_*
+    tiles must stay at their defaults (there is no dQ kernel).
   """
 
   PASS: typing.ClassVar[str] = "backward"
@@ -74,6 +80,7 @@ class MosaicBackwardConfig:
   max_concurrent_steps: int = 2
   compute_wgs: int = 2
   head_split: int = 1
+  fused_dq: bool = False
 
   def __post_init__(self):
     name = type(self).__name__
@@ -85,6 +92,16 @@ class MosaicBackwardConfig:
     if self.head_split == 2 and self.compute_wgs != 2:
       raise ValueError(f"{name}.head_split=2 splits head_dim between two compute warpgroups: "
                        f"it needs compute_wgs=2, got {self.compute_wgs=}.")
+    if not isinstance(self.fused_dq, bool):
+      raise ValueError(f"{name}.fused_dq={self.fused_dq!r} must be a bool.")
+    if self.fused_dq:
+      if self.head_split != 1 or self.block_q != 64:
+        raise ValueError(f"{name}.fused_dq=True takes head_split=1 and block_q=64; got "
+                         f"{self.head_split=}, {self.block_q=}.")
+      if (self.dq_block_q, self.dq_block_kv) != (64, 64):
+        raise ValueError(f"{name}.fused_dq=True has no dQ kernel, so dq_block_q and "
+                         f"dq_block_kv mean nothing: leave them at 64; got "
+                         f"{self.dq_block_q=}, {self.dq_block_kv=}.")
 
   @property
   def kv_per_cta(self) -> int:
@@ -122,6 +139,15 @@ def forward_smem_bytes(config: MosaicForwardConfig, dqk: int, dv: int, itemsize:
   return tiles * itemsize + rows * 4
 
 
+def fused_smem_bytes(config: MosaicBackwardConfig, dqk: int, dv: int, itemsize: int = 2) -> int:
+  """Shared memory of the fused backward kernel (config.fused_dq) at padded
+  widths (dqk, dv): K, V of every warpgroup, the Q / dO / lse2 / delta ring,
+  the 2-step dS^T ring and the f32 dQ staging shares."""
+  wgs, bq, bkv, stages = config.compute_wgs, config.block_q, config.block_kv, config.max_concurrent_steps
+  tiles = wgs * bkv * (dqk + dv) + stages * bq * (dqk + dv) + 2 * wgs * bkv * bq
+  return tiles * itemsize + stages * bq * 2 * 4 + wgs * bq * DQ_SHARE * 4
+
+
 def fits_forward(config: MosaicForwardConfig, dqk: int, dv: int) -> bool:
   return forward_smem_bytes(config, dqk, dv) <= SMEM_BYTES
 
@@ -149,6 +175,26 @@ def split_columns(dqk: int, dv: int) -> tuple[tuple[int, ...], tuple[int, ...], 
              key=lambda ab: (abs(2 * (ab[0] + ab[1]) - 2 * dv), even(ab[0], dqk) + even(ab[1], dv)))
   dq = min(range(64, dqk, 64), key=lambda a: (abs(2 * a - dv), even(a, dqk)))
   return column_parts(dqk, dkdv[0]), column_parts(dv, dkdv[1]), dq
+
+
+# The fused backward's dQ share: the columns one compute warpgroup adds per
+# step (one 128-byte swizzle of bf16 K, a [block_q, 64] f32 TMA-add box).
+DQ_SHARE = 64
+
+
+def fused_dq_split(dqk: int, wgs: int) -> str:
+  """How the fused backward's warpgroups share dQ = dS K at padded q/k width
+  ``dqk``: "halves" (each adds DQ_SHARE columns over every warpgroup's keys,
+  which it reads from shared memory: dqk == wgs * 64) or "own" (each adds all
+  columns over its own keys: dqk == 64)."""
+  if dqk == wgs * DQ_SHARE:
+    return "halves"
+  if dqk == DQ_SHARE:
+    return "own"
+  raise ValueError(
+      f"MosaicBackwardConfig.fused_dq=True takes q/k head_dims padded to 64 or {wgs * DQ_SHARE} "
+      f"(each compute warpgroup adds a {DQ_SHARE}-column share of dQ); got {dqk}. Use "
+      "fused_dq=False.")
 
 
 def tuning_candidates(pass_: str, head_dim: int, mode: str) -> list:

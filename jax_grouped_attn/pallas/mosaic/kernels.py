@@ -26,6 +26,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from jax_grouped_attn import compat, plan as plan_lib
+from jax_grouped_attn.pallas.mosaic.config import DQ_SHARE, fused_dq_split
 from jax_grouped_attn.plan import LN2, LOG2E
 
 NEG_INF = float("-inf")
@@ -354,10 +355,11 @@ def _zeros(shape):
   return plgpu.layout_cast(jnp.full(shape, 0.0, jnp.float32), plgpu.Layout.WGMMA)
 
 
-def backward_dkdv_kernel(kv_table_ref, entries_ref, q_ref, k_ref, v_ref, do_ref, lse2_ref,
-                         delta_ref, *refs, scale: float, softcap: float | None, causal: bool,
-                         window: tuple[int, int], has_segments: bool, block_q: int,
-                         block_kv: int, stages: int, wgs: int, group_size: int):
+def backward_dkdv_kernel(kv_table_ref, entries_ref, q_ref, k_ref, v_ref, do_ref,  # noqa: C901
+                         lse2_ref, delta_ref, *refs, scale: float, softcap: float | None,
+                         causal: bool, window: tuple[int, int], has_segments: bool,
+                         block_q: int, block_kv: int, stages: int, wgs: int, group_size: int,
+                         fused_dq: bool = False):
   """One CTA per (kv head, kv block t, batch): dK, dV of wgs * block_kv keys.
 
   kv_table_ref: [n_kv_blocks, KV_TABLE_WIDTH], entries_ref: [n_entries,
@@ -375,11 +377,24 @@ def backward_dkdv_kernel(kv_table_ref, entries_ref, q_ref, k_ref, v_ref, do_ref,
   block_q] f32;
   ``bars``: kv_ready [2 * wgs] (K then V of each warpgroup), q_ready,
   do_ready, lse_ready, delta_ready, free [stages].
+
+  fused_dq (:func:`fused_dq_split`; not deterministic: the order of the fp32
+  adds varies): the CTA also computes dQ = dS K of every step. Each
+  warpgroup stores its dS^T (bf16) into ``smem["ds"]`` [2, wgs, block_kv,
+  block_q] (a 2-step ring), and after ``bars["ds_ready"]`` (wgs arrivals) says
+  every warpgroup's is there, warpgroup i computes its [block_q, 64] share of
+  dQ (dQ_SHARE) into ``smem["dq"]`` [wgs, block_q, 64] f32 and TMA-adds it
+  into ``dq_acc_ref`` [B, Tq_pad, Hq, Dqk] f32 (unscaled, zeroed by the
+  launcher; an input Ref before dk_ref). ``bars["done"]`` (wgs arrivals)
+  keeps K, which the shares read, until every warpgroup has finished.
   """
   if has_segments:
-    qseg_ref, kvseg_ref, dk_ref, dv_ref, smem, bars = refs
+    qseg_ref, kvseg_ref, *refs = refs
   else:
     qseg_ref = kvseg_ref = None
+  if fused_dq:
+    dq_acc_ref, dk_ref, dv_ref, smem, bars = refs
+  else:
     dk_ref, dv_ref, smem, bars = refs
   k_smem, v_smem, q_smem, do_smem = smem["k"], smem["v"], smem["q"], smem["do"]
   lse_smem, delta_smem = smem["lse"], smem["delta"]
@@ -416,7 +431,7 @@ def backward_dkdv_kernel(kv_table_ref, entries_ref, q_ref, k_ref, v_ref, do_ref,
     plgpu.barrier_wait(kv_ready.at[wgs + wg])
     k_tile, v_tile = k_smem.at[wg], v_smem.at[wg]
 
-    def step(i, e, carry, masked: bool):
+    def step(i, e, h, carry, masked: bool):
       dk, dv = carry
       slot = lax.rem(i, stages)
       plgpu.barrier_wait(q_ready.at[slot])
@@ -454,6 +469,8 @@ def backward_dkdv_kernel(kv_table_ref, entries_ref, q_ref, k_ref, v_ref, do_ref,
       plgpu.barrier_wait(delta_ready.at[slot])
       delta = _load(delta_smem.at[slot], plgpu.Layout.WGMMA.reduce(0))
       ds_t = g_t * (dp_t - _col_vec(delta, shape_t))
+      if fused_dq:
+        return fused_step(i, e, h, slot, ds_t.astype(dtype), dk, dv)
 
       def dk_step(acc_ref):
         plgpu.wgmma(acc_ref, ds_t.astype(dtype), q_smem.at[slot])   # dK += dS^T Q
@@ -462,13 +479,54 @@ def backward_dkdv_kernel(kv_table_ref, entries_ref, q_ref, k_ref, v_ref, do_ref,
       plgpu.barrier_arrive(free.at[slot])
       return dk, dv
 
+    if fused_dq:
+      ds_smem, dq_smem, ds_ready = smem["ds"], smem["dq"], bars["ds_ready"]
+      share = fused_dq_split(dqk, wgs)
+      dq_tile = dq_smem.at[wg]
+
+      def fused_step(i, e, h, slot, ds16, dk, dv):
+        dslot = lax.rem(i, 2)
+        ds_smem.at[dslot, wg][...] = ds16
+        plgpu.commit_smem()
+        if share == "halves":
+          plgpu.barrier_arrive(ds_ready)
+
+        def dk_dq(accs):
+          dk_acc, dq_acc = accs
+          plgpu.wgmma(dk_acc, ds16, q_smem.at[slot])                  # dK += dS^T Q
+          if share == "halves":   # every warpgroup's keys, this warpgroup's columns
+            plgpu.barrier_wait(ds_ready)
+            cols = pl.ds(wg * DQ_SHARE, DQ_SHARE)
+            for j in range(wgs):
+              plgpu.wgmma(dq_acc, _t(ds_smem.at[dslot, j]), k_smem.at[j, :, cols])
+          else:                   # this warpgroup's keys, every column
+            plgpu.wgmma(dq_acc, _t(ds_smem.at[dslot, wg]), k_tile)
+
+        dk, dq = pl.run_state(dk_dq)((plgpu.ACC.init(dk),
+                                      plgpu.ACC.init(_zeros((block_q, DQ_SHARE)))))
+        plgpu.barrier_arrive(free.at[slot])
+        # The previous step's add has read the staging tile: overwrite it.
+        plgpu.wait_smem_to_gmem(0, wait_read_only=True)
+        dq_tile[...] = dq
+        plgpu.commit_smem()
+        qh = kvh * group_size + h
+        col0 = wg * DQ_SHARE if share == "halves" else 0
+        plgpu.copy_smem_to_gmem(
+            dq_tile, dq_acc_ref.at[b, pl.ds(entry_row0(e), block_q), qh,
+                                   pl.ds(col0, DQ_SHARE)],
+            reduction_op="add")
+        return dk, dv
+
     def head(h, carry):
       base = h * n_ent
-      carry = lax.fori_loop(0, n_full, lambda e, cr: step(base + e, e, cr, False), carry)
-      return lax.fori_loop(n_full, n_ent, lambda e, cr: step(base + e, e, cr, True), carry)
+      carry = lax.fori_loop(0, n_full, lambda e, cr: step(base + e, e, h, cr, False), carry)
+      return lax.fori_loop(n_full, n_ent, lambda e, cr: step(base + e, e, h, cr, True), carry)
 
     dk, dv = lax.fori_loop(0, group_size, head,
                            (_zeros((block_kv, dqk)), _zeros((block_kv, dv_width))))
+    if fused_dq:   # the other warpgroups' last dQ shares read this K tile
+      plgpu.barrier_arrive(bars["done"])
+      plgpu.barrier_wait(bars["done"])
     k_tile[...] = (dk * scale).astype(dtype)
     v_tile[...] = dv.astype(dtype)
     plgpu.commit_smem()

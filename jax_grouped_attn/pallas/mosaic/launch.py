@@ -9,14 +9,19 @@ from __future__ import annotations
 import functools
 
 import jax.numpy as jnp
+from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from jax_grouped_attn import plan as plan_lib
 from jax_grouped_attn.pallas.mosaic import heuristics, kernels
 from jax_grouped_attn.pallas.mosaic.config import (
+  DQ_SHARE,
+  SMEM_BYTES,
   MosaicBackwardConfig,
   MosaicForwardConfig,
   column_parts,
+  fused_dq_split,
+  fused_smem_bytes,
   padded_head_dim,
   split_columns,
 )
@@ -236,6 +241,11 @@ def backward(q, k, v, q_seg, kv_seg, out, lse, dout, dlse, *, problem: Problem,
                                   interpret=interpret)
     return dq[..., :dqk_in], dk[..., :dqk_in], dv_[..., :dv_in]
 
+  if cfg.fused_dq:
+    dq, dk, dv_ = _backward_fused(q, k, v, seg_args, dout, delta, lse2, problem=problem,
+                                  plan=plan, cfg=cfg, common=common, params=params)
+    return dq[..., :dqk_in], dk[..., :dqk_in], dv_[..., :dv_in]
+
   # dK/dV: CTA (kv head, t, batch) owns kv block kv_table[t].
   wgs = _wgs(plan.block_k, cfg.block_kv, cfg.compute_wgs, "backward dK/dV")
   bq, bkv = plan.block_q, cfg.block_kv
@@ -373,3 +383,60 @@ def _backward_split(q, k, v, q_seg, kv_seg, dout, delta, lse2, *, problem, plan,
         **_interpret_kwargs(interpret),
     )(_table(qplan.table), q, k, v, dout, lse2, delta, *seg_args)
   return dq, dk, dv_
+
+
+def _backward_fused(q, k, v, seg_args, dout, delta, lse2, *, problem, plan, cfg, common, params):
+  """config.fused_dq: the dK/dV kernel also TMA-adds dQ = dS K into a zeroed
+  fp32 accumulator [B, Tq_pad, Hq, Dqk], then dq = accumulator * scale (one
+  XLA fusion). plgpu.kernel aliases no operand, so the accumulator is a
+  mutable Ref handed to pl.kernel inside pl.run_state (the launcher stays a
+  pure function). Returns padded dq, dk, dv."""
+  b, tq_pad, hq, dqk = q.shape
+  tk_pad, hk, dv = k.shape[1], k.shape[2], v.shape[3]
+  dtype = q.dtype
+  stages = cfg.max_concurrent_steps
+  wgs = _wgs(plan.block_k, cfg.block_kv, cfg.compute_wgs, "backward dK/dV")
+  bq, bkv = plan.block_q, cfg.block_kv
+  fused_dq_split(dqk, wgs)   # raises for widths without a dQ share
+  if dv > 128 or fused_smem_bytes(cfg, dqk, dv) > SMEM_BYTES:
+    raise ValueError(
+        f"MosaicBackwardConfig.fused_dq=True at q/k width {dqk} and v width {dv} needs "
+        f"{fused_smem_bytes(cfg, dqk, dv)} B of shared memory (at most {SMEM_BYTES}) and "
+        f"v's width <= 128; use fused_dq=False or fewer stages ({cfg=}).")
+  # By the names kernels.backward_dkdv_kernel reads.
+  smem = dict(
+      k=_tile(wgs, bkv, dqk, dtype=dtype),       # K in (every warpgroup's dQ share reads it), dK out
+      v=_tile(wgs, bkv, dv, dtype=dtype),        # V in, dV out
+      q=_tile(stages, bq, dqk, dtype=dtype),     # Q ring
+      do=_tile(stages, bq, dv, dtype=dtype),     # dO ring
+      lse=plgpu.SMEM((stages, bq), jnp.float32),        # lse2 ring
+      delta=plgpu.SMEM((stages, bq), jnp.float32),      # delta ring
+      ds=_tile(2, wgs, bkv, bq, dtype=dtype),           # dS^T, a 2-step ring
+      dq=plgpu.SMEM((wgs, bq, DQ_SHARE), jnp.float32, transforms=_tiling(jnp.float32)),
+  )
+  ring = lambda: plgpu.Barrier(num_barriers=stages)
+  bars = dict(kv_ready=plgpu.Barrier(num_barriers=2 * wgs),
+              q_ready=ring(), do_ready=ring(), lse_ready=ring(), delta_ready=ring(),
+              free=plgpu.Barrier(num_arrivals=wgs, num_barriers=stages),
+              ds_ready=plgpu.Barrier(num_arrivals=wgs),
+              done=plgpu.Barrier(num_arrivals=wgs))
+  body = functools.partial(kernels.backward_dkdv_kernel, block_q=bq, block_kv=bkv, wgs=wgs,
+                           softcap=problem.softcap, fused_dq=True, **common)
+  mesh = plgpu.Mesh(grid=(hk, plan.n_kv_blocks, b), grid_names=("h", "t", "b"),
+                    num_threads=wgs + 1, thread_name="wg")
+
+  def kernel_body(*refs):
+    pl.run_scoped(functools.partial(body, *refs), smem, bars, collective_axes="wg")
+
+  call = pl.kernel(kernel_body, out_type=(), mesh=mesh, compiler_params=params,
+                   name="grouped_attention_bwd_fused")
+  args = (_table(plan.kv_table), _table(plan.entries), q, k, v, dout, lse2, delta, *seg_args)
+
+  def run(refs):
+    call(*args, *refs)
+
+  # dK and dV are Refs too (a kernel's outputs cannot leave run_state): every
+  # CTA writes its keys, so their zeros are only the initial value.
+  acc, dk, dv_ = pl.run_state(run)((jnp.zeros((b, tq_pad, hq, dqk), jnp.float32),
+                                    jnp.zeros(k.shape, k.dtype), jnp.zeros(v.shape, v.dtype)))
+  return (acc * problem.scale).astype(dtype), dk, dv_
