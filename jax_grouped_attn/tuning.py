@@ -61,8 +61,16 @@ def fields(config_class) -> tuple[str, ...]:
 
 
 def required_fields(config_class) -> tuple[str, ...]:
-  """The fields an entry must hold (those whose default is not None)."""
-  return tuple(f.name for f in dataclasses.fields(config_class) if f.default is not None)
+  """The fields an entry must hold: those whose default is not None or a bool
+  (a switch an older table has no key for keeps its default)."""
+  return tuple(f.name for f in dataclasses.fields(config_class)
+               if f.default is not None and not isinstance(f.default, bool))
+
+
+def _field_value(config_class, name: str, value):
+  """A table value as the field's type: bool switches, else int tiles."""
+  default = {f.name: f.default for f in dataclasses.fields(config_class)}[name]
+  return bool(value) if isinstance(default, bool) else int(value)
 
 
 def slug(name: str) -> str:
@@ -337,8 +345,8 @@ def lookup(pass_: str, backend: str, config_class, head_dim: int, *,
 
 def _instance(config_class, values: dict, what: str):
   try:
-    return config_class(**{f: int(values[f]) for f in fields(config_class)
-                           if values.get(f) is not None})
+    return config_class(**{f: _field_value(config_class, f, values[f])
+                           for f in fields(config_class) if values.get(f) is not None})
   except (TypeError, ValueError) as e:
     warnings.warn(f"unusable {what} {values}: {e}; using the heuristic", stacklevel=3)
     return None
