@@ -272,3 +272,80 @@ def test_every_kernel_entry_supplies_small_test_configs():
   for entry in registry.kernel_entries():
     for pass_, cfg in zip(("forward", "backward"), entry.small_configs()):
       assert isinstance(cfg, entry.config_class(pass_)), (entry.name, pass_, cfg)
+
+
+# ------------------------------------------------------------ deterministic --
+
+def _problem(d, dv=None):
+  from jax_grouped_attn.groups import QueryGroup
+  from jax_grouped_attn.plan import Problem
+  return Problem((QueryGroup(0, 8192, 0, 8192),), 1, 8192, 8192, 32, 8, d, True,
+                 d ** -0.5, False, head_dim_v=dv)
+
+
+def test_deterministic_false_picks_mosaics_fused_backward_only_where_it_fits():
+  from jax_grouped_attn.pallas.mosaic.config import MosaicBackwardConfig
+  mosaic = registry.get("pallas_mosaic")
+  pick = lambda p, det, pass_="backward": registry.config_choice(
+      mosaic, pass_, p, "bfloat16", AttentionConfig(), det)
+  got = pick(_problem(128), False)
+  assert got.config == MosaicBackwardConfig(fused_dq=True)
+  assert got.source == "deterministic=False" and "varies" in got.detail
+  for p in (_problem(64), _problem(128, 64), _problem(40)):
+    assert pick(p, False).config.fused_dq, p
+  for p in (_problem(256), _problem(192, 128), _problem(128, 192)):
+    assert not pick(p, False).config.fused_dq, p
+  assert not pick(_problem(128), True).config.fused_dq       # the default never fuses
+  assert pick(_problem(128), False, "forward") == pick(_problem(128), True, "forward")
+  for name in ("triton", "pallas_triton"):                   # deterministic kernels only
+    e = registry.get(name)
+    assert (registry.config_choice(e, "backward", _problem(128), "bfloat16", AttentionConfig(),
+                                   False)
+            == registry.config_choice(e, "backward", _problem(128), "bfloat16",
+                                      AttentionConfig(), True))
+
+
+def test_a_fused_config_needs_deterministic_false():
+  from jax_grouped_attn.pallas.mosaic.config import MosaicBackwardConfig
+  entries = (registry.get("pallas_mosaic"),) * 2
+  fused = AttentionConfig(backward=MosaicBackwardConfig(fused_dq=True))
+  with pytest.raises(ValueError, match=r"config.backward=.*fused_dq=True.* not deterministic"
+                                       r".*deterministic=False"):
+    registry.check_config(entries, fused)
+  registry.check_config(entries, fused, deterministic=False)
+  registry.check_config(entries, AttentionConfig(backward=MosaicBackwardConfig()))
+
+
+@pytest.mark.parametrize("call", ["attention", "grouped_attention", "dot_product_attention",
+                                  "make_attention_fn"])
+def test_deterministic_must_be_a_bool(call):
+  q, kv = _inputs()
+  fns = {
+      "attention": lambda d: ga.attention(q, kv, kv, deterministic=d),
+      "grouped_attention": lambda d: ga.grouped_attention(
+          q, kv, kv, [ga.QueryGroup(0, 32, 0, 32)], deterministic=d),
+      "dot_product_attention": lambda d: ga.dot_product_attention(q, kv, kv, deterministic=d),
+      "make_attention_fn": lambda d: __import__(
+          "jax_grouped_attn.flax", fromlist=["x"]).make_attention_fn(deterministic=d),
+  }
+  with pytest.raises(TypeError, match="deterministic must be a bool, got 'no'"):
+    fns[call]("no")
+  fns[call](False)
+
+
+def test_deterministic_false_reaches_the_backward_config(monkeypatch):
+  # The opt-in travels in call.Kernels to the backward's config choice (also
+  # under context parallelism, whose strategies call autodiff with the same Kernels).
+  seen = []
+  real = registry.config_for
+
+  def spy(entry, pass_, problem, dtype, config, deterministic=True):
+    seen.append((pass_, deterministic))
+    return real(entry, pass_, problem, dtype, config, deterministic)
+
+  monkeypatch.setattr(registry, "config_for", spy)
+  q, kv = _inputs()
+  f = lambda q, k, v: ga.attention(q, k, v, causal=True, backend="triton",
+                                   deterministic=False).sum()
+  jax.grad(f, argnums=(0, 1, 2))(q, kv, kv)
+  assert ("backward", False) in seen
