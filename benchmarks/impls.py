@@ -39,7 +39,7 @@ import jax
 import jax.numpy as jnp
 
 import jax_grouped_attn as ga
-from benchmarks import common
+from benchmarks import common, report
 from benchmarks.common import Workload
 from jax_grouped_attn import registry
 from jax_grouped_attn.groups import QueryGroup
@@ -79,14 +79,21 @@ class Impl:
 
 # ----------------------------------------------------------- this project ---
 
+# The suffix of a row run with deterministic=False (the entries whose backward
+# then differs: report.NONDET).
+NONDET_SUFFIX = "-nondet"
+
+
 class Grouped(Impl):
-  """grouped_attention with one backend, all groups in one launch."""
+  """grouped_attention with one backend, all groups in one launch;
+  ``deterministic=False`` is the caller's opt-in (a row named with NONDET_SUFFIX)."""
 
   kind = "grouped"
 
-  def __init__(self, backend: str):
+  def __init__(self, backend: str, deterministic: bool = True):
     self.backend = backend
-    self.name = backend
+    self.deterministic = deterministic
+    self.name = backend + ("" if deterministic else NONDET_SUFFIX)
 
   def unavailable(self, wl, ctx):
     if self.backend == "xla":
@@ -105,7 +112,8 @@ class Grouped(Impl):
     sinks = common.sink_logits(wl)
     call = lambda q, k, v, lse: ga.grouped_attention(
         q, k, v, groups, causal=causal, backend=backend, local_window_size=window,
-        logits_soft_cap=wl.softcap, sinks=sinks, return_lse=lse)
+        logits_soft_cap=wl.softcap, sinks=sinks, return_lse=lse,
+        deterministic=self.deterministic)
     return Built(lambda q, k, v: call(q, k, v, False),
                  "T^2 reference" if registry.get(backend).native_autodiff else "one launch",
                  fwd_fn=lambda q, k, v: call(q, k, v, True))
@@ -507,7 +515,8 @@ def all_impls() -> dict[str, Impl]:
   """This project's rows (one per registry entry, and per kernel entry its
   one-launch-per-group baseline and its padded-v workaround), then the peers."""
   kernels = [b.name for b in registry.kernel_entries()]
-  impls = ([Grouped(n) for n in kernels] + [Grouped("xla")] + [TwoLaunch(n) for n in kernels]
+  impls = ([Grouped(n) for n in kernels] + [Grouped(n, False) for n in report.NONDET]
+           + [Grouped("xla")] + [TwoLaunch(n) for n in kernels]
            + [PadV(Grouped(n)) for n in kernels] + [Cudnn(), PadV(Cudnn()), JaxPallasMha()])
   return {i.name: i for i in impls}
 

@@ -12,11 +12,17 @@ import statistics
 import numpy as np
 
 from jax_grouped_attn import registry
+from jax_grouped_attn.backend import Backend
 
 MIB = 1 << 20
 GROUPED = tuple(b.name for b in registry.kernel_entries())
+# Entries with a backward of their own under deterministic=False (bench rows
+# "<name>-nondet"): those whose registry entry has a non-deterministic config.
+NONDET = tuple(b.name for b in registry.kernel_entries()
+               if type(b).nondeterministic_config is not Backend.nondeterministic_config)
 _PASS_ORDER = {"fwd": 0, "bwd": 1, "fwdbwd": 2}
-_IMPL_ORDER = (GROUPED + tuple(f"{n}-2launch" for n in GROUPED)
+_IMPL_ORDER = (GROUPED + tuple(f"{n}-nondet" for n in NONDET)
+               + tuple(f"{n}-2launch" for n in GROUPED)
                + tuple(f"{n}+padv" for n in GROUPED)
                + ("cudnn", "cudnn+padv", "jax-pallas-mha", "xla"))
 # The cuDNN row a row is compared with: plain, else (v with a head_dim of its

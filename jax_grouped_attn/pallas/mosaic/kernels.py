@@ -496,7 +496,7 @@ def backward_dkdv_kernel(kv_table_ref, entries_ref, q_ref, k_ref, v_ref, do_ref,
           plgpu.wgmma(dk_acc, ds16, q_smem.at[slot])                  # dK += dS^T Q
           if share == "halves":   # every warpgroup's keys, this warpgroup's columns
             plgpu.barrier_wait(ds_ready)
-            cols = pl.ds(wg * DQ_SHARE, DQ_SHARE)
+            cols = pl.ds(pl.multiple_of(wg * DQ_SHARE, DQ_SHARE), DQ_SHARE)
             for j in range(wgs):
               plgpu.wgmma(dq_acc, _t(ds_smem.at[dslot, j]), k_smem.at[j, :, cols])
           else:                   # this warpgroup's keys, every column
@@ -510,7 +510,7 @@ def backward_dkdv_kernel(kv_table_ref, entries_ref, q_ref, k_ref, v_ref, do_ref,
         dq_tile[...] = dq
         plgpu.commit_smem()
         qh = kvh * group_size + h
-        col0 = wg * DQ_SHARE if share == "halves" else 0
+        col0 = pl.multiple_of(wg * DQ_SHARE, DQ_SHARE) if share == "halves" else 0
         plgpu.copy_smem_to_gmem(
             dq_tile, dq_acc_ref.at[b, pl.ds(entry_row0(e), block_q), qh,
                                    pl.ds(col0, DQ_SHARE)],
