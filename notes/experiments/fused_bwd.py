@@ -16,6 +16,7 @@ import jax.numpy as jnp
 
 import jax_grouped_attn as ga
 from benchmarks import common
+from jax_grouped_attn.pallas.mosaic.config import MosaicBackwardConfig
 
 SHAPES = {   # name: (batch, seq, hq, hk, d, causal)
     "s8k": (1, 8192, 32, 8, 128, True),
@@ -44,6 +45,13 @@ def main():
         "ours": lambda q, k, v: ga.attention(q, k, v, causal=causal),
         "ours_nondet": lambda q, k, v: ga.attention(q, k, v, causal=causal, deterministic=False),
     }
+    for name_, bcfg, det in (("fused_kvmajor", MosaicBackwardConfig(fused_dq=True, kv_major=True),
+                              False),
+                             ("two_kernel_kvmajor", MosaicBackwardConfig(kv_major=True), True)):
+      if d > 64 or not det:
+        cfg = ga.AttentionConfig(backward=bcfg)
+        impls[name_] = (lambda q, k, v, cfg=cfg, det=det: ga.attention(
+            q, k, v, causal=causal, backend="pallas_mosaic", config=cfg, deterministic=det))
     fns = {n: jax.jit(lambda q, k, v, do, f=f: jax.vjp(f, q, k, v)[1](do)) for n, f in impls.items()}
     fwd = {n: jax.jit(f) for n, f in impls.items()}
     row = {"shape": dict(b=b, s=s, hq=hq, hk=hk, d=d, causal=causal), "ms": {}, "fwd_ms": {},

@@ -69,6 +69,11 @@ class MosaicBackwardConfig:
     order of the adds varies, so it needs ``deterministic=False``). Takes
     block_q 64, head_split 1 and q/k head_dim padded to 64 or 128; the dq_*
     tiles must stay at their defaults (there is no dQ kernel).
+  kv_major: the launch order of the dK/dV (or fused) kernel's CTAs: False,
+    kv head by kv head (each head's kv blocks heaviest first); True, kv block
+    by kv block across all kv heads (heaviest first over the whole grid; a
+    scheduling model put it at 1.01x the ideal makespan against 1.24x,
+    notes/mosaic.md).
   """
 
   PASS: typing.ClassVar[str] = "backward"
@@ -81,6 +86,7 @@ class MosaicBackwardConfig:
   compute_wgs: int = 2
   head_split: int = 1
   fused_dq: bool = False
+  kv_major: bool = False
 
   def __post_init__(self):
     name = type(self).__name__
@@ -92,8 +98,9 @@ class MosaicBackwardConfig:
     if self.head_split == 2 and self.compute_wgs != 2:
       raise ValueError(f"{name}.head_split=2 splits head_dim between two compute warpgroups: "
                        f"it needs compute_wgs=2, got {self.compute_wgs=}.")
-    if not isinstance(self.fused_dq, bool):
-      raise ValueError(f"{name}.fused_dq={self.fused_dq!r} must be a bool.")
+    for field in ("fused_dq", "kv_major"):
+      if not isinstance(getattr(self, field), bool):
+        raise ValueError(f"{name}.{field}={getattr(self, field)!r} must be a bool.")
     if self.fused_dq:
       if self.head_split != 1 or self.block_q != 64:
         raise ValueError(f"{name}.fused_dq=True takes head_split=1 and block_q=64; got "
@@ -143,7 +150,8 @@ def fused_smem_bytes(config: MosaicBackwardConfig, dqk: int, dv: int, itemsize: 
   """Shared memory of the fused backward kernel (config.fused_dq) at padded
   widths (dqk, dv): K, V of every warpgroup, the Q / dO / lse2 / delta ring,
   the 2-step dS^T ring and the f32 dQ staging shares."""
-  wgs, bq, bkv, stages = config.compute_wgs, config.block_q, config.block_kv, config.max_concurrent_steps
+  wgs, bq, bkv = config.compute_wgs, config.block_q, config.block_kv
+  stages = config.max_concurrent_steps
   tiles = wgs * bkv * (dqk + dv) + stages * bq * (dqk + dv) + 2 * wgs * bkv * bq
   return tiles * itemsize + stages * bq * 2 * 4 + wgs * bq * DQ_SHARE * 4
 

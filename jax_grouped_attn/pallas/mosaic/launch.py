@@ -76,6 +76,15 @@ def _check_inputs(q, k, v):
     raise ValueError(f"Hq must be a multiple of Hk: {q.shape=}, {k.shape=}.")
 
 
+def _dkdv_grid(cfg: MosaicBackwardConfig, hk: int, n_kv_blocks: int, b: int) -> dict:
+  """The dK/dV kernels' grid by axis name (the kernels read "h", "t", "b").
+  Mosaic launches the last axis fastest, so (h, t, b) goes kv head by kv
+  head and (t, h, b) (config.kv_major) kv block by kv block over all heads."""
+  if cfg.kv_major:
+    return dict(grid=(n_kv_blocks, hk, b), grid_names=("t", "h", "b"))
+  return dict(grid=(hk, n_kv_blocks, b), grid_names=("h", "t", "b"))
+
+
 def _pad_dim(x, dp):
   d = x.shape[-1]
   return x if d == dp else jnp.pad(x, [(0, 0)] * (x.ndim - 1) + [(0, dp - d)])
@@ -268,8 +277,7 @@ def backward(q, k, v, q_seg, kv_seg, out, lse, dout, dlse, *, problem: Problem,
       out_type=(shape_struct((b, tk_pad, hk, dqk), k.dtype, like=q),
                 shape_struct((b, tk_pad, hk, dv), v.dtype, like=q)),
       scratch_types=(smem, bars),
-      grid=(hk, plan.n_kv_blocks, b),
-      grid_names=("h", "t", "b"),
+      **_dkdv_grid(cfg, hk, plan.n_kv_blocks, b),
       num_threads=wgs + 1,
       thread_name="wg",
       compiler_params=params,
@@ -347,8 +355,7 @@ def _backward_split(q, k, v, q_seg, kv_seg, dout, delta, lse2, *, problem, plan,
       out_type=(shape_struct((b, tk_pad, hk, dqk), k.dtype, like=q),
                 shape_struct((b, tk_pad, hk, dv), v.dtype, like=q)),
       scratch_types=(smem, bars),
-      grid=(hk, plan.n_kv_blocks, b),
-      grid_names=("h", "t", "b"),
+      **_dkdv_grid(cfg, hk, plan.n_kv_blocks, b),
       num_threads=3,
       thread_name="wg",
       compiler_params=params,
@@ -392,7 +399,7 @@ def _backward_fused(q, k, v, seg_args, dout, delta, lse2, *, problem, plan, cfg,
   mutable Ref handed to pl.kernel inside pl.run_state (the launcher stays a
   pure function). Returns padded dq, dk, dv."""
   b, tq_pad, hq, dqk = q.shape
-  tk_pad, hk, dv = k.shape[1], k.shape[2], v.shape[3]
+  hk, dv = k.shape[2], v.shape[3]
   dtype = q.dtype
   stages = cfg.max_concurrent_steps
   wgs = _wgs(plan.block_k, cfg.block_kv, cfg.compute_wgs, "backward dK/dV")
@@ -405,7 +412,7 @@ def _backward_fused(q, k, v, seg_args, dout, delta, lse2, *, problem, plan, cfg,
         f"v's width <= 128; use fused_dq=False or fewer stages ({cfg=}).")
   # By the names kernels.backward_dkdv_kernel reads.
   smem = dict(
-      k=_tile(wgs, bkv, dqk, dtype=dtype),       # K in (every warpgroup's dQ share reads it), dK out
+      k=_tile(wgs, bkv, dqk, dtype=dtype),       # K in (read by every dQ share), dK out
       v=_tile(wgs, bkv, dv, dtype=dtype),        # V in, dV out
       q=_tile(stages, bq, dqk, dtype=dtype),     # Q ring
       do=_tile(stages, bq, dv, dtype=dtype),     # dO ring
@@ -422,8 +429,8 @@ def _backward_fused(q, k, v, seg_args, dout, delta, lse2, *, problem, plan, cfg,
               done=plgpu.Barrier(num_arrivals=wgs))
   body = functools.partial(kernels.backward_dkdv_kernel, block_q=bq, block_kv=bkv, wgs=wgs,
                            softcap=problem.softcap, fused_dq=True, **common)
-  mesh = plgpu.Mesh(grid=(hk, plan.n_kv_blocks, b), grid_names=("h", "t", "b"),
-                    num_threads=wgs + 1, thread_name="wg")
+  mesh = plgpu.Mesh(**_dkdv_grid(cfg, hk, plan.n_kv_blocks, b), num_threads=wgs + 1,
+                    thread_name="wg")
 
   def kernel_body(*refs):
     pl.run_scoped(functools.partial(body, *refs), smem, bars, collective_axes="wg")
