@@ -275,8 +275,14 @@ def config_choice(entry: Backend, pass_: str, problem: Problem, dtype,
     fast = entry.nondeterministic_config(pass_, problem, dtype)
     if fast is not None:
       return ConfigChoice(fast, "deterministic=False", entry.nondeterministic(fast) or "")
-  return default_choice(entry.name, pass_, problem.head_dim, seq_len=problem.tk,
-                        dtype=dtype, head_dim_v=problem.head_dim_v)
+  choice = default_choice(entry.name, pass_, problem.head_dim, seq_len=problem.tk,
+                          dtype=dtype, head_dim_v=problem.head_dim_v)
+  why = entry.nondeterministic(choice.config) if deterministic else None
+  if why is not None:   # a table never makes the default non-deterministic
+    return ConfigChoice(entry.heuristic_config(pass_, problem.head_dim, dtype,
+                                               head_dim_v=problem.head_dim_v),
+                        "heuristic", f"the table's {choice.config!r} is not deterministic ({why})")
+  return choice
 
 
 def config_for(entry: Backend, pass_: str, problem: Problem, dtype, config: AttentionConfig,

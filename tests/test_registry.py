@@ -349,3 +349,15 @@ def test_deterministic_false_reaches_the_backward_config(monkeypatch):
                                    deterministic=False).sum()
   jax.grad(f, argnums=(0, 1, 2))(q, kv, kv)
   assert ("backward", False) in seen
+
+
+def test_a_table_never_makes_the_default_backward_non_deterministic(monkeypatch):
+  from jax_grouped_attn.pallas.mosaic.config import MosaicBackwardConfig
+  fused = MosaicBackwardConfig(fused_dq=True)
+  monkeypatch.setattr(registry, "default_choice",
+                      lambda *a, **k: registry.ConfigChoice(fused, "table", "a table"))
+  mosaic = registry.get("pallas_mosaic")
+  got = registry.config_choice(mosaic, "backward", _problem(128), "bfloat16", AttentionConfig())
+  assert not got.config.fused_dq and got.source == "heuristic" and "fused_dq=True" in got.detail
+  assert registry.config_choice(mosaic, "backward", _problem(128), "bfloat16", AttentionConfig(),
+                                False).config == fused
