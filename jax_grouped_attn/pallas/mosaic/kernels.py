@@ -427,7 +427,11 @@ def backward_dkdv_kernel(kv_table_ref, entries_ref, q_ref, k_ref, v_ref, do_ref,
     kvseg = None
     if has_segments:
       kvseg = _load(kvseg_ref.at[b, pl.ds(key0, block_kv)], plgpu.Layout.WGMMA.reduce(1))
-    plgpu.barrier_wait(kv_ready.at[wg])
+    if fused_dq and fused_dq_split(dqk, wgs) == "halves":
+      for j in range(wgs):   # the dQ shares read every warpgroup's K
+        plgpu.barrier_wait(kv_ready.at[j])
+    else:
+      plgpu.barrier_wait(kv_ready.at[wg])
     plgpu.barrier_wait(kv_ready.at[wgs + wg])
     k_tile, v_tile = k_smem.at[wg], v_smem.at[wg]
 
