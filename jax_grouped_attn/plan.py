@@ -228,6 +228,11 @@ E_KV_LEN = 2
 E_MASKED = 3       # 1 if some pair of (q block, kv block) is invisible
 E_GROUP = 4
 E_WORK = 5         # row of the forward work table this entry came from
+# Ordered dQ adds (the fused backward's deterministic mode): the kv blocks that
+# see a q block add into it in kv-table order; this entry's kv block is
+# number E_TURN of the q block's E_NTURNS (the same for every head and batch).
+E_TURN = 6
+E_NTURNS = 7
 ENTRY_WIDTH = 8
 
 
@@ -241,7 +246,10 @@ class BackwardPlan:
   ``(block_q, block_k)``; program ``(t, bh)`` owns kv block
   ``kv_table[t, KV_BLOCK]`` and visits entries ``kv_table[t, KV_START] + [0,
   KV_N_ENTRIES)`` (CSR), the first ``KV_N_FULL`` of them unmasked. Kv blocks
-  are ordered heavy-first.
+  are ordered heavy-first. With ``ordered`` (ordered dQ adds) they are
+  lightest-first and each block's masked entries come first (causal: its
+  diagonal q block), so the first turn of a q block is the kv block that
+  reaches it first.
   """
 
   plan: Plan
@@ -249,6 +257,7 @@ class BackwardPlan:
   block_k: int           # dK/dV: keys per program
   kv_table: np.ndarray   # [n_kv_blocks, KV_TABLE_WIDTH] int32
   entries: np.ndarray    # [max(n_entries, 1), ENTRY_WIDTH] int32
+  ordered: bool = False  # lightest kv blocks first, masked entries first
 
   @property
   def row_block(self) -> int:
@@ -269,12 +278,13 @@ class BackwardPlan:
 def make_backward_plan(problem: Problem, block_q: int, block_k: int,
                        dq_block_q: int | None = None,
                        dq_block_k: int | None = None,
-                       min_block: int = 16) -> BackwardPlan:
+                       min_block: int = 16, ordered: bool = False) -> BackwardPlan:
   """dK/dV tiles (block_q, block_k), dQ tiles (dq_block_q, dq_block_k)
   (default: the same), one padded layout aligned to both. The dK/dV table
   transposes the forward work table of the dK/dV tiles: for every kv block,
   the q blocks of all groups that see it. ``min_block`` is effective_blocks'
-  floor."""
+  floor; ``ordered``: BackwardPlan.ordered's order. Every entry gets its turn
+  (E_TURN of E_NTURNS): its rank among the q block's kv blocks in table order."""
   dq_block_q, dq_block_k = dq_block_q or block_q, dq_block_k or block_k
   bq, bk = effective_blocks(problem, block_q, block_k, min_block)
   dbq, dbk = effective_blocks(problem, dq_block_q, dq_block_k, min_block)
@@ -290,19 +300,29 @@ def make_backward_plan(problem: Problem, block_q: int, block_k: int,
       per_block[j].append((masked, int(r[ROW0]),
                            (r[ROW0], r[QPOS0], r[KV_LEN], masked, r[GROUP], w)))
   # Heaviest kv blocks first (they bound the tail of the launch); ties keep
-  # key order.
-  order = sorted(range(n_kb), key=lambda j: (-len(per_block[j]), j))
+  # key order. Ordered adds: lightest first, ties from the last key, so that
+  # a q block's first turn is the kv block that reaches it first.
+  if ordered:
+    order = sorted(range(n_kb), key=lambda j: (len(per_block[j]), -j))
+  else:
+    order = sorted(range(n_kb), key=lambda j: (-len(per_block[j]), j))
   kv_table = np.zeros((n_kb, KV_TABLE_WIDTH), np.int32)
   flat = []
+  turns: dict[int, int] = {}   # q block row0 -> kv blocks that add into it so far
   for t, j in enumerate(order):
-    # Unmasked entries first so the kernel runs them in a mask-free loop;
-    # then by row so neighbouring q blocks stay neighbours.
-    ents = sorted(per_block[j], key=lambda e: (e[0], e[1]))
+    # Unmasked entries first so the kernel runs them in a mask-free loop
+    # (ordered: masked first); then by row so neighbouring q blocks stay
+    # neighbours.
+    ents = sorted(per_block[j], key=lambda e: (e[0] != ordered, e[1]))
     kv_table[t] = (j, len(flat), sum(1 - e[0] for e in ents), len(ents))
-    flat.extend(e[2] for e in ents)
+    for e in ents:
+      turn = turns.get(e[1], 0)
+      turns[e[1]] = turn + 1
+      flat.append(e[2] + (turn,))
   entries = np.zeros((max(len(flat), 1), ENTRY_WIDTH), np.int32)
   if flat:
-    entries[:len(flat), :6] = np.asarray(flat, np.int64)
+    entries[:len(flat), :E_TURN + 1] = np.asarray(flat, np.int64)
+    entries[:len(flat), E_NTURNS] = [turns[int(r)] for r in entries[:len(flat), E_ROW0]]
   for arr in (kv_table, entries):
     arr.setflags(write=False)
-  return BackwardPlan(plan, kv_plan.block_q, kv_plan.block_k, kv_table, entries)
+  return BackwardPlan(plan, kv_plan.block_q, kv_plan.block_k, kv_table, entries, ordered)

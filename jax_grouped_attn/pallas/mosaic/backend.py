@@ -59,7 +59,7 @@ class PallasMosaicBackend(KernelBackend):
     return super().supports(problem, dtype)
 
   def nondeterministic(self, config) -> str | None:
-    if isinstance(config, MosaicBackwardConfig) and config.fused_dq:
+    if isinstance(config, MosaicBackwardConfig) and config.fused_dq and not config.ordered:
       return "fused_dq=True adds dQ in fp32 in an order that varies run to run"
     return None
 

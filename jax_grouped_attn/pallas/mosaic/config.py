@@ -69,6 +69,10 @@ class MosaicBackwardConfig:
     order of the adds varies, so it needs ``deterministic=False``). Takes
     block_q 64, head_split 1 and q/k head_dim padded to 64 or 128; the dq_*
     tiles must stay at their defaults (there is no dQ kernel).
+  ordered: with fused_dq, the dQ adds into each q block run in a fixed order
+    (plan.E_TURN: the kv blocks launched first add first; a grid-wide
+    semaphore per (batch, q head, q block) and a writer warp), so dQ is
+    bitwise deterministic again; the kv blocks launch lightest first.
   kv_major: the launch order of the dK/dV (or fused) kernel's CTAs: False,
     kv head by kv head (each head's kv blocks heaviest first); True, kv block
     by kv block across all kv heads (heaviest first over the whole grid; a
@@ -86,6 +90,7 @@ class MosaicBackwardConfig:
   compute_wgs: int = 2
   head_split: int = 1
   fused_dq: bool = False
+  ordered: bool = False
   kv_major: bool = False
 
   def __post_init__(self):
@@ -98,7 +103,7 @@ class MosaicBackwardConfig:
     if self.head_split == 2 and self.compute_wgs != 2:
       raise ValueError(f"{name}.head_split=2 splits head_dim between two compute warpgroups: "
                        f"it needs compute_wgs=2, got {self.compute_wgs=}.")
-    for field in ("fused_dq", "kv_major"):
+    for field in ("fused_dq", "ordered", "kv_major"):
       if not isinstance(getattr(self, field), bool):
         raise ValueError(f"{name}.{field}={getattr(self, field)!r} must be a bool.")
     if self.fused_dq:
@@ -109,6 +114,9 @@ class MosaicBackwardConfig:
         raise ValueError(f"{name}.fused_dq=True has no dQ kernel, so dq_block_q and "
                          f"dq_block_kv mean nothing: leave them at 64; got "
                          f"{self.dq_block_q=}, {self.dq_block_kv=}.")
+    if self.ordered and not self.fused_dq:
+      raise ValueError(f"{name}.ordered=True orders the fused backward's dQ adds: it needs "
+                       f"fused_dq=True (the dQ kernel writes each tile once anyway).")
 
   @property
   def kv_per_cta(self) -> int:

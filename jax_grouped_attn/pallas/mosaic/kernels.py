@@ -359,7 +359,7 @@ def backward_dkdv_kernel(kv_table_ref, entries_ref, q_ref, k_ref, v_ref, do_ref,
                          lse2_ref, delta_ref, *refs, scale: float, softcap: float | None,
                          causal: bool, window: tuple[int, int], has_segments: bool,
                          block_q: int, block_kv: int, stages: int, wgs: int, group_size: int,
-                         fused_dq: bool = False):
+                         fused_dq: bool = False, ordered: bool = False):
   """One CTA per (kv head, kv block t, batch): dK, dV of wgs * block_kv keys.
 
   kv_table_ref: [n_kv_blocks, KV_TABLE_WIDTH], entries_ref: [n_entries,
@@ -387,6 +387,14 @@ def backward_dkdv_kernel(kv_table_ref, entries_ref, q_ref, k_ref, v_ref, do_ref,
   into ``dq_acc_ref`` [B, Tq_pad, Hq, Dqk] f32 (unscaled, zeroed by the
   launcher; an input Ref before dk_ref). ``bars["done"]`` (wgs arrivals)
   keeps K, which the shares read, until every warpgroup has finished.
+
+  ordered (with fused_dq; deterministic): warpgroup i stages its share and
+  arrives ``bars["dq_full"][i]``; warp 1 of the memory warpgroup (the writer)
+  waits until the q block's semaphore (a grid-wide int32 per (b, q head, q
+  block)) reaches the entry's turn (plan.E_TURN), adds the shares, waits for
+  the adds to land, counts the semaphore up (the last turn takes it back to
+  0 instead) and frees the staging (``bars["dq_empty"]``). Masked entries
+  come first (the plan orders them so). Warp 0 streams the ring.
   """
   if has_segments:
     qseg_ref, kvseg_ref, *refs = refs
@@ -396,6 +404,9 @@ def backward_dkdv_kernel(kv_table_ref, entries_ref, q_ref, k_ref, v_ref, do_ref,
     dq_acc_ref, dk_ref, dv_ref, smem, bars = refs
   else:
     dk_ref, dv_ref, smem, bars = refs
+  if ordered:   # one turn counter per (b, q head, q block), shared by the grid
+    n_sems = q_ref.shape[0] * q_ref.shape[2] * (q_ref.shape[1] // block_q)
+    sems = pl.get_global(plgpu.SemaphoreType.REGULAR((n_sems,)))
   k_smem, v_smem, q_smem, do_smem = smem["k"], smem["v"], smem["q"], smem["do"]
   lse_smem, delta_smem = smem["lse"], smem["delta"]
   kv_ready, q_ready, do_ready = bars["kv_ready"], bars["q_ready"], bars["do_ready"]
@@ -414,8 +425,11 @@ def backward_dkdv_kernel(kv_table_ref, entries_ref, q_ref, k_ref, v_ref, do_ref,
   n_steps = n_ent * group_size
   shape_t = (block_kv, block_q)
 
-  def entry_row0(e):
-    return pl.multiple_of(entries_ref[start + e, plan_lib.E_ROW0], block_q)
+  def entry_row0(e, warp: bool = False):
+    # Say that rows start on whole blocks (TMA slices need it proven); code
+    # under warp semantics (the ordered mode's memory warps) cannot say it.
+    row0 = entries_ref[start + e, plan_lib.E_ROW0]
+    return row0 if warp else pl.multiple_of(row0, block_q)
 
   @pl.when(wg < wgs)
   def _compute():  # noqa: C901 -- one warpgroup role over shared buffers (see forward_kernel)
@@ -509,6 +523,12 @@ def backward_dkdv_kernel(kv_table_ref, entries_ref, q_ref, k_ref, v_ref, do_ref,
         dk, dq = pl.run_state(dk_dq)((plgpu.ACC.init(dk),
                                       plgpu.ACC.init(_zeros((block_q, DQ_SHARE)))))
         plgpu.barrier_arrive(free.at[slot])
+        if ordered:   # the writer warp adds it, in its turn
+          pl.when(i > 0)(lambda: plgpu.barrier_wait(bars["dq_empty"].at[wg]))
+          dq_tile[...] = dq
+          plgpu.commit_smem()
+          plgpu.barrier_arrive(bars["dq_full"].at[wg])
+          return dk, dv
         # The previous step's add has read the staging tile: overwrite it.
         plgpu.wait_smem_to_gmem(0, wait_read_only=True)
         dq_tile[...] = dq
@@ -523,8 +543,11 @@ def backward_dkdv_kernel(kv_table_ref, entries_ref, q_ref, k_ref, v_ref, do_ref,
 
     def head(h, carry):
       base = h * n_ent
-      carry = lax.fori_loop(0, n_full, lambda e, cr: step(base + e, e, h, cr, False), carry)
-      return lax.fori_loop(n_full, n_ent, lambda e, cr: step(base + e, e, h, cr, True), carry)
+      walk = lambda lo, hi, masked, c: lax.fori_loop(
+          lo, hi, lambda e, cr: step(base + e, e, h, cr, masked), c)
+      if ordered:   # the plan put the masked entries first
+        return walk(n_ent - n_full, n_ent, False, walk(0, n_ent - n_full, True, carry))
+      return walk(n_full, n_ent, True, walk(0, n_full, False, carry))
 
     dk, dv = lax.fori_loop(0, group_size, head,
                            (_zeros((block_kv, dqk)), _zeros((block_kv, dv_width))))
@@ -545,7 +568,7 @@ def backward_dkdv_kernel(kv_table_ref, entries_ref, q_ref, k_ref, v_ref, do_ref,
     def load(i, slot, wait_free: bool):
       h = lax.div(i, n_ent)
       e = i - h * n_ent
-      row0 = entry_row0(e)
+      row0 = entry_row0(e, warp=ordered)
       qh = kvh * group_size + h
       rows = (b, pl.ds(row0, block_q), qh)
       if wait_free:
@@ -557,12 +580,55 @@ def backward_dkdv_kernel(kv_table_ref, entries_ref, q_ref, k_ref, v_ref, do_ref,
       plgpu.copy_gmem_to_smem(delta_ref.at[b, qh, pl.ds(row0, block_q)], delta_smem.at[slot],
                               delta_ready.at[slot])
 
-    for i in range(stages):
-      pl.when(i < n_steps)(lambda i=i: load(i, i, False))
+    def stream():
+      for i in range(stages):
+        pl.when(i < n_steps)(lambda i=i: load(i, i, False))
 
-    @pl.loop(0, n_steps - stages)
-    def _(j):
-      load(j + stages, lax.rem(j, stages), True)
+      @pl.loop(0, n_steps - stages)
+      def _(j):
+        load(j + stages, lax.rem(j, stages), True)
+
+    if not ordered:
+      stream()
+      return
+    share = fused_dq_split(dqk, wgs)
+    n_qblocks = q_ref.shape[1] // block_q
+
+    def write_dq():
+      @pl.loop(0, n_steps)
+      def _(i):
+        h = lax.div(i, n_ent)
+        e = i - h * n_ent
+        row0 = entry_row0(e, warp=True)
+        qh = kvh * group_size + h
+        sem = sems.at[(b * q_ref.shape[2] + qh) * n_qblocks + lax.div(row0, block_q)]
+        turn = entries_ref[start + e, plan_lib.E_TURN]
+        n_turns = entries_ref[start + e, plan_lib.E_NTURNS]
+        last = turn == n_turns - 1
+        for w in range(wgs):
+          plgpu.barrier_wait(bars["dq_full"].at[w])
+        # Wait for this turn; the last one also takes the counter back to 0.
+        for take in (False, True):
+          pl.when((turn > 0) & (last == take))(
+              lambda take=take: plgpu.semaphore_wait(sem, turn, decrement=take,
+                                                     memory_scope="gpu"))
+        for w in range(wgs):
+          plgpu.copy_smem_to_gmem(
+              smem["dq"].at[w], dq_acc_ref.at[b, pl.ds(row0, block_q), qh,
+                                              pl.ds(w * DQ_SHARE if share == "halves" else 0,
+                                                    DQ_SHARE)],
+              reduction_op="add")
+          if share != "halves" or w == wgs - 1:
+            plgpu.wait_smem_to_gmem(0)   # landed (shares of the same columns: one at a time)
+        pl.when(~last)(lambda: plgpu.semaphore_signal(sem, 1, memory_scope="gpu"))   # next turn
+        for w in range(wgs):
+          plgpu.barrier_arrive(bars["dq_empty"].at[w])
+
+    @pl.core_map(plgpu.WarpMesh(axis_name="warp"))
+    def _():
+      warp = lax.axis_index("warp")
+      pl.when(warp == 0)(stream)
+      pl.when(warp == 1)(write_dq)
 
 
 def backward_dq_kernel(table_ref, q_ref, k_ref, v_ref, do_ref, lse2_ref, delta_ref, *refs,

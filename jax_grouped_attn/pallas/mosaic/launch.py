@@ -53,7 +53,7 @@ def backward_plan(problem: Problem, config: MosaicBackwardConfig | None = None) 
   cfg = backward_config(problem, config)
   return plan_lib.make_backward_plan(
       problem, cfg.block_q, cfg.kv_per_cta, cfg.dq_rows_per_cta, cfg.dq_block_kv,
-      min_block=MIN_BLOCK)
+      min_block=MIN_BLOCK, ordered=cfg.ordered)
 
 
 def _table(table):
@@ -427,8 +427,11 @@ def _backward_fused(q, k, v, seg_args, dout, delta, lse2, *, problem, plan, cfg,
               free=plgpu.Barrier(num_arrivals=wgs, num_barriers=stages),
               ds_ready=plgpu.Barrier(num_arrivals=wgs),
               done=plgpu.Barrier(num_arrivals=wgs))
+  if cfg.ordered:   # staging shares handed to the writer warp and back
+    bars.update(dq_full=plgpu.Barrier(num_barriers=wgs), dq_empty=plgpu.Barrier(num_barriers=wgs))
   body = functools.partial(kernels.backward_dkdv_kernel, block_q=bq, block_kv=bkv, wgs=wgs,
-                           softcap=problem.softcap, fused_dq=True, **common)
+                           softcap=problem.softcap, fused_dq=True, ordered=cfg.ordered,
+                           **common)
   mesh = plgpu.Mesh(**_dkdv_grid(cfg, hk, plan.n_kv_blocks, b), num_threads=wgs + 1,
                     thread_name="wg")
 
