@@ -45,10 +45,15 @@ def main():
         "ours": lambda q, k, v: ga.attention(q, k, v, causal=causal),
         "ours_nondet": lambda q, k, v: ga.attention(q, k, v, causal=causal, deterministic=False),
     }
-    for name_, bcfg, det in (("fused_kvmajor", MosaicBackwardConfig(fused_dq=True, kv_major=True),
-                              False),
-                             ("two_kernel_kvmajor", MosaicBackwardConfig(kv_major=True), True)):
-      if d > 64 or not det:
+    variants = (
+        ("fused_kvmajor", MosaicBackwardConfig(fused_dq=True, kv_major=True), False),
+        ("two_kernel_kvmajor", MosaicBackwardConfig(kv_major=True), True),
+        ("ordered", MosaicBackwardConfig(fused_dq=True, ordered=True), True),
+        ("ordered_kvmajor", MosaicBackwardConfig(fused_dq=True, ordered=True, kv_major=True),
+         True),
+    )
+    for name_, bcfg, det in variants:
+      if d > 64 or bcfg.fused_dq:
         cfg = ga.AttentionConfig(backward=bcfg)
         impls[name_] = (lambda q, k, v, cfg=cfg, det=det: ga.attention(
             q, k, v, causal=causal, backend="pallas_mosaic", config=cfg, deterministic=det))
