@@ -31,6 +31,7 @@ def main():
   ap.add_argument("--shapes", default="s8k,s32k,nc8k,d64")
   ap.add_argument("--rounds", type=int, default=5)
   ap.add_argument("--passes", type=int, default=3, help="interleaved passes over the impls")
+  ap.add_argument("--exclude", default="", help="comma-separated impl names to leave out")
   args = ap.parse_args()
   res = {"env": common.environment(), "shapes": {}}
   for name in args.shapes.split(","):
@@ -57,6 +58,7 @@ def main():
         cfg = ga.AttentionConfig(backward=bcfg)
         impls[name_] = (lambda q, k, v, cfg=cfg, det=det: ga.attention(
             q, k, v, causal=causal, backend="pallas_mosaic", config=cfg, deterministic=det))
+    impls = {n: f for n, f in impls.items() if n not in args.exclude.split(",")}
     fns = {n: jax.jit(lambda q, k, v, do, f=f: jax.vjp(f, q, k, v)[1](do)) for n, f in impls.items()}
     fwd = {n: jax.jit(f) for n, f in impls.items()}
     row = {"shape": dict(b=b, s=s, hq=hq, hk=hk, d=d, causal=causal), "ms": {}, "fwd_ms": {},
