@@ -93,6 +93,39 @@ def test_backward_plan_covers_every_visible_pair_once(case, tiles):
   assert (covered[mask] == 1).all(), "dQ: a visible pair is missed or visited twice"
 
 
+@pytest.mark.parametrize("ordered", [False, True])
+@pytest.mark.parametrize("case", CASES, ids=str)
+def test_backward_plan_turns_follow_the_table_order(case, ordered):
+  # The fused backward's ordered dQ adds (plan.E_TURN): per q block, the kv
+  # blocks that see it take turns 0..n-1 once each, in kv-table (launch)
+  # order, so a CTA only ever waits on CTAs launched before it.
+  problem = dataclasses.replace(problem_of(case), has_segments=False)
+  bplan = plan_lib.make_backward_plan(problem, 16, 32, ordered=ordered)
+  kt, ents = bplan.kv_table, bplan.entries
+  n = kt[:, plan_lib.KV_N_ENTRIES]
+  assert (np.diff(n) >= 0 if ordered else np.diff(n) <= 0).all()
+  seen = {}   # q block row0 -> turns in table order
+  for t, (_, start, n_full, count) in enumerate(kt):
+    masked = ents[start:start + count, plan_lib.E_MASKED]
+    # The kernel walks masked entries first when ordered, unmasked first otherwise.
+    split = count - n_full if ordered else n_full
+    assert (masked[:split] == int(ordered)).all() and (masked[split:] == int(not ordered)).all()
+    for e in range(start, start + count):
+      seen.setdefault(int(ents[e, plan_lib.E_ROW0]), []).append(
+          (int(ents[e, plan_lib.E_TURN]), int(ents[e, plan_lib.E_NTURNS])))
+  for row0, turns in seen.items():
+    assert [tn[0] for tn in turns] == list(range(len(turns))), row0
+    assert {tn[1] for tn in turns} == {len(turns)}, row0
+  g = case.groups[0]
+  if (ordered and case.causal and len(case.groups) == 1 and case.window is None
+      and g.q_pos == 0 and g.kv_len == g.q_len):
+    # Causal self-attention: a q block's first turn is its diagonal kv block,
+    # which visits it first.
+    for _, start, n_full, count in kt:
+      if count:
+        assert ents[start, plan_lib.E_TURN] == 0
+
+
 # -------------------------------------------------------------- gradients --
 
 @pytest.mark.parametrize("backend", BACKWARD_BACKENDS)
