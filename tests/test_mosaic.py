@@ -229,24 +229,23 @@ def test_forward_and_backward_lower_for_cuda(case, dtype):
 @pytest.mark.parametrize("case", NARROW, ids=[c[0] for c in NARROW])
 @pytest.mark.parametrize("bcfg", [FUSED, ORDERED], ids=["fused", "ordered"])
 def test_fused_backward_lowers_for_cuda(case, bcfg):
-  p = _problem(case)
-  _, bwd = _fwd_bwd(p, None, bcfg)
-  q, k, v, qs, ks, dout, dlse = _inputs(p)
-  out = jax.ShapeDtypeStruct(q.shape, q.dtype)
-  lse = jax.ShapeDtypeStruct((p.batch, p.hq, p.tq), jnp.float32)
-  text = _lower(bwd, q, k, v, qs, ks, out, lse, dout, dlse)
+  text = _lower_backward(case, bcfg)
   assert text.count("custom_call @mosaic_gpu") == 1   # one kernel: dQ inside dK/dV
 
 
 @pytest.mark.parametrize("case", WIDE, ids=[c[0] for c in WIDE])
 def test_head_split_backward_lowers_for_cuda(case):
+  assert _lower_backward(case, SPLIT).count("mosaic_gpu") >= 2
+
+
+def _lower_backward(case, bcfg):
+  """The backward with config ``bcfg`` on ``case``, lowered for CUDA (text)."""
   p = _problem(case)
-  _, bwd = _fwd_bwd(p, None, SPLIT)
+  _, bwd = _fwd_bwd(p, None, bcfg)
   q, k, v, qs, ks, dout, dlse = _inputs(p)
   out = jax.ShapeDtypeStruct(q.shape, q.dtype)
   lse = jax.ShapeDtypeStruct((p.batch, p.hq, p.tq), jnp.float32)
-  text = _lower(bwd, q, k, v, qs, ks, out, lse, dout, dlse)
-  assert text.count("mosaic_gpu") >= 2
+  return _lower(bwd, q, k, v, qs, ks, out, lse, dout, dlse)
 
 
 SOFTCAP_LOWER = ["causal_gqa", "noncausal_odd_mqa", "window_segments"]

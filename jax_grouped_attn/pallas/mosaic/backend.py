@@ -64,12 +64,10 @@ class PallasMosaicBackend(KernelBackend):
     return None
 
   def nondeterministic_config(self, pass_, problem, dtype):
-    # The fused backward (config.fused_dq) where its dQ shares and shared
-    # memory fit: q/k padded to 64 or 128, v to at most 128.
-    dqk, dv = self.head_dims(problem)
-    if pass_ != "backward" or dqk not in (64, 128) or dv > 128:
+    fused = MosaicBackwardConfig(fused_dq=True)   # where it fits (config.fused_unfit)
+    if pass_ != "backward" or mosaic_config.fused_unfit(fused, *self.head_dims(problem)):
       return None
-    return MosaicBackwardConfig(fused_dq=True)
+    return fused
 
   def padded_head_dim(self, head_dim: int) -> int:
     return mosaic_config.padded_head_dim(head_dim)

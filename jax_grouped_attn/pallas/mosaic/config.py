@@ -213,6 +213,22 @@ def fused_dq_split(dqk: int, wgs: int) -> str:
       "fused_dq=False.")
 
 
+def fused_unfit(config: MosaicBackwardConfig, dqk: int, dv: int) -> str | None:
+  """Why the fused backward (config.fused_dq) cannot run at padded widths
+  (dqk, dv) (None: it can): dQ shares need q/k at 64 or compute_wgs * 64,
+  the two accumulators v at most 128, and the buffers shared memory."""
+  try:
+    fused_dq_split(dqk, config.compute_wgs)
+  except ValueError as e:
+    return str(e)
+  need = fused_smem_bytes(config, dqk, dv)
+  if dv > 128 or need > SMEM_BYTES:
+    return (f"MosaicBackwardConfig.fused_dq=True at q/k width {dqk} and v width {dv} needs "
+            f"{need} B of shared memory (at most {SMEM_BYTES}) and v's width <= 128; use "
+            f"fused_dq=False or fewer stages ({config=}).")
+  return None
+
+
 def tuning_candidates(pass_: str, head_dim: int, mode: str) -> list:
   """Configs the tuner tries (``mode`` "smoke" / "quick" / "full"); the ones that
   cannot fit shared memory at ``head_dim`` are left out."""

@@ -431,6 +431,22 @@ def backward_dkdv_kernel(kv_table_ref, entries_ref, q_ref, k_ref, v_ref, do_ref,
     row0 = entries_ref[start + e, plan_lib.E_ROW0]
     return row0 if warp else pl.multiple_of(row0, block_q)
 
+  share = fused_dq_split(dqk, wgs) if fused_dq else None
+
+  def share_cols(w, warp: bool = False):
+    """The dQ columns warpgroup w's share covers."""
+    if share != "halves":
+      return pl.ds(0, DQ_SHARE)
+    col0 = w * DQ_SHARE
+    return pl.ds(col0 if warp else pl.multiple_of(col0, DQ_SHARE), DQ_SHARE)
+
+  def add_share(w, e, h, warp: bool = False):
+    """TMA-adds warpgroup w's staged share of step (q head h, entry e) into dQ."""
+    plgpu.copy_smem_to_gmem(
+        smem["dq"].at[w], dq_acc_ref.at[b, pl.ds(entry_row0(e, warp), block_q),
+                                        kvh * group_size + h, share_cols(w, warp)],
+        reduction_op="add")
+
   @pl.when(wg < wgs)
   def _compute():  # noqa: C901 -- one warpgroup role over shared buffers (see forward_kernel)
     _compute_registers(wgs)
@@ -441,7 +457,7 @@ def backward_dkdv_kernel(kv_table_ref, entries_ref, q_ref, k_ref, v_ref, do_ref,
     kvseg = None
     if has_segments:
       kvseg = _load(kvseg_ref.at[b, pl.ds(key0, block_kv)], plgpu.Layout.WGMMA.reduce(1))
-    if fused_dq and fused_dq_split(dqk, wgs) == "halves":
+    if share == "halves":
       for j in range(wgs):   # the dQ shares read every warpgroup's K
         plgpu.barrier_wait(kv_ready.at[j])
     else:
@@ -498,9 +514,8 @@ def backward_dkdv_kernel(kv_table_ref, entries_ref, q_ref, k_ref, v_ref, do_ref,
       return dk, dv
 
     if fused_dq:
-      ds_smem, dq_smem, ds_ready = smem["ds"], smem["dq"], bars["ds_ready"]
-      share = fused_dq_split(dqk, wgs)
-      dq_tile = dq_smem.at[wg]
+      ds_smem, ds_ready = smem["ds"], bars["ds_ready"]
+      dq_tile = smem["dq"].at[wg]
 
       def fused_step(i, e, h, slot, ds16, dk, dv):
         dslot = lax.rem(i, 2)
@@ -514,9 +529,8 @@ def backward_dkdv_kernel(kv_table_ref, entries_ref, q_ref, k_ref, v_ref, do_ref,
           plgpu.wgmma(dk_acc, ds16, q_smem.at[slot])                  # dK += dS^T Q
           if share == "halves":   # every warpgroup's keys, this warpgroup's columns
             plgpu.barrier_wait(ds_ready)
-            cols = pl.ds(pl.multiple_of(wg * DQ_SHARE, DQ_SHARE), DQ_SHARE)
             for j in range(wgs):
-              plgpu.wgmma(dq_acc, _t(ds_smem.at[dslot, j]), k_smem.at[j, :, cols])
+              plgpu.wgmma(dq_acc, _t(ds_smem.at[dslot, j]), k_smem.at[j, :, share_cols(wg)])
           else:                   # this warpgroup's keys, every column
             plgpu.wgmma(dq_acc, _t(ds_smem.at[dslot, wg]), k_tile)
 
@@ -533,12 +547,7 @@ def backward_dkdv_kernel(kv_table_ref, entries_ref, q_ref, k_ref, v_ref, do_ref,
         plgpu.wait_smem_to_gmem(0, wait_read_only=True)
         dq_tile[...] = dq
         plgpu.commit_smem()
-        qh = kvh * group_size + h
-        col0 = pl.multiple_of(wg * DQ_SHARE, DQ_SHARE) if share == "halves" else 0
-        plgpu.copy_smem_to_gmem(
-            dq_tile, dq_acc_ref.at[b, pl.ds(entry_row0(e), block_q), qh,
-                                   pl.ds(col0, DQ_SHARE)],
-            reduction_op="add")
+        add_share(wg, e, h)
         return dk, dv
 
     def head(h, carry):
@@ -591,7 +600,6 @@ def backward_dkdv_kernel(kv_table_ref, entries_ref, q_ref, k_ref, v_ref, do_ref,
     if not ordered:
       stream()
       return
-    share = fused_dq_split(dqk, wgs)
     n_qblocks = q_ref.shape[1] // block_q
 
     def write_dq():
@@ -613,11 +621,7 @@ def backward_dkdv_kernel(kv_table_ref, entries_ref, q_ref, k_ref, v_ref, do_ref,
               lambda take=take: plgpu.semaphore_wait(sem, turn, decrement=take,
                                                      memory_scope="gpu"))
         for w in range(wgs):
-          plgpu.copy_smem_to_gmem(
-              smem["dq"].at[w], dq_acc_ref.at[b, pl.ds(row0, block_q), qh,
-                                              pl.ds(w * DQ_SHARE if share == "halves" else 0,
-                                                    DQ_SHARE)],
-              reduction_op="add")
+          add_share(w, e, h, warp=True)
           if share != "halves" or w == wgs - 1:
             plgpu.wait_smem_to_gmem(0)   # landed (shares of the same columns: one at a time)
         pl.when(~last)(lambda: plgpu.semaphore_signal(sem, 1, memory_scope="gpu"))   # next turn

@@ -16,12 +16,10 @@ from jax_grouped_attn import plan as plan_lib
 from jax_grouped_attn.pallas.mosaic import heuristics, kernels
 from jax_grouped_attn.pallas.mosaic.config import (
   DQ_SHARE,
-  SMEM_BYTES,
   MosaicBackwardConfig,
   MosaicForwardConfig,
   column_parts,
-  fused_dq_split,
-  fused_smem_bytes,
+  fused_unfit,
   padded_head_dim,
   split_columns,
 )
@@ -404,12 +402,9 @@ def _backward_fused(q, k, v, seg_args, dout, delta, lse2, *, problem, plan, cfg,
   stages = cfg.max_concurrent_steps
   wgs = _wgs(plan.block_k, cfg.block_kv, cfg.compute_wgs, "backward dK/dV")
   bq, bkv = plan.block_q, cfg.block_kv
-  fused_dq_split(dqk, wgs)   # raises for widths without a dQ share
-  if dv > 128 or fused_smem_bytes(cfg, dqk, dv) > SMEM_BYTES:
-    raise ValueError(
-        f"MosaicBackwardConfig.fused_dq=True at q/k width {dqk} and v width {dv} needs "
-        f"{fused_smem_bytes(cfg, dqk, dv)} B of shared memory (at most {SMEM_BYTES}) and "
-        f"v's width <= 128; use fused_dq=False or fewer stages ({cfg=}).")
+  why = fused_unfit(cfg, dqk, dv)
+  if why is not None:
+    raise ValueError(why)
   # By the names kernels.backward_dkdv_kernel reads.
   smem = dict(
       k=_tile(wgs, bkv, dqk, dtype=dtype),       # K in (read by every dQ share), dK out
