@@ -612,19 +612,24 @@ def backward_dkdv_kernel(kv_table_ref, entries_ref, q_ref, k_ref, v_ref, do_ref,
         sem = sems.at[(b * q_ref.shape[2] + qh) * n_qblocks + lax.div(row0, block_q)]
         turn = entries_ref[start + e, plan_lib.E_TURN]
         n_turns = entries_ref[start + e, plan_lib.E_NTURNS]
-        last = turn == n_turns - 1
         for w in range(wgs):
           plgpu.barrier_wait(bars["dq_full"].at[w])
+
         # Wait for this turn; the last one also takes the counter back to 0.
-        for take in (False, True):
-          pl.when((turn > 0) & (last == take))(
-              lambda take=take: plgpu.semaphore_wait(sem, turn, decrement=take,
-                                                     memory_scope="gpu"))
+        # (Comparisons and nested whens only: jax 0.11.2 has no lowering of
+        # `not` under warp semantics.)
+        @pl.when(turn > 0)
+        def _():
+          pl.when(turn < n_turns - 1)(lambda: plgpu.semaphore_wait(
+              sem, turn, decrement=False, memory_scope="gpu"))
+          pl.when(turn == n_turns - 1)(lambda: plgpu.semaphore_wait(
+              sem, turn, decrement=True, memory_scope="gpu"))
         for w in range(wgs):
           add_share(w, e, h, warp=True)
           if share != "halves" or w == wgs - 1:
             plgpu.wait_smem_to_gmem(0)   # landed (shares of the same columns: one at a time)
-        pl.when(~last)(lambda: plgpu.semaphore_signal(sem, 1, memory_scope="gpu"))   # next turn
+        pl.when(turn < n_turns - 1)(   # the next turn may go
+            lambda: plgpu.semaphore_signal(sem, 1, memory_scope="gpu"))
         for w in range(wgs):
           plgpu.barrier_arrive(bars["dq_empty"].at[w])
 
