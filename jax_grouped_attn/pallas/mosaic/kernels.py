@@ -31,20 +31,30 @@ from jax_grouped_attn.plan import LN2, LOG2E
 
 NEG_INF = float("-inf")
 
-# Registers per thread after setmaxnreg, by compute warpgroups per CTA: the
-# compute warpgroups grow, the memory warpgroup (it only issues TMA) shrinks.
-# Two compute: (2 x 232 + 40) x 128 threads = 64512 of the SM's 65536; one
-# compute warpgroup is capped by setmaxnreg's 240 (multiple of 8, <= 256).
-COMPUTE_REGS = {1: 240, 2: 232}
-MEMORY_REGS = 40
+# Registers per thread after setmaxnreg: the compute warpgroups grow, the
+# memory warpgroup (it issues TMA, and in the ordered mode adds dQ) shrinks.
+# Multiples of 8, at most 240 to grow to; (2 x 232 + 40) x 128 threads = 64512
+# of the SM's 65536. The fused backward holds dK, dV, a dQ share and dS per
+# compute thread (spills at 232 by devtools/mosaic_ptxas.py: 112 B against
+# 56 B at 240), and its memory warps fit 24 (no spills).
+REGISTERS = {   # budget: (compute, memory)
+    "one_compute": (240, 40),
+    "two_compute": (232, 40),
+    "fused": (240, 24),
+}
 
 
-def _compute_registers(wgs: int):
-  plgpu.set_max_registers(COMPUTE_REGS[wgs], action="increase")
+def register_budget(wgs: int, fused_dq: bool = False) -> str:
+  """The REGISTERS key of a kernel with ``wgs`` compute warpgroups."""
+  return "fused" if fused_dq else ("one_compute" if wgs == 1 else "two_compute")
 
 
-def _memory_registers():
-  plgpu.set_max_registers(MEMORY_REGS, action="decrease")
+def _compute_registers(budget: str):
+  plgpu.set_max_registers(REGISTERS[budget][0], action="increase")
+
+
+def _memory_registers(budget: str):
+  plgpu.set_max_registers(REGISTERS[budget][1], action="decrease")
 
 _load = compat.mosaic_load   # ref[...] into registers with a layout
 
@@ -115,6 +125,18 @@ def _contract(acc_ref, a_parts, b_parts):
 def _gmem(ref, *idx):
   """The ``view`` of :func:`_load_parts` for ``ref.at[idx]`` (head_dim last)."""
   return lambda cols: ref.at[idx] if cols is None else ref.at[(*idx, cols)]
+
+
+def _opaque_zero(i):
+  """0 from the loop index i, in a form LLVM cannot fold: i (i + 1) is even.
+
+  A tile read the same way on every step (K, V in the dK/dV kernel) has wgmma
+  descriptors (a 64-bit register pair per 16-wide k-step) that LLVM hoists out
+  of the loop; dozens of them outlive the 232 registers and spill (100 B of
+  spill stores in the dK/dV kernel at D128, 432 B in the fused one;
+  devtools/mosaic_ptxas.py). Indexed ``[base + _opaque_zero(i)]`` they are
+  rebuilt on each step instead."""
+  return lax.bitwise_and(i * (i + 1), 1)
 
 
 def _logits(s, scale: float, softcap: float | None):
@@ -236,7 +258,7 @@ def forward_kernel(table_ref, q_ref, k_ref, v_ref, *refs,  # noqa: C901
 
   @pl.when(wg < wgs)
   def _compute():
-    _compute_registers(wgs)
+    _compute_registers(register_budget(wgs))
     q_tiles = tuple(part.at[wg] for part in q_parts)
     o_smem = smem["o"].at[wg] if "o" in smem else q_tiles[0]   # [block_q, Dv]
     my_row0 = pl.multiple_of(row0 + wg * block_q, block_q)
@@ -328,7 +350,7 @@ def forward_kernel(table_ref, q_ref, k_ref, v_ref, *refs,  # noqa: C901
 
   @pl.when(wg == wgs)
   def _memory():
-    _memory_registers()
+    _memory_registers(register_budget(wgs))
     kvh = lax.div(h, group_size)
 
     def load(j, slot, wait_free: bool):
@@ -449,7 +471,7 @@ def backward_dkdv_kernel(kv_table_ref, entries_ref, q_ref, k_ref, v_ref, do_ref,
 
   @pl.when(wg < wgs)
   def _compute():  # noqa: C901 -- one warpgroup role over shared buffers (see forward_kernel)
-    _compute_registers(wgs)
+    _compute_registers(register_budget(wgs, fused_dq))
     key0 = pl.multiple_of(kb * (wgs * block_kv) + wg * block_kv, block_kv)
     keys = (b, pl.ds(key0, block_kv), kvh)
     plgpu.copy_gmem_to_smem(k_ref.at[keys], k_smem.at[wg], kv_ready.at[wg])
@@ -468,10 +490,12 @@ def backward_dkdv_kernel(kv_table_ref, entries_ref, q_ref, k_ref, v_ref, do_ref,
     def step(i, e, h, carry, masked: bool):
       dk, dv = carry
       slot = lax.rem(i, stages)
+      z = _opaque_zero(i)
+      k_op, v_op = k_smem.at[wg + z], v_smem.at[wg + z]   # k_tile, v_tile
       plgpu.barrier_wait(q_ready.at[slot])
 
       def qk(s_ref):
-        plgpu.wgmma(s_ref, k_tile, _t(q_smem.at[slot]))
+        plgpu.wgmma(s_ref, k_op, _t(q_smem.at[slot]))
         return s_ref[...]
 
       s_t = pl.run_scoped(qk, plgpu.ACC(shape_t, jnp.float32))   # [keys, rows]
@@ -497,14 +521,14 @@ def backward_dkdv_kernel(kv_table_ref, entries_ref, q_ref, k_ref, v_ref, do_ref,
         dv_ref, dp_ref = refs
         plgpu.wgmma(dv_ref, p_t.astype(dtype) if p16 is None else p16,   # dV += P^T dO
                     do_smem.at[slot])
-        plgpu.wgmma(dp_ref, v_tile, _t(do_smem.at[slot]))           # dP^T = V dO^T
+        plgpu.wgmma(dp_ref, v_op, _t(do_smem.at[slot]))           # dP^T = V dO^T
 
       dv, dp_t = pl.run_state(dv_dp)((plgpu.ACC.init(dv), plgpu.ACC.init(_zeros(shape_t))))
       plgpu.barrier_wait(delta_ready.at[slot])
       delta = _load(delta_smem.at[slot], plgpu.Layout.WGMMA.reduce(0))
       ds_t = g_t * (dp_t - _col_vec(delta, shape_t))
       if fused_dq:
-        return fused_step(i, e, h, slot, ds_t.astype(dtype), dk, dv)
+        return fused_step(i, e, h, slot, ds_t.astype(dtype), dk, dv, k_op, z)
 
       def dk_step(acc_ref):
         plgpu.wgmma(acc_ref, ds_t.astype(dtype), q_smem.at[slot])   # dK += dS^T Q
@@ -517,7 +541,7 @@ def backward_dkdv_kernel(kv_table_ref, entries_ref, q_ref, k_ref, v_ref, do_ref,
       ds_smem, ds_ready = smem["ds"], bars["ds_ready"]
       dq_tile = smem["dq"].at[wg]
 
-      def fused_step(i, e, h, slot, ds16, dk, dv):
+      def fused_step(i, e, h, slot, ds16, dk, dv, k_op, z):
         dslot = lax.rem(i, 2)
         ds_smem.at[dslot, wg][...] = ds16
         plgpu.commit_smem()
@@ -530,9 +554,9 @@ def backward_dkdv_kernel(kv_table_ref, entries_ref, q_ref, k_ref, v_ref, do_ref,
           if share == "halves":   # every warpgroup's keys, this warpgroup's columns
             plgpu.barrier_wait(ds_ready)
             for j in range(wgs):
-              plgpu.wgmma(dq_acc, _t(ds_smem.at[dslot, j]), k_smem.at[j, :, share_cols(wg)])
+              plgpu.wgmma(dq_acc, _t(ds_smem.at[dslot, j]), k_smem.at[j + z, :, share_cols(wg)])
           else:                   # this warpgroup's keys, every column
-            plgpu.wgmma(dq_acc, _t(ds_smem.at[dslot, wg]), k_tile)
+            plgpu.wgmma(dq_acc, _t(ds_smem.at[dslot, wg]), k_op)
 
         dk, dq = pl.run_state(dk_dq)((plgpu.ACC.init(dk),
                                       plgpu.ACC.init(_zeros((block_q, DQ_SHARE)))))
@@ -572,7 +596,7 @@ def backward_dkdv_kernel(kv_table_ref, entries_ref, q_ref, k_ref, v_ref, do_ref,
 
   @pl.when(wg == wgs)
   def _memory():
-    _memory_registers()
+    _memory_registers(register_budget(wgs, fused_dq))
 
     def load(i, slot, wait_free: bool):
       h = lax.div(i, n_ent)
@@ -682,7 +706,7 @@ def backward_dq_kernel(table_ref, q_ref, k_ref, v_ref, do_ref, lse2_ref, delta_r
 
   @pl.when(wg < wgs)
   def _compute():
-    _compute_registers(wgs)
+    _compute_registers(register_budget(wgs))
     my_row0 = pl.multiple_of(row0 + wg * block_q, block_q)
     my_pos0 = q_pos0 + wg * block_q
     rows = (b, pl.ds(my_row0, block_q), h)
@@ -742,7 +766,7 @@ def backward_dq_kernel(table_ref, q_ref, k_ref, v_ref, do_ref, lse2_ref, delta_r
 
   @pl.when(wg == wgs)
   def _memory():
-    _memory_registers()
+    _memory_registers(register_budget(wgs))
     kvh = lax.div(h, group_size)
 
     def load(j, slot, wait_free: bool):
@@ -855,7 +879,7 @@ def backward_dkdv_split_kernel(kv_table_ref, entries_ref, q_ref, k_ref, v_ref, d
 
   @pl.when(wg == SCORE_WG)
   def _score():
-    _compute_registers(2)
+    _compute_registers("two_compute")
     _load_parts(_gmem(k_ref, b, keys, kvh), smem["k"], bars["kv"].at[0])
     kvseg = None
     if has_segments:
@@ -889,7 +913,7 @@ def backward_dkdv_split_kernel(kv_table_ref, entries_ref, q_ref, k_ref, v_ref, d
 
   @pl.when(wg == GRAD_WG)
   def _grad():
-    _compute_registers(2)
+    _compute_registers("two_compute")
     _load_parts(_gmem(v_ref, b, keys, kvh), smem["v"], bars["kv"].at[1])
     plgpu.barrier_wait(bars["kv"].at[1])
 
@@ -913,7 +937,7 @@ def backward_dkdv_split_kernel(kv_table_ref, entries_ref, q_ref, k_ref, v_ref, d
 
   @pl.when(wg == 2)
   def _memory():
-    _memory_registers()
+    _memory_registers("two_compute")
 
     def load(i, slot, wait_free: bool):
       h = lax.div(i, n_ent)
@@ -991,7 +1015,7 @@ def backward_dq_split_kernel(table_ref, q_ref, k_ref, v_ref, do_ref, lse2_ref, d
 
   @pl.when(wg == SCORE_WG)
   def _score():
-    _compute_registers(2)
+    _compute_registers("two_compute")
     _load_parts(_gmem(q_ref, b, rows, h), smem["q"], bars["q"])
     plgpu.copy_gmem_to_smem(lse2_ref.at[b, h, rows], smem["lse"], bars["lse"])
     qseg = None
@@ -1025,7 +1049,7 @@ def backward_dq_split_kernel(table_ref, q_ref, k_ref, v_ref, do_ref, lse2_ref, d
 
   @pl.when(wg == GRAD_WG)
   def _grad():
-    _compute_registers(2)
+    _compute_registers("two_compute")
     _load_parts(_gmem(do_ref, b, rows, h), smem["do"], bars["do"])
     plgpu.copy_gmem_to_smem(delta_ref.at[b, h, rows], smem["delta"], bars["delta"])
     plgpu.barrier_wait(bars["do"])
@@ -1050,7 +1074,7 @@ def backward_dq_split_kernel(table_ref, q_ref, k_ref, v_ref, do_ref, lse2_ref, d
 
   @pl.when(wg == 2)
   def _memory():
-    _memory_registers()
+    _memory_registers("two_compute")
     kvh = lax.div(h, group_size)
 
     def load(j, slot, wait_free: bool):
