@@ -243,15 +243,31 @@ def sass_regions(sass: str) -> list[dict]:
 # -------------------------------------------------------------------- CLI --
 
 KERNELS = {
-    # name: (pass, forward config, backward config, names of the modules in launch order)
-    "forward": ("forward", None, None, ["forward"]),
-    "backward": ("backward", None, None, ["dkdv", "dq"]),   # the heuristic default
-    "fused": ("backward", None, MosaicBackwardConfig(fused_dq=True), ["fused"]),
-    "ordered": ("backward", None, MosaicBackwardConfig(fused_dq=True, ordered=True),
-                ["ordered"]),
-    "head_split": ("backward", None, MosaicBackwardConfig(head_split=2),
-                   ["dkdv_split", "dq_split"]),
+    # name: (pass, backward config, names of the modules in launch order)
+    "forward": ("forward", None, ["forward"]),
+    "backward": ("backward", None, ["dkdv", "dq"]),   # the heuristic default
+    "fused": ("backward", MosaicBackwardConfig(fused_dq=True), ["fused"]),
+    "ordered": ("backward", MosaicBackwardConfig(fused_dq=True, ordered=True), ["ordered"]),
+    "head_split": ("backward", MosaicBackwardConfig(head_split=2), ["dkdv_split", "dq_split"]),
 }
+
+
+def check(name: str, p: Problem, workdir: str | None = None) -> list[dict]:
+  """ptxas's numbers and the SASS regions of each Mosaic module of KERNELS[name] on p."""
+  kind, bcfg, names = KERNELS[name]
+  modules = lower(p, kind, bcfg=bcfg)
+  if len(modules) != len(names):
+    raise RuntimeError(f"{name}: {len(modules)} Mosaic modules, expected {names}")
+  workdir = workdir or tempfile.mkdtemp(prefix="mosaic_ptxas_")
+  os.makedirs(workdir, exist_ok=True)
+  return [compile_module(text, workdir, label) for label, text in zip(names, modules)]
+
+
+def row(r: dict) -> str:
+  regions = "  ".join(f"[{g['budget']}] {g['stl']}/{g['ldl']}/{g['hgmma']}"
+                      for g in r["regions"])
+  return (f"{r['name']:<12}{r['registers']:>5}{r['stack']:>7}{r['spill_stores']:>9}"
+          f"{r['spill_loads']:>9}   {regions}")
 
 
 def main(argv=None):
@@ -272,24 +288,14 @@ def main(argv=None):
   p = problem(d=args.d, causal=bool(args.causal), softcap=args.softcap,
               window=None if args.window is None else (args.window, 0))
   workdir = args.dump or tempfile.mkdtemp(prefix="mosaic_ptxas_")
-  os.makedirs(workdir, exist_ok=True)
   print(f"sm_90a, D{args.d}, causal={bool(args.causal)}, softcap={args.softcap}, "
-        f"window={p.window}, registers/memory registers "
-        f"{mosaic_kernels.REGISTERS}; "
+        f"window={p.window}, registers (compute, memory) {mosaic_kernels.REGISTERS}; "
         f"ptxas {_run([find_tool('ptxas'), '--version']).stdout.split()[-1]}; files in {workdir}")
   print(f"{'kernel':<12}{'regs':>5}{'stack':>7}{'spill st':>9}{'spill ld':>9}   "
         "STL/LDL/HGMMA per region")
   for name in args.kernels.split(","):
-    kind, fcfg, bcfg, names = KERNELS[name]
-    modules = lower(p, kind, fcfg, bcfg)
-    if len(modules) != len(names):
-      raise RuntimeError(f"{name}: {len(modules)} Mosaic modules, expected {names}")
-    for label, text in zip(names, modules):
-      r = compile_module(text, workdir, label)
-      regions = "  ".join(f"[{g['budget']}] {g['stl']}/{g['ldl']}/{g['hgmma']}"
-                          for g in r["regions"])
-      print(f"{label:<12}{r['registers']:>5}{r['stack']:>7}{r['spill_stores']:>9}"
-            f"{r['spill_loads']:>9}   {regions}")
+    for r in check(name, p, workdir):
+      print(row(r))
   return 0
 
 

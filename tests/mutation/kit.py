@@ -41,7 +41,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 @dataclasses.dataclass(frozen=True)
 class Mutant:
   name: str
-  kind: str                  # "logic" | "precision" | "mask" | "offset"
+  kind: str                  # "logic" | "precision" | "mask" | "offset" | "resource"
   path: str                  # file relative to the repository root
   anchor: str                # exact text (must occur ``count`` times)
   replacement: str
@@ -188,9 +188,15 @@ MUTANTS = [
            ("tests/test_mosaic.py::test_forward_and_backward_lower_for_cuda",),
            gpu="tests/test_precision.py::test_gpu_long_8192_fwd_bwd[pallas_mosaic]",
            why="dK rounded to the input dtype after every q block"),
+    Mutant("mosaic_hoisted_descriptors", "resource", P + "mosaic/kernels.py",
+           "  return lax.bitwise_and(i * (i + 1), 1)",
+           "  return 0",
+           ("tests/test_mosaic_compile.py::test_mosaic_kernels_keep_their_registers",),
+           why="the K, V tiles' wgmma descriptors hoisted out of the dK/dV step loop: "
+               "spills at 232 registers"),
     Mutant("mosaic_fused_dq_other_half", "logic", P + "mosaic/kernels.py",
-           "k_smem.at[j, :, share_cols(wg)]",
-           "k_smem.at[j, :, share_cols(1 - wg)]",
+           "k_smem.at[j + z, :, share_cols(wg)]",
+           "k_smem.at[j + z, :, share_cols(1 - wg)]",
            ("tests/test_mosaic.py::test_fused_backward_lowers_for_cuda",),
            gpu="tests/test_mosaic.py::test_fused_backward_matches_reference_on_gpu",
            why="each warpgroup adds its dQ share from the other half of K's columns"),
