@@ -22,9 +22,11 @@ and ``nvdisasm`` that Triton ships (CUDA 12.9) or ``$PTXAS``.
     python -m devtools.mosaic_ptxas --kernels fused --registers 232/40
     python -m devtools.mosaic_ptxas --dump /tmp/ptx # keep .mlir/.ll/.ptx/.sass
 
-Per kernel it prints ptxas's registers, stack and spill bytes, and from the
-SASS the spill instructions (STL/LDL) in each register region (the code after
-each ``USETMAXREG``: the compute warpgroups' and the memory warpgroup's).
+Per kernel it prints ptxas's registers, stack and spill bytes, its
+performance notes (C7513: wgmma serialized; C7519: warpgroup.arrive injected;
+C7508: setmaxnreg ignored), and from the SASS the spill instructions (STL/LDL)
+and wgmma (HGMMA) in each register region (the code after each ``USETMAXREG``:
+the compute warpgroups' and the memory warpgroup's).
 """
 
 from __future__ import annotations
@@ -219,9 +221,13 @@ def parse_ptxas(log: str) -> dict:
   def num(pattern):
     m = re.search(pattern, log)
     return int(m.group(1)) if m else 0
+  # ptxas's performance notes by code: C7513 (wgmma serialized: a non-wgmma
+  # instruction defines a wgmma input register inside a pipeline stage),
+  # C7519 (warpgroup.arrive injected), C7508 (setmaxnreg ignored).
+  notes = sorted(set(re.findall(r"\((C\d{4})\)", log)))
   return {"registers": num(r"Used (\d+) registers"), "stack": num(r"(\d+) bytes stack frame"),
           "spill_stores": num(r"(\d+) bytes spill stores"),
-          "spill_loads": num(r"(\d+) bytes spill loads")}
+          "spill_loads": num(r"(\d+) bytes spill loads"), "notes": notes}
 
 
 def sass_regions(sass: str) -> list[dict]:
@@ -267,7 +273,7 @@ def row(r: dict) -> str:
   regions = "  ".join(f"[{g['budget']}] {g['stl']}/{g['ldl']}/{g['hgmma']}"
                       for g in r["regions"])
   return (f"{r['name']:<12}{r['registers']:>5}{r['stack']:>7}{r['spill_stores']:>9}"
-          f"{r['spill_loads']:>9}   {regions}")
+          f"{r['spill_loads']:>9}  {','.join(r['notes']) or '-':<12} {regions}")
 
 
 def main(argv=None):
@@ -291,8 +297,8 @@ def main(argv=None):
   print(f"sm_90a, D{args.d}, causal={bool(args.causal)}, softcap={args.softcap}, "
         f"window={p.window}, registers (compute, memory) {mosaic_kernels.REGISTERS}; "
         f"ptxas {_run([find_tool('ptxas'), '--version']).stdout.split()[-1]}; files in {workdir}")
-  print(f"{'kernel':<12}{'regs':>5}{'stack':>7}{'spill st':>9}{'spill ld':>9}   "
-        "STL/LDL/HGMMA per region")
+  print(f"{'kernel':<12}{'regs':>5}{'stack':>7}{'spill st':>9}{'spill ld':>9}  "
+        f"{'ptxas notes':<12} STL/LDL/HGMMA per register region")
   for name in args.kernels.split(","):
     for r in check(name, p, workdir):
       print(row(r))
