@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import math
 import os
 import re
@@ -46,7 +47,7 @@ import jax
 import jax.numpy as jnp
 
 from jax_grouped_attn.groups import QueryGroup
-from jax_grouped_attn.pallas.mosaic import kernels as mosaic_kernels
+from jax_grouped_attn.pallas.mosaic import kernels as mosaic_kernels, launch
 from jax_grouped_attn.pallas.mosaic.backend import PALLAS_MOSAIC
 from jax_grouped_attn.pallas.mosaic.config import MosaicBackwardConfig
 from jax_grouped_attn.plan import Problem
@@ -249,8 +250,10 @@ def sass_regions(sass: str) -> list[dict]:
 # -------------------------------------------------------------------- CLI --
 
 KERNELS = {
-    # name: (pass, backward config, names of the modules in launch order)
+    # name: (pass, config or a function of the problem, names of the modules in launch order)
     "forward": ("forward", None, ["forward"]),
+    "overlap": ("forward", lambda p: dataclasses.replace(launch.forward_config(p, None),
+                                                          overlap=True), ["overlap"]),
     "backward": ("backward", None, ["dkdv", "dq"]),   # the heuristic default
     "fused": ("backward", MosaicBackwardConfig(fused_dq=True), ["fused"]),
     "ordered": ("backward", MosaicBackwardConfig(fused_dq=True, ordered=True), ["ordered"]),
@@ -260,8 +263,9 @@ KERNELS = {
 
 def check(name: str, p: Problem, workdir: str | None = None) -> list[dict]:
   """ptxas's numbers and the SASS regions of each Mosaic module of KERNELS[name] on p."""
-  kind, bcfg, names = KERNELS[name]
-  modules = lower(p, kind, bcfg=bcfg)
+  kind, cfg, names = KERNELS[name]
+  cfg = cfg(p) if callable(cfg) else cfg
+  modules = lower(p, kind, **{"fcfg" if kind == "forward" else "bcfg": cfg})
   if len(modules) != len(names):
     raise RuntimeError(f"{name}: {len(modules)} Mosaic modules, expected {names}")
   workdir = workdir or tempfile.mkdtemp(prefix="mosaic_ptxas_")

@@ -99,7 +99,8 @@ def _fwd_bwd(p, fcfg=None, bcfg=None):
 # ------------------------------------------------------------ configs, errors --
 
 @pytest.mark.parametrize("field,value", [("block_q", 32), ("block_q", 128), ("block_kv", 96),
-                                         ("max_concurrent_steps", 1), ("compute_wgs", 3)])
+                                         ("max_concurrent_steps", 1), ("compute_wgs", 3),
+                                         ("overlap", 1)])
 def test_forward_config_rejects(field, value):
   with pytest.raises(ValueError, match=f"MosaicForwardConfig.{field}"):
     MosaicForwardConfig(**{field: value})
@@ -224,6 +225,18 @@ def test_forward_and_backward_lower_for_cuda(case, dtype):
   lse = jax.ShapeDtypeStruct((p.batch, p.hq, p.tq), jnp.float32)
   text = _lower(bwd, q, k, v, qs, ks, out, lse, dout, dlse)
   assert text.count("mosaic_gpu") >= 2
+
+
+def _overlapped(p):
+  """The heuristic forward config of p, with intra-warpgroup overlap."""
+  return dataclasses.replace(ml.forward_config(p, None), overlap=True)
+
+
+@pytest.mark.parametrize("case", CASES, ids=IDS)
+def test_overlapped_forward_lowers_for_cuda(case):
+  p = _problem(case)
+  fwd, _ = _fwd_bwd(p, _overlapped(p))
+  assert _lower(fwd, *_inputs(p)[:5]).count("custom_call @mosaic_gpu") == 1
 
 
 @pytest.mark.parametrize("case", NARROW, ids=[c[0] for c in NARROW])
@@ -363,6 +376,20 @@ def test_head_split_matches_reference_on_gpu(case):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("case", CASES, ids=IDS)
+def test_overlapped_forward_matches_reference_on_gpu(case):
+  _check_on_gpu(case, jnp.bfloat16, None, fcfg=_overlapped)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("name", SOFTCAP_LOWER)
+def test_overlapped_forward_with_soft_cap_matches_reference_on_gpu(name):
+  case = next(c for c in CASES if c[0] == name)
+  _check_on_gpu(case, jnp.bfloat16, None, fcfg=_overlapped,
+                problem=dataclasses.replace(_problem(case), softcap=30.0))
+
+
+@pytest.mark.gpu
 @pytest.mark.parametrize("case", NARROW, ids=[c[0] for c in NARROW])
 @pytest.mark.parametrize("bcfg", [FUSED, ORDERED], ids=["fused", "ordered"])
 def test_fused_backward_matches_reference_on_gpu(case, bcfg):
@@ -388,10 +415,11 @@ def test_value_head_dim_matches_reference_on_gpu(name, dv):
     _check_on_gpu(name, jnp.bfloat16, FUSED, problem=p)
 
 
-def _check_on_gpu(case, dtype, bcfg, problem=None):
+def _check_on_gpu(case, dtype, bcfg, problem=None, fcfg=None):
   name = case if isinstance(case, str) else case[0]
   p = problem or _problem(case)
-  fwd, bwd = _fwd_bwd(p, None, bcfg)
+  fcfg = fcfg(p) if callable(fcfg) else fcfg
+  fwd, bwd = _fwd_bwd(p, fcfg, bcfg)
   q, k, v, qs, ks, dout, dlse = _inputs(p, dtype, seed=zlib.crc32(name.encode()) % 1000)
   out, lse = jax.jit(fwd)(q, k, v, qs, ks)
   # Calibrated (jax_grouped_attn/testing.py): the fp32 reference, and the same
@@ -399,7 +427,7 @@ def _check_on_gpu(case, dtype, bcfg, problem=None):
   f32 = lambda x: x.astype(jnp.float32)
   ro, rl = reference_attention(p, f32(q), f32(k), f32(v), qs, ks)
   lo, ll = reference_attention(p, q, k, v, qs, ks, compute_dtype=dtype)
-  name = f"mosaic {name} Dqk {p.head_dim} Dv {p.dv} {jnp.dtype(dtype).name} {bcfg}"
+  name = f"mosaic {name} Dqk {p.head_dim} Dv {p.dv} {jnp.dtype(dtype).name} {fcfg} {bcfg}"
   assert_calibrated(name, out, ro, lo, what=" out")
   assert_calibrated(name, lse, rl, ll, what=" lse")
   # The backward on the same (rounded) out and lse for all three.

@@ -194,6 +194,12 @@ MUTANTS = [
            ("tests/test_mosaic_compile.py::test_mosaic_kernels_keep_their_registers",),
            why="the K, V tiles' wgmma descriptors hoisted out of the dK/dV step loop: "
                "spills at 232 registers"),
+    Mutant("mosaic_overlap_p_during_pv", "resource", P + "mosaic/kernels.py",
+           "          plgpu.wgmma_wait(0)\n          p_ref[...] = p.astype(dtype)\n",
+           "          p_ref[...] = p.astype(dtype)\n",
+           ("tests/test_mosaic_compile.py::test_mosaic_kernels_keep_their_registers",),
+           why="the overlapped forward writes P's bf16 registers while PV runs: ptxas "
+               "serializes its wgmmas (C7513), run 8's 0.63x"),
     Mutant("mosaic_fused_dq_other_half", "logic", P + "mosaic/kernels.py",
            "k_smem.at[j + z, :, share_cols(wg)]",
            "k_smem.at[j + z, :, share_cols(1 - wg)]",

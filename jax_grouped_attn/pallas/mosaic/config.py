@@ -27,6 +27,10 @@ class MosaicForwardConfig:
   max_concurrent_steps: K/V shared-memory ring depth (TMA stages, >= 2).
   compute_wgs: compute warpgroups per CTA (1 or 2); a CTA owns
     compute_wgs * block_q rows (one row of the forward work table).
+  overlap: within each compute warpgroup, issue QK^T of kv block j with PV
+    of block j - 1 and run block j's softmax while PV runs (FA3's
+    intra-warpgroup overlap, on top of the ping-pong between warpgroups).
+    Opt-in until measured on a GPU (notes/mosaic.md, runs 8 and 16).
   """
 
   PASS: typing.ClassVar[str] = "forward"
@@ -35,6 +39,7 @@ class MosaicForwardConfig:
   block_kv: int = 128
   max_concurrent_steps: int = 2
   compute_wgs: int = 2
+  overlap: bool = False
 
   def __post_init__(self):
     name = type(self).__name__
@@ -42,6 +47,8 @@ class MosaicForwardConfig:
     _check_tile(name, "block_kv", self.block_kv)
     _check_int(name, "max_concurrent_steps", self.max_concurrent_steps, 2, 8)
     _check_int(name, "compute_wgs", self.compute_wgs, 1, 2)
+    if not isinstance(self.overlap, bool):
+      raise ValueError(f"{name}.overlap={self.overlap!r} must be a bool.")
 
   @property
   def rows_per_cta(self) -> int:

@@ -198,13 +198,14 @@ class _KvBlocks:
     def _(j):
       load(self.block(j + self.stages), lax.rem(j, self.stages), True)
 
-  def walk(self, step, carry):
+  def walk(self, step, carry, after_first: bool = False):
     """step(j, carry, masked) over [FIRST, FULL0) masked, [FULL0, N_FULL)
-    unmasked, [N_FULL, N_BLOCKS) masked."""
+    unmasked, [N_FULL, N_BLOCKS) masked; with ``after_first``, from FIRST + 1."""
+    lo = (lambda b: jnp.maximum(b, self.first + 1)) if after_first else (lambda b: b)
     if self.late:
-      carry = lax.fori_loop(self.first, self.full0, lambda j, c: step(j, c, True), carry)
-    carry = lax.fori_loop(self.full0, self.n_full, lambda j, c: step(j, c, False), carry)
-    return lax.fori_loop(self.n_full, self.n_blocks, lambda j, c: step(j, c, True), carry)
+      carry = lax.fori_loop(lo(self.first), self.full0, lambda j, c: step(j, c, True), carry)
+    carry = lax.fori_loop(lo(self.full0), self.n_full, lambda j, c: step(j, c, False), carry)
+    return lax.fori_loop(lo(self.n_full), self.n_blocks, lambda j, c: step(j, c, True), carry)
 
 
 # One kernel: its warpgroup roles are branches over shared buffers (splitting
@@ -212,7 +213,7 @@ class _KvBlocks:
 def forward_kernel(table_ref, q_ref, k_ref, v_ref, *refs,  # noqa: C901
                    scale: float, softcap: float | None, causal: bool,
                    window: tuple[int, int], has_segments: bool, block_q: int, block_kv: int,
-                   stages: int, wgs: int, group_size: int):
+                   stages: int, wgs: int, group_size: int, overlap: bool = False):
   """One CTA per (q head, work row, batch): rows [ROW0, ROW0 + wgs * block_q).
 
   Compute warpgroup i owns rows ROW0 + i * block_q + [0, block_q). All
@@ -224,6 +225,11 @@ def forward_kernel(table_ref, q_ref, k_ref, v_ref, *refs,  # noqa: C901
     [wgs, block_q, Dv]), k, parts [stages, block_kv, w_i] like q's, v
     [stages, block_kv, Dv], lse [wgs, block_q] f32; ``bars`` q_ready and
     k_ready (one arrival per part), v_ready, k_free, v_free, sched.
+
+  overlap (MosaicForwardConfig.overlap): step j issues S_j = Q K_j^T and
+  O += P_{j-1} V_{j-1} together, waits for S_j only, and runs block j's
+  softmax while PV runs; the first block's QK^T and the last block's PV are
+  peeled off.
   """
   if has_segments:
     qseg_ref, kvseg_ref, out_ref, lse_ref, smem, bars = refs
@@ -257,7 +263,7 @@ def forward_kernel(table_ref, q_ref, k_ref, v_ref, *refs,  # noqa: C901
       plgpu.barrier_wait(sched)
 
   @pl.when(wg < wgs)
-  def _compute():
+  def _compute():  # noqa: C901 -- two walks (plain, overlapped) over one role's buffers
     _compute_registers(register_budget(wgs))
     q_tiles = tuple(part.at[wg] for part in q_parts)
     o_smem = smem["o"].at[wg] if "o" in smem else q_tiles[0]   # [block_q, Dv]
@@ -273,8 +279,9 @@ def forward_kernel(table_ref, q_ref, k_ref, v_ref, *refs,  # noqa: C901
     acc0 = plgpu.layout_cast(jnp.full((block_q, dv), 0.0, jnp.float32), plgpu.Layout.WGMMA)
     plgpu.barrier_wait(q_ready.at[wg])
 
-    def softmax(s, m, l, j, masked: bool):
-      """Online softmax of S_j: (P_j in dtype, m, l, alpha) with l rescaled."""
+    def softmax(s, m, l, j, masked: bool, cast: bool = True):
+      """Online softmax of S_j: (P_j in dtype, or fp32 without ``cast``, m, l,
+      alpha) with l rescaled."""
       # Logits go to base 2 inside exp2's FMA: p = exp2(s * cc - m), m in base-2 units.
       s, cc, _ = _logits(s, scale, softcap)
       if cc < 0:   # keep max() exact for a negative scale
@@ -294,7 +301,7 @@ def forward_kernel(table_ref, q_ref, k_ref, v_ref, *refs,  # noqa: C901
       alpha = jnp.exp2(m - m_use)
       p = jnp.exp2(s * cc - _row_vec(m_use, shape_s))
       l = l * alpha + p.sum(axis=1)
-      return p.astype(dtype), m_new, l, alpha
+      return (p.astype(dtype) if cast else p), m_new, l, alpha
 
     def finish(acc, m, l):
       seen = l > 0.0
@@ -344,9 +351,75 @@ def forward_kernel(table_ref, q_ref, k_ref, v_ref, *refs,  # noqa: C901
       plgpu.barrier_arrive(v_free.at[slot])
       return acc, m_new, l
 
-    acc, m, l = blocks.walk(step, (acc0, m0, l0))
-    pl.when(wg == 0)(pingpong)
-    finish(acc, m, l)
+    def overlapped_walk():
+      j0 = blocks.first
+      slot0 = blocks.slot(j0)
+
+      def qk0(s_ref):
+        _contract(s_ref, q_tiles, [part.at[slot0] for part in k_parts])
+        pingpong()
+        return s_ref[...]
+
+      s = pl.run_scoped(qk0, plgpu.ACC(shape_s, jnp.float32))
+      plgpu.barrier_arrive(k_free.at[slot0])
+      p16, m, l, _ = softmax(s, m0, l0, j0, True)   # the first block may be masked
+      pingpong()
+
+      def step2(j, carry, masked: bool):
+        acc, m, l, p16 = carry   # p16: block j - 1's probabilities
+        slot, prev = blocks.slot(j), blocks.slot(j - 1)
+        plgpu.barrier_wait(k_ready.at[slot])
+        plgpu.barrier_wait(v_ready.at[prev])
+
+        def body(refs):
+          acc_ref, s_ref, p_ref, m_ref, l_ref, alpha_ref = refs
+          _contract(s_ref, q_tiles, [part.at[slot] for part in k_parts])   # S_j
+          plgpu.wgmma(acc_ref, p16, v_smem.at[prev])              # O += P_{j-1} V_{j-1}
+          pingpong()
+          s = plgpu.wgmma_accumulator_load(s_ref, wait_n=1)       # S_j; PV still runs
+          plgpu.barrier_arrive(k_free.at[slot])
+          p, m_ref[...], l_ref[...], alpha_ref[...] = softmax(s, m, l, j, masked, cast=False)
+          # P_j's bf16 registers (the next PV's A operand) are written only
+          # once PV_{j-1} is done: written while a wgmma is in flight, ptxas
+          # serializes every wgmma (its note C7513; run 8's 0.63x).
+          plgpu.wgmma_wait(0)
+          p_ref[...] = p.astype(dtype)
+
+        acc, _, p16, m, l, alpha = pl.run_state(body)(
+            (plgpu.ACC.init(acc), plgpu.ACC.init(_zeros(shape_s)), p16, m, l, m))
+        plgpu.barrier_arrive(v_free.at[prev])
+        acc = acc * _row_vec(alpha, acc.shape)
+        pingpong()
+        return acc, m, l, p16
+
+      acc, m, l, p16 = blocks.walk(step2, (acc0, m, l, p16), after_first=True)
+      last = blocks.slot(blocks.n_blocks - 1)
+      plgpu.barrier_wait(v_ready.at[last])
+
+      def pv_last(acc_ref):
+        plgpu.wgmma(acc_ref, p16, v_smem.at[last])
+        pingpong()
+
+      acc = pl.run_state(pv_last)(plgpu.ACC.init(acc))
+      plgpu.barrier_arrive(v_free.at[last])
+      return acc, m, l
+
+    if not overlap:
+      acc, m, l = blocks.walk(step, (acc0, m0, l0))
+      pl.when(wg == 0)(pingpong)
+      finish(acc, m, l)
+      return
+
+    @pl.when(blocks.n_steps == 0)
+    def _():
+      pl.when(wg == 0)(pingpong)
+      finish(acc0, m0, l0)
+
+    @pl.when(blocks.n_steps > 0)
+    def _():
+      acc, m, l = overlapped_walk()
+      pl.when(wg == 0)(pingpong)
+      finish(acc, m, l)
 
   @pl.when(wg == wgs)
   def _memory():

@@ -162,7 +162,7 @@ def forward(q, k, v, q_seg, kv_seg, *, problem: Problem, plan: Plan,
       kernels.forward_kernel, scale=float(problem.scale), softcap=problem.softcap,
       causal=problem.causal,
       window=problem.kernel_window, has_segments=has_segments, block_q=cfg.block_q,
-      block_kv=block_kv, stages=stages, wgs=wgs, group_size=hq // hk)
+      block_kv=block_kv, stages=stages, wgs=wgs, group_size=hq // hk, overlap=cfg.overlap)
   if plan.n_work == 0:   # no rows at all
     return (jnp.zeros((b, tq_pad, hq, dv_in), q.dtype),
             jnp.full((b, hq, tq_pad), -jnp.inf, jnp.float32))
