@@ -1,7 +1,9 @@
 """Issue 33, milestone 1: fwd+bwd of cuDNN, ours (deterministic default) and ours
 with ``deterministic=False`` (pallas_mosaic's fused backward), interleaved rounds
 of back-to-back calls in one process (common.time_calls), plus whole-tensor
-gradient errors of each against the fp32 oracle. Writes $OUT/fused_bwd.json.
+gradient errors of each against the fp32 oracle; also the opt-in overlapped
+forward (MosaicForwardConfig.overlap) with either backward. Writes
+$OUT/fused_bwd.json.
 
   python3 notes/experiments/fused_bwd.py [--shapes s8k,s32k,nc8k,d64] [--rounds 5]
 """
@@ -16,6 +18,7 @@ import jax.numpy as jnp
 
 import jax_grouped_attn as ga
 from benchmarks import common
+from jax_grouped_attn.pallas.mosaic import heuristics
 from jax_grouped_attn.pallas.mosaic.config import MosaicBackwardConfig
 
 SHAPES = {   # name: (batch, seq, hq, hk, d, causal)
@@ -58,6 +61,11 @@ def main():
         cfg = ga.AttentionConfig(backward=bcfg)
         impls[name_] = (lambda q, k, v, cfg=cfg, det=det: ga.attention(
             q, k, v, causal=causal, backend="pallas_mosaic", config=cfg, deterministic=det))
+    overlap = ga.AttentionConfig(
+        forward=dataclasses.replace(heuristics.forward_config(d), overlap=True))
+    for name_, det in (("overlap", True), ("overlap_nondet", False)):
+      impls[name_] = (lambda q, k, v, det=det: ga.attention(
+          q, k, v, causal=causal, backend="pallas_mosaic", config=overlap, deterministic=det))
     impls = {n: f for n, f in impls.items() if n not in args.exclude.split(",")}
     fns = {n: jax.jit(lambda q, k, v, do, f=f: jax.vjp(f, q, k, v)[1](do)) for n, f in impls.items()}
     fwd = {n: jax.jit(f) for n, f in impls.items()}
