@@ -20,7 +20,7 @@ import pytest
 from jax_grouped_attn import plan as plan_lib, validate
 from jax_grouped_attn.backend import batch_folding
 from jax_grouped_attn.groups import QueryGroup
-from jax_grouped_attn.pallas.mosaic import launch as ml
+from jax_grouped_attn.pallas.mosaic import config as mosaic_config, launch as ml
 from jax_grouped_attn.pallas.mosaic.backend import PALLAS_MOSAIC
 from jax_grouped_attn.pallas.mosaic.config import (
   MosaicBackwardConfig,
@@ -237,6 +237,25 @@ def test_overlapped_forward_lowers_for_cuda(case):
   p = _problem(case)
   fwd, _ = _fwd_bwd(p, _overlapped(p))
   assert _lower(fwd, *_inputs(p)[:5]).count("custom_call @mosaic_gpu") == 1
+
+
+TUNED_NEW = [(d, c) for d in (64, 128, 256) for pass_ in ("forward", "backward")
+             for c in mosaic_config.tuning_candidates(pass_, d, "full")
+             if getattr(c, "overlap", False) or getattr(c, "fused_dq", False)]
+
+
+@pytest.mark.parametrize("d,cfg", TUNED_NEW, ids=[f"d{d}-{c}" for d, c in TUNED_NEW])
+def test_overlap_and_fused_tuning_candidates_lower_for_cuda(d, cfg):
+  # The tuner times these on a GPU: each must lower where it is offered.
+  p = _problem(("c", [(0, 256, 0, 256)], 256, 256, 4, 2, d, True, False))
+  q, k, v, qs, ks, dout, dlse = _inputs(p)
+  if isinstance(cfg, MosaicForwardConfig):
+    assert _lower(_fwd_bwd(p, cfg)[0], q, k, v, qs, ks).count("custom_call @mosaic_gpu") == 1
+  else:
+    out = jax.ShapeDtypeStruct(q.shape, q.dtype)
+    lse = jax.ShapeDtypeStruct((p.batch, p.hq, p.tq), jnp.float32)
+    text = _lower(_fwd_bwd(p, None, cfg)[1], q, k, v, qs, ks, out, lse, dout, dlse)
+    assert text.count("custom_call @mosaic_gpu") == 1
 
 
 @pytest.mark.parametrize("case", NARROW, ids=[c[0] for c in NARROW])

@@ -246,6 +246,9 @@ def tuning_candidates(pass_: str, head_dim: int, mode: str) -> list:
     # 128-key tiles with 3+ stages exceed shared memory at D128 (by 120 B).
     grid = [c for c in grid if not (head_dim >= 128 and c.block_kv == 128
                                     and c.max_concurrent_steps > 2)]
+    # The intra-warpgroup overlap on the two-stage tiles (opt-in until measured).
+    grid += [dataclasses.replace(c, overlap=True) for c in grid
+             if c.compute_wgs == 2 and c.max_concurrent_steps == 2]
   else:
     if head_dim <= 128:
       grid = [MosaicBackwardConfig(bq, 64, 64, dkv, stages, w) for bq in (64, 128)
@@ -253,6 +256,10 @@ def tuning_candidates(pass_: str, head_dim: int, mode: str) -> list:
       if head_dim == 128:   # halves of 64 columns: the 128-byte swizzle's width
         grid += [MosaicBackwardConfig(bq, 64, 64, 64, stages, 2, 2) for bq in (64, 128)
                  for stages in (2, 3)]
+      # dQ fused into the dK/dV kernel, its adds ordered (deterministic), in both
+      # launch orders; the unordered fused kernel is never a default.
+      grid += [MosaicBackwardConfig(fused_dq=True, ordered=True, kv_major=kv)
+               for kv in (False, True)]
     else:
       # D256: 2 stages of 64-row tiles is all that fits with two warpgroups
       # (K, V 64 KiB + Q, dO 128 KiB + P, dS 32 KiB); one warpgroup takes more.
@@ -266,5 +273,7 @@ def tuning_candidates(pass_: str, head_dim: int, mode: str) -> list:
     # H100 and H200 tuners measured it): both key tiles and both layouts.
     if pass_ == "backward" and head_dim <= 128:
       return [c for c in grid if c.compute_wgs == 2 and c.block_q == 64]
-    return [c for c in grid if c.compute_wgs == 2 or head_dim > 128][:4]
+    overlap = [c for c in grid if getattr(c, "overlap", False)]
+    plain = [c for c in grid if (c.compute_wgs == 2 or head_dim > 128) and c not in overlap]
+    return plain[:4] + overlap[:2]
   return grid
