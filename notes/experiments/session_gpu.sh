@@ -3,6 +3,8 @@
 #   bash notes/experiments/session_gpu.sh tests mutants   # GPU tests + memcheck; the gpu= mutants
 #   bash notes/experiments/session_gpu.sh bench window tune ncu  # headline shapes vs cuDNN;
 #       sliding window time vs S; Mosaic configs tuned; ncu of Mosaic and cuDNN fwd+bwd kernels
+#   bash notes/experiments/session_gpu.sh issue33   # Mosaic GPU tests, then fused_bwd.py
+#       (fwd and fwd+bwd vs cuDNN: fused, ordered, kv_major, overlapped forward)
 # Expects the jax-triton wheel installed into PYTHONPATH (device README) and writes to $OUT.
 set -u -o pipefail
 export PYTHONUNBUFFERED=1 TF_CPP_MIN_LOG_LEVEL=1
@@ -48,6 +50,13 @@ for mode in "${@:-tests}"; do
         --section LaunchStats --section WarpStateStats \
         python3 notes/experiments/ncu_target.py ${NCU_IMPLS:-pallas_mosaic cudnn} > "$OUT/ncu.log" 2>&1
     echo "ncu exit $?"; grep -E "^  [a-zA-Z_].*\(|Duration|Compute \(SM\) Throughput|Registers Per|Achieved Occupancy" "$OUT/ncu.log" | head -60;;
+  issue33)   # the Mosaic kernels issue 33 changes: GPU tests, then timings vs cuDNN
+    XLA_PYTHON_CLIENT_PREALLOCATE=false timeout ${I33_TESTS_S:-200} python3 -m pytest -q \
+        -p no:cacheprovider -rs -n 8 -W ignore::DeprecationWarning -m gpu tests/test_mosaic.py \
+        2>&1 | tee "$OUT/mosaic_gpu_tests.log" | tail -15
+    XLA_PYTHON_CLIENT_PREALLOCATE=false timeout ${I33_BENCH_S:-270} python3 \
+        notes/experiments/fused_bwd.py --shapes ${I33_SHAPES:-s8k,d64,s32k} --passes 2 \
+        2>&1 | tee "$OUT/fused_bwd.log" | tail -40;;
   *) echo "unknown mode $mode";;
   esac
 done
