@@ -50,7 +50,9 @@ for mode in "${@:-tests}"; do
         --section LaunchStats --section WarpStateStats \
         python3 notes/experiments/ncu_target.py ${NCU_IMPLS:-pallas_mosaic cudnn} > "$OUT/ncu.log" 2>&1
     echo "ncu exit $?"; grep -E "^  [a-zA-Z_].*\(|Duration|Compute \(SM\) Throughput|Registers Per|Achieved Occupancy" "$OUT/ncu.log" | head -60;;
-  issue33)   # the Mosaic kernels issue 33 changes: GPU tests, then timings vs cuDNN
+  issue33)   # the Mosaic kernels issue 33 changes: the GPU's ptxas, GPU tests, timings vs cuDNN
+    MOSAIC_GPU_DUMP_PTXAS=1 timeout 90 python3 notes/experiments/ptxas_on_gpu.py \
+        > "$OUT/ptxas_on_gpu.log" 2>&1; grep -E "=====|spill|Used|C75" "$OUT/ptxas_on_gpu.log"
     XLA_PYTHON_CLIENT_PREALLOCATE=false timeout ${I33_TESTS_S:-200} python3 -m pytest -q \
         -p no:cacheprovider -rs -n 8 -W ignore::DeprecationWarning -m gpu tests/test_mosaic.py \
         2>&1 | tee "$OUT/mosaic_gpu_tests.log" | tail -15
