@@ -256,6 +256,9 @@ KERNELS = {
                                                           overlap=True), ["overlap"]),
     "backward": ("backward", None, ["dkdv", "dq"]),   # the heuristic default
     "fused": ("backward", MosaicBackwardConfig(fused_dq=True), ["fused"]),
+    "backward_overlap": ("backward", MosaicBackwardConfig(overlap=True), ["dkdv_ov", "dq"]),
+    "fused_overlap": ("backward", MosaicBackwardConfig(fused_dq=True, overlap=True),
+                      ["fused_ov"]),
     "ordered": ("backward", MosaicBackwardConfig(fused_dq=True, ordered=True), ["ordered"]),
     "head_split": ("backward", MosaicBackwardConfig(head_split=2), ["dkdv_split", "dq_split"]),
 }

@@ -64,6 +64,10 @@ WIDE = [c for c in CASES if c[6] > 64]
 # dQ inside the dK/dV kernel, TMA-added (q/k padded to 64 or 128).
 FUSED = MosaicBackwardConfig(fused_dq=True)
 ORDERED = MosaicBackwardConfig(fused_dq=True, ordered=True)   # and deterministic again
+# S^T and dP^T in flight together (two kernels; fused, ordered).
+BWD_OVERLAP = [MosaicBackwardConfig(overlap=True),
+               MosaicBackwardConfig(fused_dq=True, ordered=True, overlap=True)]
+BWD_OVERLAP_IDS = ["two_kernel", "ordered"]
 NARROW = [c for c in CASES if c[6] <= 128]
 
 
@@ -107,10 +111,16 @@ def test_forward_config_rejects(field, value):
 
 
 @pytest.mark.parametrize("field,value", [("block_kv", 48), ("dq_block_kv", 256),
-                                         ("compute_wgs", 0), ("head_split", 3)])
+                                         ("compute_wgs", 0), ("head_split", 3),
+                                         ("overlap", 1)])
 def test_backward_config_rejects(field, value):
   with pytest.raises(ValueError, match=f"MosaicBackwardConfig.{field}"):
     MosaicBackwardConfig(**{field: value})
+
+
+def test_backward_overlap_is_a_head_split_1_order():
+  with pytest.raises(ValueError, match="overlap=True is a step order of the head_split=1"):
+    MosaicBackwardConfig(head_split=2, overlap=True)
 
 
 def test_head_split_needs_two_warpgroups_and_wide_heads():
@@ -255,7 +265,14 @@ def test_overlap_and_fused_tuning_candidates_lower_for_cuda(d, cfg):
     out = jax.ShapeDtypeStruct(q.shape, q.dtype)
     lse = jax.ShapeDtypeStruct((p.batch, p.hq, p.tq), jnp.float32)
     text = _lower(_fwd_bwd(p, None, cfg)[1], q, k, v, qs, ks, out, lse, dout, dlse)
-    assert text.count("custom_call @mosaic_gpu") == 1
+    assert text.count("custom_call @mosaic_gpu") == (1 if cfg.fused_dq else 2)
+
+
+@pytest.mark.parametrize("case", NARROW, ids=[c[0] for c in NARROW])
+@pytest.mark.parametrize("bcfg", BWD_OVERLAP, ids=BWD_OVERLAP_IDS)
+def test_overlapped_backward_lowers_for_cuda(case, bcfg):
+  assert _lower_backward(case, bcfg).count("custom_call @mosaic_gpu") == (
+      1 if bcfg.fused_dq else 2)
 
 
 @pytest.mark.parametrize("case", NARROW, ids=[c[0] for c in NARROW])
@@ -406,6 +423,13 @@ def test_overlapped_forward_with_soft_cap_matches_reference_on_gpu(name):
   case = next(c for c in CASES if c[0] == name)
   _check_on_gpu(case, jnp.bfloat16, None, fcfg=_overlapped,
                 problem=dataclasses.replace(_problem(case), softcap=30.0))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("case", NARROW, ids=[c[0] for c in NARROW])
+@pytest.mark.parametrize("bcfg", BWD_OVERLAP, ids=BWD_OVERLAP_IDS)
+def test_overlapped_backward_matches_reference_on_gpu(case, bcfg):
+  _check_on_gpu(case, jnp.bfloat16, bcfg)
 
 
 @pytest.mark.gpu

@@ -22,11 +22,12 @@ from jax_grouped_attn.pallas.mosaic import kernels
 FUSED_SPILL_BYTES = 64
 
 CASES = {   # name: (problem, kernels of KERNELS)
-    "d128_causal": (mp.problem(d=128), ("forward", "overlap", "backward", "fused")),
+    "d128_causal": (mp.problem(d=128),
+                    ("forward", "overlap", "backward", "backward_overlap", "fused")),
     "d128_window_softcap": (mp.problem(d=128, softcap=30.0, window=(200, 0)),
                             ("backward", "fused")),
     "d64_noncausal": (mp.problem(d=64, causal=False),
-                      ("forward", "overlap", "backward", "fused")),
+                      ("forward", "overlap", "backward", "backward_overlap", "fused")),
 }
 
 

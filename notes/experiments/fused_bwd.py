@@ -2,7 +2,9 @@
 with ``deterministic=False`` (pallas_mosaic's fused backward), interleaved rounds
 of back-to-back calls in one process (common.time_calls), plus whole-tensor
 gradient errors of each against the fp32 oracle; also the opt-in overlapped
-forward (MosaicForwardConfig.overlap) with either backward. Writes
+forward (MosaicForwardConfig.overlap) with either backward, and the
+overlapped dK/dV step (MosaicBackwardConfig.overlap: two kernels, ordered,
+fused). Writes
 $OUT/fused_bwd.json.
 
   python3 notes/experiments/fused_bwd.py [--shapes s8k,s32k,nc8k,d64] [--rounds 5]
@@ -55,6 +57,10 @@ def main():
         ("ordered", MosaicBackwardConfig(fused_dq=True, ordered=True), True),
         ("ordered_kvmajor", MosaicBackwardConfig(fused_dq=True, ordered=True, kv_major=True),
          True),
+        ("bwd_overlap", MosaicBackwardConfig(overlap=True), True),
+        ("ordered_overlap", MosaicBackwardConfig(fused_dq=True, ordered=True, overlap=True),
+         True),
+        ("fused_overlap", MosaicBackwardConfig(fused_dq=True, overlap=True), False),
     )
     for name_, bcfg, det in variants:
       if d > 64 or bcfg.fused_dq:

@@ -85,6 +85,11 @@ class MosaicBackwardConfig:
     by kv block across all kv heads (heaviest first over the whole grid; a
     scheduling model put it at 1.01x the ideal makespan against 1.24x,
     notes/mosaic.md).
+  overlap: the dK/dV (or fused) kernel issues S^T and dP^T together and
+    computes P^T while dP^T runs (two wgmma waits a step instead of three;
+    FA3's order); head_split=1 only; without a soft cap (with one the
+    kernel keeps its three-wait order, which does not spill). Opt-in until
+    measured on a GPU.
   """
 
   PASS: typing.ClassVar[str] = "backward"
@@ -99,6 +104,7 @@ class MosaicBackwardConfig:
   fused_dq: bool = False
   ordered: bool = False
   kv_major: bool = False
+  overlap: bool = False
 
   def __post_init__(self):
     name = type(self).__name__
@@ -110,7 +116,7 @@ class MosaicBackwardConfig:
     if self.head_split == 2 and self.compute_wgs != 2:
       raise ValueError(f"{name}.head_split=2 splits head_dim between two compute warpgroups: "
                        f"it needs compute_wgs=2, got {self.compute_wgs=}.")
-    for field in ("fused_dq", "ordered", "kv_major"):
+    for field in ("fused_dq", "ordered", "kv_major", "overlap"):
       if not isinstance(getattr(self, field), bool):
         raise ValueError(f"{name}.{field}={getattr(self, field)!r} must be a bool.")
     if self.fused_dq:
@@ -121,6 +127,9 @@ class MosaicBackwardConfig:
         raise ValueError(f"{name}.fused_dq=True has no dQ kernel, so dq_block_q and "
                          f"dq_block_kv mean nothing: leave them at 64; got "
                          f"{self.dq_block_q=}, {self.dq_block_kv=}.")
+    if self.overlap and self.head_split != 1:
+      raise ValueError(f"{name}.overlap=True is a step order of the head_split=1 kernels; got "
+                       f"{self.head_split=}.")
     if self.ordered and not self.fused_dq:
       raise ValueError(f"{name}.ordered=True orders the fused backward's dQ adds: it needs "
                        f"fused_dq=True (the dQ kernel writes each tile once anyway).")
@@ -260,6 +269,9 @@ def tuning_candidates(pass_: str, head_dim: int, mode: str) -> list:
       # launch orders; the unordered fused kernel is never a default.
       grid += [MosaicBackwardConfig(fused_dq=True, ordered=True, kv_major=kv)
                for kv in (False, True)]
+      # S^T and dP^T in flight together: two kernels, and fused with ordered adds.
+      grid += [MosaicBackwardConfig(overlap=True),
+               MosaicBackwardConfig(fused_dq=True, ordered=True, overlap=True)]
     else:
       # D256: 2 stages of 64-row tiles is all that fits with two warpgroups
       # (K, V 64 KiB + Q, dO 128 KiB + P, dS 32 KiB); one warpgroup takes more.

@@ -454,7 +454,7 @@ def backward_dkdv_kernel(kv_table_ref, entries_ref, q_ref, k_ref, v_ref, do_ref,
                          lse2_ref, delta_ref, *refs, scale: float, softcap: float | None,
                          causal: bool, window: tuple[int, int], has_segments: bool,
                          block_q: int, block_kv: int, stages: int, wgs: int, group_size: int,
-                         fused_dq: bool = False, ordered: bool = False):
+                         fused_dq: bool = False, ordered: bool = False, overlap: bool = False):
   """One CTA per (kv head, kv block t, batch): dK, dV of wgs * block_kv keys.
 
   kv_table_ref: [n_kv_blocks, KV_TABLE_WIDTH], entries_ref: [n_entries,
@@ -560,18 +560,9 @@ def backward_dkdv_kernel(kv_table_ref, entries_ref, q_ref, k_ref, v_ref, do_ref,
     plgpu.barrier_wait(kv_ready.at[wgs + wg])
     k_tile, v_tile = k_smem.at[wg], v_smem.at[wg]
 
-    def step(i, e, h, carry, masked: bool):
-      dk, dv = carry
-      slot = lax.rem(i, stages)
-      z = _opaque_zero(i)
-      k_op, v_op = k_smem.at[wg + z], v_smem.at[wg + z]   # k_tile, v_tile
-      plgpu.barrier_wait(q_ready.at[slot])
-
-      def qk(s_ref):
-        plgpu.wgmma(s_ref, k_op, _t(q_smem.at[slot]))
-        return s_ref[...]
-
-      s_t = pl.run_scoped(qk, plgpu.ACC(shape_t, jnp.float32))   # [keys, rows]
+    def probs(s_t, e, slot, masked: bool):
+      """P^T of S^T, and G^T with dS^T = G^T (dP^T - delta): G = P (1 - t^2)
+      with a cap, else P itself (the same value)."""
       plgpu.barrier_wait(lse_ready.at[slot])
       lse2 = _load(lse_smem.at[slot], plgpu.Layout.WGMMA.reduce(0))
       x_t, c, cap_t = _logits(s_t, scale, softcap)
@@ -585,10 +576,57 @@ def backward_dkdv_kernel(kv_table_ref, entries_ref, q_ref, k_ref, v_ref, do_ref,
                        entries_ref[start + e, plan_lib.E_KV_LEN], shape_t, causal=causal,
                        window=window, qseg=qseg, kvseg=kvseg, transposed=True)
         p_t = jnp.where(vis, p_t, 0.0)
+      return p_t, (p_t if cap_t is None else p_t * (1.0 - cap_t * cap_t))
+
+    def overlapped_step(i, e, h, slot, dk, dv, k_op, v_op, z, masked: bool):
+      # S^T and dP^T issued together; P^T computed while dP^T runs; the bf16
+      # operands (P^T for dV, dS^T for dK) written once no wgmma is in flight
+      # (written under one, ptxas serializes every wgmma: note C7513). No soft
+      # cap: its 1 - t^2 factor beside P^T and dP^T spilled 184 B.
       plgpu.barrier_wait(do_ready.at[slot])
-      g_t, p16 = p_t, None   # dS^T = G^T (dP^T - delta), G = P (1 - t^2) with a cap
-      if cap_t is not None:   # fold the factor in now: P in fp32 need not live on
-        g_t, p16 = p_t * (1.0 - cap_t * cap_t), p_t.astype(dtype)
+
+      def s_dp(refs):
+        s_ref, dp_ref, p_ref = refs
+        plgpu.wgmma(s_ref, k_op, _t(q_smem.at[slot]))      # S^T = K Q^T
+        plgpu.wgmma(dp_ref, v_op, _t(do_smem.at[slot]))    # dP^T = V dO^T
+        p_ref[...], _ = probs(plgpu.wgmma_accumulator_load(s_ref, wait_n=1), e, slot, masked)
+
+      zeros = _zeros(shape_t)
+      _, dp_t, p_t = pl.run_state(s_dp)((plgpu.ACC.init(zeros), plgpu.ACC.init(zeros), zeros))
+      plgpu.barrier_wait(delta_ready.at[slot])
+      delta = _load(delta_smem.at[slot], plgpu.Layout.WGMMA.reduce(0))
+      ds16 = (p_t * (dp_t - _col_vec(delta, shape_t))).astype(dtype)
+      p16 = p_t.astype(dtype)
+      if fused_dq:
+        return fused_step(i, e, h, slot, ds16, dk, dv, k_op, z, p16=p16)
+
+      def dv_dk(accs):
+        dv_acc, dk_acc = accs
+        plgpu.wgmma(dv_acc, p16, do_smem.at[slot])     # dV += P^T dO
+        plgpu.wgmma(dk_acc, ds16, q_smem.at[slot])     # dK += dS^T Q
+
+      dv, dk = pl.run_state(dv_dk)((plgpu.ACC.init(dv), plgpu.ACC.init(dk)))
+      plgpu.barrier_arrive(free.at[slot])
+      return dk, dv
+
+    def qk(s_ref, k_op, slot):
+      plgpu.wgmma(s_ref, k_op, _t(q_smem.at[slot]))
+      return s_ref[...]
+
+    def step(i, e, h, carry, masked: bool):
+      dk, dv = carry
+      slot = lax.rem(i, stages)
+      z = _opaque_zero(i)
+      k_op, v_op = k_smem.at[wg + z], v_smem.at[wg + z]   # k_tile, v_tile
+      plgpu.barrier_wait(q_ready.at[slot])
+
+      if overlap and softcap is None:
+        return overlapped_step(i, e, h, slot, dk, dv, k_op, v_op, z, masked)
+      s_t = pl.run_scoped(lambda s_ref: qk(s_ref, k_op, slot),
+                          plgpu.ACC(shape_t, jnp.float32))   # [keys, rows]
+      p_t, g_t = probs(s_t, e, slot, masked)
+      plgpu.barrier_wait(do_ready.at[slot])
+      p16 = None if g_t is p_t else p_t.astype(dtype)   # with a cap P in fp32 need not live on
 
       def dv_dp(refs):
         dv_ref, dp_ref = refs
@@ -614,7 +652,8 @@ def backward_dkdv_kernel(kv_table_ref, entries_ref, q_ref, k_ref, v_ref, do_ref,
       ds_smem, ds_ready = smem["ds"], bars["ds_ready"]
       dq_tile = smem["dq"].at[wg]
 
-      def fused_step(i, e, h, slot, ds16, dk, dv, k_op, z):
+      def fused_step(i, e, h, slot, ds16, dk, dv, k_op, z, p16=None):
+        """dK (and, given P^T in p16, dV) and this warpgroup's dQ share."""
         dslot = lax.rem(i, 2)
         ds_smem.at[dslot, wg][...] = ds16
         plgpu.commit_smem()
@@ -622,7 +661,9 @@ def backward_dkdv_kernel(kv_table_ref, entries_ref, q_ref, k_ref, v_ref, do_ref,
           plgpu.barrier_arrive(ds_ready)
 
         def dk_dq(accs):
-          dk_acc, dq_acc = accs
+          dk_acc, dq_acc, *dv_acc = accs
+          if p16 is not None:
+            plgpu.wgmma(dv_acc[0], p16, do_smem.at[slot])             # dV += P^T dO
           plgpu.wgmma(dk_acc, ds16, q_smem.at[slot])                  # dK += dS^T Q
           if share == "halves":   # every warpgroup's keys, this warpgroup's columns
             plgpu.barrier_wait(ds_ready)
@@ -631,8 +672,10 @@ def backward_dkdv_kernel(kv_table_ref, entries_ref, q_ref, k_ref, v_ref, do_ref,
           else:                   # this warpgroup's keys, every column
             plgpu.wgmma(dq_acc, _t(ds_smem.at[dslot, wg]), k_op)
 
-        dk, dq = pl.run_state(dk_dq)((plgpu.ACC.init(dk),
-                                      plgpu.ACC.init(_zeros((block_q, DQ_SHARE)))))
+        accs = (plgpu.ACC.init(dk), plgpu.ACC.init(_zeros((block_q, DQ_SHARE))))
+        dk, dq, *dv_out = pl.run_state(dk_dq)(accs + ((plgpu.ACC.init(dv),) if p16 is not None
+                                                      else ()))
+        dv = dv_out[0] if dv_out else dv
         plgpu.barrier_arrive(free.at[slot])
         if ordered:   # the writer warp adds it, in its turn
           pl.when(i > 0)(lambda: plgpu.barrier_wait(bars["dq_empty"].at[wg]))

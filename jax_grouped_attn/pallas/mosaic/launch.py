@@ -271,7 +271,7 @@ def backward(q, k, v, q_seg, kv_seg, out, lse, dout, dlse, *, problem: Problem,
               free=plgpu.Barrier(num_arrivals=wgs, num_barriers=stages))
   dk, dv_ = plgpu.kernel(
       functools.partial(kernels.backward_dkdv_kernel, block_q=bq, block_kv=bkv, wgs=wgs,
-                        softcap=problem.softcap, **common),
+                        softcap=problem.softcap, overlap=cfg.overlap, **common),
       out_type=(shape_struct((b, tk_pad, hk, dqk), k.dtype, like=q),
                 shape_struct((b, tk_pad, hk, dv), v.dtype, like=q)),
       scratch_types=(smem, bars),
@@ -426,7 +426,7 @@ def _backward_fused(q, k, v, seg_args, dout, delta, lse2, *, problem, plan, cfg,
     bars.update(dq_full=plgpu.Barrier(num_barriers=wgs), dq_empty=plgpu.Barrier(num_barriers=wgs))
   body = functools.partial(kernels.backward_dkdv_kernel, block_q=bq, block_kv=bkv, wgs=wgs,
                            softcap=problem.softcap, fused_dq=True, ordered=cfg.ordered,
-                           **common)
+                           overlap=cfg.overlap, **common)
   mesh = plgpu.Mesh(**_dkdv_grid(cfg, hk, plan.n_kv_blocks, b), num_threads=wgs + 1,
                     thread_name="wg")
 
