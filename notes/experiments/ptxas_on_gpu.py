@@ -3,7 +3,7 @@
 On the device: MOSAIC_GPU_DUMP_PTXAS=1 python3 notes/experiments/ptxas_on_gpu.py
 jaxlib prints ptxas -v of each kernel as it compiles it (at the first call);
 the script prints a marker before each, so the log reads kernel by kernel. Compare
-with ``python -m devtools.mosaic_ptxas --kernels forward,overlap,backward,fused,ordered``
+with ``python -m devtools.mosaic_ptxas --kernels forward,overlap,backward,backward_overlap,fused,ordered``
 on the CPU machine (same problem: D128, causal, S512, Hq4 Hk2).
 """
 import jax
@@ -20,7 +20,7 @@ def main():
   k = jax.random.normal(ks[1], (1, p.tk, p.hk, 128), jnp.bfloat16)
   v = jax.random.normal(ks[2], (1, p.tk, p.hk, 128), jnp.bfloat16)
   lse = jnp.zeros((1, p.hq, p.tq), jnp.float32)
-  for name in ("forward", "overlap", "backward", "fused", "ordered"):
+  for name in ("forward", "overlap", "backward", "backward_overlap", "fused", "ordered"):
     kind, cfg, labels = mp.KERNELS[name]
     cfg = cfg(p) if callable(cfg) else cfg
     print(f"===== {name}: {labels} =====", flush=True)
