@@ -251,7 +251,7 @@ def test_overlapped_forward_lowers_for_cuda(case):
 
 TUNED_NEW = [(d, c) for d in (64, 128, 256) for pass_ in ("forward", "backward")
              for c in mosaic_config.tuning_candidates(pass_, d, "full")
-             if getattr(c, "overlap", False) or getattr(c, "fused_dq", False)]
+             if c.overlap or getattr(c, "fused_dq", False)]
 
 
 @pytest.mark.parametrize("d,cfg", TUNED_NEW, ids=[f"d{d}-{c}" for d, c in TUNED_NEW])

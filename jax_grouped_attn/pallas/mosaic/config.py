@@ -285,7 +285,7 @@ def tuning_candidates(pass_: str, head_dim: int, mode: str) -> list:
     # H100 and H200 tuners measured it): both key tiles and both layouts.
     if pass_ == "backward" and head_dim <= 128:
       return [c for c in grid if c.compute_wgs == 2 and c.block_q == 64]
-    overlap = [c for c in grid if getattr(c, "overlap", False)]
+    overlap = [c for c in grid if c.overlap]
     plain = [c for c in grid if (c.compute_wgs == 2 or head_dim > 128) and c not in overlap]
     return plain[:4] + overlap[:2]
   return grid

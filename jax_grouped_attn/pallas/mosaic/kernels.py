@@ -320,18 +320,22 @@ def forward_kernel(table_ref, q_ref, k_ref, v_ref, *refs,  # noqa: C901
 
     pl.when(wg == 1)(pingpong)
 
-    def step(j, carry, masked: bool):
-      acc, m, l = carry
-      slot = blocks.slot(j)
-
+    def scores(slot):
+      """S = Q K^T of the K tile in ``slot`` (the other warpgroup's turn
+      begins once it is issued), then that slot is freed."""
       def qk(s_ref):
-        _contract(s_ref, q_tiles, [part.at[slot] for part in k_parts])
+        _contract(s_ref, q_tiles, _at(k_parts, slot))
         pingpong()
         return s_ref[...]
 
       s = pl.run_scoped(qk, plgpu.ACC(shape_s, jnp.float32))
       plgpu.barrier_arrive(k_free.at[slot])
-      p16, m_new, l, alpha = softmax(s, m, l, j, masked)
+      return s
+
+    def step(j, carry, masked: bool):
+      acc, m, l = carry
+      slot = blocks.slot(j)
+      p16, m_new, l, alpha = softmax(scores(slot), m, l, j, masked)
       acc = acc * _row_vec(alpha, acc.shape)
       acc, l, m_new, p16 = lax.optimization_barrier((acc, l, m_new, p16))
       if wgs > 1:
@@ -353,16 +357,7 @@ def forward_kernel(table_ref, q_ref, k_ref, v_ref, *refs,  # noqa: C901
 
     def overlapped_walk():
       j0 = blocks.first
-      slot0 = blocks.slot(j0)
-
-      def qk0(s_ref):
-        _contract(s_ref, q_tiles, [part.at[slot0] for part in k_parts])
-        pingpong()
-        return s_ref[...]
-
-      s = pl.run_scoped(qk0, plgpu.ACC(shape_s, jnp.float32))
-      plgpu.barrier_arrive(k_free.at[slot0])
-      p16, m, l, _ = softmax(s, m0, l0, j0, True)   # the first block may be masked
+      p16, m, l, _ = softmax(scores(blocks.slot(j0)), m0, l0, j0, True)   # may be masked
       pingpong()
 
       def step2(j, carry, masked: bool):
@@ -373,7 +368,7 @@ def forward_kernel(table_ref, q_ref, k_ref, v_ref, *refs,  # noqa: C901
 
         def body(refs):
           acc_ref, s_ref, p_ref, m_ref, l_ref, alpha_ref = refs
-          _contract(s_ref, q_tiles, [part.at[slot] for part in k_parts])   # S_j
+          _contract(s_ref, q_tiles, _at(k_parts, slot))           # S_j
           plgpu.wgmma(acc_ref, p16, v_smem.at[prev])              # O += P_{j-1} V_{j-1}
           pingpong()
           s = plgpu.wgmma_accumulator_load(s_ref, wait_n=1)       # S_j; PV still runs
@@ -404,22 +399,15 @@ def forward_kernel(table_ref, q_ref, k_ref, v_ref, *refs,  # noqa: C901
       plgpu.barrier_arrive(v_free.at[last])
       return acc, m, l
 
+    def done(acc, m, l):
+      pl.when(wg == 0)(pingpong)
+      finish(acc, m, l)
+
     if not overlap:
-      acc, m, l = blocks.walk(step, (acc0, m0, l0))
-      pl.when(wg == 0)(pingpong)
-      finish(acc, m, l)
-      return
-
-    @pl.when(blocks.n_steps == 0)
-    def _():
-      pl.when(wg == 0)(pingpong)
-      finish(acc0, m0, l0)
-
-    @pl.when(blocks.n_steps > 0)
-    def _():
-      acc, m, l = overlapped_walk()
-      pl.when(wg == 0)(pingpong)
-      finish(acc, m, l)
+      done(*blocks.walk(step, (acc0, m0, l0)))
+    else:   # the peeled first and last blocks need one block at least
+      pl.when(blocks.n_steps == 0)(lambda: done(acc0, m0, l0))
+      pl.when(blocks.n_steps > 0)(lambda: done(*overlapped_walk()))
 
   @pl.when(wg == wgs)
   def _memory():
@@ -609,10 +597,6 @@ def backward_dkdv_kernel(kv_table_ref, entries_ref, q_ref, k_ref, v_ref, do_ref,
       plgpu.barrier_arrive(free.at[slot])
       return dk, dv
 
-    def qk(s_ref, k_op, slot):
-      plgpu.wgmma(s_ref, k_op, _t(q_smem.at[slot]))
-      return s_ref[...]
-
     def step(i, e, h, carry, masked: bool):
       dk, dv = carry
       slot = lax.rem(i, stages)
@@ -622,11 +606,16 @@ def backward_dkdv_kernel(kv_table_ref, entries_ref, q_ref, k_ref, v_ref, do_ref,
 
       if overlap and softcap is None:
         return overlapped_step(i, e, h, slot, dk, dv, k_op, v_op, z, masked)
-      s_t = pl.run_scoped(lambda s_ref: qk(s_ref, k_op, slot),
-                          plgpu.ACC(shape_t, jnp.float32))   # [keys, rows]
+
+      def qk(s_ref):
+        plgpu.wgmma(s_ref, k_op, _t(q_smem.at[slot]))
+        return s_ref[...]
+
+      s_t = pl.run_scoped(qk, plgpu.ACC(shape_t, jnp.float32))   # [keys, rows]
       p_t, g_t = probs(s_t, e, slot, masked)
       plgpu.barrier_wait(do_ready.at[slot])
-      p16 = None if g_t is p_t else p_t.astype(dtype)   # with a cap P in fp32 need not live on
+      # With a cap, P in fp32 need not live on beside G.
+      p16 = None if softcap is None else p_t.astype(dtype)
 
       def dv_dp(refs):
         dv_ref, dp_ref = refs
@@ -660,10 +649,10 @@ def backward_dkdv_kernel(kv_table_ref, entries_ref, q_ref, k_ref, v_ref, do_ref,
         if share == "halves":
           plgpu.barrier_arrive(ds_ready)
 
-        def dk_dq(accs):
+        def dk_dq(accs):   # (and dV, when P^T comes with them)
           dk_acc, dq_acc, *dv_acc = accs
-          if p16 is not None:
-            plgpu.wgmma(dv_acc[0], p16, do_smem.at[slot])             # dV += P^T dO
+          for acc in dv_acc:
+            plgpu.wgmma(acc, p16, do_smem.at[slot])                   # dV += P^T dO
           plgpu.wgmma(dk_acc, ds16, q_smem.at[slot])                  # dK += dS^T Q
           if share == "halves":   # every warpgroup's keys, this warpgroup's columns
             plgpu.barrier_wait(ds_ready)
@@ -672,9 +661,9 @@ def backward_dkdv_kernel(kv_table_ref, entries_ref, q_ref, k_ref, v_ref, do_ref,
           else:                   # this warpgroup's keys, every column
             plgpu.wgmma(dq_acc, _t(ds_smem.at[dslot, wg]), k_op)
 
-        accs = (plgpu.ACC.init(dk), plgpu.ACC.init(_zeros((block_q, DQ_SHARE))))
-        dk, dq, *dv_out = pl.run_state(dk_dq)(accs + ((plgpu.ACC.init(dv),) if p16 is not None
-                                                      else ()))
+        with_dv = () if p16 is None else (plgpu.ACC.init(dv),)
+        dk, dq, *dv_out = pl.run_state(dk_dq)(
+            (plgpu.ACC.init(dk), plgpu.ACC.init(_zeros((block_q, DQ_SHARE))), *with_dv))
         dv = dv_out[0] if dv_out else dv
         plgpu.barrier_arrive(free.at[slot])
         if ordered:   # the writer warp adds it, in its turn
